@@ -1,0 +1,172 @@
+"""KVM API declarations for cffi (worker; needs /dev/kvm, normally root).
+
+Structures as laid out by <linux/kvm.h> and <asm/kvm.h> on x86_64. Only the
+members tenbox reads or writes are named; unions keep their full size with a
+padding member, so offsets match the kernel's (tests/unit/test_kvm_abi.py
+checks every size and offset against the system headers).
+"""
+
+CDEF = r"""
+int ioctl(int fd, unsigned long request, ...);
+
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx;
+    uint64_t rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11;
+    uint64_t r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t type;
+    uint8_t present, dpl, db, s, l, g, avl;
+    uint8_t unusable;
+    uint8_t padding;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    uint16_t padding[3];
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    uint64_t interrupt_bitmap[4];
+};
+
+struct kvm_fpu {
+    uint8_t fpr[8][16];
+    uint16_t fcw;
+    uint16_t fsw;
+    uint8_t ftwx;
+    uint8_t pad1;
+    uint16_t last_opcode;
+    uint64_t last_ip;
+    uint64_t last_dp;
+    uint8_t xmm[16][16];
+    uint32_t mxcsr;
+    uint32_t pad2;
+};
+
+struct kvm_msr_entry {
+    uint32_t index;
+    uint32_t reserved;
+    uint64_t data;
+};
+
+struct kvm_msrs {
+    uint32_t nmsrs;
+    uint32_t pad;
+    struct kvm_msr_entry entries[];
+};
+
+struct kvm_msr_list {
+    uint32_t nmsrs;
+    uint32_t indices[];
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax;
+    uint32_t ebx;
+    uint32_t ecx;
+    uint32_t edx;
+    uint32_t padding[3];
+};
+
+struct kvm_cpuid2 {
+    uint32_t nent;
+    uint32_t padding;
+    struct kvm_cpuid_entry2 entries[];
+};
+
+struct kvm_lapic_state {
+    char regs[1024];
+};
+
+struct kvm_pit_config {
+    uint32_t flags;
+    uint32_t pad[15];
+};
+
+struct kvm_irq_level {
+    uint32_t irq;
+    uint32_t level;
+};
+
+struct kvm_irqfd {
+    uint32_t fd;
+    uint32_t gsi;
+    uint32_t flags;
+    uint32_t resamplefd;
+    uint8_t pad[16];
+};
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t fd;
+    uint32_t flags;
+    uint8_t pad[36];
+};
+
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
+struct kvm_run {
+    uint8_t request_interrupt_window;
+    uint8_t immediate_exit;
+    uint8_t padding1[6];
+    uint32_t exit_reason;
+    uint8_t ready_for_interrupt_injection;
+    uint8_t if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    union {
+        struct { uint64_t hardware_exit_reason; } hw;
+        struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
+        struct { uint32_t exception; uint32_t error_code; } ex;
+        struct {
+            uint8_t direction;
+            uint8_t size;
+            uint16_t port;
+            uint32_t count;
+            uint64_t data_offset;
+        } io;
+        struct {
+            uint64_t phys_addr;
+            uint8_t data[8];
+            uint32_t len;
+            uint8_t is_write;
+        } mmio;
+        struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
+        struct { uint32_t type; uint32_t ndata; uint64_t data[16]; } system_event;
+        char padding[256];
+    };
+    uint64_t kvm_valid_regs;
+    uint64_t kvm_dirty_regs;
+    char s[2048];
+};
+"""

@@ -1,0 +1,295 @@
+"""Thin wrappers over the KVM file descriptors (worker; needs access to /dev/kvm).
+
+`Kvm` is /dev/kvm, `Vm` a VM fd, `Vcpu` a vCPU fd with its mmap'ed kvm_run.
+This package is the only code in tenbox that issues KVM ioctls; everything
+above it speaks in Python values.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from tenbox_vmm.kvm import constants as c
+from tenbox_vmm.kvm.ffi import ffi, libc
+
+KVM_PATH = "/dev/kvm"
+KVM_API_VERSION = 12
+CPUID_MAX_ENTRIES = 256
+MSR_LIST_MAX = 1024
+
+_ZERO = ffi.cast("unsigned long", 0)
+
+
+class KvmUnavailable(Exception):
+    """/dev/kvm cannot be used; the message says why and how to fix it."""
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = ffi.errno
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+    return rc
+
+
+def _ioctl(fd: int, request: int, arg, what: str) -> int:
+    return _check(libc.ioctl(fd, request, arg), what)
+
+
+def _ioctl_int(fd: int, request: int, value: int, what: str) -> int:
+    return _ioctl(fd, request, ffi.cast("unsigned long", value), what)
+
+
+class Kvm:
+    """The /dev/kvm system handle."""
+
+    def __init__(self, path: str = KVM_PATH) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                "%s does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) "
+                "and enable virtualization in the firmware" % path
+            ) from None
+        except PermissionError:
+            raise KvmUnavailable(
+                "permission denied on %s: run as root or add your user to the kvm group" % path
+            ) from None
+        except OSError as e:
+            raise KvmUnavailable("cannot open %s: %s" % (path, e.strerror)) from None
+        try:
+            version = _ioctl(self.fd, c.KVM_GET_API_VERSION, _ZERO, "KVM_GET_API_VERSION")
+            if version != KVM_API_VERSION:
+                raise KvmUnavailable("%s speaks KVM API %d, tenbox needs %d" % (path, version, KVM_API_VERSION))
+            missing = [name for cap, name in c.REQUIRED_CAPS.items() if not self.check_extension(cap)]
+            if missing:
+                raise KvmUnavailable("%s lacks: %s" % (path, ", ".join(missing)))
+            self.vcpu_mmap_size = _ioctl(self.fd, c.KVM_GET_VCPU_MMAP_SIZE, _ZERO, "KVM_GET_VCPU_MMAP_SIZE")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl_int(self.fd, c.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def max_vcpus(self) -> int:
+        return self.check_extension(c.CAP_MAX_VCPUS) or self.check_extension(c.CAP_NR_VCPUS) or 4
+
+    def supported_cpuid(self) -> List[Dict[str, int]]:
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": CPUID_MAX_ENTRIES, "entries": CPUID_MAX_ENTRIES})
+        _ioctl(self.fd, c.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+        return [_cpuid_entry_dict(buf.entries[i]) for i in range(buf.nent)]
+
+    def msr_index_list(self) -> List[int]:
+        buf = ffi.new("struct kvm_msr_list *", {"nmsrs": MSR_LIST_MAX, "indices": MSR_LIST_MAX})
+        _ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+        return [buf.indices[i] for i in range(buf.nmsrs)]
+
+    def create_vm(self) -> "Vm":
+        fd = _ioctl_int(self.fd, c.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        return Vm(self, fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _cpuid_entry_dict(e) -> Dict[str, int]:
+    return {
+        "function": e.function,
+        "index": e.index,
+        "flags": e.flags,
+        "eax": e.eax,
+        "ebx": e.ebx,
+        "ecx": e.ecx,
+        "edx": e.edx,
+    }
+
+
+class Vm:
+    """A KVM virtual machine: memory slots, irqchip, PIT, eventfds, vCPUs."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self._irq_level = ffi.new("struct kvm_irq_level *")
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0) -> None:
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": guest_phys_addr,
+                "memory_size": size,
+                "userspace_addr": host_addr,
+            },
+        )
+        _ioctl(self.fd, c.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_addr(self, addr: int) -> None:
+        _ioctl_int(self.fd, c.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        _ioctl(self.fd, c.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", addr), "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, c.KVM_CREATE_IRQCHIP, _ZERO, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        cfg = ffi.new("struct kvm_pit_config *", {"flags": c.PIT_SPEAKER_DUMMY})
+        _ioctl(self.fd, c.KVM_CREATE_PIT2, cfg, "KVM_CREATE_PIT2")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """Set the level of an interrupt line of the in-kernel PIC/IOAPIC.
+
+        Thread-safe: one ioctl on a private struct would race between threads,
+        so each call fills its own.
+        """
+        arg = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
+        _ioctl(self.fd, c.KVM_IRQ_LINE, arg, "KVM_IRQ_LINE")
+
+    def irqfd(self, fd: int, gsi: int, resample_fd: Optional[int] = None, deassign: bool = False) -> None:
+        flags = 0
+        if resample_fd is not None:
+            flags |= c.IRQFD_FLAG_RESAMPLE
+        if deassign:
+            flags |= c.IRQFD_FLAG_DEASSIGN
+        arg = ffi.new(
+            "struct kvm_irqfd *",
+            {"fd": fd, "gsi": gsi, "flags": flags, "resamplefd": resample_fd or 0},
+        )
+        _ioctl(self.fd, c.KVM_IRQFD, arg, "KVM_IRQFD")
+
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        datamatch: Optional[int] = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        flags = 0
+        if datamatch is not None:
+            flags |= c.IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= c.IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= c.IOEVENTFD_FLAG_DEASSIGN
+        arg = ffi.new(
+            "struct kvm_ioeventfd *",
+            {"datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags},
+        )
+        _ioctl(self.fd, c.KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        fd = _ioctl_int(self.fd, c.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        return Vcpu(self, fd, index)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vcpu:
+    """One vCPU fd and its shared kvm_run page."""
+
+    def __init__(self, vm: Vm, fd: int, index: int) -> None:
+        self.vm = vm
+        self.fd = fd
+        self.index = index
+        try:
+            self.run_mem = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        self.run_ptr = ffi.from_buffer(self.run_mem)
+        self.run = ffi.cast("struct kvm_run *", self.run_ptr)
+
+    def run_once(self) -> bool:
+        """One KVM_RUN. False when interrupted by a signal or immediate_exit."""
+        if libc.ioctl(self.fd, c.KVM_RUN, _ZERO) < 0:
+            err = ffi.errno
+            if err in (errno.EINTR, errno.EAGAIN):
+                return False
+            raise OSError(err, "KVM_RUN: %s" % os.strerror(err))
+        return True
+
+    # Register state ----------------------------------------------------
+
+    def get_regs(self):
+        regs = ffi.new("struct kvm_regs *")
+        _ioctl(self.fd, c.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs) -> None:
+        _ioctl(self.fd, c.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self):
+        sregs = ffi.new("struct kvm_sregs *")
+        _ioctl(self.fd, c.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        _ioctl(self.fd, c.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self):
+        fpu = ffi.new("struct kvm_fpu *")
+        _ioctl(self.fd, c.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu) -> None:
+        _ioctl(self.fd, c.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def set_msrs(self, msrs: Sequence[Tuple[int, int]]) -> int:
+        """Write (index, value) pairs; returns how many KVM accepted."""
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(msrs), "entries": len(msrs)})
+        for i, (index, value) in enumerate(msrs):
+            buf.entries[i].index = index
+            buf.entries[i].data = value
+        return _ioctl(self.fd, c.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        indices = list(indices)
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index
+        n = _ioctl(self.fd, c.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+
+    def set_cpuid2(self, entries: Sequence[Dict[str, int]]) -> None:
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        for i, e in enumerate(entries):
+            dst = buf.entries[i]
+            for key in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
+                setattr(dst, key, e[key])
+        _ioctl(self.fd, c.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def get_lapic(self) -> bytearray:
+        state = ffi.new("struct kvm_lapic_state *")
+        _ioctl(self.fd, c.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return bytearray(ffi.buffer(state))
+
+    def set_lapic(self, regs: bytes) -> None:
+        state = ffi.new("struct kvm_lapic_state *")
+        ffi.memmove(state, regs, ffi.sizeof(state[0]))
+        _ioctl(self.fd, c.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        _ioctl(self.fd, c.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return state.mp_state
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.run = None
+            ffi.release(self.run_ptr)
+            self.run_ptr = None
+            self.run_mem.close()
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,120 @@
+"""Guest RAM and guest-physical address translation (worker).
+
+RAM is one anonymous mapping. Below 4 GiB it stops at the 32-bit MMIO hole
+(MMIO_HOLE_START..4 GiB); the rest of RAM continues at 4 GiB. Every access
+from devices goes through `GuestMemory.view`, which checks the whole range
+against one region and hands out a memoryview into the mapping: data paths
+(virtqueues, disk and network I/O) read and write guest memory in place.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from typing import List, NamedTuple, Tuple
+
+MIB = 1 << 20
+GIB = 1 << 30
+MMIO_HOLE_START = 3 * GIB
+MMIO_HOLE_END = 4 * GIB
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range is not backed by RAM."""
+
+
+class Region(NamedTuple):
+    gpa: int
+    size: int
+    offset: int  # into the host mapping
+
+
+def ram_regions(size: int) -> List[Region]:
+    """Where `size` bytes of RAM appear in the guest-physical address space."""
+    low = min(size, MMIO_HOLE_START)
+    regions = [Region(0, low, 0)]
+    if size > low:
+        regions.append(Region(MMIO_HOLE_END, size - low, low))
+    return regions
+
+
+class GuestMemory:
+    """The guest's RAM: an anonymous mapping and its guest-physical layout."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError("guest memory size must be a positive multiple of the page size")
+        self.size = size
+        self.regions = ram_regions(size)
+        self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(mmap, "MADV_DONTFORK"):
+            # Worker helpers (fork/exec) must not copy guest RAM.
+            self._map.madvise(mmap.MADV_DONTFORK)
+        self._view = memoryview(self._map)
+
+    @property
+    def host_buffer(self) -> mmap.mmap:
+        return self._map
+
+    def slots(self) -> List[Tuple[int, int, int]]:
+        """(guest address, size, offset in the host mapping) for each KVM memory slot."""
+        return [(r.gpa, r.size, r.offset) for r in self.regions]
+
+    def ram_end_below_4g(self) -> int:
+        return self.regions[0].size
+
+    def _offset(self, gpa: int, length: int) -> int:
+        if length < 0:
+            raise GuestMemoryError("negative length %d at %#x" % (length, gpa))
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return r.offset + (gpa - r.gpa)
+        raise GuestMemoryError("guest range %#x+%#x is outside RAM" % (gpa, length))
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._offset(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable memoryview of guest RAM [gpa, gpa+length); no copy."""
+        off = self._offset(gpa, length)
+        return self._view[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u16(self, gpa: int) -> int:
+        return _U16.unpack_from(self._view, self._offset(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return _U32.unpack_from(self._view, self._offset(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return _U64.unpack_from(self._view, self._offset(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self._view, self._offset(gpa, 2), value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self._view, self._offset(gpa, 4), value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self._view, self._offset(gpa, 8), value)
+
+    def clear(self) -> None:
+        """Give back every page: the guest sees zeroed RAM, as after power-on."""
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
