@@ -115,7 +115,16 @@ class Vm:
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
         self.fd = fd
-        self._irq_level = ffi.new("struct kvm_irq_level *")
+        self._mapped = []  # cffi buffer handles keeping guest RAM exported
+
+    def map_memory(self, slot: int, guest_phys_addr: int, buffer, offset: int, size: int) -> None:
+        """Back guest-physical [gpa, gpa+size) with `buffer[offset:offset+size]`."""
+        if offset < 0 or offset + size > len(buffer):
+            raise ValueError("memory slot outside its buffer")
+        handle = ffi.from_buffer(buffer)
+        self._mapped.append(handle)
+        host = int(ffi.cast("uintptr_t", handle)) + offset
+        self.set_user_memory_region(slot, guest_phys_addr, size, host)
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0) -> None:
         region = ffi.new(
@@ -194,6 +203,9 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for handle in self._mapped:
+            ffi.release(handle)
+        self._mapped = []
 
 
 class Vcpu:
@@ -203,6 +215,7 @@ class Vcpu:
         self.vm = vm
         self.fd = fd
         self.index = index
+        self.exits = 0  # exits handled in userspace, for statistics
         try:
             self.run_mem = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:

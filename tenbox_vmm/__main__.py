@@ -1,0 +1,123 @@
+"""tenbox-vm-runtime: run one VM in this process (worker; needs /dev/kvm).
+
+Standalone, the guest's serial console is this process's terminal (raw
+mode, Ctrl-] quits) or its stdin/stdout pipes. The exit status is an
+`ExitCode` (see docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+from typing import List, Optional
+
+from tenbox_vmm import __version__
+from tenbox_vmm.protocol import ExitCode
+
+PROG = "tenbox-vm-runtime"
+VM_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        sys.stderr.write("%s: error: %s (see --help)\n" % (PROG, message))
+        raise SystemExit(ExitCode.USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tenbox_vmm.machine import CPUS_MAX, DEFAULT_CMDLINE, MEMORY_DEFAULT_MB, MEMORY_MIN_MB
+
+    p = _Parser(
+        prog=PROG,
+        description="Run one tenbox VM on /dev/kvm.",
+        epilog="example: %s --kernel vmlinuz --initrd initrd.img --memory 512 --cpus 2" % PROG,
+    )
+    p.add_argument("--kernel", required=True, metavar="PATH", help="bzImage or ELF vmlinux")
+    p.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
+    p.add_argument("--cmdline", metavar="STR", default=DEFAULT_CMDLINE, help="kernel command line (default: %(default)s)")
+    p.add_argument("--memory", type=int, default=MEMORY_DEFAULT_MB, metavar="MB",
+                   help="guest RAM in MiB, at least %d (default %%(default)s)" % MEMORY_MIN_MB)
+    p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % CPUS_MAX)
+    p.add_argument("--vm-id", default="vm", metavar="ID", help="name used in logs, [A-Za-z0-9-]{1,64}")
+    p.add_argument("--vm-dir", metavar="DIR", help="the VM's folder (logs go under DIR/logs)")
+    p.add_argument("--console", choices=("auto", "tty", "stdio", "none"), default="auto",
+                   help="tty: raw terminal, Ctrl-] quits; stdio: plain pipes; none: discard; auto: tty if stdin is a terminal")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    return p
+
+
+def _setup_logging(vm_id: str, verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not VM_ID_RE.match(args.vm_id):
+        sys.stderr.write("%s: error: --vm-id must match [A-Za-z0-9-]{1,64}\n" % PROG)
+        return ExitCode.USAGE
+    _setup_logging(args.vm_id, args.verbose)
+
+    from tenbox_vmm.console import ConsoleOutput, TerminalMode, fd_writer, pump_input
+    from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
+
+    mode = args.console
+    if mode == "auto":
+        mode = "tty" if os.isatty(0) else "stdio"
+    if mode == "tty" and not os.isatty(0):
+        sys.stderr.write("%s: error: --console tty needs a terminal on stdin\n" % PROG)
+        return ExitCode.USAGE
+
+    writers = [] if mode == "none" else [fd_writer(1)]
+    output = ConsoleOutput(writers)
+    config = MachineConfig(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        memory_mb=args.memory,
+        cpus=args.cpus,
+        vm_id=args.vm_id,
+    )
+    install_kick_handler()
+    try:
+        machine = Machine(config, output)
+    except MachineError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return ExitCode.USAGE
+
+    done_r, done_w = os.pipe()
+    machine.add_done_callback(lambda: os.write(done_w, b"x"))
+
+    def on_signal(signum: int, frame) -> None:
+        machine.stop("stopped by signal %s" % signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    def detach() -> None:
+        machine.stop("stopped from the console (Ctrl-])")
+
+    input_fd = None if mode == "none" else 0
+    machine.start()
+    if mode == "tty":
+        with TerminalMode(0):
+            pump_input(input_fd, True, machine.console_input, done_r, detach)
+    else:
+        pump_input(input_fd, False, machine.console_input, done_r, detach)
+    code = machine.wait()
+    output.close()
+    if code not in (ExitCode.POWEROFF, ExitCode.STOPPED):
+        logging.getLogger("tenbox").error("%s: %s", args.vm_id, machine.exit_reason)
+    else:
+        logging.getLogger("tenbox").info("%s: %s", args.vm_id, machine.exit_reason)
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The x86-64 board: legacy devices on their ports, guest RAM contents at boot, vCPU setup (worker)."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+from tenbox_vmm.arch.x86_64 import acpi, boot, cpu
+from tenbox_vmm.arch.x86_64 import layout as L
+from tenbox_vmm.devices.acpi_pm import PM1A_EVT_BLK, PM_BLOCK_LEN, RESET_PORT, SCI_IRQ, AcpiPm, ResetControl
+from tenbox_vmm.devices.bus import MmioBus, PioBus
+from tenbox_vmm.devices.debug_port import DebugPort
+from tenbox_vmm.devices.i8042 import I8042
+from tenbox_vmm.devices.rtc import CmosRtc
+from tenbox_vmm.devices.serial import Serial16550
+from tenbox_vmm.kvm.api import Kvm, Vcpu, Vm
+from tenbox_vmm.memory import GuestMemory
+
+log = logging.getLogger("tenbox.board")
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_DATA = 0x60
+I8042_STATUS = 0x64
+RTC_PORT = 0x70
+DEBUG_PORT = 0x80
+
+
+@dataclass
+class LegacyDevices:
+    serial: Serial16550
+    i8042: I8042
+    rtc: CmosRtc
+    pm: AcpiPm
+    reset_control: ResetControl
+    debug: DebugPort
+
+    def all(self):
+        return (self.serial, self.i8042, self.rtc, self.pm, self.reset_control, self.debug)
+
+
+def build_legacy_devices(
+    pio: PioBus,
+    irq_line: Callable[[int, int], None],
+    console_output: Callable[[bytes], None],
+    on_poweroff: Callable[[], None],
+    on_reset: Callable[[], None],
+) -> LegacyDevices:
+    """Create COM1, the i8042, the CMOS RTC, the ACPI PM block and the reset port on `pio`."""
+    devs = LegacyDevices(
+        serial=Serial16550(lambda level: irq_line(COM1_IRQ, level), console_output),
+        i8042=I8042(on_reset),
+        rtc=CmosRtc(),
+        pm=AcpiPm(lambda level: irq_line(SCI_IRQ, level), on_poweroff),
+        reset_control=ResetControl(on_reset),
+        debug=DebugPort(),
+    )
+    pio.register(COM1_PORT, 8, devs.serial)
+    pio.register(I8042_DATA, 1, devs.i8042, offset=0)
+    pio.register(I8042_STATUS, 1, devs.i8042, offset=4)
+    pio.register(RTC_PORT, 2, devs.rtc)
+    pio.register(DEBUG_PORT, 1, devs.debug)
+    pio.register(PM1A_EVT_BLK, PM_BLOCK_LEN, devs.pm)
+    pio.register(RESET_PORT, 1, devs.reset_control)
+    return devs
+
+
+def create_vm(kvm: Kvm, memory: GuestMemory) -> Vm:
+    """A KVM VM with its RAM, in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT."""
+    vm = kvm.create_vm()
+    try:
+        vm.set_tss_addr(L.TSS_ADDR)
+        vm.set_identity_map_addr(L.IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        for slot, (gpa, size, offset) in enumerate(memory.slots()):
+            vm.map_memory(slot, gpa, memory.host_buffer, offset, size)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    entry: int
+    boot_params: int
+    cr3: int
+    initrd: Optional[tuple]
+
+
+def load_guest(
+    memory: GuestMemory,
+    kernel: boot.KernelImage,
+    initrd: Optional[bytes],
+    cmdline: bytes,
+    cpus: int,
+    acpi_devices: Sequence[acpi.AcpiDevice],
+) -> BootInfo:
+    """Write everything the kernel expects at its 64-bit entry into guest RAM."""
+    low_end = memory.ram_end_below_4g()
+    for gpa, data in kernel.segments:
+        memory.write(gpa, data)
+    initrd_range = None
+    if initrd:
+        addr = boot.place_initrd(kernel, len(initrd), low_end)
+        memory.write(addr, initrd)
+        initrd_range = (addr, len(initrd))
+    memory.write(L.CMDLINE_ADDR, cmdline)
+    tables, rsdp = acpi.build(cpus, acpi_devices)
+    memory.write(L.ACPI_ADDR, tables)
+    memory.write_u16(L.EBDA_POINTER, L.EBDA_ADDR >> 4)
+    e820 = boot.e820_map([(r.gpa, r.size) for r in memory.regions])
+    memory.write(L.ZERO_PAGE, boot.build_boot_params(kernel, L.CMDLINE_ADDR, initrd_range, e820, rsdp))
+    cr3 = cpu.write_page_tables(memory)
+    cpu.write_gdt(memory)
+    return BootInfo(entry=kernel.entry, boot_params=L.ZERO_PAGE, cr3=cr3, initrd=initrd_range)
+
+
+def setup_vcpu(
+    vcpu: Vcpu,
+    cpus: int,
+    supported_cpuid: Sequence[dict],
+    supported_msrs: Sequence[int],
+    info: BootInfo,
+) -> None:
+    """CPUID, MSRs, FPU and LAPIC for every vCPU; the long-mode entry state for the BSP.
+
+    Application processors stay in KVM's wait-for-SIPI state: the guest
+    starts them through its LAPIC, as on hardware.
+    """
+    vcpu.set_cpuid2(cpu.vcpu_cpuid(supported_cpuid, vcpu.index, cpus))
+    msrs = cpu.boot_msrs(supported_msrs)
+    accepted = vcpu.set_msrs(msrs)
+    if accepted != len(msrs):
+        log.debug("vcpu%d: KVM accepted %d of %d boot MSRs", vcpu.index, accepted, len(msrs))
+    vcpu.set_lapic(cpu.setup_lapic(vcpu.get_lapic()))
+    fpu = vcpu.get_fpu()
+    cpu.setup_fpu(fpu)
+    vcpu.set_fpu(fpu)
+    if vcpu.index == 0:
+        sregs = vcpu.get_sregs()
+        cpu.setup_long_mode_sregs(sregs, info.cr3)
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        cpu.setup_entry_regs(regs, info.entry, info.boot_params)
+        vcpu.set_regs(regs)
+
+
+def describe_vcpu(vcpu: Vcpu) -> str:
+    """One line of the vCPU's registers, for the log when a guest dies."""
+    try:
+        r = vcpu.get_regs()
+        s = vcpu.get_sregs()
+    except OSError as e:
+        return "vcpu%d: registers unavailable (%s)" % (vcpu.index, e)
+    return (
+        "vcpu%d: rip=%#x rsp=%#x rflags=%#x rax=%#x rbx=%#x rcx=%#x rdx=%#x rsi=%#x rdi=%#x "
+        "cs=%#x(l=%d) cr0=%#x cr2=%#x cr3=%#x cr4=%#x efer=%#x"
+        % (
+            vcpu.index, r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi,
+            s.cs.selector, s.cs.l, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+        )
+    )
+

@@ -1,0 +1,160 @@
+"""The runtime's console in standalone mode: the guest's COM1 on this process's stdio (worker).
+
+Interactive mode puts the terminal in raw mode (restored on every way out)
+and detaches on Ctrl-]; stdio mode passes bytes through pipes unchanged.
+Guest output is written as it comes, one write per line or per 20 ms.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import selectors
+import termios
+import threading
+import tty
+from typing import Callable, List, Optional
+
+DETACH_BYTE = 0x1D  # Ctrl-]
+FLUSH_SEC = 0.02
+READ_CHUNK = 4096
+OUTPUT_BUFFER_MAX = 1 << 16
+
+
+class ConsoleOutput:
+    """A sink for guest console bytes: line-buffered with a short timer, to one or more writers."""
+
+    def __init__(self, writers: List[Callable[[bytes], None]]) -> None:
+        self._writers = writers
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._flusher, name="console-flush", daemon=True)
+        self._thread.start()
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            if b"\n" in data or len(self._buf) >= OUTPUT_BUFFER_MAX:
+                self._flush_locked()
+                return
+        self._wake.set()
+
+    def _flush_locked(self) -> None:
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            for w in self._writers:
+                w(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flusher(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                break
+            threading.Event().wait(FLUSH_SEC)
+            self.flush()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self.flush()
+
+
+def fd_writer(fd: int) -> Callable[[bytes], None]:
+    """Write everything to `fd`; a closed reader (EPIPE) stops the output, not the VM."""
+    broken = []
+
+    def write(data: bytes) -> None:
+        if broken:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except BlockingIOError:
+            pass  # a full non-blocking pipe: drop rather than stall the guest
+        except OSError:
+            broken.append(True)
+
+    return write
+
+
+class TerminalMode:
+    """Raw mode on a terminal, restored on exit even if the process is dying."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: Optional[list] = None
+
+    def __enter__(self) -> "TerminalMode":
+        self._saved = termios.tcgetattr(self.fd)
+        atexit.register(self.restore)
+        tty.setraw(self.fd)
+        return self
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            except termios.error:
+                pass  # the terminal went away; nothing to restore
+            self._saved = None
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def pump_input(
+    input_fd: Optional[int],
+    interactive: bool,
+    deliver: Callable[[bytes], int],
+    done_fd: int,
+    on_detach: Callable[[], None],
+) -> None:
+    """Feed the guest from `input_fd` until `done_fd` becomes readable.
+
+    Input that the guest's receive queue cannot take yet waits here, and the
+    terminal or pipe is not read meanwhile, so typing ahead is never lost.
+    EOF on a pipe ends input but not the VM; Ctrl-] (interactive) detaches.
+    """
+    sel = selectors.PollSelector()  # poll, unlike epoll, accepts regular files and /dev/null
+    sel.register(done_fd, selectors.EVENT_READ, "done")
+    open_input = input_fd is not None
+    if open_input:
+        sel.register(input_fd, selectors.EVENT_READ, "input")
+    pending = b""
+    try:
+        while True:
+            for key, _ in sel.select(0.02 if pending else None):
+                if key.data == "done":
+                    return
+                try:
+                    chunk = os.read(input_fd, READ_CHUNK)
+                except OSError:
+                    chunk = b""
+                if interactive and DETACH_BYTE in chunk:
+                    pending += chunk[: chunk.index(DETACH_BYTE)]
+                    deliver(pending)
+                    on_detach()
+                    sel.unregister(input_fd)
+                    pending, open_input = b"", False
+                    continue
+                sel.unregister(input_fd)
+                if not chunk:
+                    open_input = False
+                    continue
+                pending += chunk  # read more only once this is delivered
+            if pending:
+                pending = pending[deliver(pending):]
+            if not pending and open_input and input_fd not in sel.get_map():
+                sel.register(input_fd, selectors.EVENT_READ, "input")
+    finally:
+        sel.close()

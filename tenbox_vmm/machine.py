@@ -1,0 +1,343 @@
+"""One virtual machine: build it from a config, run its vCPUs, stop, reboot, power off (worker).
+
+A controller thread owns the lifecycle: it creates the KVM VM, writes the
+boot image into RAM, starts one thread per vCPU and waits for the first
+thing that ends this boot — guest poweroff or reset, a triple fault, a KVM
+error, or a request from the host. A reset boots the guest again in the
+same process with zeroed RAM and the same device objects; anything else
+ends the machine with an `ExitCode`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from tenbox_vmm.arch.x86_64 import acpi, board, boot
+from tenbox_vmm.arch.x86_64.vcpu_loop import ExitOutcome, run_vcpu
+from tenbox_vmm.devices.bus import MmioBus, PioBus
+from tenbox_vmm.kvm import constants as kc
+from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
+from tenbox_vmm.memory import MIB, GuestMemory
+from tenbox_vmm.protocol import ExitCode, VmState
+
+log = logging.getLogger("tenbox.machine")
+
+MEMORY_MIN_MB = 16
+MEMORY_DEFAULT_MB = 256
+CPUS_MIN = 1
+CPUS_MAX = 64
+INITRD_MAX_BYTES = 2 << 30
+KICK_SIGNAL = signal.SIGUSR1
+VCPU_JOIN_SEC = 5.0
+
+DEFAULT_CMDLINE = (
+    "console=ttyS0 reboot=k panic=1 pci=off nomodeset "
+    "tsc=reliable no_timer_check io_delay=none random.trust_cpu=on"
+)
+
+
+class MachineError(Exception):
+    """The configuration cannot make a machine; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    kernel: str
+    initrd: Optional[str] = None
+    cmdline: str = DEFAULT_CMDLINE
+    memory_mb: int = MEMORY_DEFAULT_MB
+    cpus: int = 1
+    vm_id: str = "vm"
+
+
+def host_memory_available_mb() -> int:
+    """MiB of RAM the host can give a guest now (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
+
+
+def check_limits(memory_mb: int, cpus: int, max_vcpus: Optional[int] = None) -> None:
+    if memory_mb < MEMORY_MIN_MB:
+        raise MachineError("--memory %d is too small: at least %d MiB" % (memory_mb, MEMORY_MIN_MB))
+    available = host_memory_available_mb()
+    if memory_mb > available:
+        raise MachineError("--memory %d is more than the host can give (%d MiB available)" % (memory_mb, available))
+    limit = min(CPUS_MAX, max_vcpus or CPUS_MAX)
+    if not CPUS_MIN <= cpus <= limit:
+        raise MachineError("--cpus %d is out of range: 1..%d" % (cpus, limit))
+
+
+def install_kick_handler() -> None:
+    """vCPU threads are interrupted out of KVM_RUN with KICK_SIGNAL; it needs a handler.
+
+    Must be called from the main thread before the machine starts.
+    """
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+@dataclass
+class _Event:
+    code: ExitCode
+    reason: str
+    reset: bool = False
+
+
+class Machine:
+    """A VM built from a MachineConfig; start() it, then wait() for its ExitCode."""
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        console_output: Callable[[bytes], None],
+        on_state: Callable[[VmState, str], None] = lambda state, reason: None,
+        kvm: Optional[Kvm] = None,
+    ) -> None:
+        self.config = config
+        self._on_state = on_state
+        try:
+            self.kvm = kvm or Kvm()
+        except KvmUnavailable as e:
+            raise MachineError(str(e)) from None
+        check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
+        self.memory = GuestMemory(config.memory_mb * MIB)
+        try:
+            self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
+            self.cmdline = boot.check_cmdline(self.kernel, config.cmdline)
+            self.initrd = None
+            if config.initrd:
+                self.initrd = boot.read_file(config.initrd, "initrd", INITRD_MAX_BYTES)
+                boot.place_initrd(self.kernel, len(self.initrd), self.memory.ram_end_below_4g())
+        except boot.KernelError as e:
+            self.memory.close()
+            raise MachineError(str(e)) from None
+        self._supported_cpuid = self.kvm.supported_cpuid()
+        self._supported_msrs = self.kvm.msr_index_list()
+
+        self.pio = PioBus()
+        self.mmio = MmioBus()
+        self._vm: Optional[Vm] = None
+        self.devices = board.build_legacy_devices(
+            self.pio,
+            self._irq_line,
+            console_output,
+            on_poweroff=lambda: self._end(ExitCode.POWEROFF, "guest powered off"),
+            on_reset=lambda: self._end(ExitCode.POWEROFF, "guest reset", reset=True),
+        )
+        self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device()]
+
+        self._lock = threading.Lock()
+        self._event: Optional[_Event] = None
+        self._event_ready = threading.Event()
+        self._halting = False
+        self._vcpus: List[Vcpu] = []
+        self._threads: List[threading.Thread] = []
+        self._controller: Optional[threading.Thread] = None
+        self._done = threading.Event()
+        self._done_callbacks: List[Callable[[], None]] = []
+        self.exit_code: Optional[ExitCode] = None
+        self.exit_reason = ""
+        self.boots = 0
+        self.state = VmState.STOPPED
+        self.started_at = 0.0
+
+    # Host-side controls ----------------------------------------------------
+
+    def start(self) -> None:
+        self._set_state(VmState.STARTING, "start")
+        self.started_at = time.time()
+        self._controller = threading.Thread(target=self._control, name="vm-control", daemon=True)
+        self._controller.start()
+
+    def stop(self, reason: str = "stopped by the host") -> None:
+        """Hard stop: halt every vCPU and end the machine with ExitCode.STOPPED."""
+        self._end(ExitCode.STOPPED, reason)
+
+    def reboot(self) -> None:
+        """Reset the guest as the reset button would."""
+        self._end(ExitCode.POWEROFF, "reset by the host", reset=True)
+
+    def power_button(self) -> None:
+        """Press the ACPI power button; a guest that handles it powers off."""
+        self.devices.pm.press_power_button()
+
+    def console_input(self, data: bytes) -> int:
+        return self.devices.serial.receive(data)
+
+    def console_space(self) -> int:
+        return self.devices.serial.rx_space()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        self._done_callbacks.append(callback)
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[ExitCode]:
+        self._done.wait(timeout)
+        return self.exit_code
+
+    def exits(self) -> int:
+        return sum(v.exits for v in self._vcpus)
+
+    # Internals -------------------------------------------------------------
+
+    def _set_state(self, state: VmState, reason: str) -> None:
+        self.state = state
+        self._on_state(state, reason)
+
+    def _irq_line(self, irq: int, level: int) -> None:
+        vm = self._vm
+        if vm is not None and vm.fd >= 0:
+            vm.irq_line(irq, level)
+
+    def _end(self, code: ExitCode, reason: str, reset: bool = False) -> None:
+        """Record what ends this boot (the first report wins) and kick every vCPU."""
+        with self._lock:
+            if self._event is not None:
+                return
+            self._event = _Event(code, reason, reset)
+            self._halting = True
+        self._kick_all()
+        self._event_ready.set()
+
+    def _kick_all(self) -> None:
+        for vcpu, thread in zip(self._vcpus, self._threads):
+            run = vcpu.run
+            if run is not None:
+                run.immediate_exit = 1
+            if thread.ident is not None and thread.is_alive() and thread is not threading.current_thread():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass  # the thread ended meanwhile
+
+    def _halted(self) -> bool:
+        return self._halting
+
+    def _control(self) -> None:
+        try:
+            while True:
+                self._boot()
+                self._event_ready.wait()
+                event = self._event
+                self._teardown()
+                if not event.reset:
+                    self._finish(event.code, event.reason)
+                    return
+                log.info("%s: %s, booting again", self.config.vm_id, event.reason)
+                self._set_state(VmState.REBOOTING, event.reason)
+                self.memory.clear()
+                for dev in self.devices.all():
+                    dev.reset()
+                with self._lock:
+                    self._event = None
+                    self._halting = False
+                    self._event_ready.clear()
+        except MachineError as e:
+            log.error("%s: %s", self.config.vm_id, e)
+            self._teardown()
+            self._finish(ExitCode.USAGE, str(e))
+        except Exception as e:  # the worker's last line of defence: report, never hang
+            log.exception("%s: internal error", self.config.vm_id)
+            self._teardown()
+            self._finish(ExitCode.ERROR, "internal error: %s" % e)
+
+    def _boot(self) -> None:
+        self.boots += 1
+        vm = board.create_vm(self.kvm, self.memory)
+        self._vm = vm
+        try:
+            info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus, self.acpi_devices)
+        except boot.KernelError as e:
+            raise MachineError(str(e)) from None
+        vcpus = []
+        for i in range(self.config.cpus):
+            vcpu = vm.create_vcpu(i)
+            vcpus.append(vcpu)
+            board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info)
+        self._vcpus = vcpus
+        self._threads = [
+            threading.Thread(target=self._vcpu_main, args=(v,), name="vcpu%d" % v.index, daemon=True) for v in vcpus
+        ]
+        for t in self._threads:
+            t.start()
+        self._set_state(VmState.RUNNING, "boot %d" % self.boots)
+
+    def _vcpu_main(self, vcpu: Vcpu) -> None:
+        try:
+            outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted)
+        except Exception as e:
+            log.exception("%s: vcpu%d failed", self.config.vm_id, vcpu.index)
+            self._end(ExitCode.ERROR, "vcpu%d: %s" % (vcpu.index, e))
+            return
+        if outcome.kind == "halted":
+            return
+        self._vcpu_outcome(vcpu, outcome)
+
+    def _vcpu_outcome(self, vcpu: Vcpu, outcome: ExitOutcome) -> None:
+        if outcome.kind == "system_event":
+            kind = int(outcome.detail)
+            if kind == kc.SYSTEM_EVENT_RESET:
+                self._end(ExitCode.POWEROFF, "guest reset", reset=True)
+            elif kind == kc.SYSTEM_EVENT_CRASH:
+                log.error("%s: guest crashed; %s", self.config.vm_id, board.describe_vcpu(vcpu))
+                self._end(ExitCode.GUEST_CRASH, "guest crashed")
+            else:
+                self._end(ExitCode.POWEROFF, "guest powered off")
+            return
+        state = board.describe_vcpu(vcpu)
+        if outcome.kind == "shutdown":
+            log.error("%s: guest triple fault; %s", self.config.vm_id, state)
+            self._end(ExitCode.TRIPLE_FAULT, "guest triple fault at rip %s" % _rip(state))
+            return
+        log.error("%s: %s: %s; %s", self.config.vm_id, outcome.kind.replace("_", " "), outcome.detail, state)
+        self._end(ExitCode.KVM_ERROR, "%s: %s" % (outcome.kind.replace("_", " "), outcome.detail))
+
+    def _teardown(self) -> None:
+        with self._lock:
+            self._halting = True
+        self._kick_all()
+        deadline = time.monotonic() + VCPU_JOIN_SEC
+        for t in self._threads:
+            while t.is_alive():
+                t.join(0.05)
+                if t.is_alive():
+                    self._kick_all()
+                if time.monotonic() > deadline:
+                    log.error("%s: %s did not stop", self.config.vm_id, t.name)
+                    break
+        self._threads = []
+        vm, self._vm = self._vm, None
+        for v in self._vcpus:
+            v.close()
+        if vm is not None:
+            vm.close()
+
+    def _finish(self, code: ExitCode, reason: str) -> None:
+        self.exit_code = code
+        self.exit_reason = reason
+        state = VmState.STOPPED if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else VmState.CRASHED
+        self._set_state(state, reason)
+        self._done.set()
+        for cb in self._done_callbacks:
+            cb()
+
+    def close(self) -> None:
+        self.memory.close()
+        self.kvm.close()
+
+
+def _rip(state: str) -> str:
+    for part in state.split():
+        if part.startswith("rip="):
+            return part[4:]
+    return "?"
