@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm-dir", metavar="DIR", help="the VM's folder (logs go under DIR/logs)")
     p.add_argument("--console", choices=("auto", "tty", "stdio", "none"), default="auto",
                    help="tty: raw terminal, Ctrl-] quits; stdio: plain pipes; none: discard; auto: tty if stdin is a terminal")
+    p.add_argument("--link", metavar="ENDPOINT",
+                   help="worker mode for tenboxd: connect to its ZeroMQ endpoint; the console goes over the link")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     return p
@@ -57,6 +59,10 @@ def _setup_logging(vm_id: str, verbose: int) -> None:
                         format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
 
 
+def _log_state(state, reason: str) -> None:
+    logging.getLogger("tenbox").debug("state %s: %s", state.value, reason)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not VM_ID_RE.match(args.vm_id):
@@ -64,17 +70,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.USAGE
     _setup_logging(args.vm_id, args.verbose)
 
-    from tenbox_vmm.console import ConsoleOutput, TerminalMode, fd_writer, pump_input
+    from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
     from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
 
     mode = args.console
-    if mode == "auto":
+    if args.link:
+        mode = "none"
+    elif mode == "auto":
         mode = "tty" if os.isatty(0) else "stdio"
     if mode == "tty" and not os.isatty(0):
         sys.stderr.write("%s: error: --console tty needs a terminal on stdin\n" % PROG)
         return ExitCode.USAGE
 
     writers = [] if mode == "none" else [fd_writer(1)]
+    if args.vm_dir:
+        try:
+            writers.append(RotatingLog(os.path.join(args.vm_dir, "logs", "console.log")))
+        except OSError as e:
+            sys.stderr.write("%s: error: cannot write the console log in %s: %s\n" % (PROG, args.vm_dir, e.strerror))
+            return ExitCode.USAGE
+    link = None
+    if args.link:
+        from tenbox_vmm.worker import WorkerLink
+
+        link = WorkerLink(args.link, args.vm_id)
+        writers.append(link.console_output)
     output = ConsoleOutput(writers)
     config = MachineConfig(
         kernel=args.kernel,
@@ -86,10 +106,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     install_kick_handler()
     try:
-        machine = Machine(config, output)
+        machine = Machine(config, output, on_state=link.state_changed if link else _log_state)
     except MachineError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return ExitCode.USAGE
+    if link is not None:
+        link.start(machine)
 
     done_r, done_w = os.pipe()
     machine.add_done_callback(lambda: os.write(done_w, b"x"))
@@ -99,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    # SIGPWR ("power failure") presses the ACPI power button: the guest shuts down.
+    signal.signal(signal.SIGPWR, lambda signum, frame: machine.power_button())
 
     def detach() -> None:
         machine.stop("stopped from the console (Ctrl-])")
@@ -112,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         pump_input(input_fd, False, machine.console_input, done_r, detach)
     code = machine.wait()
     output.close()
+    if link is not None:
+        link.join(2.0)
     if code not in (ExitCode.POWEROFF, ExitCode.STOPPED):
         logging.getLogger("tenbox").error("%s: %s", args.vm_id, machine.exit_reason)
     else:

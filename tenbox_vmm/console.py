@@ -87,6 +87,39 @@ def fd_writer(fd: int) -> Callable[[bytes], None]:
     return write
 
 
+class RotatingLog:
+    """Append bytes to `path`, keeping at most `keep` older files of `max_bytes` each."""
+
+    def __init__(self, path: str, max_bytes: int = 1 << 20, keep: int = 2) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = open(path, "ab", buffering=0)
+        self._size = self._f.tell()
+
+    def __call__(self, data: bytes) -> None:
+        try:
+            if self._size + len(data) > self.max_bytes and self._size:
+                self._rotate()
+            self._f.write(data)
+            self._size += len(data)
+        except OSError:
+            pass  # a full disk must not stop the guest; the console still streams
+
+    def _rotate(self) -> None:
+        self._f.close()
+        for i in range(self.keep, 0, -1):
+            src = self.path if i == 1 else "%s.%d" % (self.path, i - 1)
+            if os.path.exists(src):
+                os.replace(src, "%s.%d" % (self.path, i))
+        self._f = open(self.path, "ab", buffering=0)
+        self._size = 0
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class TerminalMode:
     """Raw mode on a terminal, restored on exit even if the process is dying."""
 

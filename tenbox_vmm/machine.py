@@ -106,11 +106,9 @@ class Machine:
     ) -> None:
         self.config = config
         self._on_state = on_state
-        try:
-            self.kvm = kvm or Kvm()
-        except KvmUnavailable as e:
-            raise MachineError(str(e)) from None
-        check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
+        # Cheap checks first: a bad file or option must be reported as such,
+        # not hidden behind a missing /dev/kvm.
+        check_limits(config.memory_mb, config.cpus)
         self.memory = GuestMemory(config.memory_mb * MIB)
         try:
             self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
@@ -119,7 +117,9 @@ class Machine:
             if config.initrd:
                 self.initrd = boot.read_file(config.initrd, "initrd", INITRD_MAX_BYTES)
                 boot.place_initrd(self.kernel, len(self.initrd), self.memory.ram_end_below_4g())
-        except boot.KernelError as e:
+            self.kvm = kvm or Kvm()
+            check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
+        except (boot.KernelError, KvmUnavailable, MachineError) as e:
             self.memory.close()
             raise MachineError(str(e)) from None
         self._supported_cpuid = self.kvm.supported_cpuid()

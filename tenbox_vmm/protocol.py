@@ -45,3 +45,70 @@ class VmState(str, enum.Enum):
     STOPPING = "stopping"
     REBOOTING = "rebooting"
     CRASHED = "crashed"
+
+
+# --- Worker link -------------------------------------------------------------
+#
+# The supervisor binds a ZeroMQ ROUTER on an ipc:// endpoint in a 0700 run
+# directory; each worker connects a DEALER whose identity is its VM id.
+# Every frame is one msgpack map with a "t" (type) key. A worker says HELLO
+# on every (re)connect and whenever the supervisor asks who it is, so a
+# restarted supervisor re-adopts running workers instead of losing them.
+
+LINK_PROTOCOL = 1
+LINK_MAX_MESSAGE_BYTES = 1 << 20  # libzmq drops a peer that sends more
+LINK_QUEUE_MAX = 1000  # messages queued per direction before sends are dropped
+HEARTBEAT_INTERVAL_SEC = 1.0
+HEARTBEAT_LIVENESS = 5  # silent intervals before the peer counts as gone (zguide: 3..5)
+CONSOLE_CHUNK_MAX = 64 << 10  # console bytes per message
+
+
+class Msg(str, enum.Enum):
+    """Message types on the worker link ("t" field)."""
+
+    # worker -> supervisor
+    HELLO = "hello"  # vm_id, pid, create_time, state, started_at, boots, protocol, version
+    STATE = "state"  # state, reason
+    CONSOLE = "console"  # data (bytes)
+    REPLY = "reply"  # id, ok, error?
+    EXIT = "exit"  # code, reason: sent just before the worker exits
+    # supervisor -> worker
+    COMMAND = "command"  # id, name (Command), args
+    WHO = "who"  # "who are you?": answered with HELLO
+    # both ways
+    HEARTBEAT = "heartbeat"
+
+
+class Command(str, enum.Enum):
+    """What the supervisor may ask a worker to do."""
+
+    STOP = "stop"  # hard stop: halt the vCPUs, flush, exit STOPPED
+    REBOOT = "reboot"  # reset the guest
+    SHUTDOWN = "shutdown"  # press the ACPI power button
+    CONSOLE_INPUT = "console_input"  # args.data: bytes for the serial console
+
+
+def pack(msg: dict) -> bytes:
+    import msgpack
+
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> dict:
+    """Decode one frame; ValueError for anything that is not a map with a known type."""
+    import msgpack
+
+    if len(frame) > LINK_MAX_MESSAGE_BYTES:
+        raise ValueError("frame too large")
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=LINK_MAX_MESSAGE_BYTES,
+                              max_str_len=LINK_MAX_MESSAGE_BYTES, max_array_len=4096, max_map_len=256)
+    except Exception as e:  # msgpack raises a family of exceptions for garbage
+        raise ValueError("undecodable frame: %s" % e) from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise ValueError("frame is not a message")
+    try:
+        Msg(msg["t"])
+    except ValueError:
+        raise ValueError("unknown message type %r" % msg["t"]) from None
+    return msg

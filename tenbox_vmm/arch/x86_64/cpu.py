@@ -158,20 +158,39 @@ def _bits_for(count: int) -> int:
     return max(0, (count - 1).bit_length())
 
 
+def _topology_leaf(fn: int, apic_id: int, cpus: int) -> List[Dict[str, int]]:
+    """Leaf 0xB (or 0x1F) subleaves: SMT level, core level, then the terminator."""
+    core_bits = _bits_for(cpus)
+    levels = [
+        (0, 1, TOPOLOGY_LEVEL_SMT),
+        (core_bits, cpus, TOPOLOGY_LEVEL_CORE),
+        (0, 0, 0),
+    ]
+    return [
+        dict(function=fn, index=sub, flags=CPUID_FLAG_SIGNIFICANT_INDEX,
+             eax=shift, ebx=count, ecx=(level << 8) | sub, edx=apic_id)
+        for sub, (shift, count, level) in enumerate(levels)
+    ]
+
+
 def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int) -> List[Dict[str, int]]:
     """CPUID for vCPU `index` of `cpus`: one package, one core per vCPU, one thread per core.
 
     Starts from what KVM supports and fixes what identifies this vCPU (APIC
-    IDs, topology leaves), marks the hypervisor and keeps KVM's paravirtual
-    leaves so guests find kvm-clock.
+    IDs, topology leaves on Intel and AMD), marks the hypervisor and keeps
+    KVM's paravirtual leaves so guests find kvm-clock.
     """
     apic_id = index
     core_bits = _bits_for(cpus)
     out: List[Dict[str, int]] = []
+    topology_leaves = set()
     seen_kvm = False
     for src in supported:
         e = dict(src)
-        fn, sub = e["function"], e["index"]
+        fn = e["function"]
+        if fn in (0xB, 0x1F):
+            topology_leaves.add(fn)
+            continue  # rebuilt below with every subleaf
         if fn == 1:
             e["ebx"] = (e["ebx"] & 0x0000FFFF) | (min(cpus, 255) << 16) | (apic_id << 24)
             e["ecx"] |= CPUID_HYPERVISOR
@@ -179,29 +198,25 @@ def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int) -> Li
                 e["edx"] |= CPUID_HTT
             else:
                 e["edx"] &= ~CPUID_HTT
-        elif fn == 4:
-            # Deterministic cache parameters: cores per package, and who shares
-            # each cache (L1/L2 private to a core, L3 shared by all).
+        elif fn == 4 and e["eax"] & 0x1F:
+            # Intel deterministic cache parameters: cores per package, and who
+            # shares each cache (L1/L2 private to a core, L3 shared by all).
             cache_level = (e["eax"] >> 5) & 0x7
             sharing = cpus if cache_level >= 3 else 1
             e["eax"] = (e["eax"] & 0x3FFF) | ((sharing - 1) << 14) | ((min(cpus, 64) - 1) << 26)
-        elif fn in (0xB, 0x1F):
-            e["flags"] |= CPUID_FLAG_SIGNIFICANT_INDEX
-            if sub == 0:
-                e.update(eax=0, ebx=1, ecx=(TOPOLOGY_LEVEL_SMT << 8) | sub)
-            elif sub == 1:
-                e.update(eax=core_bits, ebx=cpus, ecx=(TOPOLOGY_LEVEL_CORE << 8) | sub)
-            else:
-                e.update(eax=0, ebx=0, ecx=sub)
-            e["edx"] = apic_id
         elif fn == 0x80000008:
-            # AMD: number of cores in the package minus one, and the APIC ID bits.
+            # AMD: cores in the package minus one, and the APIC ID bits for cores.
             e["ecx"] = (e["ecx"] & ~0xF0FF) | (core_bits << 12) | (cpus - 1)
+        elif fn == 0x8000001E:
+            # AMD extended APIC ID and core ID; one thread per core, one node.
+            e.update(eax=apic_id, ebx=index & 0xFF, ecx=0)
         elif fn == KVM_CPUID_SIGNATURE:
             seen_kvm = True
             ebx, ecx, edx = struct.unpack("<3I", KVM_SIGNATURE)
             e.update(ebx=ebx, ecx=ecx, edx=edx)
         out.append(e)
+    for fn in sorted(topology_leaves):
+        out.extend(_topology_leaf(fn, apic_id, cpus))
     if not seen_kvm:
         ebx, ecx, edx = struct.unpack("<3I", KVM_SIGNATURE)
         out.append(dict(function=KVM_CPUID_SIGNATURE, index=0, flags=0, eax=KVM_CPUID_SIGNATURE + 1, ebx=ebx, ecx=ecx, edx=edx))

@@ -1,0 +1,42 @@
+# tenbox: developer entry points. Everything runs from the source tree with
+# Debian's python3 and the distribution's python3-* packages, exactly the
+# interpreter and libraries the .deb uses.
+
+PYTHON ?= /usr/bin/python3
+export PYTHONPATH := $(CURDIR)
+PYTEST ?= $(PYTHON) -m pytest
+
+.PHONY: all deps ffi guests linux test test-unit test-integration demo bench clean
+
+all: ffi guests
+
+deps:
+	scripts/install-deps.sh
+
+# Pre-parsed cffi modules (see tenbox_vmm/ffigen.py); optional, faster start-up.
+ffi:
+	$(PYTHON) -m tenbox_vmm.ffigen .
+
+guests:
+	$(MAKE) -s -C tests/guests
+
+# Debian's cloud kernel and a busybox initramfs, cached under .cache/linux.
+linux:
+	scripts/x86_64/get-kernel.sh
+	scripts/x86_64/make-initramfs.sh
+
+test: deps ffi guests linux
+	$(PYTEST) -q -ra tests
+
+test-unit: ffi
+	$(PYTEST) -q tests/unit
+
+demo: deps ffi guests
+	scripts/demo.sh
+
+bench: deps ffi guests
+	$(PYTHON) bench/boot.py
+
+clean:
+	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py
+	find . -name __pycache__ -prune -exec rm -rf {} +

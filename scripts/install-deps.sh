@@ -1,0 +1,35 @@
+#!/bin/sh
+# Install the Debian packages tenbox's build, tests and demo need (development
+# machines and CI; the .deb has its own Depends). Idempotent: apt runs only
+# when something is missing. Needs root (or sudo) for apt.
+set -eu
+
+PACKAGES="
+make gcc binutils libc6-dev linux-libc-dev
+python3 python3-cffi python3-zmq python3-msgpack python3-psutil python3-click
+python3-tenacity python3-sdnotify python3-apt python3-websockets python3-zstandard
+python3-pytest python3-hypothesis python3-trustme
+acpica-tools qemu-system-x86 qemu-utils libslirp0
+busybox-static cpio gzip xz-utils zstd util-linux procps
+"
+
+missing=""
+for p in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+if [ -z "$missing" ]; then
+    echo "install-deps: all packages present"
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "install-deps: run as root (missing:$missing)" >&2; exit 1; }
+    SUDO=sudo
+fi
+echo "install-deps: installing$missing"
+$SUDO apt-get update -q
+# --no-install-recommends everywhere we install: recommends can pull in a desktop.
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing

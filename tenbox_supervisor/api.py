@@ -1,0 +1,447 @@
+"""One table of control methods, shared by the local socket and the cloud link (daemon, root).
+
+Each method is registered once with its parameter checks and whether it
+changes anything (mutating calls are logged with the caller's credentials)
+or needs root. Nothing is ever dispatched by name lookup on an object:
+unknown types are refused before any handler runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+
+from tenbox_supervisor import doctor, telemetry
+from tenbox_supervisor.protocol import NAME_RE, ErrorCode, Event, Method
+from tenbox_supervisor.store import CPUS_MAX, MEMORY_MIN_MB, SpecError, VmSpec, new_vm_id
+from tenbox_supervisor.workers import ACTIVE_STATES, STOP_TIMEOUT_SEC, SHUTDOWN_TIMEOUT_SEC, OperationError, VmRuntime
+from tenbox_vmm import __version__
+from tenbox_vmm.protocol import VmState
+
+log = logging.getLogger("tenboxd.api")
+
+LOG_LINES_DEFAULT = 200
+LOG_LINES_MAX = 10000
+CMDLINE_MAX = 4096
+PATH_MAX = 4096
+TIMEOUT_MAX_SEC = 3600
+
+
+class ApiError(Exception):
+    def __init__(self, code: ErrorCode, message: Optional[str] = None, **extra: Any) -> None:
+        super().__init__(message or code.message)
+        self.code = code
+        self.message = message or code.message
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: peer credentials on the local socket, or the cloud."""
+
+    uid: int
+    gid: int
+    pid: int
+    transport: str = "local"
+
+    def __str__(self) -> str:
+        if self.transport != "local":
+            return self.transport
+        return "uid=%d gid=%d pid=%d" % (self.uid, self.gid, self.pid)
+
+
+Handler = Callable[..., Awaitable[Dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: Method
+    handler: Handler
+    mutating: bool
+    root_only: bool = False
+    stream: bool = False
+
+
+# Parameter checks ---------------------------------------------------------------
+
+
+def _get(params: Dict[str, Any], key: str, types, required: bool = False, default: Any = None) -> Any:
+    if key not in params or params[key] is None:
+        if required:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s is required" % key)
+        return default
+    value = params[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s has the wrong type" % key)
+    if not isinstance(value, types):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s has the wrong type" % key)
+    return value
+
+
+def _name(params, key: str, required: bool = False) -> Optional[str]:
+    value = _get(params, key, str, required)
+    if value is not None and not NAME_RE.match(value):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must match [A-Za-z0-9-]{1,64}" % key)
+    return value
+
+
+def _int(params, key: str, lo: int, hi: int, default: Optional[int] = None, required: bool = False) -> Optional[int]:
+    value = _get(params, key, int, required, default)
+    if value is not None and not lo <= value <= hi:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must be in %d..%d" % (key, lo, hi))
+    return value
+
+
+def _file(params, key: str, required: bool = False) -> Optional[str]:
+    path = _get(params, key, str, required)
+    if path is None:
+        return None
+    if not path or len(path) > PATH_MAX or "\0" in path:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s is not a usable path" % key)
+    if not os.path.isabs(path):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must be an absolute path" % key)
+    if not os.path.exists(path):
+        raise ApiError(ErrorCode.FILE_MISSING, "%s %s does not exist" % (key, path))
+    if not os.path.isfile(path):
+        raise ApiError(ErrorCode.FILE_MISSING, "%s %s is not a regular file" % (key, path))
+    if not os.access(path, os.R_OK):
+        raise ApiError(ErrorCode.FILE_MISSING, "%s %s is not readable" % (key, path))
+    return os.path.normpath(path)
+
+
+def _cmdline(params) -> Optional[str]:
+    value = _get(params, "cmdline", str)
+    if value is not None and (len(value) > CMDLINE_MAX or any(ord(ch) < 32 or ord(ch) > 126 for ch in value)):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "cmdline must be printable ASCII, at most %d bytes" % CMDLINE_MAX)
+    return value
+
+
+class Api:
+    """The method table and its handlers."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.workers = daemon.workers
+        self.store = daemon.store
+        self.methods: Dict[str, MethodSpec] = {}
+        for spec in (
+            MethodSpec(Method.DOCTOR, self.doctor, mutating=False),
+            MethodSpec(Method.SYSTEM_INFO, self.system_info, mutating=False),
+            MethodSpec(Method.VM_LIST, self.vm_list, mutating=False),
+            MethodSpec(Method.VM_CREATE, self.vm_create, mutating=True),
+            MethodSpec(Method.VM_EDIT, self.vm_edit, mutating=True),
+            MethodSpec(Method.VM_START, self.vm_start, mutating=True),
+            MethodSpec(Method.VM_STOP, self.vm_stop, mutating=True),
+            MethodSpec(Method.VM_REBOOT, self.vm_reboot, mutating=True),
+            MethodSpec(Method.VM_SHUTDOWN, self.vm_shutdown, mutating=True),
+            MethodSpec(Method.VM_DELETE, self.vm_delete, mutating=True),
+            MethodSpec(Method.VM_LOGS, self.vm_logs, mutating=False),
+            MethodSpec(Method.VM_LOGS_FOLLOW, self.vm_logs_follow, mutating=False, stream=True),
+            MethodSpec(Method.VM_CONSOLE_ATTACH, self.vm_console_attach, mutating=True, stream=True),
+        ):
+            self.register(spec)
+
+    def register(self, spec: MethodSpec) -> None:
+        self.methods[spec.name.value] = spec
+
+    def lookup(self, type_: Any) -> MethodSpec:
+        if not isinstance(type_, str) or type_ not in self.methods:
+            raise ApiError(ErrorCode.UNKNOWN_REQUEST, "unknown request type %r" % (type_,) if isinstance(type_, str)
+                           else "the request has no type")
+        return self.methods[type_]
+
+    async def call(self, type_: Any, params: Dict[str, Any], caller: Caller, stream=None) -> Dict[str, Any]:
+        """Validate and run one method; ApiError for anything the caller did wrong."""
+        spec = self.lookup(type_)
+        if spec.root_only and caller.transport == "local" and caller.uid != 0:
+            raise ApiError(ErrorCode.PERMISSION_DENIED, "%s is for root only" % spec.name.value)
+        if spec.mutating:
+            log.info("request %s %s from %s", spec.name.value, params.get("vm_id") or params.get("name") or "", caller)
+        if spec.stream:
+            return await spec.handler(params, caller, stream)
+        return await spec.handler(params, caller)
+
+    # Lookups and views -----------------------------------------------------------
+
+    def find(self, params: Dict[str, Any]) -> VmRuntime:
+        key = _name(params, "vm_id", required=True)
+        vm = self.workers.vms.get(key)
+        if vm is None:
+            matches = [v for v in self.workers.vms.values() if v.spec.name == key]
+            if len(matches) == 1:
+                vm = matches[0]
+        if vm is None:
+            if key in self.workers.broken:
+                raise ApiError(ErrorCode.VM_BROKEN, "VM %s is broken: %s" % (key, self.workers.broken[key]))
+            raise ApiError(ErrorCode.VM_NOT_FOUND, "no VM with id or name %r" % key)
+        return vm
+
+    def view(self, vm: VmRuntime) -> Dict[str, Any]:
+        s = vm.spec
+        out = {
+            "id": s.id,
+            "name": s.name,
+            "state": vm.state.value,
+            "cpus": s.cpus,
+            "memory_mb": s.memory_mb,
+            "kernel": s.kernel,
+            "initrd": s.initrd,
+            "cmdline": s.cmdline,
+            "disks": s.disks,
+            "net": s.net,
+            "image": s.image,
+            "created_at": s.created_at,
+            "pid": vm.proc.pid if vm.proc else None,
+            "started_at": vm.started_at if vm.state in ACTIVE_STATES else None,
+            "uptime_sec": vm.uptime(),
+            "last_failure": vm.last_failure,
+        }
+        if vm.proc is not None:
+            out["resources"] = telemetry.process_resources(vm.proc.pid)
+        return out
+
+    # Methods -------------------------------------------------------------------
+
+    async def doctor(self, params, caller):
+        return doctor.run_checks()
+
+    async def system_info(self, params, caller):
+        vms = list(self.workers.vms.values())
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_sec": time.time() - self.daemon.started_at,
+            "data_dir": self.daemon.config.data_dir,
+            "socket_path": self.daemon.config.socket_path,
+            "cloud_url": self.daemon.config.cloud_url,
+            "vm_summary": telemetry.vm_summary(vms, len(self.workers.broken)),
+            "resources": telemetry.host_resources(self.daemon.config.data_dir),
+            "doctor": doctor.run_checks(),
+        }
+
+    async def vm_list(self, params, caller):
+        vms = [self.view(vm) for vm in sorted(self.workers.vms.values(), key=lambda v: (v.spec.name, v.id))]
+        for vm_id, reason in sorted(self.workers.broken.items()):
+            vms.append({"id": vm_id, "name": None, "state": "broken", "error": reason})
+        return {"vms": vms}
+
+    async def vm_create(self, params, caller):
+        name = _name(params, "name", required=True)
+        if any(v.spec.name == name for v in self.workers.vms.values()) or name in self.workers.vms:
+            raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % name)
+        spec = VmSpec(
+            id=new_vm_id(),
+            name=name,
+            kernel=_file(params, "kernel", required=True),
+            initrd=_file(params, "initrd"),
+            cmdline=_cmdline(params),
+            memory_mb=_int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb(), default=256),
+            cpus=_int(params, "cpus", 1, CPUS_MAX, default=1),
+        )
+        try:
+            self.store.create(spec)
+        except (OSError, SpecError) as e:
+            raise ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
+        vm = VmRuntime(spec, self.workers)
+        vm.persist()
+        self.workers.vms[spec.id] = vm
+        log.info("vm %s: created as %r", spec.id, spec.name)
+        return self.view(vm)
+
+    async def vm_edit(self, params, caller):
+        vm = self.find(params)
+        async with vm.lock:
+            s = vm.spec
+            changes: Dict[str, Any] = {}
+            new_name = _name(params, "name")
+            if new_name is not None and new_name != s.name:
+                if any(v.spec.name == new_name for v in self.workers.vms.values()):
+                    raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % new_name)
+                changes["name"] = new_name
+            hw = {
+                "kernel": _file(params, "kernel"),
+                "initrd": _file(params, "initrd"),
+                "cmdline": _cmdline(params),
+                "memory_mb": _int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb()),
+                "cpus": _int(params, "cpus", 1, CPUS_MAX),
+            }
+            hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
+            if hw and vm.state in ACTIVE_STATES:
+                raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
+            changes.update(hw)
+            if changes:
+                updated = VmSpec.from_json(dict(s.to_json(), **changes))
+                try:
+                    self.store.save(updated)
+                except (OSError, SpecError) as e:
+                    raise ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
+                vm.spec = updated
+                log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
+        return self.view(vm)
+
+    async def vm_start(self, params, caller):
+        vm = self.find(params)
+        self.daemon.check_start_allowed()
+        self._preflight(vm)
+        try:
+            await self.workers.start(vm)
+        except OperationError as e:
+            raise ApiError(ErrorCode(e.code), str(e), last_failure=vm.last_failure)
+        return self.view(vm)
+
+    def _preflight(self, vm: VmRuntime) -> None:
+        checks = doctor.run_checks()
+        if not checks["supported"]:
+            failed = [c["message"] for c in checks["checks"] if c["required"] and not c["ok"]]
+            self._fail(vm, ErrorCode.KVM_UNSUPPORTED, "KVM is not usable: %s" % "; ".join(failed))
+        for key in ("kernel", "initrd"):
+            path = getattr(vm.spec, key)
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                self._fail(vm, ErrorCode.FILE_MISSING, "%s %s is missing or unreadable" % (key, path))
+        available = telemetry.host_memory_available_mb()
+        if vm.spec.memory_mb > available:
+            self._fail(vm, ErrorCode.INSUFFICIENT_MEMORY, "VM %s needs %d MiB; the host has %d MiB available"
+                       % (vm.id, vm.spec.memory_mb, available))
+
+    def _fail(self, vm: VmRuntime, code: ErrorCode, message: str) -> None:
+        vm.last_failure = {"code": code.value, "message": message, "time": time.time(), "exit_code": None,
+                           "signal": None, "console": []}
+        vm.persist()
+        raise ApiError(code, message)
+
+    async def vm_stop(self, params, caller):
+        vm = self.find(params)
+        timeout = _int(params, "timeout", 1, TIMEOUT_MAX_SEC, default=int(STOP_TIMEOUT_SEC))
+        try:
+            await self.workers.stop(vm, "vm.stop by %s" % caller, timeout)
+        except OperationError as e:
+            raise ApiError(ErrorCode(e.code), str(e))
+        return self.view(vm)
+
+    async def vm_shutdown(self, params, caller):
+        vm = self.find(params)
+        timeout = _int(params, "timeout", 1, TIMEOUT_MAX_SEC, default=int(SHUTDOWN_TIMEOUT_SEC))
+        try:
+            graceful = await self.workers.shutdown(vm, timeout)
+        except OperationError as e:
+            raise ApiError(ErrorCode(e.code), str(e))
+        return dict(self.view(vm), graceful=graceful)
+
+    async def vm_reboot(self, params, caller):
+        vm = self.find(params)
+        try:
+            await self.workers.reboot(vm)
+        except OperationError as e:
+            raise ApiError(ErrorCode(e.code), str(e))
+        return self.view(vm)
+
+    async def vm_delete(self, params, caller):
+        vm = self.find_or_broken(params)
+        if isinstance(vm, str):
+            self._delete_dir(vm)
+            self.workers.broken.pop(vm, None)
+            return {"id": vm, "deleted": True}
+        force = _get(params, "force", bool, default=False)
+        if vm.state in ACTIVE_STATES:
+            if not force:
+                raise ApiError(ErrorCode.VM_RUNNING, "VM %s is %s; stop it first (or force)" % (vm.id, vm.state.value))
+            try:
+                await self.workers.stop(vm, "vm.delete --force by %s" % caller)
+            except OperationError as e:
+                raise ApiError(ErrorCode(e.code), str(e))
+        async with vm.lock:
+            if vm.state in ACTIVE_STATES:
+                raise ApiError(ErrorCode.VM_BUSY, "VM %s started again meanwhile" % vm.id)
+            self._delete_dir(vm.id)
+            self.workers.vms.pop(vm.id, None)
+            vm.close_streams("deleted")
+        log.info("vm %s: deleted", vm.id)
+        return {"id": vm.id, "deleted": True}
+
+    def find_or_broken(self, params):
+        key = _name(params, "vm_id", required=True)
+        if key in self.workers.broken and key not in self.workers.vms:
+            return key
+        return self.find(params)
+
+    def _delete_dir(self, vm_id: str) -> None:
+        try:
+            self.store.delete(vm_id)
+        except OSError as e:
+            raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm_id, e.strerror))
+
+    async def vm_logs(self, params, caller):
+        from tenbox_supervisor.fsutil import tail_lines
+
+        vm = self.find(params)
+        lines = _int(params, "lines", 0, LOG_LINES_MAX, default=LOG_LINES_DEFAULT)
+        source = _get(params, "source", str, default="console")
+        if source not in ("console", "runtime"):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "source must be console or runtime")
+        base = os.path.join(self.store.vm_dir(vm.id), "logs", "%s.log" % source)
+        paths = ["%s.2" % base, "%s.1" % base, base]
+        return {"vm_id": vm.id, "source": source, "lines": tail_lines(paths, lines)}
+
+    async def vm_logs_follow(self, params, caller, stream):
+        vm = self.find(params)
+        q: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        vm.log_subs.add(q)
+        try:
+            await stream.reply({"vm_id": vm.id})
+            reader = asyncio.ensure_future(stream.wait_closed())
+            while True:
+                getter = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    getter.cancel()
+                    return {}
+                item = getter.result()
+                if item is None:
+                    await stream.event({"type": Event.LOGS_CLOSED.value, "vm_id": vm.id})
+                    return {}
+                await stream.event({"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": item}})
+        finally:
+            vm.log_subs.discard(q)
+
+    async def vm_console_attach(self, params, caller, stream):
+        vm = self.find(params)
+        if vm.state not in ACTIVE_STATES:
+            raise ApiError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+        q: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        vm.console_subs.add(q)
+        try:
+            await stream.reply({"vm_id": vm.id})
+            if vm.ring:
+                await stream.event({"type": Event.CONSOLE_DATA.value, "vm_id": vm.id, "data_hex": bytes(vm.ring).hex()})
+            reader = asyncio.ensure_future(stream.next_event())
+            getter = asyncio.ensure_future(q.get())
+            while True:
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    item = getter.result()
+                    if item is None:
+                        reader.cancel()
+                        await stream.event({"type": Event.CONSOLE_CLOSED.value, "vm_id": vm.id,
+                                            "reason": "VM %s is %s" % (vm.id, vm.state.value)})
+                        return {}
+                    await stream.event({"type": Event.CONSOLE_DATA.value, "vm_id": vm.id, "data_hex": item.hex()})
+                    getter = asyncio.ensure_future(q.get())
+                if reader in done:
+                    event = reader.result()
+                    if event is None:  # the client went away
+                        getter.cancel()
+                        return {}
+                    if event.get("type") == Event.CONSOLE_INPUT.value:
+                        try:
+                            data = bytes.fromhex(str(event.get("data_hex", "")))
+                        except ValueError:
+                            data = b""
+                        if data:
+                            self.workers.console_input(vm, data)
+                    reader = asyncio.ensure_future(stream.next_event())
+        finally:
+            vm.console_subs.discard(q)

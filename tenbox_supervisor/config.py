@@ -1,0 +1,87 @@
+"""tenboxd's settings from flags and environment (daemon, root under systemd)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from tenbox_supervisor.protocol import DEFAULT_SYSTEM_SOCKET, SOCKET_GROUP_ENV, SYSTEM_RUN_DIR
+
+DEFAULT_DATA_DIR = "/var/lib/tenbox"
+
+
+def under_systemd(env: dict) -> bool:
+    """systemd sets INVOCATION_ID for every service it starts."""
+    return bool(env.get("INVOCATION_ID"))
+
+
+def _user_runtime_dir(env: dict, uid: int) -> str:
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "tenbox")
+    return "/tmp/tenbox-%d" % uid
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str
+    socket_path: str
+    run_dir: str
+    socket_group: Optional[str]
+    cloud_url: str
+
+    @property
+    def worker_endpoint(self) -> str:
+        return "ipc://" + os.path.join(self.run_dir, "workers", "link.sock")
+
+    @property
+    def vms_dir(self) -> str:
+        return os.path.join(self.data_dir, "vms")
+
+
+def resolve(
+    data_dir: Optional[str] = None,
+    socket_path: Optional[str] = None,
+    run_dir: Optional[str] = None,
+    cloud_url: Optional[str] = None,
+    env: Optional[dict] = None,
+    uid: Optional[int] = None,
+) -> Config:
+    """Flags win over environment, environment over defaults.
+
+    Root under systemd uses the system paths (/var/lib/tenbox,
+    /run/tenbox/tenbox.sock); anyone else gets a per-user daemon whose
+    socket is where the CLI looks next ($XDG_RUNTIME_DIR/tenbox.sock or
+    /tmp/tenbox-<uid>.sock).
+    """
+    env = dict(os.environ) if env is None else env
+    uid = os.getuid() if uid is None else uid
+    system = uid == 0 and under_systemd(env)
+    if not data_dir:
+        data_dir = env.get("TENBOX_DATA_DIR")
+    if not data_dir:
+        if uid == 0:
+            data_dir = DEFAULT_DATA_DIR
+        else:
+            base = env.get("XDG_DATA_HOME") or os.path.join(env.get("HOME") or "/tmp", ".local", "share")
+            data_dir = os.path.join(base, "tenbox")
+    if not socket_path:
+        socket_path = env.get("TENBOX_SOCK")
+    if not socket_path:
+        if system:
+            socket_path = DEFAULT_SYSTEM_SOCKET
+        elif env.get("XDG_RUNTIME_DIR"):
+            socket_path = os.path.join(env["XDG_RUNTIME_DIR"], "tenbox.sock")
+        else:
+            socket_path = "/tmp/tenbox-%d.sock" % uid
+    if not run_dir:
+        run_dir = SYSTEM_RUN_DIR if system else _user_runtime_dir(env, uid)
+    if cloud_url is None:
+        cloud_url = env.get("TENBOX_CLOUD_URL", "")
+    return Config(
+        data_dir=os.path.abspath(data_dir),
+        socket_path=os.path.abspath(socket_path),
+        run_dir=os.path.abspath(run_dir),
+        socket_group=env.get(SOCKET_GROUP_ENV) or None,
+        cloud_url=cloud_url,
+    )

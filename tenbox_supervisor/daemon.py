@@ -1,0 +1,131 @@
+"""tenboxd's main object: locks, store, worker link, control socket, systemd notify (daemon, root)."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import time
+from typing import List, Optional
+
+from tenbox_supervisor.api import Api, ApiError
+from tenbox_supervisor.config import Config
+from tenbox_supervisor.control import ControlServer
+from tenbox_supervisor.link import LinkServer
+from tenbox_supervisor.notify import Notifier
+from tenbox_supervisor.oshost import Host
+from tenbox_supervisor.protocol import ErrorCode
+from tenbox_supervisor.store import Store
+from tenbox_supervisor.workers import WorkerManager
+from tenbox_vmm import __version__
+
+log = logging.getLogger("tenboxd")
+
+STATUS_INTERVAL_SEC = 5.0
+
+
+class StartupError(Exception):
+    """tenboxd cannot start; the message says why."""
+
+
+class Daemon:
+    def __init__(self, config: Config, notifier: Optional[Notifier] = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.started_at = time.time()
+        self._lock_fd: Optional[int] = None
+        self._stop = asyncio.Event()
+        self.update_in_progress = False  # host.update sets it; vm.start and vm.create honour it
+        self.store: Optional[Store] = None
+        self.workers: Optional[WorkerManager] = None
+        self.link: Optional[LinkServer] = None
+        self.control: Optional[ControlServer] = None
+        self.api: Optional[Api] = None
+        self._extra_tasks: List[asyncio.Task] = []
+
+    def _lock_data_dir(self) -> None:
+        os.makedirs(self.config.data_dir, mode=0o755, exist_ok=True)
+        path = os.path.join(self.config.data_dir, ".tenboxd.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError("another tenboxd (pid %s) uses the data directory %s" % (holder, self.config.data_dir))
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self._lock_fd = fd
+
+    def check_start_allowed(self) -> None:
+        if self.update_in_progress:
+            raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update of tenbox is running; try again when it is done")
+
+    def status_line(self) -> str:
+        running = self.workers.running_count() if self.workers else 0
+        total = len(self.workers.vms) if self.workers else 0
+        return "%d of %d VMs running" % (running, total)
+
+    async def run(self) -> int:
+        from tenbox_supervisor.link import LinkBusy
+        from tenbox_supervisor.control import SocketBusy
+
+        loop = asyncio.get_event_loop()
+        try:
+            self._lock_data_dir()
+            self.store = Store(self.config.vms_dir)
+            self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: self.workers.on_link_message(vm_id, msg))
+            self.workers = WorkerManager(self.config, self.store, Host(), self.link.send)
+            self.api = Api(self)
+            self.control = ControlServer(self.config.socket_path, self.config.socket_group, self.api)
+            self.link.start()
+            self.workers.restore()
+            self.workers.listeners.append(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
+            await self.control.start()
+        except (StartupError, LinkBusy, SocketBusy) as e:
+            await self._close()
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            await self._close()
+            raise StartupError("cannot start: %s%s" % (e.strerror or e, " (%s)" % e.filename if e.filename else ""))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
+        log.info("tenboxd %s ready: %s; data in %s", __version__, self.status_line(), self.config.data_dir)
+        self.notifier.ready(self.status_line())
+        await self._main_loop()
+        self.notifier.stopping()
+        log.info("stopping; running VMs keep running and will be re-adopted")
+        await self._close()
+        return 0
+
+    async def _main_loop(self) -> None:
+        interval = STATUS_INTERVAL_SEC
+        if self.notifier.watchdog_sec:
+            interval = min(interval, self.notifier.watchdog_sec / 2)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            # Pinged from the loop itself: a wedged loop stops the pings and systemd restarts us.
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _close(self) -> None:
+        for t in self._extra_tasks:
+            t.cancel()
+        if self.control is not None:
+            await self.control.close()
+        if self.workers is not None:
+            await self.workers.close()
+        if self.link is not None:
+            await self.link.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

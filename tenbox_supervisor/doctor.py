@@ -1,0 +1,60 @@
+"""Can this host run VMs? KVM checks for `doctor` and `tenboxd --doctor` (daemon or CLI host; reads /dev/kvm)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Any, Dict, List
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_API_VERSION = 12
+
+
+def _check(check_id: str, ok: bool, message: str, required: bool = True) -> Dict[str, Any]:
+    return {"id": check_id, "ok": ok, "required": required, "message": message}
+
+
+def run_checks(kvm_path: str = "/dev/kvm") -> Dict[str, Any]:
+    """{"supported": bool, "checks": [...]}; `supported` means every required check passed."""
+    checks: List[Dict[str, Any]] = []
+    machine = os.uname().machine
+    if machine in ("x86_64", "amd64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set()
+                for line in f:
+                    if line.startswith("flags"):
+                        flags.update(line.split(":", 1)[1].split())
+        except OSError:
+            flags = set()
+        hw = "vmx" in flags or "svm" in flags
+        checks.append(_check(
+            "cpu_virtualization", hw,
+            "hardware virtualization (%s)" % ("vmx" if "vmx" in flags else "svm") if hw else
+            "no vmx/svm in /proc/cpuinfo: guest kernels run emulated (slow); enable VT-x/AMD-V in the firmware",
+            required=False))
+    else:
+        checks.append(_check("architecture", machine == "aarch64", "architecture %s" % machine))
+    checks.append(_check("kvm_module", os.path.isdir("/sys/module/kvm"),
+                         "kvm module loaded" if os.path.isdir("/sys/module/kvm") else "kvm module not loaded (modprobe kvm)"))
+    exists = os.path.exists(kvm_path)
+    checks.append(_check("dev_kvm_exists", exists, "%s exists" % kvm_path if exists else "%s does not exist" % kvm_path))
+    access_ok, api_ok, api_msg = False, False, "not checked"
+    if exists:
+        try:
+            fd = os.open(kvm_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            access_msg = "cannot open %s: %s" % (kvm_path, e.strerror)
+        else:
+            access_ok, access_msg = True, "%s is readable and writable" % kvm_path
+            try:
+                version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+                api_ok = version == KVM_API_VERSION
+                api_msg = "KVM API version %d" % version
+            except OSError as e:
+                api_msg = "KVM_GET_API_VERSION failed: %s" % e.strerror
+            finally:
+                os.close(fd)
+        checks.append(_check("dev_kvm_access", access_ok, access_msg))
+        checks.append(_check("kvm_api", api_ok, api_msg))
+    return {"supported": all(c["ok"] for c in checks if c["required"]), "checks": checks}

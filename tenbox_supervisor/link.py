@@ -1,0 +1,119 @@
+"""The supervisor's end of the worker link: a ZeroMQ ROUTER on an ipc:// endpoint (daemon, root).
+
+Workers connect DEALER sockets named by their VM id. The endpoint lives in
+a 0700 folder, so only root's processes can reach it. Frames are checked
+(size, msgpack, known type) before anything looks inside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from typing import Callable, Optional
+
+import zmq
+import zmq.asyncio
+
+from tenbox_vmm.protocol import LINK_MAX_MESSAGE_BYTES, LINK_QUEUE_MAX, pack, unpack
+
+log = logging.getLogger("tenboxd.link")
+
+
+class LinkBusy(Exception):
+    """Another tenboxd owns this worker endpoint."""
+
+
+class LinkServer:
+    def __init__(self, endpoint: str, on_message: Callable[[str, dict], None]) -> None:
+        if not endpoint.startswith("ipc://"):
+            raise ValueError("the worker link must be an ipc:// endpoint")
+        self.endpoint = endpoint
+        self.path = endpoint[len("ipc://") :]
+        self.on_message = on_message
+        self._ctx: Optional[zmq.asyncio.Context] = None
+        self._sock = None
+        self._sync = None
+        self._task: Optional[asyncio.Task] = None
+        self._lock_fd: Optional[int] = None
+
+    def start(self) -> None:
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+        self._lock_fd = os.open(os.path.join(folder, "link.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise LinkBusy("another tenboxd uses the worker endpoint %s" % self.path) from None
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # stale, from a tenboxd that died: we hold the lock
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, LINK_QUEUE_MAX)
+        sock.setsockopt(zmq.RCVHWM, LINK_QUEUE_MAX * 4)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a worker that is gone raises, not drops
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker replaces its old pipe
+        sock.bind(self.endpoint)
+        os.chmod(self.path, 0o600)
+        self._sock = sock
+        # Sends go through a synchronous shadow of the same socket, on the same
+        # (event loop) thread: a non-blocking send then fails at once, in place.
+        self._sync = zmq.Socket.shadow(sock.underlying)
+        self._task = asyncio.get_event_loop().create_task(self._reader())
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                frames = await self._sock.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as e:
+                log.error("worker link receive failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            if len(frames) != 2:
+                log.warning("dropped a worker frame with %d parts", len(frames))
+                continue
+            ident, frame = frames
+            try:
+                vm_id = ident.decode("ascii")
+                msg = unpack(frame)
+            except (UnicodeDecodeError, ValueError) as e:
+                log.warning("dropped a bad worker frame: %s", e)
+                continue
+            try:
+                self.on_message(vm_id, msg)
+            except Exception:
+                log.exception("handling a worker message from %s failed", vm_id)
+
+    def send(self, vm_id: str, msg: dict) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            self._sync.send_multipart([vm_id.encode("ascii"), pack(msg)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False  # not connected (ROUTER_MANDATORY) or its queue is full
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._sock is not None:
+            self._sync = None
+            self._sock.close(0)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,60 @@
+"""Host and per-VM resource figures from psutil (daemon)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Dict, Iterable, Optional
+
+import psutil
+
+
+def host_memory_mb() -> int:
+    return psutil.virtual_memory().total // (1 << 20)
+
+
+def host_memory_available_mb() -> int:
+    return psutil.virtual_memory().available // (1 << 20)
+
+
+def host_resources(data_dir: str) -> Dict[str, Any]:
+    vm = psutil.virtual_memory()
+    try:
+        disk = shutil.disk_usage(data_dir)
+        disk_total, disk_free = disk.total, disk.free
+    except OSError:
+        disk_total = disk_free = 0
+    return {
+        "memory_total_bytes": vm.total,
+        "memory_available_bytes": vm.available,
+        "disk_total_bytes": disk_total,
+        "disk_available_bytes": disk_free,
+        "cpu_count": psutil.cpu_count() or 1,
+        "load_1m": os.getloadavg()[0],
+    }
+
+
+_procs: Dict[int, psutil.Process] = {}
+
+
+def process_resources(pid: int) -> Optional[Dict[str, Any]]:
+    """RSS, CPU% (100 = one core, since the previous call) and USS of a worker."""
+    try:
+        p = _procs.get(pid)
+        if p is None:
+            p = _procs[pid] = psutil.Process(pid)
+            p.cpu_percent(None)
+        mem = p.memory_info()
+        return {"rss_bytes": mem.rss, "cpu_percent": p.cpu_percent(None)}
+    except psutil.Error:
+        _procs.pop(pid, None)
+        return None
+
+
+def vm_summary(vms: Iterable, broken: int = 0) -> Dict[str, int]:
+    out = {"total": 0, "running": 0, "starting": 0, "stopping": 0, "rebooting": 0, "stopped": 0, "crashed": 0,
+           "broken": broken}
+    for vm in vms:
+        out["total"] += 1
+        out[vm.state.value] = out.get(vm.state.value, 0) + 1
+    return out

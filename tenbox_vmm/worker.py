@@ -1,0 +1,251 @@
+"""The worker link: a running VM talks to tenboxd over ZeroMQ (worker).
+
+One thread owns the DEALER socket (ZeroMQ sockets are not thread-safe). It
+sends HELLO on every (re)connect, heartbeats every second, the VM's state
+changes and console output, and carries out the supervisor's commands. If
+the supervisor goes silent the guest keeps running; when a supervisor
+reappears (a restarted tenboxd) the worker introduces itself again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Deque, Optional, Tuple
+
+import zmq
+import zmq.utils.monitor
+
+from tenbox_vmm import __version__
+from tenbox_vmm.protocol import (
+    CONSOLE_CHUNK_MAX,
+    HEARTBEAT_INTERVAL_SEC,
+    HEARTBEAT_LIVENESS,
+    LINK_MAX_MESSAGE_BYTES,
+    LINK_PROTOCOL,
+    LINK_QUEUE_MAX,
+    Command,
+    ExitCode,
+    Msg,
+    VmState,
+    pack,
+    unpack,
+)
+
+log = logging.getLogger("tenbox.worker")
+
+EXIT_LINGER_MS = 1000  # how long the EXIT message may take to leave
+OUTBOX_MAX = 4096  # queued events while the supervisor is away
+PENDING_INPUT_MAX = 1 << 20  # console input waiting for the guest to read it
+
+
+def process_create_time(pid: int) -> float:
+    """The process start time psutil reports, used with the pid to identify a worker."""
+    import psutil
+
+    return psutil.Process(pid).create_time()
+
+
+class WorkerLink:
+    """Connects a Machine to the supervisor at `endpoint`."""
+
+    def __init__(self, endpoint: str, vm_id: str) -> None:
+        self.endpoint = endpoint
+        self.vm_id = vm_id
+        self.machine = None
+        self.pid = os.getpid()
+        self.create_time = process_create_time(self.pid)
+        self._outbox: Deque[dict] = collections.deque(maxlen=OUTBOX_MAX)
+        self._console: Deque[bytes] = collections.deque()
+        self._console_bytes = 0
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._pending_input = b""
+        self._exit: Optional[Tuple[int, str]] = None
+        self._thread = threading.Thread(target=self._run, name="worker-link", daemon=True)
+
+    # Called from any thread ------------------------------------------------
+
+    def start(self, machine) -> None:
+        """Begin talking for `machine`; events posted before this are sent first."""
+        self.machine = machine
+        machine.add_done_callback(self.machine_done)
+        self._thread.start()
+
+    def console_output(self, data: bytes) -> None:
+        with self._lock:
+            if self._console_bytes > LINK_MAX_MESSAGE_BYTES:
+                return  # the supervisor is not keeping up; console.log has it all
+            self._console.append(data)
+            self._console_bytes += len(data)
+        self._wake()
+
+    def state_changed(self, state: VmState, reason: str) -> None:
+        self._post({"t": Msg.STATE.value, "state": state.value, "reason": reason})
+
+    def machine_done(self) -> None:
+        self._exit = (int(self.machine.exit_code), self.machine.exit_reason)
+        self._wake()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _post(self, msg: dict) -> None:
+        self._outbox.append(msg)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already awake
+
+    # The link thread ---------------------------------------------------------
+
+    def _hello(self) -> dict:
+        m = self.machine
+        return {
+            "t": Msg.HELLO.value,
+            "vm_id": self.vm_id,
+            "pid": self.pid,
+            "create_time": self.create_time,
+            "state": m.state.value,
+            "started_at": m.started_at,
+            "boots": m.boots,
+            "protocol": LINK_PROTOCOL,
+            "version": __version__,
+        }
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.vm_id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, LINK_QUEUE_MAX)
+        sock.setsockopt(zmq.RCVHWM, LINK_QUEUE_MAX)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a supervisor that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_heard = time.monotonic()
+        next_beat = 0.0
+        present = False
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._send(sock, {"t": Msg.HEARTBEAT.value, "state": self.machine.state.value})
+                    next_beat = now + HEARTBEAT_INTERVAL_SEC
+                if present and now - last_heard > HEARTBEAT_INTERVAL_SEC * HEARTBEAT_LIVENESS:
+                    present = False
+                    log.warning("%s: supervisor silent; the guest keeps running", self.vm_id)
+                timeout_ms = max(0, int((next_beat - now) * 1000))
+                if self._pending_input:
+                    timeout_ms = min(timeout_ms, 20)
+                events = dict(poller.poll(timeout_ms))
+                if monitor in events:
+                    try:
+                        zmq.utils.monitor.recv_monitor_message(monitor)
+                    except zmq.ZMQError:
+                        pass
+                    self._send(sock, self._hello())  # a (re)connect: introduce ourselves
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                if sock in events:
+                    while True:
+                        try:
+                            frame = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        last_heard = time.monotonic()
+                        if not present:
+                            present = True
+                        self._handle(sock, frame)
+                self._flush(sock)
+                if self._pending_input:
+                    self._pending_input = self._pending_input[self.machine.console_input(self._pending_input):]
+                if self._exit is not None:
+                    self._flush(sock)
+                    code, reason = self._exit
+                    self._send(sock, {"t": Msg.EXIT.value, "code": code, "reason": reason})
+                    sock.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
+                    return
+        except Exception:
+            log.exception("%s: worker link failed; the guest keeps running without it", self.vm_id)
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close()
+            ctx.term()
+
+    def _send(self, sock, msg: dict) -> bool:
+        try:
+            sock.send(pack(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False  # no supervisor connected (IMMEDIATE) or its queue is full
+
+    def _flush(self, sock) -> None:
+        with self._lock:
+            chunks, self._console = self._console, collections.deque()
+            self._console_bytes = 0
+        data = b"".join(chunks)
+        for i in range(0, len(data), CONSOLE_CHUNK_MAX):
+            self._send(sock, {"t": Msg.CONSOLE.value, "data": data[i : i + CONSOLE_CHUNK_MAX]})
+        while self._outbox:
+            self._send(sock, self._outbox.popleft())
+
+    def _handle(self, sock, frame: bytes) -> None:
+        try:
+            msg = unpack(frame)
+        except ValueError as e:
+            log.warning("%s: dropped a bad frame from the supervisor: %s", self.vm_id, e)
+            return
+        t = msg["t"]
+        if t == Msg.WHO.value:
+            self._send(sock, self._hello())
+        elif t == Msg.COMMAND.value:
+            self._command(sock, msg)
+
+    def _command(self, sock, msg: dict) -> None:
+        req_id = msg.get("id")
+        name = msg.get("name")
+        args = msg.get("args") or {}
+        error = None
+        try:
+            cmd = Command(name)
+        except ValueError:
+            cmd = None
+            error = "unknown command %r" % (name,)
+        if cmd is Command.STOP:
+            self.machine.stop(str(args.get("reason") or "stopped by tenboxd"))
+        elif cmd is Command.REBOOT:
+            self.machine.reboot()
+        elif cmd is Command.SHUTDOWN:
+            self.machine.power_button()
+        elif cmd is Command.CONSOLE_INPUT:
+            data = args.get("data")
+            if not isinstance(data, bytes):
+                error = "console_input needs bytes"
+            elif len(self._pending_input) + len(data) > PENDING_INPUT_MAX:
+                error = "console input queue is full"
+            else:
+                self._pending_input += data
+        reply = {"t": Msg.REPLY.value, "id": req_id, "ok": error is None}
+        if error:
+            reply["error"] = error
+        self._send(sock, reply)

@@ -1,0 +1,40 @@
+"""Fixtures shared by unit and integration tests."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.harness import GUEST_DIR, REPO, ConsoleProcess
+
+
+@pytest.fixture(scope="session")
+def guests():
+    """The test guests, built once per session with `make -C tests/guests`."""
+    r = subprocess.run(["make", "-s", "-C", str(REPO / "tests" / "guests")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail("building the test guests failed:\n" + r.stdout + r.stderr)
+    return GUEST_DIR
+
+
+@pytest.fixture(scope="session")
+def kvm():
+    """Tests that boot guests need /dev/kvm; without it they fail, they do not skip."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.fail("/dev/kvm is missing or not accessible: these tests run VMs on KVM")
+    return "/dev/kvm"
+
+
+@pytest.fixture
+def spawn():
+    """Start ConsoleProcess children that are killed when the test ends."""
+    procs = []
+
+    def start(argv, **kw):
+        p = ConsoleProcess(argv, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.close()

@@ -1,0 +1,96 @@
+"""Bad input to tenbox-vm-runtime: one clear line on stderr, exit code 2, no traceback."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.harness import PYTHON, REPO, guest_path, repo_env, runtime_argv
+
+pytestmark = pytest.mark.usefixtures("guests")
+
+
+def run(argv, timeout=30, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=repo_env(), cwd=str(REPO),
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def assert_usage_error(r, *fragments):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert lines[0].startswith("tenbox-vm-runtime: error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_missing_kernel(tmp_path):
+    assert_usage_error(run(runtime_argv("--kernel", str(tmp_path / "vmlinuz"))), "does not exist", "vmlinuz")
+
+
+def test_kernel_is_a_directory(tmp_path):
+    assert_usage_error(run(runtime_argv("--kernel", str(tmp_path))), "not a regular file")
+
+
+def test_unreadable_kernel(tmp_path):
+    k = tmp_path / "k"
+    shutil.copy(guest_path("poweroff"), k)
+    os.chmod(k, 0)
+    r = run(["runuser", "-u", "nobody", "--", PYTHON, "-m", "tenbox_vmm", "--kernel", str(k)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_file_that_is_not_a_kernel(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("just some text\n" * 100)
+    assert_usage_error(run(runtime_argv("--kernel", str(f))), "not a Linux kernel")
+
+
+def test_initrd_that_does_not_fit(tmp_path):
+    big = tmp_path / "initrd"
+    with open(big, "wb") as f:
+        f.truncate(20 << 20)
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), "--initrd", str(big), "--memory", "16")),
+                       "does not fit")
+
+
+def test_missing_initrd(tmp_path):
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), "--initrd", str(tmp_path / "x"))),
+                       "initrd", "does not exist")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--memory", "8"], "at least 16 MiB"),
+    (["--memory", "99999999"], "more than the host can give"),
+    (["--memory", "lots"], "invalid int value"),
+    (["--cpus", "0"], "1..64"),
+    (["--cpus", "65"], "1..64"),
+    (["--vm-id", "../etc"], "--vm-id"),
+    (["--console", "fancy"], "invalid choice"),
+])
+def test_out_of_range_options(args, fragment):
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), *args)), fragment)
+
+
+def test_missing_required_kernel_option():
+    assert_usage_error(run(runtime_argv()), "--kernel")
+
+
+def test_tty_console_without_a_terminal():
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), "--console", "tty")), "terminal")
+
+
+def test_dev_kvm_not_permitted():
+    """An unprivileged user is told it is a permission problem and how to fix it."""
+    r = run(["runuser", "-u", "nobody", "--", PYTHON, "-m", "tenbox_vmm", "--kernel", guest_path("poweroff")],
+            )
+    assert_usage_error(r, "permission denied on /dev/kvm", "kvm group")
+
+
+def test_dev_kvm_missing(tmp_path):
+    """Without /dev/kvm at all the message says so and names the fix (a private mount namespace hides it)."""
+    script = "mount -t tmpfs none /dev && exec %s -m tenbox_vmm --kernel %s" % (PYTHON, guest_path("poweroff"))
+    r = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    assert_usage_error(r, "/dev/kvm does not exist", "modprobe")

@@ -1,0 +1,142 @@
+"""tenbox-vm-runtime boots the test guests on /dev/kvm and honours their contracts.
+
+Each test guest checks one contract from inside the VM and reports on the
+serial console (tests/guests/README.md); these tests run the real runtime
+process on real KVM and read what the guest says.
+"""
+
+import os
+import pty
+import random
+import signal
+import termios
+import time
+import zlib
+
+import pytest
+
+from tests.harness import guest_path, guest_results, runtime_argv
+
+pytestmark = pytest.mark.usefixtures("kvm", "guests")
+
+BOOT_SEC = 60
+
+
+def run_guest(spawn, name, *args, kind="bzImage", cmdline="", timeout=BOOT_SEC, memory=64, cpus=1):
+    argv = runtime_argv("--kernel", guest_path(name, kind), "--memory", str(memory), "--cpus", str(cpus),
+                        "--console", "stdio", "--cmdline", cmdline, *args)
+    p = spawn(argv)
+    rc = p.wait(timeout)
+    return p, rc, guest_results(p.output, name)
+
+
+def assert_passed(p, rc, res):
+    detail = "\n--- stdout ---\n%s\n--- stderr ---\n%s" % (p.output[-3000:], p.errors[-3000:])
+    assert not res["not_ok"], "guest checks failed: %s%s" % (res["not_ok"], detail)
+    assert res["verdict"] == "PASS", detail
+    assert rc == 0, "exit %s%s" % (rc, detail)
+
+
+def test_boot_contract_at_the_64bit_entry(spawn, tmp_path):
+    """Long mode, GDT, boot_params, e820, command line and initrd are what the boot protocol promises."""
+    initrd = tmp_path / "initrd"
+    payload = random.Random(7).randbytes(12345) if hasattr(random.Random, "randbytes") else os.urandom(12345)
+    initrd.write_bytes(payload)
+    cmdline = "console=ttyS0 expect.mem_mb=64 expect.initrd_size=12345 tenbox.marker=boot-test"
+    p, rc, res = run_guest(spawn, "boot", "--initrd", str(initrd), cmdline=cmdline)
+    assert_passed(p, rc, res)
+    assert res["info"]["cmdline"] == cmdline
+    assert res["info"]["initrd.size"] == "12345"
+    assert int(res["info"]["initrd.crc32"], 16) == zlib.crc32(payload)
+    e820 = [v.split() for k, v in res["info_list"] if k == "e820"]
+    ram = sum(int(size, 16) for _, size, kind in e820 if kind == "1")
+    assert 63 << 20 <= ram <= 64 << 20
+
+
+def test_elf_vmlinux_boots_at_its_entry(spawn):
+    p, rc, res = run_guest(spawn, "boot", kind="elf", cmdline="expect.mem_mb=64")
+    assert_passed(p, rc, res)
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_acpi_tables_describe_the_machine(spawn, cpus):
+    """RSDP found the ways Linux finds it, checksums right, one MADT entry per vCPU, DSDT present."""
+    p, rc, res = run_guest(spawn, "acpi", cmdline="expect.cpus=%d expect.virtio=0" % cpus, cpus=cpus)
+    assert_passed(p, rc, res)
+
+
+@pytest.mark.parametrize("cpus", [2, 4, 8])
+def test_smp_every_vcpu_starts(spawn, cpus):
+    """The guest starts its APs with INIT/SIPI through the in-kernel LAPIC; all report in."""
+    p, rc, res = run_guest(spawn, "smp", cmdline="expect.cpus=%d" % cpus, cpus=cpus, timeout=120)
+    assert_passed(p, rc, res)
+    ups = [v for k, v in res["info_list"] if k == "cpu"]
+    assert len(ups) == cpus - 1 or len(ups) == cpus
+
+
+def test_guest_poweroff_exits_zero(spawn):
+    p, rc, _ = run_guest(spawn, "poweroff")
+    assert rc == 0
+    assert p.lines()[0].strip() == "hello from the tenbox test guest"
+
+
+@pytest.mark.parametrize("how", ["kbd", "acpi"])
+def test_guest_reset_boots_again_in_the_same_process(spawn, how):
+    """A reset (i8042 or the FADT reset register) reboots the guest; CMOS NVRAM survives it."""
+    p, rc, res = run_guest(spawn, "reset", cmdline="reset=%s" % how)
+    out = p.output
+    assert out.count("TENBOX-GUEST reset start") == 2, out
+    assert out.index("reset: boot 1") < out.index("reset: boot 2")
+    assert_passed(p, rc, res)
+
+
+def test_triple_fault_has_its_own_exit_code_and_logs_the_vcpu(spawn):
+    p, rc, _ = run_guest(spawn, "reset", cmdline="reset=triple")
+    assert rc == 4, p.errors
+    assert "triple fault" in p.errors and "rip=" in p.errors
+    assert "Traceback" not in p.errors
+
+
+def test_console_input_reaches_the_guest(spawn):
+    p = spawn(runtime_argv("--kernel", guest_path("echo"), "--memory", "32", "--console", "stdio"))
+    p.wait_for("echo: ready", BOOT_SEC)
+    p.send(b"hello tenbox\n")
+    p.wait_for("echo: hello tenbox", 20)
+    p.send(b"poweroff\n")
+    assert p.wait(20) == 0
+
+
+def test_sigterm_stops_the_vm_cleanly(spawn):
+    p = spawn(runtime_argv("--kernel", guest_path("idle"), "--memory", "32", "--console", "stdio"))
+    p.wait_for("idle: ready", BOOT_SEC)
+    t0 = time.monotonic()
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 3
+    assert time.monotonic() - t0 < 5
+    assert "Traceback" not in p.errors
+
+
+def test_sigpwr_presses_the_power_button(spawn):
+    p = spawn(runtime_argv("--kernel", guest_path("idle"), "--memory", "32", "--console", "stdio"))
+    p.wait_for("idle: ready", BOOT_SEC)
+    p.signal(signal.SIGPWR)
+    p.wait_for("idle: power button", 20)
+    assert p.wait(20) == 0
+
+
+def test_interactive_console_detaches_on_ctrl_bracket_and_restores_the_terminal(spawn):
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    p = spawn(runtime_argv("--kernel", guest_path("idle"), "--memory", "32"), stdin=slave)
+    try:
+        p.wait_for("idle: ready", BOOT_SEC)
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO  # raw mode while attached
+        os.write(master, b"hi\r")
+        p.wait_for("echo: hi", 20)
+        os.write(master, b"\x1d")
+        assert p.wait(10) == 3
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)

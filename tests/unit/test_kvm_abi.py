@@ -1,0 +1,95 @@
+"""The cffi declarations match the kernel's KVM ABI (sizes, offsets, ioctl numbers).
+
+A C program built against the system's <linux/kvm.h> prints the truth; a
+wrong declaration would otherwise show up only as EINVAL or corrupted
+registers at run time.
+"""
+
+import shutil
+import subprocess
+
+import pytest
+
+from tenbox_vmm.kvm import constants as c
+from tenbox_vmm.kvm.ffi import ffi
+
+STRUCTS = {
+    "kvm_userspace_memory_region": ["slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"],
+    "kvm_regs": ["rax", "rsi", "rsp", "r15", "rip", "rflags"],
+    "kvm_segment": ["base", "limit", "selector", "type", "present", "l", "g", "unusable"],
+    "kvm_dtable": ["base", "limit"],
+    "kvm_sregs": ["cs", "tr", "ldt", "gdt", "idt", "cr0", "cr3", "cr4", "efer", "apic_base", "interrupt_bitmap"],
+    "kvm_fpu": ["fcw", "fsw", "ftwx", "last_opcode", "last_ip", "xmm", "mxcsr"],
+    "kvm_msr_entry": ["index", "data"],
+    "kvm_msrs": ["nmsrs", "entries"],
+    "kvm_cpuid_entry2": ["function", "index", "flags", "eax", "edx"],
+    "kvm_cpuid2": ["nent", "entries"],
+    "kvm_lapic_state": ["regs"],
+    "kvm_pit_config": ["flags"],
+    "kvm_irq_level": ["irq", "level"],
+    "kvm_irqfd": ["fd", "gsi", "flags", "resamplefd"],
+    "kvm_ioeventfd": ["datamatch", "addr", "len", "fd", "flags"],
+    "kvm_mp_state": ["mp_state"],
+    "kvm_run": ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "cr8", "apic_base",
+                "io", "mmio", "internal", "system_event", "kvm_valid_regs", "kvm_dirty_regs", "s"],
+}
+RUN_UNION_MEMBERS = {
+    "io.direction", "io.size", "io.port", "io.count", "io.data_offset",
+    "mmio.phys_addr", "mmio.data", "mmio.len", "mmio.is_write",
+    "internal.suberror", "internal.ndata", "internal.data",
+    "system_event.type", "system_event.ndata",
+}
+IOCTLS = [
+    "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
+    "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION",
+    "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_IRQFD",
+    "KVM_CREATE_PIT2", "KVM_IOEVENTFD", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS",
+    "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC",
+    "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
+]
+
+
+@pytest.fixture(scope="module")
+def kernel_abi(tmp_path_factory):
+    """sizeof/offsetof/ioctl values as gcc sees them through the system headers."""
+    if not shutil.which("gcc"):
+        pytest.fail("gcc is needed to check the KVM ABI (apt-get install gcc)")
+    d = tmp_path_factory.mktemp("abi")
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for name, fields in STRUCTS.items():
+        lines.append('printf("size %s %%zu\\n", sizeof(struct %s));' % (name, name))
+        for f in fields:
+            lines.append('printf("off %s.%s %%zu\\n", offsetof(struct %s, %s));' % (name, f, name, f))
+    for m in sorted(RUN_UNION_MEMBERS):
+        lines.append('printf("off kvm_run.%s %%zu\\n", offsetof(struct kvm_run, %s));' % (m, m))
+    for name in IOCTLS:
+        lines.append('printf("ioctl %s %%lu\\n", (unsigned long)%s);' % (name, name))
+    lines.append("return 0; }")
+    src = d / "abi.c"
+    src.write_text("\n".join(lines) + "\n")
+    exe = d / "abi"
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    result = {}
+    for line in out.splitlines():
+        kind, key, value = line.split()
+        result[(kind, key)] = int(value)
+    return result
+
+
+def test_struct_sizes_match_the_kernel(kernel_abi):
+    for name in STRUCTS:
+        assert ffi.sizeof("struct " + name) == kernel_abi[("size", name)], name
+
+
+def test_field_offsets_match_the_kernel(kernel_abi):
+    for name, fields in STRUCTS.items():
+        for f in fields:
+            assert ffi.offsetof("struct " + name, f) == kernel_abi[("off", "%s.%s" % (name, f))], (name, f)
+    for m in RUN_UNION_MEMBERS:
+        assert ffi.offsetof("struct kvm_run", *m.split(".")) == kernel_abi[("off", "kvm_run." + m)], m
+
+
+def test_ioctl_numbers_match_the_kernel(kernel_abi):
+    for name in IOCTLS:
+        assert getattr(c, name) == kernel_abi[("ioctl", name)], name
