@@ -377,11 +377,11 @@ class Api:
     async def vm_logs(self, params, caller):
         from tenbox_supervisor.fsutil import tail_lines
 
-        vm = self.find(params)
         lines = _int(params, "lines", 0, LOG_LINES_MAX, default=LOG_LINES_DEFAULT)
         source = _get(params, "source", str, default="console")
         if source not in ("console", "runtime"):
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "source must be console or runtime")
+        vm = self.find(params)
         base = os.path.join(self.store.vm_dir(vm.id), "logs", "%s.log" % source)
         paths = ["%s.2" % base, "%s.1" % base, base]
         return {"vm_id": vm.id, "source": source, "lines": tail_lines(paths, lines)}

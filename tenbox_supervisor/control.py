@@ -87,6 +87,7 @@ class ControlServer:
         self.api = api
         self._server: Optional[asyncio.AbstractServer] = None
         self._lock_fd: Optional[int] = None
+        self._inode: Optional[int] = None
         self._clients = 0
         self._tasks: set = set()
 
@@ -120,6 +121,7 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(self._client, path=self.path, limit=REQUEST_MAX_BYTES + 1)
         finally:
             os.umask(old_umask)
+        self._inode = os.stat(self.path).st_ino
         self._apply_group()
         log.info("listening on %s", self.path)
 
@@ -144,12 +146,13 @@ class ControlServer:
             self._server = None
         for t in list(self._tasks):
             t.cancel()
-        try:
-            st = os.stat(self.path)
-            if st.st_uid == os.getuid():
-                os.unlink(self.path)
-        except OSError:
-            pass
+        if self._inode is not None:
+            try:
+                if os.stat(self.path).st_ino == self._inode:  # ours, not a successor's
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self._inode = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -14,7 +14,6 @@ import os
 from typing import Callable, Optional
 
 import zmq
-import zmq.asyncio
 
 from tenbox_vmm.protocol import LINK_MAX_MESSAGE_BYTES, LINK_QUEUE_MAX, pack, unpack
 
@@ -26,17 +25,25 @@ class LinkBusy(Exception):
 
 
 class LinkServer:
+    """The ROUTER socket, driven from the asyncio loop through its ZMQ_FD.
+
+    ZMQ_FD is edge-triggered and any operation on the socket may consume the
+    edge, so after every wake-up and every send the socket is drained while
+    ZMQ_EVENTS says a message is waiting. One plain socket, one thread: no
+    shadow sockets whose sends could swallow the loop's wake-ups.
+    """
+
     def __init__(self, endpoint: str, on_message: Callable[[str, dict], None]) -> None:
         if not endpoint.startswith("ipc://"):
             raise ValueError("the worker link must be an ipc:// endpoint")
         self.endpoint = endpoint
         self.path = endpoint[len("ipc://") :]
         self.on_message = on_message
-        self._ctx: Optional[zmq.asyncio.Context] = None
-        self._sock = None
-        self._sync = None
-        self._task: Optional[asyncio.Task] = None
+        self._ctx: Optional[zmq.Context] = None
+        self._sock: Optional[zmq.Socket] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._lock_fd: Optional[int] = None
+        self._drain_scheduled = False
 
     def start(self) -> None:
         folder = os.path.dirname(self.path)
@@ -51,7 +58,7 @@ class LinkServer:
             raise LinkBusy("another tenboxd uses the worker endpoint %s" % self.path) from None
         if os.path.exists(self.path):
             os.unlink(self.path)  # stale, from a tenboxd that died: we hold the lock
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_MESSAGE_BYTES)
@@ -62,58 +69,69 @@ class LinkServer:
         sock.bind(self.endpoint)
         os.chmod(self.path, 0o600)
         self._sock = sock
-        # Sends go through a synchronous shadow of the same socket, on the same
-        # (event loop) thread: a non-blocking send then fails at once, in place.
-        self._sync = zmq.Socket.shadow(sock.underlying)
-        self._task = asyncio.get_event_loop().create_task(self._reader())
+        self._loop = asyncio.get_event_loop()
+        self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+        self._loop.call_soon(self._drain)
 
-    async def _reader(self) -> None:
-        while True:
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(LINK_QUEUE_MAX):  # yield to the loop now and then under a flood
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
             try:
-                frames = await self._sock.recv_multipart()
-            except asyncio.CancelledError:
-                raise
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
             except zmq.ZMQError as e:
                 log.error("worker link receive failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            if len(frames) != 2:
-                log.warning("dropped a worker frame with %d parts", len(frames))
-                continue
-            ident, frame = frames
-            try:
-                vm_id = ident.decode("ascii")
-                msg = unpack(frame)
-            except (UnicodeDecodeError, ValueError) as e:
-                log.warning("dropped a bad worker frame: %s", e)
-                continue
-            try:
-                self.on_message(vm_id, msg)
-            except Exception:
-                log.exception("handling a worker message from %s failed", vm_id)
+                return
+            self._dispatch(frames)
+        self._schedule_drain()
+
+    def _dispatch(self, frames) -> None:
+        if len(frames) != 2:
+            log.warning("dropped a worker frame with %d parts", len(frames))
+            return
+        ident, frame = frames
+        try:
+            vm_id = ident.decode("ascii")
+            msg = unpack(frame)
+        except (UnicodeDecodeError, ValueError) as e:
+            log.warning("dropped a bad worker frame: %s", e)
+            return
+        try:
+            self.on_message(vm_id, msg)
+        except Exception:
+            log.exception("handling a worker message from %s failed", vm_id)
 
     def send(self, vm_id: str, msg: dict) -> bool:
         if self._sock is None:
             return False
         try:
-            self._sync.send_multipart([vm_id.encode("ascii"), pack(msg)], zmq.NOBLOCK)
+            self._sock.send_multipart([vm_id.encode("ascii"), pack(msg)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False  # not connected (ROUTER_MANDATORY) or its queue is full
+        finally:
+            self._schedule_drain()  # the send may have eaten the edge of an incoming message
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
         if self._sock is not None:
-            self._sync = None
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
             self._sock.close(0)
             self._sock = None
         if self._ctx is not None:
             self._ctx.term()
+            self._ctx = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -433,6 +433,8 @@ class WorkerManager:
             return
         try:
             if ws == S.RUNNING and vm.state in (S.STARTING, S.REBOOTING):
+                if vm.state == S.STARTING:
+                    vm.last_failure = None  # a clean start supersedes the previous failure
                 vm.change_state(S.RUNNING, reason)
             elif ws == S.REBOOTING and vm.state in (S.STARTING, S.RUNNING):
                 vm.change_state(S.REBOOTING, reason)

@@ -38,3 +38,31 @@ def spawn():
     yield start
     for p in procs:
         p.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A running tenboxd on private paths; every worker it started is killed afterwards."""
+    from tests.harness import DaemonProcess
+
+    d = DaemonProcess(tmp_path)
+    d.start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """Build (not start) tenboxd instances with extra environment."""
+    from tests.harness import DaemonProcess
+
+    made = []
+
+    def make(subdir="d", **env):
+        d = DaemonProcess(tmp_path / subdir, extra_env=env)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()

@@ -107,6 +107,16 @@ class ConsoleProcess:
             % (rx.pattern, timeout, self.proc.poll(), self.output[-4000:], self.errors[-4000:])
         )
 
+    def wait_for_stderr(self, pattern: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while pattern not in self._err.decode("utf-8", "replace"):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError("no %r on stderr within %.0fs (exit %s)\n%s"
+                                         % (pattern, timeout, self.proc.poll(), self.errors[-4000:]))
+                self._cond.wait(min(left, 0.1))
+
     def send(self, data: bytes) -> None:
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
@@ -161,3 +171,112 @@ def guest_results(output: str, name: str) -> dict:
             if word in ("PASS", "FAIL"):
                 res["verdict"] = word
     return res
+
+
+class DaemonProcess:
+    """A real tenboxd on private paths: its own data dir, run dir and socket."""
+
+    def __init__(self, root: Path, extra_env: Optional[dict] = None) -> None:
+        import tempfile
+
+        self.root = root
+        self.data_dir = root / "data"
+        # ipc:// paths are limited to 107 bytes: keep the run dir short.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="tbx-run-"))
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="tbx-sock-"))
+        os.chmod(self.sock_dir, 0o755)
+        self.socket = self.sock_dir / "tenbox.sock"
+        self.extra_env = dict(extra_env or {})
+        self.proc: Optional[ConsoleProcess] = None
+        self.history: List[ConsoleProcess] = []
+
+    def argv(self) -> List[str]:
+        return [PYTHON, "-m", "tenbox_supervisor", "--data-dir", str(self.data_dir), "--socket", str(self.socket),
+                "--run-dir", str(self.run_dir)]
+
+    def env(self) -> dict:
+        return repo_env(dict({"TENBOX_NO_SCOPES": "1"}, **self.extra_env))
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> ConsoleProcess:
+        self.proc = ConsoleProcess(self.argv(), env=self.env(), stdin=subprocess.DEVNULL)
+        self.history.append(self.proc)
+        if wait:
+            self.proc.wait_for_stderr("ready", timeout)
+        return self.proc
+
+    def ctl(self, *args: str, timeout: float = 120.0, user: Optional[str] = None, input: Optional[bytes] = None):
+        argv = [PYTHON, "-m", "tenbox_ctl", *args]
+        if user:
+            argv = ["runuser", "-u", user, "--"] + argv
+        env = repo_env({"TENBOX_SOCK": str(self.socket)})
+        return subprocess.run(argv, capture_output=True, timeout=timeout, env=env, cwd=str(REPO),
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def call(self, type_: str, timeout: float = 120.0, **payload) -> dict:
+        import json
+        import socket as _socket
+
+        s = _socket.socket(_socket.AF_UNIX)
+        s.settimeout(timeout)
+        s.connect(str(self.socket))
+        try:
+            s.sendall((json.dumps({"id": 1, "type": type_, "payload": payload}) + "\n").encode())
+            return json.loads(s.makefile("rb").readline())
+        finally:
+            s.close()
+
+    def vm(self, name: str) -> dict:
+        for v in self.call("vm.list")["payload"]["vms"]:
+            if v.get("name") == name or v["id"] == name:
+                return v
+        raise KeyError(name)
+
+    def wait_state(self, name: str, states, timeout: float = 60.0) -> dict:
+        states = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.vm(name)
+            if v["state"] in states:
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError("VM %s is %s, not %s after %.0fs\n%s" % (name, v["state"], states, timeout,
+                                                                           self.proc.errors[-3000:] if self.proc else ""))
+            time.sleep(0.1)
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.proc.pid, signal.SIGKILL)
+            self.proc.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def cleanup(self) -> None:
+        """Stop every worker this daemon's data dir knows about, then the daemon."""
+        for p in self.history:
+            p.close()
+        import shutil
+
+        for pidfile in self.data_dir.glob("vms/*/runtime.json"):
+            try:
+                import json
+
+                pid = json.loads(pidfile.read_text()).get("pid")
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        # Workers started by this daemon carry its data dir in their argv.
+        try:
+            import psutil
+
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if str(self.data_dir) in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+        except Exception:
+            pass
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)

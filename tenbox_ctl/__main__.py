@@ -1,0 +1,49 @@
+"""tenboxctl / tenbox: the operator CLI (any user in the tenbox group, or root).
+
+Exit codes: 0 ok, 1 request failed, 2 usage, 3 daemon unreachable,
+4 permission denied.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tenbox_ctl.app import App
+from tenbox_ctl.client import DEFAULT_TIMEOUT_SEC
+from tenbox_ctl.system import doctor, system_group, version
+from tenbox_ctl.vm import vm_group
+from tenbox_vmm import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", envvar="TENBOX_SOCK", metavar="PATH",
+              help="tenboxd's control socket (default: the seed's lookup, /run/tenbox/tenbox.sock first).")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=DEFAULT_TIMEOUT_SEC, show_default=True,
+              help="Seconds to wait for tenboxd.")
+@click.version_option(__version__, prog_name="tenbox")
+@click.pass_context
+def cli(ctx: click.Context, socket_path, timeout):
+    """Manage tenbox VMs through tenboxd.
+
+    \b
+    Example:
+      tenbox vm ls
+      tenbox vm create demo --kernel ./vmlinuz --initrd ./initrd.img && tenbox vm start demo
+    """
+    ctx.obj = App(socket_path, timeout)
+
+
+cli.add_command(vm_group)
+cli.add_command(system_group)
+cli.add_command(doctor)
+cli.add_command(version)
+
+
+def main() -> None:
+    cli(prog_name="tenbox")
+
+
+if __name__ == "__main__":
+    main()

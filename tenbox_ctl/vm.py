@@ -1,0 +1,265 @@
+"""`tenbox vm ...`: create, start, stop, inspect and attach to VMs (CLI)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import click
+
+from tenbox_ctl import output
+from tenbox_ctl.app import App, handle_errors, json_option, pass_app
+from tenbox_ctl.client import CliError, EXIT_USAGE
+
+
+@click.group("vm")
+def vm_group():
+    """Manage virtual machines.
+
+    \b
+    Example:
+      tenbox vm create web --kernel ./vmlinuz --initrd ./initrd.img --memory 512
+      tenbox vm start web && tenbox vm console web
+    """
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    return os.path.abspath(path) if path else None
+
+
+def _print_vm(vm: dict, as_json: bool) -> None:
+    if as_json:
+        output.emit_json(vm)
+        return
+    rows = [
+        ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")),
+        ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
+        ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
+        ("pid", vm.get("pid")), ("uptime", output.duration(vm.get("uptime_sec"))),
+        ("last failure", output.failure(vm.get("last_failure"))),
+    ]
+    for k, v in rows:
+        click.echo("%-13s %s" % (k + ":", "-" if v is None else v))
+
+
+@vm_group.command("ls")
+@json_option
+@pass_app
+@handle_errors
+def vm_ls(app: App, as_json: bool):
+    """List VMs with their state.
+
+    \b
+    Example:
+      tenbox vm ls
+      tenbox vm ls --json | jq '.[] | select(.state == "running") | .id'
+    """
+    vms = app.client().request("vm.list")["vms"]
+    if as_json:
+        output.emit_json(vms)
+        return
+    rows = []
+    for v in vms:
+        if v.get("state") == "broken":
+            rows.append((v["id"], "-", "broken", "-", "-", "-", v.get("error")))
+            continue
+        rows.append((v["id"], v["name"], v["state"], v["cpus"], output.mib(v["memory_mb"]),
+                     output.duration(v.get("uptime_sec")), output.failure(v.get("last_failure"))))
+    output.table(("ID", "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "LAST FAILURE"), rows)
+
+
+@vm_group.command("show")
+@click.argument("vm")
+@json_option
+@pass_app
+@handle_errors
+def vm_show(app: App, vm: str, as_json: bool):
+    """Show one VM in detail.
+
+    \b
+    Example:
+      tenbox vm show web
+    """
+    for v in app.client().request("vm.list")["vms"]:
+        if v["id"] == vm or v.get("name") == vm:
+            _print_vm(v, as_json)
+            return
+    raise CliError("no VM with id or name %r (vm_not_found)" % vm)
+
+
+@vm_group.command("create")
+@click.argument("name")
+@click.option("--kernel", required=True, type=click.Path(dir_okay=False), help="bzImage or ELF vmlinux.")
+@click.option("--initrd", type=click.Path(dir_okay=False), help="Initial ramdisk.")
+@click.option("--cmdline", help="Kernel command line (default: the runtime's, console on ttyS0).")
+@click.option("--memory", type=click.IntRange(16), default=256, show_default=True, help="RAM in MiB.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of vCPUs.")
+@json_option
+@pass_app
+@handle_errors
+def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, as_json):
+    """Create a VM (stopped); prints its id.
+
+    \b
+    Example:
+      tenbox vm create web --kernel /srv/vmlinuz --initrd /srv/initrd.img --memory 512 --cpus 2
+    """
+    payload = {"name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory, "cpus": cpus}
+    if cmdline is not None:
+        payload["cmdline"] = cmdline
+    vm = app.client().request("vm.create", payload)
+    if as_json:
+        output.emit_json(vm)
+    else:
+        click.echo(vm["id"])
+
+
+@vm_group.command("edit")
+@click.argument("vm")
+@click.option("--name", help="New name.")
+@click.option("--kernel", type=click.Path(dir_okay=False))
+@click.option("--initrd", type=click.Path(dir_okay=False))
+@click.option("--cmdline")
+@click.option("--memory", type=click.IntRange(16), help="RAM in MiB (VM stopped).")
+@click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs (VM stopped).")
+@json_option
+@pass_app
+@handle_errors
+def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, as_json):
+    """Change a VM's settings; hardware changes need it stopped.
+
+    \b
+    Example:
+      tenbox vm edit web --memory 1024 --cpus 2
+    """
+    payload = {"vm_id": vm, "name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "cmdline": cmdline,
+               "memory_mb": memory, "cpus": cpus}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    if len(payload) == 1:
+        raise click.UsageError("nothing to change: give at least one option")
+    _print_vm(app.client().request("vm.edit", payload), as_json)
+
+
+def _simple(verb: str, method: str, doc: str, timeout_option: bool = False):
+    @click.argument("vm")
+    @json_option
+    @pass_app
+    @handle_errors
+    def command(app: App, vm: str, as_json: bool, timeout: Optional[int] = None):
+        payload = {"vm_id": vm}
+        client_timeout = None
+        if timeout is not None:
+            payload["timeout"] = timeout
+            client_timeout = timeout + 30
+        result = app.client(client_timeout).request(method, payload)
+        if as_json:
+            output.emit_json(result)
+        else:
+            extra = ""
+            if method == "vm.shutdown" and result.get("graceful") is False:
+                extra = " (the guest ignored the power button; stopped hard)"
+            click.echo("%s: %s%s" % (result.get("id", vm), result.get("state", "ok"), extra))
+
+    command.__doc__ = doc
+    if timeout_option:
+        command = click.option("--timeout", type=click.IntRange(1, 3600), help="Seconds to wait before a hard stop.")(command)
+    return vm_group.command(verb)(command)
+
+
+_simple("start", "vm.start", """Start a VM and wait until it runs.
+
+    \b
+    Example:
+      tenbox vm start web
+    """)
+_simple("stop", "vm.stop", """Stop a VM now (hard stop: like pulling the plug, disks flushed).
+
+    \b
+    Example:
+      tenbox vm stop web
+    """, timeout_option=True)
+_simple("shutdown", "vm.shutdown", """Ask the guest to power off (ACPI power button); hard stop after the timeout.
+
+    \b
+    Example:
+      tenbox vm shutdown web --timeout 120
+    """, timeout_option=True)
+_simple("reboot", "vm.reboot", """Reset the VM (like the reset button).
+
+    \b
+    Example:
+      tenbox vm reboot web
+    """)
+
+
+@vm_group.command("rm")
+@click.argument("vm")
+@click.option("--force", is_flag=True, help="Stop the VM first if it is running.")
+@pass_app
+@handle_errors
+def vm_rm(app: App, vm: str, force: bool):
+    """Delete a VM and its folder.
+
+    \b
+    Example:
+      tenbox vm rm web --force
+    """
+    result = app.client(120).request("vm.delete", {"vm_id": vm, "force": force})
+    click.echo("%s: deleted" % result.get("id", vm))
+
+
+@vm_group.command("console")
+@click.argument("vm")
+@pass_app
+@handle_errors
+def vm_console(app: App, vm: str):
+    """Attach to a VM's serial console; Ctrl-] detaches.
+
+    \b
+    Example:
+      tenbox vm console web
+    """
+    from tenbox_ctl.console import attach
+
+    sys.exit(attach(app.client(), vm))
+
+
+@vm_group.command("logs")
+@click.argument("vm")
+@click.option("--lines", "-n", type=click.IntRange(0, 10000), default=200, show_default=True)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new console lines.")
+@click.option("--runtime", is_flag=True, help="The worker's own log instead of the guest console.")
+@json_option
+@pass_app
+@handle_errors
+def vm_logs(app: App, vm: str, lines: int, follow: bool, runtime: bool, as_json: bool):
+    """Print a VM's console log (or its worker log with --runtime).
+
+    \b
+    Example:
+      tenbox vm logs web -n 50 -f
+    """
+    client = app.client()
+    result = client.request("vm.logs", {"vm_id": vm, "lines": lines, "source": "runtime" if runtime else "console"})
+    if as_json and not follow:
+        output.emit_json(result)
+        return
+    for line in result["lines"]:
+        click.echo(line)
+    if not follow:
+        return
+    if runtime:
+        raise click.UsageError("--follow works on the console log only")
+    conn = client.stream("vm.logs.follow", {"vm_id": vm})
+    try:
+        for ev in conn.events():
+            if ev.get("type") == "vm.logs.append":
+                for line in ev.get("payload", {}).get("lines", []):
+                    click.echo(line)
+            elif ev.get("type") == "vm.logs.closed":
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        conn.close()
