@@ -124,16 +124,16 @@ class Client:
     def stream(self, type_: str, payload: Dict[str, Any]) -> "StreamConnection":
         s = self.connect()
         self._send(s, {"id": next(self._ids), "type": type_, "payload": payload})
-        f = s.makefile("rb")
-        first = self._check(self._read(f))
+        # Unbuffered for the first line: the events right behind it must stay in the socket.
+        first = self._check(self._read(s.makefile("rb", buffering=0)))
         s.settimeout(None)
-        return StreamConnection(s, f, first)
+        return StreamConnection(s, first)
 
 
 class StreamConnection:
-    def __init__(self, sock: socket.socket, f, first: Dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, first: Dict[str, Any]) -> None:
         self.sock = sock
-        self.file = f
+        self.file = sock.makefile("rb")
         self.first = first
 
     def events(self) -> Iterator[Dict[str, Any]]:

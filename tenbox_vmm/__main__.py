@@ -138,10 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     output.close()
     if link is not None:
         link.join(2.0)
-    if code not in (ExitCode.POWEROFF, ExitCode.STOPPED):
-        logging.getLogger("tenbox").error("%s: %s", args.vm_id, machine.exit_reason)
-    else:
-        logging.getLogger("tenbox").info("%s: %s", args.vm_id, machine.exit_reason)
+    level = logging.INFO if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else logging.ERROR
+    logging.getLogger("tenbox").log(level, "%s: exit %d (%s): %s", args.vm_id, code, code.description,
+                                    machine.exit_reason)
     return int(code)
 
 

@@ -10,7 +10,6 @@ source checkout works without a build step, only slower to start.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from typing import Any
@@ -21,15 +20,11 @@ MODULES = (
 )
 
 
-def _digest(cdef: str) -> str:
-    return hashlib.sha256(cdef.encode()).hexdigest()
-
-
 def load(module: str, cdef: str) -> Any:
     """The FFI for `cdef`: the pre-parsed `module` if current, else parsed now."""
     try:
         mod = importlib.import_module(module)
-        if getattr(mod, "CDEF_SHA256", None) == _digest(cdef):
+        if getattr(mod, "CDEF", None) == cdef:
             return mod.ffi
     except ImportError:
         pass
@@ -50,7 +45,7 @@ def emit(module: str, cdef: str, path: str) -> None:
     tmp = path + ".tmp"
     builder.emit_python_code(tmp)
     with open(tmp, "a") as f:
-        f.write("\nCDEF_SHA256 = %r\n" % _digest(cdef))
+        f.write("\n# The declarations this module was made from; load() compares them.\nCDEF = %r\n" % cdef)
     os.replace(tmp, path)
 
 

@@ -15,8 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional
 
 from tenbox_vmm.arch.x86_64 import acpi, board, boot
 from tenbox_vmm.arch.x86_64.vcpu_loop import ExitOutcome, run_vcpu
@@ -46,8 +45,7 @@ class MachineError(Exception):
     """The configuration cannot make a machine; the message is for the operator."""
 
 
-@dataclass(frozen=True)
-class MachineConfig:
+class MachineConfig(NamedTuple):
     kernel: str
     initrd: Optional[str] = None
     cmdline: str = DEFAULT_CMDLINE
@@ -87,8 +85,7 @@ def install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
-@dataclass
-class _Event:
+class _Event(NamedTuple):
     code: ExitCode
     reason: str
     reset: bool = False

@@ -200,14 +200,25 @@ class WorkerLink:
             return False  # no supervisor connected (IMMEDIATE) or its queue is full
 
     def _flush(self, sock) -> None:
+        """Send queued console output and events; what cannot go yet waits (bounded) for a supervisor."""
         with self._lock:
-            chunks, self._console = self._console, collections.deque()
+            data = b"".join(self._console)
+            self._console.clear()
             self._console_bytes = 0
-        data = b"".join(chunks)
-        for i in range(0, len(data), CONSOLE_CHUNK_MAX):
-            self._send(sock, {"t": Msg.CONSOLE.value, "data": data[i : i + CONSOLE_CHUNK_MAX]})
+        while data:
+            chunk = data[:CONSOLE_CHUNK_MAX]
+            if not self._send(sock, {"t": Msg.CONSOLE.value, "data": chunk}):
+                with self._lock:
+                    # Keep the newest output for when a supervisor listens; console.log has everything.
+                    kept = data[-LINK_MAX_MESSAGE_BYTES:]
+                    self._console.appendleft(kept)
+                    self._console_bytes += len(kept)
+                break
+            data = data[len(chunk):]
         while self._outbox:
-            self._send(sock, self._outbox.popleft())
+            if not self._send(sock, self._outbox[0]):
+                break
+            self._outbox.popleft()
 
     def _handle(self, sock, frame: bytes) -> None:
         try:

@@ -8,7 +8,6 @@ offset. NVRAM keeps its contents across a guest reset, as CMOS does.
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from typing import Callable, Dict
@@ -123,6 +122,8 @@ class CmosRtc:
 
     def _apply_frozen(self) -> None:
         """The guest finished setting the clock: keep the new time as an offset."""
+        import calendar  # only when a guest sets the clock
+
         f = self._frozen
         self._frozen = {}
         try:

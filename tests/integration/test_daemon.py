@@ -53,6 +53,9 @@ def test_round_trip_create_start_ls_console_logs_stop_rm(daemon):
     assert listed[0]["id"] == vm_id and listed[0]["pid"] > 0
     # The console: input reaches the guest, its answer comes back; stdin EOF ends the session, the VM runs on.
     r = daemon.ctl("vm", "console", "web", input=b"hello console\n", timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert b"idle: ready" in r.stdout  # the console's recent past is replayed on attach
+    assert b"echo: hello console" in r.stdout
     logs = daemon.ctl("vm", "logs", "web", "--lines", "50").stdout.decode()
     assert "idle: ready" in logs
     console_says(daemon, "web", "echo: hello console")

@@ -140,3 +140,11 @@ def test_interactive_console_detaches_on_ctrl_bracket_and_restores_the_terminal(
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_kvm_internal_error_has_its_own_exit_code_and_logs_the_vcpu(spawn):
+    """An instruction fetch from MMIO cannot be emulated: exit 5, vCPU state in the log, no traceback."""
+    p, rc, _ = run_guest(spawn, "fault", cmdline="fault=mmio-exec")
+    assert rc == 5, p.errors
+    assert "emulation failure" in p.errors and "rip=0xd0000000" in p.errors
+    assert "Traceback" not in p.errors

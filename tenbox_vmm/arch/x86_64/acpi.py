@@ -10,8 +10,7 @@ only for its reset line, and Linux then skips a slow keyboard probe.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 from tenbox_vmm.arch.x86_64 import aml
 from tenbox_vmm.arch.x86_64 import layout as L
@@ -52,8 +51,7 @@ MPS_LEVEL = 0xC
 IOAPIC_ID = 0
 
 
-@dataclass(frozen=True)
-class AcpiDevice:
+class AcpiDevice(NamedTuple):
     """One device in \\_SB: name, hardware id, unique id and its resources."""
 
     name: str

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 from tenbox_vmm.arch.x86_64 import acpi, boot, cpu
 from tenbox_vmm.arch.x86_64 import layout as L
@@ -28,8 +27,7 @@ RTC_PORT = 0x70
 DEBUG_PORT = 0x80
 
 
-@dataclass
-class LegacyDevices:
+class LegacyDevices(NamedTuple):
     serial: Serial16550
     i8042: I8042
     rtc: CmosRtc
@@ -83,8 +81,7 @@ def create_vm(kvm: Kvm, memory: GuestMemory) -> Vm:
     return vm
 
 
-@dataclass(frozen=True)
-class BootInfo:
+class BootInfo(NamedTuple):
     entry: int
     boot_params: int
     cr3: int

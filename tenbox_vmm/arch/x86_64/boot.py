@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from tenbox_vmm.arch.x86_64 import layout as L
 
@@ -69,8 +68,7 @@ class KernelError(Exception):
     """The kernel or initrd cannot be booted; the message says why."""
 
 
-@dataclass(frozen=True)
-class KernelImage:
+class KernelImage(NamedTuple):
     """A validated kernel, ready to be copied into guest RAM."""
 
     path: str
