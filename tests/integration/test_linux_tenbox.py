@@ -8,9 +8,10 @@ powers off, 3 when stopped by SIGTERM.
 
 A stock kernel runs natively only with hardware virtualization: these tests
 run where /proc/cpuinfo shows vmx or svm, and are reported as not applicable
-elsewhere (see /work/shared/KVM-HERE.md: without vmx/svm, /dev/kvm emulates
-kernel code instruction by instruction). The same artifacts are checked
-under QEMU TCG, anywhere, by test_linux_qemu.py.
+elsewhere (without vmx/svm, a /dev/kvm such as kvm_pvm emulates kernel code
+instruction by instruction: a stock kernel does not boot in useful time).
+The same artifacts are checked under QEMU TCG, anywhere, by
+test_linux_qemu.py.
 """
 
 from __future__ import annotations
@@ -91,7 +92,6 @@ class Console:
 
     def __init__(self, argv: Sequence[str], deadline: float, cwd: Optional[Path] = None) -> None:
         self.argv = list(argv)
-        self.attempt = 1
         self.started = time.monotonic()
         self.deadline = self.started + deadline
         self._buf = bytearray()
