@@ -130,7 +130,7 @@ class Host:
         """Call on_exit once when the process ends; returns a function that stops watching."""
         if hasattr(os, "pidfd_open"):
             try:
-                fd = os.pidfd_open(proc.pid)
+                fd = os.pidfd_open(proc.pid)  # novermin: guarded by hasattr (Python 3.9+)
             except OSError:
                 fd = None
             if fd is not None:

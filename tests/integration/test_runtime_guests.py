@@ -58,14 +58,14 @@ def test_elf_vmlinux_boots_at_its_entry(spawn):
     assert_passed(p, rc, res)
 
 
-@pytest.mark.parametrize("cpus", [1, 4])
+@pytest.mark.parametrize("cpus", [1, 4, 64])
 def test_acpi_tables_describe_the_machine(spawn, cpus):
     """RSDP found the ways Linux finds it, checksums right, one MADT entry per vCPU, DSDT present."""
     p, rc, res = run_guest(spawn, "acpi", cmdline="expect.cpus=%d expect.virtio=0" % cpus, cpus=cpus)
     assert_passed(p, rc, res)
 
 
-@pytest.mark.parametrize("cpus", [2, 4, 8])
+@pytest.mark.parametrize("cpus", [2, 4, 8, 64])
 def test_smp_every_vcpu_starts(spawn, cpus):
     """The guest starts its APs with INIT/SIPI through the in-kernel LAPIC; all report in."""
     p, rc, res = run_guest(spawn, "smp", cmdline="expect.cpus=%d" % cpus, cpus=cpus, timeout=120)

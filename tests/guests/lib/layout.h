@@ -28,7 +28,7 @@
 #define USER_RFLAGS 0x3002
 
 #define STACK_SIZE 0x4000
-#define MAX_CPUS 32
+#define MAX_CPUS 64  /* tenbox-vm-runtime takes up to 64 vCPUs */
 #define AP_STACK_SIZE 0x1000
 
 #endif
