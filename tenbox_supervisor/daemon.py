@@ -79,6 +79,10 @@ class Daemon:
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: self.workers.on_link_message(vm_id, msg))
             self.workers = WorkerManager(self.config, self.store, Host(), self.link.send)
             self.api = Api(self)
+            from tenbox_supervisor.updater import Updater
+
+            self.updater = Updater(self)
+            self.updater.register(self.api)
             self.control = ControlServer(self.config.socket_path, self.config.socket_group, self.api)
             self.link.start()
             self.workers.restore()

@@ -16,9 +16,6 @@ import threading
 import time
 from typing import Deque, Optional, Tuple
 
-import zmq
-import zmq.utils.monitor
-
 from tenbox_vmm import __version__
 from tenbox_vmm.protocol import (
     CONSOLE_CHUNK_MAX,
@@ -37,16 +34,31 @@ from tenbox_vmm.protocol import (
 
 log = logging.getLogger("tenbox.worker")
 
+zmq = None  # pyzmq, imported by the link thread when it starts (see WorkerLink._run)
+
 EXIT_LINGER_MS = 1000  # how long the EXIT message may take to leave
 OUTBOX_MAX = 4096  # queued events while the supervisor is away
 PENDING_INPUT_MAX = 1 << 20  # console input waiting for the guest to read it
 
 
 def process_create_time(pid: int) -> float:
-    """The process start time psutil reports, used with the pid to identify a worker."""
-    import psutil
+    """The process start time as psutil computes it (boot time + start ticks), from /proc.
 
-    return psutil.Process(pid).create_time()
+    The supervisor identifies a worker by pid and this value; reading /proc
+    directly spares every worker the import of psutil.
+    """
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    start_ticks = int(fields[19])  # field 22 of stat(5), counted after the comm field
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                boot = int(line.split()[1])
+                break
+        else:
+            boot = 0
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class WorkerLink:
@@ -122,6 +134,11 @@ class WorkerLink:
         }
 
     def _run(self) -> None:
+        # Imported here, on the link's own thread: the guest boots meanwhile.
+        global zmq
+        import zmq
+        import zmq.utils.monitor
+
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.vm_id.encode())

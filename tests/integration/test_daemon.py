@@ -425,6 +425,8 @@ def test_socket_permissions_with_a_real_group_and_user(make_daemon):
         r = d.ctl("vm", "ls", user=user)
         assert r.returncode == 0, r.stderr
         assert b"ID" in r.stdout
+        r = d.ctl("host", "update", user=user)  # group members manage VMs; only root updates the host
+        assert r.returncode == 4 and b"root only" in r.stderr, r.stderr
     finally:
         subprocess.run(["userdel", user], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
@@ -435,3 +437,30 @@ def test_cli_says_when_the_daemon_is_not_running(daemon):
     r = daemon.ctl("vm", "ls")
     assert r.returncode == 3
     assert b"tenboxd is not running" in r.stderr and str(daemon.socket).encode() in r.stderr
+
+
+def test_stop_escalates_to_sigkill_when_the_worker_does_not_answer(daemon):
+    create(daemon, "stuck")
+    start(daemon, "stuck")
+    pid = daemon.vm("stuck")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    r = daemon.ctl("vm", "stop", "stuck", "--timeout", "2")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 10
+    assert daemon.vm("stuck")["state"] == "stopped"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "did not stop within 2s; killing it" in daemon.proc.errors
+
+
+def test_host_update_refuses_while_vms_run_and_on_an_unmanaged_install(daemon):
+    create(daemon, "upd")
+    start(daemon, "upd")
+    r = daemon.call("host.update")
+    assert r["error_code"] == "vms_running"
+    assert r["running_vms"] == [{"vm_id": daemon.vm("upd")["id"], "name": "upd", "state": "running"}]
+    cli = daemon.ctl("host", "update")
+    assert cli.returncode == 1 and b"still running: upd" in cli.stderr
+    daemon.ctl("vm", "stop", "upd")
+    r = daemon.call("host.update")
+    assert r["error_code"] == "update_disabled"

@@ -1,0 +1,52 @@
+"""`tenbox host update`, `tenbox host update-log`: the self-update (CLI; root)."""
+
+from __future__ import annotations
+
+import click
+
+from tenbox_ctl import output
+from tenbox_ctl.app import App, handle_errors, json_option, pass_app
+from tenbox_ctl.client import CliError
+
+UPDATE_TIMEOUT_SEC = 1800  # apt-get update + install on a slow mirror
+
+
+@click.group("host")
+def host_group():
+    """This host's tenbox installation.
+
+    \b
+    Example:
+      sudo tenbox host update
+    """
+
+
+@host_group.command("update")
+@click.option("--version", "version", metavar="V", help="Install this version instead of the newest.")
+@json_option
+@pass_app
+@handle_errors
+def host_update(app: App, version, as_json):
+    """Upgrade tenbox with apt, as the cloud's host.update does (root only; every VM must be stopped).
+
+    \b
+    Example:
+      sudo tenbox host update
+      sudo tenbox host update --version 0.7.5
+    """
+    payload = {}
+    if version:
+        payload["version"] = version
+    try:
+        result = app.client(UPDATE_TIMEOUT_SEC).request("host.update", payload)
+    except CliError as e:
+        running = (e.reply or {}).get("running_vms")
+        if running:
+            for vm in running:
+                output.err("still %s: %s (%s)" % (vm.get("state"), vm.get("name"), vm.get("vm_id")))
+            output.err("stop them with 'tenbox vm stop <vm>', then run the update again")
+        raise
+    if as_json:
+        output.emit_json(result)
+    else:
+        click.echo("updated tenbox from %s to %s" % (result.get("from"), result.get("to")))
