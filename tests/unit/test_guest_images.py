@@ -31,7 +31,7 @@ mkbzimage = _load_mkbzimage()
 def _build(out: Path) -> None:
     missing = [t for t in ("make", "gcc", "ld", "objcopy") if shutil.which(t) is None]
     if missing:
-        pytest.skip("no %s to build the test guests with" % ", ".join(missing))
+        pytest.fail("no %s to build the test guests with (make deps)" % ", ".join(missing))
     r = subprocess.run(["make", "-s", "-C", str(GUESTS_DIR), "OUT=%s" % out], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
