@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=MEMORY_DEFAULT_MB, metavar="MB",
                    help="guest RAM in MiB, at least %d (default %%(default)s)" % MEMORY_MIN_MB)
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % CPUS_MAX)
+    p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S]",
+                   help="a virtio-blk disk (raw or qcow2); repeat for more")
     p.add_argument("--vm-id", default="vm", metavar="ID", help="name used in logs, [A-Za-z0-9-]{1,64}")
     p.add_argument("--vm-dir", metavar="DIR", help="the VM's folder (logs go under DIR/logs)")
     p.add_argument("--console", choices=("auto", "tty", "stdio", "none"), default="auto",
@@ -57,6 +59,29 @@ def _setup_logging(vm_id: str, verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
+
+
+SERIAL_MAX = 20
+
+
+def parse_disk(spec: str):
+    """`PATH[,ro][,serial=S]` -> DiskSpec; ValueError with a one-line reason."""
+    from tenbox_vmm.machine import DiskSpec
+
+    parts = spec.split(",")
+    path, read_only, serial = parts[0], False, ""
+    if not path:
+        raise ValueError("--disk %r: the path is empty" % spec)
+    for opt in parts[1:]:
+        if opt in ("ro", "readonly"):
+            read_only = True
+        elif opt.startswith("serial="):
+            serial = opt[len("serial="):]
+            if len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 for c in serial):
+                raise ValueError("--disk %r: serial must be 1..%d printable ASCII characters" % (spec, SERIAL_MAX))
+        else:
+            raise ValueError("--disk %r: unknown option %r (ro, serial=S)" % (spec, opt))
+    return DiskSpec(path=path, read_only=read_only, serial=serial)
 
 
 def _log_state(state, reason: str) -> None:
@@ -96,7 +121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         link = WorkerLink(args.link, args.vm_id)
         writers.append(link.console_output)
     output = ConsoleOutput(writers)
+    try:
+        disks = tuple(parse_disk(d) for d in args.disk)
+    except ValueError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return ExitCode.USAGE
     config = MachineConfig(
+        disks=disks,
         kernel=args.kernel,
         initrd=args.initrd,
         cmdline=args.cmdline,

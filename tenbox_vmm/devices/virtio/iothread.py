@@ -1,0 +1,107 @@
+"""A virtio device's I/O thread: waits for queue kicks and the device's own fds, processes, interrupts (worker).
+
+One thread per device: block I/O and network frames never run on a vCPU
+thread. Kicks arrive as ioeventfds (KVM writes them without leaving the
+kernel); interrupts leave through `signal_used`, normally an irqfd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from typing import Callable, List, Optional
+
+from tenbox_vmm import eventfd
+from tenbox_vmm.devices.virtio.device import VirtioDevice
+from tenbox_vmm.devices.virtio.queue import Virtqueue, VirtqueueError
+
+log = logging.getLogger("tenbox.virtio")
+
+KICK_BATCH_MAX = 64  # chains processed before re-checking the stop flag
+
+
+class IoThread:
+    def __init__(
+        self,
+        name: str,
+        device: VirtioDevice,
+        queues: List[Virtqueue],
+        kick_fds: List[int],
+        signal_used: Callable[[int], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        self.device = device
+        self.queues = queues
+        self.kick_fds = kick_fds
+        self.signal_used = signal_used
+        self.on_error = on_error
+        self._stop = False
+        self._wake = eventfd.eventfd()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        eventfd.signal(self._wake)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        os.close(self._wake)
+
+    def _service(self, q: Virtqueue) -> None:
+        """Drain a queue with kicks suppressed, then re-arm them without losing a late buffer."""
+        while q.ready and not self._stop:
+            q.disable_kicks()
+            self.device.process(q)
+            if q.needs_interrupt():
+                self.signal_used(q.index)
+            if not q.enable_kicks():
+                return
+
+    def _run(self) -> None:
+        poller = select.poll()
+        by_fd = {}
+        for q, fd in zip(self.queues, self.kick_fds):
+            poller.register(fd, select.POLLIN)
+            by_fd[fd] = q
+        poller.register(self._wake, select.POLLIN)
+        extra: List[int] = []
+        try:
+            for q in self.queues:  # buffers offered before the thread started
+                if q.ready and q.has_work():
+                    self._service(q)
+            while not self._stop:
+                fds, timeout = self.device.poll_prepare()
+                for fd in extra:
+                    poller.unregister(fd)
+                extra = []
+                for fd, events in fds:
+                    poller.register(fd, events)
+                    extra.append(fd)
+                ready = poller.poll(timeout if timeout >= 0 else None)
+                if self._stop:
+                    break
+                revents = {}
+                for fd, ev in ready:
+                    q = by_fd.get(fd)
+                    if q is not None:
+                        eventfd.drain(fd)
+                        self._service(q)
+                    elif fd == self._wake:
+                        eventfd.drain(fd)
+                    else:
+                        revents[fd] = ev
+                if extra or revents:
+                    if self.device.poll_done(revents):
+                        for q in self.queues:
+                            if q.ready and q.needs_interrupt():
+                                self.signal_used(q.index)
+        except VirtqueueError as e:
+            log.warning("%s: %s; the device needs a reset", self.device.name, e)
+            self.on_error(str(e))
+        except Exception as e:  # a device bug must not take the VM down
+            log.exception("%s: I/O thread failed", self.device.name)
+            self.on_error("internal error: %s" % e)

@@ -1,0 +1,208 @@
+"""Split virtqueues, checked against guest memory at every step (worker, device I/O threads).
+
+Everything the guest hands over is distrusted: ring addresses and sizes are
+checked when the queue goes live, every descriptor's range against guest RAM,
+chains against the queue size (loops), indirect tables against nesting and
+their own size, and a readable descriptor after a writable one. A violation
+raises VirtqueueError; the transport then marks the device DEVICE_NEEDS_RESET.
+Nothing a guest does here can make the worker touch memory outside guest RAM.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import List, Optional
+
+from tenbox_vmm.memory import GuestMemory, GuestMemoryError
+
+QUEUE_SIZE_MAX = 32768
+INDIRECT_MAX = 1024  # descriptors in one indirect table
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueError(Exception):
+    """The guest broke the virtqueue rules; the device needs a reset."""
+
+
+class Chain:
+    """One descriptor chain: what the device may read, then what it may write."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: List[memoryview], writable: List[memoryview]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+    def read(self, n: int) -> bytes:
+        """Copy the first n readable bytes (headers); VirtqueueError if there are fewer."""
+        out = bytearray()
+        for v in self.readable:
+            take = min(len(v), n - len(out))
+            out += v[:take]
+            if len(out) == n:
+                return bytes(out)
+        raise VirtqueueError("chain %d has %d readable bytes, needs %d" % (self.head, len(out), n))
+
+
+def _need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event: did used move past `event` between old and new?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class Virtqueue:
+    """Driver-configured fields (set through the transport) and the device's view of the rings."""
+
+    def __init__(self, mem: GuestMemory, index: int, max_size: int) -> None:
+        if not 1 <= max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
+            raise ValueError("queue size must be a power of two up to 32768")
+        self.mem = mem
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.event_idx = False
+        self.indirect = False
+        self.last_avail = 0
+        self.used_idx = 0
+        self._signalled = 0
+        self._desc: Optional[memoryview] = None
+        self._avail: Optional[memoryview] = None
+        self._used: Optional[memoryview] = None
+
+    def activate(self, event_idx: bool, indirect: bool) -> None:
+        """Check the rings the driver set up and map them; called when the queue goes live."""
+        size = self.size
+        if not 1 <= size <= self.max_size or size & (size - 1):
+            raise VirtqueueError("queue %d: size %d is not a power of two up to %d" % (self.index, size, self.max_size))
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            raise VirtqueueError("queue %d: misaligned ring addresses" % self.index)
+        try:
+            self._desc = self.mem.view(self.desc_addr, 16 * size)
+            self._avail = self.mem.view(self.avail_addr, 6 + 2 * size)
+            self._used = self.mem.view(self.used_addr, 6 + 8 * size)
+        except GuestMemoryError as e:
+            raise VirtqueueError("queue %d: ring outside guest memory: %s" % (self.index, e)) from None
+        self.event_idx = event_idx
+        self.indirect = indirect
+        # last_avail stays as reset() or the front end (vhost-user SET_VRING_BASE) left it.
+        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self._signalled = self.used_idx
+        self.ready = True
+
+    # Device side -----------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def has_work(self) -> bool:
+        return self.ready and self.avail_idx() != self.last_avail
+
+    def pop(self) -> Optional[Chain]:
+        """The next available chain, or None when the driver has offered nothing new."""
+        avail = self._avail
+        idx = _U16.unpack_from(avail, 2)[0]
+        pending = (idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise VirtqueueError("queue %d: avail index jumped by %d" % (self.index, pending))
+        head = _U16.unpack_from(avail, 4 + 2 * (self.last_avail % self.size))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise VirtqueueError("queue %d: head %d out of range" % (self.index, head))
+        table, table_len, limit = self._desc, size, size
+        readable: List[memoryview] = []
+        writable: List[memoryview] = []
+        i, count, in_indirect = head, 0, False
+        view = self.mem.view
+        unpack = _DESC.unpack_from
+        while True:
+            addr, length, flags, nxt = unpack(table, 16 * i)
+            count += 1
+            if count > limit:
+                raise VirtqueueError("queue %d: chain from %d is longer than %d (a loop?)" % (self.index, head, limit))
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect or in_indirect or flags & DESC_F_NEXT:
+                    raise VirtqueueError("queue %d: bad indirect descriptor in chain %d" % (self.index, head))
+                if length == 0 or length % 16 or length // 16 > INDIRECT_MAX:
+                    raise VirtqueueError("queue %d: indirect table of %d bytes" % (self.index, length))
+                try:
+                    table = view(addr, length)
+                except GuestMemoryError as e:
+                    raise VirtqueueError("queue %d: indirect table outside memory: %s" % (self.index, e)) from None
+                table_len = limit = length // 16
+                i, count, in_indirect = 0, 0, True
+                continue
+            try:
+                buf = view(addr, length)
+            except GuestMemoryError as e:
+                raise VirtqueueError("queue %d: descriptor outside memory: %s" % (self.index, e)) from None
+            if flags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                raise VirtqueueError("queue %d: readable descriptor after a writable one" % self.index)
+            else:
+                readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= table_len:
+                raise VirtqueueError("queue %d: next %d out of range" % (self.index, nxt))
+            i = nxt
+
+    def push(self, head: int, written: int) -> None:
+        """Return a chain to the driver with `written` bytes filled in."""
+        used = self._used
+        idx = self.used_idx
+        _USED_ELEM.pack_into(used, 4 + 8 * (idx % self.size), head, written)
+        self.used_idx = (idx + 1) & 0xFFFF
+        _U16.pack_into(used, 2, self.used_idx)  # after the element: x86 keeps store order
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one."""
+        if self.used_idx == self._signalled:
+            return False
+        if self.event_idx:
+            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            notify = _need_event(used_event, self.used_idx, self._signalled)
+        else:
+            notify = not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        self._signalled = self.used_idx
+        return notify
+
+    def enable_kicks(self) -> bool:
+        """Ask for a kick on the next buffer; True if one is already waiting (re-check after)."""
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        return self.avail_idx() != self.last_avail
+
+    def disable_kicks(self) -> None:
+        if not self.event_idx:
+            _U16.pack_into(self._used, 0, USED_F_NO_NOTIFY)

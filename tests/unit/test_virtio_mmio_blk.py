@@ -1,0 +1,261 @@
+"""The virtio-mmio transport and the virtio-blk device, driven by a Python driver (no KVM needed)."""
+
+import os
+import select
+import struct
+import time
+
+import pytest
+
+from tenbox_vmm import eventfd
+from tenbox_vmm.devices.virtio import STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK
+from tenbox_vmm.devices.virtio import blk as vblk
+from tenbox_vmm.devices.virtio import mmio as m
+from tenbox_vmm.memory import MIB, GuestMemory
+from tests.virtio_driver import RingDriver
+
+RING, HEAP = 0x10000, 0x200000
+
+
+class RamDisk:
+    """The Disk interface over a bytearray, with an optional injected error."""
+
+    def __init__(self, size, read_only=False):
+        self.path = "ram"
+        self.format = "raw"
+        self.size = size
+        self.read_only = read_only
+        self.data = bytearray(size)
+        self.flushes = 0
+        self.fail = None
+        self.closed = False
+
+    def _check(self):
+        if self.fail:
+            raise OSError(5, self.fail)
+
+    def readv(self, offset, bufs):
+        self._check()
+        for b in bufs:
+            b[:] = self.data[offset : offset + len(b)]
+            offset += len(b)
+
+    def writev(self, offset, bufs):
+        self._check()
+        for b in bufs:
+            self.data[offset : offset + len(b)] = b
+            offset += len(b)
+
+    def flush(self):
+        self._check()
+        self.flushes += 1
+
+    def discard(self, offset, length):
+        self.data[offset : offset + length] = bytes(length)
+
+    def write_zeroes(self, offset, length, may_unmap):
+        self.data[offset : offset + length] = bytes(length)
+
+    def close(self):
+        self.closed = True
+
+
+class Host(m.MmioHost):
+    def __init__(self):
+        self.irq = None
+
+    def irqfd(self):
+        self.irq = eventfd.eventfd()
+        return self.irq
+
+    def ioeventfd(self, offset, datamatch):
+        return None  # the register write kicks the I/O thread
+
+    def release(self):
+        if self.irq is not None:
+            os.close(self.irq)
+            self.irq = None
+
+
+class Driver:
+    def __init__(self, transport, mem, features=None):
+        self.t = transport
+        self.mem = mem
+        self.features = features
+
+    def w(self, reg, value):
+        self.t.write(reg, 4, value)
+
+    def r(self, reg):
+        return self.t.read(reg, 4)
+
+    def setup(self, size=8, event_idx=False):
+        assert self.r(m.R_MAGIC) == m.MAGIC and self.r(m.R_VERSION) == 2
+        self.w(m.R_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        self.w(m.R_DEVICE_FEATURES_SEL, 0)
+        lo = self.r(m.R_DEVICE_FEATURES)
+        self.w(m.R_DEVICE_FEATURES_SEL, 1)
+        hi = self.r(m.R_DEVICE_FEATURES)
+        offered = lo | hi << 32
+        want = offered if self.features is None else self.features
+        if not event_idx:
+            want &= ~(1 << 29)
+        for sel in (0, 1):
+            self.w(m.R_DRIVER_FEATURES_SEL, sel)
+            self.w(m.R_DRIVER_FEATURES, (want >> (32 * sel)) & 0xFFFFFFFF)
+        self.w(m.R_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        if not self.r(m.R_STATUS) & STATUS_FEATURES_OK:
+            return None
+        self.ring = RingDriver(self.mem, RING, size, HEAP)
+        self.w(m.R_QUEUE_SEL, 0)
+        assert self.r(m.R_QUEUE_NUM_MAX) >= size
+        self.w(m.R_QUEUE_NUM, size)
+        for reg, addr in ((m.R_QUEUE_DESC_LOW, self.ring.desc), (m.R_QUEUE_DRIVER_LOW, self.ring.avail),
+                          (m.R_QUEUE_DEVICE_LOW, self.ring.used)):
+            self.w(reg, addr & 0xFFFFFFFF)
+            self.w(reg + 4, addr >> 32)
+        self.w(m.R_QUEUE_READY, 1)
+        self.w(m.R_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+        return want
+
+    def kick(self):
+        self.w(m.R_QUEUE_NOTIFY, 0)
+
+    def wait_used(self, n=1, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        got = []
+        while len(got) < n:
+            got += self.ring.take_used()
+            if time.monotonic() > deadline:
+                raise AssertionError("no completion")
+            time.sleep(0.001)
+        return got
+
+    def request(self, rtype, sector, data=b"", read_len=0):
+        hdr = struct.pack("<IIQ", rtype, 0, sector)
+        readable = [hdr] + ([data] if data else [])
+        head, writable = self.ring.offer(readable, ([read_len] if read_len else []) + [1])
+        self.kick()
+        (h, written), = self.wait_used()
+        assert h == head
+        status = self.mem.read(writable[-1][0], 1)[0]
+        payload = self.mem.read(writable[0][0], read_len) if read_len else b""
+        return status, written, payload
+
+
+@pytest.fixture
+def rig():
+    mem = GuestMemory(16 * MIB)
+    host = Host()
+    disk = RamDisk(1 * MIB)
+    t = m.VirtioMmio(vblk.VirtioBlk(disk, serial="tenbox-serial-01"), mem, host)
+    yield Driver(t, mem), t, disk, host
+    t.close()
+    mem.close()
+
+
+def test_blk_identifies_itself_and_its_config(rig):
+    d, t, disk, _ = rig
+    assert d.r(m.R_DEVICE_ID) == 2
+    assert t.read(m.CONFIG_OFFSET, 8) == 1 * MIB // 512  # capacity in sectors
+    assert t.read(m.CONFIG_OFFSET + 20, 4) == 512
+
+
+def test_write_read_flush_get_id(rig):
+    d, _, disk, host = rig
+    assert d.setup() is not None
+    status, _, _ = d.request(vblk.T_OUT, 3, b"\xab" * 1024)
+    assert status == vblk.S_OK and disk.data[3 * 512 : 5 * 512] == b"\xab" * 1024
+    status, written, data = d.request(vblk.T_IN, 3, read_len=1024)
+    assert (status, written, data) == (vblk.S_OK, 1025, b"\xab" * 1024)
+    assert d.request(vblk.T_FLUSH, 0)[0] == vblk.S_OK and disk.flushes == 1
+    status, _, ident = d.request(vblk.T_GET_ID, 0, read_len=20)
+    assert ident.rstrip(b"\0") == b"tenbox-serial-01"
+    assert select.select([host.irq], [], [], 1)[0]  # the interrupt went out through the irqfd
+    assert d.r(m.R_INTERRUPT_STATUS) & 1
+    d.w(m.R_INTERRUPT_ACK, 1)
+    assert not d.r(m.R_INTERRUPT_STATUS) & 1
+
+
+def test_discard_and_write_zeroes(rig):
+    d, _, disk, _ = rig
+    d.setup()
+    disk.data[:4096] = b"\xff" * 4096
+    seg = struct.pack("<QII", 0, 4, 0)
+    assert d.request(vblk.T_DISCARD, 0, seg)[0] == vblk.S_OK
+    assert disk.data[:2048] == bytes(2048) and disk.data[2048:4096] == b"\xff" * 2048
+    seg = struct.pack("<QII", 4, 4, vblk.WZ_FLAG_UNMAP)
+    assert d.request(vblk.T_WRITE_ZEROES, 0, seg)[0] == vblk.S_OK
+    assert disk.data[:4096] == bytes(4096)
+
+
+def test_out_of_range_and_unknown_requests(rig):
+    d, _, _, _ = rig
+    d.setup()
+    assert d.request(vblk.T_IN, 2047, read_len=1024)[0] == vblk.S_IOERR  # crosses the end
+    assert d.request(vblk.T_IN, 0, read_len=100)[0] == vblk.S_IOERR  # not whole sectors
+    assert d.request(77, 0)[0] == vblk.S_UNSUPP
+
+
+def test_host_io_error_fails_only_that_request(rig):
+    d, _, disk, _ = rig
+    d.setup()
+    disk.fail = "injected EIO"
+    assert d.request(vblk.T_IN, 0, read_len=512)[0] == vblk.S_IOERR
+    disk.fail = None
+    assert d.request(vblk.T_IN, 0, read_len=512)[0] == vblk.S_OK
+
+
+def test_read_only_disk_refuses_writes():
+    mem = GuestMemory(16 * MIB)
+    disk = RamDisk(MIB, read_only=True)
+    t = m.VirtioMmio(vblk.VirtioBlk(disk), mem, Host())
+    d = Driver(t, mem)
+    feats = d.setup()
+    assert feats & vblk.F_RO and not feats & vblk.F_DISCARD
+    assert d.request(vblk.T_OUT, 0, b"x" * 512)[0] == vblk.S_IOERR
+    assert disk.data[:512] == bytes(512)
+    assert d.request(vblk.T_IN, 0, read_len=512)[0] == vblk.S_OK
+    t.close()
+    mem.close()
+
+
+def test_features_the_device_did_not_offer_are_refused(rig):
+    d, _, _, _ = rig
+    d.features = (1 << 32) | (1 << 63)
+    assert d.setup() is None
+    d.features = 1 << 9  # FLUSH without VERSION_1
+    assert d.setup() is None
+
+
+def test_a_hostile_chain_marks_the_device_needs_reset(rig):
+    d, _, _, _ = rig
+    d.setup()
+    d.ring.write_desc(0, 0xFFFFFFF000, 16, 0, 0)
+    d.ring.publish(0)
+    d.kick()
+    deadline = time.monotonic() + 5
+    while not d.r(m.R_STATUS) & STATUS_DEVICE_NEEDS_RESET:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert d.r(m.R_INTERRUPT_STATUS) & 2  # config-change interrupt
+    d.w(m.R_STATUS, 0)  # reset, then the device works again
+    d.setup()
+    assert d.request(vblk.T_IN, 0, read_len=512)[0] == vblk.S_OK
+
+
+def test_moving_a_live_queue_marks_the_device_needs_reset(rig):
+    d, _, _, _ = rig
+    d.setup()
+    d.w(m.R_QUEUE_DESC_LOW, 0x40000)
+    assert d.r(m.R_STATUS) & STATUS_DEVICE_NEEDS_RESET
+
+
+def test_event_idx_and_indirect_are_negotiated(rig):
+    d, t, _, _ = rig
+    feats = d.setup(event_idx=True)
+    assert feats & (1 << 29) and feats & (1 << 28)
+    head, writable = d.ring.offer_indirect([struct.pack("<IIQ", vblk.T_IN, 0, 0)], [512, 1])
+    d.kick()
+    d.wait_used()
+    assert d.mem.read(writable[-1][0], 1) == b"\0"
