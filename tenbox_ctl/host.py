@@ -50,3 +50,23 @@ def host_update(app: App, version, as_json):
         output.emit_json(result)
     else:
         click.echo("updated tenbox from %s to %s" % (result.get("from"), result.get("to")))
+
+
+@host_group.command("update-log")
+@click.option("--lines", "-n", type=click.IntRange(0, 10000), default=200, show_default=True)
+@json_option
+@pass_app
+@handle_errors
+def host_update_log(app: App, lines: int, as_json: bool):
+    """Show the transcript of the last update (root only).
+
+    \b
+    Example:
+      sudo tenbox host update-log -n 50
+    """
+    result = app.client().request("host.update.log", {"lines": lines})
+    if as_json:
+        output.emit_json(result)
+        return
+    for line in result.get("lines", []):
+        click.echo(line)

@@ -28,6 +28,25 @@ def _abs(path: Optional[str]) -> Optional[str]:
     return os.path.abspath(path) if path else None
 
 
+def _disk_option(ctx, param, values):
+    """`PATH[,ro][,serial=S]` -> {"path": absolute, "read_only": bool, "serial": str}."""
+    disks = []
+    for spec in values or ():
+        parts = spec.split(",")
+        if not parts[0]:
+            raise click.BadParameter("%r: the path is empty" % spec)
+        disk = {"path": os.path.abspath(parts[0]), "read_only": False, "serial": ""}
+        for opt in parts[1:]:
+            if opt in ("ro", "readonly"):
+                disk["read_only"] = True
+            elif opt.startswith("serial="):
+                disk["serial"] = opt[len("serial="):]
+            else:
+                raise click.BadParameter("%r: unknown option %r (ro, serial=S)" % (spec, opt))
+        disks.append(disk)
+    return disks
+
+
 def _print_vm(vm: dict, as_json: bool) -> None:
     if as_json:
         output.emit_json(vm)
@@ -36,6 +55,7 @@ def _print_vm(vm: dict, as_json: bool) -> None:
         ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")),
         ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
         ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
+        ("disks", ", ".join(d["path"] + (" (ro)" if d.get("read_only") else "") for d in vm.get("disks") or []) or "-"),
         ("pid", vm.get("pid")), ("uptime", output.duration(vm.get("uptime_sec"))),
         ("last failure", output.failure(vm.get("last_failure"))),
     ]
@@ -95,17 +115,22 @@ def vm_show(app: App, vm: str, as_json: bool):
 @click.option("--cmdline", help="Kernel command line (default: the runtime's, console on ttyS0).")
 @click.option("--memory", type=click.IntRange(16), default=256, show_default=True, help="RAM in MiB.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of vCPUs.")
+@click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S]",
+              help="A disk image (raw or qcow2); repeat for more.")
+@click.option("--template", type=click.Path(dir_okay=False), help="Give the VM its own qcow2 overlay of this image as its first disk.")
 @json_option
 @pass_app
 @handle_errors
-def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, as_json):
+def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, template, as_json):
     """Create a VM (stopped); prints its id.
 
     \b
     Example:
       tenbox vm create web --kernel /srv/vmlinuz --initrd /srv/initrd.img --memory 512 --cpus 2
+      tenbox vm create db --kernel /srv/vmlinuz --template /srv/debian.qcow2 --disk /srv/data.raw,serial=data
     """
-    payload = {"name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory, "cpus": cpus}
+    payload = {"name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory, "cpus": cpus,
+               "disks": disks, "template": _abs(template)}
     if cmdline is not None:
         payload["cmdline"] = cmdline
     vm = app.client().request("vm.create", payload)

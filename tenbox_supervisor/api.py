@@ -9,15 +9,17 @@ unknown types are refused before any handler runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from tenbox_supervisor import doctor, telemetry
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode, Event, Method
-from tenbox_supervisor.store import CPUS_MAX, MEMORY_MIN_MB, SpecError, VmSpec, new_vm_id
+from tenbox_supervisor.store import CPUS_MAX, DISKS_MAX, MEMORY_MIN_MB, SpecError, VmSpec, check_disk, new_vm_id
 from tenbox_supervisor.workers import ACTIVE_STATES, STOP_TIMEOUT_SEC, SHUTDOWN_TIMEOUT_SEC, OperationError, VmRuntime
 from tenbox_vmm import __version__
 from tenbox_vmm.protocol import VmState
@@ -29,6 +31,8 @@ LOG_LINES_MAX = 10000
 CMDLINE_MAX = 4096
 PATH_MAX = 4096
 TIMEOUT_MAX_SEC = 3600
+IMAGETOOL_TIMEOUT_SEC = 120
+OVERLAY_NAME = "disk.qcow2"
 
 
 class ApiError(Exception):
@@ -111,6 +115,56 @@ def _file(params, key: str, required: bool = False) -> Optional[str]:
     if not os.access(path, os.R_OK):
         raise ApiError(ErrorCode.FILE_MISSING, "%s %s is not readable" % (key, path))
     return os.path.normpath(path)
+
+
+def _disks(params) -> Optional[List[Dict[str, Any]]]:
+    """`disks`: [{"path", "read_only", "serial"} or "path"]; TenBox's single `disk` path is accepted too."""
+    raw = params.get("disks")
+    if raw is None and params.get("disk") is not None:
+        raw = [params["disk"]]
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) > DISKS_MAX:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks must be a list of at most %d disks" % DISKS_MAX)
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks[%d] must be a path or an object" % i)
+        entry = {
+            "path": _file({"path": item.get("path")}, "path", required=True),
+            "read_only": _get(item, "read_only", bool, default=False),
+            "serial": _get(item, "serial", str, default=""),
+            "owned": False,
+        }
+        try:
+            check_disk(entry)
+        except SpecError as e:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks[%d]: %s" % (i, e))
+        out.append(entry)
+    return out
+
+
+async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC) -> Dict[str, Any]:
+    """Run `python3 -m tenbox_vmm.imagetool ARGS` in a child; its JSON, or ApiError with its message."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tenbox_vmm.imagetool", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ApiError(ErrorCode.INTERNAL_ERROR, "image tool timed out after %.0fs" % timeout)
+    if proc.returncode != 0:
+        message = err.decode(errors="replace").strip().splitlines()
+        text = message[-1] if message else "image tool failed with status %d" % proc.returncode
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, text.replace("tenbox-image: error: ", ""))
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise ApiError(ErrorCode.INTERNAL_ERROR, "image tool printed something that is not JSON")
 
 
 def _cmdline(params) -> Optional[str]:
@@ -241,11 +295,26 @@ class Api:
             cmdline=_cmdline(params),
             memory_mb=_int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb(), default=256),
             cpus=_int(params, "cpus", 1, CPUS_MAX, default=1),
+            disks=_disks(params) or [],
         )
+        template = _file(params, "template")
+        if template and len(spec.disks) >= DISKS_MAX:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks" % DISKS_MAX)
         try:
             self.store.create(spec)
         except (OSError, SpecError) as e:
             raise ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
+        if template:
+            overlay = os.path.join(self.store.vm_dir(spec.id), OVERLAY_NAME)
+            try:
+                await run_imagetool("overlay", "--backing", template, "--out", overlay)
+                spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True})
+                self.store.save(spec)
+            except (ApiError, OSError, SpecError) as e:
+                self.store.delete(spec.id)
+                if isinstance(e, ApiError):
+                    raise ApiError(e.code, "cannot make an overlay of %s: %s" % (template, e.message))
+                raise ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
         vm = VmRuntime(spec, self.workers)
         vm.persist()
         self.workers.vms[spec.id] = vm
@@ -263,6 +332,7 @@ class Api:
                     raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % new_name)
                 changes["name"] = new_name
             hw = {
+                "disks": _disks(params),
                 "kernel": _file(params, "kernel"),
                 "initrd": _file(params, "initrd"),
                 "cmdline": _cmdline(params),
@@ -302,6 +372,9 @@ class Api:
             path = getattr(vm.spec, key)
             if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 self._fail(vm, ErrorCode.FILE_MISSING, "%s %s is missing or unreadable" % (key, path))
+        for d in vm.spec.disks:
+            if not os.path.isfile(d["path"]):
+                self._fail(vm, ErrorCode.FILE_MISSING, "disk %s is missing" % d["path"])
         available = telemetry.host_memory_available_mb()
         if vm.spec.memory_mb > available:
             self._fail(vm, ErrorCode.INSUFFICIENT_MEMORY, "VM %s needs %d MiB; the host has %d MiB available"

@@ -50,12 +50,18 @@ class Stream:
         self.reader = reader
         self.writer = writer
         self.req_id = req_id
+        self.request_id = req_id
         self.replied = False
 
-    async def reply(self, payload: Dict[str, Any]) -> None:
+    async def reply(self, payload: Dict[str, Any]) -> bool:
+        """Send the ok reply now; True once it is handed to the kernel."""
         self.replied = True
-        self.writer.write(_encode({"id": self.req_id, "ok": True, "payload": payload}))
-        await self.writer.drain()
+        try:
+            self.writer.write(_encode({"id": self.req_id, "ok": True, "payload": payload}))
+            await self.writer.drain()
+            return True
+        except ConnectionError:
+            return False
 
     async def event(self, obj: Dict[str, Any]) -> None:
         self.writer.write(_encode(obj))

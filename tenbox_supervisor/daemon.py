@@ -43,6 +43,8 @@ class Daemon:
         self.link: Optional[LinkServer] = None
         self.control: Optional[ControlServer] = None
         self.api: Optional[Api] = None
+        self.cloud = None
+        self.updater = None
         self._extra_tasks: List[asyncio.Task] = []
 
     def _lock_data_dir(self) -> None:
@@ -83,11 +85,16 @@ class Daemon:
 
             self.updater = Updater(self)
             self.updater.register(self.api)
+            self.updater.restore()
             self.control = ControlServer(self.config.socket_path, self.config.socket_group, self.api)
             self.link.start()
             self.workers.restore()
             self.workers.listeners.append(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
             await self.control.start()
+            from tenbox_supervisor.cloud import CloudLink
+
+            self.cloud = CloudLink(self, self.config.cloud_url)
+            self.cloud.start()
         except (StartupError, LinkBusy, SocketBusy) as e:
             await self._close()
             raise StartupError(str(e)) from None
@@ -124,6 +131,8 @@ class Daemon:
     async def _close(self) -> None:
         for t in self._extra_tasks:
             t.cancel()
+        if self.cloud is not None:
+            await self.cloud.stop()
         if self.control is not None:
             await self.control.close()
         if self.workers is not None:

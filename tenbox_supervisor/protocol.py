@@ -40,8 +40,8 @@ class Method(str, enum.Enum):
     VM_LOGS_FOLLOW = "vm.logs.follow"
     VM_CONSOLE_ATTACH = "vm.console.attach"
     HOST_UPDATE = "host.update"
-    HOST_UPDATE_STATUS = "host.update.status"
-    HOST_UPDATE_NOTIFY = "host.update.notify"
+    HOST_UPDATE_NOTIFY = "host.update.notify"  # the package's postinst: "I am installing version V"
+    HOST_UPDATE_LOG = "host.update.log"
 
 
 class Event(str, enum.Enum):

@@ -80,8 +80,39 @@ class VmSpec:
             raise SpecError("cpus must be an integer in 1..%d" % CPUS_MAX)
         if not isinstance(self.disks, list) or not isinstance(self.net, dict):
             raise SpecError("disks must be a list and net an object")
+        if len(self.disks) > DISKS_MAX:
+            raise SpecError("at most %d disks" % DISKS_MAX)
+        for d in self.disks:
+            check_disk(d)
         if not isinstance(self.created_at, (int, float)):
             raise SpecError("created_at must be a number")
+
+
+DISKS_MAX = 6  # virtio-mmio slots left after the network card
+SERIAL_MAX = 20
+
+
+def check_disk(d: Any) -> None:
+    """A disk entry: {"path": absolute, "read_only": bool, "serial": str, "owned": bool}."""
+    if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not os.path.isabs(d["path"]):
+        raise SpecError("each disk needs an absolute path")
+    if "," in d["path"] or "\0" in d["path"]:
+        raise SpecError("disk path %r contains a comma or NUL" % d["path"])
+    if not isinstance(d.get("read_only", False), bool) or not isinstance(d.get("owned", False), bool):
+        raise SpecError("disk read_only and owned are booleans")
+    serial = d.get("serial", "")
+    if not isinstance(serial, str) or len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
+        raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % SERIAL_MAX)
+
+
+def disk_arg(d: Dict[str, Any]) -> str:
+    """The runtime's --disk value for a disk entry."""
+    arg = d["path"]
+    if d.get("read_only"):
+        arg += ",ro"
+    if d.get("serial"):
+        arg += ",serial=" + d["serial"]
+    return arg
 
 
 def new_vm_id() -> str:

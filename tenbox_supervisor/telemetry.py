@@ -58,3 +58,15 @@ def vm_summary(vms: Iterable, broken: int = 0) -> Dict[str, int]:
         out["total"] += 1
         out[vm.state.value] = out.get(vm.state.value, 0) + 1
     return out
+
+
+def dir_usage(path: str) -> int:
+    """Bytes allocated by the files under `path` (what a VM's folder costs on disk)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total

@@ -1,21 +1,38 @@
-"""host.update: the seed's self-update path (daemon, root).
+"""host.update: the seed's self-update path, with a structured answer every time (daemon, root).
 
 1. Refuse while any VM is starting, running, stopping or rebooting
    (`vms_running`, with the list). There is no force flag.
-2. Refuse unless this installation is dpkg-managed: the tenbox apt source
-   exists, dpkg knows the `tenbox` package, and the running tenboxd is the
-   file dpkg installed (`update_disabled`, with the reason).
+2. Refuse unless this installation is dpkg-managed (`update_disabled`).
+3. `apt-get update` (the tenbox source only) and `apt-get install
+   --only-upgrade tenbox[=V]` run **outside tenboxd's cgroup**
+   (`systemd-run --scope`), their transcript timestamped into
+   <data_dir>/logs/update.log by a filter in that same scope, so the
+   package's restart of tenboxd can never kill dpkg half-way.
+4. The answer: the new package's postinst tells the running daemon its
+   version (`host.update.notify`) before it restarts it; the daemon sends the
+   success `{from, to}`, waits until it is on the wire, and only then lets the
+   postinst go on. Without that notify, apt's exit decides: `apt_failed`
+   (with apt's status and the log's tail) or `version_unchanged` (compared
+   with python-apt's version_compare). If the daemon dies anyway, the next
+   one finds <data_dir>/update.json and reports the outcome on its first
+   cloud connection.
+While an update runs, vm.start and vm.create are refused (`update_in_progress`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
+import re
+import shutil
 import subprocess
-import sys
+import time
 from typing import Any, Dict, List, Optional
 
-from tenbox_supervisor.api import ApiError, Caller, MethodSpec
+from tenbox_supervisor.api import ApiError, Caller, MethodSpec, _get
+from tenbox_supervisor.fsutil import atomic_write_json, tail_lines
 from tenbox_supervisor.protocol import ErrorCode, Method
 from tenbox_supervisor.workers import ACTIVE_STATES
 
@@ -23,9 +40,36 @@ log = logging.getLogger("tenboxd.updater")
 
 APT_SOURCES = ("/etc/apt/sources.list.d/tenbox.list", "/etc/apt/sources.list.d/tenbox.sources")
 PACKAGE = "tenbox"
+VERSION_RE = re.compile(r"(?:\d+:)?\d[A-Za-z0-9.+~]*(?:-[A-Za-z0-9.+~]+)?\Z")
+VERSION_MAX = 64
+APT_LOCK_TIMEOUT_SEC = 120  # wait this long for someone else's dpkg lock
+APT_TIMEOUT_SEC = 1800
+NOTIFY_DELIVERY_SEC = 15.0  # how long the postinst waits for our reply to leave
+LOG_TAIL_LINES = 20
+STATE_FILE = "update.json"
+
+# Runs inside the transient scope: apt's output goes through a timestamp filter
+# straight into the log file, never through tenboxd (whose death would SIGPIPE dpkg).
+APT_SCRIPT = r"""
+log="$1"; rcfile="$2"; target="$3"; sources="$4"
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$line"; done; }
+run() { { echo "+ $*"; "$@"; echo $? > "$rcfile"; } 2>&1 | stamp >> "$log"; read rc < "$rcfile"; return "$rc"; }
+export DEBIAN_FRONTEND=noninteractive
+lock="-o DPkg::Lock::Timeout=__LOCK__"
+if [ -n "$sources" ]; then
+    run apt-get $lock -o Dir::Etc::sourcelist="$sources" -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0 update || exit $?
+else
+    run apt-get $lock update || exit $?
+fi
+run apt-get $lock -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    install -y --only-upgrade --no-install-recommends "$target"
+rc=$?
+echo "[tenbox-update] apt-get install exited $rc" | stamp >> "$log"
+exit $rc
+""".replace("__LOCK__", str(APT_LOCK_TIMEOUT_SEC))
 
 
-def _dpkg_version(package: str) -> Optional[str]:
+def dpkg_version(package: str = PACKAGE) -> Optional[str]:
     try:
         r = subprocess.run(["dpkg-query", "--show", "--showformat=${Version}", package],
                            capture_output=True, text=True, timeout=30)
@@ -43,7 +87,6 @@ def _dpkg_owns(path: str) -> bool:
 
 
 def running_daemon_file() -> str:
-    """The file that is this tenboxd: the package module dpkg would have installed."""
     import tenbox_supervisor
 
     return os.path.realpath(os.path.join(os.path.dirname(tenbox_supervisor.__file__), "__main__.py"))
@@ -53,7 +96,7 @@ def unmanaged_reason() -> Optional[str]:
     """Why this installation cannot update itself, or None if it can."""
     if not any(os.path.exists(p) for p in APT_SOURCES):
         return "no tenbox apt source (%s)" % " or ".join(APT_SOURCES)
-    if _dpkg_version(PACKAGE) is None:
+    if dpkg_version() is None:
         return "dpkg does not know the %s package" % PACKAGE
     here = running_daemon_file()
     if not _dpkg_owns(here):
@@ -61,15 +104,57 @@ def unmanaged_reason() -> Optional[str]:
     return None
 
 
+def version_compare(a: str, b: str) -> int:
+    import apt_pkg  # python3-apt: Debian's own version ordering
+
+    apt_pkg.init_system()
+    return apt_pkg.version_compare(a, b)
+
+
+def lock_holder(lines: List[str]) -> Optional[str]:
+    for line in reversed(lines):
+        m = re.search(r"held by process (\d+)", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+class Job:
+    def __init__(self, old: str, target: Optional[str], stream, caller: Caller) -> None:
+        self.old = old
+        self.target = target
+        self.stream = stream
+        self.caller = caller
+        self.notified = asyncio.Event()
+        self.new_version: Optional[str] = None
+        self.delivered = asyncio.Event()
+
+
 class Updater:
     def __init__(self, daemon) -> None:
         self.daemon = daemon
+        self.job: Optional[Job] = None
+        self.log_path = os.path.join(daemon.config.data_dir, "logs", "update.log")
+        self.state_path = os.path.join(daemon.config.data_dir, STATE_FILE)
+        self._late: List[Dict[str, Any]] = []
+
+    def register(self, api) -> None:
+        api.register(MethodSpec(Method.HOST_UPDATE, self.host_update, mutating=True, root_only=True, stream=True))
+        api.register(MethodSpec(Method.HOST_UPDATE_NOTIFY, self.host_update_notify, mutating=True, root_only=True))
+        api.register(MethodSpec(Method.HOST_UPDATE_LOG, self.host_update_log, mutating=False, root_only=True))
 
     def active_vms(self) -> List[Dict[str, Any]]:
         return [{"vm_id": vm.id, "name": vm.spec.name, "state": vm.state.value}
                 for vm in self.daemon.workers.vms.values() if vm.state in ACTIVE_STATES]
 
-    async def host_update(self, params: Dict[str, Any], caller: Caller) -> Dict[str, Any]:
+    # The request ------------------------------------------------------------------------------
+
+    async def host_update(self, params: Dict[str, Any], caller: Caller, stream) -> Dict[str, Any]:
+        target = _get(params, "version", str)
+        if target is not None and (len(target) > VERSION_MAX or not VERSION_RE.match(target)):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "%r is not a Debian version" % target)
+        if self.job is not None:
+            raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update is already running")
         active = self.active_vms()
         if active:
             raise ApiError(ErrorCode.VMS_RUNNING, "%d VM(s) are still active; stop them before upgrading"
@@ -77,7 +162,149 @@ class Updater:
         reason = unmanaged_reason()
         if reason:
             raise ApiError(ErrorCode.UPDATE_DISABLED, "cannot update: %s" % reason)
-        raise ApiError(ErrorCode.UPDATE_DISABLED, "cannot update: the apt step is not in this build")
+        old = dpkg_version() or "?"
+        job = self.job = Job(old, target, stream, caller)
+        self.daemon.update_in_progress = True
+        log.info("host.update: from %s to %s, requested by %s", old, target or "the newest", caller)
+        self._save_state({"from": old, "target": target, "started_at": time.time(), "transport": caller.transport,
+                          "request_id": getattr(stream, "request_id", None), "delivered": False})
+        keep_state = False
+        try:
+            proc = await self._start_apt(target)
+            waiter = asyncio.ensure_future(proc.wait())
+            notified = asyncio.ensure_future(job.notified.wait())
+            done, _ = await asyncio.wait({waiter, notified}, timeout=APT_TIMEOUT_SEC,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if notified in done:
+                result = {"from": old, "to": job.new_version}
+                if await stream.reply(result):  # on the wire before the postinst goes on
+                    self._save_state(dict(self._load_state() or {}, delivered=True, to=job.new_version))
+                else:
+                    keep_state = True  # the asker is gone: the next daemon reports the outcome
+                job.delivered.set()
+                log.info("host.update: %s -> %s answered; the package restarts tenboxd", old, job.new_version)
+                await asyncio.wait({waiter}, timeout=APT_TIMEOUT_SEC)
+                return result
+            notified.cancel()
+            if waiter not in done:
+                proc.kill()
+                raise ApiError(ErrorCode.APT_FAILED, "apt did not finish within %d s" % APT_TIMEOUT_SEC,
+                               log_tail=self._tail())
+            return await self._judge(old, waiter.result(), stream)
+        finally:
+            self.job = None
+            self.daemon.update_in_progress = False
+            if not keep_state:
+                self._clear_state()
 
-    def register(self, api) -> None:
-        api.register(MethodSpec(Method.HOST_UPDATE, self.host_update, mutating=True, root_only=True))
+    async def _judge(self, old: str, rc: int, stream) -> Dict[str, Any]:
+        tail = self._tail()
+        if rc != 0:
+            holder = lock_holder(tail)
+            message = "apt-get exited with status %d" % rc
+            if holder:
+                message += ": dpkg lock held by PID %s" % holder
+            raise ApiError(ErrorCode.APT_FAILED, message, exit_code=rc, log_tail=tail)
+        new = dpkg_version() or "?"
+        if old != "?" and new != "?" and version_compare(new, old) <= 0:
+            raise ApiError(ErrorCode.VERSION_UNCHANGED, "apt succeeded but tenbox is still %s (the repository may not "
+                           "be synced yet)" % new, version=new)
+        result = {"from": old, "to": new}
+        await stream.reply(result)
+        return result
+
+    async def _start_apt(self, target: Optional[str]):
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        with open(self.log_path, "w") as f:  # one transcript per attempt: the log stays bounded
+            f.write("%s [tenbox-update] from %s to %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                          self.job.old, target or "the newest"))
+        rcfile = self.log_path + ".rc"
+        sources = APT_SOURCES[0] if os.path.exists(APT_SOURCES[0]) else ""
+        pkg = PACKAGE + ("=" + target if target else "")
+        argv = ["/bin/sh", "-c", APT_SCRIPT, "tenbox-update", self.log_path, rcfile, pkg, sources]
+        new_session = True
+        if os.path.isdir("/run/systemd/system") and shutil.which("systemd-run"):
+            # Its own scope: the package's `restart tenboxd` kills our cgroup, not dpkg.
+            argv = ["systemd-run", "--scope", "--quiet", "--collect",
+                    "--unit", "tenbox-update-%d" % int(time.time()), "--"] + argv
+        # Without systemd (containers, chroots) a new session is all there is; a restart
+        # there is a plain signal to tenboxd, which does not reach this process group.
+        return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL,
+                                                    start_new_session=new_session)
+
+    def _tail(self) -> List[str]:
+        return tail_lines([self.log_path], LOG_TAIL_LINES)
+
+    # The package's postinst ----------------------------------------------------------------------
+
+    async def host_update_notify(self, params: Dict[str, Any], caller: Caller) -> Dict[str, Any]:
+        version = _get(params, "version", str, required=True)
+        if len(version) > VERSION_MAX or not VERSION_RE.match(version):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "%r is not a Debian version" % version)
+        job = self.job
+        if job is None:
+            log.info("the tenbox package is being upgraded to %s (not by host.update); restarting soon", version)
+            return {"acknowledged": True, "pending_request": False}
+        job.new_version = version
+        job.notified.set()
+        try:
+            await asyncio.wait_for(job.delivered.wait(), NOTIFY_DELIVERY_SEC)
+        except asyncio.TimeoutError:
+            log.warning("host.update: the answer for %s did not go out in %.0fs; the next daemon will report it",
+                        version, NOTIFY_DELIVERY_SEC)
+            return {"acknowledged": True, "pending_request": True, "delivered": False}
+        return {"acknowledged": True, "pending_request": True, "delivered": True}
+
+    async def host_update_log(self, params: Dict[str, Any], caller: Caller) -> Dict[str, Any]:
+        lines = _get(params, "lines", int, default=200)
+        return {"path": self.log_path, "lines": tail_lines([self.log_path], max(0, min(lines, 10000)))}
+
+    # Surviving a restart ---------------------------------------------------------------------------
+
+    def _save_state(self, state: Dict[str, Any]) -> None:
+        try:
+            atomic_write_json(self.state_path, state, 0o600)
+        except OSError as e:
+            log.error("cannot record the update in %s: %s", self.state_path, e.strerror)
+
+    def _load_state(self) -> Optional[Dict[str, Any]]:
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+            return state if isinstance(state, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _clear_state(self) -> None:
+        try:
+            os.unlink(self.state_path)
+        except FileNotFoundError:
+            pass
+
+    def restore(self) -> None:
+        """At start-up: an update.json means the previous daemon died during an update; judge it now."""
+        state = self._load_state()
+        if state is None:
+            return
+        self._clear_state()
+        old, now = state.get("from") or "?", dpkg_version() or "?"
+        upgraded = old != "?" and now != "?" and version_compare(now, old) > 0
+        if upgraded:
+            body = {"ok": True, "payload": {"from": old, "to": now, "reported_after_restart": True}}
+        else:
+            tail = self._tail()
+            rc_line = [l for l in tail if "apt-get install exited" in l]
+            failed = rc_line and not rc_line[-1].rstrip().endswith("exited 0")
+            code = ErrorCode.APT_FAILED if failed or not rc_line else ErrorCode.VERSION_UNCHANGED
+            body = {"ok": False, "error_code": code.value, "error": "the update from %s did not complete (now %s)"
+                    % (old, now), "log_tail": tail}
+        log.info("host.update before the restart: %s", "from %s to %s" % (old, now) if upgraded else body["error"])
+        if state.get("transport") == "cloud" and not state.get("delivered"):
+            self._late.append({"type": "host.update.response", "id": state.get("request_id"), "payload": body})
+
+    def pending_reports(self) -> List[Dict[str, Any]]:
+        """Answers a previous daemon owed the cloud; handed out once."""
+        out, self._late = self._late, []
+        return out

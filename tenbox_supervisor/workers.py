@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set
 
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.oshost import SIGNAL_NAMES, Host, Proc
-from tenbox_supervisor.store import Store, VmSpec
+from tenbox_supervisor.store import Store, VmSpec, disk_arg
 from tenbox_vmm.protocol import HEARTBEAT_INTERVAL_SEC, HEARTBEAT_LIVENESS, Command, ExitCode, Msg, VmState
 
 log = logging.getLogger("tenboxd.workers")
@@ -285,6 +285,8 @@ class WorkerManager:
         ]
         if s.initrd:
             argv += ["--initrd", s.initrd]
+        for d in s.disks:
+            argv += ["--disk", disk_arg(d)]
         if s.cmdline is not None:
             argv += ["--cmdline", s.cmdline]
         return argv

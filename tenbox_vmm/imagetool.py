@@ -1,0 +1,105 @@
+"""Disk image chores in a short-lived process: create, overlay, inspect (CLI user or daemon, run as a child).
+
+tenboxd and the CLI run this module instead of importing the disk code:
+parsing images operators hand over is untrusted input, and it stays out of
+the long-lived root daemon. Output is one JSON object on stdout; errors are
+one line on stderr and exit status 2.
+
+    python3 -m tenbox_vmm.imagetool create PATH --size 10G [--format qcow2|raw] [--backing FILE]
+    python3 -m tenbox_vmm.imagetool overlay --backing TEMPLATE --out PATH
+    python3 -m tenbox_vmm.imagetool info PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import List, Optional
+
+PROG = "tenbox-image"
+SIZE_RE = re.compile(r"(\d+)([KMGT]i?B?|B)?\Z", re.I)
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_MAX = 64 << 40  # 64 TiB
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1073741824' -> bytes (binary units); ValueError otherwise."""
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError("size %r is not a number with an optional K, M, G or T" % text)
+    unit = (m.group(2) or "").upper()[:1]
+    size = int(m.group(1)) * UNITS[unit]
+    if size <= 0 or size > SIZE_MAX or size % 512:
+        raise ValueError("size %r must be a positive multiple of 512 bytes up to 64 TiB" % text)
+    return size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        sys.stderr.write("%s: error: %s\n" % (PROG, message))
+        raise SystemExit(2)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _Parser(prog=PROG, description="Create and inspect tenbox disk images.")
+    sub = p.add_subparsers(dest="cmd")
+    c = sub.add_parser("create", help="a new empty image")
+    c.add_argument("path")
+    c.add_argument("--size", required=True)
+    c.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
+    c.add_argument("--backing", help="backing image (qcow2 only); the size defaults to its size")
+    c.add_argument("--cluster-size", type=int, default=65536)
+    o = sub.add_parser("overlay", help="a qcow2 overlay on a template, the template's size")
+    o.add_argument("--backing", required=True)
+    o.add_argument("--out", required=True)
+    i = sub.add_parser("info", help="format, size and backing chain as JSON")
+    i.add_argument("path")
+    args = p.parse_args(argv)
+    if not args.cmd:
+        p.error("a command is required: create, overlay or info")
+
+    from tenbox_vmm.disk import DiskError, create_qcow2, image_info
+
+    try:
+        if args.cmd == "info":
+            result = image_info(args.path)
+        elif args.cmd == "overlay":
+            backing = os.path.abspath(args.backing)
+            info = image_info(backing)
+            _refuse_existing(args.out)
+            create_qcow2(args.out, info["virtual_size"], backing=backing, backing_fmt=info["format"])
+            result = image_info(args.out)
+        else:
+            size = parse_size(args.size)
+            _refuse_existing(args.path)
+            if args.format == "raw":
+                if args.backing:
+                    raise DiskError("a raw image cannot have a backing file")
+                with open(args.path, "xb") as f:
+                    f.truncate(size)
+            else:
+                backing = os.path.abspath(args.backing) if args.backing else None
+                fmt = image_info(backing)["format"] if backing else None
+                create_qcow2(args.path, size, cluster_size=args.cluster_size, backing=backing, backing_fmt=fmt)
+            result = image_info(args.path)
+    except (DiskError, ValueError) as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return 2
+    except OSError as e:
+        sys.stderr.write("%s: error: %s%s\n" % (PROG, e.strerror or e, ": %s" % e.filename if e.filename else ""))
+        return 2
+    json.dump(result, sys.stdout, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _refuse_existing(path: str) -> None:
+    if os.path.lexists(path):
+        raise ValueError("%s already exists; not overwriting it" % path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
