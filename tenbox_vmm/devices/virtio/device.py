@@ -25,6 +25,7 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.features = 0  # negotiated, valid once activated
         self.config_changed: Callable[[], None] = lambda: None  # set by the transport
+        self.wake: Callable[[], None] = lambda: None  # set by the I/O thread: run its loop again
 
     def device_features(self) -> int:
         return COMMON_FEATURES

@@ -42,7 +42,12 @@ class IoThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
+        self.device.wake = self.wake
         self._thread.start()
+
+    def wake(self) -> None:
+        """Make the thread run its loop once more (another thread queued work for it)."""
+        eventfd.signal(self._wake)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop = True
@@ -52,13 +57,20 @@ class IoThread:
         os.close(self._wake)
 
     def _service(self, q: Virtqueue) -> None:
-        """Drain a queue with kicks suppressed, then re-arm them without losing a late buffer."""
+        """Process a queue with kicks suppressed, then re-arm them without losing a late buffer.
+
+        A device may leave buffers in place (a receive queue with no frames to
+        fill them), so "more work" means the driver published something after
+        we looked, not that buffers are still available.
+        """
         while q.ready and not self._stop:
             q.disable_kicks()
+            seen = q.avail_idx()
             self.device.process(q)
             if q.needs_interrupt():
                 self.signal_used(q.index)
-            if not q.enable_kicks():
+            q.enable_kicks()
+            if q.avail_idx() == seen:
                 return
 
     def _run(self) -> None:
@@ -75,6 +87,7 @@ class IoThread:
                     self._service(q)
             while not self._stop:
                 fds, timeout = self.device.poll_prepare()
+                polls_device = bool(fds) or timeout >= 0
                 for fd in extra:
                     poller.unregister(fd)
                 extra = []
@@ -94,7 +107,7 @@ class IoThread:
                         eventfd.drain(fd)
                     else:
                         revents[fd] = ev
-                if extra or revents:
+                if polls_device:
                     if self.device.poll_done(revents):
                         for q in self.queues:
                             if q.ready and q.needs_interrupt():

@@ -196,7 +196,7 @@ class Virtqueue:
         return notify
 
     def enable_kicks(self) -> bool:
-        """Ask for a kick on the next buffer; True if one is already waiting (re-check after)."""
+        """Ask for a kick on the next buffer; True if unprocessed buffers are waiting."""
         if self.event_idx:
             _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
         else:
