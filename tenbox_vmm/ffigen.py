@@ -17,6 +17,7 @@ from typing import Any
 # (module name, declarations module, attribute) for every pre-parsed FFI.
 MODULES = (
     ("tenbox_vmm.kvm._kvm_ffi", "tenbox_vmm.kvm._cdef", "CDEF"),
+    ("tenbox_vmm.net._slirp_ffi", "tenbox_vmm.net._slirp_cdef", "CDEF"),
 )
 
 
