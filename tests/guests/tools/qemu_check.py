@@ -8,6 +8,15 @@ tenbox is judged by it. Prints the exact command line, the wall time from
 process start to exit and the verdict for each guest; exit status 0 only if
 all passed. The interactive guests are driven as a user would: echo over a
 pipe on stdin, idle through stdin and `system_powerdown` on a monitor socket.
+
+The virtio guests run against QEMU's own virtio-mmio version 2 devices
+(`-global virtio-mmio.force-legacy=false`): blk against virtio-blk-device on
+a raw image whose CRC-32s (zlib) are compared with the guest's, before and
+after its writes; net against virtio-net-device with `-netdev user` (slirp):
+DHCP, ping of the gateway, UDP and TCP to sockets on the host's loopback
+through 10.0.2.2, TCP through a guestfwd, and the guest's UDP and TCP echo
+services through hostfwd, link changes by `set_link`. The *-bench checks
+print the time between the guest's start and done lines as seen here.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ class Run:
     proc: subprocess.Popen
     started: float
     lines: List[str] = field(default_factory=list)
+    times: List[float] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def reader(self) -> None:
@@ -47,6 +57,7 @@ class Run:
         for raw in self.proc.stdout:
             with self.cond:
                 self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                self.times.append(time.monotonic())
                 self.cond.notify_all()
         with self.cond:
             self.cond.notify_all()
@@ -126,10 +137,11 @@ class Result:
     lines: List[str]
 
 
-def verdict(name: str, run: Run, elapsed: float, extra_ok: Callable[[List[str]], str] = lambda l: "") -> Result:
+def verdict(name: str, run: Run, elapsed: float, extra_ok: Callable[[List[str]], str] = lambda l: "",
+            guest: Optional[str] = None) -> Result:
     lines = run.lines
     why = ""
-    if not any(l == "TENBOX-GUEST %s PASS" % name for l in lines):
+    if not any(l == "TENBOX-GUEST %s PASS" % (guest or name) for l in lines):
         why = "no PASS line"
     elif run.proc.returncode != 0:
         why = "QEMU exit status %s" % run.proc.returncode
@@ -202,6 +214,373 @@ def check_idle(accel: str, out: str, tmp: str) -> Result:
     return verdict("idle", run, elapsed,
                    lambda lines: "" if "idle: power button" in lines else "no power button line")
 
+# ---- virtio-blk ----------------------------------------------------------------
+
+VIRTIO_MODERN = ["-global", "virtio-mmio.force-legacy=false"]
+SECTOR = 512
+BLK_SERIAL = "TENBOX-BLK-0001"
+BLK_IMAGE_MIB = 8
+BLK_BENCH_IMAGE_MIB = 256
+BLK_BENCH_MIB = 256
+BLK_BENCH_OPS = 20000
+
+
+def make_image(path: str, mib: int, seed: int = 1) -> bytes:
+    """A raw disk image of deterministic pseudo-random bytes; returns them."""
+    import random
+
+    size = mib << 20
+    data = random.Random(seed).getrandbits(size * 8).to_bytes(size, "little")
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def blk_device(path: str, drive_opts: str = "") -> List[str]:
+    return VIRTIO_MODERN + ["-device", "virtio-blk-device,drive=d0,serial=%s" % BLK_SERIAL,
+                            "-drive", "file=%s,if=none,format=raw,id=d0%s" % (path, drive_opts)]
+
+
+def crc_lines(lines: List[str]) -> List[tuple]:
+    """(lba, count, crc) from every "info - blk.crc32.<lba>.<count>=<hex>" line, in order."""
+    found = []
+    for l in lines:
+        if l.startswith("info - blk.crc32."):
+            key, _, value = l[len("info - blk.crc32."):].partition("=")
+            lba, _, count = key.partition(".")
+            found.append((int(lba), int(count), int(value, 16)))
+    return found
+
+
+def sectors(data: bytes, lba: int, count: int) -> bytes:
+    return data[lba * SECTOR:(lba + count) * SECTOR]
+
+
+def check_blk_basic(name: str, accel: str, out: str, tmp: str, append: str, drive_opts: str = "",
+                    reads: Optional[List[tuple]] = None, writes: Optional[List[tuple]] = None,
+                    expect: Optional[List[str]] = None) -> Result:
+    """Guest CRCs of read ranges against the original image, of written ranges and the
+    whole image after the run against the written bytes (writes: (lba, count, byte))."""
+    path = os.path.join(tmp, name + ".img")
+    orig = make_image(path, BLK_IMAGE_MIB)
+    run = start(qemu_argv(accel, os.path.join(out, "blk.bzImage"), append, "microvm,acpi=on,rtc=on",
+                          blk_device(path, drive_opts)))
+    run.proc.stdin.close()  # type: ignore[union-attr]
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+    with open(path, "rb") as f:
+        final = f.read()
+
+    def judge(lines: List[str]) -> str:
+        want = ["info - blk.capacity=%d" % (len(orig) // SECTOR), "info - blk.serial=" + BLK_SERIAL] + (expect or [])
+        missing = [w for w in want if w not in lines]
+        if missing:
+            return "missing %r" % missing
+        got = crc_lines(lines)
+        read_keys = {(l, c) for l, c in reads or []}
+        for lba, count, crc in got:
+            image = orig if (lba, count) in read_keys else final
+            if zlib.crc32(sectors(image, lba, count)) != crc:
+                return "guest crc32 of %d:%d is %08x, the image's %08x" % (
+                    lba, count, crc, zlib.crc32(sectors(image, lba, count)))
+        missing_reads = read_keys - {(l, c) for l, c, _ in got}
+        if missing_reads:
+            return "no crc32 line for %r" % sorted(missing_reads)
+        expected = bytearray(orig)
+        for lba, count, byte in writes or []:
+            expected[lba * SECTOR:(lba + count) * SECTOR] = bytes([byte]) * (count * SECTOR)
+        if final != bytes(expected):
+            first = next(i for i in range(len(final)) if final[i] != expected[i])
+            return "the image differs from what the guest wrote at sector %d" % (first // SECTOR)
+        return ""
+
+    return verdict(name, run, elapsed, judge, guest="blk")
+
+
+def check_blk_hostile(name: str, accel: str, out: str, tmp: str, mode: str) -> Result:
+    path = os.path.join(tmp, name + ".img")
+    make_image(path, BLK_IMAGE_MIB)
+    run = start(qemu_argv(accel, os.path.join(out, "blk.bzImage"), "blk.hostile=" + mode, "microvm,acpi=on,rtc=on",
+                          blk_device(path)))
+    run.proc.stdin.close()  # type: ignore[union-attr]
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+
+    def judge(lines: List[str]) -> str:
+        outcome = [l for l in lines if l.startswith("info - blk.hostile.outcome=")]
+        if "ok - the device works again after a reset" not in lines:
+            return "the device did not recover after a reset"
+        return "" if outcome else "no outcome line"
+
+    r = verdict(name, run, elapsed, judge, guest="blk")
+    if r.ok:
+        r.why = "PASS: " + "; ".join(l[len("info - "):] for l in r.lines if l.startswith("info - blk.hostile."))
+    return r
+
+
+def line_time(run: Run, prefix: str) -> Optional[float]:
+    for l, t in zip(run.lines, run.times):
+        if l.startswith(prefix):
+            return t
+    return None
+
+
+def bench_span(run: Run, guest: str) -> Optional[float]:
+    t0, t1 = line_time(run, guest + ": start"), line_time(run, guest + ": done")
+    return t1 - t0 if t0 is not None and t1 is not None else None
+
+
+def done_fields(lines: List[str], prefix: str) -> dict:
+    for l in lines:
+        if l.startswith(prefix):
+            return dict(kv.split("=", 1) for kv in l[len(prefix):].split() if "=" in kv)
+    return {}
+
+
+def check_blk_bench(name: str, accel: str, out: str, tmp: str, kind: str) -> Result:
+    path = os.path.join(tmp, "bench.img")
+    if not os.path.exists(path):
+        chunk = bytes((i * 131 + 7) & 0xFF for i in range(1 << 20))
+        with open(path, "wb") as f:
+            for _ in range(BLK_BENCH_IMAGE_MIB):
+                f.write(chunk)
+    size = "blk.bench.ops=%d" % BLK_BENCH_OPS if kind == "randread" else "blk.bench.mb=%d" % BLK_BENCH_MIB
+    run = start(qemu_argv(accel, os.path.join(out, "blk.bzImage"), "blk.bench=%s %s" % (kind, size),
+                          "microvm,acpi=on,rtc=on", blk_device(path)))
+    run.proc.stdin.close()  # type: ignore[union-attr]
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+    r = verdict(name, run, elapsed, guest="blk")
+    span = bench_span(run, "blk")
+    f = done_fields(r.lines, "blk: done ")
+    if r.ok and span and f:
+        mib, ops = int(f["bytes"]) / (1 << 20), int(f["ops"])
+        r.why = "PASS: %d ops, %.0f MiB in %.3f s: %.0f MiB/s, %.0f ops/s (host time between blk: start and done)" % (
+            ops, mib, span, mib / span, ops / span)
+    return r
+
+
+# ---- virtio-net ----------------------------------------------------------------
+
+TCP_PAYLOAD = bytes((i * 7 + 1) & 0xFF for i in range(100000))
+NET_DEVICE = VIRTIO_MODERN + ["-device", "virtio-net-device,netdev=n0"]
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def udp_echo_server() -> tuple:
+    """A UDP socket on the host's loopback that echoes every datagram; (port, received list)."""
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    got: List[bytes] = []
+
+    def serve() -> None:
+        while True:
+            data, addr = u.recvfrom(65536)
+            got.append(data)
+            u.sendto(data, addr)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return u.getsockname()[1], got
+
+
+def tcp_line_server() -> tuple:
+    """A TCP server on the host's loopback: reads a line, answers "hello <line>" and the
+    payload, closes. (port, lines received)"""
+    t = socket.socket()
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("127.0.0.1", 0))
+    t.listen(4)
+    got: List[bytes] = []
+
+    def serve() -> None:
+        while True:
+            c, _ = t.accept()
+            with c:
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    line += chunk
+                got.append(line)
+                c.sendall(b"hello " + line + TCP_PAYLOAD)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return t.getsockname()[1], got
+
+
+def tcp_get_ok(lines: List[str], answer: bytes) -> str:
+    want = ["info - net.tcp.bytes=%d" % len(answer), "info - net.tcp.crc32=%08x" % zlib.crc32(answer)]
+    missing = [w for w in want if w not in lines]
+    return "missing %r" % missing if missing else ""
+
+
+def check_net(name: str, accel: str, out: str) -> Result:
+    uport, ugot = udp_echo_server()
+    tport, tgot = tcp_line_server()
+    text = "hello-from-the-guest"
+    append = ("net.test=dhcp,ping,udp,tcp net.udp.send=10.0.2.2:%d:%s expect.udp_reply=1 net.tcp.get=10.0.2.2:%d"
+              % (uport, text, tport))
+    run = start(qemu_argv(accel, os.path.join(out, "net.bzImage"), append, "microvm,acpi=on,rtc=on",
+                          NET_DEVICE + ["-netdev", "user,id=n0"]))
+    run.proc.stdin.close()  # type: ignore[union-attr]
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+
+    def judge(lines: List[str]) -> str:
+        want = ["info - net.ip=10.0.2.15 gw=10.0.2.2 dns=10.0.2.3", "ok - ping 10.0.2.2",
+                "info - net.udp.reply=" + text, "info - net.tcp.line=hello tenbox-guest"]
+        missing = [w for w in want if w not in lines]
+        if missing:
+            return "missing %r" % missing
+        if text.encode() not in ugot:
+            return "the host's UDP socket did not get the datagram"
+        if tgot != [b"tenbox-guest\n"]:
+            return "the host's TCP server got %r" % tgot
+        return tcp_get_ok(lines, b"hello tenbox-guest\n" + TCP_PAYLOAD)
+
+    return verdict(name, run, elapsed, judge, guest="net")
+
+
+GUESTFWD_SERVER = """import sys
+line = sys.stdin.buffer.readline()
+sys.stdout.buffer.write(b"guestfwd " + line + bytes((i * 7 + 1) & 0xFF for i in range(100000)))
+sys.stdout.buffer.flush()
+"""
+
+
+def check_net_guestfwd(name: str, accel: str, out: str, tmp: str) -> Result:
+    """The guest's TCP client through a guestfwd to a command (a connection per run of it)."""
+    script = os.path.join(tmp, "guestfwd_server.py")
+    with open(script, "w") as f:
+        f.write(GUESTFWD_SERVER)
+    netdev = "user,id=n0,guestfwd=tcp:10.0.2.100:80-cmd:%s %s" % (sys.executable, script)
+    run = start(qemu_argv(accel, os.path.join(out, "net.bzImage"), "net.test=dhcp,tcp net.tcp.get=10.0.2.100:80",
+                          "microvm,acpi=on,rtc=on", NET_DEVICE + ["-netdev", netdev]))
+    run.proc.stdin.close()  # type: ignore[union-attr]
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+    return verdict(name, run, elapsed,
+                   lambda lines: tcp_get_ok(lines, b"guestfwd tenbox-guest\n" + TCP_PAYLOAD), guest="net")
+
+
+def check_net_stay(name: str, accel: str, out: str, tmp: str) -> Result:
+    """The guest's UDP and TCP echo services through hostfwd, link changes, the power button."""
+    hu, ht = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    sock = os.path.join(tmp, name + ".sock")
+    netdev = "user,id=n0,hostfwd=udp:127.0.0.1:%d-:7,hostfwd=tcp:127.0.0.1:%d-:7" % (hu, ht)
+    run = start(qemu_argv(accel, os.path.join(out, "net.bzImage"),
+                          "net.test=dhcp net.udp.echo=7 net.tcp.listen=7 net.stay=1", "microvm,acpi=on,rtc=on",
+                          NET_DEVICE + ["-netdev", netdev], monitor="unix:%s,server=on,wait=off" % sock))
+    problems: List[str] = []
+    if run.wait_line("net: ready"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(5)
+            u.sendto(b"udp-through-hostfwd", ("127.0.0.1", hu))
+            try:
+                if u.recvfrom(2048)[0] != b"udp-through-hostfwd":
+                    problems.append("wrong UDP echo")
+            except socket.timeout:
+                problems.append("no UDP echo")
+        data = bytes((i * 13) & 0xFF for i in range(30000))
+        try:
+            with socket.create_connection(("127.0.0.1", ht), timeout=10) as c:
+                c.sendall(data)
+                c.shutdown(socket.SHUT_WR)
+                back = b""
+                while True:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    back += chunk
+            if back != data:
+                problems.append("TCP echo returned %d of %d bytes" % (len(back), len(data)))
+        except OSError as e:
+            problems.append("TCP echo: %s" % e)
+        if not run.wait_line("net: tcp closed"):
+            problems.append("no tcp closed line")
+        send_monitor(sock, "set_link n0 off")
+        if not run.wait_line("info - net.link=down", 10):
+            problems.append("no link down line")
+        send_monitor(sock, "set_link n0 on")
+        ups = lambda: sum(1 for l in run.lines if l == "info - net.link=up")
+        deadline = time.monotonic() + 10
+        while ups() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if ups() < 2:
+            problems.append("no link up line after set_link on")
+        send_monitor(sock, "system_powerdown")
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+
+    def judge(lines: List[str]) -> str:
+        if problems:
+            return "; ".join(problems)
+        return "" if "net: power button" in lines else "no power button line"
+
+    return verdict(name, run, elapsed, judge, guest="net")
+
+
+def check_net_quit(name: str, accel: str, out: str) -> Result:
+    run = start(qemu_argv(accel, os.path.join(out, "net.bzImage"), "net.test=none net.stay=1",
+                          "microvm,acpi=on,rtc=on", NET_DEVICE + ["-netdev", "user,id=n0"]))
+    if run.wait_line("net: ready"):
+        run.send(b"quit\n")
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+    return verdict(name, run, elapsed, lambda lines: "" if "echo: quit" in lines else "no echo of quit", guest="net")
+
+
+NET_BENCH_COUNT = 20000
+NET_BENCH_SIZE = 1024
+
+
+def check_net_bench(name: str, accel: str, out: str, kind: str) -> Result:
+    """udp-tx: the guest sends to a host socket at 10.0.2.2; udp-rx: the host answers the
+    guest's request with the datagrams."""
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    u.bind(("127.0.0.1", 0))
+    port = u.getsockname()[1]
+    stats = {"packets": 0, "bytes": 0}
+
+    def serve() -> None:
+        while True:
+            try:
+                data, addr = u.recvfrom(65536)
+            except OSError:
+                return
+            if kind == "udp-rx" and data.startswith(b"tenbox-bench udp-rx"):
+                f = dict(kv.split(b"=") for kv in data.split()[2:])
+                count, size = int(f[b"count"]), int(f[b"size"])
+                payload = bytes(size)
+                for i in range(count):
+                    u.sendto(payload, addr)
+                    if i % 32 == 31:
+                        time.sleep(0.0003)  # let slirp's socket buffer (QEMU's main loop) keep up
+            else:
+                stats["packets"] += 1
+                stats["bytes"] += len(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    append = "net.test=dhcp net.bench=%s net.bench.port=%d net.bench.count=%d net.bench.size=%d" % (
+        kind, port, NET_BENCH_COUNT, NET_BENCH_SIZE)
+    run = start(qemu_argv(accel, os.path.join(out, "net.bzImage"), append, "microvm,acpi=on,rtc=on",
+                          NET_DEVICE + ["-netdev", "user,id=n0"]))
+    run.proc.stdin.close()  # type: ignore[union-attr]
+    elapsed = finish(run, GUEST_TIMEOUT_SEC)
+    time.sleep(0.2)
+    u.close()
+    r = verdict(name, run, elapsed, guest="net")
+    span = bench_span(run, "net")
+    f = done_fields(r.lines, "net: done ")
+    if r.ok and span and f:
+        packets = int(f["packets"])
+        seen = "the host received %d" % stats["packets"] if kind == "udp-tx" else "the host sent %d" % NET_BENCH_COUNT
+        if kind == "udp-rx" and packets < NET_BENCH_COUNT:
+            seen += "; lost ones cost the guest's %d ms idle wait" % 300
+        r.why = "PASS: %d datagrams of %d bytes in %.3f s: %.0f packets/s, %.1f MiB/s (%s)" % (
+            packets, NET_BENCH_SIZE, span, packets / span, int(f["bytes"]) / span / (1 << 20), seen)
+    return r
+
 
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -226,6 +605,33 @@ def main(argv: List[str]) -> int:
             "echo": lambda: check_echo(a, out),
             "idle": lambda: check_idle(a, out, tmp),
             "pio": lambda: check_simple("pio", a, out, "pio.count=100000", expect=["pio: done n=100000"]),
+            "blk": lambda: check_blk_basic(
+                "blk", a, out, tmp,
+                "blk.read=0:16,100:300,16000:384 blk.write=1000:16:c3 blk.zero=2000:8 blk.discard=3000:8 "
+                "expect.discard_zeroes=1 blk.segments=3",
+                ",discard=unmap", reads=[(0, 16), (100, 300), (16000, 384)],
+                writes=[(1000, 16, 0xC3), (2000, 8, 0), (3000, 8, 0)],
+                expect=["ok - every completion arrived with its interrupt", "ok - flush"]),
+            "blk-poll": lambda: check_blk_basic(
+                "blk-poll", a, out, tmp,
+                "virtio.irq=0 virtio.indirect=0 virtio.event_idx=0 blk.segments=7 blk.read=0:64 blk.write=64:32:5a",
+                reads=[(0, 64)], writes=[(64, 32, 0x5A)], expect=["info - blk.completion=polling"]),
+            "blk-ro": lambda: check_blk_basic(
+                "blk-ro", a, out, tmp, "expect.ro=1 blk.write=5:1:aa", ",readonly=on", reads=[(0, 16)],
+                expect=["ok - write refused on a read-only disk"]),
+            "blk-hostile-loop": lambda: check_blk_hostile("blk-hostile-loop", a, out, tmp, "loop"),
+            "blk-hostile-oob": lambda: check_blk_hostile("blk-hostile-oob", a, out, tmp, "oob"),
+            "blk-hostile-huge": lambda: check_blk_hostile("blk-hostile-huge", a, out, tmp, "huge"),
+            "blk-hostile-move": lambda: check_blk_hostile("blk-hostile-move", a, out, tmp, "move"),
+            "blk-bench-seqread": lambda: check_blk_bench("blk-bench-seqread", a, out, tmp, "seqread"),
+            "blk-bench-seqwrite": lambda: check_blk_bench("blk-bench-seqwrite", a, out, tmp, "seqwrite"),
+            "blk-bench-randread": lambda: check_blk_bench("blk-bench-randread", a, out, tmp, "randread"),
+            "net": lambda: check_net("net", a, out),
+            "net-guestfwd": lambda: check_net_guestfwd("net-guestfwd", a, out, tmp),
+            "net-stay": lambda: check_net_stay("net-stay", a, out, tmp),
+            "net-quit": lambda: check_net_quit("net-quit", a, out),
+            "net-bench-udp-tx": lambda: check_net_bench("net-bench-udp-tx", a, out, "udp-tx"),
+            "net-bench-udp-rx": lambda: check_net_bench("net-bench-udp-rx", a, out, "udp-rx"),
         }
         names = args.guests or list(checks)
         unknown = [n for n in names if n not in checks]
@@ -236,11 +642,13 @@ def main(argv: List[str]) -> int:
         for name in names:
             r = checks[name]()
             failed += not r.ok
-            print("%-8s %-4s %6.2f s  %s" % (name, "ok" if r.ok else "FAIL", r.elapsed, r.why))
-            print("         $ " + " ".join(shlex.quote(x) for x in r.argv))
+            width = max(8, max(len(n) for n in names))
+            pad = " " * (width + 1)
+            print("%-*s %-4s %6.2f s  %s" % (width, name, "ok" if r.ok else "FAIL", r.elapsed, r.why))
+            print(pad + "$ " + " ".join(shlex.quote(x) for x in r.argv))
             if args.verbose or not r.ok:
                 for line in r.lines:
-                    print("         | " + line)
+                    print(pad + "| " + line)
     return 1 if failed else 0
 
 
