@@ -47,6 +47,12 @@ def _disk_option(ctx, param, values):
     return disks
 
 
+def _net_line(net: dict) -> str:
+    if not net.get("enabled"):
+        return "none"
+    return "%s, link %s" % (net.get("mac"), "up" if net.get("link_up", True) else "down")
+
+
 def _print_vm(vm: dict, as_json: bool) -> None:
     if as_json:
         output.emit_json(vm)
@@ -56,11 +62,15 @@ def _print_vm(vm: dict, as_json: bool) -> None:
         ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
         ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
         ("disks", ", ".join(d["path"] + (" (ro)" if d.get("read_only") else "") for d in vm.get("disks") or []) or "-"),
+        ("network", _net_line(vm.get("net") or {})),
+        ("forwards", ", ".join((vm.get("net") or {}).get("hostfwds", []) + (vm.get("net") or {}).get("guestfwds", [])) or "-"),
         ("pid", vm.get("pid")), ("uptime", output.duration(vm.get("uptime_sec"))),
         ("last failure", output.failure(vm.get("last_failure"))),
     ]
     for k, v in rows:
         click.echo("%-13s %s" % (k + ":", "-" if v is None else v))
+    for spec, reason in (vm.get("net_status") or {}).get("failures", []):
+        click.echo("%-13s %s: %s" % ("failed fwd:", spec, reason))
 
 
 @vm_group.command("ls")
@@ -118,10 +128,13 @@ def vm_show(app: App, vm: str, as_json: bool):
 @click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S]",
               help="A disk image (raw or qcow2); repeat for more.")
 @click.option("--template", type=click.Path(dir_okay=False), help="Give the VM its own qcow2 overlay of this image as its first disk.")
+@click.option("--net/--no-net", "net", default=True, show_default=True, help="Network link up at boot (user-mode NAT).")
+@click.option("--hostfwd", "hostfwds", multiple=True, metavar="SPEC", help="Host -> guest forward, e.g. tcp:127.0.0.1:2222-:22.")
+@click.option("--guestfwd", "guestfwds", multiple=True, metavar="SPEC", help="Guest -> host forward, e.g. guestfwd:10.0.2.3:80-127.0.0.1:18981.")
 @json_option
 @pass_app
 @handle_errors
-def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, template, as_json):
+def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, template, net, hostfwds, guestfwds, as_json):
     """Create a VM (stopped); prints its id.
 
     \b
@@ -130,7 +143,8 @@ def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, temp
       tenbox vm create db --kernel /srv/vmlinuz --template /srv/debian.qcow2 --disk /srv/data.raw,serial=data
     """
     payload = {"name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory, "cpus": cpus,
-               "disks": disks, "template": _abs(template)}
+               "disks": disks, "template": _abs(template), "net": net, "hostfwds": list(hostfwds),
+               "guestfwds": list(guestfwds)}
     if cmdline is not None:
         payload["cmdline"] = cmdline
     vm = app.client().request("vm.create", payload)
@@ -148,22 +162,44 @@ def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, temp
 @click.option("--cmdline")
 @click.option("--memory", type=click.IntRange(16), help="RAM in MiB (VM stopped).")
 @click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs (VM stopped).")
+@click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S]",
+              help="Replace the disks (VM stopped).")
+@click.option("--net", type=click.Choice(["on", "off"]), help="Network link up or down, also while running.")
+@click.option("--hostfwd", "hostfwds", multiple=True, metavar="SPEC", help="Replace the host forwards (also while running).")
+@click.option("--guestfwd", "guestfwds", multiple=True, metavar="SPEC", help="Replace the guest forwards (also while running).")
+@click.option("--clear-forwards", is_flag=True, help="Remove every host and guest forward.")
 @json_option
 @pass_app
 @handle_errors
-def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, as_json):
-    """Change a VM's settings; hardware changes need it stopped.
+def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, net, hostfwds, guestfwds,
+            clear_forwards, as_json):
+    """Change a VM's settings; hardware changes need it stopped, the network changes live.
 
     \b
     Example:
       tenbox vm edit web --memory 1024 --cpus 2
+      tenbox vm edit web --net off
+      tenbox vm edit web --hostfwd tcp:127.0.0.1:8080-:80 --hostfwd udp::5353-:53
     """
     payload = {"vm_id": vm, "name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "cmdline": cmdline,
-               "memory_mb": memory, "cpus": cpus}
+               "memory_mb": memory, "cpus": cpus, "disks": disks or None, "net": net}
+    if clear_forwards:
+        payload["hostfwds"], payload["guestfwds"] = [], []
+    if hostfwds:
+        payload["hostfwds"] = list(hostfwds)
+    if guestfwds:
+        payload["guestfwds"] = list(guestfwds)
     payload = {k: v for k, v in payload.items() if v is not None}
     if len(payload) == 1:
         raise click.UsageError("nothing to change: give at least one option")
-    _print_vm(app.client().request("vm.edit", payload), as_json)
+    result = app.client().request("vm.edit", payload)
+    _print_vm(result, as_json)
+    _warn_forwards(result.get("forward_failures"))
+
+
+def _warn_forwards(failures) -> None:
+    for spec, reason in failures or []:
+        output.err("forward %s failed: %s" % (spec, reason))
 
 
 def _simple(verb: str, method: str, doc: str, timeout_option: bool = False):
@@ -178,6 +214,8 @@ def _simple(verb: str, method: str, doc: str, timeout_option: bool = False):
             payload["timeout"] = timeout
             client_timeout = timeout + 30
         result = app.client(client_timeout).request(method, payload)
+        if method == "vm.start":
+            _warn_forwards((result.get("net_status") or {}).get("failures"))
         if as_json:
             output.emit_json(result)
         else:

@@ -19,7 +19,17 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from tenbox_supervisor import doctor, telemetry
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode, Event, Method
-from tenbox_supervisor.store import CPUS_MAX, DISKS_MAX, MEMORY_MIN_MB, SpecError, VmSpec, check_disk, new_vm_id
+from tenbox_supervisor.store import (
+    CPUS_MAX,
+    DISKS_MAX,
+    FORWARDS_MAX,
+    MEMORY_MIN_MB,
+    SpecError,
+    VmSpec,
+    check_disk,
+    new_mac,
+    new_vm_id,
+)
 from tenbox_supervisor.workers import ACTIVE_STATES, STOP_TIMEOUT_SEC, SHUTDOWN_TIMEOUT_SEC, OperationError, VmRuntime
 from tenbox_vmm import __version__
 from tenbox_vmm.protocol import VmState
@@ -146,6 +156,40 @@ def _disks(params) -> Optional[List[Dict[str, Any]]]:
     return out
 
 
+def _forwards(params, key: str) -> Optional[List[str]]:
+    """A list of forward specs, checked with the worker's own grammar (tenbox_vmm.net.forwards)."""
+    from tenbox_vmm.net.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
+
+    raw = params.get(key)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or len(raw) > FORWARDS_MAX or not all(isinstance(s, str) for s in raw):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must be a list of at most %d specs" % (key, FORWARDS_MAX))
+    parse = parse_hostfwd if key == "hostfwds" else parse_guestfwd
+    for spec in raw:
+        try:
+            parse(spec)
+        except ForwardSpecError as e:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, str(e))
+    return list(raw)
+
+
+def _net_flag(params) -> Optional[bool]:
+    """`net`: true/false, or "on"/"off" (TenBox's CLI); also TenBox's `net_enabled`/`nat_enabled`."""
+    for key in ("net", "net_enabled", "nat_enabled"):
+        value = params.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("on", "off", "true", "false", "up", "down"):
+            return value.lower() in ("on", "true", "up")
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must be on or off" % key)
+    return None
+
+
 async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC) -> Dict[str, Any]:
     """Run `python3 -m tenbox_vmm.imagetool ARGS` in a child; its JSON, or ApiError with its message."""
     proc = await asyncio.create_subprocess_exec(
@@ -253,6 +297,7 @@ class Api:
             "started_at": vm.started_at if vm.state in ACTIVE_STATES else None,
             "uptime_sec": vm.uptime(),
             "last_failure": vm.last_failure,
+            "net_status": vm.net_status,
         }
         if vm.proc is not None:
             out["resources"] = telemetry.process_resources(vm.proc.pid)
@@ -297,6 +342,12 @@ class Api:
             cpus=_int(params, "cpus", 1, CPUS_MAX, default=1),
             disks=_disks(params) or [],
         )
+        hostfwds, guestfwds = _forwards(params, "hostfwds"), _forwards(params, "guestfwds")
+        net_on = _net_flag(params)
+        if net_on is None:
+            net_on = True  # as TenBox: a VM has the network unless told otherwise
+        spec.net = {"enabled": True, "mac": new_mac(), "link_up": net_on,
+                    "hostfwds": hostfwds or [], "guestfwds": guestfwds or []}
         template = _file(params, "template")
         if template and len(spec.disks) >= DISKS_MAX:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks" % DISKS_MAX)
@@ -343,6 +394,22 @@ class Api:
             if hw and vm.state in ACTIVE_STATES:
                 raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
             changes.update(hw)
+            net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
+            link = _net_flag(params)
+            hostfwds, guestfwds = _forwards(params, "hostfwds"), _forwards(params, "guestfwds")
+            net_changes = {}
+            if link is not None and link != net.get("link_up", True):
+                net_changes["link_up"] = link
+            if hostfwds is not None and hostfwds != net.get("hostfwds", []):
+                net_changes["hostfwds"] = hostfwds
+            if guestfwds is not None and guestfwds != net.get("guestfwds", []):
+                net_changes["guestfwds"] = guestfwds
+            failures: List[Any] = []
+            if net_changes and vm.state in ACTIVE_STATES and vm.proc is not None:
+                failures = await self._apply_net(vm, net, net_changes)
+            if net_changes:
+                net.update(net_changes)
+                changes["net"] = net
             if changes:
                 updated = VmSpec.from_json(dict(s.to_json(), **changes))
                 try:
@@ -351,7 +418,26 @@ class Api:
                     raise ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
                 vm.spec = updated
                 log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
-        return self.view(vm)
+        return dict(self.view(vm), forward_failures=failures)
+
+    async def _apply_net(self, vm: VmRuntime, net: Dict[str, Any], changes: Dict[str, Any]) -> List[Any]:
+        """Carry network changes into the running worker; the forwards that failed there."""
+        from tenbox_vmm.protocol import Command
+
+        if not net.get("enabled"):
+            raise ApiError(ErrorCode.VM_RUNNING, "VM %s has no network card; stop it to add one" % vm.id)
+        try:
+            if "link_up" in changes:
+                await self.workers.command(vm, Command.NET_LINK, {"up": changes["link_up"]})
+            if "hostfwds" in changes or "guestfwds" in changes:
+                result = await self.workers.command(vm, Command.NET_FORWARDS, {
+                    "hostfwds": changes.get("hostfwds", net.get("hostfwds", [])),
+                    "guestfwds": changes.get("guestfwds", net.get("guestfwds", [])),
+                })
+                return result.get("failures", [])
+        except OperationError as e:
+            raise ApiError(ErrorCode(e.code), str(e))
+        return []
 
     async def vm_start(self, params, caller):
         vm = self.find(params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -84,6 +85,8 @@ class VmSpec:
             raise SpecError("at most %d disks" % DISKS_MAX)
         for d in self.disks:
             check_disk(d)
+        if self.net:
+            check_net(self.net)
         if not isinstance(self.created_at, (int, float)):
             raise SpecError("created_at must be a number")
 
@@ -103,6 +106,30 @@ def check_disk(d: Any) -> None:
     serial = d.get("serial", "")
     if not isinstance(serial, str) or len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
         raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % SERIAL_MAX)
+
+
+MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
+FORWARDS_MAX = 64
+
+
+def check_net(n: Any) -> None:
+    """{"enabled": bool, "mac": "52:54:00:..", "link_up": bool, "hostfwds": [spec], "guestfwds": [spec]}."""
+    if not isinstance(n, dict) or not isinstance(n.get("enabled", False), bool):
+        raise SpecError("net must be an object with a boolean 'enabled'")
+    if n.get("enabled"):
+        if not isinstance(n.get("mac"), str) or not MAC_RE.match(n["mac"]):
+            raise SpecError("net.mac must look like 52:54:00:12:34:56")
+        if not isinstance(n.get("link_up", True), bool):
+            raise SpecError("net.link_up must be a boolean")
+    for key in ("hostfwds", "guestfwds"):
+        specs = n.get(key, [])
+        if not isinstance(specs, list) or len(specs) > FORWARDS_MAX or not all(isinstance(s, str) for s in specs):
+            raise SpecError("net.%s must be a list of at most %d forward specs" % (key, FORWARDS_MAX))
+
+
+def new_mac() -> str:
+    """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
+    return "52:54:00:" + ":".join("%02x" % b for b in secrets.token_bytes(3))
 
 
 def disk_arg(d: Dict[str, Any]) -> str:

@@ -107,6 +107,7 @@ class VmRuntime:
         self.lost: Optional[Failure] = None
         self.lock = asyncio.Lock()
         self.changed = asyncio.Condition()
+        self.net_status: Optional[Dict[str, Any]] = None  # what the worker last said about its network
         self._unwatch: Optional[Callable[[], None]] = None
 
     @property
@@ -203,6 +204,8 @@ class WorkerManager:
         self.listeners: List[Callable[[VmRuntime, VmState, VmState, str], None]] = []
         self.runtime_argv = [sys.executable, "-m", "tenbox_vmm"]
         self._tick_task: Optional[asyncio.Task] = None
+        self._next_id = 1
+        self._pending: Dict[int, asyncio.Future] = {}
 
     # Start-up ---------------------------------------------------------------
 
@@ -287,6 +290,13 @@ class WorkerManager:
             argv += ["--initrd", s.initrd]
         for d in s.disks:
             argv += ["--disk", disk_arg(d)]
+        net = s.net or {}
+        if net.get("enabled"):
+            argv += ["--net", "--mac", net["mac"], "--net-link", "up" if net.get("link_up", True) else "down"]
+            for spec in net.get("hostfwds", []):
+                argv += ["--hostfwd", spec]
+            for spec in net.get("guestfwds", []):
+                argv += ["--guestfwd", spec]
         if s.cmdline is not None:
             argv += ["--cmdline", s.cmdline]
         return argv
@@ -366,6 +376,28 @@ class WorkerManager:
             if not self.send(vm.id, {"t": Msg.COMMAND.value, "id": 0, "name": Command.REBOOT.value}):
                 raise OperationError("vm_busy", "VM %s's worker is not connected" % vm.id)
 
+    async def command(self, vm: VmRuntime, name: Command, args: Dict[str, Any], timeout: float = 15.0) -> Dict[str, Any]:
+        """Send a worker command and wait for its reply; OperationError if it fails or never comes."""
+        if vm.state not in ACTIVE_STATES or vm.proc is None or not vm.hello:
+            raise OperationError("vm_not_running", "VM %s is not running" % vm.id)
+        req_id = self._next_id
+        self._next_id += 1
+        fut = asyncio.get_event_loop().create_future()
+        self._pending[req_id] = fut
+        try:
+            if not self.send(vm.id, {"t": Msg.COMMAND.value, "id": req_id, "name": name.value, "args": args}):
+                raise OperationError("vm_busy", "VM %s's worker is not connected" % vm.id)
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                raise OperationError("vm_busy", "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
+        finally:
+            self._pending.pop(req_id, None)
+        if not reply.get("ok"):
+            raise OperationError("invalid_argument", str(reply.get("error") or "the worker refused %s" % name.value))
+        result = reply.get("result")
+        return result if isinstance(result, dict) else {}
+
     def console_input(self, vm: VmRuntime, data: bytes) -> bool:
         if vm.state not in ACTIVE_STATES:
             return False
@@ -396,6 +428,12 @@ class WorkerManager:
             self._on_worker_state(vm, msg.get("state"), str(msg.get("reason") or ""))
         elif t == Msg.EXIT.value:
             vm.exit_msg = (msg.get("code"), str(msg.get("reason") or ""))
+        elif t == Msg.NET.value:
+            vm.net_status = {k: v for k, v in msg.items() if k != "t"}
+        elif t == Msg.REPLY.value:
+            fut = self._pending.get(msg.get("id"))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
         elif t == Msg.HEARTBEAT.value:
             self._on_worker_state(vm, msg.get("state"), "heartbeat")
 
@@ -421,6 +459,8 @@ class WorkerManager:
                 vm.started_at = msg["started_at"]
             vm.state = S.STARTING if vm.state not in ACTIVE_STATES else vm.state
             log.info("vm %s: re-adopted worker pid %d", vm.id, pid)
+        if isinstance(msg.get("net"), dict):
+            vm.net_status = msg["net"]
         first = not vm.hello
         vm.hello = True
         vm.last_heard = time.monotonic()
@@ -461,6 +501,7 @@ class WorkerManager:
             code = status
         vm.proc = None
         vm.hello = False
+        vm.net_status = None
         failure: Optional[Failure] = None
         now = time.time()
         if vm.stop_requested:

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % CPUS_MAX)
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S]",
                    help="a virtio-blk disk (raw or qcow2); repeat for more")
+    p.add_argument("--net", action="store_true", help="a virtio-net card on user-mode NAT (libslirp)")
+    p.add_argument("--mac", default="52:54:00:12:34:56", metavar="MAC", help="the card's MAC address")
+    p.add_argument("--net-link", choices=("up", "down"), default="up", help="network link state at boot")
+    p.add_argument("--hostfwd", action="append", default=[], metavar="SPEC",
+                   help="host -> guest forward, e.g. tcp:127.0.0.1:2222-:22 (repeat)")
+    p.add_argument("--guestfwd", action="append", default=[], metavar="SPEC",
+                   help="guest -> host forward, e.g. guestfwd:10.0.2.3:80-127.0.0.1:18981 (repeat)")
     p.add_argument("--vm-id", default="vm", metavar="ID", help="name used in logs, [A-Za-z0-9-]{1,64}")
     p.add_argument("--vm-dir", metavar="DIR", help="the VM's folder (logs go under DIR/logs)")
     p.add_argument("--console", choices=("auto", "tty", "stdio", "none"), default="auto",
@@ -126,7 +133,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return ExitCode.USAGE
+    net = None
+    if args.net or args.hostfwd or args.guestfwd:
+        from tenbox_vmm.machine import NetSpec
+
+        net = NetSpec(mac=args.mac, hostfwds=tuple(args.hostfwd), guestfwds=tuple(args.guestfwd),
+                      link_up=args.net_link == "up")
     config = MachineConfig(
+        net=net,
         disks=disks,
         kernel=args.kernel,
         initrd=args.initrd,

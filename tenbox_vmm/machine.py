@@ -54,6 +54,13 @@ class DiskSpec(NamedTuple):
     serial: str = ""
 
 
+class NetSpec(NamedTuple):
+    mac: str = "52:54:00:12:34:56"
+    hostfwds: Tuple[str, ...] = ()
+    guestfwds: Tuple[str, ...] = ()
+    link_up: bool = True
+
+
 class MachineConfig(NamedTuple):
     kernel: str
     initrd: Optional[str] = None
@@ -62,6 +69,7 @@ class MachineConfig(NamedTuple):
     cpus: int = 1
     vm_id: str = "vm"
     disks: Tuple[DiskSpec, ...] = ()
+    net: Optional[NetSpec] = None
 
 
 class _SlotHost(MmioHost):
@@ -169,6 +177,7 @@ class Machine:
             self.kvm = kvm or Kvm()
             check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
             disks = self._open_disks(config.disks)
+            self.net = self._make_net(config.net) if config.net else None
         except (boot.KernelError, KvmUnavailable, MachineError) as e:
             self.memory.close()
             raise MachineError(str(e)) from None
@@ -191,6 +200,8 @@ class Machine:
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
 
             self.add_virtio(VirtioBlk(disk, spec.serial))
+        if self.net is not None:
+            self.add_virtio(self.net)
 
         self._lock = threading.Lock()
         self._event: Optional[_Event] = None
@@ -222,6 +233,41 @@ class Machine:
                 d.close()
             raise MachineError(str(e)) from None
         return opened
+
+    @staticmethod
+    def _make_net(spec: NetSpec):
+        from tenbox_vmm.net_device import NetSetupError, build_net_device
+
+        try:
+            return build_net_device(spec.mac, spec.hostfwds, spec.guestfwds, spec.link_up)
+        except NetSetupError as e:
+            raise MachineError(str(e)) from None
+
+    def set_link(self, up: bool) -> None:
+        """Network link up or down while the VM runs."""
+        if self.net is None:
+            raise MachineError("this VM has no network card")
+        self.net.set_link(up)
+
+    def set_forwards(self, hostfwds: Sequence[str], guestfwds: Sequence[str]) -> List[Tuple[str, str]]:
+        """Replace the port forwards while the VM runs; the (spec, reason) of each that failed."""
+        if self.net is None:
+            raise MachineError("this VM has no network card")
+        failures = self.net.run_on_backend(lambda: self.net.backend.set_forwards(hostfwds, guestfwds))
+        self.net.forward_failures = [(str(s), r) for s, r in failures]
+        return self.net.forward_failures
+
+    def net_status(self) -> Optional[dict]:
+        if self.net is None:
+            return None
+        backend = self.net.backend
+        return {
+            "link_up": self.net.link_up,
+            "mac": ":".join("%02x" % b for b in self.net.mac),
+            "hostfwds": [str(f) for f in backend.hostfwds],
+            "guestfwds": [str(f) for f in backend.guestfwds],
+            "failures": [list(f) for f in self.net.forward_failures],
+        }
 
     def add_virtio(self, device) -> VirtioMmio:
         """Put a virtio device on the next virtio-mmio slot, with its DSDT entry."""

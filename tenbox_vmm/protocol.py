@@ -72,6 +72,7 @@ class Msg(str, enum.Enum):
     CONSOLE = "console"  # data (bytes)
     REPLY = "reply"  # id, ok, error?
     EXIT = "exit"  # code, reason: sent just before the worker exits
+    NET = "net"  # link_up, mac, hostfwds, guestfwds, failures: after start and every change
     # supervisor -> worker
     COMMAND = "command"  # id, name (Command), args
     WHO = "who"  # "who are you?": answered with HELLO
@@ -86,6 +87,8 @@ class Command(str, enum.Enum):
     REBOOT = "reboot"  # reset the guest
     SHUTDOWN = "shutdown"  # press the ACPI power button
     CONSOLE_INPUT = "console_input"  # args.data: bytes for the serial console
+    NET_LINK = "net_link"  # args.up: bool
+    NET_FORWARDS = "net_forwards"  # args.hostfwds, args.guestfwds: lists of specs; reply: failures
 
 
 def pack(msg: dict) -> bytes:

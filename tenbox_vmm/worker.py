@@ -131,6 +131,7 @@ class WorkerLink:
             "boots": m.boots,
             "protocol": LINK_PROTOCOL,
             "version": __version__,
+            "net": m.net_status(),
         }
 
     def _run(self) -> None:
@@ -191,7 +192,10 @@ class WorkerLink:
                         last_heard = time.monotonic()
                         if not present:
                             present = True
-                        self._handle(sock, frame)
+                        try:
+                            self._handle(sock, frame)
+                        except Exception:  # one bad message must not cost the VM its link
+                            log.exception("%s: handling a supervisor message failed", self.vm_id)
                 self._flush(sock)
                 if self._pending_input:
                     self._pending_input = self._pending_input[self.machine.console_input(self._pending_input):]
@@ -253,7 +257,10 @@ class WorkerLink:
         req_id = msg.get("id")
         name = msg.get("name")
         args = msg.get("args") or {}
+        if not isinstance(args, dict):
+            args = {}
         error = None
+        result = None
         try:
             cmd = Command(name)
         except ValueError:
@@ -273,7 +280,28 @@ class WorkerLink:
                 error = "console input queue is full"
             else:
                 self._pending_input += data
+        elif cmd is Command.NET_LINK or cmd is Command.NET_FORWARDS:
+            error, result = self._net_command(cmd, args)
         reply = {"t": Msg.REPLY.value, "id": req_id, "ok": error is None}
         if error:
             reply["error"] = error
+        if result is not None:
+            reply["result"] = result
         self._send(sock, reply)
+        if cmd in (Command.NET_LINK, Command.NET_FORWARDS) and error is None:
+            self._send(sock, dict({"t": Msg.NET.value}, **(self.machine.net_status() or {})))
+
+    def _net_command(self, cmd, args: dict):
+        from tenbox_vmm.machine import MachineError
+
+        try:
+            if cmd is Command.NET_LINK:
+                self.machine.set_link(bool(args.get("up")))
+                return None, None
+            hostfwds, guestfwds = args.get("hostfwds") or [], args.get("guestfwds") or []
+            if not all(isinstance(s, str) for s in list(hostfwds) + list(guestfwds)):
+                return "forwards must be lists of strings", None
+            failures = self.machine.set_forwards(hostfwds, guestfwds)
+            return None, {"failures": [list(f) for f in failures]}
+        except (MachineError, TimeoutError) as e:
+            return str(e), None

@@ -344,6 +344,17 @@ class SlirpNetwork:
             self._owner = threading.current_thread()
             self._owner_ident = ident
 
+    def release_thread(self) -> None:
+        """The owning thread is done for now: the next thread to use the network takes it over.
+
+        For callers that use the network on their own thread only while no
+        I/O thread runs it (the virtio-net device before the guest's driver
+        is up), and hand it back under a lock.
+        """
+        if threading.get_ident() == self._owner_ident:
+            self._owner = None
+            self._owner_ident = None
+
     # -- data path -------------------------------------------------------------
 
     def input(self, frame: Union[bytes, bytearray, memoryview]) -> None:

@@ -62,6 +62,10 @@ class VirtioNet(VirtioDevice):
         self._queues: List[Virtqueue] = []
         self.tx_frames = self.rx_frames = self.rx_dropped = self.tx_dropped = 0
         self._pending_calls: Deque[Callable[[], None]] = collections.deque()
+        # The backend (libslirp) belongs to one thread at a time: the I/O thread
+        # while the driver is up, else whoever holds this lock.
+        self._backend_lock = threading.Lock()
+        self._io_running = False
 
     # Config -------------------------------------------------------------------------------
 
@@ -175,15 +179,45 @@ class VirtioNet(VirtioDevice):
             self.tx_frames += 1
             backend_input(frame)
 
-    def call_on_io_thread(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the I/O thread (the backend is not thread-safe); soon if it runs, else at activation."""
-        self._pending_calls.append(fn)
+    def run_on_backend(self, fn: Callable[[], object], timeout: float = 10.0) -> object:
+        """Run `fn` where the backend may be used (any thread); its result.
+
+        While the I/O thread runs, `fn` runs there at its next wake-up;
+        otherwise it runs here, holding the backend and handing it back after.
+        """
+        with self._backend_lock:
+            if not self._io_running:
+                try:
+                    return fn()
+                finally:
+                    release = getattr(self.backend, "release_thread", None)
+                    if release is not None:
+                        release()
+            done = threading.Event()
+            box: list = []
+
+            def call() -> None:
+                try:
+                    box.append((True, fn()))
+                except Exception as e:  # handed back to the caller
+                    box.append((False, e))
+                done.set()
+
+            self._pending_calls.append(call)
         self.wake()
+        if not done.wait(timeout):
+            raise TimeoutError("the network's I/O thread did not answer")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def poll_prepare(self) -> Tuple[List[Tuple[int, int]], int]:
-        while self._pending_calls:
-            self._pending_calls.popleft()()
-        return self.backend.poll_prepare()
+        with self._backend_lock:
+            self._io_running = True
+            while self._pending_calls:
+                self._pending_calls.popleft()()
+            return self.backend.poll_prepare()
 
     def poll_done(self, revents: Dict[int, int]) -> bool:
         self.backend.poll_done(revents)
@@ -194,9 +228,16 @@ class VirtioNet(VirtioDevice):
 
     def deactivate(self) -> None:
         super().deactivate()
+        with self._backend_lock:
+            self._io_running = False  # its I/O thread has been joined: the backend is free again
+            calls, self._pending_calls = list(self._pending_calls), collections.deque()
+        for call in calls:
+            self.run_on_backend(call)
         self._queues = []
         with self._lock:
             self._rx_backlog.clear()
 
     def close(self) -> None:
-        self.backend.close()
+        with self._backend_lock:
+            self._io_running = False
+            self.backend.close()

@@ -1,0 +1,68 @@
+"""The block-backend interface that virtio-blk drives (worker, from the disk's one I/O thread).
+
+A `Disk` is used by one thread at a time: the device's I/O thread issues
+every request, and `close` comes after that thread has stopped. Buffers are
+memoryviews into guest RAM; backends move data between them and the image
+file with preadv/pwritev, without copying it through Python objects.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+from tenbox_vmm.disk.errors import DiskRangeError, ReadOnlyDisk
+
+
+class Disk(abc.ABC):
+    """One opened image (and, for qcow2, its backing chain)."""
+
+    path: str
+    format: str  # "raw" | "qcow2"
+    size: int  # virtual bytes
+    read_only: bool
+
+    @abc.abstractmethod
+    def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill `bufs` from [offset, offset + total): zeros where nothing is allocated."""
+
+    @abc.abstractmethod
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Write `bufs` at `offset`; durable after the next `flush`."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+
+    @abc.abstractmethod
+    def discard(self, offset: int, length: int) -> None:
+        """Give the range back to the host; what it reads as afterwards is backend-defined."""
+
+    @abc.abstractmethod
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Make the range read as zeros; `may_unmap` lets the backend deallocate it."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush, release locks and files. Idempotent."""
+
+    def __enter__(self) -> "Disk":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "<%s %s %s size=%d%s>" % (type(self).__name__, self.format, self.path, self.size,
+                                        " ro" if self.read_only else "")
+
+    # Helpers for subclasses -------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DiskRangeError("%s: request [%d, +%d) is outside the disk (%d bytes)"
+                                 % (self.path, offset, length, self.size))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyDisk("%s: the disk is read-only" % self.path)
