@@ -77,10 +77,13 @@ class Timed:
             if not chunk:
                 self.kill()
                 raise RuntimeError("%s exited before %r" % (self.proc.args[:3], needle))
-            self.buf += chunk
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                self.marks.append((now, line))
+            self._take(chunk, now)
+
+    def _take(self, chunk: bytes, now: float) -> None:
+        self.buf += chunk
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            self.marks.append((now, line.rstrip(b"\r")))
 
     def wait_exit(self, timeout: float = 60.0) -> float:
         deadline = time.monotonic() + timeout
@@ -95,7 +98,7 @@ class Timed:
                 return now - self.t0
             r, _, _ = select.select([fd], [], [], 0.001)
             if r:
-                os.read(fd, 65536)
+                self._take(os.read(fd, 65536), time.monotonic())
         self.kill()
         raise RuntimeError("%s did not exit" % (self.proc.args[:3],))
 

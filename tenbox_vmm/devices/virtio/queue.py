@@ -6,6 +6,13 @@ chains against the queue size (loops), indirect tables against nesting and
 their own size, and a readable descriptor after a writable one. A violation
 raises VirtqueueError; the transport then marks the device DEVICE_NEEDS_RESET.
 Nothing a guest does here can make the worker touch memory outside guest RAM.
+
+The ring indexes and event fields the guest reads while we write them (and
+the other way round) go through native-format memoryviews, one 16-bit load
+or store each: the struct module packs '<H' a byte at a time, and a guest
+polling the used index from another CPU would see it torn (0x00ff -> 0x0000
+-> 0x0100) and take garbage for completions. Native order is the ring's
+little-endian order on every host tenbox runs on (x86-64, arm64).
 """
 
 from __future__ import annotations
@@ -25,8 +32,6 @@ AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
 
 
 class VirtqueueError(Exception):
@@ -78,6 +83,9 @@ class Virtqueue:
 
     def reset(self) -> None:
         self.size = self.max_size
+        self._avail16: Optional[memoryview] = None
+        self._used16: Optional[memoryview] = None
+        self._used32: Optional[memoryview] = None
         self.ready = False
         self.desc_addr = 0
         self.avail_addr = 0
@@ -104,31 +112,33 @@ class Virtqueue:
             self._used = self.mem.view(self.used_addr, 6 + 8 * size)
         except GuestMemoryError as e:
             raise VirtqueueError("queue %d: ring outside guest memory: %s" % (self.index, e)) from None
+        self._avail16 = self._avail.cast("H")  # [1] idx, [2 + i] ring, [2 + size] used_event
+        self._used16 = self._used.cast("H")  # [1] idx, [2 + 4 * size] avail_event
+        self._used32 = self._used[4 : 4 + 8 * size].cast("I")  # [2 * i] id, [2 * i + 1] len
         self.event_idx = event_idx
         self.indirect = indirect
         # last_avail stays as reset() or the front end (vhost-user SET_VRING_BASE) left it.
-        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self.used_idx = self._used16[1]
         self._signalled = self.used_idx
         self.ready = True
 
     # Device side -----------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail16[1]
 
     def has_work(self) -> bool:
         return self.ready and self.avail_idx() != self.last_avail
 
     def pop(self) -> Optional[Chain]:
         """The next available chain, or None when the driver has offered nothing new."""
-        avail = self._avail
-        idx = _U16.unpack_from(avail, 2)[0]
-        pending = (idx - self.last_avail) & 0xFFFF
+        avail = self._avail16
+        pending = (avail[1] - self.last_avail) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise VirtqueueError("queue %d: avail index jumped by %d" % (self.index, pending))
-        head = _U16.unpack_from(avail, 4 + 2 * (self.last_avail % self.size))[0]
+        head = avail[2 + self.last_avail % self.size]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self._walk(head)
 
@@ -177,32 +187,34 @@ class Virtqueue:
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes filled in."""
-        used = self._used
         idx = self.used_idx
-        _USED_ELEM.pack_into(used, 4 + 8 * (idx % self.size), head, written)
+        slot = 2 * (idx % self.size)
+        elem = self._used32
+        elem[slot] = head
+        elem[slot + 1] = written
         self.used_idx = (idx + 1) & 0xFFFF
-        _U16.pack_into(used, 2, self.used_idx)  # after the element: x86 keeps store order
+        self._used16[1] = self.used_idx  # one 16-bit store, after the element (x86 keeps store order)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
         if self.used_idx == self._signalled:
             return False
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            used_event = self._avail16[2 + self.size]
             notify = _need_event(used_event, self.used_idx, self._signalled)
         else:
-            notify = not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+            notify = not self._avail16[0] & AVAIL_F_NO_INTERRUPT
         self._signalled = self.used_idx
         return notify
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if unprocessed buffers are waiting."""
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
+            self._used16[2 + 4 * self.size] = self.last_avail
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used16[0] = 0
         return self.avail_idx() != self.last_avail
 
     def disable_kicks(self) -> None:
         if not self.event_idx:
-            _U16.pack_into(self._used, 0, USED_F_NO_NOTIFY)
+            self._used16[0] = USED_F_NO_NOTIFY

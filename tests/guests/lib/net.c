@@ -557,8 +557,11 @@ static void udp_input(struct net *n, u32 src, u32 dst, const u8 *u, u32 len)
 		dhcp_input(n, data, dlen);
 	} else if (n->bench_port && dport == n->bench_port) {
 		u64 t = now();
-		if (!n->bench_packets)
+		if (!n->bench_packets) {
 			n->bench_first = t;
+			n->bench_peer_ip = src;
+			n->bench_peer_port = sport;
+		}
 		n->bench_last = t;
 		n->bench_packets++;
 		n->bench_bytes += dlen;

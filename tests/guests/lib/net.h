@@ -121,6 +121,8 @@ struct net {
 	/* benchmark receive side */
 	u16 bench_port;
 	u64 bench_packets, bench_bytes, bench_first, bench_last;
+	u32 bench_peer_ip;  /* source of the first benchmark datagram */
+	u16 bench_peer_port;
 
 	/* counters */
 	u64 rx_frames, tx_frames, rx_dropped, tx_no_buffer, rx_bad_csum;

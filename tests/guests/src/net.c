@@ -25,6 +25,9 @@
  *                            reported; console "quit" or "poweroff", or the power button, end it
  *   net.bench=udp-tx|udp-rx  benchmark against a UDP socket at net.bench.ip:net.bench.port
  *                            (default the gateway, 5555): net.bench.count= (10000), net.bench.size= (1024)
+ *   net.bench.wait=1         instead, wait for a datagram on port 40000 (a host forward) and
+ *                            take its sender as the peer: udp-tx streams to it, udp-rx counts
+ *                            what it streams next
  *   virtio.indirect=0 virtio.event_idx=0 virtio.irq=0   (lib/virtio.h)
  *
  * Lines: info - net.mac=, net.features=, net.link=up|down, net.ip=<ip> gw=<gw> dns=<dns>,
@@ -408,7 +411,14 @@ struct udp_bench {
 	u64 stall_ticks, idle_ticks;
 	u64 packets, bytes, tsc;
 	bool stalled;
+	bool wait;
 };
+
+static bool bench_peer_seen(void)
+{
+	net_step(&n);
+	return n.bench_packets > 0;
+}
 
 static u64 udp_tx_job(u64 arg)
 {
@@ -464,11 +474,14 @@ static u64 udp_rx_job(u64 arg)
 
 	nn->bench_port = b->sport;
 	nn->bench_packets = nn->bench_bytes = 0;
-	u8 *f = NULL;
-	while (!f)
-		f = net_tx_alloc(nn);
-	int len = snprintf((char *)f + NET_UDP_PAYLOAD, 128, "tenbox-bench udp-rx count=%lu size=%u", b->count, b->size);
-	net_udp_send(nn, f, b->dst, b->sport, b->dport, (u32)len, true);
+	if (!b->wait) {
+		u8 *f = NULL;
+		while (!f)
+			f = net_tx_alloc(nn);
+		int len = snprintf((char *)f + NET_UDP_PAYLOAD, 128, "tenbox-bench udp-rx count=%lu size=%u", b->count,
+				   b->size);
+		net_udp_send(nn, f, b->dst, b->sport, b->dport, (u32)len, true);
+	}
 	for (;;) {
 		net_step(nn);
 		u64 t = rdtsc();
@@ -507,11 +520,24 @@ static void bench(const char *kind)
 	b.sport = BENCH_LOCAL_PORT;
 	b.size = (u32)cmdline_get_u64("net.bench.size", 1024, NULL);
 	b.count = cmdline_get_u64("net.bench.count", 10000, NULL);
+	b.wait = cmdline_get_u64("net.bench.wait", 0, NULL) != 0;
 	b.stall_ticks = tsc_hz() * BENCH_STALL_S;
 	b.idle_ticks = tsc_hz() / 1000 * BENCH_IDLE_MS;
 	if (b.size < 8 || b.size > 1472) {
 		t_fail("net.bench.size must be 8..1472");
 		return;
+	}
+	if (b.wait) {
+		/* The host opens the conversation through its forward; its sender is our peer. */
+		n.bench_port = b.sport;
+		n.bench_packets = 0;
+		printf("net: bench waiting on port %u\n", b.sport);
+		bool seen = wait_for(bench_peer_seen, 60);
+		n.bench_port = 0;
+		if (!t_check(seen, "a datagram opened the benchmark", "none in 60 s"))
+			return;
+		b.dst = n.bench_peer_ip;
+		b.dport = n.bench_peer_port;
 	}
 	/* The next hop's MAC first, so the loop never waits for ARP. */
 	resolve_ip = b.dst;
