@@ -40,3 +40,14 @@ bench: deps ffi guests
 clean:
 	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# Packaging (docs/packaging.md): `make deb` builds dist/tenbox_<version>_all.deb
+# in a copy of the tree; `make test-distros` builds it, runs lintian and
+# installs, upgrades and purges it in Debian 11/12/13 chroots (root).
+.PHONY: deb test-distros
+deb:
+	$(PYTHON) -m tests.packaging.deps --build-only
+	$(PYTHON) -m tests.packaging.build --out dist
+
+test-distros:
+	$(PYTEST) -q -ra tests/packaging
