@@ -4,10 +4,15 @@
    (`vms_running`, with the list). There is no force flag.
 2. Refuse unless this installation is dpkg-managed (`update_disabled`).
 3. `apt-get update` (the tenbox source only) and `apt-get install
-   --only-upgrade tenbox[=V]` run **outside tenboxd's cgroup**
-   (`systemd-run --scope`), their transcript timestamped into
-   <data_dir>/logs/update.log by a filter in that same scope, so the
-   package's restart of tenboxd can never kill dpkg half-way.
+   --only-upgrade tenbox[=V]` run **outside tenboxd's cgroup**, as a
+   transient service of their own (`systemd-run --unit=tenbox-update-*
+   --wait`): the package's restart of tenboxd can never kill dpkg half-way,
+   and, unlike a `--scope` (which only moves a child of ours to another
+   cgroup), apt does not inherit tenboxd's sandbox (read-only /proc/sys,
+   NoNewPrivileges, ...), which other packages' maintainer scripts may need.
+   The transcript is timestamped into <data_dir>/logs/update.log by a filter
+   inside that service. Without systemd (containers, chroots) apt runs in a
+   session of its own.
 4. The answer: the new package's postinst tells the running daemon its
    version (`host.update.notify`) before it restarts it; the daemon sends the
    success `{from, to}`, waits until it is on the wire, and only then lets the
@@ -56,10 +61,14 @@ stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date -u +%Y-%m-%dT%H:%
 run() { { echo "+ $*"; "$@"; echo $? > "$rcfile"; } 2>&1 | stamp >> "$log"; read rc < "$rcfile"; return "$rc"; }
 export DEBIAN_FRONTEND=noninteractive
 lock="-o DPkg::Lock::Timeout=__LOCK__"
+# A repository that cannot be fetched is an error, not a warning (apt >= 2.1; older apt
+# ignores the option and the daemon reads "Failed to fetch" in the transcript instead).
+strict="-o APT::Update::Error-Mode=any"
 if [ -n "$sources" ]; then
-    run apt-get $lock -o Dir::Etc::sourcelist="$sources" -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0 update || exit $?
+    run apt-get $lock $strict -o Dir::Etc::sourcelist="$sources" -o Dir::Etc::sourceparts=- \
+        -o APT::Get::List-Cleanup=0 update || exit $?
 else
-    run apt-get $lock update || exit $?
+    run apt-get $lock $strict update || exit $?
 fi
 run apt-get $lock -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     install -y --only-upgrade --no-install-recommends "$target"
@@ -190,7 +199,7 @@ class Updater:
                 proc.kill()
                 raise ApiError(ErrorCode.APT_FAILED, "apt did not finish within %d s" % APT_TIMEOUT_SEC,
                                log_tail=self._tail())
-            return await self._judge(old, waiter.result(), stream)
+            return await self._judge(old, self._apt_status(waiter.result()), stream)
         finally:
             self.job = None
             self.daemon.update_in_progress = False
@@ -199,6 +208,10 @@ class Updater:
 
     async def _judge(self, old: str, rc: int, stream) -> Dict[str, Any]:
         tail = self._tail()
+        fetch_failed = [line for line in tail_lines([self.log_path], 10000) if "Failed to fetch" in line]
+        if rc == 0 and fetch_failed:
+            raise ApiError(ErrorCode.APT_FAILED, "apt-get update could not fetch the tenbox repository: %s"
+                           % fetch_failed[0].split("Failed to fetch", 1)[1].strip(), exit_code=rc, log_tail=tail)
         if rc != 0:
             holder = lock_holder(tail)
             message = "apt-get exited with status %d" % rc
@@ -219,14 +232,19 @@ class Updater:
             f.write("%s [tenbox-update] from %s to %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                           self.job.old, target or "the newest"))
         rcfile = self.log_path + ".rc"
+        try:
+            os.unlink(rcfile)  # a stale status must not speak for this attempt
+        except FileNotFoundError:
+            pass
         sources = APT_SOURCES[0] if os.path.exists(APT_SOURCES[0]) else ""
         pkg = PACKAGE + ("=" + target if target else "")
         argv = ["/bin/sh", "-c", APT_SCRIPT, "tenbox-update", self.log_path, rcfile, pkg, sources]
         new_session = True
         if os.path.isdir("/run/systemd/system") and shutil.which("systemd-run"):
-            # Its own scope: the package's `restart tenboxd` kills our cgroup, not dpkg.
-            argv = ["systemd-run", "--scope", "--quiet", "--collect",
-                    "--unit", "tenbox-update-%d" % int(time.time()), "--"] + argv
+            # A transient service run by PID 1: restarting tenboxd (our cgroup) leaves it alone.
+            # systemd-run itself stays our child and exits with the service when --wait ends.
+            argv = ["systemd-run", "--unit", "tenbox-update-%d" % int(time.time()), "--collect", "--wait",
+                    "--quiet", "--service-type=exec", "--"] + argv
         # Without systemd (containers, chroots) a new session is all there is; a restart
         # there is a plain signal to tenboxd, which does not reach this process group.
         return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
@@ -236,6 +254,14 @@ class Updater:
 
     def _tail(self) -> List[str]:
         return tail_lines([self.log_path], LOG_TAIL_LINES)
+
+    def _apt_status(self, runner_status: int) -> int:
+        """apt's status: the rc file the script leaves (systemd-run's own status is only a fallback)."""
+        try:
+            with open(self.log_path + ".rc") as f:
+                return int(f.read().strip() or runner_status)
+        except (OSError, ValueError):
+            return runner_status
 
     # The package's postinst ----------------------------------------------------------------------
 

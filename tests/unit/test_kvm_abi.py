@@ -37,7 +37,7 @@ RUN_UNION_MEMBERS = {
     "io.direction", "io.size", "io.port", "io.count", "io.data_offset",
     "mmio.phys_addr", "mmio.data", "mmio.len", "mmio.is_write",
     "internal.suberror", "internal.ndata", "internal.data",
-    "system_event.type", "system_event.ndata",
+    "system_event.type",  # (ndata came with Linux 5.18; tenbox reads only the type)
 }
 IOCTLS = [
     "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
