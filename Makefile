@@ -38,7 +38,7 @@ bench: deps ffi guests
 	$(PYTHON) bench/boot.py
 
 clean:
-	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py
+	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py tenbox_vmm/net/_slirp_ffi.py tenbox_vmm/disk/_fallocate_ffi.py
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 # Packaging (docs/packaging.md): `make deb` builds dist/tenbox_<version>_all.deb

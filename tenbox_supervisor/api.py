@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+# Everything at module level: a request must never import code while dpkg
+# replaces the package under a running daemon (host.update, a manual upgrade).
 from tenbox_supervisor import doctor, telemetry
+from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode, Event, Method
 from tenbox_supervisor.store import (
     CPUS_MAX,
@@ -32,7 +35,8 @@ from tenbox_supervisor.store import (
 )
 from tenbox_supervisor.workers import ACTIVE_STATES, STOP_TIMEOUT_SEC, SHUTDOWN_TIMEOUT_SEC, OperationError, VmRuntime
 from tenbox_vmm import __version__
-from tenbox_vmm.protocol import VmState
+from tenbox_vmm.net.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
+from tenbox_vmm.protocol import Command, VmState
 
 log = logging.getLogger("tenboxd.api")
 
@@ -158,8 +162,6 @@ def _disks(params) -> Optional[List[Dict[str, Any]]]:
 
 def _forwards(params, key: str) -> Optional[List[str]]:
     """A list of forward specs, checked with the worker's own grammar (tenbox_vmm.net.forwards)."""
-    from tenbox_vmm.net.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
-
     raw = params.get(key)
     if raw is None:
         return None
@@ -422,8 +424,6 @@ class Api:
 
     async def _apply_net(self, vm: VmRuntime, net: Dict[str, Any], changes: Dict[str, Any]) -> List[Any]:
         """Carry network changes into the running worker; the forwards that failed there."""
-        from tenbox_vmm.protocol import Command
-
         if not net.get("enabled"):
             raise ApiError(ErrorCode.VM_RUNNING, "VM %s has no network card; stop it to add one" % vm.id)
         try:
@@ -534,8 +534,6 @@ class Api:
             raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm_id, e.strerror))
 
     async def vm_logs(self, params, caller):
-        from tenbox_supervisor.fsutil import tail_lines
-
         lines = _int(params, "lines", 0, LOG_LINES_MAX, default=LOG_LINES_DEFAULT)
         source = _get(params, "source", str, default="console")
         if source not in ("console", "runtime"):

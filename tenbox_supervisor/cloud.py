@@ -24,6 +24,9 @@ import uuid
 from typing import Any, Dict, Optional
 from urllib.parse import urlsplit
 
+import tenacity
+import websockets
+
 from tenbox_supervisor import doctor, telemetry
 from tenbox_supervisor.api import ApiError, Caller
 from tenbox_supervisor.fsutil import atomic_write
@@ -225,8 +228,6 @@ class CloudLink:
             t.cancel()
 
     async def _run(self) -> None:
-        import tenacity
-
         @tenacity.retry(
             wait=tenacity.wait_random_exponential(multiplier=1, max=BACKOFF_MAX_SEC),
             stop=tenacity.stop_never,
@@ -254,8 +255,6 @@ class CloudLink:
         return ctx
 
     async def _session(self) -> None:
-        import websockets
-
         token = self.token()
         if token is None and self.pair_code is None:
             self.pair_code = self._new_pair_code()

@@ -12,8 +12,10 @@ from typing import List, Optional
 
 from tenbox_supervisor.api import Api, ApiError
 from tenbox_supervisor.config import Config
-from tenbox_supervisor.control import ControlServer
-from tenbox_supervisor.link import LinkServer
+from tenbox_supervisor.cloud import CloudLink
+from tenbox_supervisor.control import ControlServer, SocketBusy
+from tenbox_supervisor.link import LinkBusy, LinkServer
+from tenbox_supervisor.updater import Updater
 from tenbox_supervisor.notify import Notifier
 from tenbox_supervisor.oshost import Host
 from tenbox_supervisor.protocol import ErrorCode
@@ -71,9 +73,6 @@ class Daemon:
         return "%d of %d VMs running" % (running, total)
 
     async def run(self) -> int:
-        from tenbox_supervisor.link import LinkBusy
-        from tenbox_supervisor.control import SocketBusy
-
         loop = asyncio.get_event_loop()
         try:
             self._lock_data_dir()
@@ -81,8 +80,6 @@ class Daemon:
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: self.workers.on_link_message(vm_id, msg))
             self.workers = WorkerManager(self.config, self.store, Host(), self.link.send)
             self.api = Api(self)
-            from tenbox_supervisor.updater import Updater
-
             self.updater = Updater(self)
             self.updater.register(self.api)
             self.updater.restore()
@@ -91,8 +88,6 @@ class Daemon:
             self.workers.restore()
             self.workers.listeners.append(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
             await self.control.start()
-            from tenbox_supervisor.cloud import CloudLink
-
             self.cloud = CloudLink(self, self.config.cloud_url)
             self.cloud.start()
         except (StartupError, LinkBusy, SocketBusy) as e:

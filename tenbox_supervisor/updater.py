@@ -43,6 +43,13 @@ from tenbox_supervisor.workers import ACTIVE_STATES
 
 log = logging.getLogger("tenboxd.updater")
 
+try:
+    import apt_pkg  # python3-apt, a dependency of the package
+
+    apt_pkg.init_system()
+except ImportError:  # a source checkout on a Python without python3-apt: updates are off anyway
+    apt_pkg = None
+
 APT_SOURCES = ("/etc/apt/sources.list.d/tenbox.list", "/etc/apt/sources.list.d/tenbox.sources")
 PACKAGE = "tenbox"
 VERSION_RE = re.compile(r"(?:\d+:)?\d[A-Za-z0-9.+~]*(?:-[A-Za-z0-9.+~]+)?\Z")
@@ -96,9 +103,7 @@ def _dpkg_owns(path: str) -> bool:
 
 
 def running_daemon_file() -> str:
-    import tenbox_supervisor
-
-    return os.path.realpath(os.path.join(os.path.dirname(tenbox_supervisor.__file__), "__main__.py"))
+    return os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"))
 
 
 def unmanaged_reason() -> Optional[str]:
@@ -114,9 +119,9 @@ def unmanaged_reason() -> Optional[str]:
 
 
 def version_compare(a: str, b: str) -> int:
-    import apt_pkg  # python3-apt: Debian's own version ordering
-
-    apt_pkg.init_system()
+    """Debian's own version ordering (python3-apt), never string equality."""
+    if apt_pkg is None:
+        raise ApiError(ErrorCode.UPDATE_DISABLED, "python3-apt is not installed")
     return apt_pkg.version_compare(a, b)
 
 

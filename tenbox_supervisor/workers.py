@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set
 
 from tenbox_supervisor.config import Config
+from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.oshost import SIGNAL_NAMES, Host, Proc
 from tenbox_supervisor.store import Store, VmSpec, disk_arg
 from tenbox_vmm.protocol import HEARTBEAT_INTERVAL_SEC, HEARTBEAT_LIVENESS, Command, ExitCode, Msg, VmState
@@ -542,8 +543,6 @@ class WorkerManager:
         vm.close_streams(why)
 
     def _last_runtime_error(self, vm: VmRuntime) -> Optional[str]:
-        from tenbox_supervisor.fsutil import tail_lines
-
         lines = tail_lines([os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")], 5)
         for line in reversed(lines):
             if "error:" in line:

@@ -71,10 +71,13 @@ def identity(path: str) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def locate(image_path: str, name: str, fmt: Optional[str], depth: int) -> str:
-    """Resolve and check one backing link; BackingFileError naming the file if it is missing."""
-    if depth >= BACKING_CHAIN_MAX:
-        raise BackingFileError("%s: backing chain deeper than %d images" % (image_path, BACKING_CHAIN_MAX))
+def locate(image_path: str, name: str, fmt: Optional[str], depth: int, top: Optional[str] = None) -> str:
+    """Resolve and check link `depth` (1 = the top image's backing file) of a chain.
+
+    BackingFileError naming the file if it is missing, or if the chain is too deep.
+    """
+    if depth > BACKING_CHAIN_MAX:
+        raise BackingFileError("%s: backing chain deeper than %d images" % (top or image_path, BACKING_CHAIN_MAX))
     path = resolve(image_path, name)
     if fmt is not None and fmt not in FORMATS:
         raise DiskUnsupported("%s: backing file %s has format %r; tenbox supports raw and qcow2 backing files"

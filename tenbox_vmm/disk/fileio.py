@@ -125,12 +125,6 @@ class ImageFile:
             self.end = offset + n
         return done
 
-    def stat_size(self) -> int:
-        try:
-            return os.fstat(self.fd).st_size
-        except OSError as e:  # pragma: no cover
-            raise DiskIOError("%s: fstat failed: %s" % (self.path, e.strerror), e.errno) from None
-
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1

@@ -68,7 +68,7 @@ def backing_chain(path: str, h: Header) -> List[Tuple[str, str]]:
     bfmt = h.backing_format
     cur = path
     while name:
-        bpath = backing.locate(cur, name, bfmt, len(chain))
+        bpath = backing.locate(cur, name, bfmt, len(chain) + 1, path)
         fmt = bfmt or backing.probe(bpath)
         ident = backing.identity(bpath)
         if ident in seen:

@@ -129,10 +129,3 @@ def acquire(fd: int, writable: bool) -> None:
                 pass  # the fd is about to be closed by the caller, which drops the lock anyway
         raise
 
-
-def release(fd: int) -> None:
-    """Drop every lock byte tenbox may hold (closing the fd does this too)."""
-    locker = _Locker(fd)
-    for base in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
-        for i in range(PERM_BITS):
-            locker.unlock(base + i)

@@ -1,4 +1,4 @@
-"""open_disk: format detection and backing chains (worker).
+"""open_disk: format detection and backing chains (worker; create_qcow2 uses it to check a backing file).
 
 Pass `fmt` for any image a guest has written to: probing a raw image lets a
 guest that wrote a qcow2 header into its disk pick a host file as backing
@@ -24,7 +24,7 @@ def open_disk(path: str, read_only: bool = False, fmt: Optional[str] = None) -> 
 
 
 def _open(path: str, read_only: bool, fmt: Optional[str], chain: Tuple[Tuple[int, int], ...],
-          file_factory: Optional[Callable[[str, bool], ImageFile]] = None) -> Disk:
+          file_factory: Optional[Callable[[str, bool], ImageFile]] = None, top: Optional[str] = None) -> Disk:
     backing.check_format(path, fmt)
     probed = fmt is None
     if fmt is None:
@@ -37,7 +37,7 @@ def _open(path: str, read_only: bool, fmt: Optional[str], chain: Tuple[Tuple[int
         return RawDisk(path, read_only, probed=probed, **kw)
 
     def open_backing(name: str, bfmt: Optional[str]) -> Disk:
-        bpath = backing.locate(path, name, bfmt, len(chain) + 1)
-        return _open(bpath, True, bfmt, chain + (ident,))
+        bpath = backing.locate(path, name, bfmt, len(chain) + 1, top or path)
+        return _open(bpath, True, bfmt, chain + (ident,), top=top or path)
 
     return Qcow2Disk(path, read_only, open_backing=open_backing, **kw)

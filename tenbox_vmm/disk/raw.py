@@ -50,10 +50,16 @@ class RawDisk(Disk):
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         views = as_views(bufs)
         self._check_range(offset, total(views))
+        self._check_open()
         self._file.readv(offset, views)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiskError("%s: the disk is closed" % self.path)
 
     def _check_usable(self) -> None:
         self._check_writable()
+        self._check_open()
         if self._file.sync_error:
             raise DiskIOError("%s: refusing writes after an earlier failure (%s); reopen the disk"
                               % (self.path, self._file.sync_error))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 from typing import Optional
 
 from tenbox_vmm.disk import backing as bk
@@ -105,14 +106,14 @@ def create_qcow2(path: str, size: int, cluster_size: int = 65536, backing: Optio
 def _backing_size(path: str, backing: str, backing_fmt: Optional[str], size: int):
     from tenbox_vmm.disk.opener import open_disk
 
-    bpath = bk.locate(path, backing, backing_fmt, 0)
+    bpath = bk.locate(path, backing, backing_fmt, 1)
     with open_disk(bpath, read_only=True, fmt=backing_fmt) as b:
         return (size if size > 0 else b.size), b.format
 
 
 def _write_new(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, ".%s.tmp-%d" % (os.path.basename(path), os.getpid()))
+    tmp = os.path.join(folder, ".%s.tmp-%s" % (os.path.basename(path), secrets.token_hex(6)))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
     except OSError as e:

@@ -65,13 +65,14 @@ from tenbox_vmm.disk.fileio import ImageFile
 from tenbox_vmm.disk.iov import Cursor, as_views, copy_into, total, zero_fill, zero_views
 from tenbox_vmm.disk.qcow2 import format as F
 from tenbox_vmm.disk.qcow2.cache import SLICE_BYTES, SliceCache
+from tenbox_vmm.disk.qcow2.check import repair
 from tenbox_vmm.disk.qcow2.compress import decompress
 from tenbox_vmm.disk.qcow2.header import Header, check_writable, read_header
 from tenbox_vmm.disk.qcow2.refcount import Refcounts, load_table
 
 L2_CACHE_MAX_BYTES = 4 << 20
 L2_CACHE_MIN_SLICES = 16
-PENDING_FREES_MAX = 4096  # clusters waiting for their L2 change to be durable before a forced flush
+PENDING_FREES_MAX = 16384  # freed clusters waiting for their L2 change to be durable: then a flush is forced
 
 # Cluster kinds
 UNALLOCATED, ZERO, NORMAL, COMPRESSED = 0, 1, 2, 3
@@ -156,8 +157,6 @@ class Qcow2Disk(Disk):
                 self._file.write(F.OFF_AUTOCLEAR, _U64.pack(0))
                 self._file.datasync()
             if h.dirty:
-                from tenbox_vmm.disk.qcow2.check import repair
-
                 repair(self)
                 self._write_incompatible(h.incompatible_features & ~F.INCOMPAT_DIRTY)
         if h.backing_file:
@@ -185,16 +184,15 @@ class Qcow2Disk(Disk):
             raise self._corrupt("L1 entry %d points to %#x, not a cluster inside the file" % (l1i, off))
         return off
 
-    def _slice_entries_for(self, gc: int, count: int) -> Tuple[Optional[int], int, Tuple[int, ...]]:
-        """(slice offset or None, index in slice, entries) for up to `count` clusters from `gc` in one slice."""
+    def _entries(self, gc: int, count: int) -> Tuple[int, ...]:
+        """L2 entries of up to `count` clusters from `gc`, stopping at the end of its L2 slice."""
         l1i, l2i = divmod(gc, self._l2_entries)
         si, k = divmod(l2i, self._slice_entries)
         n = min(count, self._slice_entries - k)
         l2off = self._l2_offset(l1i)
         if not l2off:
-            return None, k, (0,) * n
-        key = l2off + si * self._slice_bytes
-        return key, k, _entries_struct(n).unpack_from(self._l2.get(key), k * 8)
+            return (0,) * n
+        return _entries_struct(n).unpack_from(self._l2.get(l2off + si * self._slice_bytes), k * 8)
 
     def _classify(self, e: int) -> Tuple[int, int]:
         """(kind, host offset) of an L2 entry; for compressed clusters the entry itself."""
@@ -254,7 +252,7 @@ class Qcow2Disk(Disk):
         ext_start = ext_host = ext_len = 0
         while pos < end:
             gc = pos >> cb
-            _, _, entries = self._slice_entries_for(gc, ((end - 1) >> cb) - gc + 1)
+            entries = self._entries(gc, ((end - 1) >> cb) - gc + 1)
             for e in entries:
                 cstart = gc << cb
                 s = pos if pos > cstart else cstart
@@ -326,7 +324,7 @@ class Qcow2Disk(Disk):
         pos = offset
         while pos < end:
             gc0 = pos >> cb
-            _, _, entries = self._slice_entries_for(gc0, ((end - 1) >> cb) - gc0 + 1)
+            entries = self._entries(gc0, ((end - 1) >> cb) - gc0 + 1)
             cnt = len(entries)
             i = 0
             while i < cnt:
@@ -567,7 +565,7 @@ class Qcow2Disk(Disk):
             return
         gc = first
         while gc < last:
-            _, _, entries = self._slice_entries_for(gc, last - gc)
+            entries = self._entries(gc, last - gc)
             for idx, e in enumerate(entries):
                 if e or has_backing:
                     start = (gc + idx) << self.cb

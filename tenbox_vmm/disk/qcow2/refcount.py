@@ -258,7 +258,7 @@ class Refcounts:
             new_table[bi] = boff
         table_off = (start + len(blocks)) * cs
         self._file.write(table_off, table_bytes(new_table))
-        pass
+        self._file.datasync()  # new blocks and table are durable before the header points to them
         self._file.write(F.OFF_REFCOUNT_TABLE, _TABLE_FIELDS.pack(table_off, tclusters))
         self._file.datasync()
         old_off, old_clusters = self.table_offset, self.table_clusters
