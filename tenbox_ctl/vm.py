@@ -29,7 +29,7 @@ def _abs(path: Optional[str]) -> Optional[str]:
 
 
 def _disk_option(ctx, param, values):
-    """`PATH[,ro][,serial=S]` -> {"path": absolute, "read_only": bool, "serial": str}."""
+    """`PATH[,ro][,serial=S][,format=F]` -> {"path": absolute, "read_only": bool, "serial": str[, "format": F]}."""
     disks = []
     for spec in values or ():
         parts = spec.split(",")
@@ -41,10 +41,17 @@ def _disk_option(ctx, param, values):
                 disk["read_only"] = True
             elif opt.startswith("serial="):
                 disk["serial"] = opt[len("serial="):]
+            elif opt.startswith("format="):
+                disk["format"] = opt[len("format="):]
             else:
-                raise click.BadParameter("%r: unknown option %r (ro, serial=S)" % (spec, opt))
+                raise click.BadParameter("%r: unknown option %r (ro, serial=S, format=raw|qcow2)" % (spec, opt))
         disks.append(disk)
     return disks
+
+
+def _disk_line(d: dict) -> str:
+    notes = [n for n in (d.get("format"), "ro" if d.get("read_only") else None) if n]
+    return d["path"] + (" (%s)" % ", ".join(notes) if notes else "")
 
 
 def _net_line(net: dict) -> str:
@@ -61,7 +68,7 @@ def _print_vm(vm: dict, as_json: bool) -> None:
         ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")),
         ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
         ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
-        ("disks", ", ".join(d["path"] + (" (ro)" if d.get("read_only") else "") for d in vm.get("disks") or []) or "-"),
+        ("disks", ", ".join(_disk_line(d) for d in vm.get("disks") or []) or "-"),
         ("network", _net_line(vm.get("net") or {})),
         ("forwards", ", ".join((vm.get("net") or {}).get("hostfwds", []) + (vm.get("net") or {}).get("guestfwds", [])) or "-"),
         ("pid", vm.get("pid")), ("uptime", output.duration(vm.get("uptime_sec"))),
@@ -125,7 +132,7 @@ def vm_show(app: App, vm: str, as_json: bool):
 @click.option("--cmdline", help="Kernel command line (default: the runtime's, console on ttyS0).")
 @click.option("--memory", type=click.IntRange(16), default=256, show_default=True, help="RAM in MiB.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of vCPUs.")
-@click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S]",
+@click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S][,format=F]",
               help="A disk image (raw or qcow2); repeat for more.")
 @click.option("--template", type=click.Path(dir_okay=False), help="Give the VM its own qcow2 overlay of this image as its first disk.")
 @click.option("--net/--no-net", "net", default=True, show_default=True, help="Network link up at boot (user-mode NAT).")
@@ -162,7 +169,7 @@ def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, temp
 @click.option("--cmdline")
 @click.option("--memory", type=click.IntRange(16), help="RAM in MiB (VM stopped).")
 @click.option("--cpus", type=click.IntRange(1, 64), help="vCPUs (VM stopped).")
-@click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S]",
+@click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S][,format=F]",
               help="Replace the disks (VM stopped).")
 @click.option("--net", type=click.Choice(["on", "off"]), help="Network link up or down, also while running.")
 @click.option("--hostfwd", "hostfwds", multiple=True, metavar="SPEC", help="Replace the host forwards (also while running).")

@@ -152,12 +152,36 @@ def _disks(params) -> Optional[List[Dict[str, Any]]]:
             "serial": _get(item, "serial", str, default=""),
             "owned": False,
         }
+        fmt = _get(item, "format", str)
+        if fmt is not None:
+            entry["format"] = fmt
         try:
             check_disk(entry)
         except SpecError as e:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks[%d]: %s" % (i, e))
         out.append(entry)
     return out
+
+
+async def _probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
+    """Record each disk's format (probed now when not given), so the worker never probes a raw image.
+
+    A raw image opened by probing could be turned into a qcow2 image by its
+    guest, naming any host file as backing; declared formats rule that out
+    (libvirt does the same). A declared format must match the file.
+    """
+    for i, d in enumerate(disks or []):
+        try:
+            found = (await run_imagetool("info", d["path"]))["format"]
+        except ApiError as e:
+            raise ApiError(e.code, "disks[%d]: %s" % (i, e.message))
+        if d.get("format") not in (None, found):
+            # qcow2 declared on a raw file, or raw declared on a qcow2 file: the latter is allowed
+            # (the guest then sees the qcow2 bytes), as QEMU allows it, but never silently.
+            if d["format"] != "raw":
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks[%d]: %s is %s, not %s" % (i, d["path"], found, d["format"]))
+        else:
+            d["format"] = found
 
 
 def _forwards(params, key: str) -> Optional[List[str]]:
@@ -344,6 +368,7 @@ class Api:
             cpus=_int(params, "cpus", 1, CPUS_MAX, default=1),
             disks=_disks(params) or [],
         )
+        await _probe_formats(spec.disks)
         hostfwds, guestfwds = _forwards(params, "hostfwds"), _forwards(params, "guestfwds")
         net_on = _net_flag(params)
         if net_on is None:
@@ -361,7 +386,8 @@ class Api:
             overlay = os.path.join(self.store.vm_dir(spec.id), OVERLAY_NAME)
             try:
                 await run_imagetool("overlay", "--backing", template, "--out", overlay)
-                spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True})
+                spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
+                                      "format": "qcow2"})
                 self.store.save(spec)
             except (ApiError, OSError, SpecError) as e:
                 self.store.delete(spec.id)
@@ -392,6 +418,7 @@ class Api:
                 "memory_mb": _int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb()),
                 "cpus": _int(params, "cpus", 1, CPUS_MAX),
             }
+            await _probe_formats(hw["disks"])
             hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
             if hw and vm.state in ACTIVE_STATES:
                 raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))

@@ -93,16 +93,23 @@ class VmSpec:
 
 DISKS_MAX = 6  # virtio-mmio slots left after the network card
 SERIAL_MAX = 20
+DISK_FORMATS = ("raw", "qcow2")
 
 
 def check_disk(d: Any) -> None:
-    """A disk entry: {"path": absolute, "read_only": bool, "serial": str, "owned": bool}."""
+    """A disk entry: {"path": absolute, "read_only": bool, "serial": str, "owned": bool, "format": "raw"|"qcow2"}.
+
+    "format" is absent only in specs stored before formats were recorded:
+    the worker then probes the image.
+    """
     if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not os.path.isabs(d["path"]):
         raise SpecError("each disk needs an absolute path")
     if "," in d["path"] or "\0" in d["path"]:
         raise SpecError("disk path %r contains a comma or NUL" % d["path"])
     if not isinstance(d.get("read_only", False), bool) or not isinstance(d.get("owned", False), bool):
         raise SpecError("disk read_only and owned are booleans")
+    if d.get("format", "raw") not in DISK_FORMATS:
+        raise SpecError("disk format must be %s" % " or ".join(DISK_FORMATS))
     serial = d.get("serial", "")
     if not isinstance(serial, str) or len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
         raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % SERIAL_MAX)
@@ -139,6 +146,8 @@ def disk_arg(d: Dict[str, Any]) -> str:
         arg += ",ro"
     if d.get("serial"):
         arg += ",serial=" + d["serial"]
+    if d.get("format"):
+        arg += ",format=" + d["format"]
     return arg
 
 

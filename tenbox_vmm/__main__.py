@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=MEMORY_DEFAULT_MB, metavar="MB",
                    help="guest RAM in MiB, at least %d (default %%(default)s)" % MEMORY_MIN_MB)
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % CPUS_MAX)
-    p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S]",
+    p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S][,format=F]",
                    help="a virtio-blk disk (raw or qcow2); repeat for more")
     p.add_argument("--net", action="store_true", help="a virtio-net card on user-mode NAT (libslirp)")
     p.add_argument("--mac", default="52:54:00:12:34:56", metavar="MAC", help="the card's MAC address")
@@ -69,14 +69,15 @@ def _setup_logging(vm_id: str, verbose: int) -> None:
 
 
 SERIAL_MAX = 20
+DISK_FORMATS = ("raw", "qcow2")
 
 
 def parse_disk(spec: str):
-    """`PATH[,ro][,serial=S]` -> DiskSpec; ValueError with a one-line reason."""
+    """`PATH[,ro][,serial=S][,format=raw|qcow2]` -> DiskSpec; ValueError with a one-line reason."""
     from tenbox_vmm.machine import DiskSpec
 
     parts = spec.split(",")
-    path, read_only, serial = parts[0], False, ""
+    path, read_only, serial, fmt = parts[0], False, "", None
     if not path:
         raise ValueError("--disk %r: the path is empty" % spec)
     for opt in parts[1:]:
@@ -86,9 +87,13 @@ def parse_disk(spec: str):
             serial = opt[len("serial="):]
             if len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 for c in serial):
                 raise ValueError("--disk %r: serial must be 1..%d printable ASCII characters" % (spec, SERIAL_MAX))
+        elif opt.startswith("format="):
+            fmt = opt[len("format="):]
+            if fmt not in DISK_FORMATS:
+                raise ValueError("--disk %r: format must be %s" % (spec, " or ".join(DISK_FORMATS)))
         else:
-            raise ValueError("--disk %r: unknown option %r (ro, serial=S)" % (spec, opt))
-    return DiskSpec(path=path, read_only=read_only, serial=serial)
+            raise ValueError("--disk %r: unknown option %r (ro, serial=S, format=F)" % (spec, opt))
+    return DiskSpec(path=path, read_only=read_only, serial=serial, fmt=fmt)
 
 
 def _log_state(state, reason: str) -> None:

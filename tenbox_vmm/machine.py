@@ -52,6 +52,7 @@ class DiskSpec(NamedTuple):
     path: str
     read_only: bool = False
     serial: str = ""
+    fmt: Optional[str] = None  # "raw" or "qcow2"; None probes (a probed raw image refuses qcow2 headers)
 
 
 class NetSpec(NamedTuple):
@@ -227,7 +228,7 @@ class Machine:
         opened: list = []
         try:
             for spec in specs:
-                opened.append(open_disk(spec.path, read_only=spec.read_only))
+                opened.append(open_disk(spec.path, read_only=spec.read_only, fmt=spec.fmt))
         except DiskError as e:
             for d in opened:
                 d.close()

@@ -94,3 +94,53 @@ def test_dev_kvm_missing(tmp_path):
     script = "mount -t tmpfs none /dev && exec %s -m tenbox_vmm --kernel %s" % (PYTHON, guest_path("poweroff"))
     r = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
     assert_usage_error(r, "/dev/kvm does not exist", "modprobe")
+
+
+def _image(tmp_path, name="d.raw", size=1 << 20):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix, fragment", [
+    (",bogus", "unknown option 'bogus'"),
+    (",format=vmdk", "format must be raw or qcow2"),
+    (",serial=" + "x" * 21, "serial must be"),
+])
+def test_bad_disk_options(tmp_path, suffix, fragment):
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), "--disk", _image(tmp_path) + suffix)),
+                       fragment)
+
+
+def test_missing_disk(tmp_path):
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), "--disk", str(tmp_path / "none.raw"))),
+                       "none.raw")
+
+
+def test_disk_declared_qcow2_but_raw(tmp_path):
+    r = run(runtime_argv("--kernel", guest_path("poweroff"), "--disk", _image(tmp_path) + ",format=qcow2"))
+    assert_usage_error(r, "d.raw")
+
+
+def test_corrupt_qcow2_disk(tmp_path):
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(60))
+    assert_usage_error(run(runtime_argv("--kernel", guest_path("poweroff"), "--disk", str(bad))), "bad.qcow2")
+
+
+def test_disk_in_use_by_qemu_io(tmp_path):
+    img = _image(tmp_path)
+    holder = subprocess.Popen(["qemu-io", "-f", "raw", img], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        holder.stdin.write(b"read 0 512\n")  # once this answers, qemu-io holds its locks
+        holder.stdin.flush()
+        holder.stdout.readline()
+        r = run(runtime_argv("--kernel", guest_path("poweroff"), "--disk", img))
+        assert_usage_error(r, "in use by another process")
+        unchanged = open(img, "rb").read()
+        assert unchanged == bytes(1 << 20)
+    finally:
+        holder.kill()
+        holder.wait()
