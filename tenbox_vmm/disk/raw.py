@@ -28,6 +28,9 @@ QCOW2_MAGIC = b"QFI\xfb"
 
 class RawDisk(Disk):
     format = "raw"
+    # Every request is one positional syscall on the image with no shared
+    # metadata, so virtio-blk may run a batch of them on several threads.
+    concurrent_io = True
 
     def __init__(self, path: str, read_only: bool = False, probed: bool = False,
                  file_factory: Callable[[str, bool], ImageFile] = ImageFile) -> None:
