@@ -25,8 +25,9 @@ linux:
 	scripts/x86_64/get-kernel.sh
 	scripts/x86_64/make-initramfs.sh
 
+# Everything, the packaging matrix (Debian 11/12/13 chroots, ~6 min) included.
 test: deps ffi guests linux
-	$(PYTEST) -q -ra tests
+	TENBOX_PACKAGING_TESTS=1 $(PYTEST) -q -ra tests
 
 test-unit: ffi
 	$(PYTEST) -q tests/unit
@@ -34,8 +35,12 @@ test-unit: ffi
 demo: deps ffi guests
 	scripts/demo.sh
 
-bench: deps ffi guests
+bench: deps ffi guests linux
 	$(PYTHON) bench/boot.py
+	$(PYTHON) bench/control.py
+	$(PYTHON) bench/blk.py
+	$(PYTHON) bench/net.py
+	$(PYTHON) bench/disk_host.py
 
 clean:
 	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py tenbox_vmm/net/_slirp_ffi.py tenbox_vmm/disk/_fallocate_ffi.py

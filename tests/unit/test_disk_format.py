@@ -294,8 +294,16 @@ def test_deflate_cluster_ignores_what_shares_its_last_sector():
 
 
 def test_zstd_cluster_may_span_frames():
-    zstandard = pytest.importorskip("zstandard")
     from tenbox_vmm.disk.qcow2.compress import decompress
+
+    try:
+        import zstandard
+    except ImportError:
+        # Debian 11 has no python3-zstandard (the package only suggests it): there
+        # a zstd cluster is refused with the package to install.
+        with pytest.raises(DiskUnsupported, match="python3-zstandard"):
+            decompress(F.COMPRESSION_ZSTD, b"\x28\xb5\x2f\xfd" + bytes(20), 4096, "t")
+        return
 
     data = os.urandom(2048) + bytes(2048)
     frames = zstandard.ZstdCompressor().compress(data[:1000]) + zstandard.ZstdCompressor().compress(data[1000:])
