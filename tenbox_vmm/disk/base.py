@@ -1,7 +1,10 @@
 """The block-backend interface that virtio-blk drives (worker, from the disk's one I/O thread).
 
 A `Disk` is used by one thread at a time: the device's I/O thread issues
-every request, and `close` comes after that thread has stopped. Buffers are
+every request, and `close` comes after that thread has stopped. A backend
+that sets `concurrent_io` (raw: one positional syscall per request, no
+shared metadata) may have a batch of reads and writes run on several
+threads at once; flushes still come alone. Buffers are
 memoryviews into guest RAM; backends move data between them and the image
 file with preadv/pwritev, without copying it through Python objects.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import abc
 from typing import Sequence
 
-from tenbox_vmm.disk.errors import DiskRangeError, ReadOnlyDisk
+from tenbox_vmm.disk.errors import DiskError, DiskRangeError, ReadOnlyDisk
 
 
 class Disk(abc.ABC):
@@ -21,6 +24,8 @@ class Disk(abc.ABC):
     format: str  # "raw" | "qcow2"
     size: int  # virtual bytes
     read_only: bool
+    concurrent_io = False
+    _closed = False
 
     @abc.abstractmethod
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
@@ -62,6 +67,10 @@ class Disk(abc.ABC):
         if offset < 0 or length < 0 or offset + length > self.size:
             raise DiskRangeError("%s: request [%d, +%d) is outside the disk (%d bytes)"
                                  % (self.path, offset, length, self.size))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiskError("%s: the disk is closed" % self.path)
 
     def _check_writable(self) -> None:
         if self.read_only:

@@ -56,10 +56,6 @@ class RawDisk(Disk):
         self._check_open()
         self._file.readv(offset, views)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise DiskError("%s: the disk is closed" % self.path)
-
     def _check_usable(self) -> None:
         self._check_writable()
         self._check_open()

@@ -297,10 +297,6 @@ class Qcow2Disk(Disk):
 
     # Writing ----------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise DiskError("%s: the disk is closed" % self.path)
-
     def _check_usable(self) -> None:
         self._check_writable()
         self._check_open()
