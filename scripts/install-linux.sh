@@ -53,7 +53,7 @@ Options (each also read from the environment variable shown):
   -h, --help         this help
 
 Example:
-  sudo sh $PROG --cloud-url https://my.tenbox.ai
+  sudo sh $PROG --cloud-url wss://my.tenbox.ai/api/device-tunnel
 EOF
 }
 
@@ -98,6 +98,8 @@ parse_args() {
     case $DATA_DIR in /*) ;; *) die "--data-dir must be an absolute path, not '$DATA_DIR'" ;; esac
     case $REPO_URL in http://*|https://*|file:/*) ;; *) die "--repo must be an http(s):// or file:/ URL, not '$REPO_URL'" ;; esac
     case $SUITE in ''|*[!A-Za-z0-9._-]*) die "--suite '$SUITE' is not a suite name" ;; esac
+    # tenboxd speaks to the cloud over TLS only: anything else would leave the link off.
+    case $CLOUD_URL in ''|wss://?*) ;; *) die "--cloud-url must be a wss:// URL, not '$CLOUD_URL'" ;; esac
     if [ "$TRUSTED" = 1 ] && [ -n "$KEYRING_SRC" ]; then
         die "--trusted and --keyring exclude each other: a keyring means the signature is checked"
     fi

@@ -80,6 +80,15 @@ def pair_url(cloud_url: str, code: str) -> str:
     return "%s://%s/pair?code=%s" % (scheme, parts.netloc, code)
 
 
+# The kernel's machine names as Debian (and TenBox's cloud) name architectures.
+DEBIAN_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf", "armv6l": "armhf", "i686": "i386"}
+
+
+def debian_arch() -> str:
+    machine = platform.machine()
+    return DEBIAN_ARCHES.get(machine, machine)
+
+
 def os_release() -> Dict[str, str]:
     out: Dict[str, str] = {}
     try:
@@ -164,7 +173,7 @@ class CloudLink:
             "cloud_connected": self.connected,
             "tenbox_vm_memory_bytes": rss,
             "os_release": os_release(),
-            "arch": platform.machine(),
+            "arch": debian_arch(),
             "vm_summary": telemetry.vm_summary(vms, len(workers.broken)),
         }
 

@@ -91,7 +91,7 @@ class VmSpec:
             raise SpecError("created_at must be a number")
 
 
-DISKS_MAX = 6  # virtio-mmio slots left after the network card
+DISKS_MAX = 7  # the machine's 8 virtio-mmio slots less the network card every daemon VM has
 SERIAL_MAX = 20
 DISK_FORMATS = ("raw", "qcow2")
 

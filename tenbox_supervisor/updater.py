@@ -21,7 +21,7 @@
    with python-apt's version_compare). If the daemon dies anyway, the next
    one finds <data_dir>/update.json and reports the outcome on its first
    cloud connection.
-While an update runs, vm.start and vm.create are refused (`update_in_progress`).
+While an update runs, vm.start is refused (`update_in_progress`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ NOTIFY_DELIVERY_SEC = 15.0  # how long the postinst waits for our reply to leave
 LOG_TAIL_LINES = 20
 STATE_FILE = "update.json"
 
-# Runs inside the transient scope: apt's output goes through a timestamp filter
+# Runs inside the transient service: apt's output goes through a timestamp filter
 # straight into the log file, never through tenboxd (whose death would SIGPIPE dpkg).
 APT_SCRIPT = r"""
 log="$1"; rcfile="$2"; target="$3"; sources="$4"

@@ -86,7 +86,7 @@ def parse_disk(spec: str):
         elif opt.startswith("serial="):
             serial = opt[len("serial="):]
             if len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 for c in serial):
-                raise ValueError("--disk %r: serial must be 1..%d printable ASCII characters" % (spec, SERIAL_MAX))
+                raise ValueError("--disk %r: serial must be up to %d printable ASCII characters" % (spec, SERIAL_MAX))
         elif opt.startswith("format="):
             fmt = opt[len("format="):]
             if fmt not in DISK_FORMATS:

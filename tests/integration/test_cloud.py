@@ -100,6 +100,7 @@ def test_telemetry_ticks_on_every_connect(cloud, linked):
     assert tick["_received_at"] - hello["_received_at"] < 5
     for key in ("resources", "vm_summary", "daemon_version", "os_release", "arch", "doctor"):
         assert key in tick["payload"], key
+    assert tick["payload"]["arch"] in ("amd64", "arm64"), tick["payload"]["arch"]  # Debian's names, as TenBox's
     vms = cloud.wait_type("vm.resources_tick", timeout=10)["payload"]["vms"]
     assert vms[0]["name"] == "tele" and vms[0]["state"] == "stopped" and "disk_usage_bytes" in vms[0]["resources"]
     cloud.drop()

@@ -224,13 +224,13 @@ class TestDistribution:
     def test_operator_edits_to_the_env_file_are_kept(self, host):
         env = host.chroot.path("/etc/tenbox/tenboxd.env")
         original = env.read_text()
-        env.write_text(original.replace("TENBOX_CLOUD_URL=\n", "TENBOX_CLOUD_URL=https://cloud.example.invalid\n")
+        env.write_text(original.replace("TENBOX_CLOUD_URL=\n", "TENBOX_CLOUD_URL=wss://cloud.example.invalid/api/device-tunnel\n")
                        + "# operator's note\n")
         edited = env.read_text()
         try:
-            r = installer(host, "--no-kvm-check", "--cloud-url", "https://other.example.invalid", *signed(host))
+            r = installer(host, "--no-kvm-check", "--cloud-url", "wss://other.example.invalid/api/device-tunnel", *signed(host))
             assert env.read_text() == edited
-            assert "kept TENBOX_CLOUD_URL=https://cloud.example.invalid" in r.stderr
+            assert "kept TENBOX_CLOUD_URL=wss://cloud.example.invalid/api/device-tunnel" in r.stderr
         finally:
             env.write_text(original)
 
