@@ -1,24 +1,50 @@
-"""`tenbox image ...`: disk images (CLI; `create` runs locally as the invoking user)."""
+"""`tenbox image ...`: the image store through tenboxd, and local disk images (CLI).
+
+`ls`, `inspect`, `import` and `rm` ask tenboxd; `build` runs
+scripts/x86_64/make-rootfs-debian.sh here (as root), then imports what it
+built; `create` and `info` work on image files directly, as the invoking user.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
 from tenbox_ctl import output
-from tenbox_ctl.app import handle_errors, json_option
-from tenbox_ctl.client import CliError
+from tenbox_ctl.app import App, handle_errors, json_option, pass_app
+from tenbox_ctl.client import EXIT_PERMISSION, CliError
+from tenbox_supervisor.protocol import NAME_RE
+
+IMPORT_TIMEOUT_SEC = 6 * 3600  # copying and hashing many GiB on a slow disk
+PROGRESS_POLL_SEC = 1.0
+BUILD_CACHE = "/var/cache/tenbox/images"
+SCRIPTS_ENV = "TENBOX_SCRIPTS_DIR"
+# Where the rootfs scripts are: $TENBOX_SCRIPTS_DIR, the source tree, the package.
+SCRIPT_DIRS = (Path(__file__).resolve().parents[1] / "scripts", Path("/usr/lib/tenbox/scripts"))
 
 
 @click.group("image")
 def image_group():
-    """Disk images: create them, inspect them.
+    """Guest images: build, import, list, inspect and remove them in tenboxd's store; make disk images.
+
+    An image is a kernel, an initrd and a root file system template with a
+    manifest of their sha256; `tenbox vm create NAME --image IMAGE` gives a
+    VM its own qcow2 overlay of the template.
 
     \b
     Example:
+      sudo tenbox image build debian --suite bookworm --name deb12
+      tenbox image ls
+      tenbox vm create web --image deb12
       tenbox image create data.qcow2 --size 20G
     """
 
@@ -29,6 +55,316 @@ def _imagetool(*args: str) -> dict:
         lines = r.stderr.strip().splitlines()
         raise CliError(lines[-1].replace("tenbox-image: error: ", "") if lines else "image tool failed")
     return json.loads(r.stdout)
+
+
+def _check_name(name: Optional[str]) -> None:
+    if name is not None and not NAME_RE.match(name):
+        raise click.BadParameter("%r: image names match [A-Za-z0-9-]{1,64}" % name, param_hint="--name")
+
+
+# The store -------------------------------------------------------------------------------------
+
+
+def _os_line(img: Dict[str, Any]) -> str:
+    os_ = img.get("os") or {}
+    return " ".join(str(os_[k]) for k in ("id", "suite", "version") if os_.get(k)) or "-"
+
+
+def _vms_line(vms: List[Dict[str, Any]]) -> str:
+    return ", ".join("%s (%s)" % (v["name"], v["id"]) if v.get("name") else v["id"] for v in vms) or "-"
+
+
+@image_group.command("ls")
+@json_option
+@pass_app
+@handle_errors
+def image_ls(app: App, as_json: bool):
+    """List the images in tenboxd's store.
+
+    STATE is ready, importing (with how far) or broken (with why); VMS
+    counts the VMs made from the image. --json prints the list of image
+    objects (name, state, version, os, arch, kernel, kernel_release, initrd,
+    rootfs, rootfs_format, virtual_size, size, cmdline, created_at,
+    imported_at, path, vms).
+
+    \b
+    Example:
+      tenbox image ls
+      tenbox image ls --json | jq -r '.[] | select(.state == "ready") | .name'
+    """
+    images = app.client().request("image.list")["images"]
+    if as_json:
+        output.emit_json(images)
+        return
+    rows: List[Sequence[Any]] = []
+    for img in images:
+        state = img.get("state")
+        if state == "broken":
+            rows.append((img["name"], "broken", "-", "-", "-", "-", "-", "-", img.get("error")))
+        elif state == "importing":
+            total = img.get("bytes_total") or 0
+            done = img.get("bytes_done") or 0
+            pct = "%d%%" % (100 * done // total) if total else "-"
+            rows.append((img["name"], "importing %s" % pct, "-", "-", "-", output.size(total), "-", "-", "-"))
+        else:
+            rows.append((img["name"], state, img.get("version"), _os_line(img), img.get("kernel_release"),
+                         output.size(img.get("size")), output.size(img.get("virtual_size")), len(img.get("vms") or []),
+                         (img.get("imported_at") or "-").replace("T", " ").rstrip("Z")))
+    output.table(("NAME", "STATE", "VERSION", "OS", "KERNEL", "SIZE", "VIRTUAL", "VMS", "IMPORTED"), rows)
+
+
+@image_group.command("inspect")
+@click.argument("name")
+@click.option("--verify", is_flag=True, help="Hash every file again and compare with the manifest (exit 1 if one differs).")
+@json_option
+@pass_app
+@handle_errors
+def image_inspect(app: App, name: str, verify: bool, as_json: bool):
+    """Show one image: its files with their sha256, its manifest and the VMs using it.
+
+    \b
+    Example:
+      tenbox image inspect deb12
+      tenbox image inspect deb12 --verify
+    """
+    img = app.client(IMPORT_TIMEOUT_SEC if verify else None).request("image.inspect", {"name": name, "verify": verify})
+    bad = verify and not (img.get("verify") or {}).get("ok")
+    if as_json:
+        output.emit_json(img)
+    else:
+        rootfs_note = "%s, virtual %s" % (img.get("rootfs_format"), output.size(img.get("virtual_size")))
+        rows = [
+            ("name", img.get("name")), ("version", img.get("version")), ("os", _os_line(img)), ("arch", img.get("arch")),
+            ("kernel", "%s (%s)" % (img.get("kernel"), img.get("kernel_release") or "?")), ("initrd", img.get("initrd")),
+            ("rootfs", "%s (%s)" % (img.get("rootfs"), rootfs_note)), ("cmdline", img.get("cmdline")),
+            ("size", output.size(img.get("size"))), ("created", img.get("created_at")),
+            ("imported", img.get("imported_at")), ("vms", _vms_line(img.get("vms") or [])),
+        ]
+        for k, v in rows:
+            click.echo("%-10s %s" % (k + ":", "-" if v is None else v))
+        click.echo("files:")
+        files = (img.get("manifest") or {}).get("files") or {}
+        width = max([len(fn) for fn in files] + [4])
+        for fn in sorted(files):
+            click.echo("  %-*s  %10s  sha256 %s" % (width, fn, output.size(files[fn].get("size")), files[fn].get("sha256")))
+        if verify:
+            problems = img["verify"]["problems"]
+            click.echo("verify:    %s" % ("ok, every sha256 matches the manifest" if not problems else "FAILED"))
+            for p in problems:
+                click.echo("  " + p)
+    if bad:
+        sys.exit(1)
+
+
+class _ImportProgress:
+    """Polls image.list while an import runs and shows how far it is on stderr."""
+
+    def __init__(self, app: App, name: Optional[str]) -> None:
+        self.app = app
+        self.name = name
+        self.tty = sys.stderr.isatty()
+        self.last_step = -1
+        self.shown = False
+
+    def poll(self) -> None:
+        if not self.name:
+            return
+        try:
+            images = self.app.client(10).request("image.list")["images"]
+        except CliError:
+            return
+        for img in images:
+            if img.get("name") == self.name and img.get("state") == "importing":
+                self.show(img.get("bytes_done") or 0, img.get("bytes_total") or 0, img.get("file") or "")
+
+    def show(self, done: int, total: int, file: str) -> None:
+        pct = 100 * done // total if total else 0
+        text = "importing %s: %3d%% (%s of %s; checking sha256 of %s)" % (
+            self.name, pct, output.size(done), output.size(total), file or "...")
+        if self.tty:
+            click.echo("\r" + text + "\033[K", nl=False, err=True)
+            self.shown = True
+        elif pct // 10 != self.last_step:
+            self.last_step = pct // 10
+            click.echo(text, err=True)
+
+    def end(self) -> None:
+        if self.shown:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+def _manifest_name(paths: List[str]) -> Optional[str]:
+    """The name in the manifest being imported, if this user can read it (for the progress line)."""
+    candidates = [os.path.join(p, "manifest.json") for p in paths if os.path.isdir(p)] + [p for p in paths if p.endswith(".json")]
+    for c in candidates:
+        try:
+            with open(c) as f:
+                name = json.load(f).get("name")
+            return name if isinstance(name, str) and NAME_RE.match(name) else None
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def _import(app: App, paths: List[str], name: Optional[str], as_json: bool) -> None:
+    paths = [os.path.abspath(p) for p in paths]
+    payload: Dict[str, Any] = {"name": name}
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        payload["path"] = paths[0]
+    else:
+        payload["files"] = paths
+    result: Dict[str, Any] = {}
+
+    def request() -> None:
+        try:
+            result["image"] = app.client(IMPORT_TIMEOUT_SEC).request("image.import", payload)
+        except CliError as e:
+            result["error"] = e
+
+    progress = _ImportProgress(app, name or _manifest_name(paths))
+    started = time.monotonic()
+    worker = threading.Thread(target=request, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(PROGRESS_POLL_SEC)
+        if worker.is_alive():
+            progress.poll()
+    progress.end()
+    if "error" in result:
+        raise result["error"]
+    img = result["image"]
+    if as_json:
+        output.emit_json(img)
+    else:
+        click.echo("%s: imported in %.0fs (%s, every sha256 matched the manifest)"
+                   % (img["name"], time.monotonic() - started, output.size(img.get("size"))))
+
+
+@image_group.command("import")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True), metavar="DIR | MANIFEST FILE...")
+@click.option("--name", help="Name in the store (default: the manifest's name).")
+@json_option
+@pass_app
+@handle_errors
+def image_import(app: App, sources, name: Optional[str], as_json: bool):
+    """Import an image: a folder with manifest.json, or a manifest (*.json) and the files it names.
+
+    Every file's size and sha256 must match the manifest; the rootfs must be
+    of its declared format, with no backing file. Nothing enters the store
+    unless everything matches. tenboxd reads the files itself, so give paths
+    it can read.
+
+    \b
+    Example:
+      tenbox image import /var/cache/tenbox/images/debian-bookworm --name deb12
+      tenbox image import ~/dl/manifest.json ~/dl/vmlinuz ~/dl/initrd.img ~/dl/rootfs.qcow2 --name mine
+    """
+    _check_name(name)
+    _import(app, list(sources), name, as_json)
+
+
+@image_group.command("rm")
+@click.argument("name")
+@json_option
+@pass_app
+@handle_errors
+def image_rm(app: App, name: str, as_json: bool):
+    """Remove an image from the store; refused while VMs use it (it lists them).
+
+    \b
+    Example:
+      tenbox image rm deb12
+    """
+    try:
+        result = app.client(600).request("image.remove", {"name": name})
+    except CliError as e:
+        if as_json and e.reply is not None:
+            output.emit_json(e.reply)
+        raise
+    if as_json:
+        output.emit_json(result)
+    else:
+        click.echo("%s: removed" % name)
+
+
+def find_script(name: str) -> str:
+    """A rootfs script for this machine's architecture: $TENBOX_SCRIPTS_DIR, the source tree, the package."""
+    arch = platform.machine()
+    dirs = [Path(os.environ[SCRIPTS_ENV])] if os.environ.get(SCRIPTS_ENV) else []
+    dirs += list(SCRIPT_DIRS)
+    for d in dirs:
+        path = d / arch / name
+        if path.is_file():
+            return str(path)
+    raise CliError("no %s for %s in %s (set $%s to the folder of the scripts)"
+                   % (name, arch, ", ".join(str(d / arch) for d in dirs), SCRIPTS_ENV))
+
+
+@image_group.command("build")
+@click.argument("distro", type=click.Choice(["debian"]))
+@click.option("--suite", default="bookworm", show_default=True, help="Debian release to bootstrap.")
+@click.option("--name", help="Image name in the store (default: debian-SUITE).")
+@click.option("--packages", multiple=True, metavar="P1,P2", help="More Debian packages for the template; repeat or comma-separate.")
+@click.option("--size", default="2G", show_default=True, help="Virtual size of the root file system.")
+@click.option("--hostname", default="tenbox", show_default=True, help="The guest's host name.")
+@click.option("--ssh-key", metavar="FILE|KEY", help="A public key for root's authorized_keys (installs openssh-server).")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default http://deb.debian.org/debian).")
+@click.option("--out", type=click.Path(file_okay=False), help="Build folder, kept as a cache (default %s/NAME)." % BUILD_CACHE)
+@click.option("--refresh", is_flag=True, help="Build again even if the build folder is up to date (new Debian updates).")
+@click.option("--no-import", "no_import", is_flag=True, help="Only build; import later with tenbox image import DIR.")
+@json_option
+@pass_app
+@handle_errors
+def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key, mirror, out, refresh, no_import,
+                as_json):
+    """Build an image with scripts/x86_64/make-rootfs-debian.sh, then import it into tenboxd's store.
+
+    Needs root (debootstrap, chroot). The build runs in this process's
+    terminal, one progress line per stage; it is cached in --out, so building
+    the same inputs again only imports. Before the build starts, tenboxd must
+    answer and the name must be free in its store (unless --no-import).
+
+    \b
+    Example:
+      sudo tenbox image build debian
+      sudo tenbox image build debian --suite bookworm --name deb12 --packages openssh-server,curl --ssh-key ~/.ssh/id_ed25519.pub
+    """
+    name = name or "%s-%s" % (distro, suite)
+    _check_name(name)
+    if os.geteuid() != 0:
+        raise CliError("image build needs root: debootstrap and chroot do (run it with sudo)", EXIT_PERMISSION)
+    script = find_script("make-rootfs-%s.sh" % distro)
+    if not no_import:
+        try:
+            app.client().request("image.inspect", {"name": name})
+        except CliError as e:
+            if (e.reply or {}).get("error_code") != "image_not_found":
+                raise
+        else:
+            raise CliError("an image named %r exists; remove it (tenbox image rm %s) or choose another --name (image_exists)"
+                           % (name, name))
+    out = os.path.abspath(out) if out else os.path.join(BUILD_CACHE, name)
+    argv = [script, "--suite", suite, "--name", name, "--size", size, "--hostname", hostname, "--out", out]
+    for p in packages:
+        argv += ["--packages", p]
+    if ssh_key:
+        argv += ["--ssh-key", os.path.abspath(ssh_key) if os.path.isfile(ssh_key) else ssh_key]
+    if mirror:
+        argv += ["--mirror", mirror]
+    if refresh:
+        argv.append("--refresh")
+    # The script's progress and errors go straight to this terminal (its stdout is unused).
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr)
+    if r.returncode != 0:
+        raise CliError("building the image failed: %s exited with status %d (the reason is above)"
+                       % (os.path.basename(script), r.returncode))
+    if no_import:
+        if as_json:
+            output.emit_json({"name": name, "path": out})
+        else:
+            click.echo(out)
+        return
+    _import(app, [out], name, as_json)
 
 
 @image_group.command("create")

@@ -44,6 +44,16 @@ def mib(value: Optional[int]) -> str:
     return "%d MiB" % value if value < 10240 else "%.1f GiB" % (value / 1024)
 
 
+def size(value: Optional[int]) -> str:
+    """Bytes for people, binary units: 512 B, 3.2 MiB, 2.0 GiB."""
+    if value is None:
+        return "-"
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if value >= 1 << shift:
+            return "%.1f %s" % (value / (1 << shift), unit)
+    return "%d B" % value
+
+
 def failure(f: Optional[dict]) -> str:
     if not f:
         return "-"

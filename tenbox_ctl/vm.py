@@ -65,7 +65,7 @@ def _print_vm(vm: dict, as_json: bool) -> None:
         output.emit_json(vm)
         return
     rows = [
-        ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")),
+        ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")), ("image", vm.get("image")),
         ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
         ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
         ("disks", ", ".join(_disk_line(d) for d in vm.get("disks") or []) or "-"),
@@ -127,9 +127,11 @@ def vm_show(app: App, vm: str, as_json: bool):
 
 @vm_group.command("create")
 @click.argument("name")
-@click.option("--kernel", required=True, type=click.Path(dir_okay=False), help="bzImage or ELF vmlinux.")
+@click.option("--image", metavar="IMAGE", help="An image from the store (tenbox image ls): its kernel, initrd and "
+              "command line, and the VM's own qcow2 overlay of its root file system as the first disk.")
+@click.option("--kernel", type=click.Path(dir_okay=False), help="bzImage or ELF vmlinux (required without --image).")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="Initial ramdisk.")
-@click.option("--cmdline", help="Kernel command line (default: the runtime's, console on ttyS0).")
+@click.option("--cmdline", help="Kernel command line (default: the image's, else the runtime's, console on ttyS0).")
 @click.option("--memory", type=click.IntRange(16), default=256, show_default=True, help="RAM in MiB.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of vCPUs.")
 @click.option("--disk", "disks", multiple=True, callback=_disk_option, metavar="PATH[,ro][,serial=S][,format=F]",
@@ -141,16 +143,26 @@ def vm_show(app: App, vm: str, as_json: bool):
 @json_option
 @pass_app
 @handle_errors
-def vm_create(app: App, name, kernel, initrd, cmdline, memory, cpus, disks, template, net, hostfwds, guestfwds, as_json):
+def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disks, template, net, hostfwds, guestfwds,
+              as_json):
     """Create a VM (stopped); prints its id.
+
+    With --image, the VM boots the image's kernel and initrd with its
+    command line, from its own qcow2 overlay of the image's root file system
+    (vms/ID/disk.qcow2, deleted with the VM; the template is never written).
 
     \b
     Example:
-      tenbox vm create web --kernel /srv/vmlinuz --initrd /srv/initrd.img --memory 512 --cpus 2
+      tenbox vm create web --image deb12 --memory 512 --cpus 2
+      tenbox vm create tiny --kernel /srv/vmlinuz --initrd /srv/initrd.img --memory 512
       tenbox vm create db --kernel /srv/vmlinuz --template /srv/debian.qcow2 --disk /srv/data.raw,serial=data
     """
-    payload = {"name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory, "cpus": cpus,
-               "disks": disks, "template": _abs(template), "net": net, "hostfwds": list(hostfwds),
+    if not kernel and not image:
+        raise click.UsageError("give --image IMAGE or --kernel PATH")
+    if image and template:
+        raise click.UsageError("--image and --template do not go together (the image brings its template)")
+    payload = {"name": name, "image": image, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory,
+               "cpus": cpus, "disks": disks, "template": _abs(template), "net": net, "hostfwds": list(hostfwds),
                "guestfwds": list(guestfwds)}
     if cmdline is not None:
         payload["cmdline"] = cmdline

@@ -355,15 +355,36 @@ class Api:
         return {"vms": vms}
 
     async def vm_create(self, params, caller):
+        image_name = _name(params, "image")
+        if image_name is None:
+            return await self._vm_create(params, None)
+        if params.get("template") is not None:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "give image or template, not both")
+        images = self.daemon.image_api
+        # Held until the VM is stored: image.remove cannot slip in between.
+        async with images.lock:
+            return await self._vm_create(params, images.get(image_name))
+
+    async def _vm_create(self, params, image):
+        """vm.create; with an image, its kernel, initrd and command line are the defaults and its rootfs the template."""
         name = _name(params, "name", required=True)
         if any(v.spec.name == name for v in self.workers.vms.values()) or name in self.workers.vms:
             raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % name)
+        kernel = _file(params, "kernel", required=image is None)
+        initrd = _file(params, "initrd")
+        cmdline = _cmdline(params)
+        if image is not None:
+            kernel = kernel or image.kernel
+            initrd = initrd or image.initrd
+            if cmdline is None:
+                cmdline = image.manifest.get("cmdline")
         spec = VmSpec(
             id=new_vm_id(),
             name=name,
-            kernel=_file(params, "kernel", required=True),
-            initrd=_file(params, "initrd"),
-            cmdline=_cmdline(params),
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            image=image.name if image is not None else None,
             memory_mb=_int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb(), default=256),
             cpus=_int(params, "cpus", 1, CPUS_MAX, default=1),
             disks=_disks(params) or [],
@@ -375,7 +396,7 @@ class Api:
             net_on = True  # as TenBox: a VM has the network unless told otherwise
         spec.net = {"enabled": True, "mac": new_mac(), "link_up": net_on,
                     "hostfwds": hostfwds or [], "guestfwds": guestfwds or []}
-        template = _file(params, "template")
+        template = image.rootfs if image is not None else _file(params, "template")
         if template and len(spec.disks) >= DISKS_MAX:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks" % DISKS_MAX)
         try:

@@ -38,6 +38,10 @@ class Config:
     def vms_dir(self) -> str:
         return os.path.join(self.data_dir, "vms")
 
+    @property
+    def images_dir(self) -> str:
+        return os.path.join(self.data_dir, "images")
+
 
 def resolve(
     data_dir: Optional[str] = None,

@@ -14,6 +14,8 @@ from tenbox_supervisor.api import Api, ApiError
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.control import ControlServer, SocketBusy
+from tenbox_supervisor.image_api import ImageMethods
+from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
 from tenbox_supervisor.updater import Updater
 from tenbox_supervisor.notify import Notifier
@@ -45,6 +47,8 @@ class Daemon:
         self.link: Optional[LinkServer] = None
         self.control: Optional[ControlServer] = None
         self.api: Optional[Api] = None
+        self.images: Optional[ImageStore] = None
+        self.image_api: Optional[ImageMethods] = None
         self.cloud = None
         self.updater = None
         self._extra_tasks: List[asyncio.Task] = []
@@ -80,6 +84,9 @@ class Daemon:
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: self.workers.on_link_message(vm_id, msg))
             self.workers = WorkerManager(self.config, self.store, Host(), self.link.send)
             self.api = Api(self)
+            self.images = ImageStore(self.config.images_dir)
+            self.image_api = ImageMethods(self, self.images)
+            self.image_api.register(self.api)
             self.updater = Updater(self)
             self.updater.register(self.api)
             self.updater.restore()

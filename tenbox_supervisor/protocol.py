@@ -39,6 +39,10 @@ class Method(str, enum.Enum):
     VM_LOGS = "vm.logs"
     VM_LOGS_FOLLOW = "vm.logs.follow"
     VM_CONSOLE_ATTACH = "vm.console.attach"
+    IMAGE_LIST = "image.list"
+    IMAGE_INSPECT = "image.inspect"
+    IMAGE_IMPORT = "image.import"
+    IMAGE_REMOVE = "image.remove"
     HOST_UPDATE = "host.update"
     HOST_UPDATE_NOTIFY = "host.update.notify"  # the package's postinst: "I am installing version V"
     HOST_UPDATE_LOG = "host.update.log"
@@ -72,6 +76,11 @@ class ErrorCode(str, enum.Enum):
     KVM_UNSUPPORTED = "kvm_unsupported"
     INSUFFICIENT_MEMORY = "insufficient_memory"
     FILE_MISSING = "file_missing"
+    IMAGE_NOT_FOUND = "image_not_found"
+    IMAGE_EXISTS = "image_exists"
+    IMAGE_IN_USE = "image_in_use"
+    IMAGE_CORRUPT = "image_corrupt"
+    INSUFFICIENT_SPACE = "insufficient_space"
     STORE_FAILED = "store_failed"
     TOO_MANY_CLIENTS = "too_many_clients"
     VMS_RUNNING = "vms_running"
@@ -104,7 +113,12 @@ ERROR_MESSAGES = {
     ErrorCode.KVM_UNSUPPORTED: "KVM is not usable on this host",
     ErrorCode.INSUFFICIENT_MEMORY: "the host does not have that much memory free",
     ErrorCode.FILE_MISSING: "a file the VM needs is missing or unreadable",
-    ErrorCode.STORE_FAILED: "the VM store could not be written",
+    ErrorCode.IMAGE_NOT_FOUND: "no such image",
+    ErrorCode.IMAGE_EXISTS: "an image with that name exists",
+    ErrorCode.IMAGE_IN_USE: "VMs use the image; delete them first",
+    ErrorCode.IMAGE_CORRUPT: "an image file or its manifest does not match (sha256, size or format)",
+    ErrorCode.INSUFFICIENT_SPACE: "not enough free disk space",
+    ErrorCode.STORE_FAILED: "the VM or image store could not be written",
     ErrorCode.TOO_MANY_CLIENTS: "too many clients are connected",
     ErrorCode.VMS_RUNNING: "one or more VMs are active; stop them before upgrading",
     ErrorCode.UPDATE_DISABLED: "this installation cannot update itself",

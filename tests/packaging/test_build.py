@@ -59,7 +59,7 @@ def test_control_fields_say_one_architecture_independent_package(debs):
     assert _field(deb, "Architecture") == "all"
     assert _field(deb, "Section") == "admin"
     assert _names(_field(deb, "Pre-Depends")) == {"adduser"}
-    assert _names(_field(deb, "Suggests")) == {"qemu-utils", "python3-zstandard"}
+    assert _names(_field(deb, "Suggests")) == {"debootstrap", "qemu-utils", "python3-zstandard"}
     depends = _names(_field(deb, "Depends"))
     assert depends == EXPECTED_DEPENDS
     # ABI mode only: no compiler or pycparser on the host (python3-cffi), and
@@ -78,6 +78,7 @@ def test_commands_run_debians_python3_and_the_preparsed_ffi_is_shipped(unpacked)
     assert not (unpacked / "usr" / "local").exists()
     assert not (unpacked / "etc").exists(), "tenboxd.env is the installer's (and the operator's), not a conffile"
     assert (unpacked / "usr" / "lib" / "tenbox" / "update-notify").stat().st_mode & 0o111
+    assert (unpacked / "usr" / "lib" / "tenbox" / "scripts" / "x86_64" / "make-rootfs-debian.sh").stat().st_mode & 0o111
     for page in ("tenboxd", "tenbox", "tenboxctl", "tenbox-vm-runtime"):
         assert (unpacked / "usr" / "share" / "man" / "man1" / (page + ".1.gz")).exists(), page
 

@@ -1,0 +1,210 @@
+"""The image.* methods of the control socket and the image lookups of vm.create (daemon, root).
+
+Hashing and copying run on the default executor's threads, the rootfs
+check in a child process (tenbox_vmm.imagetool): the event loop never
+reads an image. One asyncio lock orders the store's changes (the end of an
+import, a removal) against vm.create --image, so an image cannot be removed
+between the check for its users and the creation of a VM on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+from tenbox_supervisor.api import PATH_MAX, ApiError, MethodSpec, _get, _name, run_imagetool
+from tenbox_supervisor.images import (
+    FILES_MAX,
+    Image,
+    ImageError,
+    ImageStore,
+    path_in,
+    resolve_sources,
+)
+from tenbox_supervisor.protocol import ErrorCode, Method
+
+log = logging.getLogger("tenboxd.images")
+
+OVERLAY_NAME = "disk.qcow2"
+
+
+def _api_error(e: ImageError) -> ApiError:
+    return ApiError(e.code, e.message)
+
+
+class ImageMethods:
+    def __init__(self, daemon, store: ImageStore) -> None:
+        self.daemon = daemon
+        self.store = store
+        self.lock = asyncio.Lock()
+
+    def register(self, api) -> None:
+        api.register(MethodSpec(Method.IMAGE_LIST, self.image_list, mutating=False))
+        api.register(MethodSpec(Method.IMAGE_INSPECT, self.image_inspect, mutating=False))
+        api.register(MethodSpec(Method.IMAGE_IMPORT, self.image_import, mutating=True))
+        api.register(MethodSpec(Method.IMAGE_REMOVE, self.image_remove, mutating=True))
+
+    # Lookups ------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Image:
+        try:
+            return self.store.get(name)
+        except ImageError as e:
+            raise _api_error(e)
+
+    def quick_users(self, image: Image) -> List[Dict[str, Any]]:
+        """VMs made from the image, or whose kernel, initrd or a disk lies in its folder."""
+        users = []
+        for vm in self.daemon.workers.vms.values():
+            s = vm.spec
+            paths = [s.kernel, s.initrd] + [d.get("path") for d in s.disks]
+            if s.image == image.name or any(p and path_in(p, image.path) for p in paths):
+                users.append({"id": vm.id, "name": s.name, "state": vm.state.value})
+        return users
+
+    async def users(self, image: Image) -> List[Dict[str, Any]]:
+        """quick_users, plus VMs with a disk whose backing chain reaches into the image's folder.
+
+        The chains are read by tenbox_vmm.imagetool in a child process (disk
+        headers are not parsed in the daemon). Broken VM entries are checked
+        through their overlay, the one disk whose place is known.
+        """
+        found = {u["id"]: u for u in self.quick_users(image)}
+        for vm in list(self.daemon.workers.vms.values()):
+            if vm.id in found:
+                continue
+            for d in vm.spec.disks:
+                if d.get("format") == "raw":
+                    continue
+                if await self._chain_reaches(d["path"], image):
+                    found[vm.id] = {"id": vm.id, "name": vm.spec.name, "state": vm.state.value}
+                    break
+        for vm_id in sorted(self.daemon.workers.broken):
+            overlay = os.path.join(self.daemon.store.vm_dir(vm_id), OVERLAY_NAME)
+            if os.path.isfile(overlay) and await self._chain_reaches(overlay, image):
+                found[vm_id] = {"id": vm_id, "name": None, "state": "broken"}
+        return sorted(found.values(), key=lambda u: (u["name"] or "", u["id"]))
+
+    @staticmethod
+    async def _chain_reaches(path: str, image: Image) -> bool:
+        try:
+            info = await run_imagetool("info", path)
+        except ApiError:
+            return False  # a disk that is missing or unreadable names no backing file we can see
+        return any(path_in(entry[0], image.path) for entry in info.get("backing_chain") or [])
+
+    # Methods ------------------------------------------------------------------------------------
+
+    async def image_list(self, params, caller):
+        images, broken = self.store.list()
+        out = []
+        for image in images:
+            view = image.view()
+            view["vms"] = self.quick_users(image)
+            out.append(view)
+        for name, reason in sorted(broken.items()):
+            out.append({"name": name, "state": "broken", "error": reason})
+        for progress in sorted(self.store.pending.values(), key=lambda p: p.name):
+            out.append(progress.view())
+        out.sort(key=lambda v: v["name"])
+        return {"images": out, "path": self.store.images_dir}
+
+    async def image_inspect(self, params, caller):
+        image = self.get(_name(params, "name", required=True))
+        verify = _get(params, "verify", bool, default=False)
+        view = image.view()
+        view["manifest"] = image.manifest
+        view["vms"] = await self.users(image)
+        if verify:
+            loop = asyncio.get_event_loop()
+            problems = await loop.run_in_executor(None, self.store.verify, image)
+            view["verify"] = {"ok": not problems, "problems": problems}
+        return view
+
+    def _sources(self, params) -> List[str]:
+        path = _get(params, "path", str)
+        files = _get(params, "files", list)
+        if (path is None) == (files is None):
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "give path (a folder) or files (a manifest and its files)")
+        paths = [path] if path is not None else files
+        if not paths or len(paths) > FILES_MAX + 1:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "files must list 2 to %d paths" % (FILES_MAX + 1))
+        out: List[str] = []
+        for p in paths:
+            if not isinstance(p, str) or not p or len(p) > PATH_MAX or "\0" in p or not os.path.isabs(p):
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "%r is not an absolute path" % (p,))
+            out.append(os.path.normpath(p))
+        return out
+
+    async def image_import(self, params, caller):
+        name = _name(params, "name")
+        paths = self._sources(params)
+        try:
+            source = resolve_sources(paths)
+            name, manifest, plan, progress = self.store.prepare_import(name, source)
+        except ImageError as e:
+            raise _api_error(e)
+        log.info("image %s: importing %d files (%d bytes) from %s", name, len(plan), progress.bytes_total,
+                 os.path.dirname(source.manifest_path))
+        loop = asyncio.get_event_loop()
+        tmp: Optional[str] = None
+        try:
+            tmp = await loop.run_in_executor(None, self.store.copy_files, name, manifest, plan, progress)
+            manifest = await self._check_rootfs(os.path.join(tmp, manifest["rootfs"]), manifest)
+            async with self.lock:
+                image = await loop.run_in_executor(None, self.store.finish_import, name, tmp, manifest)
+            tmp = None
+        except ImageError as e:
+            raise _api_error(e)
+        except asyncio.CancelledError:
+            progress.cancel.set()  # the copying thread stops at its next block and removes its folder
+            raise
+        finally:
+            if tmp is not None:
+                self.store.discard(tmp)  # a few unlinks; also on the way out when cancelled
+            self.store.end_import(name)
+        log.info("image %s: imported, every sha256 matched", name)
+        view = image.view()
+        view["verified"] = True
+        return view
+
+    async def _check_rootfs(self, path: str, manifest: Dict[str, Any]) -> Dict[str, Any]:
+        """The rootfs is of its declared format and stands alone; its virtual size is recorded."""
+        try:
+            info = await run_imagetool("info", path)
+        except ApiError as e:
+            raise ImageError(ErrorCode.IMAGE_CORRUPT, "rootfs %s: %s" % (manifest["rootfs"], e.message))
+        declared = manifest.get("rootfs_format")
+        if declared is not None and info["format"] != declared:
+            raise ImageError(ErrorCode.IMAGE_CORRUPT, "rootfs %s is %s, the manifest says %s"
+                             % (manifest["rootfs"], info["format"], declared))
+        if info.get("backing_chain") or info.get("backing_file"):
+            # A template's backing file would be any file of this host, readable by every VM on it.
+            raise ImageError(ErrorCode.IMAGE_CORRUPT, "rootfs %s has a backing file; a template must stand alone"
+                             % manifest["rootfs"])
+        if info.get("corrupt") or info.get("dirty"):
+            raise ImageError(ErrorCode.IMAGE_CORRUPT, "rootfs %s is marked corrupt or dirty (qemu-img check -r all)"
+                             % manifest["rootfs"])
+        if info.get("snapshots"):
+            raise ImageError(ErrorCode.IMAGE_CORRUPT, "rootfs %s has internal snapshots" % manifest["rootfs"])
+        return dict(manifest, rootfs_format=info["format"], virtual_size=info["virtual_size"])
+
+    async def image_remove(self, params, caller):
+        name = _name(params, "name", required=True)
+        async with self.lock:
+            image = self.get(name)
+            users = await self.users(image)
+            if users:
+                names = ", ".join("%s (%s)" % (u["name"], u["id"]) if u["name"] else u["id"] for u in users)
+                raise ApiError(ErrorCode.IMAGE_IN_USE, "image %s is used by %d VM(s): %s; delete them first (tenbox vm rm)"
+                               % (name, len(users), names), vms=users)
+            loop = asyncio.get_event_loop()
+            try:
+                await loop.run_in_executor(None, self.store.remove, name)
+            except ImageError as e:
+                raise _api_error(e)
+        log.info("image %s: removed", name)
+        return {"name": name, "removed": True}
+
