@@ -18,6 +18,7 @@ from typing import Any
 MODULES = (
     ("tenbox_vmm.kvm._kvm_ffi", "tenbox_vmm.kvm._cdef", "CDEF"),
     ("tenbox_vmm.net._slirp_ffi", "tenbox_vmm.net._slirp_cdef", "CDEF"),
+    ("tenbox_vmm.net._mmsg_ffi", "tenbox_vmm.net._mmsg_cdef", "CDEF"),
     ("tenbox_vmm.disk._fallocate_ffi", "tenbox_vmm.disk.fallocate", "CDEF"),
 )
 

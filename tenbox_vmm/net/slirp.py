@@ -65,6 +65,7 @@ GUEST_ERROR_LOG_WINDOW_SEC = 60.0
 NS_PER_MS = 1000000
 
 Failure = Tuple[str, str]  # (spec, reason)
+Buffer = Union[bytes, bytearray, memoryview]
 
 # C types of the callbacks, as `(*)` pointer types: the pre-parsed FFI
 # (ffigen) reads type strings with a smaller parser than cdef's.
@@ -357,27 +358,57 @@ class SlirpNetwork:
 
     # -- data path -------------------------------------------------------------
 
-    def input(self, frame: Union[bytes, bytearray, memoryview]) -> None:
+    @property
+    def guest_room(self) -> Optional[Callable[[], int]]:
+        """How many frames the guest can take now (set by the device; None: no limit).
+
+        The UDP forwards read no more datagrams than that from their sockets:
+        while the guest has no receive buffers, datagrams wait in the kernel.
+        """
+        return self._udp.guest_room
+
+    @guest_room.setter
+    def guest_room(self, fn: Optional[Callable[[], int]]) -> None:
+        self._udp.guest_room = fn
+
+    def input(self, frame: Buffer) -> None:
         """Give libslirp one Ethernet frame from the guest (no FCS, checksums complete)."""
+        self.input_many((frame,))
+
+    def input_many(self, frames: Iterable[Buffer]) -> None:
+        """Frames from the guest, in order, as input() takes them one by one.
+
+        The answers of UDP forwards among them leave in one batch; once this
+        returns, nothing refers to the frames any more (the caller may give
+        guest buffers back).
+        """
         if threading.get_ident() != self._owner_ident:
             self._check_thread()
-        buf = ffi.from_buffer("uint8_t[]", frame)
-        n = len(buf)
-        if not ETH_HEADER <= n <= FRAME_MAX_BYTES:
-            self.frames_dropped += 1
-            return
-        if self._guard_loopback and targets_host_loopback(frame):
-            self.frames_dropped += 1
-            return
-        if self._udp and self._udp.from_guest(frame):
-            return
-        if self._aliases:
-            rewritten = self._aliases.from_guest(frame)
-            if rewritten is not frame:
-                buf = ffi.from_buffer("uint8_t[]", rewritten)
-        self._lib.slirp_input(self._slirp, buf, n)
-        if self._deferred is not None:
-            self._raise_deferred()
+        udp = self._udp
+        try:
+            for frame in frames:
+                n = len(frame)
+                if not ETH_HEADER <= n <= FRAME_MAX_BYTES:
+                    self.frames_dropped += 1
+                    continue
+                # An answer within a UDP forward's flow goes to that flow's peer, whom the guest
+                # sees as the gateway (a peer on this host) or at its own address, never at a
+                # loopback one: the loopback guard below has nothing to say about it. Checked
+                # first: it is the frame a busy forward sends most.
+                if udp and udp.from_guest(frame):
+                    continue
+                if self._guard_loopback and targets_host_loopback(frame):
+                    self.frames_dropped += 1
+                    continue
+                if self._aliases:
+                    rewritten = self._aliases.from_guest(frame)
+                    if rewritten is not frame:
+                        frame = rewritten
+                self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), n)
+                if self._deferred is not None:
+                    self._raise_deferred()
+        finally:
+            udp.flush()
 
     def poll_prepare(self) -> Tuple[List[Tuple[int, int]], int]:
         """(fd, poll(2) events) to watch and the poll timeout in ms (-1: none).

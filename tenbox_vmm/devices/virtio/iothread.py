@@ -11,7 +11,7 @@ import logging
 import os
 import select
 import threading
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from tenbox_vmm import eventfd
 from tenbox_vmm.devices.virtio.device import VirtioDevice
@@ -38,6 +38,8 @@ class IoThread:
         self.signal_used = signal_used
         self.on_error = on_error
         self._stop = False
+        # Optional device hook: whether it wants kicks from a queue it has just processed.
+        self._wants_kicks: Optional[Callable[[Virtqueue], bool]] = getattr(device, "wants_kicks", None)
         self._wake = eventfd.eventfd()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -59,19 +61,29 @@ class IoThread:
     def _service(self, q: Virtqueue) -> None:
         """Process a queue with kicks suppressed, then re-arm them without losing a late buffer.
 
-        A device may leave buffers in place (a receive queue with no frames to
-        fill them), so "more work" means the driver published something after
-        we looked, not that buffers are still available.
+        While the driver keeps publishing, the queue is processed again with
+        kicks still off: a busy ring costs no kicks and no wake-ups. A device
+        may leave buffers in place (a receive queue with no frames to fill
+        them), so "more work" means the driver published something after we
+        looked, not that buffers are still available; and a device that says
+        it wants no kicks from a queue (`wants_kicks`, e.g. a receive queue
+        with buffers in hand) gets none until it asks again.
         """
+        wants = self._wants_kicks
+        q.disable_kicks()
         while q.ready and not self._stop:
-            q.disable_kicks()
             seen = q.avail_idx()
             self.device.process(q)
             if q.needs_interrupt():
                 self.signal_used(q.index)
+            if wants is not None and not wants(q):
+                return
+            if q.avail_idx() != seen:
+                continue
             q.enable_kicks()
             if q.avail_idx() == seen:
                 return
+            q.disable_kicks()
 
     def _run(self) -> None:
         poller = select.poll()
@@ -80,7 +92,7 @@ class IoThread:
             poller.register(fd, select.POLLIN)
             by_fd[fd] = q
         poller.register(self._wake, select.POLLIN)
-        extra: List[int] = []
+        extra: List[Tuple[int, int]] = []
         try:
             for q in self.queues:  # buffers offered before the thread started
                 if q.ready and q.has_work():
@@ -88,12 +100,12 @@ class IoThread:
             while not self._stop:
                 fds, timeout = self.device.poll_prepare()
                 polls_device = bool(fds) or timeout >= 0
-                for fd in extra:
-                    poller.unregister(fd)
-                extra = []
-                for fd, events in fds:
-                    poller.register(fd, events)
-                    extra.append(fd)
+                if fds != extra:  # the device's fds rarely change: re-register only then
+                    for fd, _ in extra:
+                        poller.unregister(fd)
+                    for fd, events in fds:
+                        poller.register(fd, events)
+                    extra = list(fds)
                 ready = poller.poll(timeout if timeout >= 0 else None)
                 if self._stop:
                     break

@@ -1,10 +1,16 @@
 """virtio-net over a frame backend (libslirp) (worker; frames move on the device's I/O thread).
 
-TX: each chain is a 12-byte virtio_net_hdr_v1 and one Ethernet frame, handed
-to the backend in one call. RX: frames the backend emits wait in a bounded
-queue until the driver offers buffers; with MRG_RXBUF a frame may span
-several chains (num_buffers says how many). Link state is a config bit the
-host flips at run time; while the link is down frames are dropped both ways.
+TX: each chain is a 12-byte virtio_net_hdr_v1 and one Ethernet frame; up to
+TX_BATCH frames go to the backend in one call (views of guest memory, no
+copy), and their chains go back to the driver only when it returns. RX: a
+frame the backend emits on the I/O thread goes straight into the driver's
+next receive buffer; frames that find no buffer (or come from another
+thread) wait in a bounded queue until the driver offers some, and only
+then does the device ask for receive-queue kicks. `rx_room()` tells the
+backend how many frames the driver can take, so it can leave the rest in
+its sockets. With MRG_RXBUF a frame may span several chains (num_buffers
+says how many). Link state is a config bit the host flips at run time;
+while the link is down frames are dropped both ways.
 Offloads: the backend emits frames with complete checksums, so RX frames are
 marked DATA_VALID when the guest negotiated GUEST_CSUM. TX checksum and
 segmentation offloads are not offered: honouring them would mean computing
@@ -30,6 +36,7 @@ RX, TX = 0, 1
 HDR_LEN = 12  # virtio_net_hdr_v1 (VERSION_1 always has num_buffers)
 FRAME_MAX = 65535 + 14
 RX_BACKLOG_MAX = 512  # frames waiting for guest buffers before new ones are dropped
+TX_BATCH = 64  # transmit chains handed to the backend at once (a UDP forward sends them in one system call)
 MTU = 1500
 
 F_GUEST_CSUM = 1 << 1
@@ -59,6 +66,8 @@ class VirtioNet(VirtioDevice):
         self._lock = threading.Lock()
         self._rx_backlog: Deque[bytes] = collections.deque()
         self.backend = backend_factory(self._from_backend)
+        if hasattr(self.backend, "guest_room"):
+            self.backend.guest_room = self.rx_room
         self._queues: List[Virtqueue] = []
         self.tx_frames = self.rx_frames = self.rx_dropped = self.tx_dropped = 0
         self._pending_calls: Deque[Callable[[], None]] = collections.deque()
@@ -66,6 +75,12 @@ class VirtioNet(VirtioDevice):
         # while the driver is up, else whoever holds this lock.
         self._backend_lock = threading.Lock()
         self._io_running = False
+        self._io_ident: Optional[int] = None  # the I/O thread, once its loop runs: frames go straight in
+        self._rx_queue: Optional[Virtqueue] = None
+        self._rx_moved = False  # frames went straight in since poll_done() last said so
+        self._mergeable = False
+        self._hdr_flags = 0
+        self._hdr_one = _HDR.pack(0, 0, 0, 0, 0, 0, 1)
 
     # Config -------------------------------------------------------------------------------
 
@@ -96,63 +111,122 @@ class VirtioNet(VirtioDevice):
         if not self._link_up:
             self.rx_dropped += 1
             return
+        q = self._rx_queue
+        if q is not None and not self._rx_backlog and threading.get_ident() == self._io_ident and q.ready:
+            if self._put(q, frame) is not None:
+                self._rx_moved = True
+                return
         with self._lock:
             if len(self._rx_backlog) >= RX_BACKLOG_MAX:
                 self.rx_dropped += 1
                 return
             self._rx_backlog.append(bytes(frame))
 
-    def _deliver(self, q: Virtqueue) -> bool:
-        """Move backlog frames into the driver's receive buffers; True if any went in."""
-        moved = False
-        mergeable = bool(self.features & F_MRG_RXBUF)
-        flags = HDR_F_DATA_VALID if self.features & F_GUEST_CSUM else 0
-        while self._rx_backlog:
-            frame = self._rx_backlog[0]
-            total = HDR_LEN + len(frame)
-            chains = []
-            room = 0
-            while room < total:
-                chain = q.pop()
-                if chain is None:
-                    if chains:
-                        # Not enough buffers for the whole frame yet: un-pop these (they are
-                        # still in the avail ring, nothing was pushed) and wait for more.
-                        q.last_avail = (q.last_avail - len(chains)) & 0xFFFF
-                    return moved
-                chains.append(chain)
-                room += chain.writable_len()
-                if not mergeable:
-                    break
-            if room < total:
-                # Without mergeable buffers a frame that does not fit one chain is dropped.
-                for c in chains:
-                    q.push(c.head, 0)
-                self._rx_backlog.popleft()
-                self.rx_dropped += 1
-                moved = True
-                continue
-            data = _HDR.pack(flags, 0, 0, 0, 0, 0, len(chains)) + frame
-            pos = 0
-            for c in chains:
-                start = pos
-                for v in c.writable:
-                    take = min(len(v), len(data) - pos)
-                    if take <= 0:
-                        break
-                    v[:take] = data[pos : pos + take]
-                    pos += take
-                q.push(c.head, pos - start)
-            self._rx_backlog.popleft()
+    def _put(self, q: Virtqueue, frame: bytes) -> Optional[bool]:
+        """Write one frame into the driver's receive buffers (I/O thread).
+
+        True when it went in, False when it was dropped (too big for the
+        buffers without MRG_RXBUF), None when the driver has not offered
+        enough buffers yet (nothing is taken from the ring then).
+        """
+        total = HDR_LEN + len(frame)
+        chain = q.pop()
+        if chain is None:
+            return None
+        writable = chain.writable
+        if writable and len(writable[0]) >= total:
+            v = writable[0]  # the usual case: header and frame fit the first buffer
+            v[:HDR_LEN] = self._hdr_one
+            v[HDR_LEN:total] = frame
+            q.push(chain.head, total)
             self.rx_frames += 1
+            return True
+        chains = [chain]
+        room = chain.writable_len()
+        while room < total and self._mergeable:
+            chain = q.pop()
+            if chain is None:
+                # Not enough buffers for the whole frame yet: they are still in the avail
+                # ring (nothing was pushed); wait for more.
+                q.unpop(len(chains))
+                return None
+            chains.append(chain)
+            room += chain.writable_len()
+        if room < total:
+            # Without mergeable buffers a frame that does not fit one chain is dropped.
+            for c in chains:
+                q.push(c.head, 0)
+            self.rx_dropped += 1
+            return False
+        data = _HDR.pack(self._hdr_flags, 0, 0, 0, 0, 0, len(chains)) + frame
+        pos = 0
+        for c in chains:
+            start = pos
+            for v in c.writable:
+                take = min(len(v), len(data) - pos)
+                if take <= 0:
+                    break
+                v[:take] = data[pos : pos + take]
+                pos += take
+            q.push(c.head, pos - start)
+        self.rx_frames += 1
+        return True
+
+    def _deliver(self, q: Virtqueue) -> bool:
+        """Move backlog frames into the driver's receive buffers; True if any went in (or were dropped).
+
+        Out of buffers with frames left, it asks for a kick on the driver's
+        next buffer (and looks once more, for one published meanwhile).
+        """
+        moved = False
+        backlog = self._rx_backlog
+        while backlog:
+            seen = q.avail_idx()
+            if self._put(q, backlog[0]) is None:
+                q.enable_kicks()
+                if q.avail_idx() != seen:
+                    continue
+                return moved
+            backlog.popleft()
             moved = True
         return moved
+
+    def rx_room(self) -> int:
+        """How many frames the driver can take now, at least one buffer each (backends read no more).
+
+        On the I/O thread, 0 means its receive ring is empty, and its next
+        buffers will kick the thread. Elsewhere, the room left in the backlog.
+        """
+        if not self._link_up:
+            return RX_BACKLOG_MAX  # dropped anyway: nothing to wait for
+        q = self._rx_queue
+        if q is None or not q.ready or threading.get_ident() != self._io_ident:
+            return max(0, RX_BACKLOG_MAX - len(self._rx_backlog))
+        if self._rx_backlog:
+            with self._lock:
+                if self._deliver(q):
+                    self._rx_moved = True
+            if self._rx_backlog:
+                return 0
+        room = q.available()
+        if not room:
+            q.enable_kicks()
+            room = q.available()
+        return room
+
+    def wants_kicks(self, q: Virtqueue) -> bool:
+        """Kicks from the transmit queue always; from the receive queue only while frames wait for buffers."""
+        return q.index != RX or bool(self._rx_backlog)
 
     # I/O thread -----------------------------------------------------------------------------
 
     def activate(self, features: int, queues: List[Virtqueue]) -> None:
         super().activate(features, queues)
+        self._mergeable = bool(features & F_MRG_RXBUF)
+        self._hdr_flags = HDR_F_DATA_VALID if features & F_GUEST_CSUM else 0
+        self._hdr_one = _HDR.pack(self._hdr_flags, 0, 0, 0, 0, 0, 1)
         self._queues = queues
+        self._rx_queue = queues[RX] if len(queues) > RX else None
 
     def process(self, queue: Virtqueue) -> None:
         if queue.index == TX:
@@ -162,22 +236,38 @@ class VirtioNet(VirtioDevice):
                 self._deliver(queue)
 
     def _transmit(self, q: Virtqueue) -> None:
-        backend_input = self.backend.input
+        backend = self.backend
+        input_many = getattr(backend, "input_many", None)
         while True:
-            chain = q.pop()
-            if chain is None:
+            heads: List[int] = []
+            frames: List[memoryview] = []
+            try:
+                while len(heads) < TX_BATCH:
+                    chain = q.pop()
+                    if chain is None:
+                        break
+                    heads.append(chain.head)
+                    readable = chain.readable
+                    if len(readable) == 1 and len(readable[0]) > HDR_LEN:
+                        frame = readable[0][HDR_LEN:]  # the usual layout: no copy at all
+                    else:
+                        frame = memoryview(b"".join(readable))[HDR_LEN:]
+                    if not self._link_up or not 14 <= len(frame) <= FRAME_MAX:
+                        self.tx_dropped += 1
+                        continue
+                    frames.append(frame)
+                if frames:
+                    self.tx_frames += len(frames)
+                    if input_many is not None:
+                        input_many(frames)
+                    else:
+                        for frame in frames:
+                            backend.input(frame)
+            finally:
+                # Only now: the backend may have read the frames in place until it returned.
+                q.push_many(heads)
+            if len(heads) < TX_BATCH:
                 return
-            readable = chain.readable
-            if len(readable) == 1 and len(readable[0]) > HDR_LEN:
-                frame = readable[0][HDR_LEN:]  # the usual layout: no copy at all
-            else:
-                frame = b"".join(readable)[HDR_LEN:]
-            q.push(chain.head, 0)
-            if not self._link_up or not 14 <= len(frame) <= FRAME_MAX:
-                self.tx_dropped += 1
-                continue
-            self.tx_frames += 1
-            backend_input(frame)
 
     def run_on_backend(self, fn: Callable[[], object], timeout: float = 10.0) -> object:
         """Run `fn` where the backend may be used (any thread); its result.
@@ -213,24 +303,37 @@ class VirtioNet(VirtioDevice):
         return value
 
     def poll_prepare(self) -> Tuple[List[Tuple[int, int]], int]:
+        self._io_ident = threading.get_ident()
         with self._backend_lock:
             self._io_running = True
             while self._pending_calls:
                 self._pending_calls.popleft()()
-            return self.backend.poll_prepare()
+            fds, timeout = self.backend.poll_prepare()
+        q = self._rx_queue
+        if self._rx_moved or (self._rx_backlog and q is not None and q.ready and q.available()):
+            # Frames went in (from the calls above, or rx_room()) and the guest must hear
+            # of them, or frames and buffers are both waiting: poll_done() sees to it now.
+            timeout = 0
+        return fds, timeout
 
     def poll_done(self, revents: Dict[int, int]) -> bool:
         self.backend.poll_done(revents)
-        if self._rx_backlog and self._queues:
+        moved, self._rx_moved = self._rx_moved, False
+        # The receive ring may not be live (vhost-user starts rings one by one).
+        q = self._rx_queue
+        if self._rx_backlog and q is not None and q.ready:
             with self._lock:
-                return self._deliver(self._queues[RX])
-        return False
+                moved = self._deliver(q) or moved
+        return moved
 
     def deactivate(self) -> None:
         super().deactivate()
         with self._backend_lock:
             self._io_running = False  # its I/O thread has been joined: the backend is free again
             calls, self._pending_calls = list(self._pending_calls), collections.deque()
+        self._io_ident = None
+        self._rx_queue = None
+        self._rx_moved = False
         for call in calls:
             self.run_on_backend(call)
         self._queues = []

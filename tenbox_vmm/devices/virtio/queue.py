@@ -6,6 +6,9 @@ chains against the queue size (loops), indirect tables against nesting and
 their own size, and a readable descriptor after a writable one. A violation
 raises VirtqueueError; the transport then marks the device DEVICE_NEEDS_RESET.
 Nothing a guest does here can make the worker touch memory outside guest RAM.
+A chain of one plain descriptor (most network frames and receive buffers)
+is checked once per address and length: its view is kept for the next time
+the driver offers the same buffer, and dropped with the queue's memory.
 
 The ring indexes and event fields the guest reads while we write them (and
 the other way round) go through native-format memoryviews, one 16-bit load
@@ -18,12 +21,13 @@ little-endian order on every host tenbox runs on (x86-64, arm64).
 from __future__ import annotations
 
 import struct
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from tenbox_vmm.memory import GuestMemory, GuestMemoryError
 
 QUEUE_SIZE_MAX = 32768
 INDIRECT_MAX = 1024  # descriptors in one indirect table
+VIEW_CACHE_MAX = 1024  # views of single-descriptor chains kept per queue (drivers reuse their buffers)
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -76,12 +80,23 @@ class Virtqueue:
     def __init__(self, mem: GuestMemory, index: int, max_size: int) -> None:
         if not 1 <= max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
             raise ValueError("queue size must be a power of two up to 32768")
-        self.mem = mem
+        self._views: Dict[tuple, memoryview] = {}
+        self._mem = mem
         self.index = index
         self.max_size = max_size
         self.reset()
 
+    @property
+    def mem(self) -> GuestMemory:
+        return self._mem
+
+    @mem.setter
+    def mem(self, mem: GuestMemory) -> None:
+        self._views = {}  # views into the old memory must not be handed out again
+        self._mem = mem
+
     def reset(self) -> None:
+        self._views = {}
         self.size = self.max_size
         self._avail16: Optional[memoryview] = None
         self._used16: Optional[memoryview] = None
@@ -115,6 +130,7 @@ class Virtqueue:
         self._avail16 = self._avail.cast("H")  # [1] idx, [2 + i] ring, [2 + size] used_event
         self._used16 = self._used.cast("H")  # [1] idx, [2 + 4 * size] avail_event
         self._used32 = self._used[4 : 4 + 8 * size].cast("I")  # [2 * i] id, [2 * i + 1] len
+        self._views = {}
         self.event_idx = event_idx
         self.indirect = indirect
         # last_avail stays as reset() or the front end (vhost-user SET_VRING_BASE) left it.
@@ -130,17 +146,49 @@ class Virtqueue:
     def has_work(self) -> bool:
         return self.ready and self.avail_idx() != self.last_avail
 
+    def available(self) -> int:
+        """Chains the driver has offered and the device has not popped yet."""
+        return (self._avail16[1] - self.last_avail) & 0xFFFF
+
     def pop(self) -> Optional[Chain]:
         """The next available chain, or None when the driver has offered nothing new."""
         avail = self._avail16
-        pending = (avail[1] - self.last_avail) & 0xFFFF
+        last = self.last_avail
+        pending = (avail[1] - last) & 0xFFFF
         if pending == 0:
             return None
-        if pending > self.size:
+        size = self.size
+        if pending > size:
             raise VirtqueueError("queue %d: avail index jumped by %d" % (self.index, pending))
-        head = avail[2 + self.last_avail % self.size]
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        head = avail[2 + last % size]
+        self.last_avail = (last + 1) & 0xFFFF
+        if head < size:
+            # The usual chain is one plain descriptor (a network frame, a receive buffer):
+            # checked here without the general walk, its view reused while the driver
+            # keeps offering the same buffer.
+            desc = _DESC.unpack_from(self._desc, 16 * head)
+            flags = desc[2]
+            if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                buf = self._views.get(desc)
+                if buf is None:
+                    buf = self._plain_view(desc[0], desc[1], desc)
+                return Chain(head, [], [buf]) if flags & DESC_F_WRITE else Chain(head, [buf], [])
         return self._walk(head)
+
+    def _plain_view(self, addr: int, length: int, desc: tuple) -> memoryview:
+        try:
+            buf = self.mem.view(addr, length)
+        except GuestMemoryError as e:
+            raise VirtqueueError("queue %d: descriptor outside memory: %s" % (self.index, e)) from None
+        views = self._views
+        if len(views) >= VIEW_CACHE_MAX:
+            views.clear()  # the driver moves its buffers around: start over
+        views[desc] = buf
+        return buf
+
+    def unpop(self, count: int) -> None:
+        """Put back the last `count` chains popped and not pushed: the next pops return them again."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
         size = self.size
@@ -194,6 +242,21 @@ class Virtqueue:
         elem[slot + 1] = written
         self.used_idx = (idx + 1) & 0xFFFF
         self._used16[1] = self.used_idx  # one 16-bit store, after the element (x86 keeps store order)
+
+    def push_many(self, heads: List[int]) -> None:
+        """Return chains the device only read (0 bytes written), publishing them with one index store."""
+        if not heads:
+            return
+        idx = self.used_idx
+        size = self.size
+        elem = self._used32
+        for head in heads:
+            slot = 2 * (idx % size)
+            elem[slot] = head
+            elem[slot + 1] = 0
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self._used16[1] = idx  # after every element, as in push()
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
