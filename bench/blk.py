@@ -1,25 +1,35 @@
 #!/usr/bin/env python3
-"""Block benchmark: tenbox's virtio-blk against QEMU's, same test guest, same images, one run.
+"""Block benchmark: tenbox's virtio-blk against QEMU's, same guest workload, same images, one run.
 
-The `blk` test guest's benchmark loop runs at CPL3 and polls the used ring
-(user code runs natively on this host; kernel code would be emulated), so
-the figures measure the VMMs' device paths. Cases: sequential 1 MiB reads
-and writes, 4 KiB random reads, on a raw image and on a qcow2 overlay whose
+Default: the `blk` test guest's benchmark loop runs at CPL3 and polls the
+used ring (user code runs natively on this host; kernel code would be
+emulated), so the figures measure the VMMs' device paths, tenbox's KVM
+worker against QEMU microvm with KVM. Cases: sequential 1 MiB reads and
+writes, 4 KiB random reads, on a raw image and on a qcow2 overlay whose
 backing file holds the data. Reported: medians of interleaved runs, the
 tenbox/QEMU ratio, and the host's own read speed of the image file (page
 cache) as the physical limit.
+
+--linux: Linux's own virtio-blk driver (Debian's kernel under QEMU TCG)
+drives tenbox's VirtioBlk served by tenbox-vhost-user-blk, against QEMU's
+built-in virtio-blk on the same image, with the same O_DIRECT workload
+(bench/linux_io.c): sequential 1 MiB reads and writes, 4 KiB random reads
+at queue depths 1 and 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import linux_guest  # noqa: E402
 from common import GUESTS, PYTHON, QEMU, REPO, Timed, interleave, median, table  # noqa: E402
 
 IMAGE_MB = 256
@@ -89,12 +99,108 @@ def host_read_mib_s(path: str) -> float:
     return best
 
 
+# --- --linux: Debian's kernel under QEMU TCG, tenbox over vhost-user --------------------------
+
+LINUX_SEQ_MB = 256
+LINUX_RAND_OPS = 8000
+LINUX_QD = 4
+LINUX_WORKLOAD = [  # (case, linux_io arguments, unit)
+    ("seqread", "seqread %d 2" % LINUX_SEQ_MB, "MiB/s"),
+    ("seqwrite", "seqwrite %d 2" % LINUX_SEQ_MB, "MiB/s"),
+    ("randread qd1", "randread %d 1" % LINUX_RAND_OPS, "IOPS"),
+    ("randread qd%d" % LINUX_QD, "randread %d %d" % (LINUX_RAND_OPS, LINUX_QD), "IOPS"),
+]
+QUEUE_SIZE = 256  # both devices (vhost-user-blk's default would be 128)
+
+
+def build_linux_io(workdir: str) -> Path:
+    """bench/linux_io.c as a static binary for the guest (the host's gcc and libc6-dev)."""
+    src = REPO / "bench" / "linux_io.c"
+    out = Path(workdir) / "linux_io"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out) + ".tmp", str(src)], check=True)
+        os.replace(str(out) + ".tmp", str(out))
+    return out
+
+
+def linux_script() -> str:
+    lines = ["set -e"]
+    for case, io_args, _ in LINUX_WORKLOAD:
+        lines.append("echo \"CASE: %s $(/linux_io /dev/vda %s)\"" % (case, io_args))
+    return "\n".join(lines) + "\n"
+
+
+def linux_rates(guest: "linux_guest.Guest") -> dict:
+    out = {}
+    for case, _, unit in LINUX_WORKLOAD:
+        m = guest.wait_line(r"^CASE: %s LINUX-IO: mode=\S+ ops=(\d+) bytes=(\d+) secs=([\d.]+)$" % re.escape(case))
+        ops, nbytes, secs = int(m.group(1)), int(m.group(2)), float(m.group(3))
+        out[case] = (nbytes / (1 << 20) if unit == "MiB/s" else ops) / secs
+    guest.finish()
+    return out
+
+
+def linux_run(vmm: str, image: str, fmt: str, linux, tsc: int, initrd: Path, workdir: str) -> dict:
+    if vmm == "qemu":
+        devices = ["-drive", "file=%s,if=none,format=%s,id=d0" % (image, fmt),
+                   "-device", "virtio-blk-device,drive=d0,num-queues=1,queue-size=%d" % QUEUE_SIZE]
+        return linux_rates(linux_guest.Guest(linux_guest.qemu_argv(linux, tsc, initrd, devices)))
+    sock = Path(workdir) / "vhost-user-blk.sock"
+    backend = linux_guest.Backend("blk", sock, ["--disk", "%s,format=%s" % (image, fmt)],
+                                  Path(workdir) / "backend.log")
+    try:
+        devices = ["-chardev", "socket,id=c0,path=%s" % sock,
+                   "-device", "vhost-user-blk,chardev=c0,num-queues=1,queue-size=%d" % QUEUE_SIZE]
+        rates = linux_rates(linux_guest.Guest(linux_guest.qemu_argv(linux, tsc, initrd, devices)))
+        backend.wait()
+    finally:
+        backend.stop()
+    return rates
+
+
+def linux_main(args, imgs: dict) -> int:
+    linux = linux_guest.artifacts()
+    tsc = linux_guest.tsc_khz(linux)
+    initrd = linux_guest.initrd_with(Path(args.workdir), linux, linux_script(),
+                                     {"/linux_io": build_linux_io(args.workdir)})
+    rows = []
+    for backing in ("raw", "qcow2+backing"):
+        def image():
+            if backing == "raw":
+                return imgs["raw"], "raw"
+            return fresh_overlay(args.workdir, imgs["template"]), "qcow2"
+
+        def tb():
+            path, fmt = image()
+            return linux_run("tenbox", path, fmt, linux, tsc, initrd, args.workdir)
+
+        def qm():
+            path, fmt = image()
+            return linux_run("qemu", path, fmt, linux, tsc, initrd, args.workdir)
+
+        res = interleave(args.runs, {"tenbox": tb, "qemu": qm})
+        for case, _, unit in LINUX_WORKLOAD:
+            t, q = median(res["tenbox"][case]), median(res["qemu"][case])
+            rows.append(("%s %s" % (backing, case), "%.0f %s" % (t, unit), "%.0f %s" % (q, unit), "%.2f" % (t / q)))
+            print("  %-28s tenbox %.0f  qemu %.0f  (%.2f)" % (rows[-1][0], t, q, t / q), file=sys.stderr)
+    print("block benchmark, Linux's virtio-blk driver (Debian %s under QEMU TCG, microvm): %d interleaved runs "
+          "each, medians; %d MiB image; O_DIRECT, %d MiB sequential (2 threads), %d random 4 KiB reads"
+          % ((REPO / ".cache" / "linux" / "version").read_text().strip(), args.runs, IMAGE_MB, LINUX_SEQ_MB,
+             LINUX_RAND_OPS))
+    print(table(rows, ("case", "tenbox vhost-user-blk", "QEMU virtio-blk", "tenbox/QEMU")))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench-blk"))
+    ap.add_argument("--linux", action="store_true",
+                    help="Linux's driver under QEMU TCG: tenbox over vhost-user against QEMU's virtio-blk")
     args = ap.parse_args()
     imgs = prepare(args.workdir)
+    if args.linux:
+        return linux_main(args, imgs)
     kinds = {
         "seqread": ("blk.bench=seqread blk.bench.mb=%d" % SEQ_MB, SEQ_MB, "MiB/s"),
         "seqwrite": ("blk.bench=seqwrite blk.bench.mb=%d" % SEQ_MB, SEQ_MB, "MiB/s"),

@@ -10,6 +10,16 @@ conversation through it (`net.bench.wait=1`), then:
     what arrives.
 Rates are measured between the guest's start and done lines; medians of
 interleaved runs and the tenbox/QEMU ratio, in Mbit/s and packets/s.
+
+--linux: Linux's own virtio-net driver and TCP stack (Debian's kernel under
+QEMU TCG) on tenbox's VirtioNet + SlirpNetwork served by
+tenbox-vhost-user-net, against QEMU's virtio-net with `-netdev user`; the
+same guest workload through the same guest forward (10.0.2.100:9000 and
+:9001 to servers on the host's loopback):
+  * tcp-tx: busybox `dd | nc` streams to a host sink, timed there from the
+    first byte to the last;
+  * tcp-rx: busybox wget fetches from a host HTTP server, timed from the
+    request to the guest's done line.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GUESTS, PYTHON, QEMU, Timed, interleave, median, table  # noqa: E402
+import linux_guest  # noqa: E402
+from common import GUESTS, PYTHON, QEMU, REPO, Timed, interleave, median, table  # noqa: E402
 
 GUEST_PORT = 40000
 SIZE = 1024
@@ -112,10 +123,150 @@ def _revive(p):
     return p
 
 
+# --- --linux: Debian's kernel under QEMU TCG, tenbox over vhost-user --------------------------
+
+LINUX_MB = int(os.environ.get("TENBOX_BENCH_NET_MB", "64"))
+LINUX_FWD_ADDR = "10.0.2.100"
+LINUX_SINK_PORT, LINUX_SOURCE_PORT = 9000, 9001
+LINUX_SCRIPT = r"""
+set -e
+udhcpc -i eth0 -n -q -t 5 -T 2 >/dev/null 2>&1
+echo NET-UP
+dd if=/dev/zero bs=65536 count=%(blocks)d 2>/dev/null | nc %(addr)s %(sink)d
+echo NET-TX-DONE
+wget -q -O /dev/null http://%(addr)s:%(source)d/data
+echo NET-RX-DONE
+""" % {"blocks": LINUX_MB * 16, "addr": LINUX_FWD_ADDR, "sink": LINUX_SINK_PORT, "source": LINUX_SOURCE_PORT}
+
+
+class _HostEnds:
+    """The host's ends on 127.0.0.1: a sink that times what arrives, an HTTP source that streams zeros."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.sink = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sink.bind(("127.0.0.1", 0))
+        self.sink.listen(1)
+        self.source = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.source.bind(("127.0.0.1", 0))
+        self.source.listen(1)
+        self.tx_secs: float = 0.0
+        self.rx_start: float = 0.0
+        self.errors: list = []
+        self._threads = [threading.Thread(target=self._take, daemon=True),
+                         threading.Thread(target=self._give, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _take(self) -> None:
+        try:
+            conn, _ = self.sink.accept()
+            with conn:
+                buf = bytearray(1 << 20)
+                got = conn.recv_into(buf)
+                t0 = time.monotonic()
+                while 0 < got < self.nbytes:
+                    n = conn.recv_into(buf)
+                    if n == 0:
+                        break
+                    got += n
+                self.tx_secs = time.monotonic() - t0
+                if got < self.nbytes:
+                    self.errors.append("the sink got %d of %d bytes" % (got, self.nbytes))
+        except OSError as e:
+            self.errors.append("sink: %s" % e)
+
+    def _give(self) -> None:
+        try:
+            conn, _ = self.source.accept()
+            with conn:
+                req = b""
+                while b"\r\n\r\n" not in req:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    req += chunk
+                self.rx_start = time.monotonic()
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % self.nbytes)
+                block = bytes(1 << 20)
+                left = self.nbytes
+                while left:
+                    n = conn.send(block[:min(left, len(block))])
+                    left -= n
+        except OSError as e:
+            self.errors.append("source: %s" % e)
+
+    def close(self) -> None:
+        self.sink.close()
+        self.source.close()
+
+
+def linux_run(vmm: str, linux, tsc: int, initrd, workdir: str) -> dict:
+    from pathlib import Path
+
+    ends = _HostEnds(LINUX_MB << 20)
+    fwds = [("tcp:%s:%d" % (LINUX_FWD_ADDR, LINUX_SINK_PORT), ends.sink.getsockname()[1]),
+            ("tcp:%s:%d" % (LINUX_FWD_ADDR, LINUX_SOURCE_PORT), ends.source.getsockname()[1])]
+    backend = None
+    try:
+        if vmm == "qemu":
+            netdev = "user,id=n0" + "".join(",guestfwd=%s-tcp:127.0.0.1:%d" % f for f in fwds)
+            devices = ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
+        else:
+            sock = Path(workdir) / "vhost-user-net.sock"
+            args = []
+            for spec, port in fwds:
+                args += ["--guestfwd", "guestfwd:%s-127.0.0.1:%d" % (spec, port)]
+            backend = linux_guest.Backend("net", sock, args, Path(workdir) / "backend-net.log")
+            devices = ["-chardev", "socket,id=c1,path=%s" % sock, "-netdev", "vhost-user,id=n0,chardev=c1",
+                       "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
+        guest = linux_guest.Guest(linux_guest.qemu_argv(linux, tsc, initrd, devices))
+        guest.wait_line(r"^NET-TX-DONE$")
+        guest.wait_line(r"^NET-RX-DONE$")
+        rx_secs = time.monotonic() - ends.rx_start
+        guest.finish()
+        if backend is not None:
+            backend.wait()
+        if ends.errors:
+            raise RuntimeError("; ".join(ends.errors))
+    finally:
+        if backend is not None:
+            backend.stop()
+        ends.close()
+    mbit = (LINUX_MB << 20) * 8 / 1e6
+    return {"tcp-tx": mbit / ends.tx_secs, "tcp-rx": mbit / rx_secs}
+
+
+def linux_main(args) -> int:
+    from pathlib import Path
+
+    os.makedirs(args.workdir, exist_ok=True)
+    linux = linux_guest.artifacts()
+    tsc = linux_guest.tsc_khz(linux)
+    initrd = linux_guest.initrd_with(Path(args.workdir), linux, LINUX_SCRIPT)
+    res = interleave(args.runs, {"tenbox": lambda: linux_run("tenbox", linux, tsc, initrd, args.workdir),
+                                 "qemu": lambda: linux_run("qemu", linux, tsc, initrd, args.workdir)})
+    rows = []
+    for case in ("tcp-tx", "tcp-rx"):
+        t, q = median(res["tenbox"][case]), median(res["qemu"][case])
+        rows.append(("%s Mbit/s" % case, "%.0f" % t, "%.0f" % q, "%.2f" % (t / q)))
+        print("  %-16s tenbox %.0f  qemu %.0f  (%.2f)" % (case, t, q, t / q), file=sys.stderr)
+    print("network benchmark, Linux's virtio-net driver (Debian %s under QEMU TCG, microvm): %d interleaved runs "
+          "each, medians; %d MiB each way over TCP through a guest forward to the host's loopback"
+          % ((REPO / ".cache" / "linux" / "version").read_text().strip(), args.runs, LINUX_MB))
+    print(table(rows, ("case", "tenbox vhost-user-net", "QEMU virtio-net -netdev user", "tenbox/QEMU")))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--linux", action="store_true",
+                    help="Linux's driver under QEMU TCG: tenbox over vhost-user against QEMU's -netdev user")
+    ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench-net"))
     args = ap.parse_args()
+    if args.linux:
+        return linux_main(args)
     rows = []
     for kind in ("udp-tx", "udp-rx"):
         res = interleave(args.runs, {"tenbox": lambda: run("tenbox", kind), "qemu": lambda: run("qemu", kind)})

@@ -15,10 +15,19 @@
 #   /init            initramfs-init from this folder (see there: it loads the
 #                    modules, prints "TENBOX-INITRAMFS: up <release>", runs
 #                    tenbox.run=<cmd> or tenbox.shell=1, powers off)
+#   /usr/sbin/mke2fs, /usr/sbin/e2fsck (with mkfs.ext4 and fsck.ext4 links)
+#                    e2fsprogs from this (Debian) build host, with the shared
+#                    libraries ldd lists for them and the dynamic loader, at
+#                    the same paths; busybox makes only ext2, and the guest
+#                    tests make and check real ext4 file systems
+#   /etc/udhcpc/default.script
+#                    udhcpc-script from this folder: busybox udhcpc calls it
+#                    to configure the interface, route and resolv.conf
 #
 # The output is deterministic, and it is rebuilt only when an input changed
-# (busybox, /init, mkcpio.py, this script, the kernel release, the modules):
-# FILE.inputs records the inputs' digest.
+# (busybox, e2fsprogs and its libraries, /init, the udhcpc script,
+# mkcpio.py, this script, the kernel release, the modules): FILE.inputs
+# records the inputs' digest.
 set -euo pipefail
 
 PROG=make-initramfs.sh
@@ -92,14 +101,37 @@ else
     say "busybox-static $bbver: cached at $busybox"
 fi
 
-# --- 3. up to date? ------------------------------------------------------
+# --- 3. e2fsprogs -------------------------------------------------------
+# The binaries and every shared object they load (ldd's list, the loader
+# included), copied to the same paths in the image. Debian installs
+# e2fsprogs on every system (Priority: required).
+E2FS_TOOLS="mke2fs e2fsck"
+e2fs_files=""
+for tool in $E2FS_TOOLS; do
+    path=$(PATH="/usr/sbin:/sbin:$PATH" command -v "$tool" 2>/dev/null) \
+        || die "$tool not found: install e2fsprogs (apt-get install e2fsprogs)"
+    command -v ldd >/dev/null 2>&1 || die "ldd not found (libc-bin)"
+    libs=$(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }') \
+        || die "ldd $path failed"
+    [ -n "$libs" ] || die "ldd lists no libraries for $path (a static build?)"
+    e2fs_files="$e2fs_files $path $libs"
+done
+# shellcheck disable=SC2086 # a word list of paths without spaces
+e2fs_files=$(printf '%s\n' $e2fs_files | sort -u)
+for f in $e2fs_files; do
+    [ -f "$f" ] || die "$f (needed by $E2FS_TOOLS) is missing"
+done
+say "e2fsprogs: $(printf '%s\n' "$e2fs_files" | wc -l | tr -d ' ') files ($E2FS_TOOLS and their libraries)"
+
+# --- 4. up to date? ------------------------------------------------------
 digest=$(
     {
         printf 'release %s\n' "$rel"
         cd "$kdir/modules" && sha256sum load-order
         while read -r ko; do [ -z "$ko" ] || sha256sum "$ko"; done <load-order
-        cd "$here" && sha256sum initramfs-init mkcpio.py make-initramfs.sh
+        cd "$here" && sha256sum initramfs-init udhcpc-script mkcpio.py make-initramfs.sh
         sha256sum "$busybox" | cut -d' ' -f1
+        for f in $e2fs_files; do printf '%s %s\n' "$f" "$(sha256sum <"$f" | cut -d' ' -f1)"; done
     } | sha256sum | cut -d' ' -f1
 )
 if [ -s "$out" ] && [ -f "$out.inputs" ] && [ "$(cat "$out.inputs")" = "$digest" ]; then
@@ -107,13 +139,13 @@ if [ -s "$out" ] && [ -f "$out.inputs" ] && [ "$(cat "$out.inputs")" = "$digest"
     exit 0
 fi
 
-# --- 4. stage ------------------------------------------------------------
+# --- 5. stage ------------------------------------------------------------
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/tenbox-initramfs.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 root="$tmp/root"
 say "staging the tree (busybox applets, /init, $(grep -c . "$kdir/modules/load-order" || true) modules for $rel)"
 mkdir -p "$root/bin" "$root/sbin" "$root/usr/bin" "$root/usr/sbin" \
-    "$root/proc" "$root/sys" "$root/dev" "$root/tmp" "$root/root" "$root/lib/modules/$rel"
+    "$root/proc" "$root/sys" "$root/dev" "$root/tmp" "$root/root" "$root/mnt" "$root/lib/modules/$rel"
 cp "$busybox" "$root/bin/busybox"
 applets=$("$busybox" --list-full) || die "cannot run $busybox --list-full"
 for a in $applets; do
@@ -124,12 +156,30 @@ for a in $applets; do
 done
 cp "$here/initramfs-init" "$root/init"
 chmod 755 "$root/init"
+for f in $e2fs_files; do
+    mkdir -p "$root$(dirname "$f")"
+    rm -f "$root$f"
+    cp -L "$f" "$root$f"
+done
+for tool in $E2FS_TOOLS; do
+    path=$(PATH="/usr/sbin:/sbin:$PATH" command -v "$tool")
+    if [ "$path" != "/usr/sbin/$tool" ]; then
+        rm -f "$root/usr/sbin/$tool"
+        ln -s "$path" "$root/usr/sbin/$tool"
+    fi
+done
+# mke2fs picks the file system type from its name, as mkfs.ext4 does on Debian.
+ln -sf mke2fs "$root/usr/sbin/mkfs.ext4"
+ln -sf e2fsck "$root/usr/sbin/fsck.ext4"
+mkdir -p "$root/etc/udhcpc"
+cp "$here/udhcpc-script" "$root/etc/udhcpc/default.script"
+chmod 755 "$root/etc/udhcpc/default.script"
 cp "$kdir/modules/load-order" "$root/lib/modules/$rel/load-order"
 while read -r ko; do
     [ -z "$ko" ] || cp "$kdir/modules/$ko" "$root/lib/modules/$rel/$ko"
 done <"$kdir/modules/load-order"
 
-# --- 5. pack -------------------------------------------------------------
+# --- 6. pack -------------------------------------------------------------
 say "packing $out"
 mkdir -p "$(dirname "$out")"
 rm -f "$out.inputs"

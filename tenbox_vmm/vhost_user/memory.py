@@ -29,35 +29,43 @@ class VhostMemory:
     def __init__(self, regions: Sequence[Tuple[int, int, int, int, int]]) -> None:
         """regions: (guest_phys_addr, size, userspace_addr, mmap_offset, fd); takes ownership of the fds."""
         self.regions: List[_Region] = []
+        fds = [r[4] for r in regions]
         try:
             for gpa, size, uva, offset, fd in regions:
-                page = mmap.PAGESIZE
-                base = offset - offset % page
-                m = mmap.mmap(fd, size + (offset - base), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                              offset=base)
-                os.close(fd)
+                if size <= 0 or offset < 0:
+                    raise GuestMemoryError("memory region %#x+%#x at offset %#x" % (gpa, size, offset))
+                base = offset - offset % mmap.PAGESIZE
+                try:
+                    m = mmap.mmap(fd, size + (offset - base), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  offset=base)
+                except (OSError, ValueError, OverflowError) as e:
+                    raise GuestMemoryError("cannot map region %#x+%#x: %s" % (gpa, size, e)) from None
                 view = memoryview(m)[offset - base : offset - base + size]
                 self.regions.append(_Region(gpa, size, uva, view, m))
         except BaseException:
             self.close()
             raise
-
-    def _find(self, addr: int, length: int, key: str) -> Tuple[_Region, int]:
-        if length < 0:
-            raise GuestMemoryError("negative length")
-        for r in self.regions:
-            start = getattr(r, key)
-            if start <= addr and addr + length <= start + r.size:
-                return r, addr - start
-        raise GuestMemoryError("%s range %#x+%#x is outside the shared memory" % (key, addr, length))
+        finally:
+            for fd in fds:
+                os.close(fd)  # a mapping outlives its fd
+        # (start, end, view) per region, the hot path of every descriptor.
+        self._by_gpa = [(r.gpa, r.gpa + r.size, r.view) for r in self.regions]
 
     def view(self, gpa: int, length: int) -> memoryview:
-        r, off = self._find(gpa, length, "gpa")
-        return r.view[off : off + length]
+        """A writable memoryview of guest memory [gpa, gpa+length); no copy."""
+        if length >= 0:
+            end = gpa + length
+            for start, stop, view in self._by_gpa:
+                if start <= gpa and end <= stop:
+                    return view[gpa - start : end - start]
+        raise GuestMemoryError("guest range %#x+%#x is outside the shared memory" % (gpa, length))
 
     def uva_to_gpa(self, uva: int, length: int) -> int:
-        r, off = self._find(uva, length, "uva")
-        return r.gpa + off
+        """The guest address of the front end's virtual address (vring addresses)."""
+        for r in self.regions:
+            if r.uva <= uva and uva + length <= r.uva + r.size and length >= 0:
+                return r.gpa + (uva - r.uva)
+        raise GuestMemoryError("front-end range %#x+%#x is outside the shared memory" % (uva, length))
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -67,6 +75,7 @@ class VhostMemory:
 
     def close(self) -> None:
         regions, self.regions = self.regions, []
+        self._by_gpa = []
         for r in regions:
             try:
                 r.view.release()

@@ -1,6 +1,7 @@
 """vhost-user wire format: message header, request codes, payload layouts (vhost-user backend).
 
-See QEMU's docs/interop/vhost-user.rst. All integers are little endian.
+See QEMU's docs/interop/vhost-user.rst. Integers are in the machine's byte order, little
+endian on every host tenbox runs on (x86-64, arm64).
 """
 
 from __future__ import annotations
@@ -59,3 +60,15 @@ MEM_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_a
 CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 1 << 8
+
+# The least payload each request without fds must carry (shorter ones end the session).
+NO_FD_PAYLOAD = {
+    SET_FEATURES: U64.size,
+    SET_PROTOCOL_FEATURES: U64.size,
+    SET_VRING_NUM: VRING_STATE.size,
+    SET_VRING_BASE: VRING_STATE.size,
+    GET_VRING_BASE: VRING_STATE.size,
+    SET_VRING_ENABLE: VRING_STATE.size,
+    SET_VRING_ADDR: VRING_ADDR.size,
+    GET_CONFIG: CONFIG_HEADER.size,
+}
