@@ -28,7 +28,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GUESTS, PYTHON, REPO, Timed, env, interleave, median, table, tenbox_argv  # noqa: E402
+from common import GUESTS, PYTHON, Timed, env, interleave, median, table, tenbox_argv  # noqa: E402
 
 IDLE = str(GUESTS / "idle.bzImage")
 

@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 request failed, 2 usage, 3 daemon unreachable,
 
 from __future__ import annotations
 
-import sys
 
 import click
 

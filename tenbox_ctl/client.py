@@ -11,7 +11,7 @@ import itertools
 import json
 import os
 import socket
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from tenbox_supervisor.protocol import REQUEST_MAX_BYTES, SOCKET_ENV, default_socket_candidates
 

@@ -15,7 +15,7 @@ import time
 import tty
 from typing import Optional
 
-from tenbox_ctl.client import Client, CliError, EXIT_UNREACHABLE
+from tenbox_ctl.client import Client, EXIT_UNREACHABLE
 from tenbox_supervisor.protocol import Event
 
 DETACH = b"\x1d"

@@ -10,7 +10,7 @@ import click
 
 from tenbox_ctl import output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
-from tenbox_ctl.client import CliError, EXIT_USAGE
+from tenbox_ctl.client import CliError
 
 
 @click.group("vm")

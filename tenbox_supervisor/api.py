@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 # Everything at module level: a request must never import code while dpkg
 # replaces the package under a running daemon (host.update, a manual upgrade).
@@ -36,7 +36,7 @@ from tenbox_supervisor.store import (
 from tenbox_supervisor.workers import ACTIVE_STATES, STOP_TIMEOUT_SEC, SHUTDOWN_TIMEOUT_SEC, OperationError, VmRuntime
 from tenbox_vmm import __version__
 from tenbox_vmm.net.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
-from tenbox_vmm.protocol import Command, VmState
+from tenbox_vmm.protocol import Command
 
 log = logging.getLogger("tenboxd.api")
 

@@ -10,7 +10,6 @@ Every client is served by its own task: no request blocks the others.
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import grp
 import json

@@ -29,6 +29,7 @@ def build_net_device(mac: str, hostfwds: Sequence[str], guestfwds: Sequence[str]
     from tenbox_vmm.devices.virtio.net import VirtioNet
     from tenbox_vmm.net.config import NetConfig
     from tenbox_vmm.net.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
+    from tenbox_vmm.net.libslirp import SlirpUnavailable
     from tenbox_vmm.net.slirp import SlirpError, SlirpNetwork
 
     mac_bytes = parse_mac(mac)
@@ -43,6 +44,8 @@ def build_net_device(mac: str, hostfwds: Sequence[str], guestfwds: Sequence[str]
     def factory(send):
         try:
             backends.append(SlirpNetwork(config, send))
+        except SlirpUnavailable as e:  # libslirp0 missing or too old
+            raise NetSetupError(str(e)) from None
         except (SlirpError, OSError) as e:
             raise NetSetupError("user-mode networking failed: %s" % e) from None
         return backends[-1]

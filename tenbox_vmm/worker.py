@@ -25,7 +25,6 @@ from tenbox_vmm.protocol import (
     LINK_PROTOCOL,
     LINK_QUEUE_MAX,
     Command,
-    ExitCode,
     Msg,
     VmState,
     pack,

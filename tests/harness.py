@@ -280,3 +280,26 @@ class DaemonProcess:
             pass
         shutil.rmtree(self.run_dir, ignore_errors=True)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def run_c_program(workdir: Path, lines: Sequence[str]) -> str:
+    """Compile `lines` (one C file) with the host's gcc in workdir, run it, return its stdout."""
+    src = Path(workdir) / "abi.c"
+    src.write_text("\n".join(lines) + "\n")
+    exe = Path(workdir) / "abi"
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
+    return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+
+
+def load_pre_parsed(module: str, cdef: str, workdir: Path, as_name: str):
+    """What `make ffi` emits for `module`, written into workdir and imported as `as_name`."""
+    import importlib.util
+
+    from tenbox_vmm import ffigen
+
+    path = Path(workdir) / (module.rsplit(".", 1)[-1] + ".py")
+    ffigen.emit(module, cdef, str(path))
+    spec = importlib.util.spec_from_file_location(as_name, str(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

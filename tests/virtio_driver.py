@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from typing import List, Optional, Sequence, Tuple
 
-from tenbox_vmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from tenbox_vmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue
 from tenbox_vmm.memory import GuestMemory
 
 
@@ -82,3 +82,18 @@ class RingDriver:
 
     def avail_event(self) -> int:
         return self.mem.read_u16(self.used + 4 + 8 * self.size)
+
+
+RING = 0x10000  # where queue_pair() lays out the rings
+HEAP = 0x100000  # and where its buffers start
+
+
+def queue_pair(mem: GuestMemory, size: int = 8, event_idx: bool = False,
+               indirect: bool = True) -> Tuple[RingDriver, Virtqueue]:
+    """A driver and the device's live Virtqueue on the same rings."""
+    drv = RingDriver(mem, RING, size, HEAP)
+    q = Virtqueue(mem, 0, 256)
+    q.size = size
+    q.desc_addr, q.avail_addr, q.used_addr = drv.desc, drv.avail, drv.used
+    q.activate(event_idx, indirect)
+    return drv, q

@@ -1,7 +1,6 @@
 """The cloud link against a real WebSocket server over TLS on 127.0.0.1 (trustme CA), speaking the protocol."""
 
 import json
-import os
 import re
 import stat
 import time
@@ -33,7 +32,8 @@ def test_pairing_then_the_token_is_used(cloud, linked):
     code = hello["payload"]["pair_code"]
     assert re.fullmatch(r"\d{8}", code) and "device_token" not in hello["payload"]
     assert hello["host_id"] and hello["payload"]["daemon_version"]
-    assert "Visit https://localhost:%d/pair?code=%s to bind this host" % (cloud.port, code) in linked.proc.errors
+    # Logged before the hello is sent; the test reads stderr on a thread of its own, so wait for it.
+    linked.proc.wait_for_stderr("Visit https://localhost:%d/pair?code=%s to bind this host" % (cloud.port, code), 10)
     cloud.send({"type": "device.paired", "payload": {"device_token": "tok-123"}})
     token = linked.data_dir / "device.token"
     deadline = time.monotonic() + 10

@@ -276,7 +276,7 @@ def test_rm_refuses_a_running_vm_unless_forced(daemon):
 
 def test_mutating_requests_log_the_peer_credentials(daemon):
     create(daemon, "cred")
-    assert "request vm.create cred from uid=0 gid=0 pid=" in daemon.proc.errors
+    daemon.proc.wait_for_stderr("request vm.create cred from uid=0 gid=0 pid=", 10)
 
 
 def test_silent_and_half_finished_clients_do_not_block_others(daemon):
@@ -450,7 +450,7 @@ def test_stop_escalates_to_sigkill_when_the_worker_does_not_answer(daemon):
     assert time.monotonic() - t0 < 10
     assert daemon.vm("stuck")["state"] == "stopped"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert "did not stop within 2s; killing it" in daemon.proc.errors
+    daemon.proc.wait_for_stderr("did not stop within 2s; killing it", 10)
 
 
 def test_host_update_refuses_while_vms_run_and_on_an_unmanaged_install(daemon):

@@ -144,3 +144,11 @@ def test_disk_in_use_by_qemu_io(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_missing_libslirp_is_one_line_naming_the_package():
+    """A host without libslirp0 (the library name changed in this run only): exit 2, the package named."""
+    code = ("import sys; import tenbox_vmm.net.libslirp as ls; ls.LIBRARY_NAME = 'libslirp-absent.so.0'; "
+            "from tenbox_vmm.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    argv = [PYTHON, "-c", code] + runtime_argv("--kernel", guest_path("poweroff"), "--net")[3:]
+    assert_usage_error(run(argv), "libslirp0")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -342,7 +342,7 @@ def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc, tm
 
 # --- the command line and the socket ------------------------------------------------------------
 
-def run_cli(*args: str) -> "lq.subprocess.CompletedProcess":
+def run_cli(*args: str) -> "subprocess.CompletedProcess":
     return lq.run_tool([vu.PYTHON, "-m", "tenbox_vmm.vhost_user"] + list(args), 60, cwd=vu.REPO)
 
 

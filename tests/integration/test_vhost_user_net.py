@@ -20,14 +20,11 @@ import hashlib
 import http.server
 import os
 import random
-import re
 import shutil
 import socket
 import struct
 import threading
 import time
-import urllib.request
-from pathlib import Path
 from typing import Dict, List
 
 import pytest

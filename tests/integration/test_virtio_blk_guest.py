@@ -4,7 +4,6 @@ import hashlib
 import os
 import random
 import re
-import signal
 import subprocess
 import time
 import zlib

@@ -6,7 +6,6 @@ through forwards, and to nothing else.
 
 import socket
 import threading
-import time
 import zlib
 
 import pytest

@@ -6,12 +6,12 @@ registers at run time.
 """
 
 import shutil
-import subprocess
 
 import pytest
 
 from tenbox_vmm.kvm import constants as c
 from tenbox_vmm.kvm.ffi import ffi
+from tests.harness import run_c_program
 
 STRUCTS = {
     "kvm_userspace_memory_region": ["slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"],
@@ -65,11 +65,7 @@ def kernel_abi(tmp_path_factory):
     for name in IOCTLS:
         lines.append('printf("ioctl %s %%lu\\n", (unsigned long)%s);' % (name, name))
     lines.append("return 0; }")
-    src = d / "abi.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = d / "abi"
-    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_c_program(d, lines)
     result = {}
     for line in out.splitlines():
         kind, key, value = line.split()

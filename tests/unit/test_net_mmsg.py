@@ -5,15 +5,14 @@ garbled message headers. A C program built against <sys/socket.h> prints
 the truth, as for libslirp (test_net_slirp_abi.py).
 """
 
-import importlib.util
 import shutil
-import subprocess
 
 import pytest
 
 from tenbox_vmm import ffigen
 from tenbox_vmm.net import mmsg
 from tenbox_vmm.net._mmsg_cdef import CDEF
+from tests.harness import load_pre_parsed, run_c_program
 
 FIELDS = {
     "struct iovec": ["iov_base", "iov_len"],
@@ -49,11 +48,7 @@ def header_abi(tmp_path_factory):
     for label, (expr, _) in CONSTANTS.items():
         lines.append('printf("const %s %%llu\\n", (unsigned long long)(%s));' % (label, expr))
     lines.append("return 0; }")
-    src = d / "abi.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = d / "abi"
-    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_c_program(d, lines)
     return {tuple(line.split()[:-1]): int(line.split()[-1]) for line in out.splitlines()}
 
 
@@ -72,11 +67,7 @@ def test_flag_and_option_numbers_are_the_headers(header_abi):
 
 def test_pre_parsed_module_gives_the_same_layout(tmp_path):
     """What `make ffi` emits lays the structures out as parsing the declarations does."""
-    path = tmp_path / "_mmsg_ffi.py"
-    ffigen.emit("tenbox_vmm.net._mmsg_ffi", CDEF, str(path))
-    spec = importlib.util.spec_from_file_location("_mmsg_ffi_under_test", str(path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_pre_parsed("tenbox_vmm.net._mmsg_ffi", CDEF, tmp_path, "_mmsg_ffi_under_test")
     assert mod.CDEF == CDEF
     for struct, fields in FIELDS.items():
         assert mod.ffi.sizeof(struct) == mmsg.ffi.sizeof(struct)

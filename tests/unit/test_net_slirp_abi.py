@@ -5,9 +5,7 @@ import and then hand libslirp a garbled SlirpConfig. A C program built
 against the installed header prints the truth.
 """
 
-import importlib.util
 import shutil
-import subprocess
 
 import pytest
 
@@ -15,6 +13,7 @@ from tenbox_vmm import ffigen
 from tenbox_vmm.net import libslirp as ls
 from tenbox_vmm.net._slirp_cdef import CDEF
 from tenbox_vmm.net.libslirp import ffi
+from tests.harness import load_pre_parsed, run_c_program
 
 HEADER = "/usr/include/slirp/libslirp.h"
 
@@ -73,11 +72,7 @@ def header_abi(tmp_path_factory):
         lines.append('printf("const %s %%llu\\n", (unsigned long long)%s);' % (name, name))
     lines.append("#endif")
     lines.append("return 0; }")
-    src = d / "abi.c"
-    src.write_text("\n".join(lines) + "\n")
-    exe = d / "abi"
-    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_c_program(d, lines)
     result = {}
     for line in out.splitlines():
         parts = line.split()
@@ -129,11 +124,7 @@ def test_address_types_and_constants_match(header_abi):
 
 def test_pre_parsed_module_gives_the_same_layout(tmp_path):
     """The out-of-line module ffigen emits (make ffi) lays structures out as parsing does."""
-    path = tmp_path / "_slirp_ffi.py"
-    ffigen.emit("tenbox_vmm.net._slirp_ffi", CDEF, str(path))
-    spec = importlib.util.spec_from_file_location("_slirp_ffi_under_test", str(path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_pre_parsed("tenbox_vmm.net._slirp_ffi", CDEF, tmp_path, "_slirp_ffi_under_test")
     assert mod.CDEF == CDEF
     for struct in ("SlirpConfig", "SlirpCb", "struct in6_addr"):
         assert mod.ffi.sizeof(struct) == ffi.sizeof(struct)
@@ -150,11 +141,7 @@ def test_callback_types_mean_the_same_in_the_parsed_and_the_pre_parsed_ffi(tmp_p
 
     parsed = cffi.FFI()
     parsed.cdef(CDEF)
-    path = tmp_path / "_slirp_ffi.py"
-    ffigen.emit("tenbox_vmm.net._slirp_ffi", CDEF, str(path))
-    spec = importlib.util.spec_from_file_location("_slirp_ffi_types", str(path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_pre_parsed("tenbox_vmm.net._slirp_ffi", CDEF, tmp_path, "_slirp_ffi_types")
     fields = dict(parsed.typeof("SlirpCb").fields)
 
     def norm(t):

@@ -2,12 +2,10 @@
 
 import pytest
 
-from tenbox_vmm.devices.virtio.queue import DESC_F_WRITE, VIEW_CACHE_MAX, Virtqueue, VirtqueueError
+from tenbox_vmm.devices.virtio.queue import DESC_F_WRITE, VIEW_CACHE_MAX, VirtqueueError
 from tenbox_vmm.memory import MIB, GuestMemory
-from tests.virtio_driver import RingDriver
+from tests.virtio_driver import HEAP, queue_pair
 
-RING = 0x10000
-HEAP = 0x100000
 
 
 @pytest.fixture
@@ -17,13 +15,7 @@ def mem():
     m.close()
 
 
-def make(mem, size=8):
-    drv = RingDriver(mem, RING, size, HEAP)
-    q = Virtqueue(mem, 0, 256)
-    q.size = size
-    q.desc_addr, q.avail_addr, q.used_addr = drv.desc, drv.avail, drv.used
-    q.activate(False, True)
-    return drv, q
+make = queue_pair
 
 
 def test_a_buffer_offered_again_gives_the_same_view_and_its_current_bytes(mem):

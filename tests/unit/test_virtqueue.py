@@ -6,10 +6,8 @@ import pytest
 
 from tenbox_vmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue, VirtqueueError
 from tenbox_vmm.memory import MIB, GuestMemory
-from tests.virtio_driver import RingDriver
+from tests.virtio_driver import HEAP, queue_pair
 
-RING = 0x10000
-HEAP = 0x100000
 
 
 @pytest.fixture
@@ -19,13 +17,7 @@ def mem():
     m.close()
 
 
-def make(mem, size=8, event_idx=False, indirect=True):
-    drv = RingDriver(mem, RING, size, HEAP)
-    q = Virtqueue(mem, 0, 256)
-    q.size = size
-    q.desc_addr, q.avail_addr, q.used_addr = drv.desc, drv.avail, drv.used
-    q.activate(event_idx, indirect)
-    return drv, q
+make = queue_pair
 
 
 def test_chain_with_readable_then_writable_buffers(mem):

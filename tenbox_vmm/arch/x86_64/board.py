@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import struct
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from tenbox_vmm.arch.x86_64 import acpi, boot, cpu
 from tenbox_vmm.arch.x86_64 import layout as L
 from tenbox_vmm.devices.acpi_pm import PM1A_EVT_BLK, PM_BLOCK_LEN, RESET_PORT, SCI_IRQ, AcpiPm, ResetControl
-from tenbox_vmm.devices.bus import MmioBus, PioBus
+from tenbox_vmm.devices.bus import PioBus
 from tenbox_vmm.devices.debug_port import DebugPort
 from tenbox_vmm.devices.i8042 import I8042
 from tenbox_vmm.devices.rtc import CmosRtc

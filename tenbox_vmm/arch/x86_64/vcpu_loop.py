@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Callable, Optional
+from typing import Callable
 
 from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.kvm import constants as c

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import List, Optional
+from typing import List
 
 from tenbox_vmm.devices.virtio import ID_BLOCK
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice

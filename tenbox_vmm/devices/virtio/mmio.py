@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from tenbox_vmm import eventfd
 from tenbox_vmm.devices.virtio import (
