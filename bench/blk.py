@@ -33,8 +33,8 @@ import linux_guest  # noqa: E402
 from common import GUESTS, PYTHON, QEMU, REPO, Timed, interleave, median, table  # noqa: E402
 
 IMAGE_MB = 256
-SEQ_MB = 128
-RAND_OPS = 20000
+SEQ_MB = 1024  # four passes over the image: long enough that line timing jitter is noise (~1 %)
+RAND_OPS = 100000
 MEM_MB = 256
 
 
@@ -101,7 +101,7 @@ def host_read_mib_s(path: str) -> float:
 
 # --- --linux: Debian's kernel under QEMU TCG, tenbox over vhost-user --------------------------
 
-LINUX_SEQ_MB = 256
+LINUX_SEQ_MB = 1024  # four passes over the image (the reads wrap): ~0.5 s per run
 LINUX_RAND_OPS = 8000
 LINUX_QD = 4
 LINUX_WORKLOAD = [  # (case, linux_io arguments, unit)

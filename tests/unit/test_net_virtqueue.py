@@ -1,11 +1,13 @@
-"""The virtqueue fast paths network frames take: one-descriptor chains, views reused, batch completions, un-pop."""
+"""The virtqueue fast paths: one-descriptor chains, views reused, batch completions, un-pop, ordered indirect tables."""
+
+import struct
 
 import pytest
 
-from tenbox_vmm.devices.virtio.queue import DESC_F_WRITE, VIEW_CACHE_MAX, VirtqueueError
-from tenbox_vmm.memory import MIB, GuestMemory
+from tenbox_vmm.devices.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, VIEW_CACHE_MAX, Virtqueue,
+                                             VirtqueueError)
+from tenbox_vmm.memory import MIB, GuestMemory, GuestMemoryError
 from tests.virtio_driver import HEAP, queue_pair
-
 
 
 @pytest.fixture
@@ -85,3 +87,83 @@ def test_unpop_gives_the_same_chains_again_and_available_counts_them(mem):
     q.unpop(2)
     assert q.available() == 3
     assert [q.pop().head for _ in range(3)] == heads
+
+
+# Indirect tables in order (as Linux writes them): one pass, adjacent buffers merged.
+
+def offer_table(drv, entries):
+    """An indirect chain from (addr, len, write) entries linked in order; its head."""
+    table = b"".join(struct.pack("<QIHH", a, n, (DESC_F_WRITE if w else 0) | (DESC_F_NEXT if k < len(entries) - 1 else 0),
+                                 k + 1 if k < len(entries) - 1 else 0)
+                     for k, (a, n, w) in enumerate(entries))
+    taddr, tlen = drv.alloc(table)
+    head = drv.next_desc
+    drv.next_desc = (head + 1) % drv.size
+    drv.write_desc(head, taddr, tlen, DESC_F_INDIRECT, 0)
+    drv.publish(head)
+    return head
+
+
+def streams(chain):
+    return b"".join(bytes(v) for v in chain.readable), b"".join(bytes(v) for v in chain.writable)
+
+
+def general_walk(monkeypatch, q, head):
+    with monkeypatch.context() as m:
+        m.setattr(Virtqueue, "_walk_linear_table", lambda *a: None)
+        return q._walk(head)
+
+
+def test_adjacent_pages_of_an_indirect_table_become_one_view(mem, monkeypatch):
+    drv, q = make(mem)
+    page = 0x400000
+    mem.write(page, bytes(range(256)) * 64)  # 4 pages of data, then the status byte right after
+    hdr, _ = drv.alloc(b"H" * 16)
+    head = offer_table(drv, [(hdr, 16, False)] + [(page + 4096 * k, 4096, True) for k in range(4)]
+                       + [(page + 4 * 4096, 1, True)])
+    chain = q.pop()
+    assert chain.head == head
+    assert [len(v) for v in chain.readable] == [16] and [len(v) for v in chain.writable] == [4 * 4096 + 1]
+    assert streams(chain) == streams(general_walk(monkeypatch, q, head))
+
+
+def test_scattered_or_out_of_order_tables_read_as_the_general_walk_reads_them(mem):
+    drv, q = make(mem)
+    bufs = [drv.alloc(bytes([k]) * 100) for k in range(3)] + [drv.alloc(size=50), drv.alloc(size=1)]
+    head = offer_table(drv, [(a, n, k >= 3) for k, (a, n) in enumerate(bufs)])
+    chain = q.pop()
+    assert chain.head == head
+    assert [len(v) for v in chain.readable] == [100, 100, 100] and [len(v) for v in chain.writable] == [50, 1]
+    # Links out of order (0 -> 2 -> 1): the general walk takes over and follows them.
+    table = b"".join(struct.pack("<QIHH", a, n, f, nx) for a, n, f, nx in
+                     [(bufs[0][0], 100, DESC_F_NEXT, 2), (bufs[2][0], 100, 0, 0), (bufs[1][0], 100, DESC_F_NEXT, 1)])
+    taddr, tlen = drv.alloc(table)
+    drv.write_desc(5, taddr, tlen, DESC_F_INDIRECT, 0)
+    drv.publish(5)
+    chain = q.pop()
+    assert streams(chain)[0] == bytes([0]) * 100 + bytes([1]) * 100 + bytes([2]) * 100
+
+
+def test_a_merged_range_over_two_regions_falls_back_to_one_view_per_buffer(mem):
+    class TwoRegions:
+        """Guest memory as two regions meeting at 8 MiB: no view may span both."""
+
+        def view(self, gpa, length):
+            if gpa < 8 * MIB < gpa + length:
+                raise GuestMemoryError("spans two regions")
+            return mem.view(gpa, length)
+
+    drv, q = make(mem)
+    q.mem = TwoRegions()
+    head = offer_table(drv, [(8 * MIB - 4096, 4096, True), (8 * MIB, 4096, True)])
+    chain = q.pop()
+    assert chain.head == head and [len(v) for v in chain.writable] == [4096, 4096]
+
+
+def test_readable_after_writable_in_an_ordered_table_is_refused(mem):
+    drv, q = make(mem)
+    a, _ = drv.alloc(size=64)
+    b, _ = drv.alloc(b"late")
+    offer_table(drv, [(a, 64, True), (b, 4, False)])
+    with pytest.raises(VirtqueueError, match="readable descriptor after a writable"):
+        q.pop()

@@ -259,3 +259,76 @@ def test_event_idx_and_indirect_are_negotiated(rig):
     d.kick()
     d.wait_used()
     assert d.mem.read(writable[-1][0], 1) == b"\0"
+
+
+class ThreadedRamDisk(RamDisk):
+    """A RamDisk that takes concurrent requests, as raw does, and records which thread did what."""
+
+    concurrent_io = True
+
+    def __init__(self, size):
+        super().__init__(size)
+        import threading
+
+        self._lock = threading.Lock()
+        self.log = []
+
+    def _note(self, op, offset):
+        import threading
+
+        time.sleep(0.002)  # long enough that requests on several threads overlap
+        with self._lock:
+            self.log.append((op, offset, threading.current_thread().name))
+
+    def writev(self, offset, bufs):
+        self._note("write", offset)
+        super().writev(offset, bufs)
+
+    def readv(self, offset, bufs):
+        self._note("read", offset)
+        super().readv(offset, bufs)
+
+    def flush(self):
+        with self._lock:
+            self.log.append(("flush", 0, None))
+        super().flush()
+
+
+def test_a_batch_runs_on_helper_threads_and_a_flush_waits_for_what_came_before():
+    mem = GuestMemory(16 * MIB)
+    disk = ThreadedRamDisk(1 * MIB)
+    t = m.VirtioMmio(vblk.VirtioBlk(disk, io_helpers=2), mem, Host())
+    d = Driver(t, mem)
+    try:
+        d.setup(size=64)  # 17 chains of 2 or 3 descriptors
+        heads = {}
+        for i in range(8):  # eight writes, a flush, eight reads of what they wrote: one kick
+            hdr = struct.pack("<IIQ", vblk.T_OUT, 0, 8 * i)
+            heads[d.ring.offer([hdr, bytes([i + 1]) * 4096], [1])[0]] = ("write", i, None)
+        heads[d.ring.offer([struct.pack("<IIQ", vblk.T_FLUSH, 0, 0)], [1])[0]] = ("flush", 0, None)
+        for i in range(8):
+            head, writable = d.ring.offer([struct.pack("<IIQ", vblk.T_IN, 0, 8 * i)], [4096, 1])
+            heads[head] = ("read", i, writable)
+        d.kick()
+        used = d.wait_used(len(heads))
+        assert sorted(h for h, _ in used) == sorted(heads)
+        for head, (op, i, writable) in heads.items():
+            if op == "read":
+                assert mem.read(writable[1][0], 1)[0] == vblk.S_OK
+                assert mem.read(writable[0][0], 4096) == bytes([i + 1]) * 4096
+        ops = [op for op, _, _ in disk.log]
+        assert ops == ["write"] * 8 + ["flush"] + ["read"] * 8  # the flush is a barrier both ways
+        workers = {name for op, _, name in disk.log if op != "flush"}
+        assert len(workers) > 1 and any(n.startswith("virtio-blk-io") for n in workers), workers
+    finally:
+        t.close()
+        mem.close()
+
+
+def test_no_helper_threads_without_cores_to_spare(monkeypatch):
+    monkeypatch.setattr(vblk.os, "cpu_count", lambda: 2)
+    assert vblk.default_io_helpers() == 0
+    monkeypatch.setattr(vblk.os, "cpu_count", lambda: 64)
+    assert vblk.default_io_helpers() == vblk.IO_HELPERS_MAX - 1
+    blk = vblk.VirtioBlk(ThreadedRamDisk(1 * MIB), io_helpers=0)
+    assert blk._pool is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import List
+from typing import List, Optional
 
 from tenbox_vmm.devices.virtio import ID_BLOCK
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
@@ -55,20 +55,27 @@ class BlkError(Exception):
         self.status = status
 
 
+def default_io_helpers() -> int:
+    """Helper threads per disk: none unless the host has cores beyond a vCPU and the I/O thread."""
+    return max(0, min(IO_HELPERS_MAX - 1, (os.cpu_count() or 1) - 2))
+
+
 class VirtioBlk(VirtioDevice):
     device_id = ID_BLOCK
     num_queues = 1
     queue_size = QUEUE_SIZE
     name = "blk"
 
-    def __init__(self, disk, serial: str = "") -> None:
+    def __init__(self, disk, serial: str = "", io_helpers: Optional[int] = None) -> None:
         super().__init__()
         self.disk = disk
-        # Backends whose reads and writes are independent syscalls (raw) let a
-        # batch of requests run on several threads: preadv/pwritev release the
+        # Backends whose reads and writes are independent syscalls (raw) may
+        # run a batch of requests on helper threads: preadv/pwritev release the
         # GIL, so a page-cache copy on one core overlaps the next request's.
+        # That pays only with cores to spare beyond the vCPUs and this I/O
+        # thread: on a 2-core host one helper cost 10-30 % (docs/performance.md).
         self._pool = None
-        helpers = min(IO_HELPERS_MAX, (os.cpu_count() or 1)) - 1
+        helpers = default_io_helpers() if io_helpers is None else io_helpers
         if getattr(disk, "concurrent_io", False) and helpers > 0:
             from concurrent.futures import ThreadPoolExecutor
 

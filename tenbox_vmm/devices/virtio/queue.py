@@ -215,6 +215,10 @@ class Virtqueue:
                 except GuestMemoryError as e:
                     raise VirtqueueError("queue %d: indirect table outside memory: %s" % (self.index, e)) from None
                 table_len = limit = length // 16
+                if not readable and not writable:
+                    chain = self._walk_linear_table(head, table, table_len)
+                    if chain is not None:
+                        return chain
                 i, count, in_indirect = 0, 0, True
                 continue
             try:
@@ -232,6 +236,43 @@ class Virtqueue:
             if nxt >= table_len:
                 raise VirtqueueError("queue %d: next %d out of range" % (self.index, nxt))
             i = nxt
+
+    def _walk_linear_table(self, head: int, table: memoryview, n: int) -> Optional[Chain]:
+        """An indirect table laid out in order (entry i links to i + 1, as Linux writes them), in one pass.
+
+        Buffers that follow one another in guest memory with the same
+        direction become one view: a 1 MiB request of 256 pages is often a
+        handful of ranges. Anything else (links out of order, a merged range
+        over two memory regions) returns None, and the general walk decides.
+        """
+        readable: List[memoryview] = []
+        writable: List[memoryview] = []
+        view = self.mem.view
+        start = end = -1
+        to_write = False
+        idx = 0
+        try:
+            for addr, length, flags, nxt in _DESC.iter_unpack(table):
+                if flags & DESC_F_INDIRECT:
+                    return None  # nested: the general walk reports it
+                w = bool(flags & DESC_F_WRITE)
+                if addr == end and w == to_write:
+                    end += length
+                else:
+                    if start >= 0:
+                        (writable if to_write else readable).append(view(start, end - start))
+                    if not w and writable or not w and to_write:
+                        return None  # readable after writable: the general walk reports it
+                    start, end, to_write = addr, addr + length, w
+                if not flags & DESC_F_NEXT:
+                    (writable if to_write else readable).append(view(start, end - start))
+                    return Chain(head, readable, writable)
+                idx += 1
+                if nxt != idx or idx >= n:
+                    return None
+        except GuestMemoryError:
+            return None
+        return None
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes filled in."""
