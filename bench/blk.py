@@ -113,16 +113,6 @@ LINUX_WORKLOAD = [  # (case, linux_io arguments, unit)
 QUEUE_SIZE = 256  # both devices (vhost-user-blk's default would be 128)
 
 
-def build_linux_io(workdir: str) -> Path:
-    """bench/linux_io.c as a static binary for the guest (the host's gcc and libc6-dev)."""
-    src = REPO / "bench" / "linux_io.c"
-    out = Path(workdir) / "linux_io"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out) + ".tmp", str(src)], check=True)
-        os.replace(str(out) + ".tmp", str(out))
-    return out
-
-
 def linux_script() -> str:
     lines = ["set -e"]
     for case, io_args, _ in LINUX_WORKLOAD:
@@ -162,7 +152,7 @@ def linux_main(args, imgs: dict) -> int:
     linux = linux_guest.artifacts()
     tsc = linux_guest.tsc_khz(linux)
     initrd = linux_guest.initrd_with(Path(args.workdir), linux, linux_script(),
-                                     {"/linux_io": build_linux_io(args.workdir)})
+                                     {"/linux_io": linux_guest.build_static("linux_io", args.workdir)})
     rows = []
     for backing in ("raw", "qcow2+backing"):
         def image():

@@ -89,6 +89,16 @@ def initrd_with(workdir: Path, linux: Dict[str, Path], script: str,
     return out
 
 
+def build_static(name: str, workdir: str) -> Path:
+    """bench/NAME.c as a static binary for the guest (the host's gcc and libc6-dev), rebuilt when the source changes."""
+    src = REPO / "bench" / (name + ".c")
+    out = Path(workdir) / name
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out) + ".tmp", str(src)], check=True)
+        os.replace(str(out) + ".tmp", str(out))
+    return out
+
+
 def qemu_argv(linux: Dict[str, Path], tsc: int, initrd: Path, devices: Sequence[str]) -> List[str]:
     """microvm under TCG with shared memfd RAM (vhost-user needs it; the reference gets the same)."""
     append = "console=ttyS0 reboot=k panic=-1 tsc_early_khz=%d tenbox.run=sh%%20%s" % (tsc, GUEST_SCRIPT)
