@@ -87,6 +87,17 @@ class GuestMemory:
         off = self._offset(gpa, length)
         return self._view[off : off + length]
 
+    def views(self, starts: List[int], ends: List[int]) -> List[memoryview]:
+        """Views of guest RAM [starts[i], ends[i]) (each end >= its start); one bounds check when all share a region."""
+        if starts:
+            lo, hi = min(starts), max(ends)
+            for r in self.regions:
+                if r.gpa <= lo and hi <= r.gpa + r.size:
+                    base = r.gpa - r.offset
+                    v = self._view
+                    return [v[a - base : e - base] for a, e in zip(starts, ends)]
+        return [self.view(a, e - a) for a, e in zip(starts, ends)]
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

@@ -56,13 +56,16 @@ class ImageFile:
         rest = list(views)
         pos = offset
         while rest:
+            batch = rest[:IOV_MAX]
             try:
-                n = os.preadv(self.fd, rest[:IOV_MAX], pos)
+                n = os.preadv(self.fd, batch, pos)
             except OSError as e:
                 raise self._fail("read", pos, e) from None
             if n == 0:
                 zero_fill(rest)
                 return
+            if len(batch) == len(rest) and n == sum(map(len, batch)):
+                return  # the usual case: all of it in one call
             pos += n
             rest = advance(rest, n)
 
@@ -70,8 +73,9 @@ class ImageFile:
         rest = list(views)
         pos = offset
         while rest:
+            batch = rest[:IOV_MAX]
             try:
-                n = os.pwritev(self.fd, rest[:IOV_MAX], pos)
+                n = os.pwritev(self.fd, batch, pos)
             except OSError as e:
                 raise self._fail("write", pos, e) from None
             if n == 0:  # pragma: no cover - regular files do not do this
@@ -79,6 +83,8 @@ class ImageFile:
             pos += n
             if pos > self.end:
                 self.end = pos
+            if len(batch) == len(rest) and n == sum(map(len, batch)):
+                return  # the usual case: all of it in one call
             rest = advance(rest, n)
 
     def read(self, offset: int, n: int) -> bytearray:

@@ -38,7 +38,7 @@ def as_views(bufs: Iterable[Buffer]) -> List[memoryview]:
 
 
 def total(views: Sequence[memoryview]) -> int:
-    return sum(len(v) for v in views)
+    return sum(map(len, views))
 
 
 def zero_views(n: int) -> List[memoryview]:
@@ -85,14 +85,19 @@ def copy_into(views: Iterable[memoryview], data: Union[bytes, bytearray, memoryv
 class Cursor:
     """Hands out consecutive byte ranges of a view list as sub-lists of views."""
 
-    __slots__ = ("_views", "_i", "_off")
+    __slots__ = ("_views", "_i", "_off", "_total")
 
-    def __init__(self, views: List[memoryview]) -> None:
+    def __init__(self, views: List[memoryview], nbytes: int = -1) -> None:
+        """`nbytes`, if known, is total(views): taking all of it at once is then free."""
         self._views = views
         self._i = 0
         self._off = 0
+        self._total = nbytes
 
     def take(self, n: int) -> List[memoryview]:
+        if n == self._total and self._i == 0 and self._off == 0:
+            self._i = len(self._views)  # the whole list in one extent (the usual sequential request)
+            return self._views
         out: List[memoryview] = []
         views = self._views
         while n > 0:

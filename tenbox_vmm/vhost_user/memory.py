@@ -60,6 +60,15 @@ class VhostMemory:
                     return view[gpa - start : end - start]
         raise GuestMemoryError("guest range %#x+%#x is outside the shared memory" % (gpa, length))
 
+    def views(self, starts: List[int], ends: List[int]) -> List[memoryview]:
+        """Views of [starts[i], ends[i]) (each end >= its start); one bounds check when all share a region."""
+        if starts:
+            lo, hi = min(starts), max(ends)
+            for start, stop, view in self._by_gpa:
+                if start <= lo and hi <= stop:
+                    return [view[a - start : e - start] for a, e in zip(starts, ends)]
+        return [self.view(a, e - a) for a, e in zip(starts, ends)]
+
     def uva_to_gpa(self, uva: int, length: int) -> int:
         """The guest address of the front end's virtual address (vring addresses)."""
         for r in self.regions:

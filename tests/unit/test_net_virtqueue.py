@@ -153,6 +153,9 @@ def test_a_merged_range_over_two_regions_falls_back_to_one_view_per_buffer(mem):
                 raise GuestMemoryError("spans two regions")
             return mem.view(gpa, length)
 
+        def views(self, starts, ends):
+            return [self.view(a, e - a) for a, e in zip(starts, ends)]
+
     drv, q = make(mem)
     q.mem = TwoRegions()
     head = offer_table(drv, [(8 * MIB - 4096, 4096, True), (8 * MIB, 4096, True)])

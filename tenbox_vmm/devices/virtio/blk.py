@@ -198,14 +198,14 @@ class VirtioBlk(VirtioDevice):
         disk = self.disk
         try:
             if rtype == T_IN:
-                n = sum(len(v) for v in data_out)
+                n = sum(map(len, data_out))
                 disk.readv(self._check_range(sector, n), data_out)
                 return n
             if rtype == T_OUT:
                 if self.read_only:
                     raise BlkError(S_IOERR, "write to a read-only disk")
                 bufs = self._data_in(chain)
-                disk.writev(self._check_range(sector, sum(len(v) for v in bufs)), bufs)
+                disk.writev(self._check_range(sector, sum(map(len, bufs))), bufs)
                 return 0
             if rtype == T_FLUSH:
                 if not self.read_only:

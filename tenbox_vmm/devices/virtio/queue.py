@@ -278,16 +278,15 @@ class Virtqueue:
         ends = list(map(operator.add, addrs, table.cast("I")[2::4].tolist()))
         # Cut points: where the next buffer does not start at this one's end, and where writing begins.
         cuts = sorted(set(itertools.compress(range(1, n), map(operator.ne, ends, addrs[1:]))) | ({k} if 0 < k < n else set()))
-        view = self.mem.view
-        readable: List[memoryview] = []
-        writable: List[memoryview] = []
-        start = 0
+        firsts = [0] + cuts
+        starts = list(map(addrs.__getitem__, firsts))
+        stops = [ends[c - 1] for c in cuts] + [ends[last]]
         try:
-            for cut in cuts + [n]:
-                (readable if start < k else writable).append(view(addrs[start], ends[cut - 1] - addrs[start]))
-                start = cut
+            views = self.mem.views(starts, stops)
         except GuestMemoryError:
             return None
+        split = firsts.index(k) if k < n else len(firsts)
+        readable, writable = views[:split], views[split:]
         return Chain(head, readable, writable)
 
     def push(self, head: int, written: int) -> None:

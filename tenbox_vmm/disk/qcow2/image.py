@@ -244,7 +244,7 @@ class Qcow2Disk(Disk):
         self._check_open()
         if not n:
             return
-        cur = Cursor(views)
+        cur = Cursor(views, n)
         cb, cs = self.cb, self.cs
         end = offset + n
         pos = offset
@@ -311,7 +311,7 @@ class Qcow2Disk(Disk):
         n = total(views)
         self._check_range(offset, n)
         if n:
-            self._write(offset, n, Cursor(views))
+            self._write(offset, n, Cursor(views, n))
             self._maybe_release()
 
     def _write(self, offset: int, n: int, cur: Cursor) -> None:
