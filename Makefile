@@ -41,6 +41,8 @@ bench: deps ffi guests linux
 	$(PYTHON) bench/blk.py
 	$(PYTHON) bench/net.py
 	$(PYTHON) bench/disk_host.py
+	$(PYTHON) bench/blk.py --linux
+	$(PYTHON) bench/net.py --linux
 
 clean:
 	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py tenbox_vmm/net/_slirp_ffi.py tenbox_vmm/disk/_fallocate_ffi.py
