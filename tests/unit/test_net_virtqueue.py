@@ -89,7 +89,7 @@ def test_unpop_gives_the_same_chains_again_and_available_counts_them(mem):
     assert [q.pop().head for _ in range(3)] == heads
 
 
-# Indirect tables in order (as Linux writes them): one pass, adjacent buffers merged.
+# Indirect tables in order (as Linux writes them): checked by columns, every view in one call.
 
 def offer_table(drv, entries):
     """An indirect chain from (addr, len, write) entries linked in order; its head."""
@@ -114,7 +114,7 @@ def general_walk(monkeypatch, q, head):
         return q._walk(head)
 
 
-def test_adjacent_pages_of_an_indirect_table_become_one_view(mem, monkeypatch):
+def test_an_ordered_indirect_table_reads_as_the_general_walk_reads_it(mem, monkeypatch):
     drv, q = make(mem)
     page = 0x400000
     mem.write(page, bytes(range(256)) * 64)  # 4 pages of data, then the status byte right after
@@ -123,7 +123,7 @@ def test_adjacent_pages_of_an_indirect_table_become_one_view(mem, monkeypatch):
                        + [(page + 4 * 4096, 1, True)])
     chain = q.pop()
     assert chain.head == head
-    assert [len(v) for v in chain.readable] == [16] and [len(v) for v in chain.writable] == [4 * 4096 + 1]
+    assert [len(v) for v in chain.readable] == [16] and [len(v) for v in chain.writable] == [4096] * 4 + [1]
     assert streams(chain) == streams(general_walk(monkeypatch, q, head))
 
 
@@ -144,7 +144,7 @@ def test_scattered_or_out_of_order_tables_read_as_the_general_walk_reads_them(me
     assert streams(chain)[0] == bytes([0]) * 100 + bytes([1]) * 100 + bytes([2]) * 100
 
 
-def test_a_merged_range_over_two_regions_falls_back_to_one_view_per_buffer(mem):
+def test_buffers_in_two_memory_regions_get_a_view_each(mem):
     class TwoRegions:
         """Guest memory as two regions meeting at 8 MiB: no view may span both."""
 
