@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, List, Pattern
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -34,6 +35,20 @@ def fsync_dir(folder: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def entry_folders(parent: str, name_re: Pattern[str], log: logging.Logger) -> List[str]:
+    """The names of `parent`'s sub-folders that match name_re, sorted (a store's entries).
+
+    A parent that cannot be listed is logged and reads as empty: the caller
+    reports no entries rather than failing its whole request.
+    """
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError as e:
+        log.error("cannot list %s: %s", parent, e.strerror)
+        return []
+    return [n for n in names if name_re.match(n) and os.path.isdir(os.path.join(parent, n))]
 
 
 def atomic_write_json(path: str, value: Any, mode: int = 0o644) -> None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from tenbox_supervisor.fsutil import atomic_write_json, fsync_dir
+from tenbox_supervisor.fsutil import atomic_write_json, entry_folders, fsync_dir
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode
 
 log = logging.getLogger("tenboxd.images")
@@ -335,14 +335,7 @@ class ImageStore:
         """(images, reasons by name for folders that are not usable images)."""
         images: List[Image] = []
         broken: Dict[str, str] = {}
-        try:
-            names = sorted(os.listdir(self.images_dir))
-        except OSError as e:
-            log.error("cannot list %s: %s", self.images_dir, e.strerror)
-            return images, broken
-        for name in names:
-            if not NAME_RE.match(name) or not os.path.isdir(os.path.join(self.images_dir, name)):
-                continue
+        for name in entry_folders(self.images_dir, NAME_RE, log):
             try:
                 images.append(self.get(name))
             except ImageError as e:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from tenbox_supervisor.fsutil import atomic_write_json
+from tenbox_supervisor.fsutil import atomic_write_json, entry_folders
 from tenbox_supervisor.protocol import NAME_RE
 
 log = logging.getLogger("tenboxd.store")
@@ -171,14 +171,7 @@ class Store:
         """(specs by id, reasons by id for broken entries)."""
         specs: Dict[str, VmSpec] = {}
         broken: Dict[str, str] = {}
-        try:
-            names = sorted(os.listdir(self.vms_dir))
-        except OSError as e:
-            log.error("cannot list %s: %s", self.vms_dir, e.strerror)
-            return specs, broken
-        for name in names:
-            if not NAME_RE.match(name) or not os.path.isdir(os.path.join(self.vms_dir, name)):
-                continue
+        for name in entry_folders(self.vms_dir, NAME_RE, log):
             try:
                 spec = self.read(name)
             except (OSError, ValueError) as e:

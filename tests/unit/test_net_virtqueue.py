@@ -6,15 +6,8 @@ import pytest
 
 from tenbox_vmm.devices.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, VIEW_CACHE_MAX, Virtqueue,
                                              VirtqueueError)
-from tenbox_vmm.memory import MIB, GuestMemory, GuestMemoryError
+from tenbox_vmm.memory import MIB, GuestMemoryError
 from tests.virtio_driver import HEAP, queue_pair
-
-
-@pytest.fixture
-def mem():
-    m = GuestMemory(16 * MIB)
-    yield m
-    m.close()
 
 
 make = queue_pair
