@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from tenbox_vmm.disk import fallocate
 from tenbox_vmm.disk.errors import DiskError, DiskIOError
-from tenbox_vmm.disk.iov import IOV_MAX, advance, zero_fill, zero_views
+from tenbox_vmm.disk.iov import IOV_MAX, advance, total, zero_fill, zero_views
 
 Data = Union[bytes, bytearray, memoryview]
 
@@ -53,10 +53,10 @@ class ImageFile:
 
     def readv(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill `views` from `offset`; bytes past the end of the file read as zeros."""
-        rest = list(views)
+        rest = views  # copied only if the first call falls short
         pos = offset
         while rest:
-            batch = rest[:IOV_MAX]
+            batch = rest if len(rest) <= IOV_MAX else rest[:IOV_MAX]
             try:
                 n = os.preadv(self.fd, batch, pos)
             except OSError as e:
@@ -64,16 +64,16 @@ class ImageFile:
             if n == 0:
                 zero_fill(rest)
                 return
-            if len(batch) == len(rest) and n == sum(map(len, batch)):
+            if batch is rest and n == total(batch):
                 return  # the usual case: all of it in one call
             pos += n
-            rest = advance(rest, n)
+            rest = advance(list(rest), n)
 
     def writev(self, offset: int, views: Sequence[memoryview]) -> None:
-        rest = list(views)
+        rest = views  # copied only if the first call falls short
         pos = offset
         while rest:
-            batch = rest[:IOV_MAX]
+            batch = rest if len(rest) <= IOV_MAX else rest[:IOV_MAX]
             try:
                 n = os.pwritev(self.fd, batch, pos)
             except OSError as e:
@@ -83,9 +83,9 @@ class ImageFile:
             pos += n
             if pos > self.end:
                 self.end = pos
-            if len(batch) == len(rest) and n == sum(map(len, batch)):
+            if batch is rest and n == total(batch):
                 return  # the usual case: all of it in one call
-            rest = advance(rest, n)
+            rest = advance(list(rest), n)
 
     def read(self, offset: int, n: int) -> bytearray:
         """`n` bytes at `offset` (metadata); zeros past the end of the file."""

@@ -135,6 +135,59 @@ def test_qemu_written_image_reads_back_exactly(tmp_path, compat, cs, rb, lazy):
         assert check(d).clean
 
 
+def test_multi_cluster_reads_in_one_extent_or_not(tmp_path, monkeypatch):
+    """Reads of several clusters: one extent serves a contiguous run or an unallocated span; a zero
+    cluster inside a run, a run out of order, or allocated and unallocated mixed take the general path.
+    Every read matches what qemu-io wrote."""
+    from tenbox_vmm.disk.qcow2.image import Qcow2Disk
+
+    cs = 65536
+    size = 16 * cs
+    base = str(tmp_path / "base.raw")
+    with open(base, "wb") as f:
+        f.write(bytes([0x11]) * size)
+    top = str(tmp_path / "top.qcow2")
+    qemu_img_create(top, size, "cluster_size=%d" % cs, backing=base, backing_fmt="raw")
+    model = bytearray([0x11]) * size
+    cmds = ["write -P 0x22 0 %d" % (4 * cs),  # clusters 0-3, allocated in order
+            "write -z %d %d" % (cs, cs),  # cluster 1: zero flag, its allocation kept
+            "write -P 0x33 %d %d" % (8 * cs, cs), "write -P 0x44 %d %d" % (12 * cs, cs),
+            "write -P 0x55 %d %d" % (9 * cs, cs)]  # clusters 8 and 9 are not adjacent in the file
+    qemu_io(top, *cmds)
+    model[0:4 * cs] = bytes([0x22]) * (4 * cs)
+    model[cs:2 * cs] = bytes(cs)
+    model[8 * cs:9 * cs] = bytes([0x33]) * cs
+    model[12 * cs:13 * cs] = bytes([0x44]) * cs
+    model[9 * cs:10 * cs] = bytes([0x55]) * cs
+
+    taken = []
+    one_extent = Qcow2Disk._read_one_extent
+
+    def spy(self, offset, end, cur):
+        done = one_extent(self, offset, end, cur)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(Qcow2Disk, "_read_one_extent", spy)
+    cases = [  # (offset, length, served as one extent)
+        (2 * cs + 100, 2 * cs - 200, True),  # clusters 2-3: a run
+        (4 * cs, 4 * cs, True),  # clusters 4-7: unallocated, from the backing file
+        (0, 4 * cs, False),  # a zero cluster inside the run
+        (8 * cs, 2 * cs, False),  # 8 and 9: out of order in the file
+        (3 * cs, 2 * cs, False),  # allocated then unallocated
+        (0, size, False),
+    ]
+    with open_disk(top, read_only=True) as d:
+        e = d._entries(0, 4)
+        assert e[1] == e[0] + cs + 1  # in order in the file: only cluster 1's zero flag (bit 0) breaks the run
+        for off, n, fast in cases:
+            taken.clear()
+            halves = [memoryview(bytearray(n // 2)), memoryview(bytearray(n - n // 2))]
+            d.readv(off, halves)
+            assert b"".join(bytes(h) for h in halves) == bytes(model[off:off + n]), (off, n)
+            assert taken[0] is fast, (off, n)
+
+
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 @pytest.mark.parametrize("cs", [512, 65536, 2 << 20])
 def test_compressed_images_read_and_overwrite(tmp_path, ctype, cs):

@@ -14,7 +14,7 @@ from tenbox_vmm.disk import (
     image_info,
     open_disk,
 )
-from tenbox_vmm.disk.iov import IOV_MAX
+from tenbox_vmm.disk.iov import IOV_MAX, Cursor, FlatViews, as_views
 
 
 @pytest.fixture
@@ -138,3 +138,15 @@ def test_close_is_idempotent_and_releases(tmp_path, raw):
             d.writev(0, [memoryview(bytearray(512))])
         open_disk(path).close()
     assert not image_info(q)["dirty"]
+
+
+def test_flat_view_lists_pass_through_and_cursors_hand_them_out():
+    buf = bytearray(range(10))
+    flat = FlatViews([memoryview(buf)[:4], memoryview(buf)[4:]])
+    assert as_views(flat) is flat  # no re-check, no copy of the list
+    plain = as_views([memoryview(buf).cast("c"), b"", bytearray(b"xy")])
+    assert type(plain) is FlatViews and [v.format for v in plain] == ["B", "B"]  # empty dropped
+    cur = Cursor(flat, 10)
+    part = cur.take(6)
+    assert type(part) is FlatViews and b"".join(part) == bytes(range(6))
+    assert b"".join(cur.take(4)) == bytes(range(6, 10))

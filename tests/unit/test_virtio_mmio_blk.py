@@ -332,3 +332,42 @@ def test_no_helper_threads_without_cores_to_spare(monkeypatch):
     assert vblk.default_io_helpers() == vblk.IO_HELPERS_MAX - 1
     blk = vblk.VirtioBlk(ThreadedRamDisk(1 * MIB), io_helpers=0)
     assert blk._pool is None
+
+
+class WatchedRamDisk(RamDisk):
+    """Records, as each read starts, how many requests the ring shows done and whether an interrupt is pending."""
+
+    def __init__(self, size, mem, host):
+        super().__init__(size)
+        self.mem, self.host, self.ring = mem, host, None
+        self.seen = []
+
+    def readv(self, offset, bufs):
+        used_idx = struct.unpack("<H", self.mem.read(self.ring.used + 2, 2))[0]
+        try:
+            irq = int.from_bytes(os.read(self.host.irq, 8), "little")
+        except BlockingIOError:
+            irq = 0
+        self.seen.append((used_idx, irq))
+        super().readv(offset, bufs)
+
+
+def test_each_completion_interrupts_before_the_next_request_runs():
+    # Two reads offered with one kick: the driver hears of the first before the
+    # second starts, so it can submit more while the device works.
+    mem = GuestMemory(16 * MIB)
+    host = Host()
+    disk = WatchedRamDisk(1 * MIB, mem, host)
+    t = m.VirtioMmio(vblk.VirtioBlk(disk, io_helpers=0), mem, host)
+    d = Driver(t, mem)
+    try:
+        d.setup(size=8)
+        disk.ring = d.ring
+        for sector in (0, 8):
+            d.ring.offer([struct.pack("<IIQ", vblk.T_IN, 0, sector)], [4096, 1])
+        d.kick()
+        assert len(d.wait_used(2)) == 2
+        assert disk.seen == [(0, 0), (1, 1)]
+    finally:
+        t.close()
+        mem.close()

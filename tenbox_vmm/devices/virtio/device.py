@@ -26,6 +26,8 @@ class VirtioDevice:
         self.features = 0  # negotiated, valid once activated
         self.config_changed: Callable[[], None] = lambda: None  # set by the transport
         self.wake: Callable[[], None] = lambda: None  # set by the I/O thread: run its loop again
+        # Set by the I/O thread: interrupt the driver now if it wants one for what was pushed on a queue.
+        self.notify: Callable[[Virtqueue], None] = lambda queue: None
 
     def device_features(self) -> int:
         return COMMON_FEATURES

@@ -45,11 +45,16 @@ class IoThread:
 
     def start(self) -> None:
         self.device.wake = self.wake
+        self.device.notify = self._notify
         self._thread.start()
 
     def wake(self) -> None:
         """Make the thread run its loop once more (another thread queued work for it)."""
         eventfd.signal(self._wake)
+
+    def _notify(self, q: Virtqueue) -> None:
+        if q.needs_interrupt():
+            self.signal_used(q.index)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop = True

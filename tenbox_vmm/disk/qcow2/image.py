@@ -247,6 +247,8 @@ class Qcow2Disk(Disk):
         cur = Cursor(views, n)
         cb, cs = self.cb, self.cs
         end = offset + n
+        if self._read_one_extent(offset, end, cur):
+            return
         pos = offset
         ext_kind = -1
         ext_start = ext_host = ext_len = 0
@@ -269,6 +271,33 @@ class Qcow2Disk(Disk):
                 gc += 1
                 pos = t
         self._read_extent(ext_kind, ext_start, ext_len, ext_host, cur)
+
+    def _read_one_extent(self, offset: int, end: int, cur: Cursor) -> bool:
+        """Read [offset, end) if its clusters are all unallocated or all one contiguous run; else False.
+
+        That is the usual sequential request (a 1 MiB read is 16 clusters of
+        64 KiB): one comparison over its L2 entries instead of a loop per cluster.
+        """
+        cb, cs = self.cb, self.cs
+        gc = offset >> cb
+        count = ((end - 1) >> cb) - gc + 1
+        if count < 2:
+            return False
+        entries = self._entries(gc, count)
+        if len(entries) < count:
+            return False  # crosses an L2 slice
+        e = entries[0]
+        if not e:
+            if entries.count(0) != count:
+                return False
+            self._read_extent(UNALLOCATED, offset, end - offset, 0, cur)
+            return True
+        kind, host = self._classify(e)
+        # Same flags in every entry and offsets one cluster apart: the entries are e, e + cs, ...
+        if kind != NORMAL or entries != tuple(range(e, e + count * cs, cs)):
+            return False
+        self._read_extent(NORMAL, offset, end - offset, host + offset - (gc << cb), cur)
+        return True
 
     def _read_extent(self, kind: int, gstart: int, length: int, host: int, cur: Cursor) -> None:
         views = cur.take(length)
