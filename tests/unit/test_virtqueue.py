@@ -148,3 +148,83 @@ def test_kick_suppression_and_the_late_buffer_race(mem):
     assert drv.avail_event() == 1  # the driver kicks again once it publishes index 1
     drv.offer([b"late"], [1])
     assert q.enable_kicks()  # a buffer arrived while kicks were off: process it now
+
+
+# --- indirect tables whose inner entries were seen before (virtio-blk's reused buffers) ---------------------------
+
+def offer_table(drv, entries):
+    """Make an indirect table of (addr, len, flags, next) entries available; returns the head."""
+    taddr, tlen = drv.alloc(b"".join(struct.pack("<QIHH", *e) for e in entries))
+    head = drv.next_desc
+    drv.next_desc = (head + 1) % drv.size
+    drv.write_desc(head, taddr, tlen, DESC_F_INDIRECT, 0)
+    drv.publish(head)
+    return head
+
+
+def blk_table(drv, data, hdr_flags=DESC_F_NEXT, status_flags=DESC_F_WRITE, first_next=1):
+    """A header, the given data buffers (addr, len, writable) and a status byte, as Linux lays them out."""
+    hdr, _ = drv.alloc(b"H" * 16)
+    status, _ = drv.alloc(size=1)
+    n = len(data) + 2
+    entries = [(hdr, 16, hdr_flags, first_next)]
+    entries += [(a, ln, DESC_F_NEXT | (DESC_F_WRITE if w else 0), i + 2) for i, (a, ln, w) in enumerate(data)]
+    entries.append((status, 1, status_flags, 0))
+    assert len(entries) == n
+    return offer_table(drv, entries), hdr, status
+
+
+def test_a_table_with_known_inner_entries_reuses_their_views(mem, monkeypatch):
+    drv, q = make(mem)
+    q.cache_tables = True
+    bufs = [(drv.alloc(size=4096)[0], 4096, True) for _ in range(3)]
+    walks = []
+    full = Virtqueue._walk_linear_table
+    monkeypatch.setattr(Virtqueue, "_walk_linear_table", lambda self, *a: walks.append(1) or full(self, *a))
+    for _ in range(3):  # a new header and status each time, as each request has its own
+        head, hdr, status = blk_table(drv, bufs)
+        chain = q.pop()
+        assert chain.head == head and bytes(chain.readable[0]) == b"H" * 16 and len(chain.readable) == 1
+        assert [len(v) for v in chain.writable] == [4096, 4096, 4096, 1]
+        chain.writable[1][:4] = b"abcd"
+        chain.writable[3][:] = b"\x07"
+        assert mem.read(bufs[1][0], 4) == b"abcd" and mem.read(status, 1) == b"\x07"
+        q.push(chain.head, 0)
+    assert len(walks) == 1  # only the first table was walked in full
+    q.mem = mem  # new memory (vhost-user SET_MEM_TABLE): nothing known any more
+    blk_table(drv, bufs)
+    q.pop()
+    assert len(walks) == 2
+
+
+@pytest.mark.parametrize("case", ["writable header before readable data", "readable status after writable data",
+                                  "status outside memory"])
+def test_known_inner_entries_do_not_excuse_a_bad_first_or_last_entry(mem, case):
+    drv, q = make(mem)
+    q.cache_tables = True
+    readable_data = case == "writable header before readable data"
+    bufs = [(drv.alloc(size=512)[0], 512, not readable_data) for _ in range(2)]
+    blk_table(drv, bufs)
+    q.push(q.pop().head, 0)  # known now
+    if case == "writable header before readable data":
+        blk_table(drv, bufs, hdr_flags=DESC_F_NEXT | DESC_F_WRITE)
+    elif case == "readable status after writable data":
+        blk_table(drv, bufs, status_flags=0)
+    else:
+        hdr, _ = drv.alloc(b"H" * 16)
+        offer_table(drv, [(hdr, 16, DESC_F_NEXT, 1)] + [(a, ln, DESC_F_NEXT | (DESC_F_WRITE if w else 0), i + 2)
+                                                        for i, (a, ln, w) in enumerate(bufs)]
+                    + [(mem.size - 1, 2, DESC_F_WRITE, 0)])
+    with pytest.raises(VirtqueueError):
+        q.pop()
+
+
+def test_known_inner_entries_with_a_first_entry_linking_elsewhere_take_the_general_walk(mem):
+    drv, q = make(mem)
+    q.cache_tables = True
+    bufs = [(drv.alloc(size=512)[0], 512, True) for _ in range(2)]
+    blk_table(drv, bufs)
+    q.push(q.pop().head, 0)
+    blk_table(drv, bufs, first_next=2)  # header -> second buffer -> status: the first buffer is skipped
+    chain = q.pop()
+    assert [len(v) for v in chain.readable] == [16] and [len(v) for v in chain.writable] == [512, 1]

@@ -89,6 +89,11 @@ class VirtioBlk(VirtioDevice):
         self.errors = 0
         self._config = self._build_config()
 
+    def activate(self, features: int, queues: List[Virtqueue]) -> None:
+        super().activate(features, queues)
+        for q in queues:
+            q.cache_tables = True  # requests from one buffer again and again (O_DIRECT, databases)
+
     def device_features(self) -> int:
         f = COMMON_FEATURES | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH
         if self.read_only:

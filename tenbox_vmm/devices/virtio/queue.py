@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import operator
 import struct
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from tenbox_vmm.memory import GuestMemory, GuestMemoryError
 
 QUEUE_SIZE_MAX = 32768
 INDIRECT_MAX = 1024  # descriptors in one indirect table
 VIEW_CACHE_MAX = 1024  # views of single-descriptor chains kept per queue (drivers reuse their buffers)
+TABLE_CACHE_VIEWS = 4096  # views of indirect tables kept per queue that asks for them (~0.8 MiB at most)
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -83,6 +84,11 @@ class Virtqueue:
         if not 1 <= max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
             raise ValueError("queue size must be a power of two up to 32768")
         self._views: Dict[tuple, memoryview] = {}
+        self._tables: Dict[bytes, Tuple[tuple, tuple]] = {}
+        self._table_views = 0
+        # Set by a device whose drivers hand over the same buffers again and again (virtio-blk:
+        # O_DIRECT programs and databases reuse theirs): see _known_table.
+        self.cache_tables = False
         self._mem = mem
         self.index = index
         self.max_size = max_size
@@ -95,10 +101,14 @@ class Virtqueue:
     @mem.setter
     def mem(self, mem: GuestMemory) -> None:
         self._views = {}  # views into the old memory must not be handed out again
+        self._tables = {}
+        self._table_views = 0
         self._mem = mem
 
     def reset(self) -> None:
         self._views = {}
+        self._tables = {}
+        self._table_views = 0
         self.size = self.max_size
         self._avail16: Optional[memoryview] = None
         self._used16: Optional[memoryview] = None
@@ -133,6 +143,8 @@ class Virtqueue:
         self._used16 = self._used.cast("H")  # [1] idx, [2 + 4 * size] avail_event
         self._used32 = self._used[4 : 4 + 8 * size].cast("I")  # [2 * i] id, [2 * i + 1] len
         self._views = {}
+        self._tables = {}
+        self._table_views = 0
         self.event_idx = event_idx
         self.indirect = indirect
         # last_avail stays as reset() or the front end (vhost-user SET_VRING_BASE) left it.
@@ -218,7 +230,11 @@ class Virtqueue:
                     raise VirtqueueError("queue %d: indirect table outside memory: %s" % (self.index, e)) from None
                 table_len = limit = length // 16
                 if not readable and not writable:
-                    chain = self._walk_linear_table(head, table, table_len)
+                    chain = None
+                    if self.cache_tables and table_len >= 3:
+                        chain = self._known_table(head, table, table_len)
+                    if chain is None:
+                        chain = self._walk_linear_table(head, table, table_len)
                     if chain is not None:
                         return chain
                 i, count, in_indirect = 0, 0, True
@@ -238,6 +254,57 @@ class Virtqueue:
             if nxt >= table_len:
                 raise VirtqueueError("queue %d: next %d out of range" % (self.index, nxt))
             i = nxt
+
+    def _known_table(self, head: int, table: memoryview, n: int) -> Optional[Chain]:
+        """A linear table whose inner entries (all but the first and last) were seen before; else None.
+
+        virtio-blk's first entry is the request header and its last the
+        status byte, both in the driver's per-request structure, which
+        changes from request to request; the entries between name the data
+        buffers, and a program that reads into one buffer sends the same
+        ones again. Their views were checked when first seen; here only the
+        first and the last entry are, against the same rules as
+        _walk_linear_table. Anything else returns None and the full walk decides.
+        """
+        known = self._tables.get(bytes(table[16 : 16 * (n - 1)]))
+        if known is None:
+            return None
+        inner, inner_readable = known
+        addr0, len0, flags0, next0 = _DESC.unpack_from(table, 0)
+        addr1, len1, flags1, _ = _DESC.unpack_from(table, 16 * (n - 1))
+        if next0 != 1:
+            return None
+        if flags0 == DESC_F_NEXT | DESC_F_WRITE:
+            if inner_readable:
+                return None  # a readable entry after a writable one
+            split = 0
+        elif flags0 == DESC_F_NEXT:
+            split = 1 + inner_readable
+        else:
+            return None
+        if flags1 == 0:
+            if split != n - 1:
+                return None  # a readable last entry after writable ones
+            split = n
+        elif flags1 != DESC_F_WRITE:
+            return None
+        try:
+            first, last = self.mem.view(addr0, len0), self.mem.view(addr1, len1)
+        except GuestMemoryError:
+            return None
+        views = [first]
+        views += inner
+        views.append(last)
+        return Chain(head, views[:split], views[split:])
+
+    def _remember(self, table: memoryview, n: int, views: List[memoryview], k: int) -> None:
+        """Keep the inner views of a linear table that passed every check (see _known_table)."""
+        if self._table_views + n > TABLE_CACHE_VIEWS:
+            self._tables = {}  # the driver moves its buffers around: start over
+            self._table_views = 0
+        inner_readable = min(max(k - 1, 0), n - 2)
+        self._tables[bytes(table[16 : 16 * (n - 1)])] = (tuple(views[1 : n - 1]), inner_readable)
+        self._table_views += n
 
     def _walk_linear_table(self, head: int, table: memoryview, n: int) -> Optional[Chain]:
         """An indirect table laid out as Linux writes it, checked and cut into views without a loop per entry.
@@ -278,6 +345,8 @@ class Virtqueue:
             views = self.mem.views(addrs, ends)
         except GuestMemoryError:
             return None
+        if self.cache_tables and n >= 3:
+            self._remember(table, n, views, k)
         readable, writable = views[:k], views[k:]
         return Chain(head, readable, writable)
 
