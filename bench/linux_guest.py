@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -77,18 +78,23 @@ def initrd_with(workdir: Path, linux: Dict[str, Path], script: str,
                 files: Optional[Dict[str, Union[bytes, Path]]] = None) -> Path:
     """The initramfs plus GUEST_SCRIPT and `files` (guest path -> bytes or a host file) as a second archive."""
     root = Path(tempfile.mkdtemp(prefix="initrd-extra.", dir=str(workdir)))
-    entries: Dict[str, Union[bytes, Path]] = dict(files or {})
-    entries[GUEST_SCRIPT] = script.encode()
-    for name, data in entries.items():
-        path = root / name.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data.read_bytes() if isinstance(data, Path) else data)
-        path.chmod(0o755)
-    extra = root.with_suffix(".cpio")
-    subprocess.run([PYTHON, str(SCRIPTS / "mkcpio.py"), "--root", str(root), "-o", str(extra)], check=True)
-    base = linux["initramfs"].read_bytes()
-    out = root.with_suffix(".initrd")
-    out.write_bytes(base + b"\0" * (-len(base) % 512) + extra.read_bytes())  # archives start 4-byte aligned
+    extra = workdir / "initrd-extra.cpio"
+    try:
+        entries: Dict[str, Union[bytes, Path]] = dict(files or {})
+        entries[GUEST_SCRIPT] = script.encode()
+        for name, data in entries.items():
+            path = root / name.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.read_bytes() if isinstance(data, Path) else data)
+            path.chmod(0o755)
+        subprocess.run([PYTHON, str(SCRIPTS / "mkcpio.py"), "--root", str(root), "-o", str(extra)], check=True)
+        base = linux["initramfs"].read_bytes()
+        out = workdir / "initrd-extra.initrd"
+        out.write_bytes(base + b"\0" * (-len(base) % 512) + extra.read_bytes())  # archives start 4-byte aligned
+    finally:
+        shutil.rmtree(str(root), ignore_errors=True)
+        if extra.exists():
+            extra.unlink()
     return out
 
 
