@@ -207,15 +207,19 @@ def linux_main(args, imgs: dict) -> int:
                 for case, rates in cases.items():
                     res[dev][case] += rates
         for case, _, unit in LINUX_WORKLOAD:
-            t, q = median(res["tenbox"][case]), median(res["qemu"][case])
-            rows.append(("%s %s" % (backing, case), "%.0f %s" % (t, unit), "%.0f %s" % (q, unit), "%.2f" % (t / q)))
-            print("  %-28s tenbox %.0f  qemu %.0f  (%.2f)" % (rows[-1][0], t, q, t / q), file=sys.stderr)
+            ts, qs = res["tenbox"][case], res["qemu"][case]
+            t, q = median(ts), median(qs)
+            won = sum(1 for a, b in zip(ts, qs) if a > b)  # rounds are paired: same boot, one after the other
+            rows.append(("%s %s" % (backing, case), "%.0f %s" % (t, unit), "%.0f %s" % (q, unit), "%.2f" % (t / q),
+                         "%d of %d" % (won, len(ts))))
+            print("  %-28s tenbox %.0f  qemu %.0f  (%.2f, ahead in %s)" % (rows[-1][0], t, q, t / q, rows[-1][4]),
+                  file=sys.stderr)
     print("block benchmark, Linux's virtio-blk driver (Debian %s under QEMU TCG, microvm): %d boots, each with "
           "both disks and %d alternating rounds of every case; medians of all rounds; %d MiB image; O_DIRECT, "
           "%d MiB sequential (2 threads), %d random 4 KiB reads"
           % ((REPO / ".cache" / "linux" / "version").read_text().strip(), args.runs, LINUX_ROUNDS, IMAGE_MB,
              LINUX_SEQ_MB, LINUX_RAND_OPS))
-    print(table(rows, ("case", "tenbox vhost-user-blk", "QEMU virtio-blk", "tenbox/QEMU")))
+    print(table(rows, ("case", "tenbox vhost-user-blk", "QEMU virtio-blk", "tenbox/QEMU", "tenbox ahead")))
     return 0
 
 

@@ -154,3 +154,27 @@ def test_link_down_drops_both_ways_and_raises_a_config_interrupt(rig):
     d.tx.offer([bytes(vnet.HDR_LEN) + FRAME], [])
     d.kick(vnet.TX)
     wait(lambda: len(backend.sent) == 1)
+
+
+def test_the_polling_back_end_watches_transmit_only_after_full_frames(rig):
+    # tenbox-vhost-user-net spins on the transmit ring only while the guest sends data: bare ACKs
+    # (a download) leave the core to the guest.
+    from tenbox_vmm.vhost_user.backend import POLL_NET_TX_MIN_BYTES, _PollingIoThread
+
+    d, t, dev, backend = rig
+    d.setup_net()
+    thread = _PollingIoThread("test", dev, [], [], lambda i: None, lambda reason: None)
+    ack = FRAME[:14] + bytes(40)  # an Ethernet header and a 40-byte TCP/IP ACK
+    for _ in range(3):
+        d.tx.offer([bytes(vnet.HDR_LEN) + ack], [])
+    d.kick(vnet.TX)
+    wait(lambda: len(backend.sent) == 3)
+    wait(lambda: dev.tx_last_bytes == 3 * len(ack))
+    assert 3 * len(ack) < POLL_NET_TX_MIN_BYTES and not thread._worth_polling()
+    data = FRAME[:14] + bytes(1500)
+    d.tx.offer([bytes(vnet.HDR_LEN) + data], [])
+    d.kick(vnet.TX)
+    wait(lambda: len(backend.sent) == 4)
+    wait(lambda: dev.tx_last_bytes == len(data))
+    assert thread._worth_polling()
+    thread.stop()

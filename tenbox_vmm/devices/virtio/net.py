@@ -70,6 +70,7 @@ class VirtioNet(VirtioDevice):
             self.backend.guest_room = self.rx_room
         self._queues: List[Virtqueue] = []
         self.tx_frames = self.rx_frames = self.rx_dropped = self.tx_dropped = 0
+        self.tx_last_bytes = 0  # frame bytes the last transmit pass moved (a bulk sender, or ACKs only?)
         self._pending_calls: Deque[Callable[[], None]] = collections.deque()
         # The backend (libslirp) belongs to one thread at a time: the I/O thread
         # while the driver is up, else whoever holds this lock.
@@ -238,6 +239,7 @@ class VirtioNet(VirtioDevice):
     def _transmit(self, q: Virtqueue) -> None:
         backend = self.backend
         input_many = getattr(backend, "input_many", None)
+        self.tx_last_bytes = 0
         while True:
             heads: List[int] = []
             frames: List[memoryview] = []
@@ -258,6 +260,7 @@ class VirtioNet(VirtioDevice):
                     frames.append(frame)
                 if frames:
                     self.tx_frames += len(frames)
+                    self.tx_last_bytes += sum(map(len, frames))
                     if input_many is not None:
                         input_many(frames)
                     else:
