@@ -312,8 +312,12 @@ def test_backend_killed_during_guest_writes_leaves_a_consistent_qcow2(linux, tsc
 def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc, tmp_path):
     """QEMU reconnects (chardev reconnect=1) to a back end started again after a
     SIGKILL mid-write; requests in flight are resubmitted, the guest sees no
-    I/O error, every region reads back right in the guest and on the host,
-    and the image checks clean (leaks from the kill allowed)."""
+    I/O error and finishes, and the image checks clean (leaks from the kill
+    allowed). Every region flushed before the kill and every region written
+    after the restart reads back right in the guest and on the host. The
+    region being written at the kill is not compared: writes the back end
+    had completed but the guest had not yet flushed may be lost with it, as
+    from a disk's volatile cache (docs/vhost-user.md)."""
     img = tmp_path / "disk.qcow2"
     assert vu.qemu_img("create", "-q", "-f", "qcow2", str(img), "%dM" % (REGIONS * REGION_MB)).returncode == 0
     initrd = vu.initrd_with_script(tmp_path, linux, WRITE_REGIONS)
@@ -334,10 +338,13 @@ def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc, tm
     assert not vu.marks(text, "TB-EIO"), text
     assert vu.marks(text, "TB-PASS") == [str(i) for i in range(REGIONS)]
     want = patterns(text)
-    assert [v.split()[1] for v in vu.marks(text, "TB-READ")] == want
+    at_kill = KILL_AFTER_PASS + 1  # its first writes may have been completed, unflushed, by the killed back end
+    sure = [i for i in range(REGIONS) if i != at_kill]
+    read = [v.split()[1] for v in vu.marks(text, "TB-READ")]
+    assert len(read) == REGIONS and [read[i] for i in sure] == [want[i] for i in sure]
     check = vu.qemu_img("check", str(img))
     assert check.returncode in (0, 3), check.stdout + check.stderr
-    assert region_sums(img, tmp_path) == want
+    assert [region_sums(img, tmp_path)[i] for i in sure] == [want[i] for i in sure]
 
 
 # --- the command line and the socket ------------------------------------------------------------
