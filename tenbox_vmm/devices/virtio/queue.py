@@ -83,9 +83,7 @@ class Virtqueue:
     def __init__(self, mem: GuestMemory, index: int, max_size: int) -> None:
         if not 1 <= max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
             raise ValueError("queue size must be a power of two up to 32768")
-        self._views: Dict[tuple, memoryview] = {}
-        self._tables: Dict[bytes, Tuple[tuple, tuple]] = {}
-        self._table_views = 0
+        self._drop_views()
         # Set by a device whose drivers hand over the same buffers again and again (virtio-blk:
         # O_DIRECT programs and databases reuse theirs): see _known_table.
         self.cache_tables = False
@@ -100,15 +98,17 @@ class Virtqueue:
 
     @mem.setter
     def mem(self, mem: GuestMemory) -> None:
-        self._views = {}  # views into the old memory must not be handed out again
-        self._tables = {}
-        self._table_views = 0
+        self._drop_views()  # views into the old memory must not be handed out again
         self._mem = mem
 
-    def reset(self) -> None:
-        self._views = {}
-        self._tables = {}
+    def _drop_views(self) -> None:
+        """Forget the kept views of plain descriptors and of indirect tables."""
+        self._views: Dict[tuple, memoryview] = {}
+        self._tables: Dict[bytes, Tuple[tuple, tuple]] = {}
         self._table_views = 0
+
+    def reset(self) -> None:
+        self._drop_views()
         self.size = self.max_size
         self._avail16: Optional[memoryview] = None
         self._used16: Optional[memoryview] = None
@@ -142,9 +142,7 @@ class Virtqueue:
         self._avail16 = self._avail.cast("H")  # [1] idx, [2 + i] ring, [2 + size] used_event
         self._used16 = self._used.cast("H")  # [1] idx, [2 + 4 * size] avail_event
         self._used32 = self._used[4 : 4 + 8 * size].cast("I")  # [2 * i] id, [2 * i + 1] len
-        self._views = {}
-        self._tables = {}
-        self._table_views = 0
+        self._drop_views()
         self.event_idx = event_idx
         self.indirect = indirect
         # last_avail stays as reset() or the front end (vhost-user SET_VRING_BASE) left it.
