@@ -136,30 +136,35 @@ QUEUE_SIZE = 256  # both devices (vhost-user-blk's default would be 128)
 DEVICES = ("tenbox", "qemu")  # also the disks' serials, by which the guest tells them apart
 
 
+def linux_rounds():
+    """(case, linux_io arguments, unit, round, device) in the order the guest runs them: every case,
+    round by round, on both disks, the first disk alternating between rounds."""
+    for case, io_args, unit in LINUX_WORKLOAD:
+        for r in range(LINUX_ROUNDS):
+            for dev in (DEVICES if r % 2 == 0 else DEVICES[::-1]):
+                yield case, io_args, unit, r, dev
+
+
 def linux_script() -> str:
-    """Every case, round by round, on both disks; the first disk alternates between rounds."""
+    """The guest's script: find the disks by serial, then linux_rounds()."""
     lines = ["set -e", "T= Q=",
              "for d in /sys/block/vd*; do",
              "  case \"$(cat $d/serial)\" in tenbox) T=/dev/${d##*/};; qemu) Q=/dev/${d##*/};; esac",
              "done",
              "[ -n \"$T\" ] && [ -n \"$Q\" ] || { echo 'CASE-ERROR: disks not found'; exit 1; }"]
-    for case, io_args, _ in LINUX_WORKLOAD:
-        for r in range(LINUX_ROUNDS):
-            for dev in (DEVICES if r % 2 == 0 else DEVICES[::-1]):
-                lines.append("echo \"CASE: %s %s %d $(/linux_io $%s %s)\"" % (case, dev, r, dev[0].upper(), io_args))
+    for case, io_args, _, r, dev in linux_rounds():
+        lines.append("echo \"CASE: %s %s %d $(/linux_io $%s %s)\"" % (case, dev, r, dev[0].upper(), io_args))
     return "\n".join(lines) + "\n"
 
 
 def linux_rates(guest: "linux_guest.Guest") -> dict:
     """{device: {case: [rate per round]}} from one boot's console."""
     out = {dev: {case: [] for case, _, _ in LINUX_WORKLOAD} for dev in DEVICES}
-    for case, _, unit in LINUX_WORKLOAD:
-        for r in range(LINUX_ROUNDS):
-            for dev in (DEVICES if r % 2 == 0 else DEVICES[::-1]):
-                m = guest.wait_line(r"^CASE: %s %s %d LINUX-IO: mode=\S+ ops=(\d+) bytes=(\d+) secs=([\d.]+)$"
-                                    % (re.escape(case), dev, r))
-                ops, nbytes, secs = int(m.group(1)), int(m.group(2)), float(m.group(3))
-                out[dev][case].append((nbytes / (1 << 20) if unit == "MiB/s" else ops) / secs)
+    for case, _, unit, r, dev in linux_rounds():
+        m = guest.wait_line(r"^CASE: %s %s %d LINUX-IO: mode=\S+ ops=(\d+) bytes=(\d+) secs=([\d.]+)$"
+                            % (re.escape(case), dev, r))
+        ops, nbytes, secs = int(m.group(1)), int(m.group(2)), float(m.group(3))
+        out[dev][case].append((nbytes / (1 << 20) if unit == "MiB/s" else ops) / secs)
     guest.finish()
     return out
 

@@ -51,16 +51,20 @@ class RingDriver:
 
     def offer_indirect(self, readable: Sequence[bytes], writable_sizes: Sequence[int]) -> Tuple[int, List[Tuple[int, int]]]:
         bufs = [(self.alloc(d), 0) for d in readable] + [(self.alloc(size=n), DESC_F_WRITE) for n in writable_sizes]
-        table = b""
+        entries = []
         for k, ((addr, n), flags) in enumerate(bufs):
             last = k == len(bufs) - 1
-            table += struct.pack("<QIHH", addr, n, flags | (0 if last else DESC_F_NEXT), 0 if last else k + 1)
-        taddr, tlen = self.alloc(table)
+            entries.append((addr, n, flags | (0 if last else DESC_F_NEXT), 0 if last else k + 1))
+        return self.offer_table(entries), [b for b, f in bufs if f]
+
+    def offer_table(self, entries: Sequence[Tuple[int, int, int, int]]) -> int:
+        """Make an indirect table of (addr, len, flags, next) entries available, as given; returns the head."""
+        taddr, tlen = self.alloc(b"".join(struct.pack("<QIHH", *e) for e in entries))
         head = self.next_desc
         self.next_desc = (head + 1) % self.size
         self.write_desc(head, taddr, tlen, DESC_F_INDIRECT, 0)
         self.publish(head)
-        return head, [b for b, f in bufs if f]
+        return head
 
     def publish(self, head: int) -> None:
         self.mem.write_u16(self.avail + 4 + 2 * (self.avail_idx % self.size), head)

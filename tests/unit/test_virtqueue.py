@@ -152,16 +152,6 @@ def test_kick_suppression_and_the_late_buffer_race(mem):
 
 # --- indirect tables whose inner entries were seen before (virtio-blk's reused buffers) ---------------------------
 
-def offer_table(drv, entries):
-    """Make an indirect table of (addr, len, flags, next) entries available; returns the head."""
-    taddr, tlen = drv.alloc(b"".join(struct.pack("<QIHH", *e) for e in entries))
-    head = drv.next_desc
-    drv.next_desc = (head + 1) % drv.size
-    drv.write_desc(head, taddr, tlen, DESC_F_INDIRECT, 0)
-    drv.publish(head)
-    return head
-
-
 def blk_table(drv, data, hdr_flags=DESC_F_NEXT, status_flags=DESC_F_WRITE, first_next=1):
     """A header, the given data buffers (addr, len, writable) and a status byte, as Linux lays them out."""
     hdr, _ = drv.alloc(b"H" * 16)
@@ -171,7 +161,7 @@ def blk_table(drv, data, hdr_flags=DESC_F_NEXT, status_flags=DESC_F_WRITE, first
     entries += [(a, ln, DESC_F_NEXT | (DESC_F_WRITE if w else 0), i + 2) for i, (a, ln, w) in enumerate(data)]
     entries.append((status, 1, status_flags, 0))
     assert len(entries) == n
-    return offer_table(drv, entries), hdr, status
+    return drv.offer_table(entries), hdr, status
 
 
 def test_a_table_with_known_inner_entries_reuses_their_views(mem, monkeypatch):
@@ -212,9 +202,8 @@ def test_known_inner_entries_do_not_excuse_a_bad_first_or_last_entry(mem, case):
         blk_table(drv, bufs, status_flags=0)
     else:
         hdr, _ = drv.alloc(b"H" * 16)
-        offer_table(drv, [(hdr, 16, DESC_F_NEXT, 1)] + [(a, ln, DESC_F_NEXT | (DESC_F_WRITE if w else 0), i + 2)
-                                                        for i, (a, ln, w) in enumerate(bufs)]
-                    + [(mem.size - 1, 2, DESC_F_WRITE, 0)])
+        inner = [(a, ln, DESC_F_NEXT | (DESC_F_WRITE if w else 0), i + 2) for i, (a, ln, w) in enumerate(bufs)]
+        drv.offer_table([(hdr, 16, DESC_F_NEXT, 1)] + inner + [(mem.size - 1, 2, DESC_F_WRITE, 0)])
     with pytest.raises(VirtqueueError):
         q.pop()
 
