@@ -7,6 +7,9 @@ import pytest
 
 from tests.harness import GUEST_DIR, REPO, ConsoleProcess
 
+# Tests marked hwvirt run in the nested lane where the CPU lacks vmx/svm.
+pytest_plugins = ["tests.framework.lane_plugin"]
+
 
 @pytest.fixture(scope="session")
 def guests():

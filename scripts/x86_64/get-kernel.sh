@@ -1,19 +1,24 @@
 #!/bin/bash
-# Fetch Debian's cloud kernel for tenbox's Linux guest tests.
+# Fetch a Debian kernel for tenbox's Linux guest tests (or the nested lane's host).
 #
-#   get-kernel.sh [--out DIR] [--suite SUITE]
+#   get-kernel.sh [--out DIR] [--suite SUITE] [--flavour cloud|generic]
+#                 [--modules "MOD1 MOD2 ..."]
 #
-# Resolves the versioned package behind linux-image-cloud-amd64 (apt's
-# candidate, i.e. the running system's suite with its security/updates
-# pockets; or the version from --suite, e.g. bookworm, bookworm-security,
-# bookworm-backports), downloads it with `apt-get download` (no root needed)
-# and fills DIR (default <repo>/.cache/linux) with:
+# Resolves the versioned package behind linux-image-cloud-amd64 (--flavour
+# cloud, the default: the guest kernel) or linux-image-amd64 (--flavour
+# generic: it ships kvm.ko and kvm-amd.ko, which the nested test lane's
+# outer host needs; see docs/testing.md), as apt's candidate, i.e. the
+# running system's suite with its security/updates pockets, or the version
+# from --suite (e.g. bookworm, bookworm-security, bookworm-backports);
+# downloads it with `apt-get download` (no root needed) and fills DIR
+# (default <repo>/.cache/linux) with:
 #
 #   vmlinuz              the bzImage
 #   version              the kernel release, e.g. 6.1.0-56-cloud-amd64
-#   modules/*.ko         virtio, virtio_ring, virtio_mmio, virtio_blk,
-#                        virtio_net, ext4 and what they depend on, minus
-#                        whatever is built into the kernel (decompressed)
+#   modules/*.ko         --modules (default: virtio, virtio_ring,
+#                        virtio_mmio, virtio_blk, virtio_net, ext4) and
+#                        what they depend on, minus whatever is built into
+#                        the kernel (decompressed)
 #   modules/load-order   the .ko files in insmod order, dependencies first
 #   .stamp               what was resolved; a rerun that resolves to the same
 #                        package version does nothing
@@ -22,7 +27,7 @@
 set -euo pipefail
 
 PROG=get-kernel.sh
-META=linux-image-cloud-amd64
+META=""  # from --flavour
 MODULES="virtio virtio_ring virtio_mmio virtio_blk virtio_net ext4"
 # Config symbols reported for information (=y means built in).
 CONFIG_SYMS="VIRTIO VIRTIO_MMIO VIRTIO_BLK VIRTIO_NET NET_FAILOVER FAILOVER EXT4_FS JBD2 FS_MBCACHE CRC16 CRYPTO_CRC32C"
@@ -31,6 +36,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out="$repo/.cache/linux"
 suite=""
+flavour=cloud
 
 say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
@@ -44,11 +50,25 @@ while [ $# -gt 0 ]; do
         --out=*) out=${1#--out=}; shift ;;
         --suite) [ $# -ge 2 ] || die "--suite needs a suite name"; suite=$2; shift 2 ;;
         --suite=*) suite=${1#--suite=}; shift ;;
+        --flavour) [ $# -ge 2 ] || die "--flavour needs cloud or generic"; flavour=$2; shift 2 ;;
+        --flavour=*) flavour=${1#--flavour=}; shift ;;
+        --modules) [ $# -ge 2 ] || die "--modules needs a list of module names"; MODULES=$2; shift 2 ;;
+        --modules=*) MODULES=${1#--modules=}; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
 [ -n "$out" ] || die "--out must not be empty"
+case "$flavour" in
+    cloud) META=linux-image-cloud-amd64 ;;
+    generic) META=linux-image-amd64 ;;
+    *) die "--flavour must be cloud or generic, not '$flavour'" ;;
+esac
+case "$MODULES" in
+    *[!A-Za-z0-9_\ -]*) die "--modules takes module names separated by spaces, not '$MODULES'" ;;
+    *[A-Za-z0-9]*) ;;
+    *) die "--modules must name at least one module" ;;
+esac
 
 for tool in apt-cache apt-get dpkg-deb /usr/bin/python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found (this script needs a Debian system)"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build tenbox's busybox test initramfs for the kernel from get-kernel.sh.
 #
-#   make-initramfs.sh [--kernel-dir DIR] [--out FILE]
+#   make-initramfs.sh [--kernel-dir DIR] [--out FILE] [--init FILE]
 #
 # DIR (default <repo>/.cache/linux) is get-kernel.sh's output: its version
 # file and modules/ (the .ko files and load-order) go into the image under
@@ -14,7 +14,8 @@
 #                    for each of its applets
 #   /init            initramfs-init from this folder (see there: it loads the
 #                    modules, prints "TENBOX-INITRAMFS: up <release>", runs
-#                    tenbox.run=<cmd> or tenbox.shell=1, powers off)
+#                    tenbox.run=<cmd> or tenbox.shell=1, powers off), or the
+#                    --init FILE (lane-init: the nested test lane's host)
 #   /usr/sbin/mke2fs, /usr/sbin/e2fsck (with mkfs.ext4 and fsck.ext4 links)
 #                    e2fsprogs from this (Debian) build host, with the shared
 #                    libraries ldd lists for them and the dynamic loader, at
@@ -35,6 +36,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 kdir="$repo/.cache/linux"
 out=""
+init="$here/initramfs-init"
 bbcache="$repo/.cache/busybox"
 
 say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
@@ -49,11 +51,14 @@ while [ $# -gt 0 ]; do
         --kernel-dir=*) kdir=${1#--kernel-dir=}; shift ;;
         --out) [ $# -ge 2 ] || die "--out needs a file name"; out=$2; shift 2 ;;
         --out=*) out=${1#--out=}; shift ;;
+        --init) [ $# -ge 2 ] || die "--init needs a file name"; init=$2; shift 2 ;;
+        --init=*) init=${1#--init=}; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
 [ -n "$out" ] || out="$kdir/initramfs.cpio.gz"
+[ -f "$init" ] || die "--init $init: no such file"
 
 for tool in apt-cache apt-get dpkg-deb sha256sum /usr/bin/python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found (this script needs a Debian system)"
@@ -129,7 +134,8 @@ digest=$(
         printf 'release %s\n' "$rel"
         cd "$kdir/modules" && sha256sum load-order
         while read -r ko; do [ -z "$ko" ] || sha256sum "$ko"; done <load-order
-        cd "$here" && sha256sum initramfs-init udhcpc-script mkcpio.py make-initramfs.sh
+        sha256sum <"$init"
+        cd "$here" && sha256sum udhcpc-script mkcpio.py make-initramfs.sh
         sha256sum "$busybox" | cut -d' ' -f1
         for f in $e2fs_files; do printf '%s %s\n' "$f" "$(sha256sum <"$f" | cut -d' ' -f1)"; done
     } | sha256sum | cut -d' ' -f1
@@ -154,7 +160,7 @@ for a in $applets; do
     esac
     [ -e "$root/$a" ] || [ -L "$root/$a" ] || ln -s /bin/busybox "$root/$a"
 done
-cp "$here/initramfs-init" "$root/init"
+cp "$init" "$root/init"
 chmod 755 "$root/init"
 for f in $e2fs_files; do
     mkdir -p "$root$(dirname "$f")"

@@ -49,14 +49,6 @@ MiB = 1 << 20
 _timings: Dict[str, float] = {}
 
 
-def _has_hw_virt() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^flags\s*:.*\b(vmx|svm)\b", f.read(), re.M) is not None
-    except OSError:
-        return False
-
-
 def sha256(path) -> str:
     h = hashlib.sha256()
     with open(str(path), "rb") as f:
@@ -100,8 +92,7 @@ def vm_spec(daemon, name: str) -> dict:
 # --- the template --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def template() -> Path:
+def build_template() -> Path:
     """The bookworm template, built by make-rootfs-debian.sh (or found up to date in its cache)."""
     if os.geteuid() != 0:
         pytest.fail("building the template needs root (debootstrap, chroot)")
@@ -116,6 +107,12 @@ def template() -> Path:
     _timings["build"] = time.monotonic() - started
     print("make-rootfs-debian.sh: %.1f s (%s)" % (_timings["build"], "cached" if "up to date" in r.stderr else "built"))
     return TEMPLATE_DIR
+
+
+@pytest.fixture(scope="session")
+def template() -> Path:
+    """The bookworm template (built once; the nested lane's runner builds it on the host first)."""
+    return build_template()
 
 
 def manifest_of(folder: Path) -> dict:
@@ -626,7 +623,7 @@ def test_a_vm_overlay_boots_to_a_login_prompt_through_tenbox_vhost_user_blk(vm_o
     assert subprocess.run(["qemu-img", "check", "-q", overlay]).returncode == 0
 
 
-@pytest.mark.skipif(not _has_hw_virt(), reason="not applicable: no hardware virtualization (vmx/svm) on this host")
+@pytest.mark.hwvirt(prepare=("template",), budget=420)
 def test_a_vm_from_the_image_boots_to_a_login_prompt_under_tenbox(vm_on_template, kvm):
     """`tenbox vm start` on a VM made from the image: the console log shows the login prompt."""
     daemon, spec, stored = vm_on_template

@@ -1,0 +1,249 @@
+"""The nested test lane: stock Linux under tenbox's own KVM, inside QEMU's emulated AMD-V (tests and bench; root).
+
+Hosts without vmx/svm (the development and CI machines, whose /dev/kvm
+emulates guest kernel code, see docs/testing.md) cannot run a stock Linux
+guest in useful time. QEMU's software emulator (TCG) implements AMD-V with
+nested paging, so KVM works inside a QEMU TCG machine. The lane is that
+machine:
+
+- Debian's generic kernel (`linux-image-amd64`: it ships kvm.ko and
+  kvm-amd.ko) from scripts/x86_64/get-kernel.sh --flavour generic, and a
+  busybox initramfs whose /init is scripts/x86_64/lane-init;
+- `qemu-system-x86_64 -M pc -accel tcg -cpu max` (svm and npt), the build
+  host's / shared read-only over virtio-9p with a tmpfs overlay, so the
+  checkout and every installed tool run unchanged inside;
+- a second, writable 9p share (`out`, /lane-out inside) for results.
+
+`run()` boots it for one command and returns the command's exit code and
+the lane's console. Timings inside are a proxy (every exit crosses emulated
+AMD-V): compare ratios, never absolute times.
+
+By hand, from the repository root (root needed for nothing but reading
+files the tests read):
+
+    python3 -m tests.framework.lane -- python3 -m pytest -q tests/integration/test_linux_tenbox.py
+    python3 -m tests.framework.lane --shell      # an interactive shell in the lane
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "x86_64"
+LANE_DIR = REPO / ".cache" / "lane"
+KERNEL_DIR = LANE_DIR / "kernel"
+INITRAMFS = LANE_DIR / "initramfs.cpio.gz"
+QEMU = "qemu-system-x86_64"
+
+# virtio-pci carries the 9p shares; overlay puts a tmpfs over the read-only
+# share; kvm-amd is the point of the lane.
+MODULES = "virtio_pci 9p 9pnet_virtio overlay kvm_amd"
+CPUS = 2  # the machines have 2 cores: MTTCG gives each lane vCPU a host thread
+MEMORY_MB = 4096  # half of it is the overlay's tmpfs
+SCRIPT_TIMEOUT_SEC = 900  # the first get-kernel.sh run downloads ~70 MB
+BOOT_DEADLINE_SEC = 120.0  # up to the command: ~8 s on the development machines
+CONSOLE_KEEP_CHARS = 1 << 20  # the console kept in memory; the log file has all of it
+EXIT_LANE_FAILED = 125  # the CLI's exit code when the lane itself failed
+
+_UP = re.compile(r"^LANE: up ", re.M)
+_RC = re.compile(r"^LANE: rc=(\d+)\s*$", re.M)
+_ERROR = re.compile(r"^LANE: error: (.*)$", re.M)
+
+
+class LaneError(Exception):
+    """The lane could not be built or booted; the message is one line for people."""
+
+
+def has_hw_virt() -> bool:
+    """True where the CPU has vmx or svm: stock Linux guests run directly here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^flags\s*:.*\b(vmx|svm)\b", f.read(), re.M) is not None
+    except OSError:
+        return False
+
+
+def in_lane() -> bool:
+    """True inside the lane (lane-init sets TENBOX_LANE=inner)."""
+    return os.environ.get("TENBOX_LANE") == "inner"
+
+
+def needs_lane() -> bool:
+    """Tests that need hardware virtualization run in the lane here."""
+    return not has_hw_virt() and not in_lane()
+
+
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:=,+@")
+
+
+def _encode(text: str) -> str:
+    """%-encode for the kernel command line (lane-init decodes): no spaces, quotes or non-ASCII."""
+    return "".join(chr(b) if b in _PLAIN else "%%%02x" % b for b in text.encode())
+
+
+def _run_script(argv: Sequence[str]) -> None:
+    try:
+        r = subprocess.run(list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=SCRIPT_TIMEOUT_SEC)
+    except subprocess.TimeoutExpired:
+        raise LaneError("%s did not finish within %d s" % (Path(argv[0]).name, SCRIPT_TIMEOUT_SEC)) from None
+    if r.returncode != 0:
+        last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["exit %d" % r.returncode]
+        raise LaneError("%s failed: %s" % (Path(argv[0]).name, last[0]))
+
+
+def build() -> None:
+    """The lane's kernel and initramfs from Debian's packages (cached: a no-op when nothing changed)."""
+    if shutil.which(QEMU) is None:
+        raise LaneError("%s not found: the nested lane needs Debian's qemu-system-x86 (make deps)" % QEMU)
+    _run_script([str(SCRIPTS / "get-kernel.sh"), "--flavour", "generic", "--out", str(KERNEL_DIR),
+                 "--modules", MODULES])
+    _run_script([str(SCRIPTS / "make-initramfs.sh"), "--kernel-dir", str(KERNEL_DIR),
+                 "--init", str(SCRIPTS / "lane-init"), "--out", str(INITRAMFS)])
+
+
+def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
+              memory_mb: int = MEMORY_MB) -> List[str]:
+    """QEMU's command line for a lane that runs `command` (a shell command line) in `cwd`."""
+    append = "console=ttyS0 panic=-1 quiet lane.cwd=%s lane.run=%s" % (_encode(str(cwd)), _encode(command))
+    if len(append) > 2000:  # COMMAND_LINE_SIZE is 2048 on x86
+        raise LaneError("the lane's command is too long for the kernel command line; put it in a script")
+    return [
+        QEMU, "-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-monitor", "none",
+        "-serial", "stdio",
+        "-kernel", str(KERNEL_DIR / "vmlinuz"), "-initrd", str(INITRAMFS), "-append", append,
+        "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
+        "-virtfs", "local,path=%s,mount_tag=out,security_model=passthrough" % out_dir,
+    ]
+
+
+class LaneResult(NamedTuple):
+    rc: Optional[int]  # the command's exit code; None when the lane failed before or while running it
+    reason: str  # why the lane failed, one line; empty when rc is set
+    console: str  # the lane's console (the last CONSOLE_KEEP_CHARS of it)
+    elapsed: float
+
+
+def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[Path] = None,
+        echo: Optional[Callable[[str], None]] = None, cwd: Path = REPO, cpus: int = CPUS,
+        memory_mb: int = MEMORY_MB) -> LaneResult:
+    """Boot the lane, run `command` in it, power it off; never longer than deadline_sec.
+
+    The console goes to console_log (all of it) and, line by line, to echo.
+    """
+    build()
+    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb)
+    started = time.monotonic()
+    log = open(str(console_log), "w", encoding="utf-8", errors="replace") if console_log else None
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    kept: List[str] = []
+    kept_chars = 0
+    done = threading.Event()
+
+    def pump() -> None:
+        nonlocal kept_chars
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").replace("\r", "")
+            if log:
+                log.write(line)
+                log.flush()
+            if echo:
+                echo(line.rstrip("\n"))
+            kept.append(line)
+            kept_chars += len(line)
+            while kept_chars > CONSOLE_KEEP_CHARS and len(kept) > 1:
+                kept_chars -= len(kept.pop(0))
+        done.set()
+
+    reader = threading.Thread(target=pump, name="lane-console", daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=deadline_sec)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        done.wait(10)
+        if log:
+            log.close()
+    console = "".join(kept)
+    elapsed = time.monotonic() - started
+    m = _RC.search(console)
+    if m and not timed_out:
+        return LaneResult(int(m.group(1)), "", console, elapsed)
+    err = _ERROR.search(console)
+    if err:
+        reason = "the lane failed: %s" % err.group(1)
+    elif timed_out:
+        where = "running the command" if _UP.search(console) else "booting"
+        reason = "the lane passed its deadline of %.0f s while %s" % (deadline_sec, where)
+    elif not _UP.search(console):
+        reason = "the lane's kernel did not come up (QEMU exit %s)" % proc.returncode
+    else:
+        reason = "the lane ended without the command's exit code (a kernel panic? QEMU exit %s)" % proc.returncode
+    return LaneResult(None, reason, console, elapsed)
+
+
+def tail(console: str, lines: int = 60) -> str:
+    return "\n".join(console.rstrip("\n").splitlines()[-lines:])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m tests.framework.lane",
+                                description="Run a command in the nested test lane (QEMU TCG with AMD-V, "
+                                            "the build host's files over 9p).")
+    p.add_argument("--cpus", type=int, default=CPUS, help="the lane's vCPUs (default %(default)s)")
+    p.add_argument("--memory", type=int, default=MEMORY_MB, help="the lane's RAM in MiB (default %(default)s)")
+    p.add_argument("--deadline", type=float, default=3600.0, help="seconds before the lane is killed")
+    p.add_argument("--out", type=Path, help="the folder shared as /lane-out (default: a new temporary folder)")
+    p.add_argument("--shell", action="store_true", help="an interactive shell in the lane (leave it to power off)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    args = p.parse_args(argv)
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.shell == bool(command):
+        p.error("give either --shell or a command after --")
+    out = args.out or Path(tempfile.mkdtemp(prefix="tenbox-lane-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.shell:
+            build()
+            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory)
+            return subprocess.call(argv_)
+        shell_cmd = " ".join(shlex.quote(a) for a in command)
+        res = run("export PYTHONPATH=%s; %s" % (shlex.quote(str(REPO)), shell_cmd), out, args.deadline,
+                  console_log=out / "console.log", echo=print, cpus=args.cpus, memory_mb=args.memory)
+    except LaneError as e:
+        print("lane: %s" % e, file=sys.stderr)
+        return EXIT_LANE_FAILED
+    if res.rc is None:
+        print("lane: %s (console: %s)" % (res.reason, out / "console.log"), file=sys.stderr)
+        return EXIT_LANE_FAILED
+    print("lane: exit %d after %.1f s (results in %s)" % (res.rc, res.elapsed, out), file=sys.stderr)
+    return res.rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""pytest plugin: tests marked `hwvirt` run in the nested lane on hosts without vmx/svm (tests; root).
+
+A test that needs hardware virtualization (a stock Linux guest under
+tenbox's own KVM worker) is marked `@pytest.mark.hwvirt`. Where the CPU has
+vmx or svm, or inside the lane, the mark changes nothing. Elsewhere it is
+never skipped: the first such test starts one lane (tests/framework/lane.py)
+that runs every collected `hwvirt` test in an inner pytest, which writes
+each report to the lane's writable share (lane_report.py); the outer pytest
+then reports them as its own, test by test, with the inner failure text.
+
+Before the lane boots, the build host prepares what the tests' fixtures
+would otherwise build inside it (kernels, initramfs, image templates: the
+lane sees the host's files read-only and has no network). A test names
+them with `@pytest.mark.hwvirt(prepare=("linux", "template"))`; a
+preparation that fails fails its tests with its one-line reason.
+
+Per-test time: `@pytest.mark.hwvirt(budget=SECONDS)` (default
+BUDGET_SEC); the lane's deadline is the sum of its tests' budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+from tests.framework import lane
+
+MARK = "hwvirt"
+BUDGET_SEC = 240.0
+LANE_START_SEC = 180.0  # boot, interpreter start and collection inside the lane
+REPORTS = "reports.jsonl"
+ENV_PASSED = ("TENBOX_TEST_", "PYTEST_ADDOPTS")
+
+
+def _prepare_linux() -> None:
+    from tests.linux_harness import build_linux
+
+    build_linux()
+
+
+def _prepare_template() -> None:
+    from tests.integration.test_images import build_template
+
+    build_template()
+
+
+def _prepare_guests() -> None:
+    import subprocess
+
+    r = subprocess.run(["make", "-s", "-C", str(lane.REPO / "tests" / "guests")], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise lane.LaneError("building the test guests failed: %s" % (r.stdout + r.stderr).strip()[-300:])
+
+
+PREPARE: Dict[str, Callable[[], None]] = {
+    "linux": _prepare_linux,
+    "template": _prepare_template,
+    "guests": _prepare_guests,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "%s(prepare=(), budget=%d): needs hardware virtualization; runs in the nested lane "
+                   "on hosts without vmx/svm (tests/framework/lane_plugin.py)" % (MARK, BUDGET_SEC))
+    if lane.needs_lane():
+        config.pluginmanager.register(LaneRunner(config), "tenbox-lane-runner")
+
+
+def _mark(item: pytest.Item):
+    return item.get_closest_marker(MARK)
+
+
+class LaneRunner:
+    """Runs the session's hwvirt tests in one lane and replays their reports."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.items: List[pytest.Item] = []
+        self.reports: Optional[Dict[str, List[dict]]] = None
+        self.failure = ""  # why the lane gave no report for a test
+        self.out_dir: Optional[Path] = None
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: List[pytest.Item]) -> None:
+        self.items = [it for it in items if _mark(it) is not None]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem) -> Optional[bool]:
+        if _mark(item) is None:
+            return None
+        if self.reports is None:
+            self._run_lane()
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for rep in self._reports_for(item):
+            item.ihook.pytest_runtest_logreport(report=rep)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _reports_for(self, item: pytest.Item) -> list:
+        hook = self.config.hook
+        datas = self.reports.get(item.nodeid, []) if self.reports is not None else []
+        reports = [hook.pytest_report_from_serializable(config=self.config, data=d) for d in datas]
+        whens = [r.when for r in reports]
+        if "teardown" in whens or any(r.failed for r in reports):
+            return reports
+        why = self.failure or "the lane gave no report for this test"
+        from _pytest.reports import TestReport
+
+        return reports + [TestReport(item.nodeid, item.location, {}, "failed", why,
+                                     "call" if "setup" in whens else "setup", [], 0.0)]
+
+    def _prepare(self) -> None:
+        wanted: List[str] = []
+        for it in self.items:
+            for name in _mark(it).kwargs.get("prepare", ()):
+                if name not in PREPARE:
+                    raise lane.LaneError("%s: unknown lane preparation %r" % (it.nodeid, name))
+                if name not in wanted:
+                    wanted.append(name)
+        for name in wanted:
+            try:
+                PREPARE[name]()
+            except pytest.fail.Exception as e:  # the preparers are the tests' own fixtures' builders
+                raise lane.LaneError("preparing %s for the lane: %s" % (name, str(e).splitlines()[0])) from None
+
+    def _run_lane(self) -> None:
+        self.reports = {}
+        self.out_dir = Path(tempfile.mkdtemp(prefix="tenbox-lane-"))
+        os.chmod(str(self.out_dir), 0o755)
+        budget = LANE_START_SEC + sum(float(_mark(it).kwargs.get("budget", BUDGET_SEC)) for it in self.items)
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        say = (lambda text: tr.write_line(text)) if tr else (lambda text: None)
+        say("tenbox: %d test(s) need hardware virtualization: running them in the nested lane "
+            "(deadline %.0f s, console: %s)" % (len(self.items), budget, self.out_dir / "console.log"))
+        try:
+            self._prepare()
+            script = self._write_script()
+            res = lane.run("sh /lane-out/%s" % script.name, self.out_dir, budget,
+                           console_log=self.out_dir / "console.log")
+        except lane.LaneError as e:
+            self.failure = "nested lane: %s" % e
+            return
+        self.reports = self._read_reports()
+        if res.rc is None:
+            self.failure = "nested lane: %s\n--- the lane's console (tail) ---\n%s" % (res.reason, lane.tail(res.console))
+        else:
+            self.failure = ("the inner pytest exited %d without a report for this test\n"
+                            "--- the lane's console (tail) ---\n%s" % (res.rc, lane.tail(res.console)))
+        say("tenbox: nested lane done in %.0f s" % res.elapsed)
+
+    def _write_script(self) -> Path:
+        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSED)}
+        env["PYTHONPATH"] = str(lane.REPO)
+        env["TENBOX_LANE_REPORTS"] = "/lane-out/%s" % REPORTS
+        (self.out_dir / "nodeids.txt").write_text("".join(it.nodeid + "\n" for it in self.items))
+        # One test id per line: no word splitting on spaces, no globbing of "[4]".
+        lines = ["set -ef", "IFS='\n'"] + ["export %s=%s" % (k, shlex.quote(v)) for k, v in sorted(env.items())]
+        lines.append("cd %s" % shlex.quote(str(lane.REPO)))
+        lines.append("exec %s -m pytest -q -rA -p no:cacheprovider -p tests.framework.lane_report "
+                     "$(cat /lane-out/nodeids.txt)" % shlex.quote(sys.executable))
+        script = self.out_dir / "run.sh"
+        script.write_text("\n".join(lines) + "\n")
+        return script
+
+    def _read_reports(self) -> Dict[str, List[dict]]:
+        out: Dict[str, List[dict]] = {}
+        path = self.out_dir / REPORTS
+        if not path.exists():
+            return out
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the lane's end
+            out.setdefault(data.get("nodeid", ""), []).append(data)
+        return out
