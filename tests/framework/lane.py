@@ -47,6 +47,9 @@ LANE_DIR = REPO / ".cache" / "lane"
 KERNEL_DIR = LANE_DIR / "kernel"
 INITRAMFS = LANE_DIR / "initramfs.cpio.gz"
 QEMU = "qemu-system-x86_64"
+# The end-to-end tests' Debian image (built on the build host, imported in the lane) and its key.
+E2E_IMAGE_DIR = REPO / ".cache" / "images" / "lane-e2e"
+SSH_DIR = LANE_DIR / "ssh"
 
 # virtio-pci carries the 9p shares; overlay puts a tmpfs over the read-only
 # share; kvm-amd is the point of the lane.
@@ -113,6 +116,42 @@ def build() -> None:
                  "--modules", MODULES])
     _run_script([str(SCRIPTS / "make-initramfs.sh"), "--kernel-dir", str(KERNEL_DIR),
                  "--init", str(SCRIPTS / "lane-init"), "--out", str(INITRAMFS)])
+
+
+def ssh_key() -> Path:
+    """The e2e image's SSH key pair (private key path; .pub beside it), made once with ssh-keygen."""
+    key = SSH_DIR / "id_ed25519"
+    if not key.exists():
+        if shutil.which("ssh-keygen") is None:
+            raise LaneError("ssh-keygen not found: install openssh-client (make deps)")
+        SSH_DIR.mkdir(parents=True, exist_ok=True)
+        os.chmod(str(SSH_DIR), 0o700)
+        tmp = SSH_DIR / "id_ed25519.new"
+        for f in (tmp, Path(str(tmp) + ".pub")):
+            if f.exists():
+                f.unlink()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tenbox-lane", "-f", str(tmp)],
+                       check=True, stdin=subprocess.DEVNULL)
+        os.replace(str(tmp) + ".pub", str(key) + ".pub")
+        os.replace(str(tmp), str(key))
+    return key
+
+
+def build_e2e_image() -> Path:
+    """`tenbox image build debian --no-import` of the e2e image with ssh_key() (cached by the script's stamp)."""
+    key = ssh_key()
+    argv = [sys.executable, "-m", "tenbox_ctl", "image", "build", "debian", "--name", "e2e",
+            "--ssh-key", str(key) + ".pub", "--out", str(E2E_IMAGE_DIR), "--no-import"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        r = subprocess.run(argv, cwd=str(REPO), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           env=env, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise LaneError("tenbox image build debian did not finish within 1800 s") from None
+    if r.returncode != 0:
+        last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["exit %d" % r.returncode]
+        raise LaneError("tenbox image build debian failed: %s" % last[0])
+    return E2E_IMAGE_DIR
 
 
 def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,

@@ -63,6 +63,7 @@ PREPARE: Dict[str, Callable[[], None]] = {
     "linux": _prepare_linux,
     "template": _prepare_template,
     "guests": _prepare_guests,
+    "e2e_image": lane.build_e2e_image,
 }
 
 

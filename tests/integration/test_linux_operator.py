@@ -1,0 +1,174 @@
+"""The operator's path with a stock Debian guest, end to end, on tenbox's own devices.
+
+tenboxd runs; `tenbox image build debian` imports an image with an SSH key
+(the build itself ran on the build host, whose cache the lane sees);
+`tenbox vm create --image ... --hostfwd` and `vm start` boot Debian's
+kernel and systemd to a login prompt under tenbox's KVM worker, with the
+root file system on tenbox's virtio-blk and qcow2 code and the network on
+its virtio-net and libslirp: no QEMU in the inner boot. Then: a command
+over SSH through the forward, a file that survives a guest reboot,
+`host.update` refused while the VM runs, `vm shutdown` through ACPI ending
+`stopped`, and kill -9 of a worker ending `crashed` with the console tail.
+
+These need hardware virtualization: they run directly on hosts with vmx/svm
+and in the nested lane elsewhere (tests/framework/lane_plugin.py), where
+the image build happened on the build host beforehand ("e2e_image").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from tests.framework import lane
+
+pytestmark = [pytest.mark.usefixtures("kvm")]
+
+IMAGE = "e2e"
+LOGIN = "tenbox login:"
+# systemd to the login prompt in the lane takes ~60-120 s (docs/testing.md: timings there are a proxy).
+BOOT_DEADLINE_SEC = float(os.environ.get("TENBOX_TEST_IMAGE_BOOT_DEADLINE", "420"))
+SSH_DEADLINE_SEC = 180.0
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, "exit %d\n%s%s" % (r.returncode, r.stdout.decode(errors="replace"),
+                                                 r.stderr.decode(errors="replace"))
+    return r.stdout.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def console(daemon, name: str) -> List[str]:
+    return daemon.call("vm.logs", vm_id=name, lines=10000)["payload"]["lines"]
+
+
+def wait_console(daemon, name: str, text: str, count: int = 1, deadline: float = BOOT_DEADLINE_SEC) -> float:
+    """Seconds until `text` appears `count` times in the VM's console log."""
+    started = time.monotonic()
+    while True:
+        lines = console(daemon, name)
+        if sum(text in ln for ln in lines) >= count:
+            return time.monotonic() - started
+        state = daemon.vm(name)["state"]
+        if state in ("stopped", "crashed") or time.monotonic() - started > deadline:
+            pytest.fail("%r (%d time(s)) not on %s's console: the VM is %s after %.0f s\n%s"
+                        % (text, count, name, state, time.monotonic() - started, "\n".join(lines[-60:])),
+                        pytrace=False)
+        time.sleep(1)
+
+
+def ssh(port: int, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    key = lane.ssh_key()
+    argv = ["ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20",
+            "-o", "LogLevel=ERROR", "root@127.0.0.1", command]
+    return subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def ssh_until_ok(port: int, command: str, deadline: float = SSH_DEADLINE_SEC) -> str:
+    """Run command over SSH, retrying while sshd is not up yet."""
+    started = time.monotonic()
+    last = None
+    while time.monotonic() - started < deadline:
+        try:
+            last = ssh(port, command)
+        except subprocess.TimeoutExpired:
+            continue
+        if last.returncode == 0:
+            return last.stdout.decode()
+        time.sleep(2)
+    pytest.fail("ssh -p %d %r did not succeed within %.0f s: %s" % (
+        port, command, deadline, last.stderr.decode(errors="replace").strip() if last else "no answer"),
+        pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def image_daemon(tmp_path_factory):
+    """One daemon for this module whose store has the e2e image, imported by `tenbox image build debian`
+    (an import reads the whole image: about 50 s in the lane, so once)."""
+    from tests.harness import DaemonProcess
+
+    daemon = DaemonProcess(tmp_path_factory.mktemp("e2e"))
+    daemon.start()
+    try:
+        _import_image(daemon)
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+def _import_image(daemon) -> None:
+    key = lane.ssh_key()
+    r = daemon.ctl("image", "build", "debian", "--name", IMAGE, "--ssh-key", str(key) + ".pub",
+                   "--out", str(lane.E2E_IMAGE_DIR), timeout=600)
+    out = ok(r)
+    assert "up to date" in r.stderr.decode(), "the lane rebuilt the image instead of using the host's build:\n" \
+        + r.stderr.decode()[-3000:]
+    assert IMAGE in out
+
+
+@pytest.mark.hwvirt(prepare=("e2e_image",), budget=1200)
+def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_shuts_down(image_daemon):
+    """vm create --image --hostfwd, vm start: systemd reaches the login prompt; ssh through the
+    forward runs a command; a file written in the guest survives a guest reboot; host.update is
+    refused with vms_running; vm shutdown powers the guest off through ACPI and the VM ends stopped."""
+    d = image_daemon
+    port = free_port()
+    ok(d.ctl("vm", "create", "web", "--image", IMAGE, "--memory", "512", "--cpus", "2",
+             "--hostfwd", "tcp::%d-:22" % port))
+    ok(d.ctl("vm", "start", "web"))
+    took = wait_console(d, "web", LOGIN)
+    print("login prompt after %.0f s" % took)
+
+    assert ssh_until_ok(port, "uname -r").strip().endswith("-cloud-amd64")
+    out = ssh_until_ok(port, "cat /proc/cmdline; lsblk -no NAME,FSTYPE,MOUNTPOINT /dev/vda")
+    assert "root=/dev/vda" in out and "ext4 /" in " ".join(out.split()), out
+    ssh_until_ok(port, "echo kept-across-reboot > /root/e2e.txt && sync")
+
+    r = d.call("host.update")
+    assert r["error_code"] == "vms_running", r
+    assert [v["name"] for v in r["running_vms"]] == ["web"]
+
+    ssh(port, "systemctl reboot")  # the connection may drop before ssh reports anything
+    wait_console(d, "web", LOGIN, count=2)
+    assert ssh_until_ok(port, "cat /root/e2e.txt").strip() == "kept-across-reboot"
+    assert d.vm("web")["state"] == "running"
+
+    ok(d.ctl("vm", "shutdown", "web", timeout=300))
+    v = d.wait_state("web", "stopped", 240)
+    assert v.get("last_failure") in (None, {}), v
+    text = "\n".join(console(d, "web"))
+    assert "reboot: Power down" in text, text[-3000:]
+
+
+@pytest.mark.hwvirt(prepare=("e2e_image",), budget=600)
+def test_kill_9_of_a_debian_vms_worker_leaves_it_crashed_with_the_console_tail(image_daemon):
+    """kill -9 of the worker while Debian boots: the VM ends crashed, last_failure says killed by
+    SIGKILL and carries the last lines of the console log."""
+    d = image_daemon
+    ok(d.ctl("vm", "create", "victim", "--image", IMAGE, "--memory", "512"))
+    ok(d.ctl("vm", "start", "victim"))
+    wait_console(d, "victim", "Linux version")
+    pid = d.vm("victim")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    v = d.wait_state("victim", "crashed", 60)
+    failure = v["last_failure"]
+    assert failure["code"] == "killed" and failure["signal"] == "SIGKILL", failure
+    tail = failure["console"]
+    log = console(d, "victim")
+    assert tail and any("Command line:" in ln or "Linux version" in ln for ln in log), failure
+    assert log[-len(tail):] == tail, "the failure's console tail is not the end of the console log"
+    shown = ok(d.ctl("vm", "show", "victim"))
+    assert "killed" in shown, shown
