@@ -188,6 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     output.close()
     if link is not None:
         link.join(2.0)
+    logging.getLogger("tenbox").debug("%s: %d exits handled in user space", args.vm_id, machine.exits())
     level = logging.INFO if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else logging.ERROR
     logging.getLogger("tenbox").log(level, "%s: exit %d (%s): %s", args.vm_id, code, code.description,
                                     machine.exit_reason)

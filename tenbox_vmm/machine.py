@@ -11,6 +11,7 @@ ends the machine with an `ExitCode`.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from tenbox_vmm.arch.x86_64.vcpu_loop import ExitOutcome, run_vcpu
 from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.kvm import constants as kc
 from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
+from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
 from tenbox_vmm.protocol import ExitCode, VmState
 
@@ -37,6 +39,9 @@ CPUS_MAX = 64
 INITRD_MAX_BYTES = 2 << 30
 KICK_SIGNAL = signal.SIGUSR1
 VCPU_JOIN_SEC = 5.0
+# Console bytes KVM queued without an exit (see _coalesce_console) reach the
+# console at the guest's next exit, or after this long if it only halts.
+RING_DRAIN_SEC = 0.02
 
 DEFAULT_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off nomodeset "
@@ -184,6 +189,10 @@ class Machine:
             raise MachineError(str(e)) from None
         self._supported_cpuid = self.kvm.supported_cpuid()
         self._supported_msrs = self.kvm.msr_index_list()
+        self._ring_page = self.kvm.coalesced_ring_page()
+        self._ring: Optional[CoalescedRing] = None
+        self._coalescing = False
+        self._coalesce_lock = threading.Lock()
 
         self.pio = PioBus()
         self.mmio = MmioBus()
@@ -194,6 +203,7 @@ class Machine:
             console_output,
             on_poweroff=lambda: self._end(ExitCode.POWEROFF, "guest powered off"),
             on_reset=lambda: self._end(ExitCode.POWEROFF, "guest reset", reset=True),
+            on_serial_tx_interrupts=lambda enabled: self._coalesce_console(not enabled),
         )
         self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device()]
         self.virtio: List[VirtioMmio] = []
@@ -354,11 +364,36 @@ class Machine:
     def _halted(self) -> bool:
         return self._halting
 
+    def _coalesce_console(self, on: bool) -> None:
+        """Let KVM queue the guest's COM1 THR writes in the coalesced ring (on), or exit for each.
+
+        A verbose Linux boot writes its log a byte at a time, each byte a read
+        of LSR and a write of THR: two exits. While the guest polls the
+        transmitter (its printk console), the write needs no exit of its own:
+        the next LSR read plays it first. With the transmit interrupt on, every
+        write must be seen at once, so the serial port turns this off then.
+        """
+        vm = self._vm
+        if not self._ring_page or vm is None:
+            return
+        with self._coalesce_lock:
+            if on == self._coalescing or vm.fd < 0:
+                return
+            try:
+                vm.coalesce_pio(board.COM1_PORT, 1, on)
+            except OSError as e:
+                log.debug("%s: coalescing COM1 writes %s: %s", self.config.vm_id, "on" if on else "off", e)
+                return
+            self._coalescing = on
+
     def _control(self) -> None:
         try:
             while True:
                 self._boot()
-                self._event_ready.wait()
+                while not self._event_ready.wait(RING_DRAIN_SEC):
+                    ring = self._ring
+                    if ring is not None and ring.pending():
+                        ring.drain()
                 event = self._event
                 self._teardown()
                 if not event.reset:
@@ -396,6 +431,12 @@ class Machine:
             vcpus.append(vcpu)
             board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info)
         self._vcpus = vcpus
+        if self._ring_page:
+            start = self._ring_page * mmap.PAGESIZE
+            page = memoryview(vcpus[0].run_mem)[start : start + mmap.PAGESIZE]
+            self._ring = CoalescedRing(page, self.pio.write, self.mmio.write)
+            self._coalescing = False
+            self._coalesce_console(not self.devices.serial.tx_interrupts)
         self._threads = [
             threading.Thread(target=self._vcpu_main, args=(v,), name="vcpu%d" % v.index, daemon=True) for v in vcpus
         ]
@@ -405,7 +446,7 @@ class Machine:
 
     def _vcpu_main(self, vcpu: Vcpu) -> None:
         try:
-            outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted)
+            outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted, self._ring)
         except Exception as e:
             log.exception("%s: vcpu%d failed", self.config.vm_id, vcpu.index)
             self._end(ExitCode.ERROR, "vcpu%d: %s" % (vcpu.index, e))
@@ -447,6 +488,10 @@ class Machine:
                     log.error("%s: %s did not stop", self.config.vm_id, t.name)
                     break
         self._threads = []
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.drain()  # the console's last bytes
+            ring.release()
         for transport in self.virtio:
             transport.reset()  # stops its I/O thread and unwires it from this VM
         vm, self._vm = self._vm, None

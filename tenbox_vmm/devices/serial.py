@@ -5,13 +5,19 @@ transmitter is empty again at once. Received bytes wait in a bounded queue
 that the console feeds; when it is full the console stops reading its input,
 so nothing typed is lost. Loopback mode behaves as the chip does, because
 Linux's 8250 driver probes the port through it.
+
+The machine may let KVM queue THR writes without an exit while the guest
+polls the transmitter, as Linux's printk console does (two exits a byte
+otherwise). `on_tx_interrupts` tells it when the guest turns the transmit
+interrupt on or off (after a reset it is off): an interrupt-driven driver
+needs each write seen when it happens, to get its interrupt.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable, Deque
+from typing import Callable, Deque, Optional
 
 RX_QUEUE_MAX = 4096
 
@@ -59,9 +65,11 @@ MSR_DCD = 0x80
 class Serial16550:
     """COM-port registers at offsets 0..7."""
 
-    def __init__(self, set_irq: Callable[[int], None], output: Callable[[bytes], None]) -> None:
+    def __init__(self, set_irq: Callable[[int], None], output: Callable[[bytes], None],
+                 on_tx_interrupts: Optional[Callable[[bool], None]] = None) -> None:
         self._set_irq = set_irq
         self._output = output
+        self._on_tx_interrupts = on_tx_interrupts
         self._lock = threading.Lock()
         self._rx: Deque[int] = collections.deque()
         self.reset()
@@ -79,6 +87,11 @@ class Serial16550:
             self._thre_pending = False
             self._irq = 0
         self._set_irq(0)
+
+    @property
+    def tx_interrupts(self) -> bool:
+        """Whether the guest has the transmit-holding-register-empty interrupt on."""
+        return bool(self.ier & IER_THRE)
 
     # Console side -------------------------------------------------------
 
@@ -154,6 +167,7 @@ class Serial16550:
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
         out = None
+        tx_changed = False
         with self._lock:
             dlab = self.lcr & LCR_DLAB
             if offset == RBR_THR:
@@ -172,6 +186,7 @@ class Serial16550:
                 else:
                     if value & IER_THRE and not self.ier & IER_THRE:
                         self._thre_pending = True  # THR is empty: interrupt at once
+                    tx_changed = bool((value ^ self.ier) & IER_THRE)
                     self.ier = value & 0x0F
             elif offset == IIR_FCR:
                 if value & FCR_CLEAR_RX:
@@ -186,3 +201,5 @@ class Serial16550:
             self._update_irq()
         if out is not None:
             self._output(out)
+        if tx_changed and self._on_tx_interrupts is not None:
+            self._on_tx_interrupts(bool(value & IER_THRE))

@@ -136,6 +136,25 @@ struct kvm_mp_state {
     uint32_t mp_state;
 };
 
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    uint32_t pio;
+};
+
+struct kvm_coalesced_mmio {
+    uint64_t phys_addr;
+    uint32_t len;
+    uint32_t pio;
+    uint8_t data[8];
+};
+
+struct kvm_coalesced_mmio_ring {
+    uint32_t first;
+    uint32_t last;
+    struct kvm_coalesced_mmio coalesced_mmio[0];
+};
+
 struct kvm_run {
     uint8_t request_interrupt_window;
     uint8_t immediate_exit;

@@ -87,6 +87,16 @@ class Kvm:
         _ioctl(self.fd, c.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
         return [buf.indices[i] for i in range(buf.nmsrs)]
 
+    def coalesced_ring_page(self) -> int:
+        """The page (of a vCPU's mapping) that holds KVM's coalesced-write ring, where KVM can
+        coalesce port writes; 0 where it cannot (no KVM_CAP_COALESCED_PIO)."""
+        if not self.check_extension(c.CAP_COALESCED_PIO):
+            return 0
+        page = self.check_extension(c.CAP_COALESCED_MMIO)
+        if page <= 0 or (page + 1) * mmap.PAGESIZE > self.vcpu_mmap_size:
+            return 0
+        return page
+
     def create_vm(self) -> "Vm":
         fd = _ioctl_int(self.fd, c.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return Vm(self, fd)
@@ -194,6 +204,13 @@ class Vm:
             {"datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags},
         )
         _ioctl(self.fd, c.KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
+
+    def coalesce_pio(self, port: int, length: int, on: bool) -> None:
+        """Let KVM queue the guest's writes to ports port..port+length-1 in the coalesced ring
+        instead of exiting (on), or stop doing so (off)."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": port, "size": length, "pio": 1})
+        request = c.KVM_REGISTER_COALESCED_MMIO if on else c.KVM_UNREGISTER_COALESCED_MMIO
+        _ioctl(self.fd, request, zone, "KVM_REGISTER_COALESCED_MMIO" if on else "KVM_UNREGISTER_COALESCED_MMIO")
 
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl_int(self.fd, c.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")

@@ -51,6 +51,8 @@ KVM_IRQ_LINE = _iow(0x61, "struct kvm_irq_level")
 KVM_IRQFD = _iow(0x76, "struct kvm_irqfd")
 KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
 KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, "struct kvm_coalesced_mmio_zone")
+KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, "struct kvm_coalesced_mmio_zone")
 
 # vCPU
 KVM_RUN = _io(0x80)
@@ -73,6 +75,7 @@ KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
 CAP_IRQCHIP = 0
 CAP_HLT = 1
 CAP_USER_MEMORY = 3
+CAP_COALESCED_MMIO = 15  # KVM_CHECK_EXTENSION answers the ring's page offset in the vCPU mapping
 CAP_SET_TSS_ADDR = 4
 CAP_EXT_CPUID = 7
 CAP_NR_VCPUS = 9
@@ -82,6 +85,7 @@ CAP_PIT2 = 33
 CAP_IOEVENTFD = 36
 CAP_MAX_VCPUS = 66
 CAP_IMMEDIATE_EXIT = 136
+CAP_COALESCED_PIO = 162
 
 REQUIRED_CAPS = {
     CAP_IRQCHIP: "in-kernel irqchip",

@@ -8,6 +8,7 @@ process on real KVM and read what the guest says.
 import os
 import pty
 import random
+import re
 import signal
 import termios
 import time
@@ -88,6 +89,19 @@ def test_guest_reset_boots_again_in_the_same_process(spawn, how):
     assert out.count("TENBOX-GUEST reset start") == 2, out
     assert out.index("reset: boot 1") < out.index("reset: boot 2")
     assert_passed(p, rc, res)
+
+
+def test_console_output_costs_one_exit_a_byte_not_two(spawn):
+    """A guest that polls LSR before each THR write (as Linux's printk console does): KVM
+    queues the THR writes in its coalesced ring, so each byte costs the LSR read's exit only,
+    and every byte still arrives, in order."""
+    p, rc, res = run_guest(spawn, "boot", "-vv", cmdline="console=ttyS0 expect.mem_mb=64 " + "x" * 1500)
+    assert_passed(p, rc, res)
+    exits = int(re.search(r"(\d+) exits handled in user space", p.errors).group(1))
+    printed = len(p.output.encode())
+    assert printed > 2000, p.output
+    assert res["info"]["cmdline"].endswith("x" * 1500)  # the long line arrived whole
+    assert exits < printed * 1.2 + 500, "%d exits for %d console bytes" % (exits, printed)
 
 
 def test_triple_fault_has_its_own_exit_code_and_logs_the_vcpu(spawn):

@@ -145,8 +145,11 @@ def small_caches(monkeypatch):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "cs%d-rb%d-v%d%s%s" % (
     c[0], c[1], c[2], "-backing" if c[3] else "", "-lazy" if c[4] else ""))
 # function_scoped_fixture exists from hypothesis 5.44 on (Debian 11 has 5.43).
+# data_too_large: 25 operations of 5-tuples sometimes overrun hypothesis's example buffer
+# while it searches; the health check then fails the test at random (seen in a full run).
 @settings(max_examples=12, deadline=None,
-          suppress_health_check=[h for h in (getattr(HealthCheck, "function_scoped_fixture", None),) if h])
+          suppress_health_check=[h for h in (getattr(HealthCheck, "function_scoped_fixture", None),
+                                             HealthCheck.data_too_large) if h])
 @given(ops=st.lists(op_strategy, min_size=1, max_size=25), seed=st.integers(0, 2 ** 32 - 1))
 def test_qcow2_matches_model_and_stays_consistent(small_caches, config, ops, seed):
     """Any sequence of writes, discards, write-zeroes, flushes and reopens reads back as the model says,
@@ -181,7 +184,7 @@ def test_qcow2_matches_model_and_stays_consistent(small_caches, config, ops, see
                 assert read_all(b, len(backing)) == backing, "the template changed"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.data_too_large])
 @given(ops=st.lists(op_strategy, min_size=1, max_size=30), seed=st.integers(0, 2 ** 32 - 1))
 def test_raw_matches_model(ops, seed):
     """The raw backend reads back every write; discard and write-zeroes leave zeros."""

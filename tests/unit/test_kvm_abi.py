@@ -30,6 +30,9 @@ STRUCTS = {
     "kvm_irqfd": ["fd", "gsi", "flags", "resamplefd"],
     "kvm_ioeventfd": ["datamatch", "addr", "len", "fd", "flags"],
     "kvm_mp_state": ["mp_state"],
+    "kvm_coalesced_mmio_zone": ["addr", "size", "pio"],
+    "kvm_coalesced_mmio": ["phys_addr", "len", "pio", "data"],
+    "kvm_coalesced_mmio_ring": ["first", "last", "coalesced_mmio"],
     "kvm_run": ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "cr8", "apic_base",
                 "io", "mmio", "internal", "system_event", "kvm_valid_regs", "kvm_dirty_regs", "s"],
 }
@@ -46,6 +49,7 @@ IOCTLS = [
     "KVM_CREATE_PIT2", "KVM_IOEVENTFD", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS",
     "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC",
     "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
+    "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
 ]
 
 

@@ -295,3 +295,23 @@ def test_guest_memory_skips_the_mmio_hole():
     with pytest.raises(GuestMemoryError):
         mem.read_u32(3 * GIB)
     mem.close()
+
+
+def test_uart_reports_transmit_interrupt_changes_once_each():
+    """The machine coalesces THR writes only while the transmit interrupt is off: the UART
+    says when the guest turns it on or off, and only then."""
+    rec = Recorder()
+    dev = s.Serial16550(rec.irq, rec.output, rec.events.append)
+    assert not dev.tx_interrupts
+    dev.write(s.IER, 1, s.IER_RDA)  # receive interrupt only: no change to transmit
+    dev.write(s.IER, 1, s.IER_RDA | s.IER_THRE)
+    dev.write(s.IER, 1, s.IER_RDA | s.IER_THRE)
+    assert dev.tx_interrupts
+    dev.write(s.LCR, 1, s.LCR_DLAB)
+    dev.write(s.IER, 1, 0)  # the divisor's high byte, not IER
+    dev.write(s.LCR, 1, 0x03)
+    dev.write(s.IER, 1, 0)
+    assert rec.events == [True, False]
+    dev.write(s.IER, 1, s.IER_THRE)
+    dev.reset()
+    assert not dev.tx_interrupts  # after a reset it is off; the machine reads this at boot

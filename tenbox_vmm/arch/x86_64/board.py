@@ -44,10 +44,11 @@ def build_legacy_devices(
     console_output: Callable[[bytes], None],
     on_poweroff: Callable[[], None],
     on_reset: Callable[[], None],
+    on_serial_tx_interrupts: Optional[Callable[[bool], None]] = None,
 ) -> LegacyDevices:
     """Create COM1, the i8042, the CMOS RTC, the ACPI PM block and the reset port on `pio`."""
     devs = LegacyDevices(
-        serial=Serial16550(lambda level: irq_line(COM1_IRQ, level), console_output),
+        serial=Serial16550(lambda level: irq_line(COM1_IRQ, level), console_output, on_serial_tx_interrupts),
         i8042=I8042(on_reset),
         rtc=CmosRtc(),
         pm=AcpiPm(lambda level: irq_line(SCI_IRQ, level), on_poweroff),

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Callable
+from typing import Callable, Optional
 
 from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.kvm import constants as c
 from tenbox_vmm.kvm.api import Vcpu
+from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.kvm.ffi import ffi, libc
 
 # kvm_run: exit_reason at 8, the exit union at 32.
@@ -34,8 +35,12 @@ class ExitOutcome:
         self.detail = detail
 
 
-def run_vcpu(vcpu: Vcpu, pio: PioBus, mmio: MmioBus, halted: Callable[[], bool]) -> ExitOutcome:
-    """Run until `halted()` turns true or the guest does something only the machine can answer."""
+def run_vcpu(vcpu: Vcpu, pio: PioBus, mmio: MmioBus, halted: Callable[[], bool],
+             ring: Optional[CoalescedRing] = None) -> ExitOutcome:
+    """Run until `halted()` turns true or the guest does something only the machine can answer.
+
+    Writes KVM coalesced into `ring` are played to the buses before each exit is handled.
+    """
     fd = vcpu.fd
     run = vcpu.run
     mem = vcpu.run_mem
@@ -46,6 +51,7 @@ def run_vcpu(vcpu: Vcpu, pio: PioBus, mmio: MmioBus, halted: Callable[[], bool])
     io_unpack = _IO.unpack_from
     mmio_unpack = _MMIO.unpack_from
     EXIT_IO, EXIT_MMIO, EXIT_INTR = c.EXIT_IO, c.EXIT_MMIO, c.EXIT_INTR
+    pending = ring.pending if ring is not None else None
     exits = 0
     try:
         while not halted():
@@ -55,6 +61,8 @@ def run_vcpu(vcpu: Vcpu, pio: PioBus, mmio: MmioBus, halted: Callable[[], bool])
                     continue
                 raise OSError(err, "KVM_RUN failed on vcpu%d" % vcpu.index)
             exits += 1
+            if pending is not None and pending():
+                ring.drain()
             reason = run.exit_reason
             if reason == EXIT_IO:
                 out, size, port, count, off = io_unpack(mem, _UNION_OFFSET)
