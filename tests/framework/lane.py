@@ -60,6 +60,8 @@ SCRIPT_TIMEOUT_SEC = 900  # the first get-kernel.sh run downloads ~70 MB
 BOOT_DEADLINE_SEC = 120.0  # up to the command: ~8 s on the development machines
 CONSOLE_KEEP_CHARS = 1 << 20  # the console kept in memory; the log file has all of it
 EXIT_LANE_FAILED = 125  # the CLI's exit code when the lane itself failed
+MONITOR = "monitor.sock"
+HANG_REPORT = "hang.txt"
 
 _UP = re.compile(r"^LANE: up ", re.M)
 _RC = re.compile(r"^LANE: rc=(\d+)\s*$", re.M)
@@ -162,12 +164,37 @@ def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
         raise LaneError("the lane's command is too long for the kernel command line; put it in a script")
     return [
         QEMU, "-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-monitor", "none",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        # The monitor, for a look inside a lane that hangs (monitor_command).
+        "-monitor", "unix:%s,server=on,wait=off" % (out_dir / MONITOR),
         "-serial", "stdio",
         "-kernel", str(KERNEL_DIR / "vmlinuz"), "-initrd", str(INITRAMFS), "-append", append,
         "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
         "-virtfs", "local,path=%s,mount_tag=out,security_model=passthrough" % out_dir,
     ]
+
+
+def monitor_command(out_dir: Path, command: str, timeout: float = 10.0) -> str:
+    """One human-monitor command to the running lane whose share is out_dir; its answer."""
+    import socket
+
+    def read_prompt(sock: "socket.socket") -> str:
+        data = b""
+        while not data.endswith(b"(qemu) "):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode("utf-8", "replace")
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(out_dir / MONITOR))
+        read_prompt(sock)
+        sock.sendall(command.encode() + b"\n")
+        answer = read_prompt(sock)
+    lines = answer.replace("\r", "").splitlines()
+    return "\n".join(ln for ln in lines if not ln.startswith("(qemu)") and ln.strip() != command)
 
 
 class LaneResult(NamedTuple):
@@ -216,6 +243,7 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
         proc.wait(timeout=deadline_sec)
     except subprocess.TimeoutExpired:
         timed_out = True
+        _record_hang(out_dir)
     finally:
         if proc.poll() is None:
             try:
@@ -236,12 +264,24 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
         reason = "the lane failed: %s" % err.group(1)
     elif timed_out:
         where = "running the command" if _UP.search(console) else "booting"
-        reason = "the lane passed its deadline of %.0f s while %s" % (deadline_sec, where)
+        reason = "the lane passed its deadline of %.0f s while %s (its vCPUs' registers: %s)" % (
+            deadline_sec, where, out_dir / HANG_REPORT)
     elif not _UP.search(console):
         reason = "the lane's kernel did not come up (QEMU exit %s)" % proc.returncode
     else:
         reason = "the lane ended without the command's exit code (a kernel panic? QEMU exit %s)" % proc.returncode
     return LaneResult(None, reason, console, elapsed)
+
+
+def _record_hang(out_dir: Path) -> None:
+    """Before a lane that passed its deadline is killed: where its vCPUs are, into HANG_REPORT."""
+    parts = []
+    for command in ("info cpus", "info registers -a"):
+        try:
+            parts.append("(qemu) %s\n%s" % (command, monitor_command(out_dir, command)))
+        except OSError as e:
+            parts.append("(qemu) %s: %s" % (command, e))
+    (out_dir / HANG_REPORT).write_text("\n".join(parts) + "\n")
 
 
 def tail(console: str, lines: int = 60) -> str:

@@ -46,16 +46,47 @@ def qemu_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: in
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
-def boot(argv: Sequence[str], cpus: int, deadline: float) -> Dict[str, object]:
+TRACING = Path("/sys/kernel/tracing")
+# KVM's own record of what each vCPU did last: the exits (with the guest's RIP), exceptions
+# and interrupts it injected. A triple fault under AMD-V loses the guest's registers
+# (KVM resets the vCPU), so this is where the faulting RIP survives.
+TRACE_EVENTS = ("kvm/kvm_exit", "kvm/kvm_inj_exception", "kvm/kvm_inj_virq", "kvm/kvm_page_fault",
+                "kvm/kvm_userspace_exit")
+TRACE_KEEP_LINES = 400
+
+
+def trace_start() -> None:
+    if not (TRACING / "trace").exists():
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACING)], check=True)
+    (TRACING / "buffer_size_kb").write_text("16384")
+    for event in TRACE_EVENTS:
+        (TRACING / "events" / event / "enable").write_text("1")
+    (TRACING / "trace").write_text("")
+    (TRACING / "tracing_on").write_text("1")
+
+
+def trace_take() -> str:
+    """The last TRACE_KEEP_LINES of KVM's trace; the buffer is cleared for the next boot."""
+    (TRACING / "tracing_on").write_text("0")
+    lines = (TRACING / "trace").read_text(errors="replace").splitlines()
+    (TRACING / "trace").write_text("")
+    (TRACING / "tracing_on").write_text("1")
+    return "\n".join(lines[-TRACE_KEEP_LINES:])
+
+
+def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False) -> Dict[str, object]:
     """One boot to poweroff: its exit code, time, and whether `nproc` printed the vCPU count."""
     started = time.monotonic()
+    proc = subprocess.Popen(list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    rc: Optional[int]
     try:
-        r = subprocess.run(list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL, capture_output=True,
-                           timeout=deadline)
-        rc: Optional[int] = r.returncode
-        out, err = r.stdout, r.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out, err = None, e.stdout or b"", e.stderr or b""
+        out, err = proc.communicate(timeout=deadline)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()  # what it printed before the deadline
+        rc = None
     elapsed = time.monotonic() - started
     console = out.decode("utf-8", "replace").replace("\r", "")
     nproc_ok = re.search(r"^TENBOX-INITRAMFS: run: nproc\n%d\n" % cpus, console, re.M) is not None
@@ -63,6 +94,10 @@ def boot(argv: Sequence[str], cpus: int, deadline: float) -> Dict[str, object]:
     if not result["ok"]:
         result["console_tail"] = console[-TAIL_CHARS:]
         result["stderr_tail"] = err.decode("utf-8", "replace")[-TAIL_CHARS:]
+    if trace:
+        kvm_trace = trace_take()
+        if not result["ok"]:
+            result["kvm_trace"] = kvm_trace
     return result
 
 
@@ -76,8 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--initrd", type=Path, default=KERNEL_DIR / "initramfs.cpio.gz")
     p.add_argument("--cmdline", default=CMDLINE)
     p.add_argument("--out", type=Path, help="where the JSON summary goes")
+    p.add_argument("--trace", action="store_true",
+                   help="keep KVM's trace (tracefs) of each failed boot; adds nokaslr to the command line")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.cpus.split(",") if c.strip()]
+    if args.trace:
+        trace_start()
+        args.cmdline += " nokaslr"
     vmms = {"tenbox": tenbox_argv}
     if args.control:
         vmms["qemu"] = qemu_argv
@@ -85,7 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for rnd in range(1, args.rounds + 1):
         for cpus in counts:
             for name, make in vmms.items():
-                res = boot(make(args.kernel, args.initrd, args.cmdline, cpus, args.memory), cpus, BOOT_DEADLINE_SEC)
+                res = boot(make(args.kernel, args.initrd, args.cmdline, cpus, args.memory), cpus, BOOT_DEADLINE_SEC,
+                           args.trace)
                 res.update(vmm=name, cpus=cpus, round=rnd)
                 runs.append(res)
                 print("soak: %-6s cpus=%d round=%d %s rc=%s %.1f s"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import time
 
 import pytest
 
@@ -95,3 +96,44 @@ def test_kernel_panic_with_panic_1_reboots_the_guest(linux: Artifacts) -> None:
         text = vm.text
         stderr = vm.stderr
     assert rc == EXIT_STOPPED, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)
+
+
+# --- faults: every way a stock guest can go wrong ends in a documented exit --------------------
+
+EXIT_TRIPLE_FAULT = 4
+STOP_WITHIN_SEC = 10.0
+
+
+def test_a_triple_faulting_kernel_ends_the_worker_with_exit_4(linux: Artifacts) -> None:
+    """reboot=t makes Linux reboot by a triple fault (an empty IDT, then an exception): tenbox
+    ends with exit code 4 and logs the fault, it does not hang or spin."""
+    with start_tenbox(linux, "console=ttyS0 reboot=t panic=-1 tenbox.run=reboot") as vm:
+        vm.wait_for(marker_rx(linux))
+        rc = vm.wait_exit()
+        stderr = vm.stderr
+    assert rc == EXIT_TRIPLE_FAULT, "exit %d\nstderr:\n%s" % (rc, stderr)
+    assert "triple fault" in stderr, stderr
+
+
+def test_a_kernel_hanging_in_early_boot_stays_stoppable(linux: Artifacts) -> None:
+    """No initramfs and a root device that never appears: the kernel waits forever in early
+    boot. SIGTERM still stops the worker with exit code 3, promptly."""
+    argv = [sys.executable, "-m", "tenbox_vmm", "--kernel", str(linux.vmlinuz), "--cmdline",
+            "console=ttyS0 panic=-1 root=/dev/vdz rootwait", "--memory", "256", "--console", "stdio"]
+    with Console(argv, BOOT_DEADLINE, cwd=REPO) as vm:
+        vm.wait_for(r"Waiting for root device /dev/vdz")
+        vm.signal(signal.SIGTERM)
+        vm.deadline = min(vm.deadline, time.monotonic() + STOP_WITHIN_SEC)
+        rc = vm.wait_exit()
+    assert rc == EXIT_STOPPED
+
+
+def test_a_guest_flooding_its_console_stays_stoppable(linux: Artifacts) -> None:
+    """`yes` on the console, forever: the worker keeps up, and SIGTERM stops it with exit code 3
+    within seconds."""
+    with start_tenbox(linux, BASE_CMDLINE + " tenbox.run=yes%20tenbox-console-flood", cpus=2) as vm:
+        vm.wait_for(r"^tenbox-console-flood$", count=2000)
+        vm.signal(signal.SIGTERM)
+        vm.deadline = min(vm.deadline, time.monotonic() + STOP_WITHIN_SEC)
+        rc = vm.wait_exit()
+    assert rc == EXIT_STOPPED
