@@ -189,6 +189,7 @@ class Machine:
             raise MachineError(str(e)) from None
         self._supported_cpuid = self.kvm.supported_cpuid()
         self._supported_msrs = self.kvm.msr_index_list()
+        self._tsc_deadline = bool(self.kvm.check_extension(kc.CAP_TSC_DEADLINE_TIMER))
         self._ring_page = self.kvm.coalesced_ring_page()
         self._ring: Optional[CoalescedRing] = None
         self._coalescing = False
@@ -429,7 +430,8 @@ class Machine:
         for i in range(self.config.cpus):
             vcpu = vm.create_vcpu(i)
             vcpus.append(vcpu)
-            board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info)
+            board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info,
+                             self._tsc_deadline)
         self._vcpus = vcpus
         if self._ring_page:
             start = self._ring_page * mmap.PAGESIZE

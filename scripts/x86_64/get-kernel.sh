@@ -15,7 +15,6 @@
 #
 #   vmlinuz              the bzImage
 #   version              the kernel release, e.g. 6.1.0-56-cloud-amd64
-#   System.map           its symbols (to read a hung guest's or lane's RIP)
 #   modules/*.ko         --modules (default: virtio, virtio_ring,
 #                        virtio_mmio, virtio_blk, virtio_net, ext4) and
 #                        what they depend on, minus whatever is built into
@@ -111,7 +110,7 @@ fi
 say "resolved $pkg version $ver"
 
 stamp_want=$(printf 'package=%s\nversion=%s\nmodules=%s\n' "$pkg" "$ver" "$MODULES")
-if [ -f "$out/.stamp" ] && [ -s "$out/vmlinuz" ] && [ -s "$out/version" ] && [ -s "$out/System.map" ] \
+if [ -f "$out/.stamp" ] && [ -s "$out/vmlinuz" ] && [ -s "$out/version" ] \
     && [ -f "$out/modules/load-order" ] && [ "$(cat "$out/.stamp")" = "$stamp_want" ]; then
     say "up to date: $out has $pkg $ver (kernel $(cat "$out/version")); nothing to do"
     exit 0
@@ -162,10 +161,6 @@ say "installing into $out"
 rm -f "$out/.stamp"
 cp "$tmp/root/boot/vmlinuz-$rel" "$out/vmlinuz.new"
 mv -f "$out/vmlinuz.new" "$out/vmlinuz"
-if [ -f "$tmp/root/boot/System.map-$rel" ]; then
-    cp "$tmp/root/boot/System.map-$rel" "$out/System.map.new"
-    mv -f "$out/System.map.new" "$out/System.map"
-fi
 printf '%s\n' "$rel" >"$out/version.new"
 mv -f "$out/version.new" "$out/version"
 rm -rf "$out/modules.old"

@@ -37,6 +37,11 @@ def test_each_vcpu_gets_its_own_apic_id_and_the_topology():
         assert leaf(ids, 0x80000008)["ecx"] & 0xFF == cpus - 1
 
 
+def test_tsc_deadline_timer_is_offered_only_where_kvm_has_it():
+    assert not leaf(cpu.vcpu_cpuid(SUPPORTED, 0, 2), 1)["ecx"] & cpu.CPUID_TSC_DEADLINE
+    assert leaf(cpu.vcpu_cpuid(SUPPORTED, 1, 2, tsc_deadline=True), 1)["ecx"] & cpu.CPUID_TSC_DEADLINE
+
+
 def test_kvm_paravirt_signature_is_present():
     ids = cpu.vcpu_cpuid(SUPPORTED, 0, 1)
     sig = leaf(ids, 0x40000000)

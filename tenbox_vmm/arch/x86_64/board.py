@@ -122,13 +122,14 @@ def setup_vcpu(
     supported_cpuid: Sequence[dict],
     supported_msrs: Sequence[int],
     info: BootInfo,
+    tsc_deadline: bool = False,
 ) -> None:
     """CPUID, MSRs, FPU and LAPIC for every vCPU; the long-mode entry state for the BSP.
 
     Application processors stay in KVM's wait-for-SIPI state: the guest
     starts them through its LAPIC, as on hardware.
     """
-    vcpu.set_cpuid2(cpu.vcpu_cpuid(supported_cpuid, vcpu.index, cpus))
+    vcpu.set_cpuid2(cpu.vcpu_cpuid(supported_cpuid, vcpu.index, cpus, tsc_deadline))
     msrs = cpu.boot_msrs(supported_msrs)
     accepted = vcpu.set_msrs(msrs)
     if accepted != len(msrs):

@@ -53,6 +53,7 @@ APIC_MODE_NMI = 0x400
 
 # CPUID
 CPUID_HYPERVISOR = 1 << 31  # leaf 1 ECX
+CPUID_TSC_DEADLINE = 1 << 24  # leaf 1 ECX; KVM_GET_SUPPORTED_CPUID leaves it to KVM_CAP_TSC_DEADLINE_TIMER
 CPUID_HTT = 1 << 28  # leaf 1 EDX
 CPUID_FLAG_SIGNIFICANT_INDEX = 1
 KVM_CPUID_SIGNATURE = 0x40000000
@@ -173,12 +174,16 @@ def _topology_leaf(fn: int, apic_id: int, cpus: int) -> List[Dict[str, int]]:
     ]
 
 
-def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int) -> List[Dict[str, int]]:
+def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int,
+               tsc_deadline: bool = False) -> List[Dict[str, int]]:
     """CPUID for vCPU `index` of `cpus`: one package, one core per vCPU, one thread per core.
 
     Starts from what KVM supports and fixes what identifies this vCPU (APIC
     IDs, topology leaves on Intel and AMD), marks the hypervisor and keeps
-    KVM's paravirtual leaves so guests find kvm-clock.
+    KVM's paravirtual leaves so guests find kvm-clock. `tsc_deadline` (KVM's
+    KVM_CAP_TSC_DEADLINE_TIMER) offers the LAPIC's TSC-deadline timer mode,
+    as QEMU and Firecracker do: Linux then arms its timer with one MSR write
+    and skips calibrating the LAPIC timer against the PM timer.
     """
     apic_id = index
     core_bits = _bits_for(cpus)
@@ -194,6 +199,8 @@ def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int) -> Li
         if fn == 1:
             e["ebx"] = (e["ebx"] & 0x0000FFFF) | (min(cpus, 255) << 16) | (apic_id << 24)
             e["ecx"] |= CPUID_HYPERVISOR
+            if tsc_deadline:
+                e["ecx"] |= CPUID_TSC_DEADLINE
             if cpus > 1:
                 e["edx"] |= CPUID_HTT
             else:
