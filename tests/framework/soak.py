@@ -18,6 +18,7 @@ vmx/svm. The exit status is 1 when any boot failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import subprocess
@@ -42,8 +43,9 @@ def tenbox_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: 
 QEMU_CPU = "host"
 
 
-def qemu_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: int) -> List[str]:
-    return ["qemu-system-x86_64", "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", QEMU_CPU,
+def qemu_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: int,
+              cpu_model: str = QEMU_CPU) -> List[str]:
+    return ["qemu-system-x86_64", "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", cpu_model,
             "-smp", str(cpus), "-m", str(memory_mb), "-nodefaults", "-no-user-config", "-nographic",
             "-serial", "stdio", "-monitor", "none", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
@@ -123,11 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.trace:
         trace_start()
         args.cmdline += " nokaslr"
-    global QEMU_CPU
-    QEMU_CPU = args.qemu_cpu
     vmms = {} if args.only_control else {"tenbox": tenbox_argv}
     if args.control or args.only_control:
-        vmms["qemu"] = qemu_argv
+        vmms["qemu"] = functools.partial(qemu_argv, cpu_model=args.qemu_cpu)
     runs: List[Dict[str, object]] = []
     for rnd in range(1, args.rounds + 1):
         for cpus in counts:
