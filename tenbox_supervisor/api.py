@@ -23,10 +23,7 @@ from tenbox_supervisor import doctor, telemetry
 from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode, Event, Method
 from tenbox_supervisor.store import (
-    CPUS_MAX,
     DISKS_MAX,
-    FORWARDS_MAX,
-    MEMORY_MIN_MB,
     SpecError,
     VmSpec,
     check_disk,
@@ -35,8 +32,8 @@ from tenbox_supervisor.store import (
 )
 from tenbox_supervisor.workers import ACTIVE_STATES, STOP_TIMEOUT_SEC, SHUTDOWN_TIMEOUT_SEC, OperationError, VmRuntime
 from tenbox_vmm import __version__
-from tenbox_vmm.net.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
-from tenbox_vmm.protocol import Command
+from tenbox_vmm.protocol import CommandName, Limits
+from tenbox_vmm.protocol.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
 
 log = logging.getLogger("tenboxd.api")
 
@@ -185,14 +182,14 @@ async def _probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
 
 
 def _forwards(params, key: str) -> Optional[List[str]]:
-    """A list of forward specs, checked with the worker's own grammar (tenbox_vmm.net.forwards)."""
+    """A list of forward specs, checked with the worker's own grammar (tenbox_vmm.protocol.forwards)."""
     raw = params.get(key)
     if raw is None:
         return None
     if isinstance(raw, str):
         raw = [raw]
-    if not isinstance(raw, list) or len(raw) > FORWARDS_MAX or not all(isinstance(s, str) for s in raw):
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must be a list of at most %d specs" % (key, FORWARDS_MAX))
+    if not isinstance(raw, list) or len(raw) > Limits.FORWARDS_MAX or not all(isinstance(s, str) for s in raw):
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "%s must be a list of at most %d specs" % (key, Limits.FORWARDS_MAX))
     parse = parse_hostfwd if key == "hostfwds" else parse_guestfwd
     for spec in raw:
         try:
@@ -385,8 +382,8 @@ class Api:
             initrd=initrd,
             cmdline=cmdline,
             image=image.name if image is not None else None,
-            memory_mb=_int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb(), default=256),
-            cpus=_int(params, "cpus", 1, CPUS_MAX, default=1),
+            memory_mb=_int(params, "memory_mb", Limits.MEMORY_MIN_MB, telemetry.host_memory_mb(), default=256),
+            cpus=_int(params, "cpus", Limits.CPUS_MIN, Limits.CPUS_MAX, default=1),
             disks=_disks(params) or [],
         )
         await _probe_formats(spec.disks)
@@ -436,8 +433,8 @@ class Api:
                 "kernel": _file(params, "kernel"),
                 "initrd": _file(params, "initrd"),
                 "cmdline": _cmdline(params),
-                "memory_mb": _int(params, "memory_mb", MEMORY_MIN_MB, telemetry.host_memory_mb()),
-                "cpus": _int(params, "cpus", 1, CPUS_MAX),
+                "memory_mb": _int(params, "memory_mb", Limits.MEMORY_MIN_MB, telemetry.host_memory_mb()),
+                "cpus": _int(params, "cpus", Limits.CPUS_MIN, Limits.CPUS_MAX),
             }
             await _probe_formats(hw["disks"])
             hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
@@ -476,9 +473,9 @@ class Api:
             raise ApiError(ErrorCode.VM_RUNNING, "VM %s has no network card; stop it to add one" % vm.id)
         try:
             if "link_up" in changes:
-                await self.workers.command(vm, Command.NET_LINK, {"up": changes["link_up"]})
+                await self.workers.command(vm, CommandName.NET_LINK, {"up": changes["link_up"]})
             if "hostfwds" in changes or "guestfwds" in changes:
-                result = await self.workers.command(vm, Command.NET_FORWARDS, {
+                result = await self.workers.command(vm, CommandName.NET_FORWARDS, {
                     "hostfwds": changes.get("hostfwds", net.get("hostfwds", [])),
                     "guestfwds": changes.get("guestfwds", net.get("guestfwds", [])),
                 })

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -19,14 +18,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tenbox_supervisor.fsutil import atomic_write_json, entry_folders
 from tenbox_supervisor.protocol import NAME_RE
+from tenbox_vmm.protocol import DiskArg, Limits
 
 log = logging.getLogger("tenboxd.store")
 
 SPEC_FILE = "vm.json"
 RUNTIME_FILE = "runtime.json"
 SPEC_MAX_BYTES = 1 << 20
-MEMORY_MIN_MB = 16
-CPUS_MAX = 64
 
 
 class SpecError(ValueError):
@@ -75,10 +73,10 @@ class VmSpec:
             raise SpecError("initrd must be a path")
         if self.cmdline is not None and not isinstance(self.cmdline, str):
             raise SpecError("cmdline must be a string")
-        if not isinstance(self.memory_mb, int) or isinstance(self.memory_mb, bool) or self.memory_mb < MEMORY_MIN_MB:
-            raise SpecError("memory_mb must be an integer of at least %d" % MEMORY_MIN_MB)
-        if not isinstance(self.cpus, int) or isinstance(self.cpus, bool) or not 1 <= self.cpus <= CPUS_MAX:
-            raise SpecError("cpus must be an integer in 1..%d" % CPUS_MAX)
+        if not isinstance(self.memory_mb, int) or isinstance(self.memory_mb, bool) or self.memory_mb < Limits.MEMORY_MIN_MB:
+            raise SpecError("memory_mb must be an integer of at least %d" % Limits.MEMORY_MIN_MB)
+        if not isinstance(self.cpus, int) or isinstance(self.cpus, bool) or not Limits.CPUS_MIN <= self.cpus <= Limits.CPUS_MAX:
+            raise SpecError("cpus must be an integer in 1..%d" % Limits.CPUS_MAX)
         if not isinstance(self.disks, list) or not isinstance(self.net, dict):
             raise SpecError("disks must be a list and net an object")
         if len(self.disks) > DISKS_MAX:
@@ -91,9 +89,7 @@ class VmSpec:
             raise SpecError("created_at must be a number")
 
 
-DISKS_MAX = 7  # the machine's 8 virtio-mmio slots less the network card every daemon VM has
-SERIAL_MAX = 20
-DISK_FORMATS = ("raw", "qcow2")
+DISKS_MAX = Limits.DISKS_MAX
 
 
 def check_disk(d: Any) -> None:
@@ -108,15 +104,13 @@ def check_disk(d: Any) -> None:
         raise SpecError("disk path %r contains a comma or NUL" % d["path"])
     if not isinstance(d.get("read_only", False), bool) or not isinstance(d.get("owned", False), bool):
         raise SpecError("disk read_only and owned are booleans")
-    if d.get("format", "raw") not in DISK_FORMATS:
-        raise SpecError("disk format must be %s" % " or ".join(DISK_FORMATS))
+    if d.get("format", "raw") not in Limits.DISK_FORMATS:
+        raise SpecError("disk format must be %s" % " or ".join(Limits.DISK_FORMATS))
     serial = d.get("serial", "")
-    if not isinstance(serial, str) or len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
-        raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % SERIAL_MAX)
+    if not isinstance(serial, str) or len(serial) > Limits.DISK_SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
+        raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % Limits.DISK_SERIAL_MAX)
 
 
-MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
-FORWARDS_MAX = 64
 
 
 def check_net(n: Any) -> None:
@@ -124,14 +118,14 @@ def check_net(n: Any) -> None:
     if not isinstance(n, dict) or not isinstance(n.get("enabled", False), bool):
         raise SpecError("net must be an object with a boolean 'enabled'")
     if n.get("enabled"):
-        if not isinstance(n.get("mac"), str) or not MAC_RE.match(n["mac"]):
+        if not isinstance(n.get("mac"), str) or not Limits.MAC_RE.match(n["mac"]):
             raise SpecError("net.mac must look like 52:54:00:12:34:56")
         if not isinstance(n.get("link_up", True), bool):
             raise SpecError("net.link_up must be a boolean")
     for key in ("hostfwds", "guestfwds"):
         specs = n.get(key, [])
-        if not isinstance(specs, list) or len(specs) > FORWARDS_MAX or not all(isinstance(s, str) for s in specs):
-            raise SpecError("net.%s must be a list of at most %d forward specs" % (key, FORWARDS_MAX))
+        if not isinstance(specs, list) or len(specs) > Limits.FORWARDS_MAX or not all(isinstance(s, str) for s in specs):
+            raise SpecError("net.%s must be a list of at most %d forward specs" % (key, Limits.FORWARDS_MAX))
 
 
 def new_mac() -> str:
@@ -139,16 +133,10 @@ def new_mac() -> str:
     return "52:54:00:" + ":".join("%02x" % b for b in secrets.token_bytes(3))
 
 
-def disk_arg(d: Dict[str, Any]) -> str:
+def disk_arg(d: Dict[str, Any]) -> DiskArg:
     """The runtime's --disk value for a disk entry."""
-    arg = d["path"]
-    if d.get("read_only"):
-        arg += ",ro"
-    if d.get("serial"):
-        arg += ",serial=" + d["serial"]
-    if d.get("format"):
-        arg += ",format=" + d["format"]
-    return arg
+    return DiskArg(path=d["path"], read_only=bool(d.get("read_only")), serial=d.get("serial") or "",
+                   format=d.get("format") or None)
 
 
 def new_vm_id() -> str:

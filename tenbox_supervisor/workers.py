@@ -22,7 +22,24 @@ from tenbox_supervisor.config import Config
 from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.oshost import SIGNAL_NAMES, Host, Proc
 from tenbox_supervisor.store import Store, VmSpec, disk_arg
-from tenbox_vmm.protocol import HEARTBEAT_INTERVAL_SEC, HEARTBEAT_LIVENESS, Command, ExitCode, Msg, VmState
+from tenbox_vmm.protocol import (
+    HEARTBEAT_INTERVAL_SEC,
+    HEARTBEAT_LIVENESS,
+    LINK_VERSION,
+    Command,
+    CommandName,
+    ConsoleData,
+    ExitCode,
+    Heartbeat,
+    Hello,
+    Message,
+    NetReport,
+    Reply,
+    StateReport,
+    VmState,
+    WorkerExit,
+    Who,
+)
 
 log = logging.getLogger("tenboxd.workers")
 
@@ -195,7 +212,7 @@ def _offer(q: asyncio.Queue, item, force: bool = False) -> None:
 
 
 class WorkerManager:
-    def __init__(self, config: Config, store: Store, host: Host, send: Callable[[str, dict], bool]) -> None:
+    def __init__(self, config: Config, store: Store, host: Host, send: Callable[[str, Message], bool]) -> None:
         self.config = config
         self.store = store
         self.host = host
@@ -290,7 +307,7 @@ class WorkerManager:
         if s.initrd:
             argv += ["--initrd", s.initrd]
         for d in s.disks:
-            argv += ["--disk", disk_arg(d)]
+            argv += ["--disk", disk_arg(d).to_arg()]
         net = s.net or {}
         if net.get("enabled"):
             argv += ["--net", "--mac", net["mac"], "--net-link", "up" if net.get("link_up", True) else "down"]
@@ -347,7 +364,7 @@ class WorkerManager:
         if vm.state != S.STOPPING:
             vm.change_state(S.STOPPING, reason)
         proc = vm.proc
-        if not self.send(vm.id, {"t": Msg.COMMAND.value, "id": 0, "name": Command.STOP.value, "args": {"reason": reason}}):
+        if not self.send(vm.id, Command(0, CommandName.STOP, {"reason": reason})):
             self.host.kill(proc, signal.SIGTERM)  # no link: the worker stops cleanly on SIGTERM too
         if not await self.wait_for(vm, lambda: vm.proc is not proc, timeout):
             log.warning("vm %s: worker pid %d did not stop within %.0fs; killing it", vm.id, proc.pid, timeout)
@@ -362,7 +379,7 @@ class WorkerManager:
                 raise OperationError("vm_not_running", "VM %s is not running" % vm.id)
             proc = vm.proc
             vm.change_state(S.STOPPING, "vm.shutdown: power button")
-            if not self.send(vm.id, {"t": Msg.COMMAND.value, "id": 0, "name": Command.SHUTDOWN.value}):
+            if not self.send(vm.id, Command(0, CommandName.SHUTDOWN)):
                 self.host.kill(proc, signal.SIGPWR)
             if await self.wait_for(vm, lambda: vm.proc is not proc, timeout):
                 return True
@@ -374,10 +391,10 @@ class WorkerManager:
         async with vm.lock:
             if vm.state not in (S.RUNNING, S.STARTING, S.REBOOTING) or vm.proc is None:
                 raise OperationError("vm_not_running", "VM %s is not running" % vm.id)
-            if not self.send(vm.id, {"t": Msg.COMMAND.value, "id": 0, "name": Command.REBOOT.value}):
+            if not self.send(vm.id, Command(0, CommandName.REBOOT)):
                 raise OperationError("vm_busy", "VM %s's worker is not connected" % vm.id)
 
-    async def command(self, vm: VmRuntime, name: Command, args: Dict[str, Any], timeout: float = 15.0) -> Dict[str, Any]:
+    async def command(self, vm: VmRuntime, name: CommandName, args: Dict[str, Any], timeout: float = 15.0) -> Dict[str, Any]:
         """Send a worker command and wait for its reply; OperationError if it fails or never comes."""
         if vm.state not in ACTIVE_STATES or vm.proc is None or not vm.hello:
             raise OperationError("vm_not_running", "VM %s is not running" % vm.id)
@@ -386,7 +403,7 @@ class WorkerManager:
         fut = asyncio.get_event_loop().create_future()
         self._pending[req_id] = fut
         try:
-            if not self.send(vm.id, {"t": Msg.COMMAND.value, "id": req_id, "name": name.value, "args": args}):
+            if not self.send(vm.id, Command(req_id, name, args)):
                 raise OperationError("vm_busy", "VM %s's worker is not connected" % vm.id)
             try:
                 reply = await asyncio.wait_for(fut, timeout)
@@ -394,53 +411,52 @@ class WorkerManager:
                 raise OperationError("vm_busy", "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
         finally:
             self._pending.pop(req_id, None)
-        if not reply.get("ok"):
-            raise OperationError("invalid_argument", str(reply.get("error") or "the worker refused %s" % name.value))
-        result = reply.get("result")
-        return result if isinstance(result, dict) else {}
+        if not reply.ok:
+            raise OperationError("invalid_argument", reply.error or "the worker refused %s" % name.value)
+        return reply.result or {}
 
     def console_input(self, vm: VmRuntime, data: bytes) -> bool:
         if vm.state not in ACTIVE_STATES:
             return False
-        return self.send(vm.id, {"t": Msg.COMMAND.value, "id": 0, "name": Command.CONSOLE_INPUT.value,
-                                 "args": {"data": data}})
+        return self.send(vm.id, Command(0, CommandName.CONSOLE_INPUT, {"data": data}))
 
     # Worker link ------------------------------------------------------------
 
-    def on_link_message(self, vm_id: str, msg: dict) -> None:
+    def on_link_message(self, vm_id: str, msg: Message) -> None:
         vm = self.vms.get(vm_id)
-        t = msg["t"]
         if vm is None:
-            if t == Msg.HELLO.value:
+            if isinstance(msg, Hello):
                 log.warning("worker pid %s speaks for VM %s, which is not in the store; leaving it alone",
-                            msg.get("pid"), vm_id)
+                            msg.pid, vm_id)
             return
         now = time.monotonic()
-        if t == Msg.HELLO.value:
+        if isinstance(msg, Hello):
             self._on_hello(vm, msg)
             return
         if vm.proc is None or not vm.hello:
-            self.send(vm_id, {"t": Msg.WHO.value})  # a worker we do not know yet: ask
+            self.send(vm_id, Who())  # a worker we do not know yet: ask
             return
         vm.last_heard = now
-        if t == Msg.CONSOLE.value and isinstance(msg.get("data"), bytes):
-            vm.add_console(msg["data"])
-        elif t == Msg.STATE.value:
-            self._on_worker_state(vm, msg.get("state"), str(msg.get("reason") or ""))
-        elif t == Msg.EXIT.value:
-            vm.exit_msg = (msg.get("code"), str(msg.get("reason") or ""))
-        elif t == Msg.NET.value:
-            vm.net_status = {k: v for k, v in msg.items() if k != "t"}
-        elif t == Msg.REPLY.value:
-            fut = self._pending.get(msg.get("id"))
+        if isinstance(msg, ConsoleData):
+            vm.add_console(msg.data)
+        elif isinstance(msg, StateReport):
+            self._on_worker_state(vm, msg.state, msg.reason)
+        elif isinstance(msg, WorkerExit):
+            vm.exit_msg = (msg.code, msg.reason)
+        elif isinstance(msg, NetReport):
+            vm.net_status = msg.status.to_wire()
+        elif isinstance(msg, Reply):
+            fut = self._pending.get(msg.id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
-        elif t == Msg.HEARTBEAT.value:
-            self._on_worker_state(vm, msg.get("state"), "heartbeat")
+        elif isinstance(msg, Heartbeat) and msg.state is not None:
+            self._on_worker_state(vm, msg.state, "heartbeat")
 
-    def _on_hello(self, vm: VmRuntime, msg: dict) -> None:
-        pid, ctime = msg.get("pid"), msg.get("create_time")
-        if not isinstance(pid, int) or not isinstance(ctime, (int, float)):
+    def _on_hello(self, vm: VmRuntime, msg: Hello) -> None:
+        pid, ctime = msg.pid, msg.create_time
+        if msg.link_version != LINK_VERSION:
+            log.error("vm %s: worker pid %d speaks worker-link version %d, this tenboxd %d; ignored",
+                      vm.id, pid, msg.link_version, LINK_VERSION)
             return
         if vm.proc is not None:
             if vm.proc.pid != pid or abs(vm.proc.create_time - ctime) > 0.01:
@@ -456,24 +472,20 @@ class WorkerManager:
                 return
             vm.proc = proc
             vm._unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
-            if isinstance(msg.get("started_at"), (int, float)):
-                vm.started_at = msg["started_at"]
+            if msg.started_at is not None:
+                vm.started_at = msg.started_at
             vm.state = S.STARTING if vm.state not in ACTIVE_STATES else vm.state
             log.info("vm %s: re-adopted worker pid %d", vm.id, pid)
-        if isinstance(msg.get("net"), dict):
-            vm.net_status = msg["net"]
+        if msg.net is not None:
+            vm.net_status = msg.net.to_wire()
         first = not vm.hello
         vm.hello = True
         vm.last_heard = time.monotonic()
         if first:
             log.info("vm %s: worker pid %d connected", vm.id, pid)
-        self._on_worker_state(vm, msg.get("state"), "worker hello")
+        self._on_worker_state(vm, msg.state, "worker hello")
 
-    def _on_worker_state(self, vm: VmRuntime, state: Any, reason: str) -> None:
-        try:
-            ws = VmState(state)
-        except ValueError:
-            return
+    def _on_worker_state(self, vm: VmRuntime, ws: VmState, reason: str) -> None:
         try:
             if ws == S.RUNNING and vm.state in (S.STARTING, S.REBOOTING):
                 if vm.state == S.STARTING:
@@ -563,7 +575,7 @@ class WorkerManager:
             if vm.proc is None or vm.lost is not None:
                 continue
             if vm.hello:
-                self.send(vm.id, {"t": Msg.HEARTBEAT.value})
+                self.send(vm.id, Heartbeat())
                 silent = now - vm.last_heard
                 if silent > HEARTBEAT_INTERVAL_SEC * HEARTBEAT_LIVENESS:
                     self._declare_lost(vm, Failure("heartbeat_lost", "the worker stopped answering for %.0fs" % silent,
