@@ -168,10 +168,10 @@ class ExitCode(enum.IntEnum):
 
 _EXIT_MEANINGS = {
     ExitCode.OK: "success",
-    ExitCode.FAILED: "tenboxd refused or the request failed (its error code is printed)",
-    ExitCode.USAGE: "usage error",
-    ExitCode.UNREACHABLE: "tenboxd not running or unreachable",
-    ExitCode.PERMISSION: "permission denied",
+    ExitCode.FAILED: "tenboxd refused the request or it failed (the error code is printed)",
+    ExitCode.USAGE: "bad command line",
+    ExitCode.UNREACHABLE: "tenboxd is not running or cannot be reached",
+    ExitCode.PERMISSION: "permission denied: the socket (join the tenbox group), or a root-only request",
 }
 
 # The CLI's exit status for each error code tenboxd can answer with. Every code is listed,
