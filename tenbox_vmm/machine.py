@@ -188,8 +188,9 @@ class Machine:
         self.virtio: List[VirtioMmio] = []
         for disk, spec in zip(disks, config.disks):
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
+            from tenbox_vmm.devices.virtio.blk_io import runner_for
 
-            self.add_virtio(VirtioBlk(disk, spec.serial))
+            self.add_virtio(VirtioBlk(disk, spec.serial, runner_for(disk)))
         if self.nic is not None:
             self.add_virtio(self.nic.device)
 

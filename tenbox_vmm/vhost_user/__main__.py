@@ -161,6 +161,7 @@ def main(argv: Optional[List[str]] = None, kind: Optional[str] = None) -> int:
             if not getattr(args, "disk", None):
                 p.error("blk needs --disk IMAGE")
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
+            from tenbox_vmm.devices.virtio.blk_io import runner_for
             from tenbox_vmm.disk import DiskError, open_disk
             from tenbox_vmm.protocol import DiskArg
 
@@ -171,7 +172,7 @@ def main(argv: Optional[List[str]] = None, kind: Optional[str] = None) -> int:
                 return fail(str(e))
             # QEMU's vhost-user-blk reads the geometry with GET_CONFIG (PROTOCOL_F_CONFIG);
             # for net QEMU serves the config space itself and warns if we offer it.
-            return _serve(prog, VirtioBlk(disk, spec.serial), args.socket, P.PF_MQ | P.PF_CONFIG)
+            return _serve(prog, VirtioBlk(disk, spec.serial, runner_for(disk)), args.socket, P.PF_MQ | P.PF_CONFIG)
         from tenbox_vmm.usernet import NetSetupError, UserNic
 
         try:
