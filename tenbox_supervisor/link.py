@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import zmq
 
-from tenbox_vmm.protocol import Limits, Message, decode, encode
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.link import Message, decode, encode
 
 log = logging.getLogger("tenboxd.link")
 

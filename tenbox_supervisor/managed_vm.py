@@ -19,7 +19,8 @@ from tenbox_supervisor.failures import Failure
 from tenbox_supervisor.oshost import Proc
 from tenbox_supervisor.spec import VmSpec
 from tenbox_supervisor.states import ACTIVE_STATES, check_transition
-from tenbox_vmm.protocol import NetStatus, VmState
+from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.link import NetStatus
 
 log = logging.getLogger("tenboxd.workers")
 

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from tenbox_supervisor.protocol import NAME_RE
-from tenbox_vmm.protocol import DiskArg, Limits
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.disk_arg import DiskArg
 
 
 OVERLAY_NAME = "disk.qcow2"  # a VM's own qcow2 overlay of its template, in its folder

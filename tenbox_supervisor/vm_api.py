@@ -23,7 +23,8 @@ from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
 from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac, new_vm_id
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
-from tenbox_vmm.protocol import CommandName, Limits
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.link import CommandName
 
 log = logging.getLogger("tenboxd.api")
 

@@ -33,7 +33,8 @@ from tenbox_supervisor.protocol import ErrorCode, FailureCode
 from tenbox_supervisor.spec import VmSpec, disk_arg
 from tenbox_supervisor.states import ACTIVE_STATES, InvalidTransition
 from tenbox_supervisor.store import Store
-from tenbox_vmm.protocol import (
+from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
     LINK_VERSION,
@@ -46,7 +47,6 @@ from tenbox_vmm.protocol import (
     NetReport,
     Reply,
     StateReport,
-    VmState,
     WorkerExit,
     Who,
 )

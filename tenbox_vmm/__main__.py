@@ -15,7 +15,8 @@ import sys
 from typing import List, Optional
 
 from tenbox_vmm import __version__
-from tenbox_vmm.protocol import DiskArg, ExitCode, Limits
+from tenbox_vmm.protocol import ExitCode, Limits
+from tenbox_vmm.protocol.disk_arg import DiskArg
 
 PROG = "tenbox-vm-runtime"
 

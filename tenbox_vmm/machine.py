@@ -26,7 +26,9 @@ from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.kvm import constants as kc
 from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
 from tenbox_vmm.memory import MIB, GuestMemory
-from tenbox_vmm.protocol import DiskArg, ExitCode, Limits, NetStatus, VmState
+from tenbox_vmm.protocol import ExitCode, Limits, VmState
+from tenbox_vmm.protocol.disk_arg import DiskArg
+from tenbox_vmm.protocol.link import NetStatus
 
 log = logging.getLogger("tenbox.machine")
 

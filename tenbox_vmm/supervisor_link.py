@@ -16,22 +16,20 @@ import threading
 import time
 from typing import Deque, Optional, Tuple
 
-from tenbox_vmm.protocol import (
+from tenbox_vmm.protocol import VERSION, Limits, VmState
+from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
-    VERSION,
     Command,
     CommandName,
     ConsoleData,
     Heartbeat,
     Hello,
-    Limits,
     Message,
     NetReport,
     Reply,
     StateReport,
     UnknownCommand,
-    VmState,
     WorkerExit,
     Who,
     decode,

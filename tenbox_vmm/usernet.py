@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
-from tenbox_vmm.protocol import Limits, NetStatus
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.link import NetStatus
 
 
 class NetSetupError(Exception):

@@ -1,10 +1,11 @@
-"""What tenbox-vm-runtime promises the world: exit codes, states, link messages, limits, argument grammar (worker; imported by the daemon).
+"""What tenbox-vm-runtime promises the world: exit codes, states, link messages, limits, argument grammar (worker; imported by the daemon and the CLI).
 
 The one part of tenbox_vmm that tenboxd may import (docs/architecture.md):
-exit codes (here), VM states and the worker link's messages (link.py), the
-limits of a VM (limits.py), the --disk value (disk_arg.py) and the
-port-forward grammar (forwards.py, imported by name: it is the only
-module here that pulls in more of the standard library).
+exit codes and VM states (here), the limits of a VM (limits.py, also here),
+the worker link's messages (link.py), the --disk value (disk_arg.py), the
+port-forward grammar (forwards.py) and the image tool's answer
+(imagetool.py). Those are imported by their module's name: this package's
+own import stays light, because the CLI loads it at every start.
 """
 
 from __future__ import annotations
@@ -12,30 +13,7 @@ from __future__ import annotations
 import enum
 
 from tenbox_vmm import __version__ as VERSION
-from tenbox_vmm.protocol.disk_arg import DiskArg
 from tenbox_vmm.protocol.limits import Limits
-from tenbox_vmm.protocol.link import (
-    HEARTBEAT_INTERVAL_SEC,
-    HEARTBEAT_LIVENESS,
-    LINK_VERSION,
-    Command,
-    CommandName,
-    ConsoleData,
-    Heartbeat,
-    Hello,
-    Message,
-    Msg,
-    NetReport,
-    NetStatus,
-    Reply,
-    StateReport,
-    UnknownCommand,
-    VmState,
-    WorkerExit,
-    Who,
-    decode,
-    encode,
-)
 
 
 class ExitCode(enum.IntEnum):
@@ -64,8 +42,17 @@ _DESCRIPTIONS = {
     ExitCode.GUEST_CRASH: "guest crashed",
 }
 
-__all__ = [
-    "Command", "CommandName", "ConsoleData", "DiskArg", "ExitCode", "HEARTBEAT_INTERVAL_SEC", "HEARTBEAT_LIVENESS",
-    "Heartbeat", "Hello", "LINK_VERSION", "Limits", "Message", "Msg", "NetReport", "NetStatus", "Reply",
-    "StateReport", "UnknownCommand", "VERSION", "VmState", "WorkerExit", "Who", "decode", "encode",
-]
+
+
+class VmState(str, enum.Enum):
+    """Lifecycle states of a VM, shared by worker and daemon."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    REBOOTING = "rebooting"
+    CRASHED = "crashed"
+
+
+__all__ = ["ExitCode", "Limits", "VERSION", "VmState"]

@@ -15,22 +15,11 @@ import enum
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type, Union
 
-from tenbox_vmm.protocol.limits import Limits
+from tenbox_vmm.protocol import Limits, VmState
 
 LINK_VERSION = 1
 HEARTBEAT_INTERVAL_SEC = 1.0
 HEARTBEAT_LIVENESS = 5  # silent intervals before the peer counts as gone (zguide: 3..5)
-
-
-class VmState(str, enum.Enum):
-    """Lifecycle states of a VM, shared by worker and daemon."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    REBOOTING = "rebooting"
-    CRASHED = "crashed"
 
 
 class Msg(str, enum.Enum):

@@ -163,7 +163,7 @@ def main(argv: Optional[List[str]] = None, kind: Optional[str] = None) -> int:
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
             from tenbox_vmm.devices.virtio.blk_io import runner_for
             from tenbox_vmm.disk import DiskError, open_disk
-            from tenbox_vmm.protocol import DiskArg
+            from tenbox_vmm.protocol.disk_arg import DiskArg
 
             try:
                 spec = DiskArg.parse(args.disk)

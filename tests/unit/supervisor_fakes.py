@@ -17,7 +17,8 @@ from tenbox_supervisor.oshost import Proc
 from tenbox_supervisor.spec import VmSpec
 from tenbox_supervisor.store import Store
 from tenbox_supervisor.worker_manager import WorkerManager
-from tenbox_vmm.protocol import Hello, Message, StateReport, VmState
+from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.link import Hello, Message, StateReport
 
 CREATE_TIME = 1700000000.5
 

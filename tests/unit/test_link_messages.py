@@ -3,12 +3,13 @@
 import msgpack
 import pytest
 
-from tenbox_vmm.protocol import (
+from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.disk_arg import DiskArg
+from tenbox_vmm.protocol.link import (
     LINK_VERSION,
     Command,
     CommandName,
     ConsoleData,
-    DiskArg,
     Heartbeat,
     Hello,
     NetReport,
@@ -16,7 +17,6 @@ from tenbox_vmm.protocol import (
     Reply,
     StateReport,
     UnknownCommand,
-    VmState,
     WorkerExit,
     Who,
     decode,

@@ -10,16 +10,15 @@ import pytest
 from tenbox_supervisor.errors import OperationError
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
 from tenbox_supervisor.worker_manager import START_TIMEOUT_SEC
-from tenbox_vmm.protocol import (
+from tenbox_vmm.protocol import ExitCode, VmState
+from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
     LINK_VERSION,
     Command,
     CommandName,
     ConsoleData,
-    ExitCode,
     Heartbeat,
-    VmState,
     WorkerExit,
     Who,
 )
