@@ -83,6 +83,10 @@ class SupervisorLink:
         os.set_blocking(self._wake_w, False)
         self._pending_input = b""
         self._exit: Optional[Tuple[int, str]] = None
+        # Queued events and console output wait for the first HELLO to go out: a supervisor
+        # drops (and answers with WHO) whatever a worker says before it has introduced itself,
+        # so a state change sent first (a fast guest reset) would be lost.
+        self._introduced = False
         self._thread = threading.Thread(target=self._run, name="worker-link", daemon=True)
 
     # Called from any thread ------------------------------------------------
@@ -171,7 +175,7 @@ class SupervisorLink:
                         zmq.utils.monitor.recv_monitor_message(monitor)
                     except zmq.ZMQError:
                         pass
-                    self._send(sock, self._hello())  # a (re)connect: introduce ourselves
+                    self._introduce(sock)  # a (re)connect
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -194,6 +198,8 @@ class SupervisorLink:
                 if self._pending_input:
                     self._pending_input = self._pending_input[self.machine.console_input(self._pending_input):]
                 if self._exit is not None:
+                    if not self._introduced:
+                        self._introduce(sock)  # a guest that ended before the link was up: tell its story
                     self._flush(sock)
                     code, reason = self._exit
                     self._send(sock, WorkerExit(code, reason))
@@ -214,8 +220,14 @@ class SupervisorLink:
         except zmq.Again:
             return False  # no supervisor connected (IMMEDIATE) or its queue is full
 
+    def _introduce(self, sock) -> None:
+        if self._send(sock, self._hello()):
+            self._introduced = True
+
     def _flush(self, sock) -> None:
         """Send queued console output and events; what cannot go yet waits (bounded) for a supervisor."""
+        if not self._introduced:
+            return
         with self._lock:
             data = b"".join(self._console)
             self._console.clear()
@@ -245,7 +257,7 @@ class SupervisorLink:
             log.warning("%s: dropped a bad frame from the supervisor: %s", self.vm_id, e)
             return
         if isinstance(msg, Who):
-            self._send(sock, self._hello())
+            self._introduce(sock)
         elif isinstance(msg, Command):
             self._command(sock, msg)
 
