@@ -1,11 +1,13 @@
 """tenboxctl / tenbox: the operator CLI (any user in the tenbox group, or root).
 
-Exit codes: 0 ok, 1 request failed, 2 usage, 3 daemon unreachable,
-4 permission denied.
+Exit codes: tenbox_supervisor.protocol.ExitCode and its EXIT_CODES table,
+printed by `tenbox --help` and so in the manual page.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import DefaultDict, List
 
 import click
 
@@ -15,15 +17,31 @@ from tenbox_ctl.host import host_group
 from tenbox_ctl.image import image_group
 from tenbox_ctl.system import doctor, system_group, version
 from tenbox_ctl.vm import vm_group
-from tenbox_vmm import __version__
+from tenbox_supervisor.protocol import EXIT_CODES, VERSION, ExitCode
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def exit_status_help() -> str:
+    """The exit codes and which of tenboxd's error codes lead to each (help2man makes it a man page section)."""
+    codes: DefaultDict[ExitCode, List[str]] = defaultdict(list)
+    for error, status in EXIT_CODES.items():
+        codes[status].append(error.value)
+    lines = ["\b", "Exit status:"]
+    for status in ExitCode:
+        note = ""
+        if status is ExitCode.FAILED:
+            note = "; error codes: all but those named below"
+        elif codes[status]:
+            note = "; error code%s: %s" % ("s" if len(codes[status]) > 1 else "", ", ".join(sorted(codes[status])))
+        lines.append("  %d  %s%s" % (status, status.meaning, note))
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=exit_status_help())
 @click.option("--socket", "socket_path", envvar="TENBOX_SOCK", metavar="PATH",
               help="tenboxd's control socket (default: the seed's lookup, /run/tenbox/tenbox.sock first).")
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=DEFAULT_TIMEOUT_SEC, show_default=True,
               help="Seconds to wait for tenboxd.")
-@click.version_option(__version__, prog_name="tenbox")
+@click.version_option(VERSION, prog_name="tenbox")
 @click.pass_context
 def cli(ctx: click.Context, socket_path, timeout):
     """Manage tenbox VMs through tenboxd.

@@ -13,24 +13,29 @@ import os
 import socket
 from typing import Any, Dict, Iterator, Optional
 
-from tenbox_supervisor.protocol import REQUEST_MAX_BYTES, SOCKET_ENV, default_socket_candidates
+from tenbox_supervisor.protocol import (
+    REQUEST_MAX_BYTES,
+    SOCKET_ENV,
+    ErrorCode,
+    ExitCode,
+    Method,
+    default_socket_candidates,
+    exit_code_for,
+)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_PERMISSION = 4
 DEFAULT_TIMEOUT_SEC = 60.0
 
 
 class CliError(Exception):
-    """A failure to show the operator: one line, and the exit code it maps to."""
+    """A failure to show the operator: one line, the exit code it maps to, and tenboxd's error code if it sent one."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED, reply: Optional[dict] = None) -> None:
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.FAILED, reply: Optional[dict] = None,
+                 error_code: Optional[ErrorCode] = None) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
         self.reply = reply
+        self.error_code = error_code
 
 
 def resolve_socket(explicit: Optional[str] = None) -> str:
@@ -65,20 +70,20 @@ class Client:
         if e.errno in (errno.EACCES, errno.EPERM):
             return CliError(
                 "permission denied on %s: add your user to the tenbox group (sudo usermod -aG tenbox $USER), "
-                "then open a new shell or run 'newgrp tenbox'" % self.path, EXIT_PERMISSION)
+                "then open a new shell or run 'newgrp tenbox'" % self.path, ExitCode.PERMISSION)
         if e.errno == errno.ENOENT:
             return CliError("tenboxd is not running: no socket at %s (%s); start it with 'systemctl start tenboxd'"
-                            % (self.path, _lookup_note()), EXIT_UNREACHABLE)
+                            % (self.path, _lookup_note()), ExitCode.UNREACHABLE)
         if e.errno == errno.ECONNREFUSED:
             return CliError("tenboxd is not running: %s refuses connections (left by a daemon that died?); "
-                            "start it with 'systemctl start tenboxd'" % self.path, EXIT_UNREACHABLE)
-        return CliError("cannot reach tenboxd at %s: %s" % (self.path, e.strerror or e), EXIT_UNREACHABLE)
+                            "start it with 'systemctl start tenboxd'" % self.path, ExitCode.UNREACHABLE)
+        return CliError("cannot reach tenboxd at %s: %s" % (self.path, e.strerror or e), ExitCode.UNREACHABLE)
 
-    def request(self, type_: str, payload: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def request(self, method: Method, payload: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """One request, one reply; CliError unless the daemon says ok."""
         s = self.connect()
         try:
-            self._send(s, {"id": next(self._ids), "type": type_, "payload": payload or {}})
+            self._send(s, {"id": next(self._ids), "type": method.value, "payload": payload or {}})
             reply = self._read(s.makefile("rb"))
         finally:
             s.close()
@@ -87,13 +92,13 @@ class Client:
     def _send(self, s: socket.socket, obj: Dict[str, Any]) -> None:
         data = (json.dumps(obj) + "\n").encode()
         if len(data) > REQUEST_MAX_BYTES:
-            raise CliError("the request is larger than 1 MiB", EXIT_USAGE)
+            raise CliError("the request is larger than 1 MiB", ExitCode.USAGE)
         try:
             s.sendall(data)
         except socket.timeout:
             raise CliError("tenboxd did not accept the request within %.0fs" % self.timeout) from None
         except OSError as e:
-            raise CliError("lost the connection to tenboxd: %s" % (e.strerror or e), EXIT_UNREACHABLE) from None
+            raise CliError("lost the connection to tenboxd: %s" % (e.strerror or e), ExitCode.UNREACHABLE) from None
 
     def _read(self, f) -> Dict[str, Any]:
         try:
@@ -101,9 +106,9 @@ class Client:
         except socket.timeout:
             raise CliError("tenboxd did not answer within %.0fs (--timeout to wait longer)" % self.timeout) from None
         except OSError as e:
-            raise CliError("lost the connection to tenboxd: %s" % (e.strerror or e), EXIT_UNREACHABLE) from None
+            raise CliError("lost the connection to tenboxd: %s" % (e.strerror or e), ExitCode.UNREACHABLE) from None
         if not line:
-            raise CliError("tenboxd closed the connection without answering", EXIT_UNREACHABLE)
+            raise CliError("tenboxd closed the connection without answering", ExitCode.UNREACHABLE)
         try:
             reply = json.loads(line)
         except ValueError:
@@ -117,13 +122,16 @@ class Client:
         if reply.get("ok"):
             payload = reply.get("payload")
             return payload if isinstance(payload, dict) else {}
-        code = reply.get("error_code") or "error"
-        exit_code = EXIT_PERMISSION if code == "permission_denied" else EXIT_FAILED
-        raise CliError("%s (%s)" % (reply.get("error") or "request failed", code), exit_code, reply)
+        text = reply.get("error_code") or "error"
+        try:
+            code: Optional[ErrorCode] = ErrorCode(text)
+        except ValueError:
+            code = None  # a newer tenboxd's code: shown as it is, exit FAILED
+        raise CliError("%s (%s)" % (reply.get("error") or "request failed", text), exit_code_for(code), reply, code)
 
-    def stream(self, type_: str, payload: Dict[str, Any]) -> "StreamConnection":
+    def stream(self, method: Method, payload: Dict[str, Any]) -> "StreamConnection":
         s = self.connect()
-        self._send(s, {"id": next(self._ids), "type": type_, "payload": payload})
+        self._send(s, {"id": next(self._ids), "type": method.value, "payload": payload})
         # Unbuffered for the first line: the events right behind it must stay in the socket.
         first = self._check(self._read(s.makefile("rb", buffering=0)))
         s.settimeout(None)

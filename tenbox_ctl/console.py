@@ -15,8 +15,8 @@ import time
 import tty
 from typing import Optional
 
-from tenbox_ctl.client import Client, EXIT_UNREACHABLE
-from tenbox_supervisor.protocol import Event
+from tenbox_ctl.client import Client
+from tenbox_supervisor.protocol import Event, ExitCode, Method
 
 DETACH = b"\x1d"
 
@@ -48,7 +48,7 @@ EOF_LINGER_SEC = 1.0  # after piped input ends, how long to keep showing output
 
 
 def attach(client: Client, vm: str, linger: float = EOF_LINGER_SEC) -> int:
-    conn = client.stream("vm.console.attach", {"vm_id": vm})
+    conn = client.stream(Method.VM_CONSOLE_ATTACH, {"vm_id": vm})
     vm_id = conn.first.get("vm_id", vm)
     interactive = os.isatty(0)
     if interactive:
@@ -91,7 +91,7 @@ def attach(client: Client, vm: str, linger: float = EOF_LINGER_SEC) -> int:
                         chunk = conn.sock.recv(65536)
                         if not chunk:
                             reason = "tenboxd closed the console."
-                            return EXIT_UNREACHABLE
+                            return ExitCode.UNREACHABLE
                         buf += chunk
                         while b"\n" in buf:
                             line, buf = buf.split(b"\n", 1)

@@ -7,6 +7,7 @@ import click
 from tenbox_ctl import output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_ctl.client import CliError
+from tenbox_supervisor.protocol import Method
 
 UPDATE_TIMEOUT_SEC = 1800  # apt-get update + install on a slow mirror
 
@@ -38,7 +39,7 @@ def host_update(app: App, version, as_json):
     if version:
         payload["version"] = version
     try:
-        result = app.client(UPDATE_TIMEOUT_SEC).request("host.update", payload)
+        result = app.client(UPDATE_TIMEOUT_SEC).request(Method.HOST_UPDATE, payload)
     except CliError as e:
         running = (e.reply or {}).get("running_vms")
         if running:
@@ -64,7 +65,7 @@ def host_update_log(app: App, lines: int, as_json: bool):
     Example:
       sudo tenbox host update-log -n 50
     """
-    result = app.client().request("host.update.log", {"lines": lines})
+    result = app.client().request(Method.HOST_UPDATE_LOG, {"lines": lines})
     if as_json:
         output.emit_json(result)
         return

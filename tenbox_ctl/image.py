@@ -21,8 +21,9 @@ import click
 
 from tenbox_ctl import output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
-from tenbox_ctl.client import EXIT_PERMISSION, CliError
-from tenbox_supervisor.protocol import NAME_RE
+from tenbox_ctl.client import CliError
+from tenbox_supervisor.protocol import NAME_RE, ErrorCode, ExitCode, Method
+from tenbox_vmm.protocol.imagetool import IMAGETOOL_MODULE, ImageToolBroken, ImageToolFailed, read_answer
 
 IMPORT_TIMEOUT_SEC = 6 * 3600  # copying and hashing many GiB on a slow disk
 PROGRESS_POLL_SEC = 1.0
@@ -50,11 +51,15 @@ def image_group():
 
 
 def _imagetool(*args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tenbox_vmm.imagetool", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = r.stderr.strip().splitlines()
-        raise CliError(lines[-1].replace("tenbox-image: error: ", "") if lines else "image tool failed")
-    return json.loads(r.stdout)
+    """Run the image tool here, as the invoking user; its JSON answer, or CliError with its message."""
+    r = subprocess.run([sys.executable, "-m", IMAGETOOL_MODULE, *args], stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True)
+    try:
+        return read_answer(r.returncode, r.stdout)
+    except ImageToolFailed as e:
+        raise CliError(e.message) from None
+    except ImageToolBroken as e:
+        raise CliError(str(e)) from None
 
 
 def _check_name(name: Optional[str]) -> None:
@@ -92,7 +97,7 @@ def image_ls(app: App, as_json: bool):
       tenbox image ls
       tenbox image ls --json | jq -r '.[] | select(.state == "ready") | .name'
     """
-    images = app.client().request("image.list")["images"]
+    images = app.client().request(Method.IMAGE_LIST)["images"]
     if as_json:
         output.emit_json(images)
         return
@@ -127,7 +132,7 @@ def image_inspect(app: App, name: str, verify: bool, as_json: bool):
       tenbox image inspect deb12
       tenbox image inspect deb12 --verify
     """
-    img = app.client(IMPORT_TIMEOUT_SEC if verify else None).request("image.inspect", {"name": name, "verify": verify})
+    img = app.client(IMPORT_TIMEOUT_SEC if verify else None).request(Method.IMAGE_INSPECT, {"name": name, "verify": verify})
     bad = verify and not (img.get("verify") or {}).get("ok")
     if as_json:
         output.emit_json(img)
@@ -170,7 +175,7 @@ class _ImportProgress:
         if not self.name:
             return
         try:
-            images = self.app.client(10).request("image.list")["images"]
+            images = self.app.client(10).request(Method.IMAGE_LIST)["images"]
         except CliError:
             return
         for img in images:
@@ -217,7 +222,7 @@ def _import(app: App, paths: List[str], name: Optional[str], as_json: bool) -> N
 
     def request() -> None:
         try:
-            result["image"] = app.client(IMPORT_TIMEOUT_SEC).request("image.import", payload)
+            result["image"] = app.client(IMPORT_TIMEOUT_SEC).request(Method.IMAGE_IMPORT, payload)
         except CliError as e:
             result["error"] = e
 
@@ -276,7 +281,7 @@ def image_rm(app: App, name: str, as_json: bool):
       tenbox image rm deb12
     """
     try:
-        result = app.client(600).request("image.remove", {"name": name})
+        result = app.client(600).request(Method.IMAGE_REMOVE, {"name": name})
     except CliError as e:
         if as_json and e.reply is not None:
             output.emit_json(e.reply)
@@ -332,17 +337,17 @@ def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key
     name = name or "%s-%s" % (distro, suite)
     _check_name(name)
     if os.geteuid() != 0:
-        raise CliError("image build needs root: debootstrap and chroot do (run it with sudo)", EXIT_PERMISSION)
+        raise CliError("image build needs root: debootstrap and chroot do (run it with sudo)", ExitCode.PERMISSION)
     script = find_script("make-rootfs-%s.sh" % distro)
     if not no_import:
         try:
-            app.client().request("image.inspect", {"name": name})
+            app.client().request(Method.IMAGE_INSPECT, {"name": name})
         except CliError as e:
-            if (e.reply or {}).get("error_code") != "image_not_found":
+            if e.error_code is not ErrorCode.IMAGE_NOT_FOUND:
                 raise
         else:
-            raise CliError("an image named %r exists; remove it (tenbox image rm %s) or choose another --name (image_exists)"
-                           % (name, name))
+            raise CliError("an image named %r exists; remove it (tenbox image rm %s) or choose another --name (%s)"
+                           % (name, name, ErrorCode.IMAGE_EXISTS.value), error_code=ErrorCode.IMAGE_EXISTS)
     out = os.path.abspath(out) if out else os.path.join(BUILD_CACHE, name)
     argv = [script, "--suite", suite, "--name", name, "--size", size, "--hostname", hostname, "--out", out]
     for p in packages:

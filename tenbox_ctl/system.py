@@ -7,7 +7,7 @@ import click
 from tenbox_ctl import output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_ctl.client import CliError
-from tenbox_vmm import __version__
+from tenbox_supervisor.protocol import VERSION, ExitCode, Method
 
 
 @click.command("doctor")
@@ -21,7 +21,7 @@ def doctor(app: App, as_json: bool):
     Example:
       tenbox doctor
     """
-    report = app.client().request("doctor")
+    report = app.client().request(Method.DOCTOR)
     if as_json:
         output.emit_json(report)
     else:
@@ -30,7 +30,7 @@ def doctor(app: App, as_json: bool):
             click.echo("%-4s %-20s %s" % (mark, c["id"], c["message"]))
         click.echo("supported: %s" % ("yes" if report.get("supported") else "no"))
     if not report.get("supported"):
-        raise SystemExit(1)
+        raise SystemExit(ExitCode.FAILED)
 
 
 @click.group("system")
@@ -54,7 +54,7 @@ def system_info(app: App, as_json: bool):
     Example:
       tenbox system info
     """
-    info = app.client().request("system.info")
+    info = app.client().request(Method.SYSTEM_INFO)
     if as_json:
         output.emit_json(info)
         return
@@ -87,11 +87,11 @@ def version(app: App, as_json: bool):
     """
     daemon = None
     try:
-        daemon = app.client(5).request("system.info").get("version")
+        daemon = app.client(5).request(Method.SYSTEM_INFO).get("version")
     except CliError:
         pass
     if as_json:
-        output.emit_json({"client": __version__, "daemon": daemon})
+        output.emit_json({"client": VERSION, "daemon": daemon})
     else:
-        click.echo("tenbox %s" % __version__)
+        click.echo("tenbox %s" % VERSION)
         click.echo("tenboxd %s" % (daemon or "(not reachable)"))

@@ -11,6 +11,7 @@ import click
 from tenbox_ctl import output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_ctl.client import CliError
+from tenbox_supervisor.protocol import ErrorCode, Event, Method
 
 
 @click.group("vm")
@@ -92,7 +93,7 @@ def vm_ls(app: App, as_json: bool):
       tenbox vm ls
       tenbox vm ls --json | jq '.[] | select(.state == "running") | .id'
     """
-    vms = app.client().request("vm.list")["vms"]
+    vms = app.client().request(Method.VM_LIST)["vms"]
     if as_json:
         output.emit_json(vms)
         return
@@ -118,11 +119,11 @@ def vm_show(app: App, vm: str, as_json: bool):
     Example:
       tenbox vm show web
     """
-    for v in app.client().request("vm.list")["vms"]:
+    for v in app.client().request(Method.VM_LIST)["vms"]:
         if v["id"] == vm or v.get("name") == vm:
             _print_vm(v, as_json)
             return
-    raise CliError("no VM with id or name %r (vm_not_found)" % vm)
+    raise CliError("no VM with id or name %r (%s)" % (vm, ErrorCode.VM_NOT_FOUND.value), error_code=ErrorCode.VM_NOT_FOUND)
 
 
 @vm_group.command("create")
@@ -166,7 +167,7 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
                "guestfwds": list(guestfwds)}
     if cmdline is not None:
         payload["cmdline"] = cmdline
-    vm = app.client().request("vm.create", payload)
+    vm = app.client().request(Method.VM_CREATE, payload)
     if as_json:
         output.emit_json(vm)
     else:
@@ -211,7 +212,7 @@ def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, ne
     payload = {k: v for k, v in payload.items() if v is not None}
     if len(payload) == 1:
         raise click.UsageError("nothing to change: give at least one option")
-    result = app.client().request("vm.edit", payload)
+    result = app.client().request(Method.VM_EDIT, payload)
     _print_vm(result, as_json)
     _warn_forwards(result.get("forward_failures"))
 
@@ -221,7 +222,7 @@ def _warn_forwards(failures) -> None:
         output.err("forward %s failed: %s" % (spec, reason))
 
 
-def _simple(verb: str, method: str, doc: str, timeout_option: bool = False):
+def _simple(verb: str, method: Method, doc: str, timeout_option: bool = False):
     @click.argument("vm")
     @json_option
     @pass_app
@@ -233,13 +234,13 @@ def _simple(verb: str, method: str, doc: str, timeout_option: bool = False):
             payload["timeout"] = timeout
             client_timeout = timeout + 30
         result = app.client(client_timeout).request(method, payload)
-        if method == "vm.start":
+        if method is Method.VM_START:
             _warn_forwards((result.get("net_status") or {}).get("failures"))
         if as_json:
             output.emit_json(result)
         else:
             extra = ""
-            if method == "vm.shutdown" and result.get("graceful") is False:
+            if method is Method.VM_SHUTDOWN and result.get("graceful") is False:
                 extra = " (the guest ignored the power button; stopped hard)"
             click.echo("%s: %s%s" % (result.get("id", vm), result.get("state", "ok"), extra))
 
@@ -249,25 +250,25 @@ def _simple(verb: str, method: str, doc: str, timeout_option: bool = False):
     return vm_group.command(verb)(command)
 
 
-_simple("start", "vm.start", """Start a VM and wait until it runs.
+_simple("start", Method.VM_START, """Start a VM and wait until it runs.
 
     \b
     Example:
       tenbox vm start web
     """)
-_simple("stop", "vm.stop", """Stop a VM now (hard stop: like pulling the plug, disks flushed).
+_simple("stop", Method.VM_STOP, """Stop a VM now (hard stop: like pulling the plug, disks flushed).
 
     \b
     Example:
       tenbox vm stop web
     """, timeout_option=True)
-_simple("shutdown", "vm.shutdown", """Ask the guest to power off (ACPI power button); hard stop after the timeout.
+_simple("shutdown", Method.VM_SHUTDOWN, """Ask the guest to power off (ACPI power button); hard stop after the timeout.
 
     \b
     Example:
       tenbox vm shutdown web --timeout 120
     """, timeout_option=True)
-_simple("reboot", "vm.reboot", """Reset the VM (like the reset button).
+_simple("reboot", Method.VM_REBOOT, """Reset the VM (like the reset button).
 
     \b
     Example:
@@ -287,7 +288,7 @@ def vm_rm(app: App, vm: str, force: bool):
     Example:
       tenbox vm rm web --force
     """
-    result = app.client(120).request("vm.delete", {"vm_id": vm, "force": force})
+    result = app.client(120).request(Method.VM_DELETE, {"vm_id": vm, "force": force})
     click.echo("%s: deleted" % result.get("id", vm))
 
 
@@ -323,7 +324,7 @@ def vm_logs(app: App, vm: str, lines: int, follow: bool, runtime: bool, as_json:
       tenbox vm logs web -n 50 -f
     """
     client = app.client()
-    result = client.request("vm.logs", {"vm_id": vm, "lines": lines, "source": "runtime" if runtime else "console"})
+    result = client.request(Method.VM_LOGS, {"vm_id": vm, "lines": lines, "source": "runtime" if runtime else "console"})
     if as_json and not follow:
         output.emit_json(result)
         return
@@ -333,13 +334,13 @@ def vm_logs(app: App, vm: str, lines: int, follow: bool, runtime: bool, as_json:
         return
     if runtime:
         raise click.UsageError("--follow works on the console log only")
-    conn = client.stream("vm.logs.follow", {"vm_id": vm})
+    conn = client.stream(Method.VM_LOGS_FOLLOW, {"vm_id": vm})
     try:
         for ev in conn.events():
-            if ev.get("type") == "vm.logs.append":
+            if ev.get("type") == Event.LOGS_APPEND.value:
                 for line in ev.get("payload", {}).get("lines", []):
                     click.echo(line)
-            elif ev.get("type") == "vm.logs.closed":
+            elif ev.get("type") == Event.LOGS_CLOSED.value:
                 break
     except KeyboardInterrupt:
         pass

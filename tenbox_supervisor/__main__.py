@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from tenbox_vmm import __version__
+from tenbox_supervisor.protocol import VERSION
 
 PROG = "tenboxd"
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-url", metavar="URL", help="cloud control plane (TENBOX_CLOUD_URL; empty disables it)")
     p.add_argument("--doctor", action="store_true", help="check this host for KVM, print JSON, exit 0 if supported else 2")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    p.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    p.add_argument("--version", action="version", version="%s %s" % (PROG, VERSION))
     return p
 
 

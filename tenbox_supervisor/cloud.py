@@ -21,17 +21,26 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Protocol
 from urllib.parse import urlsplit
 
 import tenacity
 import websockets
 
 from tenbox_supervisor import doctor, telemetry
-from tenbox_supervisor.api import ApiError, Caller
+from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.fsutil import atomic_write
-from tenbox_supervisor.protocol import ErrorCode
-from tenbox_vmm import __version__
+from tenbox_supervisor.managed_vm import ManagedVm, StateListener
+from tenbox_supervisor.protocol import (
+    CLOUD_LOCAL_REQUESTS,
+    CLOUD_METHODS,
+    VERSION,
+    CloudMsg,
+    ErrorCode,
+    cloud_response,
+)
+from tenbox_vmm.protocol import VmState
 
 log = logging.getLogger("tenboxd.cloud")
 
@@ -47,20 +56,37 @@ TOKEN_FILE = "device.token"
 HOST_ID_FILE = "device.id"
 TOKEN_MAX_BYTES = 4096
 
-# Cloud request types and the method each runs; anything else is unknown_request.
-CLOUD_METHODS = {
-    "vm.list": "vm.list",
-    "vm.create": "vm.create",
-    "vm.edit": "vm.edit",
-    "vm.start": "vm.start",
-    "vm.stop": "vm.stop",
-    "vm.shutdown": "vm.shutdown",
-    "vm.reboot": "vm.reboot",
-    "vm.delete": "vm.delete",
-    "vm.logs.tail": "vm.logs",
-    "host.update": "host.update",
-}
-LOCAL_REQUESTS = ("host.resources", "device.capabilities")
+
+
+class Methods(Protocol):
+    """The method table (api.Api), which cloud requests go through like local ones."""
+
+    def lookup(self, type_: Any) -> MethodSpec:
+        ...
+
+    async def call(self, type_: Any, params: Dict[str, Any], caller: Caller, stream=None) -> Dict[str, Any]:
+        ...
+
+
+class CloudVms(Protocol):
+    """What the telemetry and the state events read of the VMs."""
+
+    def all(self) -> List[ManagedVm]:
+        ...
+
+    def broken(self) -> Dict[str, str]:
+        ...
+
+    def vm_dir(self, vm_id: str) -> str:
+        ...
+
+    def add_listener(self, listener: StateListener) -> None:
+        ...
+
+
+class PendingReports(Protocol):
+    def pending_reports(self) -> List[Dict[str, Any]]:
+        """Answers a previous tenboxd owed the cloud (the updater's), handed out once."""
 
 
 class SessionEnded(Exception):
@@ -103,10 +129,15 @@ def os_release() -> Dict[str, str]:
 
 
 class CloudLink:
-    def __init__(self, daemon, url: str) -> None:
-        self.daemon = daemon
+    def __init__(self, url: str, data_dir: str, socket_path: str, started_at: float, methods: Methods,
+                 vms: CloudVms, reports: PendingReports) -> None:
         self.url = url
-        self.data_dir = daemon.config.data_dir
+        self.data_dir = data_dir
+        self.socket_path = socket_path
+        self.started_at = started_at
+        self.methods = methods
+        self.vms = vms
+        self.reports = reports
         self.host_id = self._load_host_id()
         self.pair_code: Optional[str] = None
         self.connected = False
@@ -155,36 +186,36 @@ class CloudLink:
     # Telemetry -----------------------------------------------------------------------------
 
     def host_payload(self) -> Dict[str, Any]:
-        workers = self.daemon.workers
-        vms = list(workers.vms.values())
+        vms = self.vms.all()
         rss = 0
         for vm in vms:
-            if vm.proc is not None:
-                res = telemetry.process_resources(vm.proc.pid)
+            if vm.pid is not None:
+                res = telemetry.process_resources(vm.pid)
                 rss += res["rss_bytes"] if res else 0
         return {
             "resources": telemetry.host_resources(self.data_dir),
             "doctor": doctor.run_checks(),
             "hostname": socket.gethostname(),
             "data_dir": self.data_dir,
-            "socket_path": self.daemon.config.socket_path,
-            "daemon_version": __version__,
-            "daemon_uptime_seconds": time.time() - self.daemon.started_at,
+            "socket_path": self.socket_path,
+            "daemon_version": VERSION,
+            "daemon_uptime_seconds": time.time() - self.started_at,
             "cloud_connected": self.connected,
             "tenbox_vm_memory_bytes": rss,
             "os_release": os_release(),
             "arch": debian_arch(),
-            "vm_summary": telemetry.vm_summary(vms, len(workers.broken)),
+            "vm_summary": telemetry.vm_summary(vms, len(self.vms.broken())),
         }
 
     def vm_payload(self) -> Dict[str, Any]:
         out = []
-        for vm in self.daemon.workers.vms.values():
+        now = time.time()
+        for vm in self.vms.all():
             entry = {"vm_id": vm.id, "name": vm.spec.name, "state": vm.state.value,
-                     "pid": vm.proc.pid if vm.proc else None, "uptime_sec": vm.uptime(),
-                     "resources": {"disk_usage_bytes": telemetry.dir_usage(self.daemon.store.vm_dir(vm.id))}}
-            if vm.proc is not None:
-                entry["resources"].update(telemetry.process_resources(vm.proc.pid) or {})
+                     "pid": vm.pid, "uptime_sec": vm.uptime(now),
+                     "resources": {"disk_usage_bytes": telemetry.dir_usage(self.vms.vm_dir(vm.id))}}
+            if vm.pid is not None:
+                entry["resources"].update(telemetry.process_resources(vm.pid) or {})
             out.append(entry)
         return {"vms": out, "updated_at": time.time()}
 
@@ -207,9 +238,9 @@ class CloudLink:
             log.debug("cloud send of %s failed: %s", type_, e)
             return False
 
-    def on_state_change(self, vm, old, new, reason: str) -> None:
+    def on_state_change(self, vm: ManagedVm, old: VmState, new: VmState, reason: str) -> None:
         if self.connected:
-            asyncio.ensure_future(self.send("vm.state_changed", {"vm_id": vm.id, "name": vm.spec.name,
+            asyncio.ensure_future(self.send(CloudMsg.VM_STATE_CHANGED.value, {"vm_id": vm.id, "name": vm.spec.name,
                                                                  "state": new.value, "previous": old.value,
                                                                  "reason": reason,
                                                                  "last_failure": vm.last_failure}, vm_id=vm.id))
@@ -223,7 +254,7 @@ class CloudLink:
         if urlsplit(self.url).scheme != "wss":
             log.error("cloud URL %s is not wss://; the cloud link stays off", self.url)
             return
-        self.daemon.workers.listeners.append(self.on_state_change)
+        self.vms.add_listener(self.on_state_change)
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
@@ -286,9 +317,9 @@ class CloudLink:
                 hello["pair_code"] = self.pair_code
                 log.info("Visit %s to bind this host", pair_url(self.url, self.pair_code))
                 log.info("pairing code: %s-%s", self.pair_code[:4], self.pair_code[4:])
-            await self.send("device.hello", hello)
+            await self.send(CloudMsg.DEVICE_HELLO.value, hello)
             log.info("cloud link up (%s, host %s)", urlsplit(self.url).netloc, self.host_id)
-            for report in self.daemon.updater.pending_reports():
+            for report in self.reports.pending_reports():
                 await self.send(report["type"], report["payload"], msg_id=report.get("id"))
             ticker = asyncio.ensure_future(self._ticks())
             async for raw in ws:
@@ -310,9 +341,9 @@ class CloudLink:
 
     async def _ticks(self) -> None:
         while True:
-            await self.send("host.resources_tick", dict(self.host_payload(), updated_at=time.time()))
-            if self.daemon.workers.vms:
-                await self.send("vm.resources_tick", self.vm_payload())
+            await self.send(CloudMsg.HOST_RESOURCES_TICK.value, dict(self.host_payload(), updated_at=time.time()))
+            if self.vms.all():
+                await self.send(CloudMsg.VM_RESOURCES_TICK.value, self.vm_payload())
             await asyncio.sleep(TICK_INTERVAL_SEC)
 
     async def _on_message(self, raw) -> bool:
@@ -327,19 +358,19 @@ class CloudLink:
             return True
         type_ = env["type"]
         payload = env.get("payload") if isinstance(env.get("payload"), dict) else {}
-        if type_ == "device.paired":
+        if type_ == CloudMsg.DEVICE_PAIRED.value:
             token = payload.get("device_token")
             if isinstance(token, str) and token and len(token) <= TOKEN_MAX_BYTES:
                 self._save_token(token)
                 self.pair_code = None
                 log.info("cloud pairing complete for host %s", self.host_id)
             return True
-        if type_ == "device.unauthorized":
+        if type_ == CloudMsg.DEVICE_UNAUTHORIZED.value:
             log.warning("cloud rejected this host's token (%s); pairing again", payload.get("error", ""))
             self._forget_token()
             self.pair_code = None
             return False
-        if type_ == "device.pair_invalid":
+        if type_ == CloudMsg.DEVICE_PAIR_INVALID.value:
             log.warning("cloud says the pairing code is invalid; a new one comes with the next connection")
             self.pair_code = None
             return False
@@ -359,13 +390,13 @@ class CloudLink:
             params.setdefault("lines", env["lines"])
         stream = None
         try:
-            if type_ in LOCAL_REQUESTS:
+            if type_ in CLOUD_LOCAL_REQUESTS:
                 result = self.host_payload()
             elif type_ in CLOUD_METHODS:
-                method = CLOUD_METHODS[type_]
-                if self.daemon.api.lookup(method).stream:
+                method = CLOUD_METHODS[type_].value
+                if self.methods.lookup(method).stream:
                     stream = CloudReply(self, type_, msg_id, vm_id)
-                result = await self.daemon.api.call(method, params, Caller(0, 0, 0, transport="cloud"), stream)
+                result = await self.methods.call(method, params, Caller(0, 0, 0, transport="cloud"), stream)
             else:
                 raise ApiError(ErrorCode.UNKNOWN_REQUEST, "unknown request type %r" % type_)
             body: Dict[str, Any] = {"ok": True, "payload": result}
@@ -377,7 +408,7 @@ class CloudLink:
             body = {"ok": False, "error_code": ErrorCode.INTERNAL_ERROR.value, "error": "internal error: %s" % e}
         if stream is not None and stream.replied:
             return  # the method answered already (host.update: before the package restarts us)
-        await self.send(type_ + ".response", body, msg_id=msg_id, vm_id=vm_id)
+        await self.send(cloud_response(type_), body, msg_id=msg_id, vm_id=vm_id)
 
 
 class CloudReply:
@@ -392,5 +423,5 @@ class CloudReply:
 
     async def reply(self, payload: Dict[str, Any]) -> bool:
         self.replied = True
-        return await self.link.send(self.type + ".response", {"ok": True, "payload": payload},
+        return await self.link.send(cloud_response(self.type), {"ok": True, "payload": payload},
                                     msg_id=self.request_id, vm_id=self.vm_id)

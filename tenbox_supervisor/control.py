@@ -19,7 +19,8 @@ import socket
 import struct
 from typing import Any, Dict, Optional
 
-from tenbox_supervisor.api import Api, ApiError, Caller
+from tenbox_supervisor.api import Api, Caller
+from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import CLIENT_IDLE_SEC, CLIENTS_MAX, REQUEST_MAX_BYTES, ErrorCode
 
 log = logging.getLogger("tenboxd.control")

@@ -1,4 +1,9 @@
-"""tenboxd's main object: locks, store, worker link, control socket, systemd notify (daemon, root)."""
+"""tenboxd's main object: builds the parts, hands each the narrow interfaces it needs, runs the loop (daemon, root).
+
+Nothing else takes the Daemon: the method groups, the updater and the
+cloud link get the WorkerManager (or a Protocol of it), the stores and
+config values they use, wired here once.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,21 @@ import signal
 import time
 from typing import List, Optional
 
-from tenbox_supervisor.api import Api, ApiError
-from tenbox_supervisor.config import Config
+from tenbox_supervisor.api import Api
 from tenbox_supervisor.cloud import CloudLink
+from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
-from tenbox_supervisor.updater import Updater
 from tenbox_supervisor.notify import Notifier
-from tenbox_supervisor.oshost import Host
-from tenbox_supervisor.protocol import ErrorCode
+from tenbox_supervisor.oshost import SystemHost
+from tenbox_supervisor.protocol import VERSION
 from tenbox_supervisor.store import Store
-from tenbox_supervisor.workers import WorkerManager
-from tenbox_vmm import __version__
+from tenbox_supervisor.system_api import SystemMethods
+from tenbox_supervisor.updater import Updater
+from tenbox_supervisor.vm_api import VmMethods
+from tenbox_supervisor.worker_manager import WorkerManager
 
 log = logging.getLogger("tenboxd")
 
@@ -41,16 +47,10 @@ class Daemon:
         self.started_at = time.time()
         self._lock_fd: Optional[int] = None
         self._stop = asyncio.Event()
-        self.update_in_progress = False  # host.update sets it; vm.start and vm.create honour it
-        self.store: Optional[Store] = None
         self.workers: Optional[WorkerManager] = None
         self.link: Optional[LinkServer] = None
         self.control: Optional[ControlServer] = None
-        self.api: Optional[Api] = None
-        self.images: Optional[ImageStore] = None
-        self.image_api: Optional[ImageMethods] = None
-        self.cloud = None
-        self.updater = None
+        self.cloud: Optional[CloudLink] = None
         self._extra_tasks: List[asyncio.Task] = []
 
     def _lock_data_dir(self) -> None:
@@ -67,35 +67,33 @@ class Daemon:
         os.write(fd, b"%d\n" % os.getpid())
         self._lock_fd = fd
 
-    def check_start_allowed(self) -> None:
-        if self.update_in_progress:
-            raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update of tenbox is running; try again when it is done")
-
     def status_line(self) -> str:
         running = self.workers.running_count() if self.workers else 0
-        total = len(self.workers.vms) if self.workers else 0
+        total = len(self.workers.all()) if self.workers else 0
         return "%d of %d VMs running" % (running, total)
 
     async def run(self) -> int:
         loop = asyncio.get_event_loop()
         try:
             self._lock_data_dir()
-            self.store = Store(self.config.vms_dir)
-            self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: self.workers.on_link_message(vm_id, msg))
-            self.workers = WorkerManager(self.config, self.store, Host(), self.link.send)
-            self.api = Api(self)
-            self.images = ImageStore(self.config.images_dir)
-            self.image_api = ImageMethods(self, self.images)
-            self.image_api.register(self.api)
-            self.updater = Updater(self)
-            self.updater.register(self.api)
-            self.updater.restore()
-            self.control = ControlServer(self.config.socket_path, self.config.socket_group, self.api)
+            store = Store(self.config.vms_dir)
+            self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg))
+            workers = self.workers = WorkerManager(self.config, store, SystemHost(), self.link.send)
+            images = ImageMethods(ImageStore(self.config.images_dir), workers)
+            updater = Updater(self.config.data_dir, workers)
+            api = Api()
+            api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
+            api.register(VmMethods(workers, store, images, updater).method_specs())
+            api.register(images.method_specs())
+            api.register(updater.method_specs())
+            updater.restore()
+            self.control = ControlServer(self.config.socket_path, self.config.socket_group, api)
             self.link.start()
-            self.workers.restore()
-            self.workers.listeners.append(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
+            workers.restore()
+            workers.add_listener(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
             await self.control.start()
-            self.cloud = CloudLink(self, self.config.cloud_url)
+            self.cloud = CloudLink(self.config.cloud_url, self.config.data_dir, self.config.socket_path,
+                                   self.started_at, api, workers, updater)
             self.cloud.start()
         except (StartupError, LinkBusy, SocketBusy) as e:
             await self._close()
@@ -106,7 +104,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
-        log.info("tenboxd %s ready: %s; data in %s", __version__, self.status_line(), self.config.data_dir)
+        log.info("tenboxd %s ready: %s; data in %s", VERSION, self.status_line(), self.config.data_dir)
         self.notifier.ready(self.status_line())
         await self._main_loop()
         self.notifier.stopping()

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
-from tenbox_supervisor.api import PATH_MAX, ApiError, MethodSpec, _get, _name, run_imagetool
+from tenbox_supervisor import params as P
+from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.errors import ApiError
+from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import (
     FILES_MAX,
     Image,
@@ -23,11 +26,24 @@ from tenbox_supervisor.images import (
     path_in,
     resolve_sources,
 )
+from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.protocol import ErrorCode, Method
+from tenbox_supervisor.spec import OVERLAY_NAME
 
 log = logging.getLogger("tenboxd.images")
 
-OVERLAY_NAME = "disk.qcow2"
+
+class VmCatalog(Protocol):
+    """What the image methods need to know of the VMs: who uses an image."""
+
+    def all(self) -> List[ManagedVm]:
+        ...
+
+    def broken(self) -> Dict[str, str]:
+        ...
+
+    def vm_dir(self, vm_id: str) -> str:
+        ...
 
 
 def _api_error(e: ImageError) -> ApiError:
@@ -35,16 +51,18 @@ def _api_error(e: ImageError) -> ApiError:
 
 
 class ImageMethods:
-    def __init__(self, daemon, store: ImageStore) -> None:
-        self.daemon = daemon
+    def __init__(self, store: ImageStore, vms: VmCatalog) -> None:
         self.store = store
+        self.vms = vms
         self.lock = asyncio.Lock()
 
-    def register(self, api) -> None:
-        api.register(MethodSpec(Method.IMAGE_LIST, self.image_list, mutating=False))
-        api.register(MethodSpec(Method.IMAGE_INSPECT, self.image_inspect, mutating=False))
-        api.register(MethodSpec(Method.IMAGE_IMPORT, self.image_import, mutating=True))
-        api.register(MethodSpec(Method.IMAGE_REMOVE, self.image_remove, mutating=True))
+    def method_specs(self) -> List[MethodSpec]:
+        return [
+            MethodSpec(Method.IMAGE_LIST, self.image_list, mutating=False),
+            MethodSpec(Method.IMAGE_INSPECT, self.image_inspect, mutating=False),
+            MethodSpec(Method.IMAGE_IMPORT, self.image_import, mutating=True),
+            MethodSpec(Method.IMAGE_REMOVE, self.image_remove, mutating=True),
+        ]
 
     # Lookups ------------------------------------------------------------------------------------
 
@@ -57,7 +75,7 @@ class ImageMethods:
     def quick_users(self, image: Image) -> List[Dict[str, Any]]:
         """VMs made from the image, or whose kernel, initrd or a disk lies in its folder."""
         users = []
-        for vm in self.daemon.workers.vms.values():
+        for vm in self.vms.all():
             s = vm.spec
             paths = [s.kernel, s.initrd] + [d.get("path") for d in s.disks]
             if s.image == image.name or any(p and path_in(p, image.path) for p in paths):
@@ -72,7 +90,7 @@ class ImageMethods:
         through their overlay, the one disk whose place is known.
         """
         found = {u["id"]: u for u in self.quick_users(image)}
-        for vm in list(self.daemon.workers.vms.values()):
+        for vm in self.vms.all():
             if vm.id in found:
                 continue
             for d in vm.spec.disks:
@@ -81,8 +99,8 @@ class ImageMethods:
                 if await self._chain_reaches(d["path"], image):
                     found[vm.id] = {"id": vm.id, "name": vm.spec.name, "state": vm.state.value}
                     break
-        for vm_id in sorted(self.daemon.workers.broken):
-            overlay = os.path.join(self.daemon.store.vm_dir(vm_id), OVERLAY_NAME)
+        for vm_id in sorted(self.vms.broken()):
+            overlay = os.path.join(self.vms.vm_dir(vm_id), OVERLAY_NAME)
             if os.path.isfile(overlay) and await self._chain_reaches(overlay, image):
                 found[vm_id] = {"id": vm_id, "name": None, "state": "broken"}
         return sorted(found.values(), key=lambda u: (u["name"] or "", u["id"]))
@@ -97,7 +115,7 @@ class ImageMethods:
 
     # Methods ------------------------------------------------------------------------------------
 
-    async def image_list(self, params, caller):
+    async def image_list(self, params, caller: Caller):
         images, broken = self.store.list()
         out = []
         for image in images:
@@ -111,9 +129,9 @@ class ImageMethods:
         out.sort(key=lambda v: v["name"])
         return {"images": out, "path": self.store.images_dir}
 
-    async def image_inspect(self, params, caller):
-        image = self.get(_name(params, "name", required=True))
-        verify = _get(params, "verify", bool, default=False)
+    async def image_inspect(self, params, caller: Caller):
+        image = self.get(P.name(params, "name", required=True))
+        verify = P.get(params, "verify", bool, default=False)
         view = image.view()
         view["manifest"] = image.manifest
         view["vms"] = await self.users(image)
@@ -123,24 +141,9 @@ class ImageMethods:
             view["verify"] = {"ok": not problems, "problems": problems}
         return view
 
-    def _sources(self, params) -> List[str]:
-        path = _get(params, "path", str)
-        files = _get(params, "files", list)
-        if (path is None) == (files is None):
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "give path (a folder) or files (a manifest and its files)")
-        paths = [path] if path is not None else files
-        if not paths or len(paths) > FILES_MAX + 1:
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "files must list 2 to %d paths" % (FILES_MAX + 1))
-        out: List[str] = []
-        for p in paths:
-            if not isinstance(p, str) or not p or len(p) > PATH_MAX or "\0" in p or not os.path.isabs(p):
-                raise ApiError(ErrorCode.INVALID_ARGUMENT, "%r is not an absolute path" % (p,))
-            out.append(os.path.normpath(p))
-        return out
-
-    async def image_import(self, params, caller):
-        name = _name(params, "name")
-        paths = self._sources(params)
+    async def image_import(self, params, caller: Caller):
+        name = P.name(params, "name")
+        paths = P.absolute_paths(params, FILES_MAX + 1)
         try:
             source = resolve_sources(paths)
             name, manifest, plan, progress = self.store.prepare_import(name, source)
@@ -191,8 +194,8 @@ class ImageMethods:
             raise ImageError(ErrorCode.IMAGE_CORRUPT, "rootfs %s has internal snapshots" % manifest["rootfs"])
         return dict(manifest, rootfs_format=info["format"], virtual_size=info["virtual_size"])
 
-    async def image_remove(self, params, caller):
-        name = _name(params, "name", required=True)
+    async def image_remove(self, params, caller: Caller):
+        name = P.name(params, "name", required=True)
         async with self.lock:
             image = self.get(name)
             users = await self.users(image)

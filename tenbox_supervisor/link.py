@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import zmq
 
-from tenbox_vmm.protocol import LINK_MAX_MESSAGE_BYTES, LINK_QUEUE_MAX, pack, unpack
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.link import Message, decode, encode
 
 log = logging.getLogger("tenboxd.link")
 
@@ -33,7 +34,7 @@ class LinkServer:
     shadow sockets whose sends could swallow the loop's wake-ups.
     """
 
-    def __init__(self, endpoint: str, on_message: Callable[[str, dict], None]) -> None:
+    def __init__(self, endpoint: str, on_message: Callable[[str, Message], None]) -> None:
         if not endpoint.startswith("ipc://"):
             raise ValueError("the worker link must be an ipc:// endpoint")
         self.endpoint = endpoint
@@ -61,9 +62,9 @@ class LinkServer:
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.SNDHWM, LINK_QUEUE_MAX)
-        sock.setsockopt(zmq.RCVHWM, LINK_QUEUE_MAX * 4)
+        sock.setsockopt(zmq.MAXMSGSIZE, Limits.LINK_MESSAGE_MAX_BYTES)
+        sock.setsockopt(zmq.SNDHWM, Limits.LINK_QUEUE_MAX)
+        sock.setsockopt(zmq.RCVHWM, Limits.LINK_QUEUE_MAX * 4)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a worker that is gone raises, not drops
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker replaces its old pipe
         sock.bind(self.endpoint)
@@ -83,7 +84,7 @@ class LinkServer:
         sock = self._sock
         if sock is None:
             return
-        for _ in range(LINK_QUEUE_MAX):  # yield to the loop now and then under a flood
+        for _ in range(Limits.LINK_QUEUE_MAX):  # yield to the loop now and then under a flood
             if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
             try:
@@ -103,7 +104,7 @@ class LinkServer:
         ident, frame = frames
         try:
             vm_id = ident.decode("ascii")
-            msg = unpack(frame)
+            msg = decode(frame)
         except (UnicodeDecodeError, ValueError) as e:
             log.warning("dropped a bad worker frame: %s", e)
             return
@@ -112,11 +113,11 @@ class LinkServer:
         except Exception:
             log.exception("handling a worker message from %s failed", vm_id)
 
-    def send(self, vm_id: str, msg: dict) -> bool:
+    def send(self, vm_id: str, msg: Message) -> bool:
         if self._sock is None:
             return False
         try:
-            self._sock.send_multipart([vm_id.encode("ascii"), pack(msg)], zmq.NOBLOCK)
+            self._sock.send_multipart([vm_id.encode("ascii"), encode(msg)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False  # not connected (ROUTER_MANDATORY) or its queue is full

@@ -1,7 +1,8 @@
-"""Every OS effect of the worker supervisor behind one seam: spawn, signal, watch, identify (daemon, root).
+"""Every OS effect of the worker supervisor behind one seam: spawn, signal, watch, identify, clocks (daemon, root).
 
-The state machine in workers.py talks only to a Host; tests swap in a fake
-one to drive it by tables, and the integration tests use this real one.
+The WorkerManager talks only to a `Host`; the unit tests give it a fake one
+(tests/unit/supervisor_fakes.py) to drive it by tables, and the daemon and
+the integration tests use `SystemHost`, the real one.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import psutil
 
@@ -52,8 +54,36 @@ def rotate(path: str, max_bytes: int = LOG_ROTATE_BYTES, keep: int = LOG_KEEP) -
             os.replace(src, "%s.%d" % (path, i))
 
 
-class Host:
-    """The real host: Popen, kill, pidfd, psutil."""
+class Host(Protocol):
+    """What the WorkerManager asks of the operating system."""
+
+    def spawn(self, argv: Sequence[str], log_path: str, scope_name: str) -> Proc:
+        """Start a worker; OSError if it cannot be started."""
+
+    def adopt(self, pid: int, create_time: float, vm_id: str) -> Optional[Proc]:
+        """A Proc for a live worker of `vm_id` we did not start, or None."""
+
+    def alive(self, proc: Proc) -> bool:
+        ...
+
+    def kill(self, proc: Proc, sig: int) -> None:
+        ...
+
+    def exit_status(self, proc: Proc) -> Optional[int]:
+        """Exit code (negative: killed by that signal) of a child that ended; None when unknown."""
+
+    def watch(self, loop: asyncio.AbstractEventLoop, proc: Proc, on_exit: Callable[[], None]) -> Callable[[], None]:
+        """Call on_exit once when the process ends; returns a function that stops watching."""
+
+    def monotonic(self) -> float:
+        ...
+
+    def time(self) -> float:
+        ...
+
+
+class SystemHost:
+    """The real host: Popen, kill, pidfd, psutil, the system clocks."""
 
     def __init__(self) -> None:
         self.use_scopes = (
@@ -167,6 +197,12 @@ class Host:
 
         handle.append(loop.call_later(EXIT_POLL_SEC, check))
         return lambda: handle[0].cancel()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
 
 
 SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}

@@ -1,23 +1,25 @@
-"""The control socket's protocol: request types, error codes, limits, socket lookup (daemon and CLI).
+"""tenboxd's protocols: control-socket methods, error and failure codes, the CLI's exit codes, cloud message types, socket lookup (daemon and CLI).
 
 Newline-delimited JSON, one request per line: {"id", "type", ...} with the
 method's parameters in "payload" (TenBox's top-level "vm_id", "lines" and
 "data_hex" are accepted too). Replies: {"id", "ok": true, "payload": {...}}
 or {"id", "ok": false, "error_code": "...", "error": "..."}. Streams
 (vm.console.attach, vm.logs.follow) answer once, then send event lines.
+The cloud link (docs/cloud.md) carries the same methods in JSON envelopes.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-import re
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+from tenbox_vmm.protocol import VERSION, Limits
 
 REQUEST_MAX_BYTES = 1 << 20
 CLIENT_IDLE_SEC = 300.0  # a connection that says nothing for this long is closed
 CLIENTS_MAX = 256
-NAME_RE = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
+NAME_RE = Limits.NAME_RE  # VM ids and names, image names: each becomes a folder
 
 DEFAULT_SYSTEM_SOCKET = "/run/tenbox/tenbox.sock"
 SYSTEM_RUN_DIR = "/run/tenbox"
@@ -127,6 +129,95 @@ ERROR_MESSAGES = {
     ErrorCode.VERSION_UNCHANGED: "apt succeeded but the installed version did not change",
     ErrorCode.INTERNAL_ERROR: "internal error in tenboxd",
 }
+
+
+class FailureCode(str, enum.Enum):
+    """Why a VM last failed: `last_failure.code` in vm.list and in the cloud's vm.state_changed."""
+
+    # The worker ended badly.
+    KILLED = "killed"  # by a signal; `signal` names it
+    HEARTBEAT_LOST = "heartbeat_lost"  # silent for HEARTBEAT_LIVENESS intervals: killed
+    START_TIMEOUT = "start_timeout"  # no HELLO within START_TIMEOUT_SEC: killed
+    LINK_VERSION = "link_version"  # it speaks another worker-link version: killed
+    START_FAILED = "start_failed"  # the runtime refused the VM's configuration (exit 2)
+    TRIPLE_FAULT = "triple_fault"
+    KVM_ERROR = "kvm_error"
+    GUEST_CRASH = "guest_crash"
+    WORKER_ERROR = "worker_error"  # an internal error of the runtime, or an exit status it does not document
+    WORKER_EXITED = "worker_exited"  # an adopted worker ended; its status is unknown
+    WORKER_LOST = "worker_lost"  # it ended while no tenboxd was running
+    # vm.start refused before a worker ran: the same words as the request's ErrorCode.
+    KVM_UNSUPPORTED = "kvm_unsupported"
+    FILE_MISSING = "file_missing"
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+
+
+class ExitCode(enum.IntEnum):
+    """Exit status of tenbox / tenboxctl (see `tenbox --help` and the manual page)."""
+
+    OK = 0
+    FAILED = 1  # tenboxd refused or the request failed; its error code is printed in parentheses
+    USAGE = 2  # bad command line
+    UNREACHABLE = 3  # tenboxd is not running or the connection broke; the socket path is named
+    PERMISSION = 4  # permission denied: the socket (join the tenbox group) or a root-only method
+
+    @property
+    def meaning(self) -> str:
+        return _EXIT_MEANINGS[self]
+
+
+_EXIT_MEANINGS = {
+    ExitCode.OK: "success",
+    ExitCode.FAILED: "tenboxd refused the request or it failed (the error code is printed)",
+    ExitCode.USAGE: "bad command line",
+    ExitCode.UNREACHABLE: "tenboxd is not running or cannot be reached",
+    ExitCode.PERMISSION: "permission denied: the socket (join the tenbox group), or a root-only request",
+}
+
+# The CLI's exit status for each error code tenboxd can answer with. Every code is listed,
+# so a new one needs a decision here (tests/unit/test_cli_exit_codes.py checks it).
+EXIT_CODES: Dict[ErrorCode, ExitCode] = {code: ExitCode.FAILED for code in ErrorCode}
+EXIT_CODES[ErrorCode.PERMISSION_DENIED] = ExitCode.PERMISSION
+
+
+def exit_code_for(code: Optional[ErrorCode]) -> ExitCode:
+    """The exit status for an error reply; FAILED for a code this CLI does not know (a newer tenboxd)."""
+    return EXIT_CODES.get(code, ExitCode.FAILED) if code is not None else ExitCode.FAILED
+
+
+class CloudMsg(str, enum.Enum):
+    """Envelope types on the cloud link besides the methods (docs/cloud.md)."""
+
+    DEVICE_HELLO = "device.hello"  # ->: host payload, device_token or pair_code
+    DEVICE_PAIRED = "device.paired"  # <-: device_token
+    DEVICE_UNAUTHORIZED = "device.unauthorized"  # <-: forget the token, pair again
+    DEVICE_PAIR_INVALID = "device.pair_invalid"  # <-: a new code with the next connection
+    HOST_RESOURCES_TICK = "host.resources_tick"  # ->: every TICK_INTERVAL_SEC
+    VM_RESOURCES_TICK = "vm.resources_tick"  # ->
+    VM_STATE_CHANGED = "vm.state_changed"  # ->: every state change
+    HOST_RESOURCES = "host.resources"  # <- request, answered by the link itself
+    DEVICE_CAPABILITIES = "device.capabilities"  # <- request, answered by the link itself
+
+
+# Cloud request types and the method each runs; anything else is unknown_request.
+CLOUD_METHODS: Dict[str, Method] = {
+    "vm.list": Method.VM_LIST,
+    "vm.create": Method.VM_CREATE,
+    "vm.edit": Method.VM_EDIT,
+    "vm.start": Method.VM_START,
+    "vm.stop": Method.VM_STOP,
+    "vm.shutdown": Method.VM_SHUTDOWN,
+    "vm.reboot": Method.VM_REBOOT,
+    "vm.delete": Method.VM_DELETE,
+    "vm.logs.tail": Method.VM_LOGS,
+    "host.update": Method.HOST_UPDATE,
+}
+CLOUD_LOCAL_REQUESTS = (CloudMsg.HOST_RESOURCES.value, CloudMsg.DEVICE_CAPABILITIES.value)
+
+
+def cloud_response(request_type: str) -> str:
+    """The envelope type that answers a cloud request."""
+    return request_type + ".response"
 
 
 def default_socket_candidates(env: Optional[dict] = None, uid: Optional[int] = None) -> List[str]:

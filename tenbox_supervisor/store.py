@@ -1,4 +1,4 @@
-"""The VM store: <data_dir>/vms/<id>/vm.json and runtime.json (daemon, root).
+"""The VM store: <data_dir>/vms/<id>/ with vm.json and runtime.json (daemon, root).
 
 Specs are written atomically. A vm.json that cannot be read or makes no
 sense is reported as a broken entry with the reason; it never stops the
@@ -10,149 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from tenbox_supervisor.fsutil import atomic_write_json, entry_folders
 from tenbox_supervisor.protocol import NAME_RE
+from tenbox_supervisor.spec import SpecError, VmSpec
 
 log = logging.getLogger("tenboxd.store")
 
 SPEC_FILE = "vm.json"
 RUNTIME_FILE = "runtime.json"
 SPEC_MAX_BYTES = 1 << 20
-MEMORY_MIN_MB = 16
-CPUS_MAX = 64
-
-
-class SpecError(ValueError):
-    """A VM spec field is missing or invalid."""
-
-
-@dataclass
-class VmSpec:
-    id: str
-    name: str
-    kernel: str
-    initrd: Optional[str] = None
-    cmdline: Optional[str] = None  # None: the runtime's default
-    memory_mb: int = 256
-    cpus: int = 1
-    disks: List[Dict[str, Any]] = field(default_factory=list)
-    net: Dict[str, Any] = field(default_factory=dict)
-    image: Optional[str] = None
-    created_at: float = 0.0
-    extra: Dict[str, Any] = field(default_factory=dict)  # keys from newer versions, kept as they are
-
-    def to_json(self) -> Dict[str, Any]:
-        d = asdict(self)
-        extra = d.pop("extra")
-        for k, v in extra.items():
-            d.setdefault(k, v)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Any) -> "VmSpec":
-        if not isinstance(d, dict):
-            raise SpecError("vm.json is not a JSON object")
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        spec = cls(**{k: d[k] for k in known if k in d}, extra={k: v for k, v in d.items() if k not in known})
-        spec.validate()
-        return spec
-
-    def validate(self) -> None:
-        if not isinstance(self.id, str) or not NAME_RE.match(self.id):
-            raise SpecError("bad id %r" % (self.id,))
-        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
-            raise SpecError("bad name %r" % (self.name,))
-        if not isinstance(self.kernel, str) or not self.kernel:
-            raise SpecError("kernel is missing")
-        if self.initrd is not None and not isinstance(self.initrd, str):
-            raise SpecError("initrd must be a path")
-        if self.cmdline is not None and not isinstance(self.cmdline, str):
-            raise SpecError("cmdline must be a string")
-        if not isinstance(self.memory_mb, int) or isinstance(self.memory_mb, bool) or self.memory_mb < MEMORY_MIN_MB:
-            raise SpecError("memory_mb must be an integer of at least %d" % MEMORY_MIN_MB)
-        if not isinstance(self.cpus, int) or isinstance(self.cpus, bool) or not 1 <= self.cpus <= CPUS_MAX:
-            raise SpecError("cpus must be an integer in 1..%d" % CPUS_MAX)
-        if not isinstance(self.disks, list) or not isinstance(self.net, dict):
-            raise SpecError("disks must be a list and net an object")
-        if len(self.disks) > DISKS_MAX:
-            raise SpecError("at most %d disks" % DISKS_MAX)
-        for d in self.disks:
-            check_disk(d)
-        if self.net:
-            check_net(self.net)
-        if not isinstance(self.created_at, (int, float)):
-            raise SpecError("created_at must be a number")
-
-
-DISKS_MAX = 7  # the machine's 8 virtio-mmio slots less the network card every daemon VM has
-SERIAL_MAX = 20
-DISK_FORMATS = ("raw", "qcow2")
-
-
-def check_disk(d: Any) -> None:
-    """A disk entry: {"path": absolute, "read_only": bool, "serial": str, "owned": bool, "format": "raw"|"qcow2"}.
-
-    "format" is absent only in specs stored before formats were recorded:
-    the worker then probes the image.
-    """
-    if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not os.path.isabs(d["path"]):
-        raise SpecError("each disk needs an absolute path")
-    if "," in d["path"] or "\0" in d["path"]:
-        raise SpecError("disk path %r contains a comma or NUL" % d["path"])
-    if not isinstance(d.get("read_only", False), bool) or not isinstance(d.get("owned", False), bool):
-        raise SpecError("disk read_only and owned are booleans")
-    if d.get("format", "raw") not in DISK_FORMATS:
-        raise SpecError("disk format must be %s" % " or ".join(DISK_FORMATS))
-    serial = d.get("serial", "")
-    if not isinstance(serial, str) or len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
-        raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % SERIAL_MAX)
-
-
-MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
-FORWARDS_MAX = 64
-
-
-def check_net(n: Any) -> None:
-    """{"enabled": bool, "mac": "52:54:00:..", "link_up": bool, "hostfwds": [spec], "guestfwds": [spec]}."""
-    if not isinstance(n, dict) or not isinstance(n.get("enabled", False), bool):
-        raise SpecError("net must be an object with a boolean 'enabled'")
-    if n.get("enabled"):
-        if not isinstance(n.get("mac"), str) or not MAC_RE.match(n["mac"]):
-            raise SpecError("net.mac must look like 52:54:00:12:34:56")
-        if not isinstance(n.get("link_up", True), bool):
-            raise SpecError("net.link_up must be a boolean")
-    for key in ("hostfwds", "guestfwds"):
-        specs = n.get(key, [])
-        if not isinstance(specs, list) or len(specs) > FORWARDS_MAX or not all(isinstance(s, str) for s in specs):
-            raise SpecError("net.%s must be a list of at most %d forward specs" % (key, FORWARDS_MAX))
-
-
-def new_mac() -> str:
-    """A stable, locally administered unicast MAC in QEMU's 52:54:00 range."""
-    return "52:54:00:" + ":".join("%02x" % b for b in secrets.token_bytes(3))
-
-
-def disk_arg(d: Dict[str, Any]) -> str:
-    """The runtime's --disk value for a disk entry."""
-    arg = d["path"]
-    if d.get("read_only"):
-        arg += ",ro"
-    if d.get("serial"):
-        arg += ",serial=" + d["serial"]
-    if d.get("format"):
-        arg += ",format=" + d["format"]
-    return arg
-
-
-def new_vm_id() -> str:
-    return secrets.token_hex(6)
 
 
 class Store:
@@ -203,15 +73,11 @@ class Store:
         os.makedirs(os.path.join(d, "logs"), mode=0o755, exist_ok=True)
         atomic_write_json(os.path.join(d, SPEC_FILE), spec.to_json())
 
-    def create(self, spec: VmSpec) -> None:
-        d = self.vm_dir(spec.id)
+    def make_folder(self, vm_id: str) -> str:
+        """A new VM's empty folder (FileExistsError if the id is taken); its vm.json comes with save()."""
+        d = self.vm_dir(vm_id)
         os.makedirs(d, mode=0o755)
-        try:
-            spec.created_at = spec.created_at or time.time()
-            self.save(spec)
-        except BaseException:
-            shutil.rmtree(d, ignore_errors=True)
-            raise
+        return d
 
     def delete(self, vm_id: str) -> None:
         d = self.vm_dir(vm_id)

@@ -34,12 +34,14 @@ import re
 import shutil
 import subprocess
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
-from tenbox_supervisor.api import ApiError, Caller, MethodSpec, _get
+from tenbox_supervisor import params as P
+from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.fsutil import atomic_write_json, tail_lines
-from tenbox_supervisor.protocol import ErrorCode, Method
-from tenbox_supervisor.workers import ACTIVE_STATES
+from tenbox_supervisor.managed_vm import ManagedVm
+from tenbox_supervisor.protocol import ErrorCode, Method, cloud_response
 
 log = logging.getLogger("tenboxd.updater")
 
@@ -52,8 +54,6 @@ except ImportError:  # a source checkout on a Python without python3-apt: update
 
 APT_SOURCES = ("/etc/apt/sources.list.d/tenbox.list", "/etc/apt/sources.list.d/tenbox.sources")
 PACKAGE = "tenbox"
-VERSION_RE = re.compile(r"(?:\d+:)?\d[A-Za-z0-9.+~]*(?:-[A-Za-z0-9.+~]+)?\Z")
-VERSION_MAX = 64
 APT_LOCK_TIMEOUT_SEC = 120  # wait this long for someone else's dpkg lock
 APT_TIMEOUT_SEC = 1800
 NOTIFY_DELIVERY_SEC = 15.0  # how long the postinst waits for our reply to leave
@@ -144,29 +144,38 @@ class Job:
         self.delivered = asyncio.Event()
 
 
+class ActiveVms(Protocol):
+    def active(self) -> List[ManagedVm]:
+        """The VMs in a state with a worker: starting, running, stopping, rebooting."""
+
+
 class Updater:
-    def __init__(self, daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, data_dir: str, vms: ActiveVms) -> None:
+        self.vms = vms
         self.job: Optional[Job] = None
-        self.log_path = os.path.join(daemon.config.data_dir, "logs", "update.log")
-        self.state_path = os.path.join(daemon.config.data_dir, STATE_FILE)
+        self.log_path = os.path.join(data_dir, "logs", "update.log")
+        self.state_path = os.path.join(data_dir, STATE_FILE)
         self._late: List[Dict[str, Any]] = []
 
-    def register(self, api) -> None:
-        api.register(MethodSpec(Method.HOST_UPDATE, self.host_update, mutating=True, root_only=True, stream=True))
-        api.register(MethodSpec(Method.HOST_UPDATE_NOTIFY, self.host_update_notify, mutating=True, root_only=True))
-        api.register(MethodSpec(Method.HOST_UPDATE_LOG, self.host_update_log, mutating=False, root_only=True))
+    def method_specs(self) -> List[MethodSpec]:
+        return [
+            MethodSpec(Method.HOST_UPDATE, self.host_update, mutating=True, root_only=True, stream=True),
+            MethodSpec(Method.HOST_UPDATE_NOTIFY, self.host_update_notify, mutating=True, root_only=True),
+            MethodSpec(Method.HOST_UPDATE_LOG, self.host_update_log, mutating=False, root_only=True),
+        ]
+
+    def check_start_allowed(self) -> None:
+        """vm.start asks before it starts a worker: not while an update runs."""
+        if self.job is not None:
+            raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update of tenbox is running; try again when it is done")
 
     def active_vms(self) -> List[Dict[str, Any]]:
-        return [{"vm_id": vm.id, "name": vm.spec.name, "state": vm.state.value}
-                for vm in self.daemon.workers.vms.values() if vm.state in ACTIVE_STATES]
+        return [{"vm_id": vm.id, "name": vm.spec.name, "state": vm.state.value} for vm in self.vms.active()]
 
     # The request ------------------------------------------------------------------------------
 
     async def host_update(self, params: Dict[str, Any], caller: Caller, stream) -> Dict[str, Any]:
-        target = _get(params, "version", str)
-        if target is not None and (len(target) > VERSION_MAX or not VERSION_RE.match(target)):
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "%r is not a Debian version" % target)
+        target = P.debian_version(params)
         if self.job is not None:
             raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update is already running")
         active = self.active_vms()
@@ -177,8 +186,7 @@ class Updater:
         if reason:
             raise ApiError(ErrorCode.UPDATE_DISABLED, "cannot update: %s" % reason)
         old = dpkg_version() or "?"
-        job = self.job = Job(old, target, stream, caller)
-        self.daemon.update_in_progress = True
+        job = self.job = Job(old, target, stream, caller)  # vm.start is refused from here on
         log.info("host.update: from %s to %s, requested by %s", old, target or "the newest", caller)
         self._save_state({"from": old, "target": target, "started_at": time.time(), "transport": caller.transport,
                           "request_id": getattr(stream, "request_id", None), "delivered": False})
@@ -207,7 +215,6 @@ class Updater:
             return await self._judge(old, self._apt_status(waiter.result()), stream)
         finally:
             self.job = None
-            self.daemon.update_in_progress = False
             if not keep_state:
                 self._clear_state()
 
@@ -271,9 +278,7 @@ class Updater:
     # The package's postinst ----------------------------------------------------------------------
 
     async def host_update_notify(self, params: Dict[str, Any], caller: Caller) -> Dict[str, Any]:
-        version = _get(params, "version", str, required=True)
-        if len(version) > VERSION_MAX or not VERSION_RE.match(version):
-            raise ApiError(ErrorCode.INVALID_ARGUMENT, "%r is not a Debian version" % version)
+        version = P.debian_version(params, required=True)
         job = self.job
         if job is None:
             log.info("the tenbox package is being upgraded to %s (not by host.update); restarting soon", version)
@@ -289,8 +294,8 @@ class Updater:
         return {"acknowledged": True, "pending_request": True, "delivered": True}
 
     async def host_update_log(self, params: Dict[str, Any], caller: Caller) -> Dict[str, Any]:
-        lines = _get(params, "lines", int, default=200)
-        return {"path": self.log_path, "lines": tail_lines([self.log_path], max(0, min(lines, 10000)))}
+        lines = P.get(params, "lines", int, default=P.LOG_LINES_DEFAULT)
+        return {"path": self.log_path, "lines": tail_lines([self.log_path], max(0, min(lines, P.LOG_LINES_MAX)))}
 
     # Surviving a restart ---------------------------------------------------------------------------
 
@@ -333,7 +338,8 @@ class Updater:
                     % (old, now), "log_tail": tail}
         log.info("host.update before the restart: %s", "from %s to %s" % (old, now) if upgraded else body["error"])
         if state.get("transport") == "cloud" and not state.get("delivered"):
-            self._late.append({"type": "host.update.response", "id": state.get("request_id"), "payload": body})
+            self._late.append({"type": cloud_response(Method.HOST_UPDATE.value), "id": state.get("request_id"),
+                               "payload": body})
 
     def pending_reports(self) -> List[Dict[str, Any]]:
         """Answers a previous daemon owed the cloud; handed out once."""

@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 from typing import List, Optional
 
 from tenbox_vmm import __version__
-from tenbox_vmm.protocol import ExitCode
+from tenbox_vmm.protocol import ExitCode, Limits
+from tenbox_vmm.protocol.disk_arg import DiskArg
 
 PROG = "tenbox-vm-runtime"
-VM_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tenbox_vmm.machine import CPUS_MAX, DEFAULT_CMDLINE, MEMORY_DEFAULT_MB, MEMORY_MIN_MB
+    from tenbox_vmm.machine import DEFAULT_CMDLINE
 
     p = _Parser(
         prog=PROG,
@@ -39,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", required=True, metavar="PATH", help="bzImage or ELF vmlinux")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
     p.add_argument("--cmdline", metavar="STR", default=DEFAULT_CMDLINE, help="kernel command line (default: %(default)s)")
-    p.add_argument("--memory", type=int, default=MEMORY_DEFAULT_MB, metavar="MB",
-                   help="guest RAM in MiB, at least %d (default %%(default)s)" % MEMORY_MIN_MB)
-    p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % CPUS_MAX)
+    p.add_argument("--memory", type=int, default=Limits.MEMORY_DEFAULT_MB, metavar="MB",
+                   help="guest RAM in MiB, at least %d (default %%(default)s)" % Limits.MEMORY_MIN_MB)
+    p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % Limits.CPUS_MAX)
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S][,format=F]",
                    help="a virtio-blk disk (raw or qcow2); repeat for more")
     p.add_argument("--net", action="store_true", help="a virtio-net card on user-mode NAT (libslirp)")
@@ -68,41 +67,13 @@ def _setup_logging(vm_id: str, verbose: int) -> None:
                         format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
 
 
-SERIAL_MAX = 20
-DISK_FORMATS = ("raw", "qcow2")
-
-
-def parse_disk(spec: str):
-    """`PATH[,ro][,serial=S][,format=raw|qcow2]` -> DiskSpec; ValueError with a one-line reason."""
-    from tenbox_vmm.machine import DiskSpec
-
-    parts = spec.split(",")
-    path, read_only, serial, fmt = parts[0], False, "", None
-    if not path:
-        raise ValueError("--disk %r: the path is empty" % spec)
-    for opt in parts[1:]:
-        if opt in ("ro", "readonly"):
-            read_only = True
-        elif opt.startswith("serial="):
-            serial = opt[len("serial="):]
-            if len(serial) > SERIAL_MAX or not all(32 < ord(c) < 127 for c in serial):
-                raise ValueError("--disk %r: serial must be up to %d printable ASCII characters" % (spec, SERIAL_MAX))
-        elif opt.startswith("format="):
-            fmt = opt[len("format="):]
-            if fmt not in DISK_FORMATS:
-                raise ValueError("--disk %r: format must be %s" % (spec, " or ".join(DISK_FORMATS)))
-        else:
-            raise ValueError("--disk %r: unknown option %r (ro, serial=S, format=F)" % (spec, opt))
-    return DiskSpec(path=path, read_only=read_only, serial=serial, fmt=fmt)
-
-
 def _log_state(state, reason: str) -> None:
     logging.getLogger("tenbox").debug("state %s: %s", state.value, reason)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if not VM_ID_RE.match(args.vm_id):
+    if not Limits.NAME_RE.match(args.vm_id):
         sys.stderr.write("%s: error: --vm-id must match [A-Za-z0-9-]{1,64}\n" % PROG)
         return ExitCode.USAGE
     _setup_logging(args.vm_id, args.verbose)
@@ -128,13 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return ExitCode.USAGE
     link = None
     if args.link:
-        from tenbox_vmm.worker import WorkerLink
+        from tenbox_vmm.supervisor_link import SupervisorLink
 
-        link = WorkerLink(args.link, args.vm_id)
+        link = SupervisorLink(args.link, args.vm_id)
         writers.append(link.console_output)
     output = ConsoleOutput(writers)
     try:
-        disks = tuple(parse_disk(d) for d in args.disk)
+        disks = tuple(DiskArg.parse(d) for d in args.disk)
     except ValueError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return ExitCode.USAGE

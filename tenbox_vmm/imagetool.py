@@ -2,8 +2,9 @@
 
 tenboxd and the CLI run this module instead of importing the disk code:
 parsing images operators hand over is untrusted input, and it stays out of
-the long-lived root daemon. Output is one JSON object on stdout; errors are
-one line on stderr and exit status 2.
+the long-lived root daemon. Output is one JSON object on stdout: the result,
+or {"code", "message"} with exit status 2 (tenbox_vmm.protocol.imagetool);
+the message is also one line on stderr, for people.
 
     python3 -m tenbox_vmm.imagetool create PATH --size 10G [--format qcow2|raw] [--backing FILE]
     python3 -m tenbox_vmm.imagetool overlay --backing TEMPLATE --out PATH
@@ -17,7 +18,9 @@ import json
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
+
+from tenbox_vmm.protocol.imagetool import IMAGETOOL_FAILED_STATUS, ImageToolCode, error_answer
 
 PROG = "tenbox-image"
 SIZE_RE = re.compile(r"(\d+)([KMGT]i?B?|B)?\Z", re.I)
@@ -37,10 +40,15 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _fail(code: ImageToolCode, message: str) -> int:
+    sys.stdout.write(error_answer(code, message) + "\n")
+    sys.stderr.write("%s: error: %s\n" % (PROG, message))
+    return IMAGETOOL_FAILED_STATUS
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.stderr.write("%s: error: %s\n" % (PROG, message))
-        raise SystemExit(2)
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(_fail(ImageToolCode.USAGE, message))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -86,11 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 create_qcow2(args.path, size, cluster_size=args.cluster_size, backing=backing, backing_fmt=fmt)
             result = image_info(args.path)
     except (DiskError, ValueError) as e:
-        sys.stderr.write("%s: error: %s\n" % (PROG, e))
-        return 2
+        return _fail(ImageToolCode.BAD_IMAGE, str(e))
     except OSError as e:
-        sys.stderr.write("%s: error: %s%s\n" % (PROG, e.strerror or e, ": %s" % e.filename if e.filename else ""))
-        return 2
+        return _fail(ImageToolCode.IO_ERROR, "%s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""))
     json.dump(result, sys.stdout, sort_keys=True)
     sys.stdout.write("\n")
     return 0

@@ -28,14 +28,12 @@ from tenbox_vmm.kvm import constants as kc
 from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
 from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
-from tenbox_vmm.protocol import ExitCode, VmState
+from tenbox_vmm.protocol import ExitCode, Limits, VmState
+from tenbox_vmm.protocol.disk_arg import DiskArg
+from tenbox_vmm.protocol.link import NetStatus
 
 log = logging.getLogger("tenbox.machine")
 
-MEMORY_MIN_MB = 16
-MEMORY_DEFAULT_MB = 256
-CPUS_MIN = 1
-CPUS_MAX = 64
 INITRD_MAX_BYTES = 2 << 30
 KICK_SIGNAL = signal.SIGUSR1
 VCPU_JOIN_SEC = 5.0
@@ -53,13 +51,6 @@ class MachineError(Exception):
     """The configuration cannot make a machine; the message is for the operator."""
 
 
-class DiskSpec(NamedTuple):
-    path: str
-    read_only: bool = False
-    serial: str = ""
-    fmt: Optional[str] = None  # "raw" or "qcow2"; None probes (a probed raw image refuses qcow2 headers)
-
-
 class NetSpec(NamedTuple):
     mac: str = "52:54:00:12:34:56"
     hostfwds: Tuple[str, ...] = ()
@@ -71,10 +62,10 @@ class MachineConfig(NamedTuple):
     kernel: str
     initrd: Optional[str] = None
     cmdline: str = DEFAULT_CMDLINE
-    memory_mb: int = MEMORY_DEFAULT_MB
+    memory_mb: int = Limits.MEMORY_DEFAULT_MB
     cpus: int = 1
     vm_id: str = "vm"
-    disks: Tuple[DiskSpec, ...] = ()
+    disks: Tuple[DiskArg, ...] = ()
     net: Optional[NetSpec] = None
 
 
@@ -133,13 +124,13 @@ def host_memory_available_mb() -> int:
 
 
 def check_limits(memory_mb: int, cpus: int, max_vcpus: Optional[int] = None) -> None:
-    if memory_mb < MEMORY_MIN_MB:
-        raise MachineError("--memory %d is too small: at least %d MiB" % (memory_mb, MEMORY_MIN_MB))
+    if memory_mb < Limits.MEMORY_MIN_MB:
+        raise MachineError("--memory %d is too small: at least %d MiB" % (memory_mb, Limits.MEMORY_MIN_MB))
     available = host_memory_available_mb()
     if memory_mb > available:
         raise MachineError("--memory %d is more than the host can give (%d MiB available)" % (memory_mb, available))
-    limit = min(CPUS_MAX, max_vcpus or CPUS_MAX)
-    if not CPUS_MIN <= cpus <= limit:
+    limit = min(Limits.CPUS_MAX, max_vcpus or Limits.CPUS_MAX)
+    if not Limits.CPUS_MIN <= cpus <= limit:
         raise MachineError("--cpus %d is out of range: 1..%d" % (cpus, limit))
 
 
@@ -183,7 +174,7 @@ class Machine:
             self.kvm = kvm or Kvm()
             check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
             disks = self._open_disks(config.disks)
-            self.net = self._make_net(config.net) if config.net else None
+            self.nic = self._make_nic(config.net) if config.net else None
         except (boot.KernelError, KvmUnavailable, MachineError) as e:
             self.memory.close()
             raise MachineError(str(e)) from None
@@ -210,10 +201,11 @@ class Machine:
         self.virtio: List[VirtioMmio] = []
         for disk, spec in zip(disks, config.disks):
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
+            from tenbox_vmm.devices.virtio.blk_io import runner_for
 
-            self.add_virtio(VirtioBlk(disk, spec.serial))
-        if self.net is not None:
-            self.add_virtio(self.net)
+            self.add_virtio(VirtioBlk(disk, spec.serial, runner_for(disk)))
+        if self.nic is not None:
+            self.add_virtio(self.nic.device)
 
         self._lock = threading.Lock()
         self._event: Optional[_Event] = None
@@ -231,7 +223,7 @@ class Machine:
         self.started_at = 0.0
 
     @staticmethod
-    def _open_disks(specs: Sequence[DiskSpec]) -> list:
+    def _open_disks(specs: Sequence[DiskArg]) -> list:
         if not specs:
             return []
         from tenbox_vmm.disk import DiskError, open_disk
@@ -239,7 +231,7 @@ class Machine:
         opened: list = []
         try:
             for spec in specs:
-                opened.append(open_disk(spec.path, read_only=spec.read_only, fmt=spec.fmt))
+                opened.append(open_disk(spec.path, read_only=spec.read_only, fmt=spec.format))
         except DiskError as e:
             for d in opened:
                 d.close()
@@ -247,39 +239,28 @@ class Machine:
         return opened
 
     @staticmethod
-    def _make_net(spec: NetSpec):
-        from tenbox_vmm.net_device import NetSetupError, build_net_device
+    def _make_nic(spec: NetSpec):
+        from tenbox_vmm.usernet import NetSetupError, UserNic
 
         try:
-            return build_net_device(spec.mac, spec.hostfwds, spec.guestfwds, spec.link_up)
+            return UserNic(spec.mac, spec.hostfwds, spec.guestfwds, spec.link_up)
         except NetSetupError as e:
             raise MachineError(str(e)) from None
 
     def set_link(self, up: bool) -> None:
         """Network link up or down while the VM runs."""
-        if self.net is None:
+        if self.nic is None:
             raise MachineError("this VM has no network card")
-        self.net.set_link(up)
+        self.nic.set_link(up)
 
     def set_forwards(self, hostfwds: Sequence[str], guestfwds: Sequence[str]) -> List[Tuple[str, str]]:
         """Replace the port forwards while the VM runs; the (spec, reason) of each that failed."""
-        if self.net is None:
+        if self.nic is None:
             raise MachineError("this VM has no network card")
-        failures = self.net.run_on_backend(lambda: self.net.backend.set_forwards(hostfwds, guestfwds))
-        self.net.forward_failures = [(str(s), r) for s, r in failures]
-        return self.net.forward_failures
+        return self.nic.set_forwards(hostfwds, guestfwds)
 
-    def net_status(self) -> Optional[dict]:
-        if self.net is None:
-            return None
-        backend = self.net.backend
-        return {
-            "link_up": self.net.link_up,
-            "mac": ":".join("%02x" % b for b in self.net.mac),
-            "hostfwds": [str(f) for f in backend.hostfwds],
-            "guestfwds": [str(f) for f in backend.guestfwds],
-            "failures": [list(f) for f in self.net.forward_failures],
-        }
+    def net_status(self) -> Optional[NetStatus]:
+        return self.nic.status() if self.nic is not None else None
 
     def add_virtio(self, device) -> VirtioMmio:
         """Put a virtio device on the next virtio-mmio slot, with its DSDT entry."""

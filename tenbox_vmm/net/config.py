@@ -14,14 +14,14 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
-from tenbox_vmm.net.forwards import GuestForward, HostForward
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.forwards import GuestForward, HostForward
 
 MTU_MIN = 68  # libslirp IF_MTU_MIN
 MTU_MAX = 65521  # libslirp IF_MTU_MAX
 MTU_MIN_IPV6 = 1280  # RFC 8200 minimum link MTU
 DHCP_POOL_SIZE = 16  # libslirp NB_BOOTP_CLIENTS: leases handed out from dhcp_start
 HOSTNAME_MAX_BYTES = 32  # libslirp client_hostname[33]
-FORWARDS_MAX = 256
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
 
@@ -101,8 +101,8 @@ class NetConfig:
                                  % (self.hostname, HOSTNAME_MAX_BYTES))
         for name in ("hostfwds", "guestfwds"):
             value = tuple(getattr(self, name))
-            if len(value) > FORWARDS_MAX:
-                raise ValueError("%d %s: at most %d" % (len(value), name, FORWARDS_MAX))
+            if len(value) > Limits.FORWARDS_MAX:
+                raise ValueError("%d %s: at most %d" % (len(value), name, Limits.FORWARDS_MAX))
             put(name, value)
 
     @property

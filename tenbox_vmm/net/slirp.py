@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Un
 
 from tenbox_vmm.net.alias import TcpAliases
 from tenbox_vmm.net.config import NetConfig
-from tenbox_vmm.net.forwards import (
+from tenbox_vmm.protocol.forwards import (
     ForwardSpecError,
     GuestForward,
     HostForward,

@@ -48,7 +48,7 @@ from typing import Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from tenbox_vmm.net import mmsg
 from tenbox_vmm.net.config import NetConfig
-from tenbox_vmm.net.forwards import HostForward
+from tenbox_vmm.protocol.forwards import HostForward
 from tenbox_vmm.net.ports import bind_error
 
 log = logging.getLogger("tenbox.net")

@@ -160,25 +160,26 @@ def main(argv: Optional[List[str]] = None, kind: Optional[str] = None) -> int:
         if kind == "blk":
             if not getattr(args, "disk", None):
                 p.error("blk needs --disk IMAGE")
-            from tenbox_vmm.__main__ import parse_disk
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
+            from tenbox_vmm.devices.virtio.blk_io import runner_for
             from tenbox_vmm.disk import DiskError, open_disk
+            from tenbox_vmm.protocol.disk_arg import DiskArg
 
             try:
-                spec = parse_disk(args.disk)
-                disk = open_disk(spec.path, read_only=spec.read_only, fmt=spec.fmt)
+                spec = DiskArg.parse(args.disk)
+                disk = open_disk(spec.path, read_only=spec.read_only, fmt=spec.format)
             except (ValueError, DiskError) as e:
                 return fail(str(e))
             # QEMU's vhost-user-blk reads the geometry with GET_CONFIG (PROTOCOL_F_CONFIG);
             # for net QEMU serves the config space itself and warns if we offer it.
-            return _serve(prog, VirtioBlk(disk, spec.serial), args.socket, P.PF_MQ | P.PF_CONFIG)
-        from tenbox_vmm.net_device import NetSetupError, build_net_device
+            return _serve(prog, VirtioBlk(disk, spec.serial, runner_for(disk)), args.socket, P.PF_MQ | P.PF_CONFIG)
+        from tenbox_vmm.usernet import NetSetupError, UserNic
 
         try:
-            device = build_net_device(args.mac, args.hostfwd, args.guestfwd)
+            nic = UserNic(args.mac, args.hostfwd, args.guestfwd)
         except NetSetupError as e:
             return fail(str(e))
-        return _serve(prog, device, args.socket, 0)
+        return _serve(prog, nic.device, args.socket, 0)
     except _Stop:
         return EXIT_OK
 

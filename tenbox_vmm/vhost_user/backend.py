@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from tenbox_vmm import eventfd
 from tenbox_vmm.devices.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
@@ -55,8 +55,8 @@ POLL_MIN_SEC = 5e-6  # shorter windows are not worth it: polling stops until kic
 POLL_NET_TX_MIN_BYTES = 1024  # a transmit pass smaller than one full frame (ACKs only) is not polled after
 
 
-class _PollingIoThread(IoThread):
-    """The shared I/O thread, plus adaptive polling of the avail index before sleeping.
+class AdaptivePoller:
+    """The vhost-user backend's IdlePoller: watch the avail index a while before kicks are re-armed.
 
     A kick costs the guest an exit (under QEMU TCG an emulated MMIO write),
     the front end an eventfd write and this thread a cross-process wake-up.
@@ -65,45 +65,42 @@ class _PollingIoThread(IoThread):
     needs none of that. The window adapts as QEMU's iothread polling does:
     it halves each time it runs out without work (an idle guest costs
     nothing after a few misses) and grows towards the gap seen between going
-    to sleep and the next kick, up to POLL_MAX_SEC.
+    to sleep and the next kick, up to `poll_max`.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.poll_max = POLL_MAX_SEC
+    def __init__(self, device: VirtioDevice, queues: List[Virtqueue], poll_max: float = POLL_MAX_SEC) -> None:
+        self.device = device
+        self.poll_max = poll_max
         # Receive queues are left alone: new buffers there are no work until frames come.
-        self.polled = {NET_TX} if isinstance(self.device, VirtioNet) else {q.index for q in self.queues}
+        self.polled = {NET_TX} if isinstance(device, VirtioNet) else {q.index for q in queues}
         self._window = 0.0
         self._slept_at = 0.0
 
-    def _service(self, q: Virtqueue) -> None:
-        # IoThread._service's loop, with the poll before kicks are re-armed.
-        avail_idx = q.avail_idx
-        clock = time.perf_counter
-        wants = getattr(self, "_wants_kicks", None)
+    def woken(self) -> None:
         if self._slept_at:
-            gap = clock() - self._slept_at  # woken by a kick after this long
+            gap = time.perf_counter() - self._slept_at  # woken by a kick after this long
             if gap < self.poll_max:
                 self._window = min(self.poll_max, max(self._window * 2, gap * 1.5, POLL_MIN_SEC))
-        q.disable_kicks()
-        while q.ready and not self._stop:
-            seen = avail_idx()
-            self.device.process(q)
-            if q.needs_interrupt():
-                self.signal_used(q.index)
-            if wants is not None and not wants(q):
-                return
-            if avail_idx() != seen:
-                continue
-            if self._window > 0 and q.index in self.polled and self._worth_polling() and self._poll(q, seen):
-                continue
-            q.enable_kicks()
-            if avail_idx() == seen:
-                self._slept_at = clock()
-                return
-            q.disable_kicks()
 
-    def _worth_polling(self) -> bool:
+    def sleeping(self) -> None:
+        self._slept_at = time.perf_counter()
+
+    def poll(self, q: Virtqueue, seen: int, stopping: Callable[[], bool]) -> bool:
+        """Watch the avail index for the current window; True if the driver published meanwhile."""
+        if self._window <= 0 or q.index not in self.polled or not self.worth_polling():
+            return False
+        avail_idx = q.avail_idx
+        clock = time.perf_counter
+        deadline = clock() + self._window
+        while avail_idx() == seen and not stopping():
+            if clock() >= deadline:
+                self._window /= 2
+                if self._window < POLL_MIN_SEC:
+                    self._window = 0.0
+                return False
+        return True
+
+    def worth_polling(self) -> bool:
         """Whether the queue just served is busy enough to watch.
 
         A guest that only acknowledges what it receives sends a few small
@@ -114,19 +111,6 @@ class _PollingIoThread(IoThread):
         device = self.device
         if isinstance(device, VirtioNet):
             return device.tx_last_bytes >= POLL_NET_TX_MIN_BYTES
-        return True
-
-    def _poll(self, q: Virtqueue, seen: int) -> bool:
-        """Watch the avail index for the current window; True if the driver published meanwhile."""
-        avail_idx = q.avail_idx
-        clock = time.perf_counter
-        deadline = clock() + self._window
-        while avail_idx() == seen and not self._stop:
-            if clock() >= deadline:
-                self._window /= 2
-                if self._window < POLL_MIN_SEC:
-                    self._window = 0.0
-                return False
         return True
 
 
@@ -409,9 +393,10 @@ class Backend:
             self.device.deactivate()
             return
         self.device.activate(self.features & ~P.F_PROTOCOL_FEATURES, [r.queue for r in self.rings])
-        self.io = _PollingIoThread("vhost-user-%s" % self.device.name, self.device, [r.queue for r in running],
-                           [r.kick for r in running], self._signal_used, self._ring_error)
-        self.io.poll_max = float(os.environ.get("TENBOX_VU_POLL_US", "200")) / 1e6
+        poller = AdaptivePoller(self.device, [r.queue for r in running],
+                                float(os.environ.get("TENBOX_VU_POLL_US", "200")) / 1e6)
+        self.io = IoThread("vhost-user-%s" % self.device.name, self.device, [r.queue for r in running],
+                           [r.kick for r in running], self._signal_used, self._ring_error, idle_poller=poller)
         self.io.start()
 
     def _signal_used(self, index: int) -> None:

@@ -275,7 +275,7 @@ def test_bad_forwards_are_reported_one_by_one_and_the_good_ones_still_apply(link
 
 
 def nf_parse(spec):
-    from tenbox_vmm.net import parse_hostfwd
+    from tenbox_vmm.protocol.forwards import parse_hostfwd
 
     return parse_hostfwd(spec)
 

@@ -5,6 +5,7 @@ import ipaddress
 import pytest
 
 from tenbox_vmm.net import NetConfig
+from tenbox_vmm.protocol import Limits
 
 
 def test_defaults_are_qemus_user_network_with_loopback_closed():
@@ -37,7 +38,7 @@ def test_forward_lists_become_tuples_and_the_config_stays_frozen():
     ({"host6": "fec1::2"}, "not in fec0::/64"),
     ({"hostname": "bad name"}, "hostname"),
     ({"hostname": "x" * 33}, "at most 32 bytes"),
-    ({"hostfwds": ["tcp::%d-:1" % p for p in range(1, 300)]}, "at most 256"),
+    ({"hostfwds": ["tcp::%d-:1" % p for p in range(1, 300)]}, "at most %d" % Limits.FORWARDS_MAX),
 ])
 def test_bad_settings_are_refused_with_the_reason(kw, words):
     with pytest.raises(ValueError) as e:

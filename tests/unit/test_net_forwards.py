@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from tenbox_vmm.net.forwards import (
+from tenbox_vmm.protocol.forwards import (
     ForwardSpecError,
     GuestForward,
     HostForward,

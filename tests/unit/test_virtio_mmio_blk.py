@@ -10,6 +10,7 @@ import pytest
 from tenbox_vmm import eventfd
 from tenbox_vmm.devices.virtio import STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK
 from tenbox_vmm.devices.virtio import blk as vblk
+from tenbox_vmm.devices.virtio import blk_io
 from tenbox_vmm.devices.virtio import mmio as m
 from tenbox_vmm.memory import MIB, GuestMemory
 from tests.virtio_driver import RingDriver
@@ -19,6 +20,8 @@ RING, HEAP = 0x10000, 0x200000
 
 class RamDisk:
     """The Disk interface over a bytearray, with an optional injected error."""
+
+    concurrent_io = False
 
     def __init__(self, size, read_only=False):
         self.path = "ram"
@@ -297,7 +300,7 @@ class ThreadedRamDisk(RamDisk):
 def test_a_batch_runs_on_helper_threads_and_a_flush_waits_for_what_came_before():
     mem = GuestMemory(16 * MIB)
     disk = ThreadedRamDisk(1 * MIB)
-    t = m.VirtioMmio(vblk.VirtioBlk(disk, io_helpers=2), mem, Host())
+    t = m.VirtioMmio(vblk.VirtioBlk(disk, runner=blk_io.HelperPool(2)), mem, Host())
     d = Driver(t, mem)
     try:
         d.setup(size=64)  # 17 chains of 2 or 3 descriptors
@@ -325,13 +328,16 @@ def test_a_batch_runs_on_helper_threads_and_a_flush_waits_for_what_came_before()
         mem.close()
 
 
-def test_no_helper_threads_without_cores_to_spare(monkeypatch):
-    monkeypatch.setattr(vblk.os, "cpu_count", lambda: 2)
-    assert vblk.default_io_helpers() == 0
-    monkeypatch.setattr(vblk.os, "cpu_count", lambda: 64)
-    assert vblk.default_io_helpers() == vblk.IO_HELPERS_MAX - 1
-    blk = vblk.VirtioBlk(ThreadedRamDisk(1 * MIB), io_helpers=0)
-    assert blk._pool is None
+def test_no_helper_threads_without_cores_to_spare_or_for_a_disk_that_cannot_share(monkeypatch):
+    monkeypatch.setattr(blk_io.os, "cpu_count", lambda: 2)
+    assert blk_io.default_io_helpers() == 0
+    assert isinstance(blk_io.runner_for(ThreadedRamDisk(1 * MIB)), blk_io.InOrder)
+    monkeypatch.setattr(blk_io.os, "cpu_count", lambda: 64)
+    assert blk_io.default_io_helpers() == blk_io.IO_HELPERS_MAX - 1
+    assert isinstance(blk_io.runner_for(RamDisk(1 * MIB)), blk_io.InOrder)  # concurrent_io = False
+    pool = blk_io.runner_for(ThreadedRamDisk(1 * MIB))
+    assert isinstance(pool, blk_io.HelperPool) and pool.helpers == blk_io.IO_HELPERS_MAX - 1
+    pool.close()
 
 
 class WatchedRamDisk(RamDisk):
@@ -358,7 +364,7 @@ def test_each_completion_interrupts_before_the_next_request_runs():
     mem = GuestMemory(16 * MIB)
     host = Host()
     disk = WatchedRamDisk(1 * MIB, mem, host)
-    t = m.VirtioMmio(vblk.VirtioBlk(disk, io_helpers=0), mem, host)
+    t = m.VirtioMmio(vblk.VirtioBlk(disk), mem, host)
     d = Driver(t, mem)
     try:
         d.setup(size=8)

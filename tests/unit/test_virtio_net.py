@@ -15,7 +15,9 @@ FRAME = bytes.fromhex("ffffffffffff525400123456") + b"\x08\x06" + b"a" * 28
 
 
 class Backend:
-    """Records what the guest sends; emits queued frames when polled (as libslirp does)."""
+    """A FrameBackend that records what the guest sends and emits queued frames when polled (as libslirp does)."""
+
+    guest_room = None
 
     def __init__(self, send):
         self.send = send
@@ -25,6 +27,13 @@ class Backend:
 
     def input(self, frame):
         self.sent.append(bytes(frame))
+
+    def input_many(self, frames):
+        for frame in frames:
+            self.input(frame)
+
+    def release_thread(self):
+        pass
 
     def poll_prepare(self):
         return [], (0 if self.outgoing else 50)
@@ -159,22 +168,21 @@ def test_link_down_drops_both_ways_and_raises_a_config_interrupt(rig):
 def test_the_polling_back_end_watches_transmit_only_after_full_frames(rig):
     # tenbox-vhost-user-net spins on the transmit ring only while the guest sends data: bare ACKs
     # (a download) leave the core to the guest.
-    from tenbox_vmm.vhost_user.backend import POLL_NET_TX_MIN_BYTES, _PollingIoThread
+    from tenbox_vmm.vhost_user.backend import POLL_NET_TX_MIN_BYTES, AdaptivePoller
 
     d, t, dev, backend = rig
     d.setup_net()
-    thread = _PollingIoThread("test", dev, [], [], lambda i: None, lambda reason: None)
+    poller = AdaptivePoller(dev, [])
     ack = FRAME[:14] + bytes(40)  # an Ethernet header and a 40-byte TCP/IP ACK
     for _ in range(3):
         d.tx.offer([bytes(vnet.HDR_LEN) + ack], [])
     d.kick(vnet.TX)
     wait(lambda: len(backend.sent) == 3)
     wait(lambda: dev.tx_last_bytes == 3 * len(ack))
-    assert 3 * len(ack) < POLL_NET_TX_MIN_BYTES and not thread._worth_polling()
+    assert 3 * len(ack) < POLL_NET_TX_MIN_BYTES and not poller.worth_polling()
     data = FRAME[:14] + bytes(1500)
     d.tx.offer([bytes(vnet.HDR_LEN) + data], [])
     d.kick(vnet.TX)
     wait(lambda: len(backend.sent) == 4)
     wait(lambda: dev.tx_last_bytes == len(data))
-    assert thread._worth_polling()
-    thread.stop()
+    assert poller.worth_polling()

@@ -13,6 +13,8 @@
     0x1_0000_0000 RAM above 3 GiB continues here
 """
 
+from tenbox_vmm.protocol.limits import Limits
+
 GDT_ADDR = 0x500
 IDT_ADDR = 0x540
 ZERO_PAGE = 0x7000
@@ -40,7 +42,7 @@ VIRTIO_MMIO_BASE = 0xD0000000
 VIRTIO_MMIO_STRIDE = 0x1000
 VIRTIO_MMIO_SIZE = 0x200
 VIRTIO_GSI_BASE = 16  # IOAPIC pins 16..23: free of every ISA IRQ
-VIRTIO_MAX_DEVICES = 8
+VIRTIO_MAX_DEVICES = Limits.VIRTIO_SLOTS  # 8 slots, pins 16..23; the daemon's DISKS_MAX counts on it
 
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000

@@ -1,4 +1,4 @@
-"""virtio-blk over a tenbox disk backend (worker; requests run on the device's I/O thread).
+"""virtio-blk over a tenbox disk backend (worker; requests run on the device's I/O thread and its runner's helpers).
 
 Read, write, flush (durable: the backend fdatasyncs), get_id (the serial),
 discard and write-zeroes, read-only disks. Data moves between the image and
@@ -10,11 +10,11 @@ other requests and the image stay sound.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from typing import List, Optional
 
 from tenbox_vmm.devices.virtio import ID_BLOCK
+from tenbox_vmm.devices.virtio.blk_io import BlockBackend, InOrder, RequestRunner
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
 from tenbox_vmm.devices.virtio.queue import Chain, Virtqueue
 from tenbox_vmm.disk.iov import FlatViews
@@ -28,7 +28,6 @@ SIZE_MAX = 1 << 20
 SERIAL_LEN = 20  # VIRTIO_BLK_ID_BYTES
 DISCARD_SECTORS_MAX = (1 << 32) - 1
 DISCARD_SEG_MAX = 1
-IO_HELPERS_MAX = 4  # threads per disk, the I/O thread included
 
 # Feature bits
 F_SIZE_MAX = 1 << 1
@@ -56,32 +55,17 @@ class BlkError(Exception):
         self.status = status
 
 
-def default_io_helpers() -> int:
-    """Helper threads per disk: none unless the host has cores beyond a vCPU and the I/O thread."""
-    return max(0, min(IO_HELPERS_MAX - 1, (os.cpu_count() or 1) - 2))
-
-
 class VirtioBlk(VirtioDevice):
     device_id = ID_BLOCK
     num_queues = 1
     queue_size = QUEUE_SIZE
     name = "blk"
 
-    def __init__(self, disk, serial: str = "", io_helpers: Optional[int] = None) -> None:
+    def __init__(self, disk: BlockBackend, serial: str = "", runner: Optional[RequestRunner] = None) -> None:
+        """`runner` runs a batch's requests (blk_io.runner_for picks one for the disk); in order if None."""
         super().__init__()
         self.disk = disk
-        # Backends whose reads and writes are independent syscalls (raw) may
-        # run a batch of requests on helper threads: preadv/pwritev release the
-        # GIL, so a page-cache copy on one core overlaps the next request's.
-        # That pays only with cores to spare beyond the vCPUs and this I/O
-        # thread: on a 2-core host one helper cost 10-30 % (docs/performance.md).
-        self._pool = None
-        helpers = default_io_helpers() if io_helpers is None else io_helpers
-        if getattr(disk, "concurrent_io", False) and helpers > 0:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="virtio-blk-io")
-            self._helpers = helpers
+        self.runner: RequestRunner = runner if runner is not None else InOrder()
         self.serial = serial.encode("ascii", "replace")[:SERIAL_LEN]
         self.read_only = bool(disk.read_only)
         self.capacity = disk.size // SECTOR
@@ -126,7 +110,7 @@ class VirtioBlk(VirtioDevice):
         if not batch:
             return
         self.requests += len(batch)
-        if self._pool is None or len(batch) == 1:
+        if not self.runner.parallel or len(batch) == 1:
             # Each completion is announced before the next request runs (if the
             # driver wants an interrupt): a driver with two 1 MiB reads in
             # flight learns of the first ~150 us earlier and submits the next.
@@ -140,26 +124,11 @@ class VirtioBlk(VirtioDevice):
         start = 0
         for i, chain in enumerate(batch + [None]):
             if chain is None or _is_flush(chain):
-                for c, written in zip(batch[start:i], self._parallel(batch[start:i])):
+                for c, written in zip(batch[start:i], self.runner.run(self._request, batch[start:i])):
                     queue.push(c.head, written)
                 if chain is not None:
                     queue.push(chain.head, self._request(chain))
                 start = i + 1
-
-    def _parallel(self, chains: List[Chain]) -> List[int]:
-        """Run requests on this thread and the helpers; the bytes written for each, in order."""
-        if len(chains) <= 1:
-            return [self._request(c) for c in chains]
-        ways = self._helpers + 1
-        futures = [self._pool.submit(self._run_list, chains[k::ways]) for k in range(1, ways)]
-        results = [0] * len(chains)
-        results[0::ways] = self._run_list(chains[0::ways])
-        for k, f in enumerate(futures, start=1):
-            results[k::ways] = f.result()
-        return results
-
-    def _run_list(self, chains: List[Chain]) -> List[int]:
-        return [self._request(c) for c in chains]
 
     def _request(self, chain: Chain) -> int:
         """Carry out one request; returns the bytes written into the chain (data + status)."""
@@ -252,8 +221,7 @@ class VirtioBlk(VirtioDevice):
         raise BlkError(S_UNSUPP, "request type %d" % rtype)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self.runner.close()
         self.disk.close()
 
 

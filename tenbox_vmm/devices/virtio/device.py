@@ -50,6 +50,14 @@ class VirtioDevice:
     def process(self, queue: Virtqueue) -> None:
         """Handle the chains the driver made available on `queue` (I/O thread)."""
 
+    def wants_kicks(self, queue: Virtqueue) -> bool:
+        """Whether the I/O thread should re-arm kicks on `queue` after processing it (I/O thread).
+
+        False leaves them off until the device asks again (a receive queue
+        with buffers in hand and no frames for them).
+        """
+        return True
+
     def poll_prepare(self) -> Tuple[List[Tuple[int, int]], int]:
         """Extra fds the I/O thread should poll for this device, and a timeout in ms (-1: none)."""
         return [], -1

@@ -1,8 +1,10 @@
-"""A virtio device's I/O thread: waits for queue kicks and the device's own fds, processes, interrupts (worker).
+"""A virtio device's I/O thread: waits for queue kicks and the device's own fds, processes, interrupts (worker, vhost-user backend).
 
 One thread per device: block I/O and network frames never run on a vCPU
 thread. Kicks arrive as ioeventfds (KVM writes them without leaving the
-kernel); interrupts leave through `signal_used`, normally an irqfd.
+kernel); interrupts leave through `signal_used`, normally an irqfd. An
+`IdlePoller` may watch a queue for a while before kicks are re-armed (the
+vhost-user backend's adaptive polling); the KVM worker has none.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import os
 import select
 import threading
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 from tenbox_vmm import eventfd
 from tenbox_vmm.devices.virtio.device import VirtioDevice
@@ -20,6 +22,19 @@ from tenbox_vmm.devices.virtio.queue import Virtqueue, VirtqueueError
 log = logging.getLogger("tenbox.virtio")
 
 KICK_BATCH_MAX = 64  # chains processed before re-checking the stop flag
+
+
+class IdlePoller(Protocol):
+    """A step of the service loop between "the driver published nothing new" and re-arming kicks."""
+
+    def woken(self) -> None:
+        """The thread was woken and serves a queue."""
+
+    def poll(self, q: Virtqueue, seen: int, stopping: Callable[[], bool]) -> bool:
+        """Watch q's avail index (last read as `seen`) for a while; True if the driver published meanwhile."""
+
+    def sleeping(self) -> None:
+        """Kicks are re-armed with nothing left to do: the thread goes back to sleep."""
 
 
 class IoThread:
@@ -31,15 +46,15 @@ class IoThread:
         kick_fds: List[int],
         signal_used: Callable[[int], None],
         on_error: Callable[[str], None],
+        idle_poller: Optional[IdlePoller] = None,
     ) -> None:
         self.device = device
         self.queues = queues
         self.kick_fds = kick_fds
         self.signal_used = signal_used
         self.on_error = on_error
+        self.idle_poller = idle_poller
         self._stop = False
-        # Optional device hook: whether it wants kicks from a queue it has just processed.
-        self._wants_kicks: Optional[Callable[[Virtqueue], bool]] = getattr(device, "wants_kicks", None)
         self._wake = eventfd.eventfd()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -72,23 +87,35 @@ class IoThread:
         them), so "more work" means the driver published something after we
         looked, not that buffers are still available; and a device that says
         it wants no kicks from a queue (`wants_kicks`, e.g. a receive queue
-        with buffers in hand) gets none until it asks again.
+        with buffers in hand) gets none until it asks again. Before kicks are
+        re-armed, the idle poller (if any) may watch the ring a while longer.
         """
-        wants = self._wants_kicks
+        poller = self.idle_poller
+        if poller is not None:
+            poller.woken()
+        device = self.device
+        avail_idx = q.avail_idx
         q.disable_kicks()
         while q.ready and not self._stop:
-            seen = q.avail_idx()
-            self.device.process(q)
+            seen = avail_idx()
+            device.process(q)
             if q.needs_interrupt():
                 self.signal_used(q.index)
-            if wants is not None and not wants(q):
+            if not device.wants_kicks(q):
                 return
-            if q.avail_idx() != seen:
+            if avail_idx() != seen:
+                continue
+            if poller is not None and poller.poll(q, seen, self._stopping):
                 continue
             q.enable_kicks()
-            if q.avail_idx() == seen:
+            if avail_idx() == seen:
+                if poller is not None:
+                    poller.sleeping()
                 return
             q.disable_kicks()
+
+    def _stopping(self) -> bool:
+        return self._stop
 
     def _run(self) -> None:
         poller = select.poll()

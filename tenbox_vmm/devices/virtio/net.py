@@ -23,7 +23,7 @@ import collections
 import logging
 import struct
 import threading
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from tenbox_vmm.devices.virtio import ID_NET
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
@@ -51,13 +51,40 @@ HDR_F_DATA_VALID = 2
 _HDR = struct.Struct("<BBHHHHH")
 
 
+class FrameBackend(Protocol):
+    """What virtio-net asks of its backend (net/slirp.py's SlirpNetwork implements it).
+
+    The backend belongs to one thread at a time: the device's I/O thread
+    while it runs, else whoever called run_on_backend.
+    """
+
+    # Set by the device: how many frames the driver can take now (a backend reads no more from its sockets).
+    guest_room: Optional[Callable[[], int]]
+
+    def input_many(self, frames: Sequence[memoryview]) -> None:
+        """Frames from the guest, valid only until this returns (views of guest memory)."""
+
+    def poll_prepare(self) -> Tuple[List[Tuple[int, int]], int]:
+        """The backend's fds and events to poll, and a timeout in ms (-1: none)."""
+
+    def poll_done(self, revents: Dict[int, int]) -> None:
+        """Handle the polled fds; frames for the guest go to the `send` callback the backend was built with."""
+
+    def release_thread(self) -> None:
+        """The calling thread is done with the backend for now; another may use it next."""
+
+    def close(self) -> None:
+        ...
+
+
 class VirtioNet(VirtioDevice):
     device_id = ID_NET
     num_queues = 2
     queue_size = QUEUE_SIZE
     name = "net"
 
-    def __init__(self, mac: bytes, backend_factory: Callable[[Callable[[bytes], None]], object], link_up: bool = True) -> None:
+    def __init__(self, mac: bytes, backend_factory: Callable[[Callable[[bytes], None]], FrameBackend],
+                 link_up: bool = True) -> None:
         super().__init__()
         if len(mac) != 6:
             raise ValueError("a MAC address has 6 bytes")
@@ -66,8 +93,7 @@ class VirtioNet(VirtioDevice):
         self._lock = threading.Lock()
         self._rx_backlog: Deque[bytes] = collections.deque()
         self.backend = backend_factory(self._from_backend)
-        if hasattr(self.backend, "guest_room"):
-            self.backend.guest_room = self.rx_room
+        self.backend.guest_room = self.rx_room
         self._queues: List[Virtqueue] = []
         self.tx_frames = self.rx_frames = self.rx_dropped = self.tx_dropped = 0
         self.tx_last_bytes = 0  # frame bytes the last transmit pass moved (a bulk sender, or ACKs only?)
@@ -237,8 +263,7 @@ class VirtioNet(VirtioDevice):
                 self._deliver(queue)
 
     def _transmit(self, q: Virtqueue) -> None:
-        backend = self.backend
-        input_many = getattr(backend, "input_many", None)
+        input_many = self.backend.input_many
         self.tx_last_bytes = 0
         while True:
             heads: List[int] = []
@@ -261,11 +286,7 @@ class VirtioNet(VirtioDevice):
                 if frames:
                     self.tx_frames += len(frames)
                     self.tx_last_bytes += sum(map(len, frames))
-                    if input_many is not None:
-                        input_many(frames)
-                    else:
-                        for frame in frames:
-                            backend.input(frame)
+                    input_many(frames)
             finally:
                 # Only now: the backend may have read the frames in place until it returned.
                 q.push_many(heads)
@@ -283,9 +304,7 @@ class VirtioNet(VirtioDevice):
                 try:
                     return fn()
                 finally:
-                    release = getattr(self.backend, "release_thread", None)
-                    if release is not None:
-                        release()
+                    self.backend.release_thread()
             done = threading.Event()
             box: list = []
 

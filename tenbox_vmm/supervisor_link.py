@@ -1,4 +1,4 @@
-"""The worker link: a running VM talks to tenboxd over ZeroMQ (worker).
+"""The worker's end of the worker link: a running VM talks to tenboxd over ZeroMQ (worker).
 
 One thread owns the DEALER socket (ZeroMQ sockets are not thread-safe). It
 sends HELLO on every (re)connect, heartbeats every second, the VM's state
@@ -16,24 +16,29 @@ import threading
 import time
 from typing import Deque, Optional, Tuple
 
-from tenbox_vmm import __version__
-from tenbox_vmm.protocol import (
-    CONSOLE_CHUNK_MAX,
+from tenbox_vmm.protocol import VERSION, Limits, VmState
+from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
-    LINK_MAX_MESSAGE_BYTES,
-    LINK_PROTOCOL,
-    LINK_QUEUE_MAX,
     Command,
-    Msg,
-    VmState,
-    pack,
-    unpack,
+    CommandName,
+    ConsoleData,
+    Heartbeat,
+    Hello,
+    Message,
+    NetReport,
+    Reply,
+    StateReport,
+    UnknownCommand,
+    WorkerExit,
+    Who,
+    decode,
+    encode,
 )
 
 log = logging.getLogger("tenbox.worker")
 
-zmq = None  # pyzmq, imported by the link thread when it starts (see WorkerLink._run)
+zmq = None  # pyzmq, imported by the link thread when it starts (see SupervisorLink._run)
 
 EXIT_LINGER_MS = 1000  # how long the EXIT message may take to leave
 OUTBOX_MAX = 4096  # queued events while the supervisor is away
@@ -60,7 +65,7 @@ def process_create_time(pid: int) -> float:
     return boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-class WorkerLink:
+class SupervisorLink:
     """Connects a Machine to the supervisor at `endpoint`."""
 
     def __init__(self, endpoint: str, vm_id: str) -> None:
@@ -69,7 +74,7 @@ class WorkerLink:
         self.machine = None
         self.pid = os.getpid()
         self.create_time = process_create_time(self.pid)
-        self._outbox: Deque[dict] = collections.deque(maxlen=OUTBOX_MAX)
+        self._outbox: Deque[Message] = collections.deque(maxlen=OUTBOX_MAX)
         self._console: Deque[bytes] = collections.deque()
         self._console_bytes = 0
         self._lock = threading.Lock()
@@ -78,6 +83,10 @@ class WorkerLink:
         os.set_blocking(self._wake_w, False)
         self._pending_input = b""
         self._exit: Optional[Tuple[int, str]] = None
+        # Queued events and console output wait for the first HELLO to go out: a supervisor
+        # drops (and answers with WHO) whatever a worker says before it has introduced itself,
+        # so a state change sent first (a fast guest reset) would be lost.
+        self._introduced = False
         self._thread = threading.Thread(target=self._run, name="worker-link", daemon=True)
 
     # Called from any thread ------------------------------------------------
@@ -90,14 +99,14 @@ class WorkerLink:
 
     def console_output(self, data: bytes) -> None:
         with self._lock:
-            if self._console_bytes > LINK_MAX_MESSAGE_BYTES:
+            if self._console_bytes > Limits.LINK_MESSAGE_MAX_BYTES:
                 return  # the supervisor is not keeping up; console.log has it all
             self._console.append(data)
             self._console_bytes += len(data)
         self._wake()
 
     def state_changed(self, state: VmState, reason: str) -> None:
-        self._post({"t": Msg.STATE.value, "state": state.value, "reason": reason})
+        self._post(StateReport(state, reason))
 
     def machine_done(self) -> None:
         self._exit = (int(self.machine.exit_code), self.machine.exit_reason)
@@ -106,7 +115,7 @@ class WorkerLink:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
-    def _post(self, msg: dict) -> None:
+    def _post(self, msg: Message) -> None:
         self._outbox.append(msg)
         self._wake()
 
@@ -118,20 +127,10 @@ class WorkerLink:
 
     # The link thread ---------------------------------------------------------
 
-    def _hello(self) -> dict:
+    def _hello(self) -> Hello:
         m = self.machine
-        return {
-            "t": Msg.HELLO.value,
-            "vm_id": self.vm_id,
-            "pid": self.pid,
-            "create_time": self.create_time,
-            "state": m.state.value,
-            "started_at": m.started_at,
-            "boots": m.boots,
-            "protocol": LINK_PROTOCOL,
-            "version": __version__,
-            "net": m.net_status(),
-        }
+        return Hello(vm_id=self.vm_id, pid=self.pid, create_time=self.create_time, state=m.state,
+                     started_at=m.started_at, boots=m.boots, version=VERSION, net=m.net_status())
 
     def _run(self) -> None:
         # Imported here, on the link's own thread: the guest boots meanwhile.
@@ -143,9 +142,9 @@ class WorkerLink:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.vm_id.encode())
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.SNDHWM, LINK_QUEUE_MAX)
-        sock.setsockopt(zmq.RCVHWM, LINK_QUEUE_MAX)
+        sock.setsockopt(zmq.MAXMSGSIZE, Limits.LINK_MESSAGE_MAX_BYTES)
+        sock.setsockopt(zmq.SNDHWM, Limits.LINK_QUEUE_MAX)
+        sock.setsockopt(zmq.RCVHWM, Limits.LINK_QUEUE_MAX)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a supervisor that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -162,7 +161,7 @@ class WorkerLink:
             while True:
                 now = time.monotonic()
                 if now >= next_beat:
-                    self._send(sock, {"t": Msg.HEARTBEAT.value, "state": self.machine.state.value})
+                    self._send(sock, Heartbeat(self.machine.state))
                     next_beat = now + HEARTBEAT_INTERVAL_SEC
                 if present and now - last_heard > HEARTBEAT_INTERVAL_SEC * HEARTBEAT_LIVENESS:
                     present = False
@@ -176,7 +175,7 @@ class WorkerLink:
                         zmq.utils.monitor.recv_monitor_message(monitor)
                     except zmq.ZMQError:
                         pass
-                    self._send(sock, self._hello())  # a (re)connect: introduce ourselves
+                    self._introduce(sock)  # a (re)connect
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -199,9 +198,11 @@ class WorkerLink:
                 if self._pending_input:
                     self._pending_input = self._pending_input[self.machine.console_input(self._pending_input):]
                 if self._exit is not None:
+                    if not self._introduced:
+                        self._introduce(sock)  # a guest that ended before the link was up: tell its story
                     self._flush(sock)
                     code, reason = self._exit
-                    self._send(sock, {"t": Msg.EXIT.value, "code": code, "reason": reason})
+                    self._send(sock, WorkerExit(code, reason))
                     sock.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
                     return
         except Exception:
@@ -212,25 +213,31 @@ class WorkerLink:
             sock.close()
             ctx.term()
 
-    def _send(self, sock, msg: dict) -> bool:
+    def _send(self, sock, msg: Message) -> bool:
         try:
-            sock.send(pack(msg), zmq.NOBLOCK)
+            sock.send(encode(msg), zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False  # no supervisor connected (IMMEDIATE) or its queue is full
 
+    def _introduce(self, sock) -> None:
+        if self._send(sock, self._hello()):
+            self._introduced = True
+
     def _flush(self, sock) -> None:
         """Send queued console output and events; what cannot go yet waits (bounded) for a supervisor."""
+        if not self._introduced:
+            return
         with self._lock:
             data = b"".join(self._console)
             self._console.clear()
             self._console_bytes = 0
         while data:
-            chunk = data[:CONSOLE_CHUNK_MAX]
-            if not self._send(sock, {"t": Msg.CONSOLE.value, "data": chunk}):
+            chunk = data[:Limits.CONSOLE_CHUNK_MAX_BYTES]
+            if not self._send(sock, ConsoleData(chunk)):
                 with self._lock:
                     # Keep the newest output for when a supervisor listens; console.log has everything.
-                    kept = data[-LINK_MAX_MESSAGE_BYTES:]
+                    kept = data[-Limits.LINK_MESSAGE_MAX_BYTES:]
                     self._console.appendleft(kept)
                     self._console_bytes += len(kept)
                 break
@@ -242,36 +249,30 @@ class WorkerLink:
 
     def _handle(self, sock, frame: bytes) -> None:
         try:
-            msg = unpack(frame)
+            msg = decode(frame)
+        except UnknownCommand as e:  # a newer tenboxd: say so, so that it does not wait in vain
+            self._send(sock, Reply(e.req_id, False, error=str(e)))
+            return
         except ValueError as e:
             log.warning("%s: dropped a bad frame from the supervisor: %s", self.vm_id, e)
             return
-        t = msg["t"]
-        if t == Msg.WHO.value:
-            self._send(sock, self._hello())
-        elif t == Msg.COMMAND.value:
+        if isinstance(msg, Who):
+            self._introduce(sock)
+        elif isinstance(msg, Command):
             self._command(sock, msg)
 
-    def _command(self, sock, msg: dict) -> None:
-        req_id = msg.get("id")
-        name = msg.get("name")
-        args = msg.get("args") or {}
-        if not isinstance(args, dict):
-            args = {}
+    def _command(self, sock, cmd: Command) -> None:
+        args = cmd.args or {}
         error = None
         result = None
-        try:
-            cmd = Command(name)
-        except ValueError:
-            cmd = None
-            error = "unknown command %r" % (name,)
-        if cmd is Command.STOP:
+        name = cmd.name
+        if name is CommandName.STOP:
             self.machine.stop(str(args.get("reason") or "stopped by tenboxd"))
-        elif cmd is Command.REBOOT:
+        elif name is CommandName.REBOOT:
             self.machine.reboot()
-        elif cmd is Command.SHUTDOWN:
+        elif name is CommandName.SHUTDOWN:
             self.machine.power_button()
-        elif cmd is Command.CONSOLE_INPUT:
+        elif name is CommandName.CONSOLE_INPUT:
             data = args.get("data")
             if not isinstance(data, bytes):
                 error = "console_input needs bytes"
@@ -279,22 +280,19 @@ class WorkerLink:
                 error = "console input queue is full"
             else:
                 self._pending_input += data
-        elif cmd is Command.NET_LINK or cmd is Command.NET_FORWARDS:
-            error, result = self._net_command(cmd, args)
-        reply = {"t": Msg.REPLY.value, "id": req_id, "ok": error is None}
-        if error:
-            reply["error"] = error
-        if result is not None:
-            reply["result"] = result
-        self._send(sock, reply)
-        if cmd in (Command.NET_LINK, Command.NET_FORWARDS) and error is None:
-            self._send(sock, dict({"t": Msg.NET.value}, **(self.machine.net_status() or {})))
+        elif name is CommandName.NET_LINK or name is CommandName.NET_FORWARDS:
+            error, result = self._net_command(name, args)
+        self._send(sock, Reply(cmd.id, error is None, error=error, result=result))
+        if name in (CommandName.NET_LINK, CommandName.NET_FORWARDS) and error is None:
+            status = self.machine.net_status()
+            if status is not None:
+                self._send(sock, NetReport(status))
 
-    def _net_command(self, cmd, args: dict):
+    def _net_command(self, name: CommandName, args: dict):
         from tenbox_vmm.machine import MachineError
 
         try:
-            if cmd is Command.NET_LINK:
+            if name is CommandName.NET_LINK:
                 self.machine.set_link(bool(args.get("up")))
                 return None, None
             hostfwds, guestfwds = args.get("hostfwds") or [], args.get("guestfwds") or []

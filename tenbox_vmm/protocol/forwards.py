@@ -1,6 +1,9 @@
-"""Port-forward specs: parse, validate and print them (pure; worker, ctl, daemon).
+"""Port-forward specs: parse, validate and print them (pure; worker and daemon).
 
-TenBox-compatible grammar; one spec per forward.
+TenBox-compatible grammar; one spec per forward. Part of the worker's
+protocol: the runtime's --hostfwd/--guestfwd and the net_forwards command
+take these specs, and tenboxd checks them with this same code before it
+stores them.
 
 hostfwd (host → guest)::
 
@@ -39,12 +42,13 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from tenbox_vmm.protocol.limits import Limits
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 PORT_MIN = 1
 PORT_MAX = 65535
-SPEC_MAX_CHARS = 256
 
 _LEGACY = re.compile(r"^\d+:\d+(:\d+)?$")
 _DIGITS = re.compile(r"^[0-9]+$")
@@ -153,8 +157,8 @@ def _host_addr(spec: str, text: str) -> IPAddress:
 def _check_length(kind: str, spec: str) -> None:
     if not isinstance(spec, str):
         raise _fail(kind, spec, "expected a string, got %s" % type(spec).__name__)
-    if len(spec) > SPEC_MAX_CHARS:
-        raise _fail(kind, spec[:32] + "...", "longer than %d characters" % SPEC_MAX_CHARS)
+    if len(spec) > Limits.FORWARD_SPEC_MAX_CHARS:
+        raise _fail(kind, spec[:32] + "...", "longer than %d characters" % Limits.FORWARD_SPEC_MAX_CHARS)
     if not spec.strip():
         raise _fail(kind, spec, "empty spec")
 

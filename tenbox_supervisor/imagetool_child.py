@@ -1,0 +1,38 @@
+"""tenbox_vmm.imagetool in a child process: image headers are parsed outside the daemon (daemon, root).
+
+Its answer is JSON on stdout (tenbox_vmm.protocol.imagetool); a failure
+comes back as ApiError(invalid_argument) with the tool's one-line message,
+a tool that hung or gave no answer as internal_error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, Dict
+
+from tenbox_supervisor.errors import ApiError
+from tenbox_supervisor.protocol import ErrorCode
+from tenbox_vmm.protocol.imagetool import IMAGETOOL_MODULE, ImageToolBroken, ImageToolFailed, read_answer
+
+IMAGETOOL_TIMEOUT_SEC = 120
+
+
+async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC) -> Dict[str, Any]:
+    """Run `python3 -m tenbox_vmm.imagetool ARGS`; its JSON result, or ApiError with its message."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", IMAGETOOL_MODULE, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ApiError(ErrorCode.INTERNAL_ERROR, "image tool timed out after %.0fs" % timeout)
+    try:
+        return read_answer(proc.returncode, out)
+    except ImageToolFailed as e:
+        # Every refusal of the tool is a bad disk or path given by the caller.
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, e.message) from None
+    except ImageToolBroken as e:
+        raise ApiError(ErrorCode.INTERNAL_ERROR, str(e)) from None

@@ -1,0 +1,429 @@
+"""The vm.* methods of the control socket and the cloud link (daemon, root).
+
+Each handler checks its parameters (params.py), then asks the
+WorkerManager; it never changes a ManagedVm or the manager's tables
+itself. Images come in through the narrow `ImageLookup` (the image
+methods' lock and lookup), the update check through `StartGate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Dict, List, Optional, Protocol, Union
+
+from tenbox_supervisor import doctor, params as P, telemetry
+from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.errors import ApiError, OperationError
+from tenbox_supervisor.fsutil import tail_lines
+from tenbox_supervisor.imagetool_child import run_imagetool
+from tenbox_supervisor.images import Image
+from tenbox_supervisor.managed_vm import ManagedVm
+from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
+from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac, new_vm_id
+from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
+from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.link import CommandName
+
+log = logging.getLogger("tenboxd.api")
+
+DEFAULT_MEMORY_MB = 256
+
+
+class ImageLookup(Protocol):
+    """What vm.create --image needs of the image store's methods."""
+
+    lock: asyncio.Lock  # held from the lookup until the VM is stored: image.remove waits
+
+    def get(self, name: str) -> Image:
+        """The image, or ApiError(image_not_found)."""
+
+
+class StartGate(Protocol):
+    def check_start_allowed(self) -> None:
+        """ApiError(update_in_progress) while tenbox updates itself."""
+
+
+class VmFolders(Protocol):
+    """The VM store's folders, for a new VM's overlay and the log files."""
+
+    def vm_dir(self, vm_id: str) -> str:
+        ...
+
+    def make_folder(self, vm_id: str) -> str:
+        ...
+
+    def delete(self, vm_id: str) -> None:
+        ...
+
+
+def _stored(e: Exception) -> ApiError:
+    return ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
+
+
+def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
+    """A VM as vm.list and the other vm.* methods show it."""
+    s = vm.spec
+    pid = vm.pid
+    out = {
+        "id": s.id,
+        "name": s.name,
+        "state": vm.state.value,
+        "cpus": s.cpus,
+        "memory_mb": s.memory_mb,
+        "kernel": s.kernel,
+        "initrd": s.initrd,
+        "cmdline": s.cmdline,
+        "disks": s.disks,
+        "net": s.net,
+        "image": s.image,
+        "created_at": s.created_at,
+        "pid": pid,
+        "started_at": vm.started_at if vm.active else None,
+        "uptime_sec": vm.uptime(now),
+        "last_failure": vm.last_failure,
+        "net_status": vm.net_status.to_wire() if vm.net_status is not None else None,
+    }
+    if pid is not None:
+        out["resources"] = telemetry.process_resources(pid)
+    return out
+
+
+async def probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
+    """Record each disk's format (probed now when not given), so the worker never probes a raw image.
+
+    A raw image opened by probing could be turned into a qcow2 image by its
+    guest, naming any host file as backing; declared formats rule that out
+    (libvirt does the same). A declared format must match the file.
+    """
+    for i, d in enumerate(disks or []):
+        try:
+            found = (await run_imagetool("info", d["path"]))["format"]
+        except ApiError as e:
+            raise ApiError(e.code, "disks[%d]: %s" % (i, e.message))
+        if d.get("format") not in (None, found):
+            # qcow2 declared on a raw file, or raw declared on a qcow2 file: the latter is allowed
+            # (the guest then sees the qcow2 bytes), as QEMU allows it, but never silently.
+            if d["format"] != "raw":
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks[%d]: %s is %s, not %s" % (i, d["path"], found, d["format"]))
+        else:
+            d["format"] = found
+
+
+class VmMethods:
+    def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate) -> None:
+        self.workers = workers
+        self.folders = folders
+        self.images = images
+        self.gate = gate
+
+    def method_specs(self) -> List[MethodSpec]:
+        return [
+            MethodSpec(Method.VM_LIST, self.vm_list, mutating=False),
+            MethodSpec(Method.VM_CREATE, self.vm_create, mutating=True),
+            MethodSpec(Method.VM_EDIT, self.vm_edit, mutating=True),
+            MethodSpec(Method.VM_START, self.vm_start, mutating=True),
+            MethodSpec(Method.VM_STOP, self.vm_stop, mutating=True),
+            MethodSpec(Method.VM_REBOOT, self.vm_reboot, mutating=True),
+            MethodSpec(Method.VM_SHUTDOWN, self.vm_shutdown, mutating=True),
+            MethodSpec(Method.VM_DELETE, self.vm_delete, mutating=True),
+            MethodSpec(Method.VM_LOGS, self.vm_logs, mutating=False),
+            MethodSpec(Method.VM_LOGS_FOLLOW, self.vm_logs_follow, mutating=False, stream=True),
+            MethodSpec(Method.VM_CONSOLE_ATTACH, self.vm_console_attach, mutating=True, stream=True),
+        ]
+
+    def now(self) -> float:
+        return self.workers.host.time()
+
+    def view(self, vm: ManagedVm) -> Dict[str, Any]:
+        return view(vm, self.now())
+
+    # Lookups ------------------------------------------------------------------------------
+
+    def find(self, params: P.Params) -> ManagedVm:
+        key = P.name(params, "vm_id", required=True)
+        vm = self.workers.find(key)
+        if vm is None:
+            broken = self.workers.broken()
+            if key in broken:
+                raise ApiError(ErrorCode.VM_BROKEN, "VM %s is broken: %s" % (key, broken[key]))
+            raise ApiError(ErrorCode.VM_NOT_FOUND, "no VM with id or name %r" % key)
+        return vm
+
+    def find_or_broken(self, params: P.Params) -> Union[ManagedVm, str]:
+        """The VM, or the id of a broken store entry (which only vm.delete may name)."""
+        key = P.name(params, "vm_id", required=True)
+        if key in self.workers.broken() and self.workers.get(key) is None:
+            return key
+        return self.find(params)
+
+    # Methods ------------------------------------------------------------------------------
+
+    async def vm_list(self, params, caller: Caller):
+        now = self.now()
+        vms = [view(vm, now) for vm in sorted(self.workers.all(), key=lambda v: (v.spec.name, v.id))]
+        for vm_id, reason in sorted(self.workers.broken().items()):
+            vms.append({"id": vm_id, "name": None, "state": "broken", "error": reason})
+        return {"vms": vms}
+
+    async def vm_create(self, params, caller: Caller):
+        image_name = P.name(params, "image")
+        if image_name is None:
+            return await self._vm_create(params, None)
+        if params.get("template") is not None:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "give image or template, not both")
+        # Held until the VM is stored: image.remove cannot slip in between.
+        async with self.images.lock:
+            return await self._vm_create(params, self.images.get(image_name))
+
+    async def _vm_create(self, params, image: Optional[Image]):
+        """vm.create; with an image, its kernel, initrd and command line are the defaults and its rootfs the template."""
+        name = P.name(params, "name", required=True)
+        if self.workers.name_taken(name):
+            raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % name)
+        kernel = P.file_path(params, "kernel", required=image is None)
+        initrd = P.file_path(params, "initrd")
+        cmdline = P.cmdline(params)
+        if image is not None:
+            kernel = kernel or image.kernel
+            initrd = initrd or image.initrd
+            if cmdline is None:
+                cmdline = image.manifest.get("cmdline")
+        spec = VmSpec(
+            id=new_vm_id(),
+            name=name,
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            image=image.name if image is not None else None,
+            memory_mb=P.memory_mb(params, telemetry.host_memory_mb(), default=DEFAULT_MEMORY_MB),
+            cpus=P.cpus(params, default=1),
+            disks=P.disks(params) or [],
+        )
+        await probe_formats(spec.disks)
+        hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
+        net_on = P.net_flag(params)
+        if net_on is None:
+            net_on = True  # as TenBox: a VM has the network unless told otherwise
+        spec.net = {"enabled": True, "mac": new_mac(), "link_up": net_on,
+                    "hostfwds": hostfwds or [], "guestfwds": guestfwds or []}
+        template = image.rootfs if image is not None else P.file_path(params, "template")
+        if template and len(spec.disks) >= Limits.DISKS_MAX:
+            raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks"
+                           % Limits.DISKS_MAX)
+        try:
+            spec.validate()
+            folder = self.folders.make_folder(spec.id)
+        except (OSError, SpecError) as e:
+            raise _stored(e)
+        try:
+            if template:
+                overlay = os.path.join(folder, OVERLAY_NAME)
+                try:
+                    await run_imagetool("overlay", "--backing", template, "--out", overlay)
+                except ApiError as e:
+                    raise ApiError(e.code, "cannot make an overlay of %s: %s" % (template, e.message))
+                spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
+                                      "format": "qcow2"})
+            try:
+                vm = self.workers.create(spec)
+            except (OSError, SpecError) as e:
+                raise _stored(e)
+        except BaseException:
+            self.folders.delete(spec.id)
+            raise
+        return self.view(vm)
+
+    async def vm_edit(self, params, caller: Caller):
+        vm = self.find(params)
+        async with vm.lock:
+            s = vm.spec
+            changes: Dict[str, Any] = {}
+            new_name = P.name(params, "name")
+            if new_name is not None and new_name != s.name:
+                if any(v.spec.name == new_name for v in self.workers.all()):
+                    raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % new_name)
+                changes["name"] = new_name
+            hw = {
+                "disks": P.disks(params),
+                "kernel": P.file_path(params, "kernel"),
+                "initrd": P.file_path(params, "initrd"),
+                "cmdline": P.cmdline(params),
+                "memory_mb": P.memory_mb(params, telemetry.host_memory_mb()),
+                "cpus": P.cpus(params),
+            }
+            await probe_formats(hw["disks"])
+            hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
+            if hw and vm.active:
+                raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
+            changes.update(hw)
+            net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
+            link = P.net_flag(params)
+            hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
+            net_changes = {}
+            if link is not None and link != net.get("link_up", True):
+                net_changes["link_up"] = link
+            if hostfwds is not None and hostfwds != net.get("hostfwds", []):
+                net_changes["hostfwds"] = hostfwds
+            if guestfwds is not None and guestfwds != net.get("guestfwds", []):
+                net_changes["guestfwds"] = guestfwds
+            failures: List[Any] = []
+            if net_changes and vm.active and vm.session is not None:
+                failures = await self._apply_net(vm, net, net_changes)
+            if net_changes:
+                net.update(net_changes)
+                changes["net"] = net
+            if changes:
+                try:
+                    self.workers.update_spec(vm, VmSpec.from_json(dict(s.to_json(), **changes)))
+                except (OSError, SpecError) as e:
+                    raise _stored(e)
+                log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
+        return dict(self.view(vm), forward_failures=failures)
+
+    async def _apply_net(self, vm: ManagedVm, net: Dict[str, Any], changes: Dict[str, Any]) -> List[Any]:
+        """Carry network changes into the running worker; the forwards that failed there."""
+        if not net.get("enabled"):
+            raise ApiError(ErrorCode.VM_RUNNING, "VM %s has no network card; stop it to add one" % vm.id)
+        if "link_up" in changes:
+            await self.workers.command(vm, CommandName.NET_LINK, {"up": changes["link_up"]})
+        if "hostfwds" in changes or "guestfwds" in changes:
+            result = await self.workers.command(vm, CommandName.NET_FORWARDS, {
+                "hostfwds": changes.get("hostfwds", net.get("hostfwds", [])),
+                "guestfwds": changes.get("guestfwds", net.get("guestfwds", [])),
+            })
+            return result.get("failures", [])
+        return []
+
+    async def vm_start(self, params, caller: Caller):
+        vm = self.find(params)
+        self.gate.check_start_allowed()
+        self._preflight(vm)
+        try:
+            await self.workers.start(vm)
+        except OperationError as e:
+            raise ApiError(e.code, e.message, last_failure=vm.last_failure)
+        return self.view(vm)
+
+    def _preflight(self, vm: ManagedVm) -> None:
+        """What vm.start checks before a worker runs; a refusal is recorded as the VM's last_failure."""
+        checks = doctor.run_checks()
+        if not checks["supported"]:
+            failed = [c["message"] for c in checks["checks"] if c["required"] and not c["ok"]]
+            self._refuse_start(vm, ErrorCode.KVM_UNSUPPORTED, FailureCode.KVM_UNSUPPORTED,
+                               "KVM is not usable: %s" % "; ".join(failed))
+        for key in ("kernel", "initrd"):
+            path = getattr(vm.spec, key)
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                self._refuse_start(vm, ErrorCode.FILE_MISSING, FailureCode.FILE_MISSING,
+                                   "%s %s is missing or unreadable" % (key, path))
+        for d in vm.spec.disks:
+            if not os.path.isfile(d["path"]):
+                self._refuse_start(vm, ErrorCode.FILE_MISSING, FailureCode.FILE_MISSING, "disk %s is missing" % d["path"])
+        available = telemetry.host_memory_available_mb()
+        if vm.spec.memory_mb > available:
+            self._refuse_start(vm, ErrorCode.INSUFFICIENT_MEMORY, FailureCode.INSUFFICIENT_MEMORY,
+                               "VM %s needs %d MiB; the host has %d MiB available" % (vm.id, vm.spec.memory_mb, available))
+
+    def _refuse_start(self, vm: ManagedVm, code: ErrorCode, failure: FailureCode, message: str) -> None:
+        self.workers.record_failure(vm, failure, message)
+        raise ApiError(code, message)
+
+    async def vm_stop(self, params, caller: Caller):
+        vm = self.find(params)
+        await self.workers.stop(vm, "vm.stop by %s" % caller, P.timeout(params, STOP_TIMEOUT_SEC))
+        return self.view(vm)
+
+    async def vm_shutdown(self, params, caller: Caller):
+        vm = self.find(params)
+        graceful = await self.workers.shutdown(vm, P.timeout(params, SHUTDOWN_TIMEOUT_SEC))
+        return dict(self.view(vm), graceful=graceful)
+
+    async def vm_reboot(self, params, caller: Caller):
+        vm = self.find(params)
+        await self.workers.reboot(vm)
+        return self.view(vm)
+
+    async def vm_delete(self, params, caller: Caller):
+        vm = self.find_or_broken(params)
+        if isinstance(vm, str):
+            try:
+                self.workers.delete_broken(vm)
+            except OSError as e:
+                raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm, e.strerror))
+            return {"id": vm, "deleted": True}
+        force = P.get(params, "force", bool, default=False)
+        if vm.active:
+            if not force:
+                raise ApiError(ErrorCode.VM_RUNNING, "VM %s is %s; stop it first (or force)" % (vm.id, vm.state.value))
+            await self.workers.stop(vm, "vm.delete --force by %s" % caller)
+        async with vm.lock:
+            if vm.active:
+                raise ApiError(ErrorCode.VM_BUSY, "VM %s started again meanwhile" % vm.id)
+            try:
+                self.workers.delete(vm)
+            except OSError as e:
+                raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm.id, e.strerror))
+        return {"id": vm.id, "deleted": True}
+
+    async def vm_logs(self, params, caller: Caller):
+        lines = P.integer(params, "lines", 0, P.LOG_LINES_MAX, default=P.LOG_LINES_DEFAULT)
+        source = P.log_source(params)
+        vm = self.find(params)
+        base = os.path.join(self.folders.vm_dir(vm.id), "logs", "%s.log" % source)
+        paths = ["%s.2" % base, "%s.1" % base, base]
+        return {"vm_id": vm.id, "source": source, "lines": tail_lines(paths, lines)}
+
+    async def vm_logs_follow(self, params, caller: Caller, stream):
+        vm = self.find(params)
+        with self.workers.subscribe_logs(vm) as q:
+            await stream.reply({"vm_id": vm.id})
+            reader = asyncio.ensure_future(stream.wait_closed())
+            while True:
+                getter = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    getter.cancel()
+                    return {}
+                item = getter.result()
+                if item is None:
+                    await stream.event({"type": Event.LOGS_CLOSED.value, "vm_id": vm.id})
+                    return {}
+                await stream.event({"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": item}})
+
+    async def vm_console_attach(self, params, caller: Caller, stream):
+        vm = self.find(params)
+        if not vm.active:
+            raise ApiError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+        with self.workers.subscribe_console(vm) as q:
+            await stream.reply({"vm_id": vm.id})
+            ring = vm.console.ring()
+            if ring:
+                await stream.event({"type": Event.CONSOLE_DATA.value, "vm_id": vm.id, "data_hex": ring.hex()})
+            reader = asyncio.ensure_future(stream.next_event())
+            getter = asyncio.ensure_future(q.get())
+            while True:
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    item = getter.result()
+                    if item is None:
+                        reader.cancel()
+                        await stream.event({"type": Event.CONSOLE_CLOSED.value, "vm_id": vm.id,
+                                            "reason": "VM %s is %s" % (vm.id, vm.state.value)})
+                        return {}
+                    await stream.event({"type": Event.CONSOLE_DATA.value, "vm_id": vm.id, "data_hex": item.hex()})
+                    getter = asyncio.ensure_future(q.get())
+                if reader in done:
+                    event = reader.result()
+                    if event is None:  # the client went away
+                        getter.cancel()
+                        return {}
+                    if event.get("type") == Event.CONSOLE_INPUT.value:
+                        try:
+                            data = bytes.fromhex(str(event.get("data_hex", "")))
+                        except ValueError:
+                            data = b""
+                        if data:
+                            self.workers.console_input(vm, data)
+                    reader = asyncio.ensure_future(stream.next_event())

@@ -1,0 +1,505 @@
+"""WorkerManager: the VMs tenboxd manages and their tenbox-vm-runtime workers: spawn, adopt, watch, stop (daemon, root).
+
+The narrow interface the method handlers, the image methods, the updater
+and the cloud link talk to, after Firecracker's rpc_interface calling its
+Vmm: create, start, stop, shutdown, reboot, delete, record_failure,
+subscribe_console and a few lookups. Each running VM is one worker process
+in its own session (and systemd scope), talking to us over the worker link;
+a worker outlives tenboxd, and a restarted daemon finds it through
+runtime.json and its HELLO and takes it back. Every OS effect goes through
+the `Host` seam (oshost.py), every state change through
+ManagedVm.change_state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from tenbox_supervisor.config import Config
+from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
+from tenbox_supervisor.errors import OperationError
+from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
+from tenbox_supervisor.fsutil import tail_lines
+from tenbox_supervisor.managed_vm import ManagedVm, StateListener, WorkerSession
+from tenbox_supervisor.oshost import SIGNAL_NAMES, Host
+from tenbox_supervisor.protocol import ErrorCode, FailureCode
+from tenbox_supervisor.spec import VmSpec, disk_arg
+from tenbox_supervisor.states import ACTIVE_STATES, InvalidTransition
+from tenbox_supervisor.store import Store
+from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.link import (
+    HEARTBEAT_INTERVAL_SEC,
+    HEARTBEAT_LIVENESS,
+    LINK_VERSION,
+    Command,
+    CommandName,
+    ConsoleData,
+    Heartbeat,
+    Hello,
+    Message,
+    NetReport,
+    Reply,
+    StateReport,
+    WorkerExit,
+    Who,
+)
+
+log = logging.getLogger("tenboxd.workers")
+
+S = VmState
+START_TIMEOUT_SEC = 30.0  # spawn -> first HELLO, and spawn -> running
+STOP_TIMEOUT_SEC = 10.0  # stop command -> exit, before SIGKILL
+KILL_WAIT_SEC = 5.0
+SHUTDOWN_TIMEOUT_SEC = 60.0  # power button -> exit, before a hard stop
+COMMAND_TIMEOUT_SEC = 15.0  # a worker command -> its reply
+CREATE_TIME_SLACK_SEC = 0.01  # psutil's and /proc's start times of one process differ by rounding
+
+Send = Callable[[str, Message], bool]
+
+
+class WorkerManager:
+    def __init__(self, config: Config, store: Store, host: Host, send: Send) -> None:
+        self.config = config
+        self.store = store
+        self.host = host
+        self.send = send
+        self._vms: Dict[str, ManagedVm] = {}
+        self._broken: Dict[str, str] = {}
+        self._listeners: List[StateListener] = []
+        self.runtime_argv = [sys.executable, "-m", "tenbox_vmm"]
+        self._tick_task: Optional[asyncio.Task] = None
+        self._next_id = 1
+        self._pending: Dict[int, asyncio.Future] = {}
+
+    # Lookups --------------------------------------------------------------------------------
+
+    def all(self) -> List[ManagedVm]:
+        return list(self._vms.values())
+
+    def get(self, vm_id: str) -> Optional[ManagedVm]:
+        return self._vms.get(vm_id)
+
+    def find(self, key: str) -> Optional[ManagedVm]:
+        """The VM with this id, or the only one with this name."""
+        vm = self._vms.get(key)
+        if vm is None:
+            matches = [v for v in self._vms.values() if v.spec.name == key]
+            if len(matches) == 1:
+                vm = matches[0]
+        return vm
+
+    def name_taken(self, name: str) -> bool:
+        return name in self._vms or any(v.spec.name == name for v in self._vms.values())
+
+    def broken(self) -> Dict[str, str]:
+        """Store entries that could not be read: reason by id."""
+        return dict(self._broken)
+
+    def active(self) -> List[ManagedVm]:
+        return [vm for vm in self._vms.values() if vm.state in ACTIVE_STATES]
+
+    def running_count(self) -> int:
+        return sum(1 for vm in self._vms.values() if vm.state == S.RUNNING)
+
+    def vm_dir(self, vm_id: str) -> str:
+        return self.store.vm_dir(vm_id)
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Called after every state change of every VM, with (vm, old, new, reason)."""
+        self._listeners.append(listener)
+
+    # Start-up -------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Load the store; take back workers that outlived the previous tenboxd."""
+        specs, self._broken = self.store.load()
+        loop = asyncio.get_event_loop()
+        for vm_id, spec in specs.items():
+            vm = self._new_vm(spec)
+            self._vms[vm_id] = vm
+            saved = self.store.load_runtime(vm_id)
+            try:
+                saved_state = VmState(saved.get("state", "stopped"))
+            except ValueError:
+                saved_state = S.STOPPED
+            vm.restore_failure(saved.get("last_failure"))
+            vm.started_at = saved.get("started_at")
+            if saved_state not in ACTIVE_STATES:
+                vm.restore_state(saved_state if saved_state == S.CRASHED else S.STOPPED, "runtime.json")
+                continue
+            proc = None
+            if isinstance(saved.get("pid"), int) and isinstance(saved.get("create_time"), (int, float)):
+                proc = self.host.adopt(saved["pid"], saved["create_time"], vm_id)
+            vm.restore_state(saved_state, "runtime.json")
+            if proc is not None:
+                # The worker kept running while we were away: watch it, wait for its HELLO.
+                session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
+                session.unwatch = self.host.watch(loop, proc, lambda vm=vm: self._on_exit(vm))
+                self._load_console_tail(vm)
+                log.info("vm %s: worker pid %d still running; waiting for it to reconnect", vm_id, proc.pid)
+            else:
+                vm.record_failure(Failure(FailureCode.WORKER_LOST, "the worker exited while tenboxd was not running",
+                                          self.host.time(), console=[]))
+                vm.change_state(S.CRASHED, "worker gone after a tenboxd restart")
+        self._tick_task = loop.create_task(self._ticker())
+
+    def _new_vm(self, spec: VmSpec) -> ManagedVm:
+        return ManagedVm(spec, self._save_runtime, self._announce)
+
+    def _save_runtime(self, vm: ManagedVm) -> None:
+        try:
+            self.store.save_runtime(vm.id, vm.runtime_record())
+        except OSError as e:
+            log.error("vm %s: cannot save runtime state: %s", vm.id, e.strerror)
+
+    def _announce(self, vm: ManagedVm, old: VmState, new: VmState, reason: str) -> None:
+        for cb in self._listeners:
+            try:
+                cb(vm, old, new, reason)
+            except Exception:
+                log.exception("a state listener failed")
+
+    def _load_console_tail(self, vm: ManagedVm) -> None:
+        path = os.path.join(self.store.vm_dir(vm.id), "logs", "console.log")
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - CONSOLE_RING_BYTES))
+                vm.console.reset(f.read())
+        except OSError:
+            pass
+
+    # The VM set -------------------------------------------------------------------------------
+
+    def create(self, spec: VmSpec) -> ManagedVm:
+        """A new stopped VM: its spec written to its folder (made by the caller), then listed.
+
+        OSError or SpecError if the spec cannot be stored; nothing is listed then.
+        """
+        spec.created_at = spec.created_at or self.host.time()
+        self.store.save(spec)
+        vm = self._new_vm(spec)
+        vm.persist()
+        self._vms[spec.id] = vm
+        log.info("vm %s: created as %r", spec.id, spec.name)
+        return vm
+
+    def update_spec(self, vm: ManagedVm, spec: VmSpec) -> None:
+        """Store a changed spec and use it from the next start; OSError or SpecError if it cannot be stored."""
+        self.store.save(spec)
+        vm.set_spec(spec)
+
+    def delete(self, vm: ManagedVm) -> None:
+        """Remove a stopped VM and its folder; OSError if the folder cannot be removed (the VM stays)."""
+        self.store.delete(vm.id)
+        self._vms.pop(vm.id, None)
+        vm.console.close()
+        log.info("vm %s: deleted", vm.id)
+
+    def delete_broken(self, vm_id: str) -> None:
+        """Remove a broken store entry's folder; OSError if it cannot be."""
+        self.store.delete(vm_id)
+        self._broken.pop(vm_id, None)
+
+    def record_failure(self, vm: ManagedVm, code: FailureCode, message: str) -> None:
+        """A failure found before any worker ran (vm.start's checks): shown as last_failure, persisted."""
+        vm.record_failure(Failure(code, message, self.host.time(), console=[]))
+        vm.persist()
+
+    # Operations ---------------------------------------------------------------------------
+
+    def worker_argv(self, vm: ManagedVm) -> List[str]:
+        s = vm.spec
+        argv = self.runtime_argv + [
+            "--link", self.config.worker_endpoint,
+            "--vm-id", s.id,
+            "--vm-dir", self.store.vm_dir(s.id),
+            "--kernel", s.kernel,
+            "--memory", str(s.memory_mb),
+            "--cpus", str(s.cpus),
+        ]
+        if s.initrd:
+            argv += ["--initrd", s.initrd]
+        for d in s.disks:
+            argv += ["--disk", disk_arg(d).to_arg()]
+        net = s.net or {}
+        if net.get("enabled"):
+            argv += ["--net", "--mac", net["mac"], "--net-link", "up" if net.get("link_up", True) else "down"]
+            for spec in net.get("hostfwds", []):
+                argv += ["--hostfwd", spec]
+            for spec in net.get("guestfwds", []):
+                argv += ["--guestfwd", spec]
+        if s.cmdline is not None:
+            argv += ["--cmdline", s.cmdline]
+        return argv
+
+    async def start(self, vm: ManagedVm) -> None:
+        """Spawn the VM's worker and wait until the guest runs; OperationError with the reason if it does not."""
+        async with vm.lock:
+            if vm.active:
+                raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
+            log_path = os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            vm.console.reset()
+            try:
+                proc = self.host.spawn(self.worker_argv(vm), log_path,
+                                       "tenbox-vm-%s-%d" % (vm.id, int(self.host.time())))
+            except OSError as e:
+                raise OperationError(ErrorCode.VM_START_FAILED,
+                                     "cannot start tenbox-vm-runtime: %s" % e.strerror) from None
+            session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
+            vm.started_at = self.host.time()
+            vm.change_state(S.STARTING, "vm.start (worker pid %d)" % proc.pid)
+            session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
+        await self.wait_for(vm, lambda: vm.state != S.STARTING, START_TIMEOUT_SEC + 5)
+        if vm.state == S.CRASHED:
+            failure = vm.last_failure or {}
+            raise OperationError(ErrorCode.VM_START_FAILED, failure.get("message") or "the VM failed to start")
+
+    async def wait_for(self, vm: ManagedVm, predicate: Callable[[], bool], timeout: float) -> bool:
+        try:
+            async with vm.changed:
+                await asyncio.wait_for(vm.changed.wait_for(predicate), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self, vm: ManagedVm, reason: str = "vm.stop", timeout: float = STOP_TIMEOUT_SEC) -> None:
+        """Hard stop: the worker halts the guest and exits; SIGKILL if it does not in time."""
+        async with vm.lock:
+            if not vm.active or vm.session is None:
+                raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+            await self._stop_locked(vm, reason, timeout)
+
+    async def _stop_locked(self, vm: ManagedVm, reason: str, timeout: float) -> None:
+        session = vm.session
+        session.stop_requested = reason
+        if vm.state != S.STOPPING:
+            vm.change_state(S.STOPPING, reason)
+        proc = session.proc
+        if not self.send(vm.id, Command(0, CommandName.STOP, {"reason": reason})):
+            self.host.kill(proc, signal.SIGTERM)  # no link: the worker stops cleanly on SIGTERM too
+        if not await self.wait_for(vm, lambda: vm.session is not session, timeout):
+            log.warning("vm %s: worker pid %d did not stop within %.0fs; killing it", vm.id, proc.pid, timeout)
+            self.host.kill(proc, signal.SIGKILL)
+            if not await self.wait_for(vm, lambda: vm.session is not session, KILL_WAIT_SEC):
+                raise OperationError(ErrorCode.VM_STOP_FAILED, "worker pid %d survived SIGKILL" % proc.pid)
+
+    async def shutdown(self, vm: ManagedVm, timeout: float = SHUTDOWN_TIMEOUT_SEC) -> bool:
+        """ACPI power button; a hard stop if the guest is still up after `timeout`. True if the guest obeyed."""
+        async with vm.lock:
+            if not vm.active or vm.session is None:
+                raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+            session = vm.session
+            vm.change_state(S.STOPPING, "vm.shutdown: power button")
+            if not self.send(vm.id, Command(0, CommandName.SHUTDOWN)):
+                self.host.kill(session.proc, signal.SIGPWR)
+            if await self.wait_for(vm, lambda: vm.session is not session, timeout):
+                return True
+            log.warning("vm %s: guest ignored the power button for %.0fs; stopping it", vm.id, timeout)
+            await self._stop_locked(vm, "vm.shutdown timed out", STOP_TIMEOUT_SEC)
+            return False
+
+    async def reboot(self, vm: ManagedVm) -> None:
+        async with vm.lock:
+            if vm.state not in (S.RUNNING, S.STARTING, S.REBOOTING) or vm.session is None:
+                raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+            if not self.send(vm.id, Command(0, CommandName.REBOOT)):
+                raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker is not connected" % vm.id)
+
+    async def command(self, vm: ManagedVm, name: CommandName, args: Dict[str, Any],
+                      timeout: float = COMMAND_TIMEOUT_SEC) -> Dict[str, Any]:
+        """Send a worker command and wait for its reply; OperationError if it fails or never comes."""
+        if not vm.active or vm.session is None or not vm.session.hello:
+            raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+        req_id = self._next_id
+        self._next_id += 1
+        fut = asyncio.get_event_loop().create_future()
+        self._pending[req_id] = fut
+        try:
+            if not self.send(vm.id, Command(req_id, name, args)):
+                raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker is not connected" % vm.id)
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
+        finally:
+            self._pending.pop(req_id, None)
+        if not reply.ok:
+            raise OperationError(ErrorCode.INVALID_ARGUMENT, reply.error or "the worker refused %s" % name.value)
+        return reply.result or {}
+
+    def console_input(self, vm: ManagedVm, data: bytes) -> bool:
+        if not vm.active:
+            return False
+        return self.send(vm.id, Command(0, CommandName.CONSOLE_INPUT, {"data": data}))
+
+    @contextlib.contextmanager
+    def subscribe_console(self, vm: ManagedVm) -> Iterator[asyncio.Queue]:
+        """Console bytes as the worker sends them, until None."""
+        with vm.console.subscribe_console() as q:
+            yield q
+
+    @contextlib.contextmanager
+    def subscribe_logs(self, vm: ManagedVm) -> Iterator[asyncio.Queue]:
+        """Whole console lines as they complete, until None."""
+        with vm.console.subscribe_logs() as q:
+            yield q
+
+    # Worker link ------------------------------------------------------------------------------
+
+    def on_link_message(self, vm_id: str, msg: Message) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            if isinstance(msg, Hello):
+                log.warning("worker pid %s speaks for VM %s, which is not in the store; leaving it alone",
+                            msg.pid, vm_id)
+            return
+        if isinstance(msg, Hello):
+            self._on_hello(vm, msg)
+            return
+        session = vm.session
+        if session is None or not session.hello:
+            self.send(vm_id, Who())  # a worker we do not know yet: ask
+            return
+        session.last_heard = self.host.monotonic()
+        if isinstance(msg, ConsoleData):
+            vm.console.add(msg.data)
+        elif isinstance(msg, StateReport):
+            self._on_worker_state(vm, msg.state, msg.reason)
+        elif isinstance(msg, WorkerExit):
+            session.exit_msg = (msg.code, msg.reason)
+        elif isinstance(msg, NetReport):
+            vm.net_status = msg.status
+        elif isinstance(msg, Reply):
+            fut = self._pending.get(msg.id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Heartbeat) and msg.state is not None:
+            self._on_worker_state(vm, msg.state, "heartbeat")
+
+    def _on_hello(self, vm: ManagedVm, msg: Hello) -> None:
+        pid, ctime = msg.pid, msg.create_time
+        session = vm.session
+        ours = session is not None and session.proc.pid == pid
+        if msg.link_version != LINK_VERSION:
+            text = "worker pid %d speaks worker-link version %d, this tenboxd %d" % (pid, msg.link_version, LINK_VERSION)
+            if ours and session.lost is None:
+                self._declare_lost(vm, Failure(FailureCode.LINK_VERSION, text, self.host.time()))
+            else:
+                log.error("vm %s: %s; ignored", vm.id, text)
+            return
+        if session is not None:
+            proc = session.proc
+            if proc.pid != pid or abs(proc.create_time - ctime) > CREATE_TIME_SLACK_SEC:
+                if proc.create_time == 0.0 and proc.pid == pid:
+                    proc.create_time = ctime  # psutil could not read it at spawn; the worker knows it
+                else:
+                    log.warning("vm %s: HELLO from pid %s does not match worker pid %d; ignored", vm.id, pid, proc.pid)
+                    return
+        else:
+            proc = self.host.adopt(pid, ctime, vm.id)
+            if proc is None:
+                log.warning("vm %s: HELLO from pid %s, which is not a tenbox worker for it; ignored", vm.id, pid)
+                return
+            session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
+            session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
+            if msg.started_at is not None:
+                vm.started_at = msg.started_at
+            if not vm.active:
+                vm.change_state(S.STARTING, "re-adopted worker pid %d" % pid)
+            log.info("vm %s: re-adopted worker pid %d", vm.id, pid)
+        if msg.net is not None:
+            vm.net_status = msg.net
+        first = not session.hello
+        session.hello = True
+        session.last_heard = self.host.monotonic()
+        if first:
+            log.info("vm %s: worker pid %d connected", vm.id, pid)
+        self._on_worker_state(vm, msg.state, "worker hello")
+
+    def _on_worker_state(self, vm: ManagedVm, ws: VmState, reason: str) -> None:
+        try:
+            if ws == S.RUNNING and vm.state in (S.STARTING, S.REBOOTING):
+                if vm.state == S.STARTING:
+                    vm.record_failure(None)  # a clean start supersedes the previous failure
+                vm.change_state(S.RUNNING, reason)
+            elif ws == S.REBOOTING and vm.state in (S.STARTING, S.RUNNING):
+                vm.change_state(S.REBOOTING, reason)
+        except InvalidTransition as e:
+            log.error("%s", e)
+
+    # Process exit and liveness ------------------------------------------------------------------
+
+    def _on_exit(self, vm: ManagedVm) -> None:
+        session = vm.session
+        if session is None:
+            return
+        status = self.host.exit_status(session.proc)
+        session.stop_watching()
+        vm.session = None
+        vm.net_status = None
+        end = WorkerEnd(status, session.exit_msg, session.stop_requested, session.lost)
+        final, failure, why = judge_exit(end, self.host.time(), SIGNAL_NAMES, lambda: self._last_runtime_error(vm))
+        if failure is not None:
+            vm.record_failure(dataclasses.replace(failure, console=vm.console_tail()))
+        if vm.state in (S.STOPPED, S.CRASHED):
+            vm.persist()
+        else:
+            vm.change_state(final, why)
+        vm.console.close()
+
+    def _last_runtime_error(self, vm: ManagedVm) -> Optional[str]:
+        lines = tail_lines([os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")], 5)
+        for line in reversed(lines):
+            if "error:" in line:
+                return line.split("error:", 1)[1].strip()
+        return None
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_SEC)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("worker liveness check failed")
+
+    def tick(self) -> None:
+        """Heartbeat every connected worker; declare lost one silent too long, or one that never said HELLO."""
+        now = self.host.monotonic()
+        for vm in list(self._vms.values()):
+            session = vm.session
+            if session is None or session.lost is not None:
+                continue
+            if session.hello:
+                self.send(vm.id, Heartbeat())
+                silent = now - session.last_heard
+                if silent > HEARTBEAT_INTERVAL_SEC * HEARTBEAT_LIVENESS:
+                    self._declare_lost(vm, Failure(FailureCode.HEARTBEAT_LOST,
+                                                   "the worker stopped answering for %.0fs" % silent, self.host.time()))
+            elif now - session.spawned_mono > START_TIMEOUT_SEC:
+                self._declare_lost(vm, Failure(FailureCode.START_TIMEOUT, "the worker did not connect within %.0fs"
+                                               % START_TIMEOUT_SEC, self.host.time()))
+
+    def _declare_lost(self, vm: ManagedVm, failure: Failure) -> None:
+        """Kill the worker; its exit is then judged with this failure."""
+        session = vm.session
+        log.error("vm %s: %s; killing worker pid %d", vm.id, failure.message, session.proc.pid)
+        session.lost = failure
+        self.host.kill(session.proc, signal.SIGKILL)
+
+    async def close(self) -> None:
+        if self._tick_task:
+            self._tick_task.cancel()
+        for vm in self._vms.values():
+            if vm.session is not None:
+                vm.session.stop_watching()
+

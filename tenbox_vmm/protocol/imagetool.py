@@ -1,0 +1,56 @@
+"""What `python3 -m tenbox_vmm.imagetool` answers, for the daemon and the CLI that run it (pure).
+
+One JSON object on stdout: the result with exit status 0, or
+`{"code": ..., "message": ...}` with exit status 2. The message is the
+one line a person would read (the tool also writes it to stderr, for
+people running it by hand); nobody parses stderr.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Dict, Union
+
+IMAGETOOL_MODULE = "tenbox_vmm.imagetool"
+IMAGETOOL_FAILED_STATUS = 2
+
+
+class ImageToolCode(str, enum.Enum):
+    USAGE = "usage"  # bad arguments
+    BAD_IMAGE = "bad_image"  # not an image the disk code accepts, or a size or option it refuses
+    IO_ERROR = "io_error"  # the file system said no: missing, unreadable, no space
+
+
+class ImageToolFailed(Exception):
+    def __init__(self, code: Union[ImageToolCode, str], message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ImageToolBroken(Exception):
+    """The tool gave no answer (it crashed, or printed something else): a bug, not a refusal."""
+
+
+def error_answer(code: ImageToolCode, message: str) -> str:
+    return json.dumps({"code": code.value, "message": message}, sort_keys=True)
+
+
+def read_answer(returncode: int, stdout: Union[bytes, str]) -> Dict[str, Any]:
+    """The tool's result; ImageToolFailed with its code and message, or ImageToolBroken without an answer."""
+    try:
+        answer = json.loads(stdout)
+    except ValueError:
+        answer = None
+    if returncode == 0 and isinstance(answer, dict):
+        return answer
+    if isinstance(answer, dict) and isinstance(answer.get("message"), str):
+        try:
+            code: Union[ImageToolCode, str] = ImageToolCode(answer.get("code"))
+        except ValueError:
+            code = str(answer.get("code"))
+        raise ImageToolFailed(code, answer["message"])
+    if returncode == 0:
+        raise ImageToolBroken("image tool printed something that is not JSON")
+    raise ImageToolBroken("image tool failed with status %d" % returncode)

@@ -1,0 +1,44 @@
+"""The bounds of one VM and of the worker link, defined once (worker and daemon; pure).
+
+tenbox-vm-runtime enforces them; tenboxd checks the same values before it
+stores a spec or spawns a worker, so an operator hears about a bad value
+at `vm create`, not at `vm start`. Where two copies used to disagree, the
+value chosen and the reason are given next to it.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class Limits:
+    """One block of limits, with their units. Not instantiated."""
+
+    # Identifiers: a VM id (and every name tenboxd accepts) becomes a folder and a link identity.
+    NAME_RE = re.compile(r"[A-Za-z0-9-]{1,64}\Z")
+
+    # Machine size.
+    MEMORY_MIN_MB = 16
+    MEMORY_DEFAULT_MB = 256
+    CPUS_MIN = 1
+    CPUS_MAX = 64
+
+    # Disks: the machine has 8 virtio-mmio slots; every VM tenboxd makes has a network card.
+    VIRTIO_SLOTS = 8
+    DISKS_MAX = VIRTIO_SLOTS - 1
+    DISK_SERIAL_MAX = 20  # virtio-blk's ID is 20 bytes (VIRTIO_BLK_ID_BYTES)
+    DISK_FORMATS = ("raw", "qcow2")
+
+    # Network. The store accepted lower-case MACs only, the worker either case: a MAC is
+    # the same address in either case (the kernel and QEMU read both), so both accept both.
+    MAC_RE = re.compile(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
+    # Per list (hostfwds, guestfwds). The store allowed 64, the worker's NetConfig 256: 64 is
+    # the documented figure operators see through tenboxd, and each forward is a listening
+    # socket in the worker; a standalone runtime or vhost-user-net now has the same bound.
+    FORWARDS_MAX = 64
+    FORWARD_SPEC_MAX_CHARS = 256
+
+    # The worker link.
+    LINK_MESSAGE_MAX_BYTES = 1 << 20  # libzmq drops a peer that sends more
+    LINK_QUEUE_MAX = 1000  # messages queued per direction before sends are dropped
+    CONSOLE_CHUNK_MAX_BYTES = 64 << 10  # console bytes per message

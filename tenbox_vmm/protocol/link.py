@@ -1,0 +1,313 @@
+"""The worker link's messages as frozen dataclasses, and their msgpack frames (worker and daemon).
+
+tenboxd binds a ZeroMQ ROUTER on an ipc:// endpoint in a 0700 run
+directory; each worker connects a DEALER whose identity is its VM id.
+Every frame is one msgpack map with a "t" (type) key; `encode` and
+`decode` are the only ways in and out, so a field is named once, here. A
+worker says HELLO on every (re)connect and whenever the supervisor asks who
+it is, so a restarted supervisor re-adopts running workers; HELLO carries
+LINK_VERSION and tenboxd refuses a worker that speaks another one.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, Union
+
+from tenbox_vmm.protocol import Limits, VmState
+
+LINK_VERSION = 1
+HEARTBEAT_INTERVAL_SEC = 1.0
+HEARTBEAT_LIVENESS = 5  # silent intervals before the peer counts as gone (zguide: 3..5)
+
+
+class Msg(str, enum.Enum):
+    """Message types on the worker link (the "t" field)."""
+
+    HELLO = "hello"  # worker -> supervisor
+    STATE = "state"
+    CONSOLE = "console"
+    REPLY = "reply"
+    EXIT = "exit"  # sent just before the worker exits
+    NET = "net"  # after start and every network change
+    COMMAND = "command"  # supervisor -> worker
+    WHO = "who"  # "who are you?": answered with HELLO
+    HEARTBEAT = "heartbeat"  # both ways
+
+
+class CommandName(str, enum.Enum):
+    """What the supervisor may ask a worker to do."""
+
+    STOP = "stop"  # hard stop: halt the vCPUs, flush, exit STOPPED; args.reason
+    REBOOT = "reboot"  # reset the guest
+    SHUTDOWN = "shutdown"  # press the ACPI power button
+    CONSOLE_INPUT = "console_input"  # args.data: bytes for the serial console
+    NET_LINK = "net_link"  # args.up: bool
+    NET_FORWARDS = "net_forwards"  # args.hostfwds, args.guestfwds: lists of specs; reply: failures
+
+
+class UnknownCommand(ValueError):
+    """A COMMAND whose name this worker does not know (a newer tenboxd): answered, not dropped."""
+
+    def __init__(self, req_id: int, name: object) -> None:
+        super().__init__("unknown command %r" % (name,))
+        self.req_id = req_id
+        self.name = name
+
+
+def _field(d: Dict[str, Any], key: str, types: Union[type, Tuple[type, ...]]) -> Any:
+    value = d.get(key)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise ValueError("%s message: %s is missing or has the wrong type" % (d.get("t"), key))
+    return value
+
+
+def _as_tuple(types: Union[type, Tuple[type, ...]]) -> Tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _state(d: Dict[str, Any]) -> VmState:
+    try:
+        return VmState(d.get("state"))
+    except ValueError:
+        raise ValueError("%s message: unknown state %r" % (d.get("t"), d.get("state"))) from None
+
+
+@dataclass(frozen=True)
+class NetStatus:
+    """What a worker's network card is doing: link, MAC, the forwards in place and those that failed."""
+
+    link_up: bool
+    mac: str
+    hostfwds: Tuple[str, ...] = ()
+    guestfwds: Tuple[str, ...] = ()
+    failures: Tuple[Tuple[str, str], ...] = ()  # (spec, reason)
+
+    def to_wire(self) -> Dict[str, Any]:
+        """Also the `net_status` of a VM in tenboxd's replies: the same keys in the same order."""
+        return {
+            "link_up": self.link_up,
+            "mac": self.mac,
+            "hostfwds": list(self.hostfwds),
+            "guestfwds": list(self.guestfwds),
+            "failures": [list(f) for f in self.failures],
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "NetStatus":
+        if not isinstance(d, dict):
+            raise ValueError("net status is not a map")
+        lists = {}
+        for key in ("hostfwds", "guestfwds", "failures"):
+            value = d.get(key, [])
+            if not isinstance(value, (list, tuple)):
+                raise ValueError("net status: %s is not a list" % key)
+            lists[key] = value
+        failures = tuple((str(f[0]), str(f[1])) for f in lists["failures"] if isinstance(f, (list, tuple)) and len(f) == 2)
+        return cls(link_up=bool(d.get("link_up")), mac=str(d.get("mac", "")),
+                   hostfwds=tuple(str(s) for s in lists["hostfwds"]),
+                   guestfwds=tuple(str(s) for s in lists["guestfwds"]), failures=failures)
+
+
+# Worker -> supervisor -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    T: ClassVar[Msg] = Msg.HELLO
+    vm_id: str
+    pid: int
+    create_time: float  # the process start time as psutil computes it: with pid, the worker's identity
+    state: VmState
+    started_at: Optional[float]  # wall-clock time of the machine's start; 0.0 before it starts
+    boots: int
+    version: str  # the package version
+    net: Optional[NetStatus] = None
+    link_version: int = LINK_VERSION
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"t": self.T.value, "vm_id": self.vm_id, "pid": self.pid, "create_time": self.create_time,
+                "state": self.state.value, "started_at": self.started_at, "boots": self.boots,
+                "protocol": self.link_version, "version": self.version,
+                "net": self.net.to_wire() if self.net is not None else None}
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "Hello":
+        started = d.get("started_at")
+        net = d.get("net")
+        version = d.get("protocol")
+        return cls(vm_id=str(d.get("vm_id", "")), pid=_field(d, "pid", int),
+                   create_time=float(_field(d, "create_time", (int, float))), state=_state(d),
+                   started_at=float(started) if isinstance(started, (int, float)) else None,
+                   boots=d.get("boots") if isinstance(d.get("boots"), int) else 0,
+                   version=str(d.get("version", "")),
+                   net=NetStatus.from_wire(net) if isinstance(net, dict) else None,
+                   link_version=version if isinstance(version, int) else 0)
+
+
+@dataclass(frozen=True)
+class StateReport:
+    T: ClassVar[Msg] = Msg.STATE
+    state: VmState
+    reason: str = ""
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"t": self.T.value, "state": self.state.value, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "StateReport":
+        return cls(state=_state(d), reason=str(d.get("reason") or ""))
+
+
+@dataclass(frozen=True)
+class ConsoleData:
+    T: ClassVar[Msg] = Msg.CONSOLE
+    data: bytes
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"t": self.T.value, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "ConsoleData":
+        return cls(data=_field(d, "data", bytes))
+
+
+@dataclass(frozen=True)
+class Reply:
+    T: ClassVar[Msg] = Msg.REPLY
+    id: Any  # the command's id, as it came
+    ok: bool
+    error: Optional[str] = None
+    result: Optional[Dict[str, Any]] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"t": self.T.value, "id": self.id, "ok": self.ok}
+        if self.error:
+            out["error"] = self.error
+        if self.result is not None:
+            out["result"] = self.result
+        return out
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "Reply":
+        result = d.get("result")
+        error = d.get("error")
+        return cls(id=d.get("id"), ok=bool(d.get("ok")), error=str(error) if error else None,
+                   result=result if isinstance(result, dict) else None)
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    T: ClassVar[Msg] = Msg.EXIT
+    code: int  # the ExitCode the worker is about to exit with
+    reason: str = ""
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"t": self.T.value, "code": self.code, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "WorkerExit":
+        return cls(code=_field(d, "code", int), reason=str(d.get("reason") or ""))
+
+
+@dataclass(frozen=True)
+class NetReport:
+    T: ClassVar[Msg] = Msg.NET
+    status: NetStatus
+
+    def to_wire(self) -> Dict[str, Any]:
+        return dict({"t": self.T.value}, **self.status.to_wire())
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "NetReport":
+        return cls(status=NetStatus.from_wire(d))
+
+
+# Both ways ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    T: ClassVar[Msg] = Msg.HEARTBEAT
+    state: Optional[VmState] = None  # a worker's says its machine's state; the supervisor's says nothing
+
+    def to_wire(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"t": self.T.value}
+        if self.state is not None:
+            out["state"] = self.state.value
+        return out
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "Heartbeat":
+        return cls(state=_state(d) if "state" in d else None)
+
+
+# Supervisor -> worker -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    T: ClassVar[Msg] = Msg.COMMAND
+    id: int  # 0: no reply awaited
+    name: CommandName
+    args: Optional[Dict[str, Any]] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"t": self.T.value, "id": self.id, "name": self.name.value}
+        if self.args is not None:
+            out["args"] = self.args
+        return out
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "Command":
+        req_id = d.get("id")
+        try:
+            name = CommandName(d.get("name"))
+        except ValueError:
+            raise UnknownCommand(req_id, d.get("name")) from None
+        args = d.get("args")
+        return cls(id=req_id, name=name, args=args if isinstance(args, dict) else {})
+
+
+@dataclass(frozen=True)
+class Who:
+    T: ClassVar[Msg] = Msg.WHO
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"t": self.T.value}
+
+    @classmethod
+    def from_wire(cls, d: Dict[str, Any]) -> "Who":
+        return cls()
+
+
+Message = Union[Hello, StateReport, ConsoleData, Reply, WorkerExit, NetReport, Heartbeat, Command, Who]
+_BY_TYPE: Dict[Msg, Type[Any]] = {c.T: c for c in (Hello, StateReport, ConsoleData, Reply, WorkerExit, NetReport,
+                                                    Heartbeat, Command, Who)}
+
+
+def encode(msg: Message) -> bytes:
+    import msgpack
+
+    return msgpack.packb(msg.to_wire(), use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    """One frame as its message; ValueError for anything that is not a well-formed known message."""
+    import msgpack
+
+    if len(frame) > Limits.LINK_MESSAGE_MAX_BYTES:
+        raise ValueError("frame too large")
+    try:
+        d = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=Limits.LINK_MESSAGE_MAX_BYTES,
+                            max_str_len=Limits.LINK_MESSAGE_MAX_BYTES, max_array_len=4096, max_map_len=256)
+    except Exception as e:  # msgpack raises a family of exceptions for garbage
+        raise ValueError("undecodable frame: %s" % e) from None
+    if not isinstance(d, dict) or not isinstance(d.get("t"), str):
+        raise ValueError("frame is not a message")
+    try:
+        cls = _BY_TYPE[Msg(d["t"])]
+    except ValueError:
+        raise ValueError("unknown message type %r" % d["t"]) from None
+    return cls.from_wire(d)
