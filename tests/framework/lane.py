@@ -157,7 +157,7 @@ def build_e2e_image() -> Path:
 
 
 def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
-              memory_mb: int = MEMORY_MB, accel: str = "tcg") -> List[str]:
+              memory_mb: int = MEMORY_MB, accel: str = "tcg", qemu: Sequence[str] = (QEMU,)) -> List[str]:
     """QEMU's command line for a lane that runs `command` (a shell command line) in `cwd`.
 
     `accel` may be "tcg,thread=single": one host thread for all the lane's
@@ -166,8 +166,8 @@ def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
     append = "console=ttyS0 panic=-1 quiet lane.cwd=%s lane.run=%s" % (_encode(str(cwd)), _encode(command))
     if len(append) > 2000:  # COMMAND_LINE_SIZE is 2048 on x86
         raise LaneError("the lane's command is too long for the kernel command line; put it in a script")
-    return [
-        QEMU, "-M", "pc", "-accel", accel, "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
+    return list(qemu) + [
+        "-M", "pc", "-accel", accel, "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         # The monitor, for a look inside a lane that hangs (monitor_command).
         "-monitor", "unix:%s,server=on,wait=off" % (out_dir / MONITOR),
@@ -210,13 +210,13 @@ class LaneResult(NamedTuple):
 
 def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[Path] = None,
         echo: Optional[Callable[[str], None]] = None, cwd: Path = REPO, cpus: int = CPUS,
-        memory_mb: int = MEMORY_MB, accel: str = "tcg") -> LaneResult:
+        memory_mb: int = MEMORY_MB, accel: str = "tcg", qemu: Sequence[str] = (QEMU,)) -> LaneResult:
     """Boot the lane, run `command` in it, power it off; never longer than deadline_sec.
 
     The console goes to console_log (all of it) and, line by line, to echo.
     """
     build()
-    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel)
+    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, qemu)
     started = time.monotonic()
     log = open(str(console_log), "w", encoding="utf-8", errors="replace") if console_log else None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -301,6 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--deadline", type=float, default=3600.0, help="seconds before the lane is killed")
     p.add_argument("--out", type=Path, help="the folder shared as /lane-out (default: a new temporary folder)")
     p.add_argument("--shell", action="store_true", help="an interactive shell in the lane (leave it to power off)")
+    p.add_argument("--qemu", nargs="+", default=[QEMU], help=argparse.SUPPRESS)
     p.add_argument("--single-thread", action="store_true",
                    help="emulate every lane vCPU on one host thread (TCG without MTTCG)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
@@ -316,12 +317,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.shell:
             build()
-            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel)
+            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel, qemu=args.qemu)
             return subprocess.call(argv_)
         shell_cmd = " ".join(shlex.quote(a) for a in command)
         res = run("export PYTHONPATH=%s; %s" % (shlex.quote(str(REPO)), shell_cmd), out, args.deadline,
                   console_log=out / "console.log", echo=print, cpus=args.cpus, memory_mb=args.memory,
-                  accel=accel)
+                  accel=accel, qemu=args.qemu)
     except LaneError as e:
         print("lane: %s" % e, file=sys.stderr)
         return EXIT_LANE_FAILED
