@@ -41,14 +41,15 @@ import time
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "scripts" / "x86_64"
-LANE_DIR = REPO / ".cache" / "lane"
+from tests.framework import qemu
+from tests.framework.linux_guest import SCRIPTS
+from tests.framework.repo import CACHE, PYTHON, REPO
+
+LANE_DIR = CACHE / "lane"
 KERNEL_DIR = LANE_DIR / "kernel"
 INITRAMFS = LANE_DIR / "initramfs.cpio.gz"
-QEMU = "qemu-system-x86_64"
 # The end-to-end tests' Debian image (built on the build host, imported in the lane) and its key.
-E2E_IMAGE_DIR = REPO / ".cache" / "images" / "lane-e2e"
+E2E_IMAGE_DIR = CACHE / "images" / "lane-e2e"
 SSH_DIR = LANE_DIR / "ssh"
 
 # virtio-pci carries the 9p shares; overlay puts a tmpfs over the read-only
@@ -110,8 +111,8 @@ def _run_script(argv: Sequence[str]) -> None:
 
 def build() -> None:
     """The lane's kernel and initramfs from Debian's packages (cached: a no-op when nothing changed)."""
-    if shutil.which(QEMU) is None:
-        raise LaneError("%s not found: the nested lane needs Debian's qemu-system-x86 (make deps)" % QEMU)
+    if shutil.which(qemu.QEMU) is None:
+        raise LaneError("%s not found: the nested lane needs Debian's qemu-system-x86 (make deps)" % qemu.QEMU)
     _run_script([str(SCRIPTS / "get-kernel.sh"), "--flavour", "generic", "--out", str(KERNEL_DIR),
                  "--modules", MODULES])
     _run_script([str(SCRIPTS / "make-initramfs.sh"), "--kernel-dir", str(KERNEL_DIR),
@@ -140,7 +141,7 @@ def ssh_key() -> Path:
 def build_e2e_image() -> Path:
     """`tenbox image build debian --no-import` of the e2e image with ssh_key() (cached by the script's stamp)."""
     key = ssh_key()
-    argv = [sys.executable, "-m", "tenbox_ctl", "image", "build", "debian", "--name", "e2e",
+    argv = [PYTHON, "-m", "tenbox_ctl", "image", "build", "debian", "--name", "e2e",
             "--ssh-key", str(key) + ".pub", "--out", str(E2E_IMAGE_DIR), "--no-import"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
@@ -160,14 +161,13 @@ def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
     append = "console=ttyS0 panic=-1 quiet lane.cwd=%s lane.run=%s" % (_encode(str(cwd)), _encode(command))
     if len(append) > 2000:  # COMMAND_LINE_SIZE is 2048 on x86
         raise LaneError("the lane's command is too long for the kernel command line; put it in a script")
-    return [
-        QEMU, "-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-monitor", "none",
-        "-serial", "stdio",
-        "-kernel", str(KERNEL_DIR / "vmlinuz"), "-initrd", str(INITRAMFS), "-append", append,
+    shares = [
         "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
         "-virtfs", "local,path=%s,mount_tag=out,security_model=passthrough" % out_dir,
     ]
+    # -cpu max: AMD-V with nested paging, which TCG emulates.
+    return qemu.pc(KERNEL_DIR / "vmlinuz", INITRAMFS, append, memory_mb=memory_mb, cpus=cpus, cpu="max",
+                   devices=shares)
 
 
 class LaneResult(NamedTuple):

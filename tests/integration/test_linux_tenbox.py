@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 
 import pytest
 
-from tests.linux_harness import (BASE_CMDLINE, BOOT_DEADLINE, MARKER, REPO, Artifacts, Console, build_linux,
-                                 command_output)
+from tests.framework.linux_guest import BASE_CMDLINE, BOOT_DEADLINE, MARKER, Artifacts, command_output
+from tests.framework.process import ConsoleProcess
+from tests.framework.runtime import boot_argv
 
 EXIT_POWEROFF = 0
 EXIT_STOPPED = 3
@@ -31,18 +31,10 @@ EXIT_STOPPED = 3
 pytestmark = pytest.mark.hwvirt(prepare=("linux",), budget=180)
 
 
-@pytest.fixture(scope="session")
-def linux() -> Artifacts:
-    """The kernel and initramfs, built once per session by the project's scripts."""
-    return build_linux()
-
-
-def start_tenbox(linux: Artifacts, cmdline: str, cpus: int = 1, memory_mb: int = 256) -> Console:
-    """tenbox's worker, run from the repository root so tenbox_vmm imports."""
-    argv = [sys.executable, "-m", "tenbox_vmm", "--kernel", str(linux.vmlinuz),
-            "--initrd", str(linux.initramfs), "--cmdline", cmdline,
-            "--memory", str(memory_mb), "--cpus", str(cpus), "--console", "stdio"]
-    return Console(argv, BOOT_DEADLINE, cwd=REPO)
+def start_tenbox(linux: Artifacts, cmdline: str, cpus: int = 1, memory_mb: int = 256) -> ConsoleProcess:
+    """tenbox's worker with the guest's console on its stdin/stdout."""
+    return ConsoleProcess(boot_argv(linux.vmlinuz, linux.initramfs, cmdline, memory_mb=memory_mb, cpus=cpus),
+                          BOOT_DEADLINE)
 
 
 def marker_rx(linux: Artifacts) -> str:
@@ -60,8 +52,8 @@ def test_boots_to_the_marker_sees_all_vcpus_and_powers_off_with_exit_0(linux: Ar
         vm.wait_for(marker_rx(linux))
         vm.wait_for(r"^TENBOX-INITRAMFS: rc=0$")
         rc = vm.wait_exit()
-        text = vm.text
-        stderr = vm.stderr
+        text = vm.output
+        stderr = vm.errors
     assert rc == EXIT_POWEROFF, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)
     assert command_output(text, "nproc") == [str(cpus)], text
     assert "TENBOX-INITRAMFS: warning" not in text, text
@@ -76,8 +68,8 @@ def test_reboot_boots_the_guest_again_in_the_same_process(linux: Artifacts) -> N
         vm.wait_for(marker_rx(linux), count=2)
         vm.signal(signal.SIGTERM)
         rc = vm.wait_exit()
-        text = vm.text
-        stderr = vm.stderr
+        text = vm.output
+        stderr = vm.errors
     assert rc == EXIT_STOPPED, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)
 
 
@@ -92,6 +84,6 @@ def test_kernel_panic_with_panic_1_reboots_the_guest(linux: Artifacts) -> None:
         vm.wait_for(marker_rx(linux), count=2)
         vm.signal(signal.SIGTERM)
         rc = vm.wait_exit()
-        text = vm.text
-        stderr = vm.stderr
+        text = vm.output
+        stderr = vm.errors
     assert rc == EXIT_STOPPED, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)

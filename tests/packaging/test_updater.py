@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.cloud_server import LoopbackCloud
-from tests.harness import guest_path
+from tests.framework.guests import guest_path
 from tests.packaging.aptrepo import SUITE
 from tests.packaging.chroots import Chroot
 
