@@ -6,7 +6,10 @@ starts: the child runs in its own process group; threads collect its stdout
 note when each piece arrived, so that a benchmark can time a console line
 to the read that brought it. A test waits for a regular expression on
 either stream, with a deadline: the process's own (`deadline=` seconds
-from its start) or the call's (`timeout=`), whichever comes first.
+from its start) or the call's (`timeout=`), whichever comes first. A
+pattern that ends in `$` matches only once its line has ended, so that a
+number at the end of a line is never read half-way; one without matches as
+soon as its text is there (a prompt has no line end).
 
 Whatever goes wrong (a deadline passed, the output ended, the process would
 not exit) kills the whole process group and raises `ProcessFailure`, whose
@@ -171,10 +174,13 @@ class ConsoleProcess:
     def _search(self, stream: _Stream, rx: "re.Pattern[str]", until: float, count: int,
                 start: int) -> "Tuple[Optional[re.Match[str]], str]":
         """(the count-th match, "") once there is one, else (None, why not) when the stream ends or `until` passes."""
+        line_end = rx.pattern.endswith("$")
         with self._cond:
             while True:
-                found = list(itertools.islice(rx.finditer(stream.text(), start), count))
-                if len(found) == count:
+                text = stream.text()
+                found = list(itertools.islice(rx.finditer(text, start), count))
+                # `$` is the end of a line: a line still arriving has not ended ("rc=1" of "rc=12").
+                if len(found) == count and not (line_end and found[-1].end() == len(text) and not stream.eof):
                     return found[-1], ""
                 if stream.eof:
                     return None, "ended"
