@@ -31,6 +31,18 @@ CONSOLE_LINES = 10000  # tenboxd's LOG_LINES_MAX: all of a test guest's console
 ENDED = ("stopped", "crashed")
 
 
+def control_request(sock: Union[str, Path], type_: str, timeout: float = CALL_SEC, **payload) -> dict:
+    """One request on a tenboxd control socket (JSON lines); the whole reply."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(sock))
+    try:
+        s.sendall((json.dumps({"id": 1, "type": type_, "payload": payload}) + "\n").encode())
+        return json.loads(s.makefile("rb").readline())
+    finally:
+        s.close()
+
+
 def ok(r: "subprocess.CompletedProcess[bytes]") -> str:
     """The stdout of a CLI run that must have succeeded (else its output in the failure)."""
     assert r.returncode == 0, "exit %d\n%s%s" % (r.returncode, r.stdout.decode(errors="replace"),
@@ -79,14 +91,7 @@ class DaemonProcess:
 
     def call(self, type_: str, timeout: float = CALL_SEC, **payload) -> dict:
         """One request on the control socket; the whole reply."""
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(timeout)
-        s.connect(str(self.socket))
-        try:
-            s.sendall((json.dumps({"id": 1, "type": type_, "payload": payload}) + "\n").encode())
-            return json.loads(s.makefile("rb").readline())
-        finally:
-            s.close()
+        return control_request(self.socket, type_, timeout, **payload)
 
     def vm(self, name: str) -> dict:
         for v in self.call("vm.list")["payload"]["vms"]:

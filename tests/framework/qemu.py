@@ -28,8 +28,12 @@ _CONSOLE_ONLY = ["-nodefaults", "-no-user-config", "-nographic", "-serial", "std
 _MODERN_VIRTIO_MMIO = ["-global", "virtio-mmio.force-legacy=false"]
 
 
-def _shared_memory(memory_mb: int) -> List[str]:
-    return ["-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % memory_mb]
+def _machine(cpu: Optional[str], memory_mb: int, cpus: int, shared_memory: bool) -> List[str]:
+    argv = ["-cpu", cpu] if cpu is not None else []
+    argv += ["-m", str(memory_mb), "-smp", str(cpus)]
+    if shared_memory:
+        argv += ["-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % memory_mb]
+    return argv
 
 
 def _boot(kernel: PathLike, initrd: Optional[PathLike], append: Optional[str]) -> List[str]:
@@ -46,26 +50,17 @@ def microvm(kernel: PathLike, initrd: Optional[PathLike] = None, append: Optiona
             rtc: bool = False, shared_memory: bool = False, devices: Sequence[str] = ()) -> List[str]:
     """QEMU's microvm with ACPI; `rtc` adds the RTC, which microvm leaves out under KVM."""
     machine = "microvm,acpi=on" + (",rtc=on" if rtc else "") + (",memory-backend=mem" if shared_memory else "")
-    argv = [QEMU, "-M", machine, "-accel", accel]
-    if cpu is not None:
-        argv += ["-cpu", cpu]
-    argv += ["-m", str(memory_mb), "-smp", str(cpus)]
-    if shared_memory:
-        argv += _shared_memory(memory_mb)
-    return argv + _CONSOLE_ONLY + _MODERN_VIRTIO_MMIO + _boot(kernel, initrd, append) + list(devices)
+    return ([QEMU, "-M", machine, "-accel", accel] + _machine(cpu, memory_mb, cpus, shared_memory)
+            + _CONSOLE_ONLY + _MODERN_VIRTIO_MMIO + _boot(kernel, initrd, append) + list(devices))
 
 
 def pc(kernel: PathLike, initrd: Optional[PathLike] = None, append: Optional[str] = None, *,
        memory_mb: int = 256, cpus: int = 1, cpu: Optional[str] = None, shared_memory: bool = False,
        devices: Sequence[str] = ()) -> List[str]:
     """QEMU's pc machine under TCG."""
-    argv = [QEMU, "-M", "pc,memory-backend=mem" if shared_memory else "pc", "-accel", "tcg"]
-    if cpu is not None:
-        argv += ["-cpu", cpu]
-    argv += ["-m", str(memory_mb), "-smp", str(cpus)]
-    if shared_memory:
-        argv += _shared_memory(memory_mb)
-    return argv + _CONSOLE_ONLY + _boot(kernel, initrd, append) + list(devices)
+    machine = "pc,memory-backend=mem" if shared_memory else "pc"
+    return ([QEMU, "-M", machine, "-accel", "tcg"] + _machine(cpu, memory_mb, cpus, shared_memory)
+            + _CONSOLE_ONLY + _boot(kernel, initrd, append) + list(devices))
 
 
 def virtio_blk(image: PathLike, fmt: str, index: int = 0, serial: Optional[str] = None,
