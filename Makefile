@@ -35,14 +35,15 @@ test-unit: ffi
 demo: deps ffi guests
 	scripts/demo.sh
 
+# Benchmarks are modules of the bench package (they import tests/framework).
 bench: deps ffi guests linux
-	$(PYTHON) bench/boot.py
-	$(PYTHON) bench/control.py
-	$(PYTHON) bench/blk.py
-	$(PYTHON) bench/net.py
-	$(PYTHON) bench/disk_host.py
-	$(PYTHON) bench/blk.py --linux
-	$(PYTHON) bench/net.py --linux
+	$(PYTHON) -m bench.boot
+	$(PYTHON) -m bench.control
+	$(PYTHON) -m bench.blk
+	$(PYTHON) -m bench.net
+	$(PYTHON) -m bench.disk_host
+	$(PYTHON) -m bench.blk --linux
+	$(PYTHON) -m bench.net --linux
 
 clean:
 	rm -rf build dist *.egg-info tests/guests/out tenbox_vmm/kvm/_kvm_ffi.py tenbox_vmm/net/_slirp_ffi.py tenbox_vmm/disk/_fallocate_ffi.py

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Block benchmark: tenbox's virtio-blk against QEMU's, same guest workload, same images, one run.
 
 Default: the `blk` test guest's benchmark loop runs at CPL3 and polls the
@@ -19,6 +18,8 @@ and 4. Both disks are in the same guest, each on its own copy of the image
 alternating rounds: how fast TCG runs the guest kernel differs from boot
 to boot by more than the devices differ, and this way both devices see
 the same boot.
+
+    python3 -m bench.blk [--runs 5] [--linux] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -31,65 +32,60 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import linux_guest  # noqa: E402
-from common import GUESTS, PYTHON, QEMU, REPO, Timed, interleave, median, table  # noqa: E402
+from bench.common import build_static, fresh_overlay, interleave, median, table
+from tests.framework import linux_guest, qemu
+from tests.framework.guests import guest_path
+from tests.framework.process import ConsoleProcess
+from tests.framework.repo import CACHE
+from tests.framework.runtime import boot_argv
+from tests.framework.vhost_user import Backend
 
 IMAGE_MB = 256
 SEQ_MB = 1024  # four passes over the image: long enough that line timing jitter is noise (~1 %)
 RAND_OPS = 100000
 MEM_MB = 256
+START_SEC = 120.0
+DONE_SEC = 600.0
+EXIT_SEC = 60.0
 
 
-def tenbox_argv(image: str, cmdline: str):
-    return [PYTHON, "-m", "tenbox_vmm", "--kernel", str(GUESTS / "blk.bzImage"), "--memory", str(MEM_MB),
-            "--console", "stdio", "--disk", image, "--cmdline", cmdline]
+def tenbox_argv(image: str, cmdline: str) -> List[str]:
+    return boot_argv(guest_path("blk"), cmdline=cmdline, memory_mb=MEM_MB, disks=[image])
 
 
-def qemu_argv(image: str, fmt: str, cmdline: str):
-    return [QEMU, "-M", "microvm,acpi=on,rtc=on", "-accel", "kvm", "-m", str(MEM_MB), "-nodefaults",
-            "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
-            "-global", "virtio-mmio.force-legacy=false", "-device", "virtio-blk-device,drive=d0",
-            "-drive", "file=%s,if=none,format=%s,id=d0" % (image, fmt),
-            "-kernel", str(GUESTS / "blk.bzImage"), "-append", cmdline]
+def qemu_argv(image: str, fmt: str, cmdline: str) -> List[str]:
+    return qemu.microvm(guest_path("blk"), append=cmdline, memory_mb=MEM_MB, rtc=True,
+                        devices=qemu.virtio_blk(image, fmt))
 
 
-def run(argv, amount: float) -> dict:
-    p = Timed(argv)
-    t0 = p.wait_line(b"blk: start", 120)
-    t1 = p.wait_line(b"blk: done", 600)
-    p.wait_exit(60)
-    lines = [line for _, line in p.marks]
-    if p.returncode != 0 or b"TENBOX-GUEST blk PASS" not in lines:
-        raise RuntimeError("%s: the guest did not pass: %s" % (argv[0], [l for l in lines if b"not ok" in l]))
+def run(argv: List[str], amount: float) -> Dict[str, float]:
+    with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
+        t0 = p.seconds_to("blk: start", START_SEC)
+        t1 = p.seconds_to("blk: done", DONE_SEC)
+        rc = p.wait_exit(EXIT_SEC)
+        lines = p.lines()
+        if rc != 0 or "TENBOX-GUEST blk PASS" not in lines:
+            p.fail("the guest did not pass: %s" % [ln for ln in lines if "not ok" in ln])
     return {"rate": amount / (t1 - t0)}
 
 
-def prepare(workdir: str) -> dict:
-    os.makedirs(workdir, exist_ok=True)
-    raw = os.path.join(workdir, "data.raw")
-    if not os.path.exists(raw) or os.path.getsize(raw) != IMAGE_MB << 20:
-        with open(raw + ".tmp", "wb") as f:
+def prepare(workdir: Path) -> Dict[str, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    raw = workdir / "data.raw"
+    if not raw.exists() or raw.stat().st_size != IMAGE_MB << 20:
+        with open(str(raw) + ".tmp", "wb") as f:
             for _ in range(IMAGE_MB):
                 f.write(os.urandom(1 << 20))
-        os.replace(raw + ".tmp", raw)
-    template = os.path.join(workdir, "template.qcow2")
-    if not os.path.exists(template):
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, template], check=True)
+        os.replace(str(raw) + ".tmp", str(raw))
+    template = workdir / "template.qcow2"
+    if not template.exists():
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(template)], check=True)
     return {"raw": raw, "template": template}
 
 
-def fresh_overlay(workdir: str, template: str, name: str = "overlay.qcow2") -> str:
-    overlay = os.path.join(workdir, name)
-    if os.path.exists(overlay):
-        os.unlink(overlay)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", template, "-F", "qcow2", overlay], check=True)
-    return overlay
-
-
-def recache(path: str) -> None:
+def recache(path: Path) -> None:
     """Drop `path` from the page cache and read it back in, front to back.
 
     How the page cache holds a file (small pages, or the large folios that
@@ -97,7 +93,7 @@ def recache(path: str) -> None:
     it, by 2x on this host; images that the two VMMs read must be cached
     the same way.
     """
-    with open(path, "rb", buffering=0) as f:
+    with open(str(path), "rb", buffering=0) as f:
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         buf = bytearray(1 << 20)
@@ -105,14 +101,14 @@ def recache(path: str) -> None:
             pass
 
 
-def host_read_mib_s(path: str) -> float:
-    with open(path, "rb") as f:
+def host_read_mib_s(path: Path) -> float:
+    with open(str(path), "rb") as f:
         while f.read(1 << 20):
             pass  # warm the page cache, as the guests see it
     best = 0.0
     for _ in range(3):
         t = time.monotonic()
-        with open(path, "rb", buffering=0) as f:
+        with open(str(path), "rb", buffering=0) as f:
             buf = bytearray(1 << 20)
             while f.readinto(buf):
                 pass
@@ -134,6 +130,9 @@ LINUX_WORKLOAD = [  # (case, linux_io arguments, unit)
 ]
 QUEUE_SIZE = 256  # both devices (vhost-user-blk's default would be 128)
 DEVICES = ("tenbox", "qemu")  # also the disks' serials, by which the guest tells them apart
+LINUX_MEMORY_MB = 512
+LINUX_WAIT_SEC = 300.0  # for each case's line; a case takes seconds
+BACKEND_EXIT_SEC = 30.0
 
 
 def linux_rounds():
@@ -157,44 +156,40 @@ def linux_script() -> str:
     return "\n".join(lines) + "\n"
 
 
-def linux_rates(guest: "linux_guest.Guest") -> dict:
+def linux_rates(vm: ConsoleProcess) -> Dict[str, Dict[str, List[float]]]:
     """{device: {case: [rate per round]}} from one boot's console."""
-    out = {dev: {case: [] for case, _, _ in LINUX_WORKLOAD} for dev in DEVICES}
+    out: Dict[str, Dict[str, List[float]]] = {dev: {case: [] for case, _, _ in LINUX_WORKLOAD} for dev in DEVICES}
     for case, _, unit, r, dev in linux_rounds():
-        m = guest.wait_line(r"^CASE: %s %s %d LINUX-IO: mode=\S+ ops=(\d+) bytes=(\d+) secs=([\d.]+)$"
-                            % (re.escape(case), dev, r))
+        m = vm.wait_for(r"^CASE: %s %s %d LINUX-IO: mode=\S+ ops=(\d+) bytes=(\d+) secs=([\d.]+)$"
+                        % (re.escape(case), dev, r), LINUX_WAIT_SEC)
         ops, nbytes, secs = int(m.group(1)), int(m.group(2)), float(m.group(3))
         out[dev][case].append((nbytes / (1 << 20) if unit == "MiB/s" else ops) / secs)
-    guest.finish()
+    linux_guest.finish_script(vm)
     return out
 
 
-def linux_boot(images: dict, fmt: str, linux, tsc: int, initrd: Path, workdir: str) -> dict:
+def linux_boot(images: Dict[str, Path], fmt: str, linux: linux_guest.Artifacts, tsc: int, initrd: Path,
+               workdir: Path) -> Dict[str, Dict[str, List[float]]]:
     """One guest with both disks: tenbox's over vhost-user and QEMU's own, each on its copy of the image."""
-    sock = Path(workdir) / "vhost-user-blk.sock"
-    backend = linux_guest.Backend("blk", sock, ["--disk", "%s,format=%s,serial=tenbox" % (images["tenbox"], fmt)],
-                                  Path(workdir) / "backend.log")
-    try:
-        devices = ["-chardev", "socket,id=c0,path=%s" % sock,
-                   "-device", "vhost-user-blk,chardev=c0,num-queues=1,queue-size=%d" % QUEUE_SIZE,
-                   "-drive", "file=%s,if=none,format=%s,id=d1" % (images["qemu"], fmt),
-                   "-device", "virtio-blk-device,drive=d1,num-queues=1,queue-size=%d,serial=qemu" % QUEUE_SIZE]
-        rates = linux_rates(linux_guest.Guest(linux_guest.qemu_argv(linux, tsc, initrd, devices)))
-        backend.wait()
-    finally:
-        backend.stop()
+    sock = workdir / "vhost-user-blk.sock"
+    with Backend("blk", sock, ["--disk", "%s,format=%s,serial=tenbox" % (images["tenbox"], fmt)]) as backend:
+        devices = (qemu.vhost_user_blk(sock, queue_size=QUEUE_SIZE)
+                   + qemu.virtio_blk(images["qemu"], fmt, index=1, serial="qemu", queue_size=QUEUE_SIZE))
+        with linux_guest.boot_script(linux, tsc, initrd, devices, memory_mb=LINUX_MEMORY_MB, deadline=None) as vm:
+            rates = linux_rates(vm)
+        backend.wait_exit(BACKEND_EXIT_SEC)
     return rates
 
 
-def linux_main(args, imgs: dict) -> int:
-    linux = linux_guest.artifacts()
+def linux_main(args: argparse.Namespace, imgs: Dict[str, Path]) -> int:
+    linux = linux_guest.build()
     tsc = linux_guest.tsc_khz(linux)
-    initrd = linux_guest.initrd_with(Path(args.workdir), linux, linux_script(),
-                                     {"/linux_io": linux_guest.build_static("linux_io", args.workdir)})
-    raw_copy = os.path.join(args.workdir, "data-qemu.raw")  # QEMU's disk: its own file (both lock theirs)
-    if not os.path.exists(raw_copy) or os.path.getmtime(raw_copy) < os.path.getmtime(imgs["raw"]):
-        shutil.copyfile(imgs["raw"], raw_copy + ".tmp")
-        os.replace(raw_copy + ".tmp", raw_copy)
+    initrd = linux_guest.initrd_with(args.workdir, linux, linux_script(),
+                                     {"/linux_io": build_static("linux_io", args.workdir)})
+    raw_copy = args.workdir / "data-qemu.raw"  # QEMU's disk: its own file (both lock theirs)
+    if not raw_copy.exists() or raw_copy.stat().st_mtime < imgs["raw"].stat().st_mtime:
+        shutil.copyfile(str(imgs["raw"]), str(raw_copy) + ".tmp")
+        os.replace(str(raw_copy) + ".tmp", str(raw_copy))
     rows = []
     for backing in ("raw", "qcow2+backing"):
         res = {dev: {case: [] for case, _, _ in LINUX_WORKLOAD} for dev in DEVICES}
@@ -204,7 +199,7 @@ def linux_main(args, imgs: dict) -> int:
                 for path in images.values():
                     recache(path)
             else:  # two fresh overlays of one template
-                images = {dev: fresh_overlay(args.workdir, imgs["template"], "overlay-%s.qcow2" % dev)
+                images = {dev: fresh_overlay(args.workdir / ("overlay-%s.qcow2" % dev), imgs["template"])
                           for dev in DEVICES}
                 fmt = "qcow2"
                 recache(imgs["template"])
@@ -222,7 +217,7 @@ def linux_main(args, imgs: dict) -> int:
     print("block benchmark, Linux's virtio-blk driver (Debian %s under QEMU TCG, microvm): %d boots, each with "
           "both disks and %d alternating rounds of every case; medians of all rounds; %d MiB image; O_DIRECT, "
           "%d MiB sequential (2 threads), %d random 4 KiB reads"
-          % ((REPO / ".cache" / "linux" / "version").read_text().strip(), args.runs, LINUX_ROUNDS, IMAGE_MB,
+          % (linux.release, args.runs, LINUX_ROUNDS, IMAGE_MB,
              LINUX_SEQ_MB, LINUX_RAND_OPS))
     print(table(rows, ("case", "tenbox vhost-user-blk", "QEMU virtio-blk", "tenbox/QEMU", "tenbox ahead")))
     return 0
@@ -231,7 +226,7 @@ def linux_main(args, imgs: dict) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench-blk"))
+    ap.add_argument("--workdir", type=Path, default=CACHE / "bench-blk")
     ap.add_argument("--linux", action="store_true",
                     help="Linux's driver under QEMU TCG: tenbox over vhost-user against QEMU's virtio-blk")
     args = ap.parse_args()
@@ -250,8 +245,8 @@ def main() -> int:
 
             def image():
                 if backing == "raw":
-                    return imgs["raw"], "raw"
-                return fresh_overlay(args.workdir, imgs["template"]), "qcow2"
+                    return str(imgs["raw"]), "raw"
+                return str(fresh_overlay(args.workdir / "overlay.qcow2", imgs["template"])), "qcow2"
 
             def tb():
                 path, _ = image()

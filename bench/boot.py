@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Boot benchmark: tenbox-vm-runtime against QEMU microvm with KVM, same test guests, one run.
 
 Measures, interleaved, --runs times each (default 10):
@@ -10,55 +9,71 @@ Measures, interleaved, --runs times each (default 10):
   * port-I/O exits handled per second: the `pio` guest does N `outb` from
     user mode (CPL3, native speed here), timed between its start and done lines.
 Prints medians and tenbox/QEMU ratios as a markdown table.
+
+    python3 -m bench.boot [--runs 10] [--pio-count 200000]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
+import subprocess
 import sys
 import time
+from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import GUESTS, Timed, interleave, median, qemu_argv, smaps_rss_split, table, tenbox_argv  # noqa: E402
+from bench.common import interleave, median, smaps_rss_split, table
+from tests.framework import qemu
+from tests.framework.guests import guest_path
+from tests.framework.process import ConsoleProcess
+from tests.framework.runtime import boot_argv
 
 MEM_MB = 128
-FIRST_LINE = b"hello from the tenbox test guest"
+FIRST_LINE = "hello from the tenbox test guest"
+WAIT_SEC = 60.0
+PIO_START_SEC = 120.0
+PIO_DONE_SEC = 600.0
 
 
-def boot_case(argv):
-    def run():
-        p = Timed(argv)
-        first = p.wait_line(FIRST_LINE)
-        end = p.wait_exit()
-        if p.returncode != 0:
-            raise RuntimeError("%s exited %s" % (argv[0], p.returncode))
-        return {"first_line_ms": first * 1000, "exit_ms": end * 1000, "peak_rss_mib": p.rusage.ru_maxrss / 1024}
+def boot_case(argv: List[str]):
+    def run() -> Dict[str, float]:
+        with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
+            first = p.seconds_to(FIRST_LINE, WAIT_SEC)
+            if p.wait_exit(WAIT_SEC) != 0:
+                p.fail("exit %s" % p.proc.returncode)
+            return {"first_line_ms": first * 1000, "exit_ms": p.elapsed() * 1000,
+                    "peak_rss_mib": p.rusage.ru_maxrss / 1024}
     return run
 
 
-def overhead_case(argv):
-    def run():
-        p = Timed(argv)
-        p.wait_line(b"idle: ready")
-        time.sleep(0.3)
-        guest, other = smaps_rss_split(p.proc.pid, MEM_MB << 20)
-        p.proc.send_signal(signal.SIGTERM)
-        p.wait_exit()
+def overhead_case(argv: List[str]):
+    def run() -> Dict[str, float]:
+        with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
+            p.wait_for("idle: ready", WAIT_SEC)
+            time.sleep(0.3)
+            guest, other = smaps_rss_split(p.proc.pid, MEM_MB << 20)
+            p.signal(signal.SIGTERM)
+            p.wait_exit(WAIT_SEC)
         return {"overhead_rss_mib": other / (1 << 20), "guest_rss_mib": guest / (1 << 20)}
     return run
 
 
-def pio_case(argv, count):
-    def run():
-        p = Timed(argv)
-        t_start = p.wait_line(b"pio: start", 120)
-        t_done = p.wait_line(b"pio: done", 600)
-        p.wait_exit(60)
+def pio_case(argv: List[str], count: int):
+    def run() -> Dict[str, float]:
+        with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
+            t_start = p.seconds_to("pio: start", PIO_START_SEC)
+            t_done = p.seconds_to("pio: done", PIO_DONE_SEC)
+            p.wait_exit(WAIT_SEC)
         return {"exits_per_sec": count / (t_done - t_start)}
     return run
+
+
+def tenbox_argv(name: str, cmdline: Optional[str] = None) -> List[str]:
+    return boot_argv(guest_path(name), cmdline=cmdline, memory_mb=MEM_MB)
+
+
+def qemu_argv(name: str, cmdline: Optional[str] = None) -> List[str]:
+    return qemu.microvm(guest_path(name), append=cmdline, memory_mb=MEM_MB)
 
 
 def main() -> int:
@@ -66,20 +81,19 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--pio-count", type=int, default=200000)
     args = ap.parse_args()
-    k = lambda name: str(GUESTS / ("%s.bzImage" % name))
     pio_cmd = "console=ttyS0 pio.count=%d" % args.pio_count
 
     results = interleave(args.runs, {
-        "tenbox": boot_case(tenbox_argv(k("poweroff"), MEM_MB)),
-        "qemu": boot_case(qemu_argv(k("poweroff"), MEM_MB)),
+        "tenbox": boot_case(tenbox_argv("poweroff")),
+        "qemu": boot_case(qemu_argv("poweroff")),
     })
     over = interleave(max(3, args.runs // 3), {
-        "tenbox": overhead_case(tenbox_argv(k("idle"), MEM_MB)),
-        "qemu": overhead_case(qemu_argv(k("idle"), MEM_MB)),
+        "tenbox": overhead_case(tenbox_argv("idle")),
+        "qemu": overhead_case(qemu_argv("idle")),
     })
     pio = interleave(max(3, args.runs // 3), {
-        "tenbox": pio_case(tenbox_argv(k("pio"), MEM_MB, cmdline=pio_cmd), args.pio_count),
-        "qemu": pio_case(qemu_argv(k("pio"), MEM_MB, cmdline=pio_cmd), args.pio_count),
+        "tenbox": pio_case(tenbox_argv("pio", pio_cmd), args.pio_count),
+        "qemu": pio_case(qemu_argv("pio", pio_cmd), args.pio_count),
     })
     for name in results:
         results[name].update(over[name])

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Control-plane benchmark: tenboxd's own cost, measured against the bare runtime.
 
   * `vm.list` latency with 100 VMs defined (raw socket request, and the full
@@ -8,80 +7,72 @@
     interleaved;
   * 20 VMs of 64 MiB started at once: time until all run and all guests answer,
     the daemon's CPU time for it, and each worker's private memory (USS).
+
+    python3 -m bench.control [--runs 10] [--burst 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench.common import interleave, median, table
+from tests.framework.daemon import DaemonProcess
+from tests.framework.guests import guest_path
+from tests.framework.process import ConsoleProcess
+from tests.framework.runtime import boot_argv
 
-from common import GUESTS, PYTHON, Timed, env, interleave, median, table, tenbox_argv  # noqa: E402
-
-IDLE = str(GUESTS / "idle.bzImage")
+IDLE = guest_path("idle")
+READY_SEC = 60.0
+CONSOLE_POLL_SEC = 0.002  # the console log is polled: the start figures are only as fine as this
 
 
 class Daemon:
+    """tenboxd on private paths (tests/framework/daemon.py) and what the benchmark asks of it."""
+
     def __init__(self) -> None:
-        self.root = tempfile.mkdtemp(prefix="tbx-bench-")
-        self.sock = os.path.join(self.root, "tenbox.sock")
-        e = env()
-        e["TENBOX_NO_SCOPES"] = "1"
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "tenbox_supervisor", "--data-dir", os.path.join(self.root, "data"), "--socket", self.sock,
-             "--run-dir", os.path.join(self.root, "run")],
-            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
-            if time.monotonic() > deadline:
-                raise RuntimeError("tenboxd did not start")
-            time.sleep(0.05)
+        self.root = Path(tempfile.mkdtemp(prefix="tbx-bench-"))
+        self.d = DaemonProcess(self.root)
+        self.d.start()
+        self.pid = self.d.proc.proc.pid
 
     def call(self, type_: str, **payload) -> dict:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(300)
-        s.connect(self.sock)
-        try:
-            s.sendall((json.dumps({"type": type_, "payload": payload}) + "\n").encode())
-            reply = json.loads(s.makefile("rb").readline())
-        finally:
-            s.close()
+        """The reply's payload; an error reply raises."""
+        reply = self.d.call(type_, timeout=300, **payload)
         if not reply.get("ok"):
             raise RuntimeError("%s: %s" % (type_, reply))
         return reply["payload"]
 
-    def wait_console(self, vm_id: str, text: str, timeout: float = 60) -> None:
-        path = os.path.join(self.root, "data", "vms", vm_id, "logs", "console.log")
+    def wait_console(self, vm_id: str, text: str, timeout: float = READY_SEC) -> None:
+        """Until the VM's console log file has `text`: read straight from the file, not through vm.logs,
+        so that the daemon's own answer time is not in the figure."""
+        path = self.d.data_dir / "vms" / vm_id / "logs" / "console.log"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with open(path, "rb") as f:
-                    if text.encode() in f.read():
-                        return
+                if text.encode() in path.read_bytes():
+                    return
             except OSError:
-                pass
-            time.sleep(0.002)
+                pass  # not written yet
+            time.sleep(CONSOLE_POLL_SEC)
         raise RuntimeError("%s never printed %r" % (vm_id, text))
 
     def close(self) -> None:
         for vm in self.call("vm.list")["vms"]:
             if vm.get("state") in ("running", "starting"):
                 self.call("vm.stop", vm_id=vm["id"])
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.d.stop()
+        self.d.cleanup()
+        shutil.rmtree(str(self.root), ignore_errors=True)
 
 
 def bench_list(d: Daemon, rounds: int) -> dict:
@@ -94,12 +85,12 @@ def bench_list(d: Daemon, rounds: int) -> dict:
         raw.append((time.monotonic() - t) * 1000)
         assert n >= 100
     cli = []
-    e = env()
-    e["TENBOX_SOCK"] = d.sock
     for _ in range(rounds):
         t = time.monotonic()
-        subprocess.run([PYTHON, "-m", "tenbox_ctl", "vm", "ls"], env=e, stdout=subprocess.DEVNULL, check=True)
+        r = d.d.ctl("vm", "ls")
         cli.append((time.monotonic() - t) * 1000)
+        if r.returncode != 0:
+            raise RuntimeError("tenbox vm ls: %s" % r.stderr.decode(errors="replace"))
     for vm in d.call("vm.list")["vms"]:
         if vm["name"].startswith("list-"):
             d.call("vm.delete", vm_id=vm["id"])
@@ -122,10 +113,10 @@ def bench_start(d: Daemon, rounds: int) -> dict:
         return {"running_ms": (t_running - t0) * 1000, "ready_ms": (t_ready - t0) * 1000}
 
     def bare():
-        p = Timed(tenbox_argv(IDLE, 64))
-        ready = p.wait_line(b"idle: ready")
-        p.proc.send_signal(signal.SIGTERM)
-        p.wait_exit()
+        with ConsoleProcess(boot_argv(IDLE, memory_mb=64), stdin=subprocess.DEVNULL) as p:
+            ready = p.seconds_to("idle: ready", READY_SEC)
+            p.signal(signal.SIGTERM)
+            p.wait_exit(READY_SEC)
         return {"ready_ms": ready * 1000}
 
     return interleave(rounds, {"daemon": through_daemon, "bare": bare})
@@ -133,7 +124,7 @@ def bench_start(d: Daemon, rounds: int) -> dict:
 
 def bench_burst(d: Daemon, count: int) -> dict:
     ids = [d.call("vm.create", name="burst-%02d" % i, kernel=IDLE, memory_mb=64)["id"] for i in range(count)]
-    me = psutil.Process(d.proc.pid)
+    me = psutil.Process(d.pid)
     cpu0 = sum(me.cpu_times()[:2])
     t0 = time.monotonic()
     errors = []

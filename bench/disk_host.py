@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Disk backend throughput on the host: tenbox's qcow2 backend against `qemu-img bench`, same images, one run.
 
 No guest: this measures the block backend alone (what virtio-blk calls on
@@ -11,6 +10,8 @@ queue depth 1). Cases, on a 64 KiB-cluster qcow2 image:
   * rand-alloc-4K: the same 4 KiB writes into a fresh image (each allocates
     a cluster and fills the rest of it: copy-on-write cost).
 Prints medians of --runs interleaved rounds and tenbox/QEMU ratios.
+
+    python3 -m bench.disk_host [--runs 3] [--size-mib 512] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -23,13 +24,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import REPO, interleave, median, table  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-
-from tenbox_vmm.disk import create_qcow2, open_disk  # noqa: E402
+from bench.common import interleave, median, table
+from tenbox_vmm.disk import create_qcow2, open_disk
 
 MIB = 1 << 20
 STEP_4K = 4096 * 7919

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Stock Linux boot benchmark: tenbox-vm-runtime against QEMU microvm with KVM, same kernel, one run.
 
 The same kernel, initramfs and command line (scripts/x86_64: Debian's cloud
@@ -20,7 +19,7 @@ benchmark runs itself in the nested lane (tests/framework/lane.py) and
 prints the table here. Timings there are a proxy (every exit crosses
 emulated AMD-V): read the ratios, not the seconds.
 
-    python3 bench/linux_boot.py [--runs 3] [--no-image]
+    python3 -m bench.linux_boot [--runs 3] [--no-image]
 """
 
 from __future__ import annotations
@@ -28,91 +27,68 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench.common import fresh_overlay, interleave, median, smaps_rss_split, table
+from tests.framework import lane, linux_guest, qemu
+from tests.framework.process import ConsoleProcess
+from tests.framework.repo import PYTHON, REPO
+from tests.framework.runtime import boot_argv
 
-from common import PYTHON, REPO, Timed, interleave, median, smaps_rss_split, table  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from tests.framework import lane  # noqa: E402
-
-KERNEL_DIR = REPO / ".cache" / "linux"
 MEM_MB = 256
 IMAGE_MEM_MB = 512
-BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1"
-FIRST_LINE = b"Linux version"
-MARKER = b"TENBOX-INITRAMFS: up"
-LOGIN = b"login:"
+FIRST_LINE = "Linux version"
+LOGIN = "login:"
 BOOT_TIMEOUT_SEC = 300.0
 LOGIN_TIMEOUT_SEC = 600.0
+STOP_SEC = 30.0
+
+Make = Callable[..., List[str]]
 
 
 def tenbox_argv(kernel: str, initrd: str, cmdline: str, memory_mb: int, disk: str = "") -> List[str]:
-    argv = [PYTHON, "-m", "tenbox_vmm", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
-            "--memory", str(memory_mb), "--cpus", "1", "--console", "stdio"]
-    if disk:
-        argv += ["--disk", "%s,format=qcow2" % disk]
-    return argv
+    return boot_argv(kernel, initrd, cmdline, memory_mb=memory_mb, disks=["%s,format=qcow2" % disk] if disk else [])
 
 
 def qemu_argv(kernel: str, initrd: str, cmdline: str, memory_mb: int, disk: str = "") -> List[str]:
-    argv = ["qemu-system-x86_64", "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", "host", "-smp", "1",
-            "-m", str(memory_mb), "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-            "-monitor", "none", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
-    if disk:
-        argv += ["-global", "virtio-mmio.force-legacy=false",
-                 "-drive", "id=d0,file=%s,format=qcow2,if=none" % disk, "-device", "virtio-blk-device,drive=d0"]
-    return argv
+    return qemu.microvm(kernel, initrd, cmdline, cpu="host", memory_mb=memory_mb,
+                        devices=qemu.virtio_blk(disk, "qcow2") if disk else ())
 
 
-def initramfs_case(make, quiet: bool):
+def initramfs_case(make: Make, quiet: bool):
     """Start -> first kernel line -> /init; memory outside guest RAM at /init."""
-    kernel, initrd = str(KERNEL_DIR / "vmlinuz"), str(KERNEL_DIR / "initramfs.cpio.gz")
-    cmdline = BASE_CMDLINE + (" quiet" if quiet else "") + " tenbox.run=sleep%201"
+    kernel, initrd = str(linux_guest.KERNEL_DIR / "vmlinuz"), str(linux_guest.KERNEL_DIR / "initramfs.cpio.gz")
+    cmdline = linux_guest.BASE_CMDLINE + (" quiet" if quiet else "") + " tenbox.run=sleep%201"
 
     def run() -> Dict[str, float]:
-        p = Timed(make(kernel, initrd, cmdline, MEM_MB))
         out: Dict[str, float] = {}
-        if not quiet:
-            out["first_line_s"] = p.wait_line(FIRST_LINE, BOOT_TIMEOUT_SEC)
-        out["init_quiet_s" if quiet else "init_s"] = p.wait_line(MARKER, BOOT_TIMEOUT_SEC)
-        if not quiet:
-            _, other = smaps_rss_split(p.proc.pid, MEM_MB << 20)
-            out["overhead_rss_mib"] = other / (1 << 20)
-        p.wait_exit(BOOT_TIMEOUT_SEC)
-        if p.returncode != 0:
-            raise RuntimeError("%s exited %s" % (p.proc.args[0], p.returncode))
+        with ConsoleProcess(make(kernel, initrd, cmdline, MEM_MB), stdin=subprocess.DEVNULL) as p:
+            if not quiet:
+                out["first_line_s"] = p.seconds_to(FIRST_LINE, BOOT_TIMEOUT_SEC)
+            out["init_quiet_s" if quiet else "init_s"] = p.seconds_to(linux_guest.MARKER, BOOT_TIMEOUT_SEC)
+            if not quiet:
+                _, other = smaps_rss_split(p.proc.pid, MEM_MB << 20)
+                out["overhead_rss_mib"] = other / (1 << 20)
+            if p.wait_exit(BOOT_TIMEOUT_SEC) != 0:
+                p.fail("exit %s" % p.proc.returncode)
         return out
     return run
 
 
-def image_case(make, manifest: dict, image_dir: Path, work: Path):
+def image_case(make: Make, manifest: dict, image_dir: Path, work: Path):
     """Start -> the Debian image's login prompt, on a fresh overlay of its template."""
     kernel, initrd = str(image_dir / "vmlinuz"), str(image_dir / "initrd.img")
     cmdline = manifest["cmdline"]
 
     def run() -> Dict[str, float]:
-        overlay = work / "overlay.qcow2"
-        if overlay.exists():
-            overlay.unlink()
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                        str(image_dir / "rootfs.qcow2"), str(overlay)], check=True)
-        p = Timed(make(kernel, initrd, cmdline, IMAGE_MEM_MB, str(overlay)))
-        try:
-            took = p.wait_line(LOGIN, LOGIN_TIMEOUT_SEC)
-        finally:
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-                try:
-                    p.wait_exit(30)
-                except RuntimeError:
-                    pass
+        overlay = fresh_overlay(work / "overlay.qcow2", image_dir / "rootfs.qcow2")
+        with ConsoleProcess(make(kernel, initrd, cmdline, IMAGE_MEM_MB, str(overlay)), stdin=subprocess.DEVNULL) as p:
+            took = p.seconds_to(LOGIN, LOGIN_TIMEOUT_SEC)
+            p.stop(STOP_SEC)  # as an operator would; killed past STOP_SEC
         return {"login_s": took}
     return run
 
@@ -161,15 +137,14 @@ def main() -> int:
     ap.add_argument("--no-image", action="store_true", help="skip the Debian image's login prompt")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
     args = ap.parse_args()
-    for script in ("get-kernel.sh", "make-initramfs.sh"):
-        if lane.needs_lane() or not (KERNEL_DIR / "vmlinuz").exists():
-            subprocess.run([str(REPO / "scripts" / "x86_64" / script)], check=True, stdin=subprocess.DEVNULL)
+    if lane.needs_lane() or not (linux_guest.KERNEL_DIR / "vmlinuz").exists():
+        linux_guest.build()  # on the build host: the lane has no network
     if lane.needs_lane():
         if not args.no_image:
             lane.build_e2e_image()
         out = Path(tempfile.mkdtemp(prefix="tenbox-bench-lane-"))
         os.chmod(str(out), 0o755)
-        cmd = "export PYTHONPATH=%s; %s bench/linux_boot.py --runs %d --json /lane-out/results.json%s" % (
+        cmd = "export PYTHONPATH=%s; %s -m bench.linux_boot --runs %d --json /lane-out/results.json%s" % (
             REPO, PYTHON, args.runs, " --no-image" if args.no_image else "")
         print("linux_boot: no vmx/svm here; running in the nested lane (console: %s)" % (out / "console.log"),
               file=sys.stderr)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Network benchmark: tenbox's virtio-net + libslirp against QEMU's virtio-net + `-netdev user` (libslirp too).
 
 The `net` test guest's loop runs at CPL3 and polls. Both VMMs get the same
@@ -20,96 +19,95 @@ same guest workload through the same guest forward (10.0.2.100:9000 and
     time) streams to a host sink, timed there from the first byte to the last;
   * tcp-rx: busybox wget fetches from a host HTTP server, timed from the
     request to the guest's done line.
+
+    python3 -m bench.net [--runs 5] [--linux] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import linux_guest  # noqa: E402
-from common import GUESTS, PYTHON, QEMU, REPO, Timed, interleave, median, table  # noqa: E402
+from bench.common import build_static, interleave, median, table
+from tests.framework import linux_guest, qemu
+from tests.framework.guests import guest_path
+from tests.framework.ports import free_port
+from tests.framework.process import ConsoleProcess
+from tests.framework.repo import CACHE
+from tests.framework.runtime import boot_argv
+from tests.framework.vhost_user import Backend
 
 GUEST_PORT = 40000
 SIZE = 1024
 COUNT = 20000
 MEM_MB = 128
+READY_SEC = 120.0
+KNOCK_SEC = 30.0  # the forward may need a moment to be ready
+KNOCK_INTERVAL_SEC = 0.2
+DONE_SEC = 120.0
 
 
-def free_udp_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def argv_for(vmm: str, kind: str, hport: int):
+def argv_for(vmm: str, kind: str, hport: int) -> List[str]:
     cmdline = ("console=ttyS0 net.test=dhcp net.bench=%s net.bench.wait=1 net.bench.count=%d net.bench.size=%d"
                % (kind, COUNT, SIZE))
     fwd = "udp:127.0.0.1:%d-:%d" % (hport, GUEST_PORT)
-    kernel = str(GUESTS / "net.bzImage")
     if vmm == "tenbox":
-        return [PYTHON, "-m", "tenbox_vmm", "--kernel", kernel, "--memory", str(MEM_MB), "--console", "stdio",
-                "--net", "--hostfwd", fwd, "--cmdline", cmdline]
-    return [QEMU, "-M", "microvm,acpi=on,rtc=on", "-accel", "kvm", "-m", str(MEM_MB), "-nodefaults",
-            "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
-            "-global", "virtio-mmio.force-legacy=false", "-device", "virtio-net-device,netdev=n0",
-            "-netdev", "user,id=n0,hostfwd=" + fwd, "-kernel", kernel, "-append", cmdline]
+        return boot_argv(guest_path("net"), cmdline=cmdline, memory_mb=MEM_MB, hostfwds=[fwd])
+    return qemu.microvm(guest_path("net"), append=cmdline, memory_mb=MEM_MB, rtc=True,
+                        devices=qemu.user_net(["hostfwd=" + fwd]))
 
 
-def run(vmm: str, kind: str) -> dict:
-    hport = free_udp_port()
-    p = Timed(argv_for(vmm, kind, hport))
+def run(vmm: str, kind: str) -> Dict[str, float]:
+    hport = free_port(socket.SOCK_DGRAM)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     try:
-        p.wait_line(b"net: bench waiting", 120)
-        received = [0, 0]
-        stop = threading.Event()
+        with ConsoleProcess(argv_for(vmm, kind, hport), stdin=subprocess.DEVNULL) as p:
+            p.wait_for("net: bench waiting", READY_SEC)
+            received = [0, 0]
+            stop = threading.Event()
 
-        def count():
-            sock.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    data = sock.recv(65536)
-                except socket.timeout:
-                    continue
-                received[0] += 1
-                received[1] += len(data)
+            def count():
+                sock.settimeout(0.2)
+                while not stop.is_set():
+                    try:
+                        data = sock.recv(65536)
+                    except socket.timeout:
+                        continue
+                    received[0] += 1
+                    received[1] += len(data)
 
-        # Knock until the guest has its peer (the forward may need a moment to be ready).
-        deadline = time.monotonic() + 30
-        while not any(b"net: start" in line for _, line in p.marks):
-            sock.sendto(b"tenbox-bench go", ("127.0.0.1", hport))
-            try:
-                p.wait_line(b"net: start", 0.2)
-            except RuntimeError:
+            # Knock until the guest has its peer; no knock once it has started (it would count as data).
+            deadline = time.monotonic() + KNOCK_SEC
+            while p.poll_for("net: start") is None:
+                if p.proc.poll() is not None:
+                    p.fail("the VMM exited before the benchmark started")
                 if time.monotonic() > deadline:
-                    raise
-                p = _revive(p)
-        t_start = p.wait_line(b"net: start", 1)
-        counter = threading.Thread(target=count, daemon=True)
-        if kind == "udp-tx":
-            counter.start()
-        else:
-            payload = b"r" * SIZE
-            for _ in range(COUNT):
-                sock.sendto(payload, ("127.0.0.1", hport))
-        t_done = p.wait_line(b"net: done", 120)
-        stop.set()
-        if counter.is_alive():
-            counter.join(2)
-        done_line = [line for _, line in p.marks if b"net: done" in line][-1].decode()
-        guest_packets = int(done_line.split("packets=")[1].split()[0])
-        p.kill()
+                    p.fail("the guest did not start within %.0f s of knocking" % KNOCK_SEC)
+                sock.sendto(b"tenbox-bench go", ("127.0.0.1", hport))
+                p.poll_for("net: start", KNOCK_INTERVAL_SEC)
+            t_start = p.seconds_to("net: start")
+            counter = threading.Thread(target=count, daemon=True)
+            if kind == "udp-tx":
+                counter.start()
+            else:
+                payload = b"r" * SIZE
+                for _ in range(COUNT):
+                    sock.sendto(payload, ("127.0.0.1", hport))
+            t_done = p.seconds_to(r"net: done.*\n", DONE_SEC)
+            stop.set()
+            if counter.is_alive():
+                counter.join(2)
+            guest_packets = int(re.search(r"net: done.*\bpackets=(\d+)", p.output).group(1))
     finally:
         sock.close()
     packets = received[0] if kind == "udp-tx" else guest_packets
@@ -117,17 +115,14 @@ def run(vmm: str, kind: str) -> dict:
     return {"pps": packets / secs, "mbit": packets * SIZE * 8 / secs / 1e6, "delivered": packets / COUNT}
 
 
-def _revive(p):
-    if p.proc.poll() is not None:
-        raise RuntimeError("the VMM exited before the benchmark started")
-    return p
-
-
 # --- --linux: Debian's kernel under QEMU TCG, tenbox over vhost-user --------------------------
 
 LINUX_MB = int(os.environ.get("TENBOX_BENCH_NET_MB", "64"))
 LINUX_FWD_ADDR = "10.0.2.100"
 LINUX_SINK_PORT, LINUX_SOURCE_PORT = 9000, 9001
+LINUX_MEMORY_MB = 512
+LINUX_WAIT_SEC = 300.0
+BACKEND_EXIT_SEC = 30.0
 LINUX_SCRIPT = r"""
 set -e
 udhcpc -i eth0 -n -q -t 5 -T 2 >/dev/null 2>&1
@@ -205,50 +200,44 @@ class _HostEnds:
         self.source.close()
 
 
-def linux_run(vmm: str, linux, tsc: int, initrd, workdir: str) -> dict:
-    from pathlib import Path
-
+def linux_run(vmm: str, linux: linux_guest.Artifacts, tsc: int, initrd: Path, workdir: Path) -> Dict[str, float]:
     ends = _HostEnds(LINUX_MB << 20)
     fwds = [("tcp:%s:%d" % (LINUX_FWD_ADDR, LINUX_SINK_PORT), ends.sink.getsockname()[1]),
             ("tcp:%s:%d" % (LINUX_FWD_ADDR, LINUX_SOURCE_PORT), ends.source.getsockname()[1])]
     backend = None
     try:
         if vmm == "qemu":
-            netdev = "user,id=n0" + "".join(",guestfwd=%s-tcp:127.0.0.1:%d" % f for f in fwds)
-            devices = ["-netdev", netdev, "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
+            devices = qemu.user_net(["guestfwd=%s-tcp:127.0.0.1:%d" % f for f in fwds], mac=qemu.DEFAULT_MAC)
         else:
-            sock = Path(workdir) / "vhost-user-net.sock"
+            sock = workdir / "vhost-user-net.sock"
             args = []
             for spec, port in fwds:
                 args += ["--guestfwd", "guestfwd:%s-127.0.0.1:%d" % (spec, port)]
-            backend = linux_guest.Backend("net", sock, args, Path(workdir) / "backend-net.log")
-            devices = ["-chardev", "socket,id=c1,path=%s" % sock, "-netdev", "vhost-user,id=n0,chardev=c1",
-                       "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
-        guest = linux_guest.Guest(linux_guest.qemu_argv(linux, tsc, initrd, devices))
-        guest.wait_line(r"^NET-TX-DONE$")
-        guest.wait_line(r"^NET-RX-DONE$")
-        rx_secs = time.monotonic() - ends.rx_start
-        guest.finish()
+            backend = Backend("net", sock, args)
+            devices = qemu.vhost_user_net(sock)
+        with linux_guest.boot_script(linux, tsc, initrd, devices, memory_mb=LINUX_MEMORY_MB, deadline=None) as vm:
+            vm.wait_for(r"^NET-TX-DONE$", LINUX_WAIT_SEC)
+            vm.wait_for(r"^NET-RX-DONE$", LINUX_WAIT_SEC)
+            rx_secs = time.monotonic() - ends.rx_start
+            linux_guest.finish_script(vm)
         if backend is not None:
-            backend.wait()
+            backend.wait_exit(BACKEND_EXIT_SEC)
         if ends.errors:
             raise RuntimeError("; ".join(ends.errors))
     finally:
         if backend is not None:
-            backend.stop()
+            backend.close()
         ends.close()
     mbit = (LINUX_MB << 20) * 8 / 1e6
     return {"tcp-tx": mbit / ends.tx_secs, "tcp-rx": mbit / rx_secs}
 
 
-def linux_main(args) -> int:
-    from pathlib import Path
-
-    os.makedirs(args.workdir, exist_ok=True)
-    linux = linux_guest.artifacts()
+def linux_main(args: argparse.Namespace) -> int:
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    linux = linux_guest.build()
     tsc = linux_guest.tsc_khz(linux)
-    initrd = linux_guest.initrd_with(Path(args.workdir), linux, LINUX_SCRIPT,
-                                     {"/linux_tcp": linux_guest.build_static("linux_tcp", args.workdir)})
+    initrd = linux_guest.initrd_with(args.workdir, linux, LINUX_SCRIPT,
+                                     {"/linux_tcp": build_static("linux_tcp", args.workdir)})
     res = interleave(args.runs, {"tenbox": lambda: linux_run("tenbox", linux, tsc, initrd, args.workdir),
                                  "qemu": lambda: linux_run("qemu", linux, tsc, initrd, args.workdir)})
     rows = []
@@ -258,7 +247,7 @@ def linux_main(args) -> int:
         print("  %-16s tenbox %.0f  qemu %.0f  (%.2f)" % (case, t, q, t / q), file=sys.stderr)
     print("network benchmark, Linux's virtio-net driver (Debian %s under QEMU TCG, microvm): %d interleaved runs "
           "each, medians; %d MiB each way over TCP through a guest forward to the host's loopback"
-          % ((REPO / ".cache" / "linux" / "version").read_text().strip(), args.runs, LINUX_MB))
+          % (linux.release, args.runs, LINUX_MB))
     print(table(rows, ("case", "tenbox vhost-user-net", "QEMU virtio-net -netdev user", "tenbox/QEMU")))
     return 0
 
@@ -268,7 +257,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--linux", action="store_true",
                     help="Linux's driver under QEMU TCG: tenbox over vhost-user against QEMU's -netdev user")
-    ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench-net"))
+    ap.add_argument("--workdir", type=Path, default=CACHE / "bench-net")
     args = ap.parse_args()
     if args.linux:
         return linux_main(args)

@@ -1,11 +1,16 @@
 """Fixtures shared by unit and integration tests."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
 
-from tests.harness import GUEST_DIR, REPO, ConsoleProcess
+from tests.framework import linux_guest
+from tests.framework.daemon import DaemonProcess
+from tests.framework.guests import GUEST_DIR
+from tests.framework.process import ConsoleProcess
+from tests.framework.repo import REPO
 
 # Tests marked hwvirt run in the nested lane where the CPU lacks vmx/svm.
 pytest_plugins = ["tests.framework.lane_plugin"]
@@ -28,6 +33,26 @@ def kvm():
     return "/dev/kvm"
 
 
+@pytest.fixture(scope="session")
+def linux() -> linux_guest.Artifacts:
+    """Debian's kernel and the busybox initramfs, built (or found cached) once per session by the project's scripts."""
+    return linux_guest.build()
+
+
+@pytest.fixture(scope="session")
+def tsc_khz(linux: linux_guest.Artifacts) -> int:
+    """The Linux guest's TSC frequency under QEMU TCG, for its tsc_early_khz= (linux_guest.tsc_khz)."""
+    return linux_guest.tsc_khz(linux)
+
+
+@pytest.fixture(scope="session")
+def qemu_tools():
+    """qemu-img and qemu-io, the judges of disk images (qemu-utils): without them the tests fail, they do not skip."""
+    missing = [t for t in ("qemu-img", "qemu-io") if shutil.which(t) is None]
+    if missing:
+        pytest.fail("%s missing: install qemu-utils (the qcow2 oracle)" % ", ".join(missing))
+
+
 @pytest.fixture
 def spawn():
     """Start ConsoleProcess children that are killed when the test ends."""
@@ -46,8 +71,6 @@ def spawn():
 @pytest.fixture
 def daemon(tmp_path):
     """A running tenboxd on private paths; every worker it started is killed afterwards."""
-    from tests.harness import DaemonProcess
-
     d = DaemonProcess(tmp_path)
     d.start()
     yield d
@@ -57,8 +80,6 @@ def daemon(tmp_path):
 @pytest.fixture
 def make_daemon(tmp_path):
     """Build (not start) tenboxd instances with extra environment."""
-    from tests.harness import DaemonProcess
-
     made = []
 
     def make(subdir="d", **env):

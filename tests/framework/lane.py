@@ -41,14 +41,15 @@ import time
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "scripts" / "x86_64"
-LANE_DIR = REPO / ".cache" / "lane"
+from tests.framework import qemu
+from tests.framework.linux_guest import SCRIPTS
+from tests.framework.repo import CACHE, PYTHON, REPO
+
+LANE_DIR = CACHE / "lane"
 KERNEL_DIR = LANE_DIR / "kernel"
 INITRAMFS = LANE_DIR / "initramfs.cpio.gz"
-QEMU = "qemu-system-x86_64"
 # The end-to-end tests' Debian image (built on the build host, imported in the lane) and its key.
-E2E_IMAGE_DIR = REPO / ".cache" / "images" / "lane-e2e"
+E2E_IMAGE_DIR = CACHE / "images" / "lane-e2e"
 SSH_DIR = LANE_DIR / "ssh"
 
 # virtio-pci carries the 9p shares; overlay puts a tmpfs over the read-only
@@ -112,8 +113,8 @@ def _run_script(argv: Sequence[str]) -> None:
 
 def build() -> None:
     """The lane's kernel and initramfs from Debian's packages (cached: a no-op when nothing changed)."""
-    if shutil.which(QEMU) is None:
-        raise LaneError("%s not found: the nested lane needs Debian's qemu-system-x86 (make deps)" % QEMU)
+    if shutil.which(qemu.QEMU) is None:
+        raise LaneError("%s not found: the nested lane needs Debian's qemu-system-x86 (make deps)" % qemu.QEMU)
     _run_script([str(SCRIPTS / "get-kernel.sh"), "--flavour", "generic", "--out", str(KERNEL_DIR),
                  "--modules", MODULES])
     _run_script([str(SCRIPTS / "make-initramfs.sh"), "--kernel-dir", str(KERNEL_DIR),
@@ -142,7 +143,7 @@ def ssh_key() -> Path:
 def build_e2e_image() -> Path:
     """`tenbox image build debian --no-import` of the e2e image with ssh_key() (cached by the script's stamp)."""
     key = ssh_key()
-    argv = [sys.executable, "-m", "tenbox_ctl", "image", "build", "debian", "--name", "e2e",
+    argv = [PYTHON, "-m", "tenbox_ctl", "image", "build", "debian", "--name", "e2e",
             "--ssh-key", str(key) + ".pub", "--out", str(E2E_IMAGE_DIR), "--no-import"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
@@ -157,7 +158,7 @@ def build_e2e_image() -> Path:
 
 
 def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
-              memory_mb: int = MEMORY_MB, accel: str = "tcg", qemu: Sequence[str] = (QEMU,)) -> List[str]:
+              memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,)) -> List[str]:
     """QEMU's command line for a lane that runs `command` (a shell command line) in `cwd`.
 
     `accel` may be "tcg,thread=single": one host thread for all the lane's
@@ -166,16 +167,14 @@ def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
     append = "console=ttyS0 panic=-1 quiet lane.cwd=%s lane.run=%s" % (_encode(str(cwd)), _encode(command))
     if len(append) > 2000:  # COMMAND_LINE_SIZE is 2048 on x86
         raise LaneError("the lane's command is too long for the kernel command line; put it in a script")
-    return list(qemu) + [
-        "-M", "pc", "-accel", accel, "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
-        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        # The monitor, for a look inside a lane that hangs (monitor_command).
-        "-monitor", "unix:%s,server=on,wait=off" % (out_dir / MONITOR),
-        "-serial", "stdio",
-        "-kernel", str(KERNEL_DIR / "vmlinuz"), "-initrd", str(INITRAMFS), "-append", append,
+    shares = [
         "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
         "-virtfs", "local,path=%s,mount_tag=out,security_model=passthrough" % out_dir,
     ]
+    # -cpu max: AMD-V with nested paging, which TCG emulates. The monitor is
+    # for a look inside a lane that hangs (monitor_command).
+    return qemu.pc(KERNEL_DIR / "vmlinuz", INITRAMFS, append, memory_mb=memory_mb, cpus=cpus, cpu="max",
+                   devices=shares, accel=accel, binary=binary, monitor=str(out_dir / MONITOR))
 
 
 def monitor_command(out_dir: Path, command: str, timeout: float = 10.0) -> str:
@@ -210,13 +209,13 @@ class LaneResult(NamedTuple):
 
 def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[Path] = None,
         echo: Optional[Callable[[str], None]] = None, cwd: Path = REPO, cpus: int = CPUS,
-        memory_mb: int = MEMORY_MB, accel: str = "tcg", qemu: Sequence[str] = (QEMU,)) -> LaneResult:
+        memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,)) -> LaneResult:
     """Boot the lane, run `command` in it, power it off; never longer than deadline_sec.
 
     The console goes to console_log (all of it) and, line by line, to echo.
     """
     build()
-    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, qemu)
+    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary)
     started = time.monotonic()
     log = open(str(console_log), "w", encoding="utf-8", errors="replace") if console_log else None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -301,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--deadline", type=float, default=3600.0, help="seconds before the lane is killed")
     p.add_argument("--out", type=Path, help="the folder shared as /lane-out (default: a new temporary folder)")
     p.add_argument("--shell", action="store_true", help="an interactive shell in the lane (leave it to power off)")
-    p.add_argument("--qemu", nargs="+", default=[QEMU], help=argparse.SUPPRESS)
+    p.add_argument("--qemu", nargs="+", default=[qemu.QEMU], help=argparse.SUPPRESS)
     p.add_argument("--single-thread", action="store_true",
                    help="emulate every lane vCPU on one host thread (TCG without MTTCG)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
@@ -317,12 +316,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.shell:
             build()
-            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel, qemu=args.qemu)
+            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel, binary=args.qemu)
             return subprocess.call(argv_)
         shell_cmd = " ".join(shlex.quote(a) for a in command)
         res = run("export PYTHONPATH=%s; %s" % (shlex.quote(str(REPO)), shell_cmd), out, args.deadline,
                   console_log=out / "console.log", echo=print, cpus=args.cpus, memory_mb=args.memory,
-                  accel=accel, qemu=args.qemu)
+                  accel=accel, binary=args.qemu)
     except LaneError as e:
         print("lane: %s" % e, file=sys.stderr)
         return EXIT_LANE_FAILED

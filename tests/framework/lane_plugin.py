@@ -30,7 +30,9 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from tests.framework import lane
+from tests.framework import lane, linux_guest
+from tests.framework.images import build_template
+from tests.framework.process import ProcessFailure
 
 MARK = "hwvirt"
 BUDGET_SEC = 240.0
@@ -40,15 +42,7 @@ ENV_PASSED = ("TENBOX_TEST_", "PYTEST_ADDOPTS")
 
 
 def _prepare_linux() -> None:
-    from tests.linux_harness import build_linux
-
-    build_linux()
-
-
-def _prepare_template() -> None:
-    from tests.integration.test_images import build_template
-
-    build_template()
+    linux_guest.build()
 
 
 def _prepare_guests() -> None:
@@ -61,7 +55,7 @@ def _prepare_guests() -> None:
 
 PREPARE: Dict[str, Callable[[], None]] = {
     "linux": _prepare_linux,
-    "template": _prepare_template,
+    "template": build_template,
     "guests": _prepare_guests,
     "e2e_image": lane.build_e2e_image,
 }
@@ -129,7 +123,7 @@ class LaneRunner:
         for name in wanted:
             try:
                 PREPARE[name]()
-            except pytest.fail.Exception as e:  # the preparers are the tests' own fixtures' builders
+            except (pytest.fail.Exception, ProcessFailure) as e:  # the preparers are the tests' own builders
                 raise lane.LaneError("preparing %s for the lane: %s" % (name, str(e).splitlines()[0])) from None
 
     def _run_lane(self) -> None:

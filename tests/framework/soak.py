@@ -27,17 +27,18 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tests.framework.lane import REPO
+from tests.framework import qemu
+from tests.framework.linux_guest import BASE_CMDLINE, KERNEL_DIR
+from tests.framework.repo import REPO
+from tests.framework.runtime import boot_argv
 
-KERNEL_DIR = REPO / ".cache" / "linux"
 BOOT_DEADLINE_SEC = 240.0
-CMDLINE = "console=ttyS0 reboot=k panic=-1 tenbox.run=nproc"
+CMDLINE = BASE_CMDLINE + " tenbox.run=nproc"
 TAIL_CHARS = 6000
 
 
 def tenbox_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: int) -> List[str]:
-    return [sys.executable, "-m", "tenbox_vmm", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--cmdline", cmdline, "--memory", str(memory_mb), "--cpus", str(cpus), "--console", "stdio"]
+    return boot_argv(kernel, initrd, cmdline, memory_mb=memory_mb, cpus=cpus)
 
 
 QEMU_CPU = "host"
@@ -45,10 +46,7 @@ QEMU_CPU = "host"
 
 def qemu_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: int,
               cpu_model: str = QEMU_CPU) -> List[str]:
-    return ["qemu-system-x86_64", "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", cpu_model,
-            "-smp", str(cpus), "-m", str(memory_mb), "-nodefaults", "-no-user-config", "-nographic",
-            "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+    return qemu.microvm(kernel, initrd, cmdline, cpu=cpu_model, memory_mb=memory_mb, cpus=cpus)
 
 
 TRACING = Path("/sys/kernel/tracing")

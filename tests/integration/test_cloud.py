@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.cloud_server import LoopbackCloud
-from tests.harness import guest_path
+from tests.framework.guests import guest_path
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -33,7 +33,8 @@ def test_pairing_then_the_token_is_used(cloud, linked):
     assert re.fullmatch(r"\d{8}", code) and "device_token" not in hello["payload"]
     assert hello["host_id"] and hello["payload"]["daemon_version"]
     # Logged before the hello is sent; the test reads stderr on a thread of its own, so wait for it.
-    linked.proc.wait_for_stderr("Visit https://localhost:%d/pair?code=%s to bind this host" % (cloud.port, code), 10)
+    linked.proc.wait_for_stderr(re.escape("Visit https://localhost:%d/pair?code=%s to bind this host"
+                                          % (cloud.port, code)), 10)
     cloud.send({"type": "device.paired", "payload": {"device_token": "tok-123"}})
     token = linked.data_dir / "device.token"
     deadline = time.monotonic() + 10

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import guest_path
+from tests.framework.guests import guest_path
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -29,22 +29,11 @@ def start(d, name):
     return d.vm(name)
 
 
-def console_says(d, name, text, timeout=30.0):
-    """Wait until the VM's console log contains `text`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = d.call("vm.logs", vm_id=name, lines=500)["payload"]["lines"]
-        if any(text in l for l in lines):
-            return True
-        time.sleep(0.1)
-    raise AssertionError("%s never said %r: %s" % (name, text, lines[-10:]))
-
-
 def test_round_trip_create_start_ls_console_logs_stop_rm(daemon):
     vm_id = create(daemon, "web")
     assert len(vm_id) == 12
     assert start(daemon, "web")["state"] == "running"
-    console_says(daemon, "web", "idle: ready")
+    daemon.wait_console("web", "idle: ready")
     ls = daemon.ctl("vm", "ls").stdout.decode()
     header, row = ls.splitlines()[0], [l for l in ls.splitlines() if "web" in l][0]
     assert header.split() == ["ID", "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "LAST", "FAILURE"]
@@ -58,7 +47,7 @@ def test_round_trip_create_start_ls_console_logs_stop_rm(daemon):
     assert b"echo: hello console" in r.stdout
     logs = daemon.ctl("vm", "logs", "web", "--lines", "50").stdout.decode()
     assert "idle: ready" in logs
-    console_says(daemon, "web", "echo: hello console")
+    daemon.wait_console("web", "echo: hello console")
     assert daemon.ctl("vm", "stop", "web").returncode == 0
     assert daemon.vm("web")["state"] == "stopped"
     assert daemon.ctl("vm", "rm", "web").returncode == 0
@@ -79,13 +68,13 @@ def test_guest_reboot_goes_through_rebooting_to_running(daemon):
     daemon.wait_state("r", "stopped")
     log = daemon.proc.errors
     assert "running -> rebooting" in log and "rebooting -> running" in log
-    console_says(daemon, "r", "reset: boot 2")
+    daemon.wait_console("r", "reset: boot 2")
 
 
 def test_vm_reboot_command_resets_the_guest(daemon):
     create(daemon, "rb")
     start(daemon, "rb")
-    console_says(daemon, "rb", "idle: ready")
+    daemon.wait_console("rb", "idle: ready")
     assert daemon.ctl("vm", "reboot", "rb").returncode == 0
     deadline = time.monotonic() + 30
     while daemon.call("vm.logs", vm_id="rb", lines=100)["payload"]["lines"].count("idle: ready") < 2:
@@ -97,18 +86,18 @@ def test_vm_reboot_command_resets_the_guest(daemon):
 def test_shutdown_presses_the_power_button(daemon):
     create(daemon, "s")
     start(daemon, "s")
-    console_says(daemon, "s", "idle: ready")
+    daemon.wait_console("s", "idle: ready")
     r = daemon.ctl("vm", "shutdown", "s", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["graceful"] is True
-    console_says(daemon, "s", "idle: power button")
+    daemon.wait_console("s", "idle: power button")
     assert daemon.vm("s")["state"] == "stopped"
 
 
 def test_shutdown_escalates_to_a_hard_stop_when_the_guest_ignores_it(daemon):
     create(daemon, "deaf", guest="echo")
     start(daemon, "deaf")
-    console_says(daemon, "deaf", "echo: ready")
+    daemon.wait_console("deaf", "echo: ready")
     t0 = time.monotonic()
     r = daemon.ctl("vm", "shutdown", "deaf", "--timeout", "2", "--json")
     assert r.returncode == 0, r.stderr
@@ -122,7 +111,7 @@ def test_kill_9_one_worker_of_three_crashes_only_that_vm(daemon):
         create(daemon, n)
         start(daemon, n)
     for n in ("a", "b", "c"):
-        console_says(daemon, n, "idle: ready")
+        daemon.wait_console(n, "idle: ready")
     os.kill(daemon.vm("b")["pid"], signal.SIGKILL)
     v = daemon.wait_state("b", "crashed", 15)
     assert v["last_failure"]["code"] == "killed" and v["last_failure"]["signal"] == "SIGKILL"
@@ -130,7 +119,7 @@ def test_kill_9_one_worker_of_three_crashes_only_that_vm(daemon):
     for n in ("a", "c"):
         assert daemon.vm(n)["state"] == "running"
         daemon.ctl("vm", "console", n, input=b"still %s\n" % n.encode(), timeout=30)
-        console_says(daemon, n, "echo: still %s" % n)
+        daemon.wait_console(n, "echo: still %s" % n)
     assert "LAST FAILURE" in daemon.ctl("vm", "ls").stdout.decode()
     assert "killed" in [l for l in daemon.ctl("vm", "ls").stdout.decode().splitlines() if " b " in l][0]
 
@@ -139,7 +128,7 @@ def test_kill_9_tenboxd_keeps_vms_and_a_new_daemon_adopts_them(daemon):
     for n in ("x", "y"):
         create(daemon, n)
         start(daemon, n)
-        console_says(daemon, n, "idle: ready")
+        daemon.wait_console(n, "idle: ready")
     pids = {n: daemon.vm(n)["pid"] for n in ("x", "y")}
     daemon.kill9()
     time.sleep(1)
@@ -155,7 +144,7 @@ def test_kill_9_tenboxd_keeps_vms_and_a_new_daemon_adopts_them(daemon):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     daemon.ctl("vm", "console", "x", input=b"after restart\n", timeout=30)
-    console_says(daemon, "x", "echo: after restart")
+    daemon.wait_console("x", "echo: after restart")
     for n in ("x", "y"):
         assert daemon.ctl("vm", "stop", n).returncode == 0
         assert daemon.vm(n)["state"] == "stopped"
@@ -191,12 +180,12 @@ def test_a_second_daemon_on_the_same_socket_or_data_dir_refuses(daemon, make_dae
     other = make_daemon("other")
     other.socket = daemon.socket
     p = other.start(wait=False)
-    assert p.wait(20) == 1
+    assert p.wait_exit(20) == 1
     assert "another tenboxd" in p.errors and str(daemon.socket) in p.errors
     same_data = make_daemon("same")
     same_data.data_dir = daemon.data_dir
     p = same_data.start(wait=False)
-    assert p.wait(20) == 1
+    assert p.wait_exit(20) == 1
     assert "another tenboxd" in p.errors and "data directory" in p.errors
     assert daemon.call("vm.list")["ok"]
 

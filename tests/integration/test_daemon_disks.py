@@ -1,6 +1,5 @@
 """Disks through tenboxd: template overlays, recorded formats, image locks between VMs, bad disks."""
 
-import hashlib
 import json
 import os
 import random
@@ -9,23 +8,13 @@ import zlib
 
 import pytest
 
-from tests.harness import guest_path, guest_results
-from tests.integration.test_daemon import console_says
+from tests.framework.disk_tools import qemu_img, sha256_file
+from tests.framework.guests import guest_path, guest_results
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
 SECTOR = 512
 READ = "console=ttyS0 blk.read=0:16 blk.write=100:8:a5"
-
-
-def qemu_img(*args):
-    r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def sha256(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.fixture
@@ -45,7 +34,7 @@ def spec_of(daemon, name):
 def run_to_stop(daemon, name):
     r = daemon.ctl("vm", "start", name)
     assert r.returncode == 0, r.stderr
-    console_says(daemon, name, "TENBOX-GUEST blk ", 60)
+    daemon.wait_console(name, "TENBOX-GUEST blk ", 60)
     daemon.wait_state(name, "stopped", 30)
     lines = daemon.call("vm.logs", vm_id=name, lines=500)["payload"]["lines"]
     res = guest_results("\n".join(lines), "blk")
@@ -55,7 +44,7 @@ def run_to_stop(daemon, name):
 
 def test_template_overlay_is_private_and_removed_with_the_vm(daemon, template):
     path, data = template
-    digest = sha256(path)
+    digest = sha256_file(path)
     for name in ("t1", "t2"):
         r = daemon.ctl("vm", "create", name, "--kernel", guest_path("blk"), "--memory", "64",
                        "--cmdline", READ, "--template", path)
@@ -64,13 +53,13 @@ def test_template_overlay_is_private_and_removed_with_the_vm(daemon, template):
     for name in ("t1", "t2"):
         disk = spec_of(daemon, name)["disks"][0]
         assert disk["owned"] and disk["format"] == "qcow2" and disk["path"].endswith("/disk.qcow2")
-        chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", "-U", disk["path"]))
+        chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", "-U", disk["path"]).stdout)
         assert [c["filename"] for c in chain] == [disk["path"], path]
         overlays.append(disk["path"])
         res = run_to_stop(daemon, name)
         assert int(res["info"]["blk.crc32.0.16"], 16) == zlib.crc32(data[:16 * SECTOR])
     assert "disk.qcow2 (qcow2)" in daemon.ctl("vm", "show", "t1").stdout.decode()
-    assert sha256(path) == digest  # the guests' writes went to their overlays
+    assert sha256_file(path) == digest  # the guests' writes went to their overlays
     for overlay in overlays:
         qemu_img("check", overlay)
         r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0xa5 %d %d" % (100 * SECTOR, 8 * SECTOR),
@@ -79,7 +68,7 @@ def test_template_overlay_is_private_and_removed_with_the_vm(daemon, template):
     assert daemon.ctl("vm", "rm", "t1").returncode == 0
 
     assert not os.path.exists(overlays[0]) and os.path.exists(overlays[1]) and os.path.exists(path)
-    assert sha256(path) == digest
+    assert sha256_file(path) == digest
 
 
 def test_formats_are_recorded_and_a_wrong_declaration_is_refused(daemon, template, tmp_path):

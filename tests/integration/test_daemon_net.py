@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from tests.harness import guest_path
-from tests.integration.test_daemon import console_says
-from tests.integration.test_virtio_net_guest import free_port
+from tests.framework.guests import guest_path
+from tests.framework.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -39,10 +38,10 @@ def test_link_down_stops_traffic_and_link_up_restores_it(daemon):
     assert spec["net"]["enabled"] and spec["net"]["hostfwds"] == ["udp:127.0.0.1:%d-:7" % port]
     assert spec["net"]["mac"].startswith("52:54:00:")
     assert daemon.ctl("vm", "start", "n1").returncode == 0
-    console_says(daemon, "n1", "net: ready", 60)
+    daemon.wait_console("n1", "net: ready", 60)
     assert udp_echo(port) == b"ping"
     assert daemon.ctl("vm", "edit", "n1", "--net", "off").returncode == 0
-    console_says(daemon, "n1", "net.link=down")
+    daemon.wait_console("n1", "net.link=down")
     assert udp_echo(port, tries=2) is None
     assert daemon.vm("n1")["net"]["link_up"] is False
     assert daemon.ctl("vm", "edit", "n1", "--net", "on").returncode == 0
@@ -58,7 +57,7 @@ def test_forwards_change_while_running_and_failures_are_shown(daemon):
     daemon.ctl("vm", "create", "n2", "--kernel", guest_path("net"), "--memory", "64", "--cmdline", STAY,
                "--hostfwd", "udp:127.0.0.1:%d-:7" % first)
     daemon.ctl("vm", "start", "n2")
-    console_says(daemon, "n2", "net: ready", 60)
+    daemon.wait_console("n2", "net: ready", 60)
     assert udp_echo(first) == b"ping"
     r = daemon.ctl("vm", "edit", "n2", "--hostfwd", "udp:127.0.0.1:%d-:7" % second)
     assert r.returncode == 0, r.stderr

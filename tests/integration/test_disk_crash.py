@@ -9,26 +9,25 @@ before the last acknowledged flush, and not written since, must read back.
 Images with lazy refcounts are dirty after a kill: tenbox repairs them on
 open (as QEMU does) before qemu-img checks them.
 
-    python3 tests/integration/test_disk_crash.py IMAGE SEED   # the child
+    python3 -m tests.integration.test_disk_crash IMAGE SEED   # the child
 """
 
 from __future__ import annotations
 
-import os
 import random
-import select
 import signal
 import subprocess
 import sys
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-from tenbox_vmm.disk import create_qcow2, image_info, open_disk  # noqa: E402
+from tenbox_vmm.disk import create_qcow2, image_info, open_disk
+from tests.framework import disk_model
+from tests.framework.disk_tools import qemu_check
+from tests.framework.process import ConsoleProcess
+from tests.framework.repo import PYTHON
 
 SIZE = 16 << 20
 OPS_MAX = 100000
@@ -83,9 +82,7 @@ class Model:
     """The image as the parent knows it, and which bytes are uncertain after a kill."""
 
     def __init__(self, data: bytes, cs: int, version: int, backing: Optional[bytes]) -> None:
-        from tests.unit.test_disk_model import Model as M
-
-        self.m = M(SIZE, cs, version, backing)
+        self.m = disk_model.Model(SIZE, cs, version, backing)
         self.m.data[:] = data
 
     def replay(self, seed: int, acked: int) -> bytearray:
@@ -110,64 +107,21 @@ class Model:
         return touched
 
 
-def _same_outside(got: bytes, want: bytes, mask: bytes) -> Optional[int]:
-    diff = (int.from_bytes(got, "big") ^ int.from_bytes(want, "big")) & ~int.from_bytes(mask, "big")
-    if not diff:
-        return None
-    return len(got) - 1 - (diff.bit_length() - 1) // 8
-
-
 def run_child_and_kill(path: str, seed: int, rnd: random.Random) -> int:
     """Start a child, kill it at a random moment; the last flushed request index (-1 if none)."""
-    env = dict(os.environ, PYTHONPATH=REPO)
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), path, str(seed)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env)
-    lines: List[bytes] = []
-    buf = b""
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_SEC
-        kill_at: Optional[float] = None
-        while True:
-            now = time.monotonic()
-            if kill_at is not None and now >= kill_at:
-                break
-            if now > deadline:
-                raise AssertionError("the child never became ready")
-            wait = 0.05 if kill_at is None else max(0.0, kill_at - now)
-            r, _, _ = select.select([p.stdout], [], [], wait)
-            if r:
-                chunk = os.read(p.stdout.fileno(), 65536)
-                if not chunk:
-                    raise AssertionError("the child exited early: %s" % p.stderr.read().decode()[-2000:])
-                buf += chunk
-                *done, buf = buf.split(b"\n")
-                for line in done:
-                    if line == b"ready":
-                        kill_at = time.monotonic() + rnd.uniform(0.0, KILL_AFTER_MAX_SEC)
-                    else:
-                        lines.append(line)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    rest = p.stdout.read()  # acknowledgements written before the kill are valid too
-    lines += [x for x in (buf + rest).split(b"\n") if x and x != b"ready"]
-    p.stdout.close()
-    p.stderr.close()
-    assert p.returncode == -signal.SIGKILL
-    return int(lines[-1]) if lines else -1
-
-
-def qemu_img_check(path: str) -> int:
-    r = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True, timeout=60)
-    assert r.returncode in (0, 3), "qemu-img check exited %d:\n%s%s" % (r.returncode, r.stdout[-3000:], r.stderr)
-    return r.returncode
+    with ConsoleProcess([PYTHON, "-m", "tests.integration.test_disk_crash", path, str(seed)],
+                        stdin=subprocess.DEVNULL) as p:
+        p.wait_for(r"^ready$", READY_TIMEOUT_SEC)
+        time.sleep(rnd.uniform(0.0, KILL_AFTER_MAX_SEC))
+        p.kill()  # acknowledgements written before the kill are valid too: kill() reads to the end
+        assert p.proc.returncode == -signal.SIGKILL, "the child exited early: %s" % p.errors[-2000:]
+        acks = [ln for ln in p.lines() if ln and ln != "ready"]
+    return int(acks[-1]) if acks else -1
 
 
 def read_all(path: str) -> bytes:
-    out = bytearray(SIZE)
     with open_disk(path, read_only=True) as d:
-        d.readv(0, [memoryview(out)])
-    return bytes(out)
+        return disk_model.read_all(d)
 
 
 CONFIGS = [
@@ -208,11 +162,11 @@ def test_sigkill_during_writes_never_corrupts_and_keeps_flushed_data(tmp_path, v
         if lazy and image_info(path)["dirty"]:
             open_disk(path).close()  # repair, as QEMU does on open
             assert not image_info(path)["dirty"]
-        qemu_img_check(path)
+        qemu_check(path)
         model = Model(data, cs, version, backing)
         uncertain = model.replay(seed, acked)
         got = read_all(path)
-        bad = _same_outside(got, bytes(model.m.data), bytes(uncertain))
+        bad = disk_model.first_difference_outside(got, bytes(model.m.data), bytes(uncertain))
         assert bad is None, "round %d: byte %d is %d, flushed %d" % (round_, bad, got[bad], model.m.data[bad])
         data = got  # what the uncertain bytes turned out to be
     assert acks >= KILLS // 3, "too few rounds got to a flush before the kill"
@@ -222,7 +176,7 @@ def test_sigkill_during_writes_never_corrupts_and_keeps_flushed_data(tmp_path, v
     assert r.returncode == 0, r.stdout + r.stderr
     with open_disk(path) as d:
         d.writev(SIZE - 70000, [memoryview(bytearray(b"\x98" * 70000))])
-    assert qemu_img_check(path) in (0, 3)
+    assert qemu_check(path) in (0, 3)
 
 
 if __name__ == "__main__":

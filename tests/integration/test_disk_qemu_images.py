@@ -5,88 +5,20 @@ Needs Debian's qemu-utils (qemu-img, qemu-io); the tests fail, not skip, without
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import shutil
 import subprocess
-from typing import List, Optional, Tuple
 
 import pytest
 
 from tenbox_vmm.disk import DiskUnsupported, open_disk
 from tenbox_vmm.disk.qcow2.check import check
+from tests.framework.disk_model import read_all
+from tests.framework.disk_tools import pattern_writes, qemu_check, qemu_img, qemu_img_create, qemu_io, sha256_file
 
 QEMU_TIMEOUT_SEC = 60.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def qemu_tools():
-    missing = [t for t in ("qemu-img", "qemu-io") if shutil.which(t) is None]
-    if missing:
-        pytest.fail("%s missing: install qemu-utils (the qcow2 oracle)" % ", ".join(missing))
-
-
-def run(*argv: str, ok: Tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=QEMU_TIMEOUT_SEC)
-    if r.returncode not in ok:
-        raise AssertionError("%s exited %d:\n%s%s" % (" ".join(argv), r.returncode, r.stdout[-2000:], r.stderr[-2000:]))
-    return r
-
-
-def qemu_img_create(path: str, size: int, *opts: str, backing: Optional[str] = None,
-                    backing_fmt: Optional[str] = None) -> None:
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if opts:
-        argv += ["-o", ",".join(opts)]
-    if backing:
-        argv += ["-b", backing, "-F", backing_fmt or "qcow2"]
-    run(*argv, path, str(size))
-
-
-def qemu_io(path: str, *cmds: str, fmt: Optional[str] = None, read_only: bool = False) -> str:
-    argv = ["qemu-io"] + (["-f", fmt] if fmt else []) + (["-r"] if read_only else [])
-    for c in cmds:
-        argv += ["-c", c]
-    r = run(*argv, path)
-    assert "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
-    return r.stdout
-
-
-def qemu_check(path: str) -> int:
-    return run("qemu-img", "check", path, ok=(0, 3)).returncode
-
-
-def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def read_all(disk) -> bytes:
-    out = bytearray(disk.size)
-    disk.readv(0, [memoryview(out)])
-    return bytes(out)
-
-
-def pattern_writes(model: bytearray, rnd: random.Random, n: int, lo: int = 0, hi: Optional[int] = None,
-                   zeros: bool = True) -> List[str]:
-    """qemu-io commands writing patterns (some unaligned, some zero) into [lo, hi), applied to `model`."""
-    hi = len(model) if hi is None else hi
-    cmds = []
-    for _ in range(n):
-        off = rnd.randrange(lo, hi - 1)
-        if rnd.random() < 0.6:
-            off &= ~511
-        ln = min(hi - off, rnd.choice([512, 4096, 65536, 200000, rnd.randrange(1, 1 << 20)]))
-        if zeros and rnd.random() < 0.2:
-            cmds.append("write -z %d %d" % (off, ln))
-            model[off:off + ln] = bytes(ln)
-        else:
-            pat = rnd.randrange(1, 256)
-            cmds.append("write -P 0x%02x %d %d" % (pat, off, ln))
-            model[off:off + ln] = bytes([pat]) * ln
-    return cmds
-
+pytestmark = pytest.mark.usefixtures("qemu_tools")
 
 SIZE = 9 * (1 << 20) + 512  # not a multiple of any cluster size but 512
 
@@ -205,7 +137,7 @@ def test_compressed_images_read_and_overwrite(tmp_path, ctype, cs):
     with open(src, "wb") as f:
         f.write(model)
     img = str(tmp_path / "c.qcow2")
-    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=%s,cluster_size=%d" % (ctype, cs),
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=%s,cluster_size=%d" % (ctype, cs),
         src, img)
     with open_disk(img, read_only=True) as d:
         assert read_all(d) == bytes(model)
@@ -222,7 +154,7 @@ def test_compressed_images_read_and_overwrite(tmp_path, ctype, cs):
     assert qemu_check(img) == 0
     with open(src, "wb") as f:
         f.write(model)
-    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, img)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", src, img)
 
 
 CHAINS = [
@@ -263,7 +195,7 @@ def test_backing_chains(tmp_path, depth, bottom, names):
         qemu_io(path, *pattern_writes(model, rnd, 5, hi=sizes[i]))
         paths.append((path, "qcow2"))
     top = paths[-1][0]
-    before = {p: sha256(p) for p, _ in paths[:-1]}
+    before = {p: sha256_file(p) for p, _ in paths[:-1]}
     with open_disk(top, read_only=True) as d:
         assert read_all(d) == bytes(model)
     with open_disk(top) as d:
@@ -283,12 +215,12 @@ def test_backing_chains(tmp_path, depth, bottom, names):
         model[65536 * 5 + 7:65536 * 5 + 200007] = bytes(200000)
         d.flush()
         assert read_all(d) == bytes(model)
-    assert {p: sha256(p) for p, _ in paths[:-1]} == before, "a backing file changed"
+    assert {p: sha256_file(p) for p, _ in paths[:-1]} == before, "a backing file changed"
     assert qemu_check(top) == 0
     mirror = str(tmp_path / "mirror.raw")
     with open(mirror, "wb") as f:
         f.write(model)
-    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", mirror, top)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", mirror, top)
 
 
 def test_internal_snapshots_read_only(tmp_path):
@@ -297,7 +229,7 @@ def test_internal_snapshots_read_only(tmp_path):
     qemu_img_create(path, SIZE)
     model = bytearray(SIZE)
     qemu_io(path, *pattern_writes(model, random.Random(3), 5))
-    run("qemu-img", "snapshot", "-c", "snap1", path)
+    qemu_img("snapshot", "-c", "snap1", path)
     qemu_io(path, "write -P 0x42 0 65536")
     model[0:65536] = b"\x42" * 65536
     with pytest.raises(DiskUnsupported, match="1 internal snapshot.*qemu-img snapshot -d"):

@@ -12,19 +12,12 @@ import time
 import pytest
 
 from tenbox_vmm.disk import ImageLocked, create_qcow2, image_info, open_disk
-from tests.integration.test_disk_qemu_images import (
-    SIZE,
-    pattern_writes,
-    qemu_check,
-    qemu_img_create,
-    qemu_io,
-    qemu_tools,  # noqa: F401 - autouse fixture: the tools must be installed
-    read_all,
-    run,
-    sha256,
-)
-from tests.unit.test_disk_model import Model, split_bufs
+from tests.framework.disk_model import Model, read_all, split_bufs
+from tests.framework.disk_tools import pattern_writes, qemu_check, qemu_img, qemu_img_create, qemu_io, sha256_file
 
+pytestmark = pytest.mark.usefixtures("qemu_tools")
+
+SIZE = 9 * (1 << 20) + 512  # not a multiple of any cluster size but 512
 LOCK_WAIT_SEC = 10.0
 
 WRITE_MATRIX = [
@@ -53,7 +46,7 @@ def test_tenbox_written_image_is_what_qemu_reads(tmp_path, version, cs, rb, with
         content = bytearray(SIZE - (1 << 20))
         qemu_io(base, *pattern_writes(content, rnd, 8))
         backing = bytes(content)
-        template_sum = sha256(base)
+        template_sum = sha256_file(base)
     path = str(tmp_path / "disk.qcow2")
     create_qcow2(path, SIZE, cluster_size=cs, refcount_bits=rb, version=version, lazy_refcounts=lazy,
                  backing="template.qcow2" if with_backing else None, backing_fmt="qcow2" if with_backing else None)
@@ -95,9 +88,9 @@ def test_tenbox_written_image_is_what_qemu_reads(tmp_path, version, cs, rb, with
     mirror = str(tmp_path / "mirror.raw")
     with open(mirror, "wb") as f:
         f.write(model.data)
-    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", mirror, path)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", mirror, path)
     if with_backing:
-        assert sha256(base) == template_sum, "the template changed"
+        assert sha256_file(base) == template_sum, "the template changed"
     # And QEMU can keep using it.
     qemu_io(path, "write -P 0x44 0 70000", "read -P 0x44 0 70000")
     assert qemu_check(path) == 0
@@ -113,7 +106,7 @@ def test_qemu_repairs_a_dirty_image_tenbox_left(tmp_path):
     d.flush()
     assert image_info(path)["dirty"]
     d._release_files()  # as if killed: no close, no refcount write-back, dirty bit stays
-    assert run("qemu-img", "check", path, ok=(0, 2, 3)).returncode == 2  # stale refcounts, as QEMU sees them
+    assert qemu_img("check", path, ok=(0, 2, 3)).returncode == 2  # stale refcounts, as QEMU sees them
     qemu_io(path, "read -P 0x5c %d 300000" % (65536 * 3 + 100))  # opening read-write repairs
     assert qemu_check(path) == 0
 
@@ -248,9 +241,9 @@ def test_writing_clears_autoclear_bitmaps_as_the_spec_requires(tmp_path):
     the bitmaps as inconsistent (their clusters leak: check exits 3) instead of trusting stale ones."""
     path = str(tmp_path / "bm.qcow2")
     qemu_img_create(path, SIZE)
-    run("qemu-img", "bitmap", "--add", path, "b0")
+    qemu_img("bitmap", "--add", path, "b0")
     with open_disk(path) as d:
         d.writev(0, [memoryview(bytearray(b"z" * 4096))])
-    r = run("qemu-img", "check", path, ok=(0, 3))
+    r = qemu_img("check", path, ok=(0, 3))
     assert "considered inconsistent" in r.stderr
     qemu_io(path, "read -P 0x7a 0 4096")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, guest_path
+from tests.framework.guests import guest_path
+from tests.framework.repo import REPO
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 

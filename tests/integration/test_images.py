@@ -24,49 +24,33 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
-from tests.harness import REPO, ConsoleProcess, repo_env
-from tests.integration.test_linux_qemu import Console, run_tool
+from tests.framework import qemu
+from tests.framework.daemon import ok
+from tests.framework.disk_tools import sha256_file
+from tests.framework.images import ROOTFS_SCRIPT, TEMPLATE_NAME, build_template
+from tests.framework.linux_guest import TCG_CPU
+from tests.framework.process import ConsoleProcess, run_tool
+from tests.framework.repo import PYTHON, REPO, repo_env
+from tests.framework.vhost_user import Backend
 
-SCRIPT = REPO / "scripts" / "x86_64" / "make-rootfs-debian.sh"
-TEMPLATE_NAME = "test-bookworm"
-TEMPLATE_DIR = REPO / ".cache" / "images" / TEMPLATE_NAME
-# A cold build downloads ~50 MB of packages: about a minute on the development machines.
-BUILD_TIMEOUT_SEC = 1800
 # systemd under TCG reaches the login prompt in ~25 s on the development machines.
 BOOT_DEADLINE = float(os.environ.get("TENBOX_TEST_IMAGE_BOOT_DEADLINE", "240"))
 LOGIN = r"tenbox login:"
-QEMU = "qemu-system-x86_64"
-PYTHON = sys.executable
 MiB = 1 << 20
 
 _timings: Dict[str, float] = {}
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(str(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def qemu_img_json(*args: str):
     r = subprocess.run(["qemu-img", *args, "--output=json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-def ok(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 0, "exit %d\n%s%s" % (r.returncode, r.stdout.decode(errors="replace"),
-                                                 r.stderr.decode(errors="replace"))
-    return r.stdout.decode()
 
 
 def refused(r: subprocess.CompletedProcess, code: str) -> str:
@@ -92,23 +76,6 @@ def vm_spec(daemon, name: str) -> dict:
 # --- the template --------------------------------------------------------------------------------
 
 
-def build_template() -> Path:
-    """The bookworm template, built by make-rootfs-debian.sh (or found up to date in its cache)."""
-    if os.geteuid() != 0:
-        pytest.fail("building the template needs root (debootstrap, chroot)")
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs"):
-        if shutil.which(tool) is None:
-            pytest.fail("%s is not installed (make deps)" % tool)
-    started = time.monotonic()
-    r = run_tool([str(SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(TEMPLATE_DIR)],
-                 BUILD_TIMEOUT_SEC, cwd=REPO)
-    if r.returncode != 0:
-        pytest.fail("make-rootfs-debian.sh failed (exit %d):\n%s%s" % (r.returncode, r.stdout, r.stderr[-6000:]))
-    _timings["build"] = time.monotonic() - started
-    print("make-rootfs-debian.sh: %.1f s (%s)" % (_timings["build"], "cached" if "up to date" in r.stderr else "built"))
-    return TEMPLATE_DIR
-
-
 @pytest.fixture(scope="session")
 def template() -> Path:
     """The bookworm template (built once; the nested lane's runner builds it on the host first)."""
@@ -125,13 +92,13 @@ def test_the_build_is_cached_and_its_manifest_has_the_sha256_of_every_file(templ
     command line with root=/dev/vda; the rootfs is a compressed, standalone qcow2 that qemu-img
     finds clean."""
     started = time.monotonic()
-    r = run_tool([str(SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template)], 60)
+    r = run_tool([str(ROOTFS_SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template)], 60)
     cached = time.monotonic() - started
     assert r.returncode == 0 and "up to date" in r.stderr, r.stderr
     assert cached < 10, "a cached run took %.1f s" % cached
-    r = run_tool([str(SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template), "--check"], 60)
+    r = run_tool([str(ROOTFS_SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template), "--check"], 60)
     assert r.returncode == 0, r.stderr
-    r = run_tool([str(SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template),
+    r = run_tool([str(ROOTFS_SCRIPT), "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template),
                   "--hostname", "other", "--check"], 60)
     assert r.returncode == 1 and "not up to date" in r.stderr, r.stderr
 
@@ -139,7 +106,7 @@ def test_the_build_is_cached_and_its_manifest_has_the_sha256_of_every_file(templ
     on_disk = sorted(p.name for p in template.iterdir() if p.name not in ("manifest.json", ".stamp"))
     assert sorted(m["files"]) == on_disk == ["initrd.img", "packages.txt", "rootfs.qcow2", "vmlinuz"]
     for fn, entry in m["files"].items():
-        assert (template / fn).stat().st_size == entry["size"] and sha256(template / fn) == entry["sha256"], fn
+        assert (template / fn).stat().st_size == entry["size"] and sha256_file(template / fn) == entry["sha256"], fn
     assert (m["kernel"], m["initrd"], m["rootfs"], m["rootfs_format"]) == ("vmlinuz", "initrd.img", "rootfs.qcow2", "qcow2")
     assert m["manifest_version"] == 1 and m["name"] == TEMPLATE_NAME and m["arch"] == "x86_64"
     assert m["os"]["suite"] == "bookworm" and m["os"]["version"].startswith("12.")
@@ -201,7 +168,7 @@ def test_two_vms_on_one_image_get_their_own_overlays_and_rm_waits_for_both(daemo
     assert "deb: imported" in ok(r)
     stored = daemon.data_dir / "images" / "deb"
     m = manifest_of(template)
-    assert sha256(stored / "rootfs.qcow2") == m["files"]["rootfs.qcow2"]["sha256"]
+    assert sha256_file(stored / "rootfs.qcow2") == m["files"]["rootfs.qcow2"]["sha256"]
     for fn in m["files"]:
         assert (stored / fn).stat().st_mode & 0o777 == 0o444, fn
     for name in ("a", "b"):
@@ -231,7 +198,7 @@ def test_two_vms_on_one_image_get_their_own_overlays_and_rm_waits_for_both(daemo
     assert r["error_code"] == "image_in_use" and sorted(v["name"] for v in r["vms"]) == ["a", "b"]
     ok(daemon.ctl("vm", "rm", "a"))
     assert not os.path.exists(overlays[0]) and os.path.exists(overlays[1])
-    assert sha256(stored / "rootfs.qcow2") == m["files"]["rootfs.qcow2"]["sha256"]
+    assert sha256_file(stored / "rootfs.qcow2") == m["files"]["rootfs.qcow2"]["sha256"]
     err = refused(daemon.ctl("image", "rm", "deb"), "image_in_use")
     assert "b (" in err and "a (" not in err
     inspect = json.loads(ok(daemon.ctl("image", "inspect", "deb", "--verify", "--json")))
@@ -288,7 +255,7 @@ def test_a_tampered_build_is_refused(daemon, template, tmp_path):
 
 
 def write_manifest(folder: Path, **over) -> dict:
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
     m = {"manifest_version": 1, "name": folder.name, "arch": "x86_64", "kernel": "vmlinuz", "initrd": "initrd.img",
          "rootfs": "rootfs.img", "rootfs_format": "qcow2", "cmdline": "console=ttyS0 root=/dev/vda rw", "files": files}
@@ -529,27 +496,27 @@ def test_the_script_checks_free_space_before_building(tmpfs):
     and nothing written there."""
     root = tmpfs("build", 100)
     started = time.monotonic()
-    r = run_tool([str(SCRIPT), "--out", str(root / "img")], 60)
+    r = run_tool([str(ROOTFS_SCRIPT), "--out", str(root / "img")], 60)
     assert r.returncode == 4 and "not enough free space" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and time.monotonic() - started < 10
     assert os.listdir(str(root)) == []
 
 
 def test_the_script_refuses_bad_arguments_and_says_so_without_root(tmp_path):
-    r = run_tool([str(SCRIPT), "--name", "a/b"], 30)
+    r = run_tool([str(ROOTFS_SCRIPT), "--name", "a/b"], 30)
     assert r.returncode == 2 and "--name" in r.stderr
-    r = run_tool([str(SCRIPT), "--size", "10"], 30)
+    r = run_tool([str(ROOTFS_SCRIPT), "--size", "10"], 30)
     assert r.returncode == 2 and "too small" in r.stderr
-    r = run_tool([str(SCRIPT), "--packages", "ok,Not_A_Package"], 30)
+    r = run_tool([str(ROOTFS_SCRIPT), "--packages", "ok,Not_A_Package"], 30)
     assert r.returncode == 2 and "Not_A_Package" in r.stderr
-    r = run_tool([str(SCRIPT), "--ssh-key", "not a key"], 30)
+    r = run_tool([str(ROOTFS_SCRIPT), "--ssh-key", "not a key"], 30)
     assert r.returncode == 2 and "--ssh-key" in r.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep me")
-    r = run_tool([str(SCRIPT), "--out", str(tmp_path / "mine")], 30)
+    r = run_tool([str(ROOTFS_SCRIPT), "--out", str(tmp_path / "mine")], 30)
     assert r.returncode == 2 and "not made by this script" in r.stderr
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
-    r = run_tool(["runuser", "-u", "nobody", "--", str(SCRIPT), "--out", "/tmp/tenbox-test-never"], 30)
+    r = run_tool(["runuser", "-u", "nobody", "--", str(ROOTFS_SCRIPT), "--out", "/tmp/tenbox-test-never"], 30)
     assert r.returncode == 3 and "needs root" in r.stderr, r.stderr
 
 
@@ -564,20 +531,19 @@ def vm_on_template(daemon, template):
     return daemon, vm_spec(daemon, "boot"), daemon.data_dir / "images" / "deb"
 
 
-def qemu_argv(spec: dict, extra: List[str], machine: str = "pc") -> List[str]:
+def qemu_argv(spec: dict, devices: List[str], shared_memory: bool = False) -> List[str]:
     # QEMU's pc machine (an HPET for the TSC calibration that microvm lacks under TCG, see
-    # test_linux_qemu.py) with virtio on PCI: the image's command line without pci=off.
+    # tests/framework/linux_guest.py) with virtio on PCI: the image's command line without pci=off.
     cmdline = " ".join(w for w in spec["cmdline"].split() if w != "pci=off")
-    return [QEMU, "-M", machine, "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", str(spec["memory_mb"]),
-            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", spec["kernel"], "-initrd", spec["initrd"], "-append", cmdline] + extra
+    return qemu.pc(spec["kernel"], spec["initrd"], cmdline, memory_mb=spec["memory_mb"], cpu=TCG_CPU,
+                   shared_memory=shared_memory, devices=devices)
 
 
 def boot_to_login(argv: List[str], what: str) -> float:
-    with Console(argv, BOOT_DEADLINE) as vm:
+    with ConsoleProcess(argv, BOOT_DEADLINE) as vm:
         vm.wait_for(LOGIN)
         elapsed = vm.elapsed()
-        text = vm.text
+        text = vm.output
     assert "Kernel panic" not in text and "Failed to start" not in text, text[-4000:]
     assert re.search(r"^Debian GNU/Linux 12 tenbox ttyS0$", text, re.M), text[-2000:]
     _timings[what] = elapsed
@@ -591,9 +557,9 @@ def test_a_vm_overlay_boots_to_a_login_prompt_under_qemu_tcg(vm_on_template):
     and the overlay took the guest's writes and checks clean."""
     daemon, spec, stored = vm_on_template
     overlay = spec["disks"][0]["path"]
-    before = sha256(stored / "rootfs.qcow2")
-    boot_to_login(qemu_argv(spec, ["-drive", "file=%s,if=virtio,format=qcow2" % overlay]), "QEMU virtio-blk")
-    assert sha256(stored / "rootfs.qcow2") == before
+    before = sha256_file(stored / "rootfs.qcow2")
+    boot_to_login(qemu_argv(spec, qemu.virtio_blk(overlay, "qcow2", pci=True)), "QEMU virtio-blk")
+    assert sha256_file(stored / "rootfs.qcow2") == before
     assert qemu_img_json("info", "-U", overlay)["actual-size"] > MiB
     assert subprocess.run(["qemu-img", "check", "-q", overlay]).returncode == 0
 
@@ -603,23 +569,13 @@ def test_a_vm_overlay_boots_to_a_login_prompt_through_tenbox_vhost_user_blk(vm_o
     (`python3 -m tenbox_vmm.vhost_user blk`), QEMU as the vhost-user front end."""
     daemon, spec, stored = vm_on_template
     overlay = spec["disks"][0]["path"]
-    before = sha256(stored / "rootfs.qcow2")
+    before = sha256_file(stored / "rootfs.qcow2")
     sock = tmp_path / "blk.sock"
-    backend = ConsoleProcess([PYTHON, "-m", "tenbox_vmm.vhost_user", "blk", "--socket", str(sock), "-v",
-                              "--disk", overlay], env=repo_env(),
-                             stdin=subprocess.DEVNULL)
-    try:
-        backend.wait_for_stderr("waiting for a front end", 30)
-        mem = spec["memory_mb"]
-        boot_to_login(qemu_argv(spec, [
-            "-object", "memory-backend-memfd,id=mem,size=%dM,share=on" % mem,
-            "-chardev", "socket,id=vub0,path=%s" % sock,
-            "-device", "vhost-user-blk-pci,chardev=vub0,num-queues=1"], machine="pc,memory-backend=mem"),
-            "tenbox vhost-user-blk")
-        assert backend.wait(30) == 0, backend.errors[-3000:]  # the front end went away: the back end ends
-    finally:
-        backend.close()
-    assert sha256(stored / "rootfs.qcow2") == before
+    with Backend("blk", sock, ["--disk", overlay]) as backend:
+        boot_to_login(qemu_argv(spec, qemu.vhost_user_blk(sock, pci=True), shared_memory=True),
+                      "tenbox vhost-user-blk")
+        assert backend.wait_exit(30) == 0, backend.errors[-3000:]  # the front end went away: the back end ends
+    assert sha256_file(stored / "rootfs.qcow2") == before
     assert subprocess.run(["qemu-img", "check", "-q", overlay]).returncode == 0
 
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
 
 from tests.framework import lane
+from tests.framework.daemon import DaemonProcess, ok
+from tests.framework.ports import free_port
 
 pytestmark = [pytest.mark.usefixtures("kvm")]
 
@@ -36,37 +36,12 @@ LOGIN = "tenbox login:"
 # systemd to the login prompt in the lane takes ~60-120 s (docs/testing.md: timings there are a proxy).
 BOOT_DEADLINE_SEC = float(os.environ.get("TENBOX_TEST_IMAGE_BOOT_DEADLINE", "420"))
 SSH_DEADLINE_SEC = 180.0
+CONSOLE_POLL_SEC = 1.0
 
 
-def ok(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 0, "exit %d\n%s%s" % (r.returncode, r.stdout.decode(errors="replace"),
-                                                 r.stderr.decode(errors="replace"))
-    return r.stdout.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def console(daemon, name: str) -> List[str]:
-    return daemon.call("vm.logs", vm_id=name, lines=10000)["payload"]["lines"]
-
-
-def wait_console(daemon, name: str, text: str, count: int = 1, deadline: float = BOOT_DEADLINE_SEC) -> float:
-    """Seconds until `text` appears `count` times in the VM's console log."""
-    started = time.monotonic()
-    while True:
-        lines = console(daemon, name)
-        if sum(text in ln for ln in lines) >= count:
-            return time.monotonic() - started
-        state = daemon.vm(name)["state"]
-        if state in ("stopped", "crashed") or time.monotonic() - started > deadline:
-            pytest.fail("%r (%d time(s)) not on %s's console: the VM is %s after %.0f s\n%s"
-                        % (text, count, name, state, time.monotonic() - started, "\n".join(lines[-60:])),
-                        pytrace=False)
-        time.sleep(1)
+def wait_console(daemon, name: str, text: str, count: int = 1) -> float:
+    """Seconds until `text` appears `count` times in the VM's console log (polled every second: the lane is slow)."""
+    return daemon.wait_console(name, text, timeout=BOOT_DEADLINE_SEC, count=count, poll=CONSOLE_POLL_SEC)
 
 
 def ssh(port: int, command: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -98,8 +73,6 @@ def ssh_until_ok(port: int, command: str, deadline: float = SSH_DEADLINE_SEC) ->
 def image_daemon(tmp_path_factory):
     """One daemon for this module whose store has the e2e image, imported by `tenbox image build debian`
     (an import reads the whole image: about 50 s in the lane, so once)."""
-    from tests.harness import DaemonProcess
-
     daemon = DaemonProcess(tmp_path_factory.mktemp("e2e"))
     daemon.start()
     try:
@@ -149,7 +122,7 @@ def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_sh
     ok(d.ctl("vm", "shutdown", "web", timeout=300))
     v = d.wait_state("web", "stopped", 240)
     assert v.get("last_failure") in (None, {}), v
-    text = "\n".join(console(d, "web"))
+    text = "\n".join(d.console("web"))
     assert "reboot: Power down" in text, text[-3000:]
 
 
@@ -167,7 +140,7 @@ def test_kill_9_of_a_debian_vms_worker_leaves_it_crashed_with_the_console_tail(i
     failure = v["last_failure"]
     assert failure["code"] == "killed" and failure["signal"] == "SIGKILL", failure
     tail = failure["console"]
-    log = console(d, "victim")
+    log = d.console("victim")
     assert tail and any("Command line:" in ln or "Linux version" in ln for ln in log), failure
     assert log[-len(tail):] == tail, "the failure's console tail is not the end of the console log"
     shown = ok(d.ctl("vm", "show", "victim"))

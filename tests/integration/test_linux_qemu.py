@@ -29,38 +29,20 @@ from typing import Optional
 
 import pytest
 
-from tests.linux_harness import (  # noqa: F401  (re-exported: the vhost-user and image tests use them)
-    BASE_CMDLINE, BOOT_DEADLINE, KERNEL_DIR, MARKER, REPO, SCRIPT_TIMEOUT, SCRIPTS, Artifacts, Console,
-    build_linux, command_output, run_tool)
+from tests.framework import qemu
+from tests.framework.linux_guest import BASE_CMDLINE, BOOT_DEADLINE, MARKER, SCRIPTS, Artifacts, command_output
+from tests.framework.process import ConsoleProcess, run_tool
+from tests.framework.repo import PYTHON, REPO
 
-QEMU = "qemu-system-x86_64"
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_net")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _qemu_installed():
     """QEMU is a test dependency (make deps installs it): missing, the tests fail, they do not skip."""
-    if shutil.which(QEMU) is None:
-        pytest.fail("%s is not installed (make deps)" % QEMU)
+    if shutil.which(qemu.QEMU) is None:
+        pytest.fail("%s is not installed (make deps)" % qemu.QEMU)
 
-
-@pytest.fixture(scope="session")
-def linux() -> Artifacts:
-    """The kernel and initramfs, built once per session by the project's scripts."""
-    return build_linux()
-
-
-# Under TCG the guest's TSC is the host's while the PIT follows host time,
-# so the kernel's PIT-based TSC calibration fails now and then (one boot in
-# five to ten on the development machines, more under load), and without a
-# TSC the kernel hangs on microvm (no HPET, no PM timer). That is emulator
-# timing, not the artifacts. So one calibration boot per session (started
-# again on that failure, at most CALIBRATION_ATTEMPTS times) measures the
-# TSC as the kernel does, and the test boots pass it as tsc_early_khz=,
-# which skips the PIT calibration.
-TSC_FAILED = "tsc: Marking TSC unstable due to could not calculate TSC khz"
-TSC_DETECTED = r"tsc: Detected (\d+)\.(\d{3}) MHz processor"
-CALIBRATION_ATTEMPTS = 5
 
 # microvm has no i8042: with reboot=k the kernel's last resort is a jump
 # into the firmware (qboot), which now and then hangs instead of resetting.
@@ -68,34 +50,13 @@ CALIBRATION_ATTEMPTS = 5
 REBOOT_CMDLINE = "console=ttyS0 reboot=a panic=-1"
 
 
-def start_qemu(linux: Artifacts, append: str, disk: Optional[Path] = None) -> Console:
-    """QEMU microvm, TCG, -no-reboot, console on stdin/stdout, optionally one
-    virtio-blk device (modern virtio-mmio) backed by the raw file disk."""
-    argv = [QEMU, "-M", "microvm,acpi=on", "-accel", "tcg", "-m", "256", "-nographic",
-            "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", str(linux.vmlinuz), "-initrd", str(linux.initramfs), "-append", append]
-    if disk is not None:
-        argv += ["-global", "virtio-mmio.force-legacy=false",
-                 "-drive", "file=%s,if=none,format=raw,id=d0" % disk,
-                 "-device", "virtio-blk-device,drive=d0"]
-    return Console(argv, BOOT_DEADLINE)
-
-
-@pytest.fixture(scope="session")
-def tsc_khz(linux: Artifacts) -> int:
-    """The guest's TSC frequency under TCG, as the kernel calibrates it."""
-    for attempt in range(1, CALIBRATION_ATTEMPTS + 1):
-        with start_qemu(linux, BASE_CMDLINE + " tenbox.run=true") as vm:
-            m = vm.wait_for("%s|%s" % (TSC_DETECTED, re.escape(TSC_FAILED)))
-            if m.group(1):
-                return int(m.group(1)) * 1000 + int(m.group(2))
-        print("QEMU TCG: the guest's TSC calibration failed (attempt %d)" % attempt)
-    pytest.fail("the guest's TSC calibration failed in %d QEMU TCG boots in a row" % CALIBRATION_ATTEMPTS)
-
-
-def boot(linux: Artifacts, tsc_khz: int, cmdline: str, run: str, disk: Optional[Path] = None) -> Console:
-    """Boot with cmdline + tsc_early_khz + run (e.g. "tenbox.run=true")."""
-    return start_qemu(linux, "%s tsc_early_khz=%d %s" % (cmdline, tsc_khz, run), disk)
+def boot(linux: Artifacts, tsc_khz: int, cmdline: str, run: str, disk: Optional[Path] = None) -> ConsoleProcess:
+    """QEMU microvm, TCG, console on stdin/stdout, cmdline + tsc_early_khz + run (e.g. "tenbox.run=true"),
+    optionally one virtio-blk device (modern virtio-mmio) backed by the raw file disk."""
+    append = "%s tsc_early_khz=%d %s" % (cmdline, tsc_khz, run)
+    devices = qemu.virtio_blk(disk, "raw") if disk is not None else []
+    return ConsoleProcess(qemu.microvm(linux.vmlinuz, linux.initramfs, append, accel="tcg", devices=devices),
+                          BOOT_DEADLINE)
 
 
 # --- tests -----------------------------------------------------------------
@@ -169,7 +130,7 @@ def test_mkcpio_is_deterministic_and_needs_no_root(tmp_path: Path) -> None:
         (root / "sbin" / "sh").symlink_to("/bin/busybox")
         os.utime(root / "init", (1000 + i, 1000 + i))
         out = tmp_path / ("out%d.cpio.gz" % i)
-        r = run_tool(["/usr/bin/python3", str(SCRIPTS / "mkcpio.py"), "--root", str(root),
+        r = run_tool([PYTHON, str(SCRIPTS / "mkcpio.py"), "--root", str(root),
                       "--dev", "/dev/console:c:5:1", "--gzip", "-o", str(out)], 60)
         assert r.returncode == 0, r.stderr
         outs.append(out.read_bytes())
@@ -191,7 +152,7 @@ def test_boot_prints_marker_runs_the_command_and_powers_off(linux: Artifacts, ts
         vm.wait_for(r"^TENBOX-INITRAMFS: rc=0$")
         vm.wait_for(r"reboot: Power down")
         rc = vm.wait_exit()
-        text = vm.text
+        text = vm.output
         print("QEMU TCG: boot to poweroff in %.2f s" % vm.elapsed())
     assert rc == 0, text
     append = vm.argv[vm.argv.index("-append") + 1]
@@ -212,7 +173,7 @@ def test_virtio_modules_load_and_the_virtio_mmio_disk_is_found(linux: Artifacts,
     with boot(linux, tsc_khz, BASE_CMDLINE, "tenbox.run=" + cmd.replace(" ", "%20"), disk) as vm:
         vm.wait_for(r"^TENBOX-INITRAMFS: rc=\d+$")
         rc = vm.wait_exit()
-        text = vm.text
+        text = vm.output
     assert rc == 0, text
     assert "TENBOX-INITRAMFS: rc=0" in text, text
     assert "TENBOX-INITRAMFS: warning" not in text, text
@@ -230,7 +191,7 @@ def test_command_exit_code_is_reported(linux: Artifacts, tsc_khz: int) -> None:
         vm.wait_for(r"^TENBOX-INITRAMFS: rc=7$")
         vm.wait_for(r"reboot: Power down")
         rc = vm.wait_exit()
-        text = vm.text
+        text = vm.output
     assert rc == 0
     assert command_output(text, "sh -c 'echo hello;exit 7'") == ["hello"]
 
@@ -242,7 +203,7 @@ def test_reboot_command_restarts_the_machine(linux: Artifacts, tsc_khz: int) -> 
         vm.wait_for(r"^TENBOX-INITRAMFS: reboot$")
         vm.wait_for(r"reboot: Restarting system")
         rc = vm.wait_exit()
-        text = vm.text
+        text = vm.output
     assert rc == 0, text
     assert "Power down" not in text
 
@@ -254,7 +215,7 @@ def test_panic_command_panics_the_kernel(linux: Artifacts, tsc_khz: int) -> None
         vm.wait_for(r"^TENBOX-INITRAMFS: panic$")
         vm.wait_for(r"Kernel panic - not syncing: sysrq triggered crash")
         rc = vm.wait_exit()
-        text = vm.text
+        text = vm.output
     assert rc == 0, text
     assert "Power down" not in text
 
@@ -270,6 +231,6 @@ def test_shell_mode_gives_an_interactive_shell_on_the_console(linux: Artifacts, 
         vm.send("exit\n")
         vm.wait_for(r"reboot: Power down")
         rc = vm.wait_exit()
-        text = vm.text
+        text = vm.output
     assert rc == 0, text
     assert "TENBOX-INITRAMFS: run:" not in text, "tenbox.run must not run in shell mode"

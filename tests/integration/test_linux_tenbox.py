@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
-import time
 
 import pytest
 
-from tests.linux_harness import (BASE_CMDLINE, BOOT_DEADLINE, MARKER, REPO, Artifacts, Console, build_linux,
-                                 command_output)
+from tests.framework.linux_guest import BASE_CMDLINE, BOOT_DEADLINE, MARKER, Artifacts, command_output
+from tests.framework.process import ConsoleProcess
+from tests.framework.runtime import boot_argv
 
 EXIT_POWEROFF = 0
 EXIT_STOPPED = 3
@@ -32,18 +31,10 @@ EXIT_STOPPED = 3
 pytestmark = pytest.mark.hwvirt(prepare=("linux",), budget=180)
 
 
-@pytest.fixture(scope="session")
-def linux() -> Artifacts:
-    """The kernel and initramfs, built once per session by the project's scripts."""
-    return build_linux()
-
-
-def start_tenbox(linux: Artifacts, cmdline: str, cpus: int = 1, memory_mb: int = 256) -> Console:
-    """tenbox's worker, run from the repository root so tenbox_vmm imports."""
-    argv = [sys.executable, "-m", "tenbox_vmm", "--kernel", str(linux.vmlinuz),
-            "--initrd", str(linux.initramfs), "--cmdline", cmdline,
-            "--memory", str(memory_mb), "--cpus", str(cpus), "--console", "stdio"]
-    return Console(argv, BOOT_DEADLINE, cwd=REPO)
+def start_tenbox(linux: Artifacts, cmdline: str, cpus: int = 1, memory_mb: int = 256) -> ConsoleProcess:
+    """tenbox's worker with the guest's console on its stdin/stdout."""
+    return ConsoleProcess(boot_argv(linux.vmlinuz, linux.initramfs, cmdline, memory_mb=memory_mb, cpus=cpus),
+                          BOOT_DEADLINE)
 
 
 def marker_rx(linux: Artifacts) -> str:
@@ -61,8 +52,8 @@ def test_boots_to_the_marker_sees_all_vcpus_and_powers_off_with_exit_0(linux: Ar
         vm.wait_for(marker_rx(linux))
         vm.wait_for(r"^TENBOX-INITRAMFS: rc=0$")
         rc = vm.wait_exit()
-        text = vm.text
-        stderr = vm.stderr
+        text = vm.output
+        stderr = vm.errors
     assert rc == EXIT_POWEROFF, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)
     assert command_output(text, "nproc") == [str(cpus)], text
     assert "TENBOX-INITRAMFS: warning" not in text, text
@@ -77,8 +68,8 @@ def test_reboot_boots_the_guest_again_in_the_same_process(linux: Artifacts) -> N
         vm.wait_for(marker_rx(linux), count=2)
         vm.signal(signal.SIGTERM)
         rc = vm.wait_exit()
-        text = vm.text
-        stderr = vm.stderr
+        text = vm.output
+        stderr = vm.errors
     assert rc == EXIT_STOPPED, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)
 
 
@@ -93,8 +84,8 @@ def test_kernel_panic_with_panic_1_reboots_the_guest(linux: Artifacts) -> None:
         vm.wait_for(marker_rx(linux), count=2)
         vm.signal(signal.SIGTERM)
         rc = vm.wait_exit()
-        text = vm.text
-        stderr = vm.stderr
+        text = vm.output
+        stderr = vm.errors
     assert rc == EXIT_STOPPED, "exit %d\nstderr:\n%s\nconsole:\n%s" % (rc, stderr, text)
 
 
@@ -110,7 +101,7 @@ def test_a_triple_faulting_kernel_ends_the_worker_with_exit_4(linux: Artifacts) 
     with start_tenbox(linux, "console=ttyS0 reboot=t panic=-1 tenbox.run=reboot") as vm:
         vm.wait_for(marker_rx(linux))
         rc = vm.wait_exit()
-        stderr = vm.stderr
+        stderr = vm.errors
     assert rc == EXIT_TRIPLE_FAULT, "exit %d\nstderr:\n%s" % (rc, stderr)
     assert "triple fault" in stderr, stderr
 
@@ -118,13 +109,11 @@ def test_a_triple_faulting_kernel_ends_the_worker_with_exit_4(linux: Artifacts) 
 def test_a_kernel_hanging_in_early_boot_stays_stoppable(linux: Artifacts) -> None:
     """No initramfs and a root device that never appears: the kernel waits forever in early
     boot. SIGTERM still stops the worker with exit code 3, promptly."""
-    argv = [sys.executable, "-m", "tenbox_vmm", "--kernel", str(linux.vmlinuz), "--cmdline",
-            "console=ttyS0 panic=-1 root=/dev/vdz rootwait", "--memory", "256", "--console", "stdio"]
-    with Console(argv, BOOT_DEADLINE, cwd=REPO) as vm:
+    argv = boot_argv(linux.vmlinuz, None, "console=ttyS0 panic=-1 root=/dev/vdz rootwait")
+    with ConsoleProcess(argv, BOOT_DEADLINE) as vm:
         vm.wait_for(r"Waiting for root device /dev/vdz")
         vm.signal(signal.SIGTERM)
-        vm.deadline = min(vm.deadline, time.monotonic() + STOP_WITHIN_SEC)
-        rc = vm.wait_exit()
+        rc = vm.wait_exit(STOP_WITHIN_SEC)
     assert rc == EXIT_STOPPED
 
 
@@ -134,6 +123,5 @@ def test_a_guest_flooding_its_console_stays_stoppable(linux: Artifacts) -> None:
     with start_tenbox(linux, BASE_CMDLINE + " tenbox.run=yes%20tenbox-console-flood", cpus=2) as vm:
         vm.wait_for(r"^tenbox-console-flood$", count=2000)
         vm.signal(signal.SIGTERM)
-        vm.deadline = min(vm.deadline, time.monotonic() + STOP_WITHIN_SEC)
-        rc = vm.wait_exit()
+        rc = vm.wait_exit(STOP_WITHIN_SEC)
     assert rc == EXIT_STOPPED

@@ -15,6 +15,7 @@ import pytest
 
 from tenbox_vmm.net import mmsg, udpfwd
 from tests import net_frames as nf
+from tests.framework.ports import free_port
 from tests.net_frames import GuestLink
 
 GUEST_PORT = 5000
@@ -36,7 +37,7 @@ class Peer:
 
     def __init__(self, link: GuestLink) -> None:
         self.link = link
-        self.port = nf.free_port(socket.SOCK_DGRAM)
+        self.port = free_port(socket.SOCK_DGRAM)
         assert link.net.add_hostfwd("udp:127.0.0.1:%d-:%d" % (self.port, GUEST_PORT)) is None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -232,7 +233,7 @@ def test_beyond_the_flow_limit_the_least_recently_used_flow_goes(monkeypatch):
     peers = []
     try:
         g.resolve_gateway()
-        port = nf.free_port(socket.SOCK_DGRAM)
+        port = free_port(socket.SOCK_DGRAM)
         assert g.net.add_hostfwd("udp:127.0.0.1:%d-:%d" % (port, GUEST_PORT)) is None
         flows = []
         for i in range(3):

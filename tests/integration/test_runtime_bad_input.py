@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from tests.harness import PYTHON, REPO, guest_path, repo_env, runtime_argv
+from tests.framework.guests import guest_path
+from tests.framework.repo import PYTHON, REPO, repo_env
+from tests.framework.runtime import runtime_argv
 
 pytestmark = pytest.mark.usefixtures("guests")
 

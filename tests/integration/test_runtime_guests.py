@@ -16,26 +16,10 @@ import zlib
 
 import pytest
 
-from tests.harness import guest_path, guest_results, runtime_argv
+from tests.framework.guests import BOOT_SEC, assert_passed, guest_path, run_guest
+from tests.framework.runtime import runtime_argv
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
-
-BOOT_SEC = 60
-
-
-def run_guest(spawn, name, *args, kind="bzImage", cmdline="", timeout=BOOT_SEC, memory=64, cpus=1):
-    argv = runtime_argv("--kernel", guest_path(name, kind), "--memory", str(memory), "--cpus", str(cpus),
-                        "--console", "stdio", "--cmdline", cmdline, *args)
-    p = spawn(argv)
-    rc = p.wait(timeout)
-    return p, rc, guest_results(p.output, name)
-
-
-def assert_passed(p, rc, res):
-    detail = "\n--- stdout ---\n%s\n--- stderr ---\n%s" % (p.output[-3000:], p.errors[-3000:])
-    assert not res["not_ok"], "guest checks failed: %s%s" % (res["not_ok"], detail)
-    assert res["verdict"] == "PASS", detail
-    assert rc == 0, "exit %s%s" % (rc, detail)
 
 
 def test_boot_contract_at_the_64bit_entry(spawn, tmp_path):
@@ -117,7 +101,7 @@ def test_console_input_reaches_the_guest(spawn):
     p.send(b"hello tenbox\n")
     p.wait_for("echo: hello tenbox", 20)
     p.send(b"poweroff\n")
-    assert p.wait(20) == 0
+    assert p.wait_exit(20) == 0
 
 
 def test_sigterm_stops_the_vm_cleanly(spawn):
@@ -125,7 +109,7 @@ def test_sigterm_stops_the_vm_cleanly(spawn):
     p.wait_for("idle: ready", BOOT_SEC)
     t0 = time.monotonic()
     p.signal(signal.SIGTERM)
-    assert p.wait(10) == 3
+    assert p.wait_exit(10) == 3
     assert time.monotonic() - t0 < 5
     assert "Traceback" not in p.errors
 
@@ -135,7 +119,7 @@ def test_sigpwr_presses_the_power_button(spawn):
     p.wait_for("idle: ready", BOOT_SEC)
     p.signal(signal.SIGPWR)
     p.wait_for("idle: power button", 20)
-    assert p.wait(20) == 0
+    assert p.wait_exit(20) == 0
 
 
 def test_interactive_console_detaches_on_ctrl_bracket_and_restores_the_terminal(spawn):
@@ -149,7 +133,7 @@ def test_interactive_console_detaches_on_ctrl_bracket_and_restores_the_terminal(
         os.write(master, b"hi\r")
         p.wait_for("echo: hi", 20)
         os.write(master, b"\x1d")
-        assert p.wait(10) == 3
+        assert p.wait_exit(10) == 3
         assert termios.tcgetattr(slave) == before
     finally:
         os.close(master)

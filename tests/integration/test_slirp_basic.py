@@ -5,6 +5,7 @@ and reading what send_to_guest() receives, through a small poll loop.
 """
 
 import ipaddress
+import socket
 import struct
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from tenbox_vmm.net import NetConfig, SlirpNetwork
 from tests import net_frames as nf
+from tests.framework.ports import free_port
 from tests.net_frames import GuestLink
 
 
@@ -148,7 +150,7 @@ def test_libslirp_timers_fire_on_its_clock(config_version):
 
 
 def test_poll_prepare_lists_libslirp_sockets_with_poll_bits():
-    g = GuestLink(NetConfig(hostfwds=["udp::%d-:9" % nf.free_port(nf.socket.SOCK_DGRAM)]))
+    g = GuestLink(NetConfig(hostfwds=["udp::%d-:9" % free_port(socket.SOCK_DGRAM)]))
     try:
         fds, timeout = g.net.poll_prepare()
         assert fds and all(ev & nf.select.POLLIN for fd, ev in fds)

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from tests.harness import REPO, repo_env
+from tests.framework.repo import REPO, repo_env
 
 CHILD = textwrap.dedent(r"""
     import json, socket, struct, threading

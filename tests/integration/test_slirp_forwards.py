@@ -14,7 +14,8 @@ import pytest
 
 from tenbox_vmm.net import NetConfig
 from tests import net_frames as nf
-from tests.harness import REPO, repo_env
+from tests.framework.ports import free_port
+from tests.framework.repo import REPO, repo_env
 from tests.net_frames import GuestLink, GuestTcp, host_accept, host_listener, host_recv
 
 BIG = bytes(range(256)) * 400  # 100 KiB: several windows each way
@@ -34,7 +35,7 @@ def _wait_syn(link, guest_port):
 
 
 def test_tcp_hostfwd_moves_data_both_ways_and_closes(link):
-    port = nf.free_port()
+    port = free_port()
     assert link.net.add_hostfwd("tcp::%d-:22" % port) is None
     client = socket.create_connection(("127.0.0.1", port), timeout=5)
     client.setblocking(False)
@@ -60,7 +61,7 @@ def test_tcp_hostfwd_to_an_explicit_guest_address_and_port():
     g = GuestLink(ip="10.0.2.16")
     try:
         g.resolve_gateway()
-        port = nf.free_port()
+        port = free_port()
         assert g.net.add_hostfwd("tcp:127.0.0.1:%d-10.0.2.16:8080" % port) is None
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             syn = _wait_syn(g, 8080)
@@ -70,7 +71,7 @@ def test_tcp_hostfwd_to_an_explicit_guest_address_and_port():
 
 
 def test_udp_hostfwd_delivers_to_the_guest_port_and_carries_the_answer_back(link):
-    port = nf.free_port(socket.SOCK_DGRAM)
+    port = free_port(socket.SOCK_DGRAM)
     assert link.net.add_hostfwd("udp:127.0.0.1:%d-:5000" % port) is None
     host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     host.setblocking(False)
@@ -159,7 +160,7 @@ def test_guestfwd_on_the_dns_address_port_80_serves_several_connections_at_once(
 
 
 def test_guestfwd_to_a_closed_host_port_closes_the_guest_connection(link):
-    port = nf.free_port()
+    port = free_port()
     assert link.net.add_guestfwd("guestfwd:10.0.2.100:80-127.0.0.1:%d" % port) is None
     conn = GuestTcp(link, 40010, "10.0.2.100", 80)
     conn.connect()
@@ -202,7 +203,7 @@ def test_with_host_loopback_allowed_the_gateway_reaches_host_services():
 def test_a_port_in_use_is_a_per_forward_failure(link):
     busy = host_listener()
     busy_port = busy.getsockname()[1]
-    free = nf.free_port()
+    free = free_port()
     try:
         failures = link.net.set_forwards(["tcp::%d-:22" % busy_port, "tcp::%d-:80" % free], [])
         assert failures == [("tcp::%d-:22" % busy_port, "tcp 127.0.0.1:%d is already in use" % busy_port)]
@@ -222,7 +223,7 @@ def _accepts(port):
 
 
 def test_set_forwards_adds_and_removes_at_run_time(link):
-    p1, p2 = nf.free_port(), nf.free_port()
+    p1, p2 = free_port(), free_port()
     server = host_listener()
     # On the gateway address: once removed, a SYN there is refused locally
     # (host loopback closed) instead of leaving this host.
@@ -250,7 +251,7 @@ def test_set_forwards_keeps_unchanged_forwards_and_their_connections(link):
     try:
         assert link.net.set_forwards([], [spec]) == []
         conn, peer = _guestfwd_round_trip(link, "10.0.2.100", 80, server)
-        assert link.net.set_forwards(["tcp::%d-:22" % nf.free_port()], [spec]) == []
+        assert link.net.set_forwards(["tcp::%d-:22" % free_port()], [spec]) == []
         peer.sendall(b"still here")
         assert conn.recv_exactly(10) == b"still here"
         peer.close()
@@ -259,7 +260,7 @@ def test_set_forwards_keeps_unchanged_forwards_and_their_connections(link):
 
 
 def test_bad_forwards_are_reported_one_by_one_and_the_good_ones_still_apply(link):
-    good = "tcp::%d-:22" % nf.free_port()
+    good = "tcp::%d-:22" % free_port()
     failures = dict(link.net.set_forwards(
         [good, "tcp::99999-:22", "2222:22:7"],
         ["guestfwd:10.0.2.15:80-:1", "guestfwd:10.0.2.253:80-:1", "guestfwd:10.9.9.9:80-:1", "nonsense"]))
@@ -283,7 +284,7 @@ def nf_parse(spec):
 def test_forwards_in_the_config_apply_at_start_and_failures_are_kept():
     busy = host_listener()
     try:
-        port = nf.free_port()
+        port = free_port()
         g = GuestLink(NetConfig(hostfwds=["tcp::%d-:22" % port, "tcp::%d-:23" % busy.getsockname()[1]]))
         try:
             assert _accepts(port)
@@ -295,7 +296,7 @@ def test_forwards_in_the_config_apply_at_start_and_failures_are_kept():
 
 
 def test_hostfwd_on_an_ipv6_host_address_is_refused_with_the_reason(link):
-    msg = link.net.add_hostfwd("tcp:[::1]:%d-:22" % nf.free_port())
+    msg = link.net.add_hostfwd("tcp:[::1]:%d-:22" % free_port())
     assert msg.endswith("IPv6 host addresses are not supported (the guest side of a forward is IPv4)")
     assert link.net.hostfwds == []
 
@@ -304,7 +305,7 @@ def test_udp_hostfwd_before_the_guest_spoke_asks_for_its_mac_then_delivers():
     g = GuestLink()  # no ARP from the guest yet: its MAC is unknown
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        port = nf.free_port(socket.SOCK_DGRAM)
+        port = free_port(socket.SOCK_DGRAM)
         assert g.net.add_hostfwd("udp::%d-:6000" % port) is None
         client.sendto(b"early", ("127.0.0.1", port))
         f = g.wait_for(lambda f: f.udp is not None and f.udp.dport == 6000, "the held datagram")
@@ -316,7 +317,7 @@ def test_udp_hostfwd_before_the_guest_spoke_asks_for_its_mac_then_delivers():
 
 def test_udp_hostfwd_answers_go_only_to_the_flow_not_to_other_loopback_ports(link):
     """The guest may answer a forwarded UDP peer, not reach other host services via 10.0.2.2."""
-    port = nf.free_port(socket.SOCK_DGRAM)
+    port = free_port(socket.SOCK_DGRAM)
     victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     victim.bind(("127.0.0.1", 0))
     victim.setblocking(False)
@@ -378,7 +379,7 @@ PRIVILEGED_CHILD = textwrap.dedent("""
 def test_privileged_host_port_without_cap_net_bind_service_is_refused_with_the_fix():
     if not shutil.which("capsh"):
         pytest.fail("capsh is needed to drop CAP_NET_BIND_SERVICE (apt-get install libcap2-bin)")
-    high = nf.free_port()
+    high = free_port()
     r = subprocess.run(["capsh", "--drop=cap_net_bind_service", "--", "-c",
                         '"$0" -c "$1"', sys.executable, PRIVILEGED_CHILD % high],
                        capture_output=True, text=True, timeout=30, env=repo_env(), cwd=str(REPO))

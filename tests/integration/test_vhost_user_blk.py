@@ -3,7 +3,7 @@
 `tenbox-vhost-user-blk` (python3 -m tenbox_vmm.vhost_user blk) serves
 tenbox's VirtioBlk — the class the KVM worker uses — to QEMU's
 vhost-user-blk front end; QEMU runs the Debian cloud kernel under TCG with
-its RAM in a shared memfd (tests/vhost_user_harness.py). The guest's tools
+its RAM in a shared memfd (tests/framework/: linux_guest, qemu, vhost_user). The guest's tools
 are the initramfs's busybox and e2fsprogs; the host's oracles are
 qemu-img, qemu-io and e2fsck.
 """
@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests import vhost_user_harness as vu
-from tests.integration import test_linux_qemu as lq
+from tests.framework import qemu
+from tests.framework.disk_tools import qemu_img, qemu_io, sha256_file
+from tests.framework.linux_guest import boot_script, initrd_with, marks, run_script
+from tests.framework.process import run_tool
+from tests.framework.repo import PYTHON, REPO
+from tests.framework.vhost_user import Backend, one_line_error
 
 MIB = 1 << 20
 
@@ -27,23 +31,13 @@ MIB = 1 << 20
 @pytest.fixture(autouse=True, scope="module")
 def _qemu_installed():
     """QEMU and its tools are test dependencies (make deps): missing, the tests fail, they do not skip."""
-    for tool in (vu.QEMU, "qemu-img", "qemu-io", "e2fsck"):
+    for tool in (qemu.QEMU, "qemu-img", "qemu-io", "e2fsck"):
         if not __import__("shutil").which(tool):
             pytest.fail("%s is not installed (make deps)" % tool)
 
 
-@pytest.fixture(scope="module")
-def linux() -> lq.Artifacts:
-    return vu.artifacts()
-
-
-@pytest.fixture(scope="module")
-def tsc(linux: lq.Artifacts) -> int:
-    return vu.tsc_khz(linux)
-
-
-def blk_backend(tmp_path: Path, disk: str, name: str = "blk.sock", **kw) -> vu.Backend:
-    return vu.Backend(tmp_path, "blk", tmp_path / name, ["--disk", disk], **kw)
+def blk_backend(tmp_path: Path, disk: str, name: str = "blk.sock", **kw) -> Backend:
+    return Backend("blk", tmp_path / name, ["--disk", disk], **kw)
 
 
 # --- ext4 on a qcow2 overlay ---------------------------------------------------------------
@@ -91,7 +85,7 @@ umount /mnt
 """
 
 
-def test_guest_makes_ext4_on_a_qcow2_overlay_and_a_second_boot_reads_the_files(linux, tsc, tmp_path):
+def test_guest_makes_ext4_on_a_qcow2_overlay_and_a_second_boot_reads_the_files(linux, tsc_khz, tmp_path):
     """On a qcow2 overlay of a template, served by tenbox over vhost-user, the guest
     makes ext4, writes files, syncs, drops its caches and reads them back (its
     own e2fsck clean); after poweroff `qemu-img check` is clean, the host's
@@ -99,37 +93,37 @@ def test_guest_makes_ext4_on_a_qcow2_overlay_and_a_second_boot_reads_the_files(l
     unchanged; a second boot finds the same files with the same contents."""
     template = tmp_path / "template.qcow2"
     overlay = tmp_path / "overlay.qcow2"
-    assert vu.qemu_img("create", "-q", "-f", "qcow2", str(template), "96M").returncode == 0
-    vu.qemu_io(template, "write -P 0xab 0 3M", "write -P 0xcd 50M 1M")
-    template_sum = vu.sha256_file(template)
-    assert vu.qemu_img("create", "-q", "-f", "qcow2", "-b", str(template), "-F", "qcow2",
-                       str(overlay)).returncode == 0
+    assert qemu_img("create", "-q", "-f", "qcow2", str(template), "96M", ok=None).returncode == 0
+    qemu_io(template, "write -P 0xab 0 3M", "write -P 0xcd 50M 1M", fmt="qcow2")
+    template_sum = sha256_file(template)
+    assert qemu_img("create", "-q", "-f", "qcow2", "-b", str(template), "-F", "qcow2",
+                       str(overlay), ok=None).returncode == 0
 
-    initrd = vu.initrd_with_script(tmp_path, linux, MAKE_FS)
+    initrd = initrd_with(tmp_path, linux, MAKE_FS)
     with blk_backend(tmp_path, str(overlay)) as be:
-        text = vu.run_guest(linux, tsc, initrd, vu.blk_device(be.sock))
-        assert be.wait_exit() == 0, be.stderr
-    assert vu.marks(text, "TB-SECTORS") == [str(96 * MIB // 512)]
+        text = run_script(linux, tsc_khz, initrd, qemu.vhost_user_blk(be.sock))
+        assert be.wait_exit() == 0, be.errors
+    assert marks(text, "TB-SECTORS") == [str(96 * MIB // 512)]
     assert "TB-DONE" in text
-    sums = vu.marks(text, "TB-SUMS")
+    sums = marks(text, "TB-SUMS")
     assert len(sums) == 1 and len(sums[0]) == 64, text
 
-    check = vu.qemu_img("check", str(overlay))
+    check = qemu_img("check", str(overlay), ok=None)
     assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout + check.stderr
-    assert vu.sha256_file(template) == template_sum, "the template changed"
+    assert sha256_file(template) == template_sum, "the template changed"
     raw = tmp_path / "export.raw"
-    assert vu.qemu_img("convert", "-f", "qcow2", "-O", "raw", str(overlay), str(raw)).returncode == 0
-    fsck = lq.run_tool(["e2fsck", "-fn", str(raw)], 120)
+    assert qemu_img("convert", "-f", "qcow2", "-O", "raw", str(overlay), str(raw), ok=None).returncode == 0
+    fsck = run_tool(["e2fsck", "-fn", str(raw)], 120)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     raw.unlink()
 
-    initrd2 = vu.initrd_with_script(tmp_path, linux, CHECK_FS)
+    initrd2 = initrd_with(tmp_path, linux, CHECK_FS)
     with blk_backend(tmp_path, str(overlay), name="blk2.sock") as be:
-        text2 = vu.run_guest(linux, tsc, initrd2, vu.blk_device(be.sock))
-        assert be.wait_exit() == 0, be.stderr
-    assert vu.marks(text2, "TB-SUMS") == sums
-    assert vu.marks(text2, "TB-FILES") == ["41"]
-    assert vu.sha256_file(template) == template_sum
+        text2 = run_script(linux, tsc_khz, initrd2, qemu.vhost_user_blk(be.sock))
+        assert be.wait_exit() == 0, be.errors
+    assert marks(text2, "TB-SUMS") == sums
+    assert marks(text2, "TB-FILES") == ["41"]
+    assert sha256_file(template) == template_sum
 
 
 # --- a four-level backing chain --------------------------------------------------------------
@@ -152,7 +146,7 @@ echo "TB-NEW: $(sha256sum </tmp/new | cut -d' ' -f1)"
 """ % {"mb": CHAIN_MB}
 
 
-def test_four_level_backing_chain_reads_right_and_writes_land_on_top(linux, tsc, tmp_path):
+def test_four_level_backing_chain_reads_right_and_writes_land_on_top(linux, tsc_khz, tmp_path):
     """raw base <- qcow2 <- qcow2 <- qcow2 top, each level written by qemu-io
     (whole clusters, partial clusters, zeroes over data): every MiB the guest
     reads with O_DIRECT matches qemu-img's own reading of the chain; a guest
@@ -174,35 +168,35 @@ def test_four_level_backing_chain_reads_right_and_writes_land_on_top(linux, tsc,
         args = ["create", "-q", "-f", "qcow2", "-b", str(below), "-F", fmt]
         if n == 2:
             args += ["-o", "cluster_size=4096"]  # clusters smaller than the guest's reads
-        assert vu.qemu_img(*(args + [str(img), "%dM" % CHAIN_MB])).returncode == 0
-        vu.qemu_io(img, *writes[n])
+        assert qemu_img(*(args + [str(img), "%dM" % CHAIN_MB]), ok=None).returncode == 0
+        qemu_io(img, *writes[n], fmt="qcow2")
         levels.append(img)
     top = levels[-1]
     expected = tmp_path / "expected.raw"
-    assert vu.qemu_img("convert", "-O", "raw", str(top), str(expected)).returncode == 0
+    assert qemu_img("convert", "-O", "raw", str(top), str(expected), ok=None).returncode == 0
     data = expected.read_bytes()
     import hashlib
 
     want = ["%d %s" % (i, hashlib.sha256(data[i * MIB:(i + 1) * MIB]).hexdigest()) for i in range(CHAIN_MB)]
     want_odd = hashlib.sha256(data[1535 * 4096:1538 * 4096]).hexdigest()
-    lower_sums = [vu.sha256_file(p) for p in levels[:-1]]
+    lower_sums = [sha256_file(p) for p in levels[:-1]]
 
-    initrd = vu.initrd_with_script(tmp_path, linux, READ_CHAIN)
+    initrd = initrd_with(tmp_path, linux, READ_CHAIN)
     with blk_backend(tmp_path, str(top)) as be:
-        text = vu.run_guest(linux, tsc, initrd, vu.blk_device(be.sock))
-        assert be.wait_exit() == 0, be.stderr
-    assert vu.marks(text, "TB-SECTORS") == [str(CHAIN_MB * MIB // 512)]
-    got = vu.marks(text, "TB-MIB")
+        text = run_script(linux, tsc_khz, initrd, qemu.vhost_user_blk(be.sock))
+        assert be.wait_exit() == 0, be.errors
+    assert marks(text, "TB-SECTORS") == [str(CHAIN_MB * MIB // 512)]
+    got = marks(text, "TB-MIB")
     bad = [(w, g) for w, g in zip(want, got) if w != g]
     assert len(got) == CHAIN_MB and not bad, "MiB that differ from qemu-img's reading (want, got): %s" % bad
-    assert vu.marks(text, "TB-ODD") == [want_odd]
+    assert marks(text, "TB-ODD") == [want_odd]
 
-    assert [vu.sha256_file(p) for p in levels[:-1]] == lower_sums, "a lower level changed"
-    assert vu.qemu_img("check", str(top)).returncode == 0
-    assert vu.qemu_img("convert", "-O", "raw", str(top), str(expected)).returncode == 0
+    assert [sha256_file(p) for p in levels[:-1]] == lower_sums, "a lower level changed"
+    assert qemu_img("check", str(top), ok=None).returncode == 0
+    assert qemu_img("convert", "-O", "raw", str(top), str(expected), ok=None).returncode == 0
     with open(expected, "rb") as f:
         f.seek(20 * MIB)
-        assert hashlib.sha256(f.read(MIB)).hexdigest() == vu.marks(text, "TB-NEW")[0]
+        assert hashlib.sha256(f.read(MIB)).hexdigest() == marks(text, "TB-NEW")[0]
 
 
 # --- read-only -----------------------------------------------------------------------------
@@ -215,20 +209,20 @@ true
 """
 
 
-def test_read_only_disk_is_read_only_for_the_guest(linux, tsc, tmp_path):
+def test_read_only_disk_is_read_only_for_the_guest(linux, tsc_khz, tmp_path):
     """`--disk IMAGE,ro`: the guest's block device is read-only (the RO
     feature), reads return the image, a write is refused, the file is unchanged."""
     img = tmp_path / "ro.raw"
     img.write_bytes(os.urandom(4 * MIB))
-    before = vu.sha256_file(img)
-    initrd = vu.initrd_with_script(tmp_path, linux, READ_ONLY)
+    before = sha256_file(img)
+    initrd = initrd_with(tmp_path, linux, READ_ONLY)
     with blk_backend(tmp_path, "%s,ro" % img) as be:
-        text = vu.run_guest(linux, tsc, initrd, vu.blk_device(be.sock))
-        assert be.wait_exit() == 0, be.stderr
-    assert vu.marks(text, "TB-RO") == ["1"]
-    assert vu.marks(text, "TB-SUM") == [before]
-    assert vu.marks(text, "TB-WRITE") == ["refused"]
-    assert vu.sha256_file(img) == before
+        text = run_script(linux, tsc_khz, initrd, qemu.vhost_user_blk(be.sock))
+        assert be.wait_exit() == 0, be.errors
+    assert marks(text, "TB-RO") == ["1"]
+    assert marks(text, "TB-SUM") == [before]
+    assert marks(text, "TB-WRITE") == ["refused"]
+    assert sha256_file(img) == before
 
 
 # --- the back end dies ---------------------------------------------------------------------
@@ -269,7 +263,7 @@ def region_sums(image: Path, workdir: Path) -> list:
     import hashlib
 
     raw = workdir / "regions.raw"
-    r = vu.qemu_img("convert", "-O", "raw", str(image), str(raw))
+    r = qemu_img("convert", "-O", "raw", str(image), str(raw), ok=None)
     assert r.returncode == 0, r.stderr
     out = []
     with open(raw, "rb") as f:
@@ -280,27 +274,27 @@ def region_sums(image: Path, workdir: Path) -> list:
 
 
 def patterns(text: str) -> list:
-    return [v.split()[1] for v in vu.marks(text, "TB-PATTERN")]
+    return [v.split()[1] for v in marks(text, "TB-PATTERN")]
 
 
-def test_backend_killed_during_guest_writes_leaves_a_consistent_qcow2(linux, tsc, tmp_path):
+def test_backend_killed_during_guest_writes_leaves_a_consistent_qcow2(linux, tsc_khz, tmp_path):
     """SIGKILL of the back end while the guest writes through it: the qcow2
     image has no corruption (`qemu-img check`: clean, or leaked clusters
     only), every region the guest had flushed before the kill reads back
     right, and tenbox opens the image again."""
     img = tmp_path / "disk.qcow2"
-    assert vu.qemu_img("create", "-q", "-f", "qcow2", str(img), "%dM" % (REGIONS * REGION_MB)).returncode == 0
-    initrd = vu.initrd_with_script(tmp_path, linux, WRITE_REGIONS)
+    assert qemu_img("create", "-q", "-f", "qcow2", str(img), "%dM" % (REGIONS * REGION_MB), ok=None).returncode == 0
+    initrd = initrd_with(tmp_path, linux, WRITE_REGIONS)
     with blk_backend(tmp_path, str(img)) as be:
-        with vu.boot(linux, tsc, initrd, vu.blk_device(be.sock)) as vm:
+        with boot_script(linux, tsc_khz, initrd, qemu.vhost_user_blk(be.sock)) as vm:
             vm.wait_for(r"^TB-PASS: %d$" % KILL_AFTER_PASS)
-            assert be.proc.poll() is None, be.stderr
+            assert be.proc.poll() is None, be.errors
             be.kill()
-            text = vm.text
+            text = vm.output
             vm.kill()
-    flushed = [int(v) for v in vu.marks(text, "TB-PASS")]
+    flushed = [int(v) for v in marks(text, "TB-PASS")]
     assert flushed == list(range(len(flushed))) and len(flushed) < REGIONS, text
-    check = vu.qemu_img("check", str(img))
+    check = qemu_img("check", str(img), ok=None)
     assert check.returncode in (0, 3), check.stdout + check.stderr  # 3: leaked clusters only
     assert "corrupt" not in check.stdout.lower() and "ERROR" not in check.stdout, check.stdout
     assert region_sums(img, tmp_path)[:len(flushed)] == patterns(text)[:len(flushed)]
@@ -309,7 +303,7 @@ def test_backend_killed_during_guest_writes_leaves_a_consistent_qcow2(linux, tsc
     open_disk(str(img)).close()
 
 
-def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc, tmp_path):
+def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc_khz, tmp_path):
     """QEMU reconnects (chardev reconnect=1) to a back end started again after a
     SIGKILL mid-write; requests in flight are resubmitted, the guest sees no
     I/O error and finishes, and the image checks clean (leaks from the kill
@@ -319,30 +313,30 @@ def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc, tm
     had completed but the guest had not yet flushed may be lost with it, as
     from a disk's volatile cache (docs/vhost-user.md)."""
     img = tmp_path / "disk.qcow2"
-    assert vu.qemu_img("create", "-q", "-f", "qcow2", str(img), "%dM" % (REGIONS * REGION_MB)).returncode == 0
-    initrd = vu.initrd_with_script(tmp_path, linux, WRITE_REGIONS)
+    assert qemu_img("create", "-q", "-f", "qcow2", str(img), "%dM" % (REGIONS * REGION_MB), ok=None).returncode == 0
+    initrd = initrd_with(tmp_path, linux, WRITE_REGIONS)
     be = blk_backend(tmp_path, str(img))
     try:
-        with vu.boot(linux, tsc, initrd, vu.blk_device(be.sock, reconnect=True)) as vm:
+        with boot_script(linux, tsc_khz, initrd, qemu.vhost_user_blk(be.sock, reconnect=True)) as vm:
             vm.wait_for(r"^TB-PASS: %d$" % KILL_AFTER_PASS)
-            assert be.proc.poll() is None, be.stderr
+            assert be.proc.poll() is None, be.errors
             be.kill()
             be = blk_backend(tmp_path, str(img))  # on the same path: QEMU retries every second
             m = vm.wait_for(r"^TENBOX-INITRAMFS: rc=(\d+)$")
             assert vm.wait_exit() == 0
-            text = vm.text
+            text = vm.output
         assert m.group(1) == "0", text
-        assert be.wait_exit() == 0, be.stderr
+        assert be.wait_exit() == 0, be.errors
     finally:
         be.close()
-    assert not vu.marks(text, "TB-EIO"), text
-    assert vu.marks(text, "TB-PASS") == [str(i) for i in range(REGIONS)]
+    assert not marks(text, "TB-EIO"), text
+    assert marks(text, "TB-PASS") == [str(i) for i in range(REGIONS)]
     want = patterns(text)
     at_kill = KILL_AFTER_PASS + 1  # its first writes may have been completed, unflushed, by the killed back end
     sure = [i for i in range(REGIONS) if i != at_kill]
-    read = [v.split()[1] for v in vu.marks(text, "TB-READ")]
+    read = [v.split()[1] for v in marks(text, "TB-READ")]
     assert len(read) == REGIONS and [read[i] for i in sure] == [want[i] for i in sure]
-    check = vu.qemu_img("check", str(img))
+    check = qemu_img("check", str(img), ok=None)
     assert check.returncode in (0, 3), check.stdout + check.stderr
     assert [region_sums(img, tmp_path)[i] for i in sure] == [want[i] for i in sure]
 
@@ -350,14 +344,14 @@ def test_guest_writes_complete_when_a_killed_backend_is_restarted(linux, tsc, tm
 # --- the command line and the socket ------------------------------------------------------------
 
 def run_cli(*args: str) -> "subprocess.CompletedProcess":
-    return lq.run_tool([vu.PYTHON, "-m", "tenbox_vmm.vhost_user"] + list(args), 60, cwd=vu.REPO)
+    return run_tool([PYTHON, "-m", "tenbox_vmm.vhost_user"] + list(args), 60, cwd=REPO)
 
 
 def test_missing_image_is_a_one_line_error(tmp_path):
     """A disk image that does not exist: exit 2 and one line naming it, before listening."""
     r = run_cli("blk", "--socket", str(tmp_path / "s"), "--disk", str(tmp_path / "nope.qcow2"))
     assert r.returncode == 2, r.stderr
-    line = vu.one_line_error(r.stderr)
+    line = one_line_error(r.stderr)
     assert "nope.qcow2" in line and line.startswith("tenbox-vhost-user"), line
     assert not (tmp_path / "s").exists()
 
@@ -369,7 +363,7 @@ def test_socket_in_a_missing_directory_is_a_one_line_error(tmp_path):
     sock = tmp_path / "no-such-dir" / "blk.sock"
     r = run_cli("blk", "--socket", str(sock), "--disk", str(img))
     assert r.returncode == 2, r.stderr
-    line = vu.one_line_error(r.stderr)
+    line = one_line_error(r.stderr)
     assert str(sock) in line and "No such file or directory" in line, line
 
 
@@ -380,7 +374,7 @@ def test_bad_command_lines_are_one_line_errors(tmp_path):
                          (["scsi", "--socket", str(tmp_path / "s")], "scsi")):
         r = run_cli(*args)
         assert r.returncode == 2, (args, r.stderr)
-        assert needle in vu.one_line_error(r.stderr), (args, r.stderr)
+        assert needle in one_line_error(r.stderr), (args, r.stderr)
 
 
 def _hdr(request: int, size: int, flags: int = 1) -> bytes:
@@ -402,8 +396,8 @@ def test_backend_exits_when_the_front_end_disconnects(tmp_path):
         features = struct.unpack_from("<Q", reply, 12)[0]
         assert features & (1 << 32) and features & (1 << 30)  # VERSION_1, PROTOCOL_FEATURES
         c.close()
-        assert be.wait_exit() == 0, be.stderr
-        assert "disconnected" in be.stderr
+        assert be.wait_exit() == 0, be.errors
+        assert "disconnected" in be.errors
     assert not be.sock.exists()
 
 
@@ -415,8 +409,8 @@ def test_garbage_on_the_socket_ends_the_session_with_one_error(tmp_path):
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         c.connect(str(be.sock))
         c.sendall(b"\xff" * 64)
-        assert be.wait_exit() == 1, be.stderr
+        assert be.wait_exit() == 1, be.errors
         c.close()
-        errors = [ln for ln in be.stderr.splitlines() if "ERROR" in ln]
-        assert len(errors) == 1 and "bad header" in errors[0], be.stderr
-        assert "Traceback" not in be.stderr
+        errors = [ln for ln in be.errors.splitlines() if "ERROR" in ln]
+        assert len(errors) == 1 and "bad header" in errors[0], be.errors
+        assert "Traceback" not in be.errors

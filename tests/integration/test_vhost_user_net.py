@@ -3,7 +3,7 @@
 `tenbox-vhost-user-net` (python3 -m tenbox_vmm.vhost_user net) serves
 tenbox's VirtioNet with its SlirpNetwork — what the KVM worker builds — to
 QEMU's `-netdev vhost-user`; QEMU runs the Debian cloud kernel under TCG
-(tests/vhost_user_harness.py). One guest boot runs the whole conversation
+(tests/framework/: linux_guest, qemu, vhost_user). One guest boot runs the whole conversation
 (busybox udhcpc, ping, wget, nslookup, nc) and each test checks one part of
 it, so that a broken part fails its own test.
 
@@ -29,8 +29,12 @@ from typing import Dict, List
 
 import pytest
 
-from tests import vhost_user_harness as vu
-from tests.integration import test_linux_qemu as lq
+from tests.framework import qemu
+from tests.framework.linux_guest import Artifacts, boot_script, initrd_with, marks
+from tests.framework.ports import free_port
+from tests.framework.process import run_tool
+from tests.framework.repo import PYTHON, REPO
+from tests.framework.vhost_user import Backend, one_line_error
 
 GUESTFWD_ADDR = "10.0.2.100"
 GUESTFWD_PORT = 8080
@@ -160,16 +164,14 @@ def fetch_from_guest(port: int) -> bytes:
 
 @pytest.fixture(autouse=True, scope="module")
 def _tools_installed():
-    for tool in (vu.QEMU, "unshare", "mount"):
+    for tool in (qemu.QEMU, "unshare", "mount"):
         if not shutil.which(tool):
             pytest.fail("%s is not installed (make deps; util-linux)" % tool)
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory) -> Dict[str, object]:
+def session(tmp_path_factory, linux: Artifacts, tsc_khz: int) -> Dict[str, object]:
     """One guest boot through the whole conversation; what every test checks."""
-    linux = vu.artifacts()
-    tsc = vu.tsc_khz(linux)
     work = tmp_path_factory.mktemp("vhost-user-net")
     blob = os.urandom(BLOB_BYTES)
     server = BlobServer(blob)
@@ -177,26 +179,26 @@ def session(tmp_path_factory) -> Dict[str, object]:
     resolver = StubResolver(resolver_addr)
     resolv = work / "resolv.conf"
     resolv.write_text("nameserver %s\n" % resolver_addr)
-    host_port = vu.free_tcp_port()
+    host_port = free_port()
     script = GUEST % {"fwd_addr": GUESTFWD_ADDR, "fwd_port": GUESTFWD_PORT, "name": DNS_NAME,
                       "host_port": server.port, "page": PAGE_BYTES, "listen": GUEST_LISTEN_PORT}
-    initrd = vu.initrd_with_script(work, linux, script)
+    initrd = initrd_with(work, linux, script)
     wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv)]
     args = ["--hostfwd", "tcp:127.0.0.1:%d-:%d" % (host_port, GUEST_LISTEN_PORT),
             "--guestfwd", "guestfwd:tcp:%s:%d-127.0.0.1:%d" % (GUESTFWD_ADDR, GUESTFWD_PORT, server.port)]
     out: Dict[str, object] = {"blob_sha": hashlib.sha256(blob).hexdigest()}
     try:
-        with vu.Backend(work, "net", work / "net.sock", args, wrap=wrap) as be:
-            with vu.boot(linux, tsc, initrd, vu.net_device(be.sock)) as vm:
+        with Backend("net", work / "net.sock", args, wrap=wrap) as be:
+            with boot_script(linux, tsc_khz, initrd, qemu.vhost_user_net(be.sock)) as vm:
                 vm.wait_for(r"^TB-LISTENING$")
                 page = fetch_from_guest(host_port)
                 vm.wait_for(r"^TENBOX-INITRAMFS: rc=\d+$")
                 out["qemu_rc"] = vm.wait_exit()
-                out["text"] = vm.text
+                out["text"] = vm.output
                 out["seconds"] = vm.elapsed()
             out["backend_rc"] = be.wait_exit()
-            out["backend_log"] = be.stderr
+            out["backend_log"] = be.errors
     finally:
         server.close()
         resolver.close()
@@ -210,7 +212,7 @@ def session(tmp_path_factory) -> Dict[str, object]:
 
 
 def mark(session, tag: str) -> str:
-    values = vu.marks(session["text"], tag)
+    values = marks(session["text"], tag)
     assert len(values) == 1, "expected one %s line in:\n%s" % (tag, session["text"])
     return values[0]
 
@@ -272,8 +274,8 @@ def test_net_command_line_errors_are_one_line(tmp_path):
                          (["--mac", "01:00:00:00:00:01"], "multicast"),
                          (["--hostfwd", "tcp::99999-:22"], "99999"),
                          (["--guestfwd", "nonsense"], "nonsense")):
-        r = lq.run_tool([vu.PYTHON, "-m", "tenbox_vmm.vhost_user", "net", "--socket", str(tmp_path / "s")] + args,
-                        60, cwd=vu.REPO)
+        r = run_tool([PYTHON, "-m", "tenbox_vmm.vhost_user", "net", "--socket", str(tmp_path / "s")] + args,
+                        60, cwd=REPO)
         assert r.returncode == 2, (args, r.stderr)
-        assert needle in vu.one_line_error(r.stderr), (args, r.stderr)
+        assert needle in one_line_error(r.stderr), (args, r.stderr)
         assert not (tmp_path / "s").exists()

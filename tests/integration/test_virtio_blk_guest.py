@@ -10,7 +10,8 @@ import zlib
 
 import pytest
 
-from tests.harness import guest_path, guest_results, runtime_argv
+from tests.framework.disk_tools import qemu_img
+from tests.framework.guests import assert_passed, run_guest
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -18,18 +19,8 @@ SECTOR = 512
 
 
 def run_blk(spawn, disks, cmdline, timeout=120, memory=64):
-    argv = runtime_argv("--kernel", guest_path("blk"), "--memory", str(memory), "--console", "stdio",
-                        "--cmdline", "console=ttyS0 " + cmdline)
-    for d in disks:
-        argv += ["--disk", d]
-    p = spawn(argv)
-    rc = p.wait(timeout)
-    return p, rc, guest_results(p.output, "blk")
-
-
-def passed(p, rc, res):
-    assert not res["not_ok"], "%s\n%s\n%s" % (res["not_ok"], p.output[-3000:], p.errors[-2000:])
-    assert res["verdict"] == "PASS" and rc == 0, p.output[-3000:] + p.errors[-2000:]
+    disk_args = [arg for d in disks for arg in ("--disk", d)]
+    return run_guest(spawn, "blk", *disk_args, cmdline="console=ttyS0 " + cmdline, timeout=timeout, memory_mb=memory)
 
 
 def crcs(res):
@@ -64,7 +55,7 @@ def test_reads_match_the_image_and_writes_land_in_it(spawn, raw):
     p, rc, res = run_blk(spawn, [raw + ",serial=tbx-data-1"],
                          "blk.read=0:16,100:300,16000:384 blk.segments=3 blk.write=1000:16:c3 blk.zero=2000:8 "
                          "blk.discard=3000:8 expect.discard_zeroes=1")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     data = open(raw, "rb").read()
     for (lba, count), crc in crcs(res).items():
         if lba < 1000:
@@ -78,14 +69,14 @@ def test_reads_match_the_image_and_writes_land_in_it(spawn, raw):
 def test_polling_without_indirect_or_event_idx(spawn, raw):
     p, rc, res = run_blk(spawn, [raw], "virtio.irq=0 virtio.indirect=0 virtio.event_idx=0 blk.segments=7 "
                                        "blk.read=0:64 blk.write=64:32:5a")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     assert open(raw, "rb").read()[64 * SECTOR:96 * SECTOR] == b"\x5a" * 32 * SECTOR
 
 
 def test_a_polling_driver_at_full_speed_sees_consistent_rings(spawn, raw):
     """A CPL3 driver polls the used index while the device writes it: it must never see a torn index."""
     p, rc, res = run_blk(spawn, [raw], "blk.test=none blk.bench=randread blk.bench.ops=20000 blk.bench.depth=64")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     assert "every benchmark request completed with OK" in res["ok"]
     assert "avail index jumped" not in p.errors
 
@@ -93,7 +84,7 @@ def test_a_polling_driver_at_full_speed_sees_consistent_rings(spawn, raw):
 def test_a_read_only_disk_refuses_writes(spawn, raw):
     before = hashlib.sha256(open(raw, "rb").read()).hexdigest()
     p, rc, res = run_blk(spawn, [raw + ",ro"], "expect.ro=1 blk.write=5:1:aa")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     assert "write refused on a read-only disk" in res["ok"]
     assert hashlib.sha256(open(raw, "rb").read()).hexdigest() == before
 
@@ -102,7 +93,7 @@ def test_several_disks_per_vm(spawn, tmp_path, raw):
     second = tmp_path / "second.raw"
     second.write_bytes(b"\x77" * (2 << 20))
     p, rc, res = run_blk(spawn, [raw, str(second) + ",serial=second"], "blk.index=1 blk.read=0:8")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     assert res["info"]["blk.serial"] == "second"
     assert int(res["info"]["blk.capacity"]) == (2 << 20) // SECTOR
     assert crcs(res)[(0, 8)] == zlib.crc32(b"\x77" * 8 * SECTOR)
@@ -120,10 +111,6 @@ def test_a_hostile_guest_breaks_only_its_device(spawn, raw, mode):
     assert hashlib.sha256(open(raw, "rb").read()).hexdigest() == before
 
 
-def qemu_img(*args, check=True):
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check)
-
-
 def test_qcow2_overlay_on_a_template_leaves_the_template_unchanged(spawn, tmp_path, raw):
     template = str(tmp_path / "template.qcow2")
     qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, template)
@@ -131,7 +118,7 @@ def test_qcow2_overlay_on_a_template_leaves_the_template_unchanged(spawn, tmp_pa
     overlay = str(tmp_path / "vm.qcow2")
     qemu_img("create", "-f", "qcow2", "-b", template, "-F", "qcow2", overlay)
     p, rc, res = run_blk(spawn, [overlay], "blk.read=0:16,500:64 blk.write=1000:16:c3 blk.zero=2000:8")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     data = open(raw, "rb").read()
     assert crcs(res)[(0, 16)] == zlib.crc32(data[:16 * SECTOR])
     assert crcs(res)[(500, 64)] == zlib.crc32(data[500 * SECTOR:564 * SECTOR])
@@ -139,7 +126,7 @@ def test_qcow2_overlay_on_a_template_leaves_the_template_unchanged(spawn, tmp_pa
     assert image_bytes(overlay, 2000, 8) == bytes(8 * SECTOR)
     assert image_bytes(overlay, 100, 8) == data[100 * SECTOR:108 * SECTOR]
     assert hashlib.sha256(open(template, "rb").read()).hexdigest() == digest
-    assert qemu_img("check", overlay, check=False).returncode == 0
+    assert qemu_img("check", overlay, ok=None).returncode == 0
 
 
 def test_kill_9_during_writes_leaves_a_consistent_qcow2(spawn, tmp_path):
@@ -147,11 +134,10 @@ def test_kill_9_during_writes_leaves_a_consistent_qcow2(spawn, tmp_path):
     img = str(tmp_path / "busy.qcow2")
     qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", img, "256M")
     for i in range(3):
-        p = spawn(runtime_argv("--kernel", guest_path("blk"), "--memory", "64", "--console", "stdio",
-                               "--disk", img, "--cmdline",
-                               "console=ttyS0 blk.test=none blk.bench=seqwrite blk.bench.mb=128"))
+        p, _, _ = run_guest(spawn, "blk", "--disk", img,
+                            cmdline="console=ttyS0 blk.test=none blk.bench=seqwrite blk.bench.mb=128", wait=False)
         p.wait_for("blk: start", 60)
         time.sleep(0.2 + 0.3 * i)
         p.kill()
-        r = qemu_img("check", img, check=False)
+        r = qemu_img("check", img, ok=None)
         assert r.returncode in (0, 3), r.stdout + r.stderr  # 3: leaked clusters only

@@ -10,36 +10,20 @@ import zlib
 
 import pytest
 
-from tests.harness import guest_path, guest_results, runtime_argv
+from tests.framework.guests import assert_passed, guest_path, run_guest
+from tests.framework.ports import free_port
+from tests.framework.runtime import runtime_argv
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
 
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    s = socket.socket(socket.AF_INET, kind)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def run_net(spawn, cmdline, *extra, timeout=60, wait=True):
-    p = spawn(runtime_argv("--kernel", guest_path("net"), "--memory", "64", "--console", "stdio", "--net",
-                           "--cmdline", "console=ttyS0 " + cmdline, *extra))
-    if not wait:
-        return p, None, None
-    rc = p.wait(timeout)
-    return p, rc, guest_results(p.output, "net")
-
-
-def passed(p, rc, res):
-    assert not res["not_ok"], "%s\n%s\n%s" % (res["not_ok"], p.output[-3000:], p.errors[-2000:])
-    assert res["verdict"] == "PASS" and rc == 0, p.output[-3000:] + p.errors[-2000:]
+    return run_guest(spawn, "net", "--net", *extra, cmdline="console=ttyS0 " + cmdline, timeout=timeout, wait=wait)
 
 
 def test_dhcp_lease_and_ping_the_gateway(spawn):
     p, rc, res = run_net(spawn, "net.test=dhcp,ping")
-    passed(p, rc, res)
+    assert_passed(p, rc, res)
     assert res["info"]["net.ip"] == "10.0.2.15 gw=10.0.2.2 dns=10.0.2.3"
     assert "ping 10.0.2.2" in res["ok"]
 
@@ -87,7 +71,7 @@ def test_host_loopback_is_closed_without_a_forward_and_open_with_a_guestfwd(spaw
         # Through a guestfwd: exactly that service, the whole payload.
         p, rc, res = run_net(spawn, "net.test=dhcp,tcp net.tcp.get=10.0.2.100:80",
                              "--guestfwd", "guestfwd:10.0.2.100:80-127.0.0.1:%d" % server.port)
-        passed(p, rc, res)
+        assert_passed(p, rc, res)
         assert int(res["info"]["net.tcp.bytes"]) == len(payload)
         assert int(res["info"]["net.tcp.crc32"], 16) == zlib.crc32(payload)
         assert server.got.startswith(b"tenbox-guest")
@@ -124,7 +108,7 @@ def test_hostfwd_reaches_guest_tcp_and_udp_listeners(spawn):
     c.close()
     assert echoed == blob
     p.send(b"quit\n")
-    assert p.wait(30) == 0
+    assert p.wait_exit(30) == 0
 
 
 def test_bad_forward_specs_are_refused_before_the_vm_starts(spawn):
@@ -133,7 +117,7 @@ def test_bad_forward_specs_are_refused_before_the_vm_starts(spawn):
                            (["--guestfwd", "guestfwd:10.0.2.100-127.0.0.1:80"], "guestfwd"),
                            (["--mac", "01:00:5e:00:00:01"], "multicast")):
         p = spawn(runtime_argv("--kernel", guest_path("net"), "--net", "--console", "stdio", *args))
-        assert p.wait(30) == 2
+        assert p.wait_exit(30) == 2
         assert fragment in p.errors and "Traceback" not in p.errors
         assert len(p.errors.strip().splitlines()) == 1, p.errors
 
@@ -145,7 +129,7 @@ def test_a_port_in_use_is_a_reported_failure_not_a_dead_vm(spawn):
     port = busy.getsockname()[1]
     try:
         p, rc, res = run_net(spawn, "net.test=dhcp,ping", "--hostfwd", "tcp:127.0.0.1:%d-:22" % port, "-v")
-        passed(p, rc, res)
+        assert_passed(p, rc, res)
         assert "forward tcp:127.0.0.1:%d-" % port in p.errors and "in use" in p.errors
     finally:
         busy.close()

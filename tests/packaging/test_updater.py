@@ -12,16 +12,15 @@ update_in_progress.
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from tests.cloud_server import LoopbackCloud
-from tests.harness import guest_path
+from tests.framework.daemon import control_request
+from tests.framework.guests import guest_path
 from tests.packaging.aptrepo import SUITE
 from tests.packaging.chroots import Chroot
 
@@ -66,14 +65,7 @@ exec tenboxd
 
 
 def call(chroot, type_, timeout=600.0, **payload):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    s.connect(str(chroot.path(SOCKET)))
-    try:
-        s.sendall((json.dumps({"id": 1, "type": type_, "payload": payload}) + "\n").encode())
-        return json.loads(s.makefile("rb").readline())
-    finally:
-        s.close()
+    return control_request(chroot.path(SOCKET), type_, timeout, **payload)
 
 
 def wait_daemon(chroot, version=None):

@@ -27,7 +27,7 @@ from tenbox_vmm.disk.opener import _open
 from tenbox_vmm.disk.qcow2 import image as qimage
 from tenbox_vmm.disk.qcow2 import refcount as qrefcount
 from tenbox_vmm.disk.qcow2.check import check
-from tests.unit.test_disk_model import Model
+from tests.framework.disk_model import Model, first_difference_outside, read_all
 
 SIZE = 1 << 20
 
@@ -167,10 +167,9 @@ class Workload:
 
 
 def _same_outside(got: bytes, want: bytes, mask: bytearray, what: str) -> None:
-    """got == want wherever mask is 0 (mask bytes are 0x00 or 0xff); big-int arithmetic, not a byte loop."""
-    diff = (int.from_bytes(got, "big") ^ int.from_bytes(want, "big")) & ~int.from_bytes(mask, "big")
-    if diff:
-        j = len(got) - 1 - (diff.bit_length() - 1) // 8
+    """got == want wherever mask is 0 (mask bytes are 0x00 or 0xff)."""
+    j = first_difference_outside(got, want, bytes(mask))
+    if j is not None:
         raise AssertionError("byte %d lost: %d, %s has %d" % (j, got[j], what, want[j]))
 
 
@@ -214,17 +213,11 @@ def _count_ops(tmp_path, name, cfg, seed) -> int:
     return n
 
 
-def _read_all(disk) -> bytes:
-    out = bytearray(disk.size)
-    disk.readv(0, [memoryview(out)])
-    return bytes(out)
-
-
 def _reopen_and_verify(path: str, w: Workload, final_flush_ok: bool) -> None:
     with open_disk(path) as d:  # repairs a dirty (lazy refcounts) image
         result = check(d)
         assert result.corruptions == 0, result.messages[:5]
-        got = _read_all(d)
+        got = read_all(d)
         if final_flush_ok:
             w.verify_model(got)
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import List, Optional
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,56 +20,7 @@ from tenbox_vmm.disk import ReadOnlyDisk, create_qcow2, open_disk
 from tenbox_vmm.disk.qcow2 import image as qimage
 from tenbox_vmm.disk.qcow2 import refcount as qrefcount
 from tenbox_vmm.disk.qcow2.check import check
-
-
-class Model:
-    """What a disk must read back: the semantics the backends document."""
-
-    def __init__(self, size: int, cluster_size: int = 0, version: int = 3, backing: Optional[bytes] = None,
-                 fmt: str = "qcow2") -> None:
-        self.size = size
-        self.cs = cluster_size
-        self.version = version
-        self.fmt = fmt
-        self.backing = None if backing is None else bytes(backing[:size]).ljust(size, b"\0")
-        self.data = bytearray(self.backing if self.backing is not None else bytes(size))
-
-    def write(self, off: int, data: bytes) -> None:
-        self.data[off:off + len(data)] = data
-
-    def write_zeroes(self, off: int, n: int) -> None:
-        self.data[off:off + n] = bytes(n)
-
-    def discarded_ranges(self, off: int, n: int) -> List[range]:
-        if self.fmt == "raw":
-            return [range(off, off + n)]
-        cs = self.cs
-        first = -(-off // cs)
-        last = -(-self.size // cs) if off + n == self.size else (off + n) // cs
-        return [range(c * cs, min(self.size, c * cs + cs)) for c in range(first, last)]
-
-    def discard(self, off: int, n: int) -> None:
-        for r in self.discarded_ranges(off, n):
-            if self.fmt == "qcow2" and self.version == 2 and self.backing is not None:
-                self.data[r.start:r.stop] = self.backing[r.start:r.stop]
-            else:
-                self.data[r.start:r.stop] = bytes(len(r))
-
-
-def split_bufs(data: bytes, rnd: random.Random) -> List[memoryview]:
-    """`data` as 1..4 writable views of random lengths (guest requests are scatter-gather)."""
-    bufs, pos = [], 0
-    while pos < len(data):
-        k = rnd.randrange(1, len(data) - pos + 1) if rnd.random() < 0.5 else len(data) - pos
-        bufs.append(memoryview(bytearray(data[pos:pos + k])))
-        pos += k
-    return bufs
-
-
-def read_all(disk, size: int) -> bytes:
-    out = bytearray(size)
-    disk.readv(0, [memoryview(out)])
-    return bytes(out)
+from tests.framework.disk_model import Model, read_all, split_bufs
 
 
 def apply(disk, model: Model, op, rnd: random.Random) -> None:
@@ -173,15 +123,15 @@ def test_qcow2_matches_model_and_stays_consistent(small_caches, config, ops, see
             disk.flush()
             result = check(disk)
             assert result.clean, result.messages[:5]
-            assert read_all(disk, SIZE) == bytes(model.data)
+            assert read_all(disk) == bytes(model.data)
         finally:
             disk.close()
         with open_disk(path, read_only=True) as disk:
-            assert read_all(disk, SIZE) == bytes(model.data)
+            assert read_all(disk) == bytes(model.data)
             assert check(disk).clean
         if backing is not None:
             with open_disk(os.path.join(folder, "base.qcow2"), read_only=True) as b:
-                assert read_all(b, len(backing)) == backing, "the template changed"
+                assert read_all(b) == backing, "the template changed"
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.data_too_large])
@@ -202,7 +152,7 @@ def test_raw_matches_model(ops, seed):
                     disk = open_disk(path, fmt="raw")
                 else:
                     apply(disk, model, op, rnd)
-            assert read_all(disk, SIZE) == bytes(model.data)
+            assert read_all(disk) == bytes(model.data)
         finally:
             disk.close()
 

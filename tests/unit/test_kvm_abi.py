@@ -11,7 +11,7 @@ import pytest
 
 from tenbox_vmm.kvm import constants as c
 from tenbox_vmm.kvm.ffi import ffi
-from tests.harness import run_c_program
+from tests.framework.c_abi import run_c_program
 
 STRUCTS = {
     "kvm_userspace_memory_region": ["slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"],

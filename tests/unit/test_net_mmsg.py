@@ -12,7 +12,7 @@ import pytest
 from tenbox_vmm import ffigen
 from tenbox_vmm.net import mmsg
 from tenbox_vmm.net._mmsg_cdef import CDEF
-from tests.harness import load_pre_parsed, run_c_program
+from tests.framework.c_abi import load_pre_parsed, run_c_program
 
 FIELDS = {
     "struct iovec": ["iov_base", "iov_len"],

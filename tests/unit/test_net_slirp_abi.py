@@ -13,7 +13,7 @@ from tenbox_vmm import ffigen
 from tenbox_vmm.net import libslirp as ls
 from tenbox_vmm.net._slirp_cdef import CDEF
 from tenbox_vmm.net.libslirp import ffi
-from tests.harness import load_pre_parsed, run_c_program
+from tests.framework.c_abi import load_pre_parsed, run_c_program
 
 HEADER = "/usr/include/slirp/libslirp.h"
 

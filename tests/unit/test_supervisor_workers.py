@@ -22,7 +22,7 @@ from tenbox_vmm.protocol.link import (
     WorkerExit,
     Who,
 )
-from tests.unit.supervisor_fakes import CREATE_TIME, Rig
+from tests.framework.supervisor_fakes import CREATE_TIME, Rig
 
 S = VmState
 

@@ -7,15 +7,12 @@ import time
 
 import pytest
 
-from tenbox_vmm import eventfd
-from tenbox_vmm.devices.virtio import STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK
+from tenbox_vmm.devices.virtio import STATUS_DEVICE_NEEDS_RESET
 from tenbox_vmm.devices.virtio import blk as vblk
 from tenbox_vmm.devices.virtio import blk_io
 from tenbox_vmm.devices.virtio import mmio as m
 from tenbox_vmm.memory import MIB, GuestMemory
-from tests.virtio_driver import RingDriver
-
-RING, HEAP = 0x10000, 0x200000
+from tests.virtio_driver import MmioDriver, MmioHost
 
 
 class RamDisk:
@@ -63,76 +60,8 @@ class RamDisk:
         self.closed = True
 
 
-class Host(m.MmioHost):
-    def __init__(self):
-        self.irq = None
-
-    def irqfd(self):
-        self.irq = eventfd.eventfd()
-        return self.irq
-
-    def ioeventfd(self, offset, datamatch):
-        return None  # the register write kicks the I/O thread
-
-    def release(self):
-        if self.irq is not None:
-            os.close(self.irq)
-            self.irq = None
-
-
-class Driver:
-    def __init__(self, transport, mem, features=None):
-        self.t = transport
-        self.mem = mem
-        self.features = features
-
-    def w(self, reg, value):
-        self.t.write(reg, 4, value)
-
-    def r(self, reg):
-        return self.t.read(reg, 4)
-
-    def setup(self, size=8, event_idx=False):
-        assert self.r(m.R_MAGIC) == m.MAGIC and self.r(m.R_VERSION) == 2
-        self.w(m.R_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
-        self.w(m.R_DEVICE_FEATURES_SEL, 0)
-        lo = self.r(m.R_DEVICE_FEATURES)
-        self.w(m.R_DEVICE_FEATURES_SEL, 1)
-        hi = self.r(m.R_DEVICE_FEATURES)
-        offered = lo | hi << 32
-        want = offered if self.features is None else self.features
-        if not event_idx:
-            want &= ~(1 << 29)
-        for sel in (0, 1):
-            self.w(m.R_DRIVER_FEATURES_SEL, sel)
-            self.w(m.R_DRIVER_FEATURES, (want >> (32 * sel)) & 0xFFFFFFFF)
-        self.w(m.R_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
-        if not self.r(m.R_STATUS) & STATUS_FEATURES_OK:
-            return None
-        self.ring = RingDriver(self.mem, RING, size, HEAP)
-        self.w(m.R_QUEUE_SEL, 0)
-        assert self.r(m.R_QUEUE_NUM_MAX) >= size
-        self.w(m.R_QUEUE_NUM, size)
-        for reg, addr in ((m.R_QUEUE_DESC_LOW, self.ring.desc), (m.R_QUEUE_DRIVER_LOW, self.ring.avail),
-                          (m.R_QUEUE_DEVICE_LOW, self.ring.used)):
-            self.w(reg, addr & 0xFFFFFFFF)
-            self.w(reg + 4, addr >> 32)
-        self.w(m.R_QUEUE_READY, 1)
-        self.w(m.R_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
-        return want
-
-    def kick(self):
-        self.w(m.R_QUEUE_NOTIFY, 0)
-
-    def wait_used(self, n=1, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        got = []
-        while len(got) < n:
-            got += self.ring.take_used()
-            if time.monotonic() > deadline:
-                raise AssertionError("no completion")
-            time.sleep(0.001)
-        return got
+class Driver(MmioDriver):
+    """A virtio-blk driver: one request at a time, waited for."""
 
     def request(self, rtype, sector, data=b"", read_len=0):
         hdr = struct.pack("<IIQ", rtype, 0, sector)
@@ -149,7 +78,7 @@ class Driver:
 @pytest.fixture
 def rig():
     mem = GuestMemory(16 * MIB)
-    host = Host()
+    host = MmioHost()
     disk = RamDisk(1 * MIB)
     t = m.VirtioMmio(vblk.VirtioBlk(disk, serial="tenbox-serial-01"), mem, host)
     yield Driver(t, mem), t, disk, host
@@ -212,7 +141,7 @@ def test_host_io_error_fails_only_that_request(rig):
 def test_read_only_disk_refuses_writes():
     mem = GuestMemory(16 * MIB)
     disk = RamDisk(MIB, read_only=True)
-    t = m.VirtioMmio(vblk.VirtioBlk(disk), mem, Host())
+    t = m.VirtioMmio(vblk.VirtioBlk(disk), mem, MmioHost())
     d = Driver(t, mem)
     feats = d.setup()
     assert feats & vblk.F_RO and not feats & vblk.F_DISCARD
@@ -300,7 +229,7 @@ class ThreadedRamDisk(RamDisk):
 def test_a_batch_runs_on_helper_threads_and_a_flush_waits_for_what_came_before():
     mem = GuestMemory(16 * MIB)
     disk = ThreadedRamDisk(1 * MIB)
-    t = m.VirtioMmio(vblk.VirtioBlk(disk, runner=blk_io.HelperPool(2)), mem, Host())
+    t = m.VirtioMmio(vblk.VirtioBlk(disk, runner=blk_io.HelperPool(2)), mem, MmioHost())
     d = Driver(t, mem)
     try:
         d.setup(size=64)  # 17 chains of 2 or 3 descriptors
@@ -362,7 +291,7 @@ def test_each_completion_interrupts_before_the_next_request_runs():
     # Two reads offered with one kick: the driver hears of the first before the
     # second starts, so it can submit more while the device works.
     mem = GuestMemory(16 * MIB)
-    host = Host()
+    host = MmioHost()
     disk = WatchedRamDisk(1 * MIB, mem, host)
     t = m.VirtioMmio(vblk.VirtioBlk(disk), mem, host)
     d = Driver(t, mem)

@@ -1,0 +1,167 @@
+"""A real tenboxd on private paths, for tests and benchmarks (tests and bench; root for the socket group tests).
+
+`DaemonProcess` runs the supervisor from the tree with its own data dir,
+run dir and socket, talks to it over the control socket (`call`) and
+through the CLI (`ctl`), and kills every worker it started at cleanup().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Union
+
+import psutil
+
+from tests.framework.process import ConsoleProcess
+from tests.framework.repo import PYTHON, REPO, repo_env
+
+START_SEC = 20.0
+STOP_SEC = 30.0
+CALL_SEC = 120.0
+STATE_POLL_SEC = 0.1
+CONSOLE_LINES = 10000  # tenboxd's LOG_LINES_MAX: all of a test guest's console
+ENDED = ("stopped", "crashed")
+
+
+def control_request(sock: Union[str, Path], type_: str, timeout: float = CALL_SEC, **payload) -> dict:
+    """One request on a tenboxd control socket (JSON lines); the whole reply."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(sock))
+    try:
+        s.sendall((json.dumps({"id": 1, "type": type_, "payload": payload}) + "\n").encode())
+        return json.loads(s.makefile("rb").readline())
+    finally:
+        s.close()
+
+
+def ok(r: "subprocess.CompletedProcess[bytes]") -> str:
+    """The stdout of a CLI run that must have succeeded (else its output in the failure)."""
+    assert r.returncode == 0, "exit %d\n%s%s" % (r.returncode, r.stdout.decode(errors="replace"),
+                                                 r.stderr.decode(errors="replace"))
+    return r.stdout.decode()
+
+
+class DaemonProcess:
+    """A real tenboxd on private paths: its own data dir, run dir and socket."""
+
+    def __init__(self, root: Path, extra_env: Optional[Dict[str, str]] = None) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        # ipc:// paths are limited to 107 bytes: keep the run dir short.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="tbx-run-"))
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="tbx-sock-"))
+        os.chmod(str(self.sock_dir), 0o755)
+        self.socket = self.sock_dir / "tenbox.sock"
+        self.extra_env = dict(extra_env or {})
+        self.proc: Optional[ConsoleProcess] = None
+        self.history: List[ConsoleProcess] = []
+
+    def argv(self) -> List[str]:
+        return [PYTHON, "-m", "tenbox_supervisor", "--data-dir", str(self.data_dir), "--socket", str(self.socket),
+                "--run-dir", str(self.run_dir)]
+
+    def env(self) -> Dict[str, str]:
+        return repo_env(dict({"TENBOX_NO_SCOPES": "1"}, **self.extra_env))
+
+    def start(self, wait: bool = True, timeout: float = START_SEC) -> ConsoleProcess:
+        self.proc = ConsoleProcess(self.argv(), env=self.env(), stdin=subprocess.DEVNULL)
+        self.history.append(self.proc)
+        if wait:
+            self.proc.wait_for_stderr("ready", timeout)
+        return self.proc
+
+    def ctl(self, *args: str, timeout: float = CALL_SEC, user: Optional[str] = None,
+            input: Optional[bytes] = None) -> "subprocess.CompletedProcess[bytes]":
+        """`tenbox ARGS...` against this daemon (as `user` with runuser)."""
+        argv = [PYTHON, "-m", "tenbox_ctl", *args]
+        if user:
+            argv = ["runuser", "-u", user, "--"] + argv
+        env = repo_env({"TENBOX_SOCK": str(self.socket)})
+        return subprocess.run(argv, capture_output=True, timeout=timeout, env=env, cwd=str(REPO),
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def call(self, type_: str, timeout: float = CALL_SEC, **payload) -> dict:
+        """One request on the control socket; the whole reply."""
+        return control_request(self.socket, type_, timeout, **payload)
+
+    def vm(self, name: str) -> dict:
+        for v in self.call("vm.list")["payload"]["vms"]:
+            if v.get("name") == name or v["id"] == name:
+                return v
+        raise KeyError(name)
+
+    def wait_state(self, name: str, states: Union[str, Iterable[str]], timeout: float = 60.0) -> dict:
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.vm(name)
+            if v["state"] in wanted:
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError("VM %s is %s, not %s after %.0f s\n%s" % (
+                    name, v["state"], wanted, timeout, self.proc.errors[-3000:] if self.proc else ""))
+            time.sleep(STATE_POLL_SEC)
+
+    def console(self, name: str) -> List[str]:
+        """The VM's console log (vm.logs), up to CONSOLE_LINES lines."""
+        return self.call("vm.logs", vm_id=name, lines=CONSOLE_LINES)["payload"]["lines"]
+
+    def wait_console(self, name: str, text: str, timeout: float = 30.0, count: int = 1,
+                     poll: float = STATE_POLL_SEC) -> float:
+        """Seconds until `text` is in `count` lines of the VM's console log; fails at once if the VM has ended."""
+        started = time.monotonic()
+        while True:
+            lines = self.console(name)
+            if sum(text in ln for ln in lines) >= count:
+                return time.monotonic() - started
+            state = self.vm(name)["state"]
+            if state in ENDED:
+                lines = self.console(name)  # the worker wrote its last lines before it ended
+                if sum(text in ln for ln in lines) >= count:
+                    return time.monotonic() - started
+            if state in ENDED or time.monotonic() - started > timeout:
+                raise AssertionError("%r (%d time(s)) not on %s's console: the VM is %s after %.0f s\n%s"
+                                     % (text, count, name, state, time.monotonic() - started,
+                                        "\n".join(lines[-60:])))
+            time.sleep(poll)
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.proc.pid, signal.SIGKILL)
+            self.proc.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.signal(signal.SIGTERM)
+        return self.proc.wait_exit(STOP_SEC)
+
+    def cleanup(self) -> None:
+        """Stop every worker this daemon's data dir knows about, then the daemon."""
+        for p in self.history:
+            p.close()
+        for pidfile in self.data_dir.glob("vms/*/runtime.json"):
+            try:
+                pid = json.loads(pidfile.read_text()).get("pid")
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass  # gone already, or a file cut short by a kill
+        # Workers started by this daemon carry its data dir in their argv.
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if str(self.data_dir) in " ".join(p.info["cmdline"] or []):
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        shutil.rmtree(str(self.run_dir), ignore_errors=True)
+        shutil.rmtree(str(self.sock_dir), ignore_errors=True)
