@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--deadline", type=float, default=3600.0, help="seconds before the lane is killed")
     p.add_argument("--out", type=Path, help="the folder shared as /lane-out (default: a new temporary folder)")
     p.add_argument("--shell", action="store_true", help="an interactive shell in the lane (leave it to power off)")
-    p.add_argument("--qemu", nargs="+", default=[qemu.QEMU], help=argparse.SUPPRESS)
+    p.add_argument("--qemu", type=shlex.split, default=[qemu.QEMU], help=argparse.SUPPRESS)
     p.add_argument("--single-thread", action="store_true",
                    help="emulate every lane vCPU on one host thread (TCG without MTTCG)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")

@@ -112,6 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only-control", action="store_true", help="QEMU's boots only")
     p.add_argument("--qemu-cpu", default=QEMU_CPU, help="QEMU's -cpu (default %(default)s)")
     p.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default %(default)s)")
+    p.add_argument("--deadline", type=float, default=BOOT_DEADLINE_SEC,
+                   help="seconds a boot may take before it counts as hung (default %(default)s)")
     p.add_argument("--kernel", type=Path, default=KERNEL_DIR / "vmlinuz")
     p.add_argument("--initrd", type=Path, default=KERNEL_DIR / "initramfs.cpio.gz")
     p.add_argument("--cmdline", default=CMDLINE)
@@ -130,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for rnd in range(1, args.rounds + 1):
         for cpus in counts:
             for name, make in vmms.items():
-                res = boot(make(args.kernel, args.initrd, args.cmdline, cpus, args.memory), cpus, BOOT_DEADLINE_SEC,
+                res = boot(make(args.kernel, args.initrd, args.cmdline, cpus, args.memory), cpus, args.deadline,
                            args.trace)
                 res.update(vmm=name, cpus=cpus, round=rnd)
                 runs.append(res)
