@@ -77,19 +77,62 @@ def trace_take() -> str:
     return "\n".join(lines[-TRACE_KEEP_LINES:])
 
 
-def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False) -> Dict[str, object]:
+F_SETPIPE_SZ = 1031
+THROTTLE_PIPE_BYTES = 4096
+THROTTLE_CHUNK = 64
+
+
+def _communicate_throttled(proc: subprocess.Popen, deadline: float, bytes_per_sec: int):
+    """Like communicate(), but stdout is read at bytes_per_sec through a 4 KiB pipe: a slow
+    console, so that a VMM's serial writes back up (the soak's way to give QEMU slow exits)."""
+    import fcntl
+    import threading
+
+    fcntl.fcntl(proc.stdout.fileno(), F_SETPIPE_SZ, THROTTLE_PIPE_BYTES)
+    out, err = bytearray(), bytearray()
+
+    def pump(stream, buf, throttle):
+        while True:
+            chunk = stream.read1(THROTTLE_CHUNK if throttle else 65536)
+            if not chunk:
+                return
+            buf += chunk
+            if throttle:
+                time.sleep(len(chunk) / bytes_per_sec)
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, False), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        proc.wait(timeout=deadline)
+        rc: Optional[int] = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    for t in threads:
+        t.join(30)
+    return bytes(out), bytes(err), rc
+
+
+def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False,
+         console_bytes_per_sec: int = 0) -> Dict[str, object]:
     """One boot to poweroff: its exit code, time, and whether `nproc` printed the vCPU count."""
     started = time.monotonic()
     proc = subprocess.Popen(list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     rc: Optional[int]
-    try:
-        out, err = proc.communicate(timeout=deadline)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()  # what it printed before the deadline
-        rc = None
+    if console_bytes_per_sec:
+        out, err, rc = _communicate_throttled(proc, deadline, console_bytes_per_sec)
+    else:
+        try:
+            out, err = proc.communicate(timeout=deadline)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()  # what it printed before the deadline
+            rc = None
     elapsed = time.monotonic() - started
     console = out.decode("utf-8", "replace").replace("\r", "")
     nproc_ok = re.search(r"^TENBOX-INITRAMFS: run: nproc\n%d\n" % cpus, console, re.M) is not None
@@ -111,6 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--control", action="store_true", help="interleave QEMU microvm -accel kvm boots")
     p.add_argument("--only-control", action="store_true", help="QEMU's boots only")
     p.add_argument("--qemu-cpu", default=QEMU_CPU, help="QEMU's -cpu (default %(default)s)")
+    p.add_argument("--qemu-console-bps", type=int, default=0,
+                   help="read QEMU's console at this many bytes/s through a 4 KiB pipe (slow serial exits)")
     p.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default %(default)s)")
     p.add_argument("--deadline", type=float, default=BOOT_DEADLINE_SEC,
                    help="seconds a boot may take before it counts as hung (default %(default)s)")
@@ -133,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for cpus in counts:
             for name, make in vmms.items():
                 res = boot(make(args.kernel, args.initrd, args.cmdline, cpus, args.memory), cpus, args.deadline,
-                           args.trace)
+                           args.trace, args.qemu_console_bps if name == "qemu" else 0)
                 res.update(vmm=name, cpus=cpus, round=rnd)
                 runs.append(res)
                 print("soak: %-6s cpus=%d round=%d %s rc=%s %.1f s"
