@@ -11,9 +11,7 @@ machine:
   busybox initramfs whose /init is scripts/x86_64/lane-init;
 - `qemu-system-x86_64 -M pc -accel tcg -cpu max` (svm and npt), the build
   host's / shared read-only over virtio-9p with a tmpfs overlay, so the
-  checkout and every installed tool run unchanged inside; QEMU 8 or newer
-  (scripts/x86_64/get-lane-qemu.sh takes QEMU 10 from bookworm-backports
-  where the system has Debian 12's 7.2, whose AMD-V emulation broke lanes);
+  checkout and every installed tool run unchanged inside;
 - a second, writable 9p share (`out`, /lane-out inside) for results.
 
 `run()` boots it for one command and returns the command's exit code and
@@ -102,7 +100,7 @@ def _encode(text: str) -> str:
     return "".join(chr(b) if b in _PLAIN else "%%%02x" % b for b in text.encode())
 
 
-def _run_script(argv: Sequence[str]) -> str:
+def _run_script(argv: Sequence[str]) -> None:
     try:
         r = subprocess.run(list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            timeout=SCRIPT_TIMEOUT_SEC)
@@ -111,18 +109,16 @@ def _run_script(argv: Sequence[str]) -> str:
     if r.returncode != 0:
         last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1:] or ["exit %d" % r.returncode]
         raise LaneError("%s failed: %s" % (Path(argv[0]).name, last[0]))
-    return r.stdout
 
 
-def build() -> List[str]:
-    """The lane's kernel, initramfs and QEMU from Debian's packages (cached: a no-op when nothing
-    changed); the command that runs the lane's QEMU."""
+def build() -> None:
+    """The lane's kernel and initramfs from Debian's packages (cached: a no-op when nothing changed)."""
+    if shutil.which(qemu.QEMU) is None:
+        raise LaneError("%s not found: the nested lane needs Debian's qemu-system-x86 (make deps)" % qemu.QEMU)
     _run_script([str(SCRIPTS / "get-kernel.sh"), "--flavour", "generic", "--out", str(KERNEL_DIR),
                  "--modules", MODULES])
     _run_script([str(SCRIPTS / "make-initramfs.sh"), "--kernel-dir", str(KERNEL_DIR),
                  "--init", str(SCRIPTS / "lane-init"), "--out", str(INITRAMFS)])
-    # QEMU 10 where the system's is older: 7.2's AMD-V emulation broke the lane now and then.
-    return _run_script([str(SCRIPTS / "get-lane-qemu.sh")]).splitlines()
 
 
 def ssh_key() -> Path:
@@ -213,14 +209,13 @@ class LaneResult(NamedTuple):
 
 def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[Path] = None,
         echo: Optional[Callable[[str], None]] = None, cwd: Path = REPO, cpus: int = CPUS,
-        memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Optional[Sequence[str]] = None) -> LaneResult:
+        memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,)) -> LaneResult:
     """Boot the lane, run `command` in it, power it off; never longer than deadline_sec.
 
     The console goes to console_log (all of it) and, line by line, to echo.
-    `binary`: another QEMU command than the lane's own.
     """
-    lane_qemu = build()
-    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary or lane_qemu)
+    build()
+    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary)
     started = time.monotonic()
     log = open(str(console_log), "w", encoding="utf-8", errors="replace") if console_log else None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -305,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--deadline", type=float, default=3600.0, help="seconds before the lane is killed")
     p.add_argument("--out", type=Path, help="the folder shared as /lane-out (default: a new temporary folder)")
     p.add_argument("--shell", action="store_true", help="an interactive shell in the lane (leave it to power off)")
-    p.add_argument("--qemu", type=shlex.split, help=argparse.SUPPRESS)
+    p.add_argument("--qemu", type=shlex.split, default=[qemu.QEMU], help=argparse.SUPPRESS)
     p.add_argument("--single-thread", action="store_true",
                    help="emulate every lane vCPU on one host thread (TCG without MTTCG)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
@@ -320,9 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     accel = "tcg,thread=single" if args.single_thread else "tcg"
     try:
         if args.shell:
-            lane_qemu = build()
-            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel,
-                              binary=args.qemu or lane_qemu)
+            build()
+            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel, binary=args.qemu)
             return subprocess.call(argv_)
         shell_cmd = " ".join(shlex.quote(a) for a in command)
         res = run("export PYTHONPATH=%s; %s" % (shlex.quote(str(REPO)), shell_cmd), out, args.deadline,
