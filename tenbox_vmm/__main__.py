@@ -8,6 +8,7 @@ mode, Ctrl-] quits) or its stdin/stdout pipes. The exit status is an
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from tenbox_vmm.protocol import ExitCode, Limits
 from tenbox_vmm.protocol.disk_arg import DiskArg
 
 PROG = "tenbox-vm-runtime"
+DUMP_SIGNAL = signal.SIGUSR2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         vm_id=args.vm_id,
     )
     install_kick_handler()
+    # SIGUSR2 writes every thread's Python stack to stderr (the runtime log under tenboxd):
+    # where each vCPU thread is, for a VM that hangs, without stopping it.
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
     try:
         machine = Machine(config, output, on_state=link.state_changed if link else _log_state)
     except MachineError as e:

@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from tests.framework.runtime import boot_argv
 BOOT_DEADLINE_SEC = 240.0
 CMDLINE = BASE_CMDLINE + " tenbox.run=nproc"
 TAIL_CHARS = 6000
+DUMP_WAIT_SEC = 3.0
 
 
 def tenbox_argv(kernel: Path, initrd: Path, cmdline: str, cpus: int, memory_mb: int) -> List[str]:
@@ -55,7 +57,7 @@ TRACING = Path("/sys/kernel/tracing")
 # (KVM resets the vCPU), so this is where the faulting RIP survives.
 TRACE_EVENTS = ("kvm/kvm_exit", "kvm/kvm_inj_exception", "kvm/kvm_inj_virq", "kvm/kvm_page_fault",
                 "kvm/kvm_userspace_exit")
-TRACE_KEEP_LINES = 400
+TRACE_KEEP_LINES = 20000
 
 
 def trace_start() -> None:
@@ -130,6 +132,9 @@ def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False,
             out, err = proc.communicate(timeout=deadline)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
+            if argv[:3] == list(boot_argv("k")[:3]):
+                proc.send_signal(signal.SIGUSR2)  # tenbox-vm-runtime: every thread's stack to stderr
+                time.sleep(DUMP_WAIT_SEC)
             proc.kill()
             out, err = proc.communicate()  # what it printed before the deadline
             rc = None
@@ -139,7 +144,7 @@ def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False,
     result: Dict[str, object] = {"rc": rc, "seconds": round(elapsed, 2), "ok": rc == 0 and nproc_ok}
     if not result["ok"]:
         result["console_tail"] = console[-TAIL_CHARS:]
-        result["stderr_tail"] = err.decode("utf-8", "replace")[-TAIL_CHARS:]
+        result["stderr_tail"] = err.decode("utf-8", "replace")[-4 * TAIL_CHARS:]  # thread dumps
     if trace:
         kvm_trace = trace_take()
         if not result["ok"]:

@@ -114,6 +114,18 @@ def test_sigterm_stops_the_vm_cleanly(spawn):
     assert "Traceback" not in p.errors
 
 
+def test_sigusr2_dumps_every_threads_stack_and_the_vm_runs_on(spawn):
+    """kill -USR2 on a worker writes each thread's Python stack to stderr (where each vCPU thread
+    is, for a VM that hangs); the guest keeps running and SIGTERM still stops it."""
+    p = spawn(runtime_argv("--kernel", guest_path("idle"), "--memory", "32", "--cpus", "2", "--console", "stdio"))
+    p.wait_for("idle: ready", BOOT_SEC)
+    p.signal(signal.SIGUSR2)
+    p.wait_for_stderr(r"(?s)(in run_vcpu.*){2}", 10)  # both vCPU threads
+    p.wait_for_stderr(r"in _control", 10)
+    p.signal(signal.SIGTERM)
+    assert p.wait_exit(10) == 3
+
+
 def test_sigpwr_presses_the_power_button(spawn):
     p = spawn(runtime_argv("--kernel", guest_path("idle"), "--memory", "32", "--console", "stdio"))
     p.wait_for("idle: ready", BOOT_SEC)
