@@ -55,6 +55,12 @@ def atomic_write_json(path: str, value: Any, mode: int = 0o644) -> None:
     atomic_write(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
+def log_files(vm_dir: str, source: str) -> list:
+    """A VM log's files, oldest first: the two the worker rotated out, then the live one."""
+    base = os.path.join(vm_dir, "logs", "%s.log" % source)
+    return ["%s.2" % base, "%s.1" % base, base]
+
+
 def tail_lines(paths, limit: int, chunk: int = 64 << 10) -> list:
     """The last `limit` lines across `paths` (oldest file first), reading from the end."""
     lines: list = []

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Protocol, Union
 from tenbox_supervisor import doctor, params as P, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.errors import ApiError, OperationError
-from tenbox_supervisor.fsutil import tail_lines
+from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
@@ -371,8 +371,7 @@ class VmMethods:
         lines = P.integer(params, "lines", 0, P.LOG_LINES_MAX, default=P.LOG_LINES_DEFAULT)
         source = P.log_source(params)
         vm = self.find(params)
-        base = os.path.join(self.folders.vm_dir(vm.id), "logs", "%s.log" % source)
-        paths = ["%s.2" % base, "%s.1" % base, base]
+        paths = log_files(self.folders.vm_dir(vm.id), source)
         return {"vm_id": vm.id, "source": source, "lines": tail_lines(paths, lines)}
 
     async def vm_logs_follow(self, params, caller: Caller, stream):

@@ -26,8 +26,8 @@ from tenbox_supervisor.config import Config
 from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
 from tenbox_supervisor.errors import OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
-from tenbox_supervisor.fsutil import tail_lines
-from tenbox_supervisor.managed_vm import ManagedVm, StateListener, WorkerSession
+from tenbox_supervisor.fsutil import log_files, tail_lines
+from tenbox_supervisor.managed_vm import FAILURE_CONSOLE_LINES, ManagedVm, StateListener, WorkerSession
 from tenbox_supervisor.oshost import SIGNAL_NAMES, Host
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
 from tenbox_supervisor.spec import VmSpec, disk_arg
@@ -450,15 +450,24 @@ class WorkerManager:
         end = WorkerEnd(status, session.exit_msg, session.stop_requested, session.lost)
         final, failure, why = judge_exit(end, self.host.time(), SIGNAL_NAMES, lambda: self._last_runtime_error(vm))
         if failure is not None:
-            vm.record_failure(dataclasses.replace(failure, console=vm.console_tail()))
+            vm.record_failure(dataclasses.replace(failure, console=self._failure_console(vm)))
         if vm.state in (S.STOPPED, S.CRASHED):
             vm.persist()
         else:
             vm.change_state(final, why)
         vm.console.close()
 
+    def _failure_console(self, vm: ManagedVm) -> List[str]:
+        """The console log's last lines, as vm.logs shows them.
+
+        From the files, not the ring: the worker writes the log itself, and
+        its last output may never have reached tenboxd before it died.
+        """
+        lines = tail_lines(log_files(self.store.vm_dir(vm.id), "console"), FAILURE_CONSOLE_LINES)
+        return lines or vm.console_tail()
+
     def _last_runtime_error(self, vm: ManagedVm) -> Optional[str]:
-        lines = tail_lines([os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")], 5)
+        lines = tail_lines(log_files(self.store.vm_dir(vm.id), "runtime")[-1:], 5)
         for line in reversed(lines):
             if "error:" in line:
                 return line.split("error:", 1)[1].strip()

@@ -20,6 +20,7 @@ BUDGET_SEC); the lane's deadline is the sum of its tests' budgets.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shlex
@@ -96,8 +97,23 @@ class LaneRunner:
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for rep in self._reports_for(item):
             item.ihook.pytest_runtest_logreport(report=rep)
+        self._teardown_until(item, nextitem)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
+
+    def _teardown_until(self, item: pytest.Item, nextitem) -> None:
+        """What pytest's own teardown of `item` does for earlier items: their module and
+        class fixtures that `nextitem` does not share end here, or pytest later finds
+        them still set up ("previous item was not torn down properly")."""
+        state = item.session._setupstate
+        args = (nextitem,) if len(inspect.signature(state.teardown_exact).parameters) == 1 else (item, nextitem)
+        try:
+            state.teardown_exact(*args)  # pytest 7 takes nextitem, 6 (Debian 11) item and nextitem
+        except Exception as e:  # a finalizer of an earlier item's fixture failed
+            from _pytest.reports import TestReport
+
+            item.ihook.pytest_runtest_logreport(report=TestReport(
+                item.nodeid, item.location, {}, "failed", "teardown of earlier fixtures: %r" % e, "teardown", [], 0.0))
 
     def _reports_for(self, item: pytest.Item) -> list:
         hook = self.config.hook

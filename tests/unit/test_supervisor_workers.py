@@ -141,6 +141,21 @@ def test_a_worker_silent_for_five_intervals_is_killed_and_the_vm_crashes_with_he
     assert f["console"] == ["idle: ready"] and vm.session is None
 
 
+def test_a_killed_workers_failure_carries_the_console_log_end_not_what_reached_tenboxd(rig):
+    """The worker writes the console log itself; output it wrote but never sent
+    (killed in between) is in the failure, which ends exactly as vm.logs does."""
+    vm = rig.create()
+    pid = rig.start_running(vm)
+    rig.workers.on_link_message(vm.id, ConsoleData(b"line 1\npartial"))
+    logs = os.path.join(rig.workers.store.vm_dir(vm.id), "logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "console.log"), "wb") as f:
+        f.write(b"line 1\npartial line, finished\n\nline 3 cut")
+    rig.host.exit(pid, -signal.SIGKILL)
+    rig.settle()
+    assert vm.last_failure["console"] == ["line 1", "partial line, finished", "", "line 3 cut"]
+
+
 @pytest.mark.parametrize("status, code, sig", [
     (-signal.SIGKILL, FailureCode.KILLED, "SIGKILL"),
     (-signal.SIGSEGV, FailureCode.KILLED, "SIGSEGV"),
