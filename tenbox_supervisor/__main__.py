@@ -45,10 +45,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if report["supported"] else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(name)s: %(message)s")
-    from tenbox_supervisor.config import resolve
+    from tenbox_supervisor.config import ConfigError, resolve
     from tenbox_supervisor.daemon import Daemon, StartupError
 
-    config = resolve(args.data_dir, args.socket, args.run_dir, args.cloud_url)
+    try:
+        config = resolve(args.data_dir, args.socket, args.run_dir, args.cloud_url)
+    except ConfigError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return 2
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:

@@ -87,7 +87,8 @@ class Daemon:
             api.register(images.method_specs())
             api.register(updater.method_specs())
             updater.restore()
-            self.control = ControlServer(self.config.socket_path, self.config.socket_group, api)
+            self.control = ControlServer(self.config.socket_path, self.config.socket_group, api,
+                                         self.config.client_idle_sec)
             self.link.start()
             workers.restore()
             workers.add_listener(lambda vm, old, new, reason: self.notifier.status(self.status_line()))

@@ -17,8 +17,15 @@ from typing import Dict, List, Optional
 from tenbox_vmm.protocol import VERSION, Limits
 
 REQUEST_MAX_BYTES = 1 << 20
-CLIENT_IDLE_SEC = 300.0  # a connection that says nothing for this long is closed
-CLIENTS_MAX = 256
+CLIENT_IDLE_SEC = 300.0  # a connection that sends no request for this long is closed (blank lines are not requests)
+# A client that takes no byte of its replies for this long is disconnected: its task and buffers
+# go. A reply is at most a few MiB and a reader that keeps up takes 64 KiB in microseconds.
+CLIENT_WRITE_STALL_SEC = 10.0
+CLIENTS_MAX = 256  # connections of every non-root user together
+CLIENTS_PER_UID_MAX = 32  # connections of one non-root user: one user cannot take all 256
+# Root's connections (the CLI under sudo, the package's postinst) are counted apart and never
+# against the limits above: no number of group members' clients can lock root out.
+ROOT_CLIENTS_MAX = 64
 NAME_RE = Limits.NAME_RE  # VM ids and names, image names: each becomes a folder
 
 DEFAULT_SYSTEM_SOCKET = "/run/tenbox/tenbox.sock"
