@@ -16,6 +16,7 @@ import time
 from typing import List, Optional
 
 from tenbox_supervisor.api import Api
+from tenbox_supervisor.caller_files import CallerFiles
 from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
@@ -79,11 +80,12 @@ class Daemon:
             store = Store(self.config.vms_dir)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg))
             workers = self.workers = WorkerManager(self.config, store, SystemHost(), self.link.send)
-            images = ImageMethods(ImageStore(self.config.images_dir), workers)
+            files = CallerFiles(self.config.images_dir)
+            images = ImageMethods(ImageStore(self.config.images_dir), workers, files)
             updater = Updater(self.config.data_dir, workers)
             api = Api()
             api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
-            api.register(VmMethods(workers, store, images, updater).method_specs())
+            api.register(VmMethods(workers, store, images, updater, files).method_specs())
             api.register(images.method_specs())
             api.register(updater.method_specs())
             updater.restore()

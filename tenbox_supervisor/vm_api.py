@@ -3,7 +3,8 @@
 Each handler checks its parameters (params.py), then asks the
 WorkerManager; it never changes a ManagedVm or the manager's tables
 itself. Images come in through the narrow `ImageLookup` (the image
-methods' lock and lookup), the update check through `StartGate`.
+methods' lock and lookup), the update check through `StartGate`, the files
+a request names through `CallerFiles` (opened with the caller's rights).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Optional, Protocol, Union
 
 from tenbox_supervisor import doctor, params as P, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
 from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.imagetool_child import run_imagetool
@@ -90,18 +92,35 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
     return out
 
 
-async def probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
+async def probe_disk(files: CallerFiles, key: str, path: str, who: Rights) -> Dict[str, Any]:
+    """The image tool's `info` on a disk, run with the rights of whoever named it (`who`; None: the daemon's).
+
+    With a user's rights, every file of the disk's backing chain is opened
+    with them too: the tool reads the header of each qcow2 in the chain
+    but only locates its last, raw, file.
+    """
+    try:
+        info = await run_imagetool("info", path, as_user=who.setpriv_argv() if who else None)
+    except ApiError as e:
+        raise ApiError(e.code, "%s: %s" % (key, e.message)) from None
+    if who is not None:
+        chain = info.get("backing_chain") or []
+        plan = [(Use("%s backing[%d]" % (key, i + 1), entry[0]), who) for i, entry in enumerate(chain)]
+        (await files.open_planned(plan)).close()
+    return info
+
+
+async def probe_formats(files: CallerFiles, disks: Optional[List[Dict[str, Any]]], rights: Dict[str, Rights]) -> None:
     """Record each disk's format (probed now when not given), so the worker never probes a raw image.
 
     A raw image opened by probing could be turned into a qcow2 image by its
     guest, naming any host file as backing; declared formats rule that out
-    (libvirt does the same). A declared format must match the file.
+    (libvirt does the same). A declared format must match the file. The
+    probe runs with the rights of whoever named the disk (`rights` by path):
+    a backing chain reaching a file that user cannot read is refused.
     """
     for i, d in enumerate(disks or []):
-        try:
-            found = (await run_imagetool("info", d["path"]))["format"]
-        except ApiError as e:
-            raise ApiError(e.code, "disks[%d]: %s" % (i, e.message))
+        found = (await probe_disk(files, "disks[%d]" % i, d["path"], rights.get(d["path"])))["format"]
         if d.get("format") not in (None, found):
             # qcow2 declared on a raw file, or raw declared on a qcow2 file: the latter is allowed
             # (the guest then sees the qcow2 bytes), as QEMU allows it, but never silently.
@@ -111,12 +130,22 @@ async def probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
             d["format"] = found
 
 
+def file_uses(kernel: Optional[str], initrd: Optional[str], disks: Optional[List[Dict[str, Any]]],
+              template: Optional[str] = None) -> List[Use]:
+    """The files a vm.create or vm.edit names, and which of them the guest writes."""
+    uses = [Use(key, path) for key, path in (("kernel", kernel), ("initrd", initrd), ("template", template)) if path]
+    uses += [Use("disks[%d]" % i, d["path"], write=not d.get("read_only")) for i, d in enumerate(disks or [])]
+    return uses
+
+
 class VmMethods:
-    def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate) -> None:
+    def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate,
+                 files: CallerFiles) -> None:
         self.workers = workers
         self.folders = folders
         self.images = images
         self.gate = gate
+        self.files = files
 
     def method_specs(self) -> List[MethodSpec]:
         return [
@@ -170,14 +199,14 @@ class VmMethods:
     async def vm_create(self, params, caller: Caller):
         image_name = P.name(params, "image")
         if image_name is None:
-            return await self._vm_create(params, None)
+            return await self._vm_create(params, caller, None)
         if params.get("template") is not None:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "give image or template, not both")
         # Held until the VM is stored: image.remove cannot slip in between.
         async with self.images.lock:
-            return await self._vm_create(params, self.images.get(image_name))
+            return await self._vm_create(params, caller, self.images.get(image_name))
 
-    async def _vm_create(self, params, image: Optional[Image]):
+    async def _vm_create(self, params, caller: Caller, image: Optional[Image]):
         """vm.create; with an image, its kernel, initrd and command line are the defaults and its rootfs the template."""
         name = P.name(params, "name", required=True)
         if self.workers.name_taken(name):
@@ -201,7 +230,6 @@ class VmMethods:
             cpus=P.cpus(params, default=1),
             disks=P.disks(params) or [],
         )
-        await probe_formats(spec.disks)
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
         net_on = P.net_flag(params)
         if net_on is None:
@@ -212,6 +240,11 @@ class VmMethods:
         if template and len(spec.disks) >= Limits.DISKS_MAX:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks"
                            % Limits.DISKS_MAX)
+        plan = self.files.plan(caller, file_uses(kernel, initrd, spec.disks, template))
+        (await self.files.open_planned(plan)).close()
+        spec.named_by = {use.path: rights.uid for use, rights in plan if rights is not None}
+        spec.template = template or None
+        await probe_formats(self.files, spec.disks, {use.path: rights for use, rights in plan})
         try:
             spec.validate()
             folder = self.folders.make_folder(spec.id)
@@ -253,7 +286,12 @@ class VmMethods:
                 "memory_mb": P.memory_mb(params, telemetry.host_memory_mb()),
                 "cpus": P.cpus(params),
             }
-            await probe_formats(hw["disks"])
+            own = [d["path"] for d in s.disks if d.get("owned")]
+            for d in hw["disks"] or []:
+                d["owned"] = d["path"] in own  # its own overlay, listed again, stays its own
+            plan = self.files.plan(caller, file_uses(hw["kernel"], hw["initrd"], hw["disks"]), own)
+            (await self.files.open_planned(plan)).close()
+            await probe_formats(self.files, hw["disks"], {use.path: rights for use, rights in plan})
             hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
             if hw and vm.active:
                 raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
@@ -275,8 +313,13 @@ class VmMethods:
                 net.update(net_changes)
                 changes["net"] = net
             if changes:
+                edited = VmSpec.from_json(dict(s.to_json(), **changes))
+                named = {use.path: rights.uid for use, rights in plan if rights is not None}
+                renamed = {use.path for use, _ in plan}  # named again: by whom counts now
+                kept = {p: uid for p, uid in s.named_by.items() if p not in renamed}
+                edited.named_by = {p: uid for p, uid in dict(kept, **named).items() if p in edited.paths()}
                 try:
-                    self.workers.update_spec(vm, VmSpec.from_json(dict(s.to_json(), **changes)))
+                    self.workers.update_spec(vm, edited)
                 except (OSError, SpecError) as e:
                     raise _stored(e)
                 log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
@@ -299,28 +342,51 @@ class VmMethods:
     async def vm_start(self, params, caller: Caller):
         vm = self.find(params)
         self.gate.check_start_allowed()
-        self._preflight(vm)
+        await self._preflight(vm)
         try:
             await self.workers.start(vm)
         except OperationError as e:
             raise ApiError(e.code, e.message, last_failure=vm.last_failure)
         return self.view(vm)
 
-    def _preflight(self, vm: ManagedVm) -> None:
+    async def _check_files(self, vm: ManagedVm) -> None:
+        """Every file the worker will open, opened now with the rights of whoever named it.
+
+        A user who named a file of theirs at vm.create may have put a link to
+        another file in its place since, or made their qcow2 disk name a
+        backing file they cannot read: both are refused here, before every
+        start, with that user's rights as they are today.
+        """
+        s = vm.spec
+        disks = [d for d in s.disks if not d.get("owned")]
+        uses = file_uses(s.kernel, s.initrd, disks, s.template if len(disks) < len(s.disks) else None)
+        uses += [Use("disk", d["path"], write=not d.get("read_only")) for d in s.disks if d.get("owned")]
+        plan = []
+        for use in uses:
+            uid = s.named_by.get(use.path)
+            try:
+                plan.append((use, Credentials.of_uid(uid) if uid is not None else None))
+            except KeyError:
+                raise ApiError(ErrorCode.PERMISSION_DENIED, "%s %s was named by uid %d, which is no longer a user"
+                               % (use.key, use.path, uid)) from None
+        (await self.files.open_planned(plan)).close()
+        rights = {use.path: who for use, who in plan}
+        for i, d in enumerate(disks):
+            who = rights.get(d["path"])
+            if who is not None and d.get("format") == "qcow2":
+                await probe_disk(self.files, "disks[%d]" % i, d["path"], who)
+
+    async def _preflight(self, vm: ManagedVm) -> None:
         """What vm.start checks before a worker runs; a refusal is recorded as the VM's last_failure."""
         checks = doctor.run_checks()
         if not checks["supported"]:
             failed = [c["message"] for c in checks["checks"] if c["required"] and not c["ok"]]
             self._refuse_start(vm, ErrorCode.KVM_UNSUPPORTED, FailureCode.KVM_UNSUPPORTED,
                                "KVM is not usable: %s" % "; ".join(failed))
-        for key in ("kernel", "initrd"):
-            path = getattr(vm.spec, key)
-            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-                self._refuse_start(vm, ErrorCode.FILE_MISSING, FailureCode.FILE_MISSING,
-                                   "%s %s is missing or unreadable" % (key, path))
-        for d in vm.spec.disks:
-            if not os.path.isfile(d["path"]):
-                self._refuse_start(vm, ErrorCode.FILE_MISSING, FailureCode.FILE_MISSING, "disk %s is missing" % d["path"])
+        try:
+            await self._check_files(vm)
+        except ApiError as e:
+            self._refuse_start(vm, e.code, FailureCode.FILE_MISSING, e.message)
         available = telemetry.host_memory_available_mb()
         if vm.spec.memory_mb > available:
             self._refuse_start(vm, ErrorCode.INSUFFICIENT_MEMORY, FailureCode.INSUFFICIENT_MEMORY,

@@ -93,6 +93,16 @@ class DaemonProcess:
         """One request on the control socket; the whole reply."""
         return control_request(self.socket, type_, timeout, **payload)
 
+    def call_as(self, user: str, type_: str, timeout: float = CALL_SEC, **payload) -> dict:
+        """One request on the control socket from another user's process (runuser); the whole reply."""
+        code = ("import json, sys; from tests.framework.daemon import control_request; "
+                "print(json.dumps(control_request(sys.argv[1], sys.argv[2], float(sys.argv[3]), **json.loads(sys.argv[4]))))")
+        r = subprocess.run(["runuser", "-u", user, "--", PYTHON, "-c", code, str(self.socket), type_, str(timeout),
+                            json.dumps(payload)], capture_output=True, timeout=timeout + 30, env=repo_env(),
+                           cwd=str(REPO), stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        return json.loads(r.stdout)
+
     def vm(self, name: str) -> dict:
         for v in self.call("vm.list")["payload"]["vms"]:
             if v.get("name") == name or v["id"] == name:
