@@ -23,6 +23,7 @@ from tenbox_supervisor.control import ControlServer, SocketBusy
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
+from tenbox_supervisor.modes import DAEMON_UMASK, group_id, secure_data_dir
 from tenbox_supervisor.notify import Notifier
 from tenbox_supervisor.oshost import SystemHost
 from tenbox_supervisor.protocol import VERSION
@@ -55,7 +56,7 @@ class Daemon:
         self._extra_tasks: List[asyncio.Task] = []
 
     def _lock_data_dir(self) -> None:
-        os.makedirs(self.config.data_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.config.data_dir, ".tenboxd.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -75,14 +76,18 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_event_loop()
+        # Nothing tenboxd or its workers create is world-readable; logs are the group's (modes.py).
+        os.umask(DAEMON_UMASK)
+        log_gid = group_id(self.config.socket_group)
         try:
             self._lock_data_dir()
-            store = Store(self.config.vms_dir)
+            secure_data_dir(self.config.data_dir, log_gid)  # also repairs what older versions left
+            store = Store(self.config.vms_dir, log_gid)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg))
             workers = self.workers = WorkerManager(self.config, store, SystemHost(), self.link.send)
             files = CallerFiles(self.config.images_dir)
             images = ImageMethods(ImageStore(self.config.images_dir), workers, files)
-            updater = Updater(self.config.data_dir, workers)
+            updater = Updater(self.config.data_dir, workers, log_gid)
             api = Api()
             api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
             api.register(VmMethods(workers, store, images, updater, files).method_specs())

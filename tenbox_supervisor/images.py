@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from tenbox_supervisor.fsutil import atomic_write_json, entry_folders, fsync_dir
+from tenbox_supervisor.modes import IMAGES_DIR_MODE
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode
 
 log = logging.getLogger("tenboxd.images")
@@ -331,7 +332,8 @@ class ImageStore:
     def __init__(self, images_dir: str) -> None:
         self.images_dir = images_dir
         self.pending: Dict[str, Progress] = {}
-        os.makedirs(images_dir, mode=0o755, exist_ok=True)
+        os.makedirs(images_dir, exist_ok=True)
+        os.chmod(images_dir, IMAGES_DIR_MODE)  # tenboxd's umask is 027; the group reads images
         self._sweep()
 
     def _sweep(self) -> None:
@@ -444,6 +446,7 @@ class ImageStore:
             final = self.image_dir(name)
             if os.path.lexists(final):
                 raise ImageError(ErrorCode.IMAGE_EXISTS, "an image named %r appeared during the import" % name)
+            os.chmod(tmp, IMAGES_DIR_MODE)  # made under tenboxd's umask 027; the group reads images
             os.rename(tmp, final)
             fsync_dir(self.images_dir)
         except OSError as e:

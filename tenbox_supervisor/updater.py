@@ -41,6 +41,7 @@ from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.fsutil import atomic_write_json, tail_lines
 from tenbox_supervisor.managed_vm import ManagedVm
+from tenbox_supervisor.modes import make_log_dir
 from tenbox_supervisor.protocol import ErrorCode, Method, cloud_response
 
 log = logging.getLogger("tenboxd.updater")
@@ -150,8 +151,9 @@ class ActiveVms(Protocol):
 
 
 class Updater:
-    def __init__(self, data_dir: str, vms: ActiveVms) -> None:
+    def __init__(self, data_dir: str, vms: ActiveVms, log_gid: Optional[int] = None) -> None:
         self.vms = vms
+        self.log_gid = log_gid
         self.job: Optional[Job] = None
         self.log_path = os.path.join(data_dir, "logs", "update.log")
         self.state_path = os.path.join(data_dir, STATE_FILE)
@@ -239,7 +241,7 @@ class Updater:
         return result
 
     async def _start_apt(self, target: Optional[str]):
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        make_log_dir(os.path.dirname(self.log_path), self.log_gid)
         with open(self.log_path, "w") as f:  # one transcript per attempt: the log stays bounded
             f.write("%s [tenbox-update] from %s to %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                           self.job.old, target or "the newest"))

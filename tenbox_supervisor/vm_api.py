@@ -22,6 +22,7 @@ from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
+from tenbox_supervisor.modes import PRIVATE_FILE_MODE
 from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
 from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac, new_vm_id
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
@@ -257,6 +258,7 @@ class VmMethods:
                     await run_imagetool("overlay", "--backing", template, "--out", overlay)
                 except ApiError as e:
                     raise ApiError(e.code, "cannot make an overlay of %s: %s" % (template, e.message))
+                os.chmod(overlay, PRIVATE_FILE_MODE)  # the guest's writes: root's only
                 spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
                                       "format": "qcow2"})
             try:

@@ -246,8 +246,7 @@ class WorkerManager:
         async with vm.lock:
             if vm.active:
                 raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
-            log_path = os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log_path = os.path.join(self.store.make_logs(vm.id), "runtime.log")
             vm.console.reset()
             try:
                 proc = self.host.spawn(self.worker_argv(vm), log_path,
