@@ -6,7 +6,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from tenbox_supervisor.protocol import CLIENT_IDLE_SEC, DEFAULT_SYSTEM_SOCKET, SOCKET_GROUP_ENV, SYSTEM_RUN_DIR
+from tenbox_supervisor.protocol import (
+    CLIENT_IDLE_SEC,
+    DEFAULT_SYSTEM_SOCKET,
+    FALLBACK_SOCKET,
+    SOCKET_GROUP_ENV,
+    SYSTEM_RUN_DIR,
+)
 
 DEFAULT_DATA_DIR = "/var/lib/tenbox"
 CLIENT_IDLE_ENV = "TENBOX_CLIENT_IDLE_SEC"
@@ -84,7 +90,7 @@ def resolve(
         elif env.get("XDG_RUNTIME_DIR"):
             socket_path = os.path.join(env["XDG_RUNTIME_DIR"], "tenbox.sock")
         else:
-            socket_path = "/tmp/tenbox-%d.sock" % uid
+            socket_path = FALLBACK_SOCKET % uid
     if not run_dir:
         run_dir = SYSTEM_RUN_DIR if system else _user_runtime_dir(env, uid)
     if cloud_url is None:

@@ -188,7 +188,12 @@ class ControlServer:
 
     def _take_lock(self) -> None:
         lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a link, and only our own file: the socket may be at /tmp/tenbox-<uid>.sock.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            os.close(fd)
+            raise SocketBusy("refusing %s: it belongs to uid %d, not to this tenboxd; remove it" % (lock_path, owner))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

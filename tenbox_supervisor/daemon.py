@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import time
 from typing import List, Optional
 
@@ -69,6 +70,25 @@ class Daemon:
         os.write(fd, b"%d\n" % os.getpid())
         self._lock_fd = fd
 
+    def _check_run_dir(self) -> None:
+        """The run directory holds the worker link: it must be tenboxd's and writable by nobody else.
+
+        Without $XDG_RUNTIME_DIR a per-user daemon uses /tmp/tenbox-<uid>,
+        which any user could have made first to take over the link.
+        """
+        path = self.config.run_dir
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        why = None
+        if not stat.S_ISDIR(st.st_mode):
+            why = "it is not a folder"
+        elif st.st_uid != os.geteuid():
+            why = "it belongs to uid %d, not to tenboxd's uid %d" % (st.st_uid, os.geteuid())
+        elif st.st_mode & 0o022:
+            why = "others may write in it (mode %04o)" % stat.S_IMODE(st.st_mode)
+        if why:
+            raise StartupError("refusing the run directory %s: %s; remove it or give --run-dir" % (path, why))
+
     def status_line(self) -> str:
         running = self.workers.running_count() if self.workers else 0
         total = len(self.workers.all()) if self.workers else 0
@@ -81,6 +101,7 @@ class Daemon:
         log_gid = group_id(self.config.socket_group)
         try:
             self._lock_data_dir()
+            self._check_run_dir()
             secure_data_dir(self.config.data_dir, log_gid)  # also repairs what older versions left
             store = Store(self.config.vms_dir, log_gid)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg))
@@ -93,7 +114,7 @@ class Daemon:
             api.register(VmMethods(workers, store, images, updater, files).method_specs())
             api.register(images.method_specs())
             api.register(updater.method_specs())
-            updater.restore()
+            await updater.restore()
             self.control = ControlServer(self.config.socket_path, self.config.socket_group, api,
                                          self.config.client_idle_sec)
             self.link.start()

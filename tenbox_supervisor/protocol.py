@@ -32,6 +32,9 @@ DEFAULT_SYSTEM_SOCKET = "/run/tenbox/tenbox.sock"
 SYSTEM_RUN_DIR = "/run/tenbox"
 SOCKET_GROUP_ENV = "TENBOX_SOCKET_GROUP"
 SOCKET_ENV = "TENBOX_SOCK"
+# The last place the CLI looks, and a per-user daemon's socket without $XDG_RUNTIME_DIR: in a
+# folder anyone can write, so the CLI trusts what it finds there only if it is the user's or root's.
+FALLBACK_SOCKET = "/tmp/tenbox-%d.sock"
 
 
 class Method(str, enum.Enum):
@@ -243,7 +246,7 @@ def default_socket_candidates(env: Optional[dict] = None, uid: Optional[int] = N
         out.append(DEFAULT_SYSTEM_SOCKET)
     if env.get("XDG_RUNTIME_DIR"):
         out.append(os.path.join(env["XDG_RUNTIME_DIR"], "tenbox.sock"))
-    out.append("/tmp/tenbox-%d.sock" % uid)
+    out.append(FALLBACK_SOCKET % uid)
     return out
 
 

@@ -10,6 +10,7 @@ a request names through `CallerFiles` (opened with the caller's rights).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any, Dict, List, Optional, Protocol, Union
@@ -24,7 +25,7 @@ from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
 from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
-from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac, new_vm_id
+from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.link import CommandName
@@ -210,8 +211,11 @@ class VmMethods:
     async def _vm_create(self, params, caller: Caller, image: Optional[Image]):
         """vm.create; with an image, its kernel, initrd and command line are the defaults and its rootfs the template."""
         name = P.name(params, "name", required=True)
-        if self.workers.name_taken(name):
-            raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % name)
+        self.gate.check_start_allowed()
+        with self.workers.claim_name(name):  # held across every await below: one create per name
+            return await self._vm_create_named(params, caller, image, name)
+
+    async def _vm_create_named(self, params, caller: Caller, image: Optional[Image], name: str):
         kernel = P.file_path(params, "kernel", required=image is None)
         initrd = P.file_path(params, "initrd")
         cmdline = P.cmdline(params)
@@ -221,7 +225,7 @@ class VmMethods:
             if cmdline is None:
                 cmdline = image.manifest.get("cmdline")
         spec = VmSpec(
-            id=new_vm_id(),
+            id=self.workers.new_id(),
             name=name,
             kernel=kernel,
             initrd=initrd,
@@ -261,6 +265,7 @@ class VmMethods:
                 os.chmod(overlay, PRIVATE_FILE_MODE)  # the guest's writes: root's only
                 spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
                                       "format": "qcow2"})
+            self.gate.check_start_allowed()  # again: no await from here to the VM being listed
             try:
                 vm = self.workers.create(spec)
             except (OSError, SpecError) as e:
@@ -277,54 +282,58 @@ class VmMethods:
             changes: Dict[str, Any] = {}
             new_name = P.name(params, "name")
             if new_name is not None and new_name != s.name:
-                if any(v.spec.name == new_name for v in self.workers.all()):
-                    raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % new_name)
                 changes["name"] = new_name
-            hw = {
-                "disks": P.disks(params),
-                "kernel": P.file_path(params, "kernel"),
-                "initrd": P.file_path(params, "initrd"),
-                "cmdline": P.cmdline(params),
-                "memory_mb": P.memory_mb(params, telemetry.host_memory_mb()),
-                "cpus": P.cpus(params),
-            }
-            own = [d["path"] for d in s.disks if d.get("owned")]
-            for d in hw["disks"] or []:
-                d["owned"] = d["path"] in own  # its own overlay, listed again, stays its own
-            plan = self.files.plan(caller, file_uses(hw["kernel"], hw["initrd"], hw["disks"]), own)
-            (await self.files.open_planned(plan)).close()
-            await probe_formats(self.files, hw["disks"], {use.path: rights for use, rights in plan})
-            hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
-            if hw and vm.active:
-                raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
-            changes.update(hw)
-            net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
-            link = P.net_flag(params)
-            hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
-            net_changes = {}
-            if link is not None and link != net.get("link_up", True):
-                net_changes["link_up"] = link
-            if hostfwds is not None and hostfwds != net.get("hostfwds", []):
-                net_changes["hostfwds"] = hostfwds
-            if guestfwds is not None and guestfwds != net.get("guestfwds", []):
-                net_changes["guestfwds"] = guestfwds
-            failures: List[Any] = []
-            if net_changes and vm.active and vm.session is not None:
-                failures = await self._apply_net(vm, net, net_changes)
-            if net_changes:
-                net.update(net_changes)
-                changes["net"] = net
-            if changes:
-                edited = VmSpec.from_json(dict(s.to_json(), **changes))
-                named = {use.path: rights.uid for use, rights in plan if rights is not None}
-                renamed = {use.path for use, _ in plan}  # named again: by whom counts now
-                kept = {p: uid for p, uid in s.named_by.items() if p not in renamed}
-                edited.named_by = {p: uid for p, uid in dict(kept, **named).items() if p in edited.paths()}
-                try:
-                    self.workers.update_spec(vm, edited)
-                except (OSError, SpecError) as e:
-                    raise _stored(e)
-                log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
+            with self.workers.claim_name(new_name, renaming=vm) if "name" in changes else contextlib.nullcontext():
+                return await self._vm_edit_locked(vm, params, caller, changes)
+
+    async def _vm_edit_locked(self, vm: ManagedVm, params, caller: Caller, changes: Dict[str, Any]):
+        """vm.edit with the VM's lock held and its new name (if any) claimed."""
+        s = vm.spec
+        hw = {
+            "disks": P.disks(params),
+            "kernel": P.file_path(params, "kernel"),
+            "initrd": P.file_path(params, "initrd"),
+            "cmdline": P.cmdline(params),
+            "memory_mb": P.memory_mb(params, telemetry.host_memory_mb()),
+            "cpus": P.cpus(params),
+        }
+        own = [d["path"] for d in s.disks if d.get("owned")]
+        for d in hw["disks"] or []:
+            d["owned"] = d["path"] in own  # its own overlay, listed again, stays its own
+        plan = self.files.plan(caller, file_uses(hw["kernel"], hw["initrd"], hw["disks"]), own)
+        (await self.files.open_planned(plan)).close()
+        await probe_formats(self.files, hw["disks"], {use.path: rights for use, rights in plan})
+        hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
+        if hw and vm.active:
+            raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
+        changes.update(hw)
+        net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
+        link = P.net_flag(params)
+        hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
+        net_changes = {}
+        if link is not None and link != net.get("link_up", True):
+            net_changes["link_up"] = link
+        if hostfwds is not None and hostfwds != net.get("hostfwds", []):
+            net_changes["hostfwds"] = hostfwds
+        if guestfwds is not None and guestfwds != net.get("guestfwds", []):
+            net_changes["guestfwds"] = guestfwds
+        failures: List[Any] = []
+        if net_changes and vm.active and vm.session is not None:
+            failures = await self._apply_net(vm, net, net_changes)
+        if net_changes:
+            net.update(net_changes)
+            changes["net"] = net
+        if changes:
+            edited = VmSpec.from_json(dict(s.to_json(), **changes))
+            named = {use.path: rights.uid for use, rights in plan if rights is not None}
+            renamed = {use.path for use, _ in plan}  # named again: by whom counts now
+            kept = {p: uid for p, uid in s.named_by.items() if p not in renamed}
+            edited.named_by = {p: uid for p, uid in dict(kept, **named).items() if p in edited.paths()}
+            try:
+                self.workers.update_spec(vm, edited)
+            except (OSError, SpecError) as e:
+                raise _stored(e)
+            log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
         return dict(self.view(vm), forward_failures=failures)
 
     async def _apply_net(self, vm: ManagedVm, net: Dict[str, Any], changes: Dict[str, Any]) -> List[Any]:
@@ -346,7 +355,7 @@ class VmMethods:
         self.gate.check_start_allowed()
         await self._preflight(vm)
         try:
-            await self.workers.start(vm)
+            await self.workers.start(vm, self.gate.check_start_allowed)
         except OperationError as e:
             raise ApiError(e.code, e.message, last_failure=vm.last_failure)
         return self.view(vm)
@@ -415,13 +424,13 @@ class VmMethods:
 
     async def vm_delete(self, params, caller: Caller):
         vm = self.find_or_broken(params)
+        force = P.get(params, "force", bool, default=False)
         if isinstance(vm, str):
             try:
-                self.workers.delete_broken(vm)
+                await self.workers.delete_broken(vm, force)
             except OSError as e:
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm, e.strerror))
             return {"id": vm, "deleted": True}
-        force = P.get(params, "force", bool, default=False)
         if vm.active:
             if not force:
                 raise ApiError(ErrorCode.VM_RUNNING, "VM %s is %s; stop it first (or force)" % (vm.id, vm.state.value))

@@ -53,8 +53,11 @@ def ok(r: "subprocess.CompletedProcess[bytes]") -> str:
 class DaemonProcess:
     """A real tenboxd on private paths: its own data dir, run dir and socket."""
 
-    def __init__(self, root: Path, extra_env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, root: Path, extra_env: Optional[Dict[str, str]] = None, preamble: Optional[str] = None) -> None:
         self.root = root
+        # Python run in tenboxd's process before its main(): stubs for what a test cannot have for
+        # real (a dpkg-managed installation, a slow apt), on an otherwise real daemon.
+        self.preamble = preamble
         self.data_dir = root / "data"
         # ipc:// paths are limited to 107 bytes: keep the run dir short.
         self.run_dir = Path(tempfile.mkdtemp(prefix="tbx-run-"))
@@ -66,8 +69,12 @@ class DaemonProcess:
         self.history: List[ConsoleProcess] = []
 
     def argv(self) -> List[str]:
-        return [PYTHON, "-m", "tenbox_supervisor", "--data-dir", str(self.data_dir), "--socket", str(self.socket),
-                "--run-dir", str(self.run_dir)]
+        args = ["--data-dir", str(self.data_dir), "--socket", str(self.socket), "--run-dir", str(self.run_dir)]
+        if self.preamble is None:
+            return [PYTHON, "-m", "tenbox_supervisor"] + args
+        runner = ("import sys; exec(sys.argv.pop(1)); from tenbox_supervisor.__main__ import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+        return [PYTHON, "-c", runner, self.preamble] + args
 
     def env(self) -> Dict[str, str]:
         return repo_env(dict({"TENBOX_NO_SCOPES": "1"}, **self.extra_env))
