@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import logging
@@ -123,9 +124,6 @@ class Opened:
     def fd(self, key: str) -> int:
         return self.fds[key]
 
-    def size(self, key: str) -> int:
-        return os.fstat(self.fds[key]).st_size
-
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
@@ -140,10 +138,8 @@ class Opened:
 
 def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):  # one that fails leaks none of the others
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _open_as(uses: Sequence[Use], rights: Credentials, timeout: float) -> Tuple[List[Optional[str]], List[int]]:
@@ -198,7 +194,7 @@ def _check_descriptor(fd: int, use: Use) -> bool:
 
 
 def open_uses(plan: Sequence[Tuple[Use, Rights]], timeout: float = OPEN_TIMEOUT_SEC) -> Dict[str, int]:
-    """Open every use with its rights (blocking: run on a thread); ApiError for the first that fails, nothing left open."""
+    """Open every use with its rights (blocking: a thread runs it); ApiError for the first that fails, none left open."""
     opened: Dict[str, int] = {}
     try:
         by_rights: Dict[Rights, List[Use]] = {}
@@ -288,9 +284,3 @@ class CallerFiles:
 
     async def open(self, caller: Caller, uses: Sequence[Use], own: Sequence[str] = ()) -> Opened:
         return await self.open_planned(self.plan(caller, uses, own))
-
-    async def check(self, caller: Caller, uses: Sequence[Use], own: Sequence[str] = ()) -> Dict[str, int]:
-        """ApiError unless `caller` may use every path; nothing is kept open. {path: uid} of the paths it named with its own rights."""
-        plan = self.plan(caller, uses, own)
-        (await self.open_planned(plan)).close()
-        return {use.path: rights.uid for use, rights in plan if rights is not None}

@@ -1,4 +1,4 @@
-"""Open the files a request names and hand the descriptors back (a child of tenboxd running as the caller, or a daemon thread).
+"""Open the files a request names, hand back the descriptors (tenboxd's child running as the caller, or its thread).
 
     python3 -m tenbox_supervisor.file_opener FD '[["PATH", WRITE], ...]'
 

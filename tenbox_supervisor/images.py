@@ -172,10 +172,10 @@ class Progress:
 
 
 def copy_and_hash(src_fd: int, src: str, dst: str, expected_size: int, progress: Optional[Progress] = None) -> str:
-    """Copy the file open as src_fd (named `src` in messages) to a new file dst, at most expected_size + 1 bytes; the sha256 of what was copied.
+    """Copy the file open as src_fd (`src` in messages) to a new file dst, at most expected_size + 1 bytes.
 
-    The file is read once, from its start, through the descriptor: what is
-    hashed is what is written. Blocks of zeros become holes (a raw template
+    Returns the sha256 of what was copied. The file is read once, from its
+    start, through the descriptor: what is hashed is what is written. Blocks of zeros become holes (a raw template
     stays sparse). Returns the hex digest; the caller compares it and the
     size with the manifest.
     """
@@ -283,7 +283,11 @@ class ImportSource:
 
 
 def resolve_sources(paths: List[str], folder: bool) -> ImportSource:
-    """Where the manifest and the files are: a folder with manifest.json (or a manifest's path, its files beside it), or files of which one is named *.json (the manifest) and the others by name.
+    """Where the manifest and the files are.
+
+    `folder`: a folder with manifest.json (or a manifest's path, its files
+    beside it); else files of which one is named *.json (the manifest) and
+    the others by name.
 
     Only the names are looked at: the files are opened later, with the
     caller's rights. Raises ImageError(invalid_argument) for a set of files
@@ -308,7 +312,7 @@ def resolve_sources(paths: List[str], folder: bool) -> ImportSource:
 
 
 def source_plan(source: ImportSource, manifest: Dict[str, Any]) -> Dict[str, str]:
-    """Each file the manifest names -> the path it is imported from; ImageError if one is not given or one given is not named."""
+    """Each file the manifest names -> its source path; ImageError if one is not given, or one given is not named."""
     folder = os.path.dirname(source.manifest_path)
     plan: Dict[str, str] = {}
     for fn in manifest["files"]:

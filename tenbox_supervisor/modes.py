@@ -1,4 +1,4 @@
-"""Owners and modes of the data directory: one table, applied at every start and by the package on upgrade (daemon or postinst, root).
+"""Owners and modes of the data directory, one table applied at start and on upgrade (daemon, or postinst; root).
 
 Nothing a guest wrote is readable by other users (docs/security.md):
 
@@ -106,7 +106,7 @@ def _apply(fd: int, name: str, mode: int, uid: int, gid: int) -> bool:
 
 def _secure(dir_fd: Optional[int], name: str, mode: int, owner: Owner, gid: Optional[int] = None,
             directory: bool = False) -> Optional[int]:
-    """Set name's owner (the daemon, group `gid` or the owner's) and mode; its descriptor (to walk on) for a folder, else None."""
+    """Set name's owner (the daemon; group `gid`, else the owner's) and mode; a folder's descriptor, else None."""
     fd = _open(dir_fd, name, directory)
     if fd is None:
         return None
@@ -156,7 +156,7 @@ def secure_vm_folder(vms_fd: int, vm_id: str, owner: Owner) -> None:
 
 
 def secure_data_dir(data_dir: str, gid: Optional[int]) -> Optional[int]:
-    """Owners and modes of the whole layout (the table above): how many paths changed, None if there is no data directory yet."""
+    """The table above on the whole layout: how many paths changed; None without a data directory."""
     owner = Owner(gid)
     top = _open(None, data_dir, directory=True)
     if top is None:

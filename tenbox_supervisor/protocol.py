@@ -113,7 +113,7 @@ ERROR_MESSAGES = {
     ErrorCode.UNKNOWN_REQUEST: "unknown request type",
     ErrorCode.REQUEST_TOO_LARGE: "the request is larger than 1 MiB",
     ErrorCode.INVALID_ARGUMENT: "a parameter is missing or invalid",
-    ErrorCode.PERMISSION_DENIED: "only root may do this",
+    ErrorCode.PERMISSION_DENIED: "not allowed: a root-only request, or a file the caller may not open",
     ErrorCode.VM_NOT_FOUND: "no such VM",
     ErrorCode.VM_EXISTS: "a VM with that name exists",
     ErrorCode.VM_BROKEN: "the VM's stored spec is unreadable",
@@ -169,7 +169,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # tenboxd refused or the request failed; its error code is printed in parentheses
     USAGE = 2  # bad command line
     UNREACHABLE = 3  # tenboxd is not running or the connection broke; the socket path is named
-    PERMISSION = 4  # permission denied: the socket (join the tenbox group) or a root-only method
+    PERMISSION = 4  # permission denied: the socket (the tenbox group), a root-only method, a file not the caller's to open
 
     @property
     def meaning(self) -> str:
@@ -181,7 +181,8 @@ _EXIT_MEANINGS = {
     ExitCode.FAILED: "tenboxd refused the request or it failed (the error code is printed)",
     ExitCode.USAGE: "bad command line",
     ExitCode.UNREACHABLE: "tenboxd is not running or cannot be reached",
-    ExitCode.PERMISSION: "permission denied: the socket (join the tenbox group), or a root-only request",
+    ExitCode.PERMISSION: "permission denied: the socket (join the tenbox group), a root-only request, or a file you "
+                         "may not open",
 }
 
 # The CLI's exit status for each error code tenboxd can answer with. Every code is listed,

@@ -189,7 +189,7 @@ class Updater:
         ]
 
     def check_start_allowed(self) -> None:
-        """vm.start and vm.create ask, the last time under the VM's lock right before they act: not while an update runs."""
+        """Asked by vm.start and vm.create, last right before they act (under the VM's lock): not while updating."""
         if self.job is not None:
             raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update of tenbox is running; try again when it is done")
 

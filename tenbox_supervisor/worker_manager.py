@@ -115,7 +115,7 @@ class WorkerManager:
 
     @contextlib.contextmanager
     def claim_name(self, name: str, renaming: Optional[ManagedVm] = None) -> Iterator[None]:
-        """Hold `name` for a VM being created (or renamed) until the block ends; OperationError(vm_exists) if it is taken.
+        """Hold `name` for a VM being created (or renamed) until the block ends; OperationError(vm_exists) if taken.
 
         The check and the claim happen together, before the creation awaits
         anything: two concurrent creates with one name cannot both pass.
