@@ -35,11 +35,6 @@ class Caller:
     transport: str = "local"
     groups: Tuple[int, ...] = ()
 
-    @property
-    def is_root(self) -> bool:
-        """Root on this host's socket. The cloud is not: it gets the image store only (docs/security.md)."""
-        return self.transport == "local" and self.uid == 0
-
     def __str__(self) -> str:
         if self.transport != "local":
             return self.transport
