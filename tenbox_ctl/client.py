@@ -11,9 +11,12 @@ import itertools
 import json
 import os
 import socket
+import stat
+import struct
 from typing import Any, Dict, Iterator, Optional
 
 from tenbox_supervisor.protocol import (
+    FALLBACK_SOCKET,
     REQUEST_MAX_BYTES,
     SOCKET_ENV,
     ErrorCode,
@@ -57,14 +60,39 @@ class Client:
         self._ids = itertools.count(1)
 
     def connect(self) -> socket.socket:
+        fallback = self.path == FALLBACK_SOCKET % os.getuid()
+        if fallback:
+            self._check_owner(self._fallback_owner())
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
             s.connect(self.path)
+            if fallback:  # what answered, not only what was there a moment ago
+                self._check_owner(struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                   struct.calcsize("3i")))[1])
         except OSError as e:
             s.close()
             raise self._connect_error(e) from None
+        except CliError:
+            s.close()
+            raise
         return s
+
+    def _fallback_owner(self) -> Optional[int]:
+        """The owner of the socket file at the /tmp fallback; None if there is none (connect says so)."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise CliError("refusing %s: it is not a socket (anyone can create files in /tmp); remove it, "
+                           "or set %s" % (self.path, SOCKET_ENV), ExitCode.UNREACHABLE)
+        return st.st_uid
+
+    def _check_owner(self, uid: Optional[int]) -> None:
+        if uid is not None and uid not in (os.getuid(), 0):
+            raise CliError("refusing %s: it belongs to uid %d, not to you or root (anyone can create files in "
+                           "/tmp); remove it, or set %s" % (self.path, uid, SOCKET_ENV), ExitCode.UNREACHABLE)
 
     def _connect_error(self, e: OSError) -> CliError:
         if e.errno in (errno.EACCES, errno.EPERM):

@@ -12,22 +12,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, Iterable
+from typing import Any, Awaitable, Callable, Dict, Iterable, Tuple
 
 from tenbox_supervisor.errors import ApiError, OperationError
-from tenbox_supervisor.protocol import ErrorCode, Method
+from tenbox_supervisor.protocol import NAME_RE, ErrorCode, Method
 
 log = logging.getLogger("tenboxd.api")
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: peer credentials on the local socket, or the cloud."""
+    """Who is asking: peer credentials on the local socket, or the cloud.
+
+    `groups` are the peer's supplementary groups when it connected
+    (SO_PEERGROUPS); files it names are opened with uid, gid and these
+    (caller_files.py).
+    """
 
     uid: int
     gid: int
     pid: int
     transport: str = "local"
+    groups: Tuple[int, ...] = ()
 
     def __str__(self) -> str:
         if self.transport != "local":
@@ -45,6 +51,18 @@ class MethodSpec:
     mutating: bool
     root_only: bool = False
     stream: bool = False
+
+
+def loggable_key(params: Dict[str, Any]) -> str:
+    """The request's vm_id or name for the log, before the handler has checked it.
+
+    Only a value that is a valid id or name is written as it is: anything
+    else (newlines, escape sequences) could forge log lines.
+    """
+    key = params.get("vm_id") or params.get("name") or ""
+    if not key:
+        return ""
+    return key if isinstance(key, str) and NAME_RE.match(key) else "(invalid id or name)"
 
 
 class Api:
@@ -71,7 +89,7 @@ class Api:
         if spec.root_only and caller.transport == "local" and caller.uid != 0:
             raise ApiError(ErrorCode.PERMISSION_DENIED, "%s is for root only" % spec.name.value)
         if spec.mutating:
-            log.info("request %s %s from %s", spec.name.value, params.get("vm_id") or params.get("name") or "", caller)
+            log.info("request %s %s from %s", spec.name.value, loggable_key(params), caller)
         try:
             if spec.stream:
                 return await spec.handler(params, caller, stream)

@@ -6,9 +6,21 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from tenbox_supervisor.protocol import DEFAULT_SYSTEM_SOCKET, SOCKET_GROUP_ENV, SYSTEM_RUN_DIR
+from tenbox_supervisor.protocol import (
+    CLIENT_IDLE_SEC,
+    DEFAULT_SYSTEM_SOCKET,
+    FALLBACK_SOCKET,
+    SOCKET_GROUP_ENV,
+    SYSTEM_RUN_DIR,
+)
 
 DEFAULT_DATA_DIR = "/var/lib/tenbox"
+CLIENT_IDLE_ENV = "TENBOX_CLIENT_IDLE_SEC"
+CLIENT_IDLE_RANGE_SEC = (1.0, 86400.0)
+
+
+class ConfigError(ValueError):
+    """A setting from the environment makes no sense; the message names it."""
 
 
 def under_systemd(env: dict) -> bool:
@@ -29,6 +41,7 @@ class Config:
     run_dir: str
     socket_group: Optional[str]
     cloud_url: str
+    client_idle_sec: float = CLIENT_IDLE_SEC
 
     @property
     def worker_endpoint(self) -> str:
@@ -77,7 +90,7 @@ def resolve(
         elif env.get("XDG_RUNTIME_DIR"):
             socket_path = os.path.join(env["XDG_RUNTIME_DIR"], "tenbox.sock")
         else:
-            socket_path = "/tmp/tenbox-%d.sock" % uid
+            socket_path = FALLBACK_SOCKET % uid
     if not run_dir:
         run_dir = SYSTEM_RUN_DIR if system else _user_runtime_dir(env, uid)
     if cloud_url is None:
@@ -88,4 +101,18 @@ def resolve(
         run_dir=os.path.abspath(run_dir),
         socket_group=env.get(SOCKET_GROUP_ENV) or None,
         cloud_url=cloud_url,
+        client_idle_sec=_seconds(env, CLIENT_IDLE_ENV, CLIENT_IDLE_SEC, CLIENT_IDLE_RANGE_SEC),
     )
+
+
+def _seconds(env: dict, key: str, default: float, bounds) -> float:
+    raw = env.get(key)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not bounds[0] <= value <= bounds[1]:
+        raise ConfigError("%s=%r: give seconds in %g..%g" % (key, raw, bounds[0], bounds[1]))
+    return value

@@ -5,6 +5,13 @@ the group and chmod 0660, in that order; its folder stays 0755 so others
 get an honest "permission denied". A lock file beside the socket keeps a
 second tenboxd away; a socket file left by a dead daemon is replaced.
 Every client is served by its own task: no request blocks the others.
+
+Bounds on clients (docs/security.md): a connection that sends no request
+for the idle time is closed (blank lines do not count as requests); one
+that takes no byte of its replies for CLIENT_WRITE_STALL_SEC is dropped;
+each non-root uid may hold CLIENTS_PER_UID_MAX connections and all of
+them together CLIENTS_MAX, while root's connections are counted apart, so
+group members can never lock root (or the package's postinst) out.
 """
 
 from __future__ import annotations
@@ -15,13 +22,23 @@ import grp
 import json
 import logging
 import os
+import pwd
 import socket
 import struct
-from typing import Any, Dict, Optional
+from collections import Counter
+from typing import Any, Dict, Optional, Tuple
 
 from tenbox_supervisor.api import Api, Caller
 from tenbox_supervisor.errors import ApiError
-from tenbox_supervisor.protocol import CLIENT_IDLE_SEC, CLIENTS_MAX, REQUEST_MAX_BYTES, ErrorCode
+from tenbox_supervisor.protocol import (
+    CLIENT_IDLE_SEC,
+    CLIENT_WRITE_STALL_SEC,
+    CLIENTS_MAX,
+    CLIENTS_PER_UID_MAX,
+    REQUEST_MAX_BYTES,
+    ROOT_CLIENTS_MAX,
+    ErrorCode,
+)
 
 log = logging.getLogger("tenboxd.control")
 
@@ -29,18 +46,63 @@ log = logging.getLogger("tenboxd.control")
 TOP_LEVEL_PARAMS = ("vm_id", "lines", "data_hex", "force", "timeout", "source", "version")
 
 
+# Linux's SO_PEERGROUPS (4.13+, the same number on x86-64 and arm64); Python's socket module lacks it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+PEER_GROUPS_MAX = 256  # Python reads at most 1024 bytes of an option; more groups: looked up instead
+
+
 class SocketBusy(Exception):
     """Another tenboxd serves this socket."""
+
+
+class ClientStalled(Exception):
+    """A client took nothing of its replies for CLIENT_WRITE_STALL_SEC."""
+
+
+def peer_groups(sock: socket.socket, uid: int, gid: int) -> Tuple[int, ...]:
+    """The peer's supplementary groups when it connected; its user's groups from the database if unknown."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * PEER_GROUPS_MAX)
+        return tuple(struct.unpack("%dI" % (len(raw) // 4), raw[: len(raw) // 4 * 4]))
+    except OSError:  # ENOPROTOOPT on old kernels, ERANGE beyond PEER_GROUPS_MAX
+        pass
+    try:
+        return tuple(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except (KeyError, OSError):
+        return (gid,)
 
 
 def peer_credentials(sock: socket.socket) -> Caller:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Caller(uid=uid, gid=gid, pid=pid)
+    return Caller(uid=uid, gid=gid, pid=pid, groups=peer_groups(sock, uid, gid))
 
 
 def _encode(obj: Dict[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode()
+
+
+async def drain(writer: asyncio.StreamWriter) -> None:
+    """writer.drain() bounded by progress: ClientStalled once the peer took nothing for CLIENT_WRITE_STALL_SEC.
+
+    A reader that is slow but keeps taking bytes is waited for; one that
+    stopped reading is not (drain() alone would wait for ever, holding the
+    client's task and its buffers).
+    """
+    transport = writer.transport
+    while True:
+        pending = transport.get_write_buffer_size()
+        try:
+            await asyncio.wait_for(writer.drain(), CLIENT_WRITE_STALL_SEC)
+            return
+        except asyncio.TimeoutError:
+            if transport.get_write_buffer_size() >= pending:
+                raise ClientStalled() from None
+
+
+async def send_line(writer: asyncio.StreamWriter, obj: Dict[str, Any]) -> None:
+    writer.write(_encode(obj))
+    await drain(writer)
 
 
 class Stream:
@@ -57,15 +119,13 @@ class Stream:
         """Send the ok reply now; True once it is handed to the kernel."""
         self.replied = True
         try:
-            self.writer.write(_encode({"id": self.req_id, "ok": True, "payload": payload}))
-            await self.writer.drain()
+            await send_line(self.writer, {"id": self.req_id, "ok": True, "payload": payload})
             return True
-        except ConnectionError:
+        except (ConnectionError, ClientStalled):
             return False
 
     async def event(self, obj: Dict[str, Any]) -> None:
-        self.writer.write(_encode(obj))
-        await self.writer.drain()
+        await send_line(self.writer, obj)
 
     async def next_event(self) -> Optional[Dict[str, Any]]:
         """The client's next JSON line; None when it closed the connection or sent garbage."""
@@ -86,20 +146,54 @@ class Stream:
             pass
 
 
+class ClientCounts:
+    """Open connections by uid, and the admission rule (pure: unit-tested by table)."""
+
+    def __init__(self, total_max: int = CLIENTS_MAX, per_uid_max: int = CLIENTS_PER_UID_MAX,
+                 root_max: int = ROOT_CLIENTS_MAX) -> None:
+        self.total_max = total_max
+        self.per_uid_max = per_uid_max
+        self.root_max = root_max
+        self.by_uid: Counter = Counter()
+
+    def admit(self, uid: int) -> Optional[str]:
+        """Count a new connection of `uid` and return None, or why it is refused (nothing counted)."""
+        if uid == 0:
+            if self.by_uid[0] >= self.root_max:
+                return "root has %d connections open" % self.root_max
+        elif self.by_uid[uid] >= self.per_uid_max:
+            return "uid %d has %d connections open" % (uid, self.per_uid_max)
+        elif sum(n for u, n in self.by_uid.items() if u != 0) >= self.total_max:
+            return "%d connections of users other than root are open" % self.total_max
+        self.by_uid[uid] += 1
+        return None
+
+    def release(self, uid: int) -> None:
+        self.by_uid[uid] -= 1
+        if self.by_uid[uid] <= 0:
+            del self.by_uid[uid]
+
+
 class ControlServer:
-    def __init__(self, path: str, group: Optional[str], api: Api) -> None:
+    def __init__(self, path: str, group: Optional[str], api: Api, idle_sec: float = CLIENT_IDLE_SEC) -> None:
         self.path = path
         self.group = group
         self.api = api
+        self.idle_sec = idle_sec
         self._server: Optional[asyncio.AbstractServer] = None
         self._lock_fd: Optional[int] = None
         self._inode: Optional[int] = None
-        self._clients = 0
+        self.clients = ClientCounts()
         self._tasks: set = set()
 
     def _take_lock(self) -> None:
         lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a link, and only our own file: the socket may be at /tmp/tenbox-<uid>.sock.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            os.close(fd)
+            raise SocketBusy("refusing %s: it belongs to uid %d, not to this tenboxd; remove it" % (lock_path, owner))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -165,36 +259,46 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task() if hasattr(asyncio, "current_task") else asyncio.Task.current_task()
-        self._tasks.add(task)
-        self._clients += 1
         try:
-            if self._clients > CLIENTS_MAX:
-                await self._send(writer, {"id": None, "ok": False, "error_code": ErrorCode.TOO_MANY_CLIENTS.value,
-                                          "error": ErrorCode.TOO_MANY_CLIENTS.message})
-                return
-            try:
-                caller = peer_credentials(writer.get_extra_info("socket"))
-            except OSError:
-                return
+            caller = peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            return
+        refused = self.clients.admit(caller.uid)
+        if refused is not None:
+            # Written without waiting: a line fits in the socket's buffer, and a client that does
+            # not read it must not hold a task either.
+            log.warning("refused a connection from %s: %s", caller, refused)
+            writer.write(_encode({"id": None, "ok": False, "error_code": ErrorCode.TOO_MANY_CLIENTS.value,
+                                  "error": "%s: %s" % (ErrorCode.TOO_MANY_CLIENTS.message, refused)}))
+            writer.close()
+            return
+        self._tasks.add(task)
+        try:
             await self._serve(reader, writer, caller)
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except ClientStalled:
+            log.warning("client %s took nothing of its replies for %.0fs; disconnected", caller, CLIENT_WRITE_STALL_SEC)
+            writer.transport.abort()  # close() would wait for ever to hand over what is buffered
         except Exception:
             log.exception("control client failed")
         finally:
-            self._clients -= 1
+            self.clients.release(caller.uid)
             self._tasks.discard(task)
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, obj: Dict[str, Any]) -> None:
-        writer.write(_encode(obj))
-        await writer.drain()
+        await send_line(writer, obj)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, caller: Caller) -> None:
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + self.idle_sec  # moved by requests only, never by blank lines
         while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), CLIENT_IDLE_SEC)
+                line = await asyncio.wait_for(reader.readline(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
+                log.info("client %s sent no request for %.0fs; disconnected", caller, self.idle_sec)
                 return
             except (ValueError, asyncio.LimitOverrunError):
                 await self._send(writer, {"id": None, "ok": False, "error_code": ErrorCode.REQUEST_TOO_LARGE.value,
@@ -223,6 +327,7 @@ class ControlServer:
             if reply is None:
                 return  # a stream ended: its connection ends with it
             await self._send(writer, reply)
+            deadline = loop.time() + self.idle_sec
 
     async def _dispatch(self, req, req_id, caller, reader, writer) -> Optional[Dict[str, Any]]:
         payload = req.get("payload", {})
@@ -246,7 +351,7 @@ class ControlServer:
             if stream is not None and stream.replied:
                 return None
             return reply
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError, ClientStalled):
             raise
         except Exception as e:
             log.exception("request %r failed", req.get("type"))

@@ -12,16 +12,19 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import time
 from typing import List, Optional
 
 from tenbox_supervisor.api import Api
+from tenbox_supervisor.caller_files import CallerFiles
 from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
+from tenbox_supervisor.modes import DAEMON_UMASK, group_id, secure_data_dir
 from tenbox_supervisor.notify import Notifier
 from tenbox_supervisor.oshost import SystemHost
 from tenbox_supervisor.protocol import VERSION
@@ -54,7 +57,7 @@ class Daemon:
         self._extra_tasks: List[asyncio.Task] = []
 
     def _lock_data_dir(self) -> None:
-        os.makedirs(self.config.data_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.config.data_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.config.data_dir, ".tenboxd.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -67,6 +70,25 @@ class Daemon:
         os.write(fd, b"%d\n" % os.getpid())
         self._lock_fd = fd
 
+    def _check_run_dir(self) -> None:
+        """The run directory holds the worker link: it must be tenboxd's and writable by nobody else.
+
+        Without $XDG_RUNTIME_DIR a per-user daemon uses /tmp/tenbox-<uid>,
+        which any user could have made first to take over the link.
+        """
+        path = self.config.run_dir
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        why = None
+        if not stat.S_ISDIR(st.st_mode):
+            why = "it is not a folder"
+        elif st.st_uid != os.geteuid():
+            why = "it belongs to uid %d, not to tenboxd's uid %d" % (st.st_uid, os.geteuid())
+        elif st.st_mode & 0o022:
+            why = "others may write in it (mode %04o)" % stat.S_IMODE(st.st_mode)
+        if why:
+            raise StartupError("refusing the run directory %s: %s; remove it or give --run-dir" % (path, why))
+
     def status_line(self) -> str:
         running = self.workers.running_count() if self.workers else 0
         total = len(self.workers.all()) if self.workers else 0
@@ -74,20 +96,27 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_event_loop()
+        # Nothing tenboxd or its workers create is world-readable; logs are the group's (modes.py).
+        os.umask(DAEMON_UMASK)
+        log_gid = group_id(self.config.socket_group)
         try:
             self._lock_data_dir()
-            store = Store(self.config.vms_dir)
+            self._check_run_dir()
+            secure_data_dir(self.config.data_dir, log_gid)  # also repairs what older versions left
+            store = Store(self.config.vms_dir, log_gid)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg))
             workers = self.workers = WorkerManager(self.config, store, SystemHost(), self.link.send)
-            images = ImageMethods(ImageStore(self.config.images_dir), workers)
-            updater = Updater(self.config.data_dir, workers)
+            files = CallerFiles(self.config.images_dir)
+            images = ImageMethods(ImageStore(self.config.images_dir), workers, files)
+            updater = Updater(self.config.data_dir, workers, log_gid)
             api = Api()
             api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
-            api.register(VmMethods(workers, store, images, updater).method_specs())
+            api.register(VmMethods(workers, store, images, updater, files).method_specs())
             api.register(images.method_specs())
             api.register(updater.method_specs())
-            updater.restore()
-            self.control = ControlServer(self.config.socket_path, self.config.socket_group, api)
+            await updater.restore()
+            self.control = ControlServer(self.config.socket_path, self.config.socket_group, api,
+                                         self.config.client_idle_sec)
             self.link.start()
             workers.restore()
             workers.add_listener(lambda vm, old, new, reason: self.notifier.status(self.status_line()))

@@ -2,7 +2,9 @@
 
 Hashing and copying run on the default executor's threads, the rootfs
 check in a child process (tenbox_vmm.imagetool): the event loop never
-reads an image. One asyncio lock orders the store's changes (the end of an
+reads an image. The sources are opened with the rights of the caller
+(caller_files.py): a group member imports only what it could read itself,
+and the sizes and digests in the answers are of files it could read. One asyncio lock orders the store's changes (the end of an
 import, a removal) against vm.create --image, so an image cannot be removed
 between the check for its users and the creation of a VM on it.
 """
@@ -16,6 +18,7 @@ from typing import Any, Dict, List, Optional, Protocol
 
 from tenbox_supervisor import params as P
 from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.caller_files import CallerFiles, Use, owning
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import (
@@ -24,7 +27,9 @@ from tenbox_supervisor.images import (
     ImageError,
     ImageStore,
     path_in,
+    read_manifest_fd,
     resolve_sources,
+    source_plan,
 )
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.protocol import ErrorCode, Method
@@ -51,9 +56,10 @@ def _api_error(e: ImageError) -> ApiError:
 
 
 class ImageMethods:
-    def __init__(self, store: ImageStore, vms: VmCatalog) -> None:
+    def __init__(self, store: ImageStore, vms: VmCatalog, files: CallerFiles) -> None:
         self.store = store
         self.vms = vms
+        self.files = files
         self.lock = asyncio.Lock()
 
     def method_specs(self) -> List[MethodSpec]:
@@ -143,31 +149,45 @@ class ImageMethods:
 
     async def image_import(self, params, caller: Caller):
         name = P.name(params, "name")
-        paths = P.absolute_paths(params, FILES_MAX + 1)
-        try:
-            source = resolve_sources(paths)
-            name, manifest, plan, progress = self.store.prepare_import(name, source)
-        except ImageError as e:
-            raise _api_error(e)
-        log.info("image %s: importing %d files (%d bytes) from %s", name, len(plan), progress.bytes_total,
-                 os.path.dirname(source.manifest_path))
+        paths, folder = P.image_sources(params, FILES_MAX + 1)
         loop = asyncio.get_event_loop()
-        tmp: Optional[str] = None
         try:
-            tmp = await loop.run_in_executor(None, self.store.copy_files, name, manifest, plan, progress)
-            manifest = await self._check_rootfs(os.path.join(tmp, manifest["rootfs"]), manifest)
-            async with self.lock:
-                image = await loop.run_in_executor(None, self.store.finish_import, name, tmp, manifest)
-            tmp = None
+            source = resolve_sources(paths, folder)
+            with await self.files.open(caller, [Use("manifest", source.manifest_path)]) as m:
+                fd = os.dup(m.fd("manifest"))
+                try:
+                    manifest = await loop.run_in_executor(None, owning, [fd], read_manifest_fd, fd)
+                except ImageError as e:
+                    raise ImageError(e.code, "%s: %s" % (source.manifest_path, e.message)) from None
+            plan = source_plan(source, manifest)
         except ImageError as e:
             raise _api_error(e)
-        except asyncio.CancelledError:
-            progress.cancel.set()  # the copying thread stops at its next block and removes its folder
-            raise
-        finally:
-            if tmp is not None:
-                self.store.discard(tmp)  # a few unlinks; also on the way out when cancelled
-            self.store.end_import(name)
+        with await self.files.open(caller, [Use(fn, path) for fn, path in sorted(plan.items())]) as opened:
+            sources = {fn: (path, opened.fd(fn)) for fn, path in plan.items()}
+            try:
+                name, progress = self.store.prepare_import(name, manifest, sources)
+            except ImageError as e:
+                raise _api_error(e)
+            log.info("image %s: importing %d files (%d bytes) from %r", name, len(plan), progress.bytes_total,
+                     os.path.dirname(source.manifest_path))
+            tmp: Optional[str] = None
+            try:
+                own = {fn: (path, os.dup(fd)) for fn, (path, fd) in sources.items()}
+                tmp = await loop.run_in_executor(None, owning, [fd for _, fd in own.values()], self.store.copy_files,
+                                                 name, manifest, own, progress)
+                manifest = await self._check_rootfs(os.path.join(tmp, manifest["rootfs"]), manifest)
+                async with self.lock:
+                    image = await loop.run_in_executor(None, self.store.finish_import, name, tmp, manifest)
+                tmp = None
+            except ImageError as e:
+                raise _api_error(e)
+            except asyncio.CancelledError:
+                progress.cancel.set()  # the copying thread stops at its next block and removes its folder
+                raise
+            finally:
+                if tmp is not None:
+                    self.store.discard(tmp)  # a few unlinks; also on the way out when cancelled
+                self.store.end_import(name)
         log.info("image %s: imported, every sha256 matched", name)
         view = image.view()
         view["verified"] = True

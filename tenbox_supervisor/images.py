@@ -1,9 +1,11 @@
 """The image store: <data_dir>/images/<name>/ holds a manifest, a kernel, an initrd and a rootfs template (daemon, root).
 
-An image enters the store only through `import_image`: its manifest is
-checked, every file it names is copied into a hidden folder beside the store
-while its sha256 is computed, and the folder is renamed into place only when
-every digest matched. A failed, refused or interrupted import leaves nothing
+An image enters the store only through an import: its manifest is checked,
+every file it names is copied into a hidden folder beside the store while
+its sha256 is computed, and the folder is renamed into place only when
+every digest matched. The sources are read through descriptors that
+caller_files.py opened with the rights of the user who asked: an import
+copies nothing that user could not read. A failed, refused or interrupted import leaves nothing
 behind (and a crash leaves a hidden folder that the next start removes).
 Templates are never written: the files are made read-only (0444), VMs use
 the rootfs only as the read-only backing file of their own qcow2 overlay.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from tenbox_supervisor.fsutil import atomic_write_json, entry_folders, fsync_dir
+from tenbox_supervisor.modes import IMAGES_DIR_MODE
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode
 
 log = logging.getLogger("tenboxd.images")
@@ -136,6 +139,19 @@ def read_manifest(path: str) -> Dict[str, Any]:
     return parse_manifest(raw)
 
 
+def read_manifest_fd(fd: int) -> Dict[str, Any]:
+    """A manifest read through a descriptor (from its start, at most 1 MiB and a byte), checked."""
+    chunks: List[bytes] = []
+    got = 0
+    while got <= MANIFEST_MAX_BYTES:
+        chunk = os.pread(fd, MANIFEST_MAX_BYTES + 1 - got, got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return parse_manifest(b"".join(chunks))
+
+
 # Copying --------------------------------------------------------------------------------------
 
 
@@ -155,20 +171,21 @@ class Progress:
                 "bytes_total": self.bytes_total, "started_at": self.started_at}
 
 
-def copy_and_hash(src: str, dst: str, expected_size: int, progress: Optional[Progress] = None) -> str:
-    """Copy src to a new file dst, at most expected_size + 1 bytes; the sha256 of what was copied.
+def copy_and_hash(src_fd: int, src: str, dst: str, expected_size: int, progress: Optional[Progress] = None) -> str:
+    """Copy the file open as src_fd (`src` in messages) to a new file dst, at most expected_size + 1 bytes.
 
-    The file is read once: what is hashed is what is written. Blocks of
-    zeros become holes (a raw template stays sparse). Returns the hex digest;
-    the caller compares it and the size with the manifest.
+    Returns the sha256 of what was copied. The file is read once, from its
+    start, through the descriptor: what is hashed is what is written. Blocks of zeros become holes (a raw template
+    stays sparse). Returns the hex digest; the caller compares it and the
+    size with the manifest.
     """
     h = hashlib.sha256()
     copied = 0
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    with open(dst, "xb") as fout:
         while copied <= expected_size:
             if progress is not None and progress.cancel.is_set():
                 raise ImportCancelled()
-            block = fin.read(min(COPY_BLOCK, expected_size + 1 - copied))
+            block = os.pread(src_fd, min(COPY_BLOCK, expected_size + 1 - copied), copied)
             if not block:
                 break
             h.update(block)
@@ -265,21 +282,20 @@ class ImportSource:
     files: Dict[str, str]  # file name in the manifest -> source path
 
 
-def resolve_sources(paths: List[str]) -> ImportSource:
-    """One folder with manifest.json, or files of which one is named *.json (the manifest) and the others by name.
+def resolve_sources(paths: List[str], folder: bool) -> ImportSource:
+    """Where the manifest and the files are.
 
-    Raises ImageError: file_missing for a path that is not there,
-    invalid_argument for a set of files that does not fit together.
+    `folder`: a folder with manifest.json (or a manifest's path, its files
+    beside it); else files of which one is named *.json (the manifest) and
+    the others by name.
+
+    Only the names are looked at: the files are opened later, with the
+    caller's rights. Raises ImageError(invalid_argument) for a set of files
+    that does not fit together.
     """
-    for p in paths:
-        if not os.path.exists(p):
-            raise ImageError(ErrorCode.FILE_MISSING, "%s does not exist" % p)
-    if len(paths) == 1 and os.path.isdir(paths[0]):
-        folder = paths[0]
-        mpath = os.path.join(folder, MANIFEST)
-        if not os.path.isfile(mpath):
-            raise ImageError(ErrorCode.FILE_MISSING, "%s has no %s" % (folder, MANIFEST))
-        return ImportSource(mpath, {})  # the files are looked up beside the manifest
+    if folder:
+        path = paths[0]
+        return ImportSource(path if path.endswith(".json") else os.path.join(path, MANIFEST), {})
     manifests = [p for p in paths if p.endswith(".json")]
     if len(manifests) != 1:
         raise ImageError(ErrorCode.INVALID_ARGUMENT,
@@ -288,13 +304,30 @@ def resolve_sources(paths: List[str]) -> ImportSource:
     for p in paths:
         if p in manifests:
             continue
-        if not os.path.isfile(p):
-            raise ImageError(ErrorCode.INVALID_ARGUMENT, "%s is not a regular file" % p)
         base = os.path.basename(p)
         if base in files:
             raise ImageError(ErrorCode.INVALID_ARGUMENT, "two files are named %s" % base)
         files[base] = p
     return ImportSource(manifests[0], files)
+
+
+def source_plan(source: ImportSource, manifest: Dict[str, Any]) -> Dict[str, str]:
+    """Each file the manifest names -> its source path; ImageError if one is not given, or one given is not named."""
+    folder = os.path.dirname(source.manifest_path)
+    plan: Dict[str, str] = {}
+    for fn in manifest["files"]:
+        src = source.files.get(fn) if source.files else os.path.join(folder, fn)
+        if src is None:
+            raise ImageError(ErrorCode.FILE_MISSING, "the manifest names %s, which is not among the files given" % fn)
+        plan[fn] = src
+    extra = sorted(set(source.files) - set(plan)) if source.files else []
+    if extra:
+        raise ImageError(ErrorCode.INVALID_ARGUMENT, "the manifest does not name %s" % ", ".join(extra))
+    return plan
+
+
+# A source file: the path it was named by (for messages) and the descriptor it is read through.
+Sources = Dict[str, Tuple[str, int]]
 
 
 class ImageStore:
@@ -303,7 +336,8 @@ class ImageStore:
     def __init__(self, images_dir: str) -> None:
         self.images_dir = images_dir
         self.pending: Dict[str, Progress] = {}
-        os.makedirs(images_dir, mode=0o755, exist_ok=True)
+        os.makedirs(images_dir, exist_ok=True)
+        os.chmod(images_dir, IMAGES_DIR_MODE)  # tenboxd's umask is 027; the group reads images
         self._sweep()
 
     def _sweep(self) -> None:
@@ -348,18 +382,12 @@ class ImageStore:
 
     # Import ---------------------------------------------------------------------------------
 
-    def prepare_import(self, name: Optional[str], source: ImportSource) -> Tuple[str, Dict[str, Any], Dict[str, str], Progress]:
-        """Every check that needs no hashing: (name, manifest, file name -> source path, progress).
+    def prepare_import(self, name: Optional[str], manifest: Dict[str, Any], sources: Sources) -> Tuple[str, Progress]:
+        """Every check that needs no hashing, on a checked manifest and its open sources: (name, progress).
 
         Registers the import as pending, so a second import of the same name
-        is refused until this one ends (finish_import or abandon_import).
+        is refused until this one ends (finish_import or end_import).
         """
-        try:
-            manifest = read_manifest(source.manifest_path)
-        except OSError as e:
-            raise ImageError(ErrorCode.FILE_MISSING, "cannot read %s: %s" % (source.manifest_path, e.strerror))
-        except ImageError as e:
-            raise ImageError(e.code, "%s: %s" % (source.manifest_path, e.message))
         if name is None:
             name = manifest.get("name")
             if not isinstance(name, str) or not NAME_RE.match(name):
@@ -369,21 +397,11 @@ class ImageStore:
             raise ImageError(ErrorCode.IMAGE_EXISTS, "an image named %r exists; remove it or import under another name" % name)
         if name in self.pending:
             raise ImageError(ErrorCode.IMAGE_EXISTS, "an image named %r is being imported right now" % name)
-        folder = os.path.dirname(source.manifest_path)
-        plan: Dict[str, str] = {}
         for fn, entry in manifest["files"].items():
-            src = source.files.get(fn) if source.files else os.path.join(folder, fn)
-            if src is None:
-                raise ImageError(ErrorCode.FILE_MISSING, "the manifest names %s, which is not among the files given" % fn)
-            if not os.path.isfile(src):
-                raise ImageError(ErrorCode.FILE_MISSING, "%s is missing (the manifest names it)" % src)
-            size = os.path.getsize(src)
+            src, fd = sources[fn]
+            size = os.fstat(fd).st_size
             if size != entry["size"]:
                 raise ImageError(ErrorCode.IMAGE_CORRUPT, "%s has %d bytes, the manifest says %d" % (src, size, entry["size"]))
-            plan[fn] = src
-        extra = sorted(set(source.files) - set(plan)) if source.files else []
-        if extra:
-            raise ImageError(ErrorCode.INVALID_ARGUMENT, "the manifest does not name %s" % ", ".join(extra))
         total = sum(e["size"] for e in manifest["files"].values())
         free = self.free_bytes()
         if total + SPACE_RESERVE_BYTES > free:
@@ -391,9 +409,9 @@ class ImageStore:
                              % (name, _human(total), _human(SPACE_RESERVE_BYTES), self.images_dir, _human(free)))
         progress = Progress(name, total)
         self.pending[name] = progress
-        return name, manifest, plan, progress
+        return name, progress
 
-    def copy_files(self, name: str, manifest: Dict[str, Any], plan: Dict[str, str], progress: Progress) -> str:
+    def copy_files(self, name: str, manifest: Dict[str, Any], sources: Sources, progress: Progress) -> str:
         """Copy and check every file into a hidden folder (a thread runs this); that folder's path.
 
         Any failure removes the folder and raises ImageError (image_corrupt
@@ -402,13 +420,14 @@ class ImageStore:
         tmp = os.path.join(self.images_dir, "%s%s-%s" % (TMP_PREFIX, name, secrets.token_hex(4)))
         os.mkdir(tmp, 0o755)
         try:
-            for fn in sorted(plan):
+            for fn in sorted(sources):
                 progress.file = fn
                 entry = manifest["files"][fn]
-                digest = copy_and_hash(plan[fn], os.path.join(tmp, fn), entry["size"], progress)
+                src, fd = sources[fn]
+                digest = copy_and_hash(fd, src, os.path.join(tmp, fn), entry["size"], progress)
                 if digest != entry["sha256"]:
                     raise ImageError(ErrorCode.IMAGE_CORRUPT, "%s: sha256 %s, the manifest says %s"
-                                     % (plan[fn], digest, entry["sha256"]))
+                                     % (src, digest, entry["sha256"]))
             return tmp
         except OSError as e:
             _remove_tree(tmp)
@@ -431,6 +450,7 @@ class ImageStore:
             final = self.image_dir(name)
             if os.path.lexists(final):
                 raise ImageError(ErrorCode.IMAGE_EXISTS, "an image named %r appeared during the import" % name)
+            os.chmod(tmp, IMAGES_DIR_MODE)  # made under tenboxd's umask 027; the group reads images
             os.rename(tmp, final)
             fsync_dir(self.images_dir)
         except OSError as e:

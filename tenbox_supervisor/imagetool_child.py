@@ -2,14 +2,16 @@
 
 Its answer is JSON on stdout (tenbox_vmm.protocol.imagetool); a failure
 comes back as ApiError(invalid_argument) with the tool's one-line message,
-a tool that hung or gave no answer as internal_error.
+a tool that hung or gave no answer as internal_error. Given a user's
+rights (`as_user`), the tool runs with them: a disk a group member names,
+and every backing file its chain names, is read as that member.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import ErrorCode
@@ -18,11 +20,14 @@ from tenbox_vmm.protocol.imagetool import IMAGETOOL_MODULE, ImageToolBroken, Ima
 IMAGETOOL_TIMEOUT_SEC = 120
 
 
-async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC) -> Dict[str, Any]:
-    """Run `python3 -m tenbox_vmm.imagetool ARGS`; its JSON result, or ApiError with its message."""
+async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC,
+                        as_user: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run `python3 -m tenbox_vmm.imagetool ARGS` (after the `as_user` prefix, Credentials.setpriv_argv());
+    its JSON result, or ApiError with its message."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", IMAGETOOL_MODULE, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+        *(as_user or []), sys.executable, "-m", IMAGETOOL_MODULE, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        cwd="/")
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:

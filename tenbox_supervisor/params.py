@@ -2,8 +2,9 @@
 
 After Firecracker's vmm_config: each function takes the request's params,
 returns a typed value or None when the parameter is absent, and raises
-ApiError(invalid_argument or file_missing) with one line naming the
-parameter. Limits come from the worker's protocol (Limits) and the VM spec
+ApiError(invalid_argument) with one line naming the parameter. Nothing
+here touches the file system: the files a request names are opened by
+caller_files.py, with the caller's rights and off the event loop. Limits come from the worker's protocol (Limits) and the VM spec
 checks (spec.py), so a value accepted here is one the runtime accepts.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode
@@ -79,7 +80,7 @@ def timeout(params: Params, default_sec: float) -> int:
 
 
 def file_path(params: Params, key: str, required: bool = False) -> Optional[str]:
-    """An absolute path to a readable regular file, normalised."""
+    """An absolute path, normalised. Nothing is opened here: caller_files.py does, with the caller's rights."""
     path = get(params, key, str, required)
     if path is None:
         return None
@@ -87,17 +88,11 @@ def file_path(params: Params, key: str, required: bool = False) -> Optional[str]
         raise _invalid("%s is not a usable path" % key)
     if not os.path.isabs(path):
         raise _invalid("%s must be an absolute path" % key)
-    if not os.path.exists(path):
-        raise ApiError(ErrorCode.FILE_MISSING, "%s %s does not exist" % (key, path))
-    if not os.path.isfile(path):
-        raise ApiError(ErrorCode.FILE_MISSING, "%s %s is not a regular file" % (key, path))
-    if not os.access(path, os.R_OK):
-        raise ApiError(ErrorCode.FILE_MISSING, "%s %s is not readable" % (key, path))
     return os.path.normpath(path)
 
 
-def absolute_paths(params: Params, most: int) -> List[str]:
-    """image.import's sources: `path` (a folder) or `files` (a manifest and its files), normalised."""
+def image_sources(params: Params, most: int) -> Tuple[List[str], bool]:
+    """image.import's sources, normalised: ([path], True) for `path` (a folder), (files, False) for `files` (a manifest and its files)."""
     path = get(params, "path", str)
     files = get(params, "files", list)
     if (path is None) == (files is None):
@@ -110,7 +105,7 @@ def absolute_paths(params: Params, most: int) -> List[str]:
         if not isinstance(p, str) or not p or len(p) > PATH_MAX or "\0" in p or not os.path.isabs(p):
             raise _invalid("%r is not an absolute path" % (p,))
         out.append(os.path.normpath(p))
-    return out
+    return out, path is not None
 
 
 def disks(params: Params) -> Optional[List[Dict[str, Any]]]:

@@ -17,14 +17,24 @@ from typing import Dict, List, Optional
 from tenbox_vmm.protocol import VERSION, Limits
 
 REQUEST_MAX_BYTES = 1 << 20
-CLIENT_IDLE_SEC = 300.0  # a connection that says nothing for this long is closed
-CLIENTS_MAX = 256
+CLIENT_IDLE_SEC = 300.0  # a connection that sends no request for this long is closed (blank lines are not requests)
+# A client that takes no byte of its replies for this long is disconnected: its task and buffers
+# go. A reply is at most a few MiB and a reader that keeps up takes 64 KiB in microseconds.
+CLIENT_WRITE_STALL_SEC = 10.0
+CLIENTS_MAX = 256  # connections of every non-root user together
+CLIENTS_PER_UID_MAX = 32  # connections of one non-root user: one user cannot take all 256
+# Root's connections (the CLI under sudo, the package's postinst) are counted apart and never
+# against the limits above: no number of group members' clients can lock root out.
+ROOT_CLIENTS_MAX = 64
 NAME_RE = Limits.NAME_RE  # VM ids and names, image names: each becomes a folder
 
 DEFAULT_SYSTEM_SOCKET = "/run/tenbox/tenbox.sock"
 SYSTEM_RUN_DIR = "/run/tenbox"
 SOCKET_GROUP_ENV = "TENBOX_SOCKET_GROUP"
 SOCKET_ENV = "TENBOX_SOCK"
+# The last place the CLI looks, and a per-user daemon's socket without $XDG_RUNTIME_DIR: in a
+# folder anyone can write, so the CLI trusts what it finds there only if it is the user's or root's.
+FALLBACK_SOCKET = "/tmp/tenbox-%d.sock"
 
 
 class Method(str, enum.Enum):
@@ -103,7 +113,7 @@ ERROR_MESSAGES = {
     ErrorCode.UNKNOWN_REQUEST: "unknown request type",
     ErrorCode.REQUEST_TOO_LARGE: "the request is larger than 1 MiB",
     ErrorCode.INVALID_ARGUMENT: "a parameter is missing or invalid",
-    ErrorCode.PERMISSION_DENIED: "only root may do this",
+    ErrorCode.PERMISSION_DENIED: "not allowed: a root-only request, or a file the caller may not open",
     ErrorCode.VM_NOT_FOUND: "no such VM",
     ErrorCode.VM_EXISTS: "a VM with that name exists",
     ErrorCode.VM_BROKEN: "the VM's stored spec is unreadable",
@@ -159,7 +169,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # tenboxd refused or the request failed; its error code is printed in parentheses
     USAGE = 2  # bad command line
     UNREACHABLE = 3  # tenboxd is not running or the connection broke; the socket path is named
-    PERMISSION = 4  # permission denied: the socket (join the tenbox group) or a root-only method
+    PERMISSION = 4  # permission denied: the socket (the tenbox group), a root-only method, a file not the caller's to open
 
     @property
     def meaning(self) -> str:
@@ -171,7 +181,8 @@ _EXIT_MEANINGS = {
     ExitCode.FAILED: "tenboxd refused the request or it failed (the error code is printed)",
     ExitCode.USAGE: "bad command line",
     ExitCode.UNREACHABLE: "tenboxd is not running or cannot be reached",
-    ExitCode.PERMISSION: "permission denied: the socket (join the tenbox group), or a root-only request",
+    ExitCode.PERMISSION: "permission denied: the socket (join the tenbox group), a root-only request, or a file you "
+                         "may not open",
 }
 
 # The CLI's exit status for each error code tenboxd can answer with. Every code is listed,
@@ -236,7 +247,7 @@ def default_socket_candidates(env: Optional[dict] = None, uid: Optional[int] = N
         out.append(DEFAULT_SYSTEM_SOCKET)
     if env.get("XDG_RUNTIME_DIR"):
         out.append(os.path.join(env["XDG_RUNTIME_DIR"], "tenbox.sock"))
-    out.append("/tmp/tenbox-%d.sock" % uid)
+    out.append(FALLBACK_SOCKET % uid)
     return out
 
 

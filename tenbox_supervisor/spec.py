@@ -38,6 +38,10 @@ class VmSpec:
     disks: List[Dict[str, Any]] = field(default_factory=list)
     net: Dict[str, Any] = field(default_factory=dict)
     image: Optional[str] = None
+    template: Optional[str] = None  # the file the owned overlay (the first disk) is backed by
+    # Paths named by a user other than root, with that user's uid: vm.start opens them
+    # again with that user's rights (caller_files.py). Absent: named by root or the daemon.
+    named_by: Dict[str, int] = field(default_factory=dict)
     created_at: float = 0.0
     extra: Dict[str, Any] = field(default_factory=dict)  # keys from newer versions, kept as they are
 
@@ -82,6 +86,19 @@ class VmSpec:
             check_net(self.net)
         if not isinstance(self.created_at, (int, float)):
             raise SpecError("created_at must be a number")
+        if self.template is not None and not (isinstance(self.template, str) and os.path.isabs(self.template)):
+            raise SpecError("template must be an absolute path")
+        if not isinstance(self.named_by, dict) or not all(
+                isinstance(p, str) and isinstance(u, int) and not isinstance(u, bool) and u >= 0
+                for p, u in self.named_by.items()):
+            raise SpecError("named_by must map paths to uids")
+
+    def paths(self) -> List[str]:
+        """Every host file the VM's worker opens by name: kernel, initrd, disks, the overlay's template."""
+        out = [self.kernel] + ([self.initrd] if self.initrd else []) + [d["path"] for d in self.disks]
+        if self.template and any(d.get("owned") for d in self.disks):
+            out.append(self.template)
+        return out
 
 
 def check_disk(d: Any) -> None:

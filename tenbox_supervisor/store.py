@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from tenbox_supervisor.fsutil import atomic_write_json, entry_folders
+from tenbox_supervisor.modes import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, make_log_dir
 from tenbox_supervisor.protocol import NAME_RE
 from tenbox_supervisor.spec import SpecError, VmSpec
 
@@ -26,11 +27,12 @@ SPEC_MAX_BYTES = 1 << 20
 
 
 class Store:
-    """VM folders under `vms_dir`."""
+    """VM folders under `vms_dir`, 0700 each; their logs go to group `log_gid` (modes.py)."""
 
-    def __init__(self, vms_dir: str) -> None:
+    def __init__(self, vms_dir: str, log_gid: Optional[int] = None) -> None:
         self.vms_dir = vms_dir
-        os.makedirs(vms_dir, mode=0o755, exist_ok=True)
+        self.log_gid = log_gid
+        os.makedirs(vms_dir, mode=PRIVATE_DIR_MODE, exist_ok=True)
 
     def vm_dir(self, vm_id: str) -> str:
         if not NAME_RE.match(vm_id):
@@ -70,14 +72,20 @@ class Store:
     def save(self, spec: VmSpec) -> None:
         spec.validate()
         d = self.vm_dir(spec.id)
-        os.makedirs(os.path.join(d, "logs"), mode=0o755, exist_ok=True)
-        atomic_write_json(os.path.join(d, SPEC_FILE), spec.to_json())
+        self.make_logs(spec.id)
+        atomic_write_json(os.path.join(d, SPEC_FILE), spec.to_json(), PRIVATE_FILE_MODE)
 
     def make_folder(self, vm_id: str) -> str:
         """A new VM's empty folder (FileExistsError if the id is taken); its vm.json comes with save()."""
         d = self.vm_dir(vm_id)
-        os.makedirs(d, mode=0o755)
+        os.mkdir(d, PRIVATE_DIR_MODE)
         return d
+
+    def make_logs(self, vm_id: str) -> str:
+        """The VM's logs/ folder, made if missing, with its mode and group; its path."""
+        path = os.path.join(self.vm_dir(vm_id), "logs")
+        make_log_dir(path, self.log_gid)
+        return path
 
     def delete(self, vm_id: str) -> None:
         d = self.vm_dir(vm_id)
@@ -87,7 +95,7 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
 
     def save_runtime(self, vm_id: str, state: Dict[str, Any]) -> None:
-        atomic_write_json(os.path.join(self.vm_dir(vm_id), RUNTIME_FILE), state)
+        atomic_write_json(os.path.join(self.vm_dir(vm_id), RUNTIME_FILE), state, PRIVATE_FILE_MODE)
 
     def load_runtime(self, vm_id: str) -> Dict[str, Any]:
         try:

@@ -21,7 +21,13 @@
    with python-apt's version_compare). If the daemon dies anyway, the next
    one finds <data_dir>/update.json and reports the outcome on its first
    cloud connection.
-While an update runs, vm.start is refused (`update_in_progress`).
+While an update runs, vm.start and vm.create are refused (`update_in_progress`),
+checked again under the VM's lock right before a worker is spawned. The update
+is claimed before anything is checked or awaited, so no VM can start between
+the check for active VMs and apt. When apt outlives APT_TIMEOUT_SEC, its
+transient unit is stopped (its process group without systemd) and the update
+stays claimed until nothing of it runs any more. dpkg-query runs as a child
+process with a deadline: the event loop never waits on it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import logging
 import os
 import re
 import shutil
-import subprocess
+import signal
 import time
 from typing import Any, Dict, List, Optional, Protocol
 
@@ -41,6 +47,7 @@ from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.fsutil import atomic_write_json, tail_lines
 from tenbox_supervisor.managed_vm import ManagedVm
+from tenbox_supervisor.modes import make_log_dir
 from tenbox_supervisor.protocol import ErrorCode, Method, cloud_response
 
 log = logging.getLogger("tenboxd.updater")
@@ -56,6 +63,12 @@ APT_SOURCES = ("/etc/apt/sources.list.d/tenbox.list", "/etc/apt/sources.list.d/t
 PACKAGE = "tenbox"
 APT_LOCK_TIMEOUT_SEC = 120  # wait this long for someone else's dpkg lock
 APT_TIMEOUT_SEC = 1800
+# After the timeout: the unit's own stop timeout (SIGTERM, then SIGKILL from systemd), or
+# without systemd SIGTERM to apt's process group and SIGKILL this long after.
+APT_STOP_TIMEOUT_SEC = 60
+APT_GONE_POLL_SEC = 0.5
+QUERY_TIMEOUT_SEC = 30  # dpkg-query, systemctl show
+ACTIVE_UNIT_STATES = ("active", "activating", "deactivating", "reloading", "refreshing")
 NOTIFY_DELIVERY_SEC = 15.0  # how long the postinst waits for our reply to leave
 LOG_TAIL_LINES = 20
 STATE_FILE = "update.json"
@@ -85,35 +98,44 @@ exit $rc
 """.replace("__LOCK__", str(APT_LOCK_TIMEOUT_SEC))
 
 
-def dpkg_version(package: str = PACKAGE) -> Optional[str]:
+async def _query(*argv: str, timeout: float = QUERY_TIMEOUT_SEC) -> Optional[str]:
+    """A query command's stdout when it exits 0 within `timeout`, else None; a child process, never the loop."""
     try:
-        r = subprocess.run(["dpkg-query", "--show", "--showformat=${Version}", package],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
         return None
-    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
-
-
-def _dpkg_owns(path: str) -> bool:
     try:
-        r = subprocess.run(["dpkg-query", "--search", path], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and r.stdout.split(":", 1)[0].strip() == PACKAGE
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None
+    return out.decode("utf-8", "replace") if proc.returncode == 0 else None
+
+
+async def dpkg_version(package: str = PACKAGE) -> Optional[str]:
+    out = await _query("dpkg-query", "--show", "--showformat=${Version}", package)
+    return out.strip() if out and out.strip() else None
+
+
+async def _dpkg_owns(path: str) -> bool:
+    out = await _query("dpkg-query", "--search", path)
+    return out is not None and out.split(":", 1)[0].strip() == PACKAGE
 
 
 def running_daemon_file() -> str:
     return os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"))
 
 
-def unmanaged_reason() -> Optional[str]:
+async def unmanaged_reason() -> Optional[str]:
     """Why this installation cannot update itself, or None if it can."""
     if not any(os.path.exists(p) for p in APT_SOURCES):
         return "no tenbox apt source (%s)" % " or ".join(APT_SOURCES)
-    if dpkg_version() is None:
+    if await dpkg_version() is None:
         return "dpkg does not know the %s package" % PACKAGE
     here = running_daemon_file()
-    if not _dpkg_owns(here):
+    if not await _dpkg_owns(here):
         return "the running tenboxd (%s) is not the file dpkg installed" % here
     return None
 
@@ -136,6 +158,7 @@ def lock_holder(lines: List[str]) -> Optional[str]:
 class Job:
     def __init__(self, old: str, target: Optional[str], stream, caller: Caller) -> None:
         self.old = old
+        self.unit: Optional[str] = None  # apt's transient unit, when systemd runs it
         self.target = target
         self.stream = stream
         self.caller = caller
@@ -150,8 +173,9 @@ class ActiveVms(Protocol):
 
 
 class Updater:
-    def __init__(self, data_dir: str, vms: ActiveVms) -> None:
+    def __init__(self, data_dir: str, vms: ActiveVms, log_gid: Optional[int] = None) -> None:
         self.vms = vms
+        self.log_gid = log_gid
         self.job: Optional[Job] = None
         self.log_path = os.path.join(data_dir, "logs", "update.log")
         self.state_path = os.path.join(data_dir, STATE_FILE)
@@ -165,7 +189,7 @@ class Updater:
         ]
 
     def check_start_allowed(self) -> None:
-        """vm.start asks before it starts a worker: not while an update runs."""
+        """Asked by vm.start and vm.create, last right before they act (under the VM's lock): not while updating."""
         if self.job is not None:
             raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update of tenbox is running; try again when it is done")
 
@@ -178,20 +202,23 @@ class Updater:
         target = P.debian_version(params)
         if self.job is not None:
             raise ApiError(ErrorCode.UPDATE_IN_PROGRESS, "an update is already running")
-        active = self.active_vms()
-        if active:
-            raise ApiError(ErrorCode.VMS_RUNNING, "%d VM(s) are still active; stop them before upgrading"
-                           % len(active), running_vms=active)
-        reason = unmanaged_reason()
-        if reason:
-            raise ApiError(ErrorCode.UPDATE_DISABLED, "cannot update: %s" % reason)
-        old = dpkg_version() or "?"
-        job = self.job = Job(old, target, stream, caller)  # vm.start is refused from here on
-        log.info("host.update: from %s to %s, requested by %s", old, target or "the newest", caller)
-        self._save_state({"from": old, "target": target, "started_at": time.time(), "transport": caller.transport,
-                          "request_id": getattr(stream, "request_id", None), "delivered": False})
+        # Claimed before the check and before any await: a vm.start checks the claim under its
+        # VM's lock right before it spawns, so either it sees the claim or its VM is active here.
+        job = self.job = Job("?", target, stream, caller)
+        release = True  # False while apt, stopped after its timeout, has not ended yet
         keep_state = False
         try:
+            active = self.active_vms()
+            if active:
+                raise ApiError(ErrorCode.VMS_RUNNING, "%d VM(s) are still active; stop them before upgrading"
+                               % len(active), running_vms=active)
+            reason = await unmanaged_reason()
+            if reason:
+                raise ApiError(ErrorCode.UPDATE_DISABLED, "cannot update: %s" % reason)
+            old = job.old = await dpkg_version() or "?"
+            log.info("host.update: from %s to %s, requested by %s", old, target or "the newest", caller)
+            self._save_state({"from": old, "target": target, "started_at": time.time(), "transport": caller.transport,
+                              "request_id": getattr(stream, "request_id", None), "delivered": False})
             proc = await self._start_apt(target)
             waiter = asyncio.ensure_future(proc.wait())
             notified = asyncio.ensure_future(job.notified.wait())
@@ -209,14 +236,69 @@ class Updater:
                 return result
             notified.cancel()
             if waiter not in done:
-                proc.kill()
-                raise ApiError(ErrorCode.APT_FAILED, "apt did not finish within %d s" % APT_TIMEOUT_SEC,
-                               log_tail=self._tail())
+                log.error("host.update: apt did not finish within %d s; stopping it", APT_TIMEOUT_SEC)
+                release = await self._stop_apt(proc, job)
+                raise ApiError(ErrorCode.APT_FAILED, "apt did not finish within %d s; it was stopped%s"
+                               % (APT_TIMEOUT_SEC, "" if release else " but still runs: VM starts stay refused "
+                                  "until it has ended"), log_tail=self._tail())
             return await self._judge(old, self._apt_status(waiter.result()), stream)
         finally:
-            self.job = None
+            if release:
+                self.job = None
             if not keep_state:
                 self._clear_state()
+
+    async def _apt_running(self, proc, job: Job) -> bool:
+        """Whether anything of apt still runs: its transient unit, or a process of its process group."""
+        if job.unit is not None:
+            state = await _query("systemctl", "show", "--property=ActiveState", "--value", job.unit)
+            if state is not None and state.strip() in ACTIVE_UNIT_STATES:
+                return True
+        try:
+            os.killpg(proc.pid, 0)  # apt's session: its process group is its pid
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    async def _stop_apt(self, proc, job: Job) -> bool:
+        """Stop apt after its timeout; True once nothing of it runs, False (the claim then stays, released
+        by a watcher when it ends) if it still runs after APT_STOP_TIMEOUT_SEC and a SIGKILL."""
+        if job.unit is not None:
+            # systemd-run --wait is only a watcher: killing it would leave dpkg running in the unit.
+            await _query("systemctl", "stop", "--no-block", job.unit)
+        self._signal_group(proc, signal.SIGTERM)
+        loop = asyncio.get_event_loop()
+        deadline = loop.time() + APT_STOP_TIMEOUT_SEC
+        killed = False
+        while await self._apt_running(proc, job):
+            if loop.time() > deadline:
+                if killed:
+                    log.error("host.update: apt still runs after SIGKILL; VM starts stay refused until it ends")
+                    asyncio.ensure_future(self._release_when_gone(proc, job))
+                    return False
+                if job.unit is not None:
+                    await _query("systemctl", "kill", "--signal=SIGKILL", job.unit)
+                self._signal_group(proc, signal.SIGKILL)
+                killed, deadline = True, loop.time() + APT_STOP_TIMEOUT_SEC
+            await asyncio.sleep(APT_GONE_POLL_SEC)
+        log.info("host.update: apt has ended")
+        return True
+
+    @staticmethod
+    def _signal_group(proc, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def _release_when_gone(self, proc, job: Job) -> None:
+        while await self._apt_running(proc, job):
+            await asyncio.sleep(APT_GONE_POLL_SEC * 10)
+        if self.job is job:
+            self.job = None
+            log.info("host.update: apt has ended at last; VMs may start again")
 
     async def _judge(self, old: str, rc: int, stream) -> Dict[str, Any]:
         tail = self._tail()
@@ -230,7 +312,7 @@ class Updater:
             if holder:
                 message += ": dpkg lock held by PID %s" % holder
             raise ApiError(ErrorCode.APT_FAILED, message, exit_code=rc, log_tail=tail)
-        new = dpkg_version() or "?"
+        new = await dpkg_version() or "?"
         if old != "?" and new != "?" and version_compare(new, old) <= 0:
             raise ApiError(ErrorCode.VERSION_UNCHANGED, "apt succeeded but tenbox is still %s (the repository may not "
                            "be synced yet)" % new, version=new)
@@ -239,7 +321,7 @@ class Updater:
         return result
 
     async def _start_apt(self, target: Optional[str]):
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        make_log_dir(os.path.dirname(self.log_path), self.log_gid)
         with open(self.log_path, "w") as f:  # one transcript per attempt: the log stays bounded
             f.write("%s [tenbox-update] from %s to %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                           self.job.old, target or "the newest"))
@@ -255,8 +337,9 @@ class Updater:
         if os.path.isdir("/run/systemd/system") and shutil.which("systemd-run"):
             # A transient service run by PID 1: restarting tenboxd (our cgroup) leaves it alone.
             # systemd-run itself stays our child and exits with the service when --wait ends.
-            argv = ["systemd-run", "--unit", "tenbox-update-%d" % int(time.time()), "--collect", "--wait",
-                    "--quiet", "--service-type=exec", "--"] + argv
+            self.job.unit = "tenbox-update-%d" % int(time.time())
+            argv = ["systemd-run", "--unit", self.job.unit, "--collect", "--wait", "--quiet", "--service-type=exec",
+                    "--property=TimeoutStopSec=%d" % APT_STOP_TIMEOUT_SEC, "--"] + argv
         # Without systemd (containers, chroots) a new session is all there is; a restart
         # there is a plain signal to tenboxd, which does not reach this process group.
         return await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
@@ -319,13 +402,13 @@ class Updater:
         except FileNotFoundError:
             pass
 
-    def restore(self) -> None:
+    async def restore(self) -> None:
         """At start-up: an update.json means the previous daemon died during an update; judge it now."""
         state = self._load_state()
         if state is None:
             return
         self._clear_state()
-        old, now = state.get("from") or "?", dpkg_version() or "?"
+        old, now = state.get("from") or "?", await dpkg_version() or "?"
         upgraded = old != "?" and now != "?" and version_compare(now, old) > 0
         if upgraded:
             body = {"ok": True, "payload": {"from": old, "to": now, "reported_after_restart": True}}

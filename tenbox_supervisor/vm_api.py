@@ -3,25 +3,29 @@
 Each handler checks its parameters (params.py), then asks the
 WorkerManager; it never changes a ManagedVm or the manager's tables
 itself. Images come in through the narrow `ImageLookup` (the image
-methods' lock and lookup), the update check through `StartGate`.
+methods' lock and lookup), the update check through `StartGate`, the files
+a request names through `CallerFiles` (opened with the caller's rights).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any, Dict, List, Optional, Protocol, Union
 
 from tenbox_supervisor import doctor, params as P, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
+from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
+from tenbox_supervisor.modes import PRIVATE_FILE_MODE
 from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
-from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac, new_vm_id
+from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.link import CommandName
@@ -90,18 +94,35 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
     return out
 
 
-async def probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
+async def probe_disk(files: CallerFiles, key: str, path: str, who: Rights) -> Dict[str, Any]:
+    """The image tool's `info` on a disk, run with the rights of whoever named it (`who`; None: the daemon's).
+
+    With a user's rights, every file of the disk's backing chain is opened
+    with them too: the tool reads the header of each qcow2 in the chain
+    but only locates its last, raw, file.
+    """
+    try:
+        info = await run_imagetool("info", path, as_user=who.setpriv_argv() if who else None)
+    except ApiError as e:
+        raise ApiError(e.code, "%s: %s" % (key, e.message)) from None
+    if who is not None:
+        chain = info.get("backing_chain") or []
+        plan = [(Use("%s backing[%d]" % (key, i + 1), entry[0]), who) for i, entry in enumerate(chain)]
+        (await files.open_planned(plan)).close()
+    return info
+
+
+async def probe_formats(files: CallerFiles, disks: Optional[List[Dict[str, Any]]], rights: Dict[str, Rights]) -> None:
     """Record each disk's format (probed now when not given), so the worker never probes a raw image.
 
     A raw image opened by probing could be turned into a qcow2 image by its
     guest, naming any host file as backing; declared formats rule that out
-    (libvirt does the same). A declared format must match the file.
+    (libvirt does the same). A declared format must match the file. The
+    probe runs with the rights of whoever named the disk (`rights` by path):
+    a backing chain reaching a file that user cannot read is refused.
     """
     for i, d in enumerate(disks or []):
-        try:
-            found = (await run_imagetool("info", d["path"]))["format"]
-        except ApiError as e:
-            raise ApiError(e.code, "disks[%d]: %s" % (i, e.message))
+        found = (await probe_disk(files, "disks[%d]" % i, d["path"], rights.get(d["path"])))["format"]
         if d.get("format") not in (None, found):
             # qcow2 declared on a raw file, or raw declared on a qcow2 file: the latter is allowed
             # (the guest then sees the qcow2 bytes), as QEMU allows it, but never silently.
@@ -111,12 +132,22 @@ async def probe_formats(disks: Optional[List[Dict[str, Any]]]) -> None:
             d["format"] = found
 
 
+def file_uses(kernel: Optional[str], initrd: Optional[str], disks: Optional[List[Dict[str, Any]]],
+              template: Optional[str] = None) -> List[Use]:
+    """The files a vm.create or vm.edit names, and which of them the guest writes."""
+    uses = [Use(key, path) for key, path in (("kernel", kernel), ("initrd", initrd), ("template", template)) if path]
+    uses += [Use("disks[%d]" % i, d["path"], write=not d.get("read_only")) for i, d in enumerate(disks or [])]
+    return uses
+
+
 class VmMethods:
-    def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate) -> None:
+    def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate,
+                 files: CallerFiles) -> None:
         self.workers = workers
         self.folders = folders
         self.images = images
         self.gate = gate
+        self.files = files
 
     def method_specs(self) -> List[MethodSpec]:
         return [
@@ -170,18 +201,21 @@ class VmMethods:
     async def vm_create(self, params, caller: Caller):
         image_name = P.name(params, "image")
         if image_name is None:
-            return await self._vm_create(params, None)
+            return await self._vm_create(params, caller, None)
         if params.get("template") is not None:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "give image or template, not both")
         # Held until the VM is stored: image.remove cannot slip in between.
         async with self.images.lock:
-            return await self._vm_create(params, self.images.get(image_name))
+            return await self._vm_create(params, caller, self.images.get(image_name))
 
-    async def _vm_create(self, params, image: Optional[Image]):
+    async def _vm_create(self, params, caller: Caller, image: Optional[Image]):
         """vm.create; with an image, its kernel, initrd and command line are the defaults and its rootfs the template."""
         name = P.name(params, "name", required=True)
-        if self.workers.name_taken(name):
-            raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % name)
+        self.gate.check_start_allowed()
+        with self.workers.claim_name(name):  # held across every await below: one create per name
+            return await self._vm_create_named(params, caller, image, name)
+
+    async def _vm_create_named(self, params, caller: Caller, image: Optional[Image], name: str):
         kernel = P.file_path(params, "kernel", required=image is None)
         initrd = P.file_path(params, "initrd")
         cmdline = P.cmdline(params)
@@ -191,7 +225,7 @@ class VmMethods:
             if cmdline is None:
                 cmdline = image.manifest.get("cmdline")
         spec = VmSpec(
-            id=new_vm_id(),
+            id=self.workers.new_id(),
             name=name,
             kernel=kernel,
             initrd=initrd,
@@ -201,7 +235,6 @@ class VmMethods:
             cpus=P.cpus(params, default=1),
             disks=P.disks(params) or [],
         )
-        await probe_formats(spec.disks)
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
         net_on = P.net_flag(params)
         if net_on is None:
@@ -212,6 +245,11 @@ class VmMethods:
         if template and len(spec.disks) >= Limits.DISKS_MAX:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks"
                            % Limits.DISKS_MAX)
+        plan = self.files.plan(caller, file_uses(kernel, initrd, spec.disks, template))
+        (await self.files.open_planned(plan)).close()
+        spec.named_by = {use.path: rights.uid for use, rights in plan if rights is not None}
+        spec.template = template or None
+        await probe_formats(self.files, spec.disks, {use.path: rights for use, rights in plan})
         try:
             spec.validate()
             folder = self.folders.make_folder(spec.id)
@@ -224,8 +262,10 @@ class VmMethods:
                     await run_imagetool("overlay", "--backing", template, "--out", overlay)
                 except ApiError as e:
                     raise ApiError(e.code, "cannot make an overlay of %s: %s" % (template, e.message))
+                os.chmod(overlay, PRIVATE_FILE_MODE)  # the guest's writes: root's only
                 spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
                                       "format": "qcow2"})
+            self.gate.check_start_allowed()  # again: no await from here to the VM being listed
             try:
                 vm = self.workers.create(spec)
             except (OSError, SpecError) as e:
@@ -242,44 +282,58 @@ class VmMethods:
             changes: Dict[str, Any] = {}
             new_name = P.name(params, "name")
             if new_name is not None and new_name != s.name:
-                if any(v.spec.name == new_name for v in self.workers.all()):
-                    raise ApiError(ErrorCode.VM_EXISTS, "a VM named %r already exists" % new_name)
                 changes["name"] = new_name
-            hw = {
-                "disks": P.disks(params),
-                "kernel": P.file_path(params, "kernel"),
-                "initrd": P.file_path(params, "initrd"),
-                "cmdline": P.cmdline(params),
-                "memory_mb": P.memory_mb(params, telemetry.host_memory_mb()),
-                "cpus": P.cpus(params),
-            }
-            await probe_formats(hw["disks"])
-            hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
-            if hw and vm.active:
-                raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
-            changes.update(hw)
-            net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
-            link = P.net_flag(params)
-            hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
-            net_changes = {}
-            if link is not None and link != net.get("link_up", True):
-                net_changes["link_up"] = link
-            if hostfwds is not None and hostfwds != net.get("hostfwds", []):
-                net_changes["hostfwds"] = hostfwds
-            if guestfwds is not None and guestfwds != net.get("guestfwds", []):
-                net_changes["guestfwds"] = guestfwds
-            failures: List[Any] = []
-            if net_changes and vm.active and vm.session is not None:
-                failures = await self._apply_net(vm, net, net_changes)
-            if net_changes:
-                net.update(net_changes)
-                changes["net"] = net
-            if changes:
-                try:
-                    self.workers.update_spec(vm, VmSpec.from_json(dict(s.to_json(), **changes)))
-                except (OSError, SpecError) as e:
-                    raise _stored(e)
-                log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
+            with self.workers.claim_name(new_name, renaming=vm) if "name" in changes else contextlib.nullcontext():
+                return await self._vm_edit_locked(vm, params, caller, changes)
+
+    async def _vm_edit_locked(self, vm: ManagedVm, params, caller: Caller, changes: Dict[str, Any]):
+        """vm.edit with the VM's lock held and its new name (if any) claimed."""
+        s = vm.spec
+        hw = {
+            "disks": P.disks(params),
+            "kernel": P.file_path(params, "kernel"),
+            "initrd": P.file_path(params, "initrd"),
+            "cmdline": P.cmdline(params),
+            "memory_mb": P.memory_mb(params, telemetry.host_memory_mb()),
+            "cpus": P.cpus(params),
+        }
+        own = [d["path"] for d in s.disks if d.get("owned")]
+        for d in hw["disks"] or []:
+            d["owned"] = d["path"] in own  # its own overlay, listed again, stays its own
+        plan = self.files.plan(caller, file_uses(hw["kernel"], hw["initrd"], hw["disks"]), own)
+        (await self.files.open_planned(plan)).close()
+        await probe_formats(self.files, hw["disks"], {use.path: rights for use, rights in plan})
+        hw = {k: v for k, v in hw.items() if v is not None and v != getattr(s, k)}
+        if hw and vm.active:
+            raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
+        changes.update(hw)
+        net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
+        link = P.net_flag(params)
+        hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
+        net_changes = {}
+        if link is not None and link != net.get("link_up", True):
+            net_changes["link_up"] = link
+        if hostfwds is not None and hostfwds != net.get("hostfwds", []):
+            net_changes["hostfwds"] = hostfwds
+        if guestfwds is not None and guestfwds != net.get("guestfwds", []):
+            net_changes["guestfwds"] = guestfwds
+        failures: List[Any] = []
+        if net_changes and vm.active and vm.session is not None:
+            failures = await self._apply_net(vm, net, net_changes)
+        if net_changes:
+            net.update(net_changes)
+            changes["net"] = net
+        if changes:
+            edited = VmSpec.from_json(dict(s.to_json(), **changes))
+            named = {use.path: rights.uid for use, rights in plan if rights is not None}
+            renamed = {use.path for use, _ in plan}  # named again: by whom counts now
+            kept = {p: uid for p, uid in s.named_by.items() if p not in renamed}
+            edited.named_by = {p: uid for p, uid in dict(kept, **named).items() if p in edited.paths()}
+            try:
+                self.workers.update_spec(vm, edited)
+            except (OSError, SpecError) as e:
+                raise _stored(e)
+            log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
         return dict(self.view(vm), forward_failures=failures)
 
     async def _apply_net(self, vm: ManagedVm, net: Dict[str, Any], changes: Dict[str, Any]) -> List[Any]:
@@ -299,28 +353,51 @@ class VmMethods:
     async def vm_start(self, params, caller: Caller):
         vm = self.find(params)
         self.gate.check_start_allowed()
-        self._preflight(vm)
+        await self._preflight(vm)
         try:
-            await self.workers.start(vm)
+            await self.workers.start(vm, self.gate.check_start_allowed)
         except OperationError as e:
             raise ApiError(e.code, e.message, last_failure=vm.last_failure)
         return self.view(vm)
 
-    def _preflight(self, vm: ManagedVm) -> None:
+    async def _check_files(self, vm: ManagedVm) -> None:
+        """Every file the worker will open, opened now with the rights of whoever named it.
+
+        A user who named a file of theirs at vm.create may have put a link to
+        another file in its place since, or made their qcow2 disk name a
+        backing file they cannot read: both are refused here, before every
+        start, with that user's rights as they are today.
+        """
+        s = vm.spec
+        disks = [d for d in s.disks if not d.get("owned")]
+        uses = file_uses(s.kernel, s.initrd, disks, s.template if len(disks) < len(s.disks) else None)
+        uses += [Use("disk", d["path"], write=not d.get("read_only")) for d in s.disks if d.get("owned")]
+        plan = []
+        for use in uses:
+            uid = s.named_by.get(use.path)
+            try:
+                plan.append((use, Credentials.of_uid(uid) if uid is not None else None))
+            except KeyError:
+                raise ApiError(ErrorCode.PERMISSION_DENIED, "%s %s was named by uid %d, which is no longer a user"
+                               % (use.key, use.path, uid)) from None
+        (await self.files.open_planned(plan)).close()
+        rights = {use.path: who for use, who in plan}
+        for i, d in enumerate(disks):
+            who = rights.get(d["path"])
+            if who is not None and d.get("format") == "qcow2":
+                await probe_disk(self.files, "disks[%d]" % i, d["path"], who)
+
+    async def _preflight(self, vm: ManagedVm) -> None:
         """What vm.start checks before a worker runs; a refusal is recorded as the VM's last_failure."""
         checks = doctor.run_checks()
         if not checks["supported"]:
             failed = [c["message"] for c in checks["checks"] if c["required"] and not c["ok"]]
             self._refuse_start(vm, ErrorCode.KVM_UNSUPPORTED, FailureCode.KVM_UNSUPPORTED,
                                "KVM is not usable: %s" % "; ".join(failed))
-        for key in ("kernel", "initrd"):
-            path = getattr(vm.spec, key)
-            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-                self._refuse_start(vm, ErrorCode.FILE_MISSING, FailureCode.FILE_MISSING,
-                                   "%s %s is missing or unreadable" % (key, path))
-        for d in vm.spec.disks:
-            if not os.path.isfile(d["path"]):
-                self._refuse_start(vm, ErrorCode.FILE_MISSING, FailureCode.FILE_MISSING, "disk %s is missing" % d["path"])
+        try:
+            await self._check_files(vm)
+        except ApiError as e:
+            self._refuse_start(vm, e.code, FailureCode.FILE_MISSING, e.message)
         available = telemetry.host_memory_available_mb()
         if vm.spec.memory_mb > available:
             self._refuse_start(vm, ErrorCode.INSUFFICIENT_MEMORY, FailureCode.INSUFFICIENT_MEMORY,
@@ -347,13 +424,13 @@ class VmMethods:
 
     async def vm_delete(self, params, caller: Caller):
         vm = self.find_or_broken(params)
+        force = P.get(params, "force", bool, default=False)
         if isinstance(vm, str):
             try:
-                self.workers.delete_broken(vm)
+                await self.workers.delete_broken(vm, force)
             except OSError as e:
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm, e.strerror))
             return {"id": vm, "deleted": True}
-        force = P.get(params, "force", bool, default=False)
         if vm.active:
             if not force:
                 raise ApiError(ErrorCode.VM_RUNNING, "VM %s is %s; stop it first (or force)" % (vm.id, vm.state.value))

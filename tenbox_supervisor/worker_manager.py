@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
@@ -28,9 +28,9 @@ from tenbox_supervisor.errors import OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.managed_vm import FAILURE_CONSOLE_LINES, ManagedVm, StateListener, WorkerSession
-from tenbox_supervisor.oshost import SIGNAL_NAMES, Host
+from tenbox_supervisor.oshost import SIGNAL_NAMES, Host, Proc
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
-from tenbox_supervisor.spec import VmSpec, disk_arg
+from tenbox_supervisor.spec import VmSpec, disk_arg, new_vm_id
 from tenbox_supervisor.states import ACTIVE_STATES, InvalidTransition
 from tenbox_supervisor.store import Store
 from tenbox_vmm.protocol import VmState
@@ -72,6 +72,10 @@ class WorkerManager:
         self.send = send
         self._vms: Dict[str, ManagedVm] = {}
         self._broken: Dict[str, str] = {}
+        self._claimed: Set[str] = set()  # names of VMs being created or renamed (claim_name)
+        # Workers of broken entries (vm.json unreadable) that still run: nobody supervises them,
+        # so their folder is not deleted under them (delete_broken).
+        self._orphans: Dict[str, Proc] = {}
         self._listeners: List[StateListener] = []
         self.runtime_argv = [sys.executable, "-m", "tenbox_vmm"]
         self._tick_task: Optional[asyncio.Task] = None
@@ -95,8 +99,41 @@ class WorkerManager:
                 vm = matches[0]
         return vm
 
-    def name_taken(self, name: str) -> bool:
-        return name in self._vms or any(v.spec.name == name for v in self._vms.values())
+    def name_taken(self, name: str, renaming: Optional[ManagedVm] = None) -> bool:
+        """Whether `name` is a VM's name or id, a broken entry's id, or claimed by a create or rename in progress.
+
+        Ids are never names: `vm_id` takes either, and a name that is another
+        VM's id would make requests reach the wrong VM. `renaming` is the VM
+        whose own name and id do not count.
+        """
+        if name in self._claimed or name in self._broken:
+            return True
+        holder = self._vms.get(name)
+        if holder is not None and holder is not renaming:
+            return True
+        return any(v.spec.name == name for v in self._vms.values() if v is not renaming)
+
+    @contextlib.contextmanager
+    def claim_name(self, name: str, renaming: Optional[ManagedVm] = None) -> Iterator[None]:
+        """Hold `name` for a VM being created (or renamed) until the block ends; OperationError(vm_exists) if taken.
+
+        The check and the claim happen together, before the creation awaits
+        anything: two concurrent creates with one name cannot both pass.
+        """
+        if self.name_taken(name, renaming):
+            raise OperationError(ErrorCode.VM_EXISTS, "a VM named %r already exists (or a VM has that id)" % name)
+        self._claimed.add(name)
+        try:
+            yield
+        finally:
+            self._claimed.discard(name)
+
+    def new_id(self) -> str:
+        """A fresh VM id that is nobody's id or name."""
+        while True:
+            vm_id = new_vm_id()
+            if not self.name_taken(vm_id):
+                return vm_id
 
     def broken(self) -> Dict[str, str]:
         """Store entries that could not be read: reason by id."""
@@ -121,6 +158,12 @@ class WorkerManager:
         """Load the store; take back workers that outlived the previous tenboxd."""
         specs, self._broken = self.store.load()
         loop = asyncio.get_event_loop()
+        for vm_id in self._broken:
+            proc = self._recorded_worker(vm_id)
+            if proc is not None:
+                self._orphans[vm_id] = proc
+                log.error("vm %s: vm.json is unreadable but its worker pid %d still runs; vm.delete refuses the "
+                          "entry unless forced, which stops the worker first", vm_id, proc.pid)
         for vm_id, spec in specs.items():
             vm = self._new_vm(spec)
             self._vms[vm_id] = vm
@@ -134,9 +177,7 @@ class WorkerManager:
             if saved_state not in ACTIVE_STATES:
                 vm.restore_state(saved_state if saved_state == S.CRASHED else S.STOPPED, "runtime.json")
                 continue
-            proc = None
-            if isinstance(saved.get("pid"), int) and isinstance(saved.get("create_time"), (int, float)):
-                proc = self.host.adopt(saved["pid"], saved["create_time"], vm_id)
+            proc = self._recorded_worker(vm_id, saved)
             vm.restore_state(saved_state, "runtime.json")
             if proc is not None:
                 # The worker kept running while we were away: watch it, wait for its HELLO.
@@ -149,6 +190,13 @@ class WorkerManager:
                                           self.host.time(), console=[]))
                 vm.change_state(S.CRASHED, "worker gone after a tenboxd restart")
         self._tick_task = loop.create_task(self._ticker())
+
+    def _recorded_worker(self, vm_id: str, saved: Optional[Dict[str, Any]] = None) -> Optional[Proc]:
+        """The live worker runtime.json names for `vm_id` (same pid and start time, a tenbox worker for it), or None."""
+        saved = self.store.load_runtime(vm_id) if saved is None else saved
+        if isinstance(saved.get("pid"), int) and isinstance(saved.get("create_time"), (int, float)):
+            return self.host.adopt(saved["pid"], saved["create_time"], vm_id)
+        return None
 
     def _new_vm(self, spec: VmSpec) -> ManagedVm:
         return ManagedVm(spec, self._save_runtime, self._announce)
@@ -204,10 +252,36 @@ class WorkerManager:
         vm.console.close()
         log.info("vm %s: deleted", vm.id)
 
-    def delete_broken(self, vm_id: str) -> None:
-        """Remove a broken store entry's folder; OSError if it cannot be."""
+    async def delete_broken(self, vm_id: str, force: bool) -> None:
+        """Remove a broken store entry's folder; OSError if it cannot be.
+
+        A worker of the entry that still runs is refused (vm_running), or with
+        `force` stopped first (SIGTERM, SIGKILL after STOP_TIMEOUT_SEC): its
+        folder is never deleted under it.
+        """
+        proc = self._orphans.get(vm_id)
+        if proc is not None and self.host.alive(proc):
+            if not force:
+                raise OperationError(ErrorCode.VM_RUNNING, "broken VM %s still has a running worker (pid %d); "
+                                     "delete it with force to stop the worker first" % (vm_id, proc.pid))
+            log.warning("vm %s: stopping the worker pid %d of a broken entry before deleting it", vm_id, proc.pid)
+            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_SEC), (signal.SIGKILL, KILL_WAIT_SEC)):
+                self.host.kill(proc, sig)
+                if await self._ended(proc, wait):
+                    break
+            else:
+                raise OperationError(ErrorCode.VM_STOP_FAILED, "worker pid %d survived SIGKILL" % proc.pid)
         self.store.delete(vm_id)
         self._broken.pop(vm_id, None)
+        self._orphans.pop(vm_id, None)
+
+    async def _ended(self, proc: Proc, timeout: float) -> bool:
+        deadline = self.host.monotonic() + timeout
+        while self.host.alive(proc):
+            if self.host.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     def record_failure(self, vm: ManagedVm, code: FailureCode, message: str) -> None:
         """A failure found before any worker ran (vm.start's checks): shown as last_failure, persisted."""
@@ -241,13 +315,19 @@ class WorkerManager:
             argv += ["--cmdline", s.cmdline]
         return argv
 
-    async def start(self, vm: ManagedVm) -> None:
-        """Spawn the VM's worker and wait until the guest runs; OperationError with the reason if it does not."""
+    async def start(self, vm: ManagedVm, allowed: Optional[Callable[[], None]] = None) -> None:
+        """Spawn the VM's worker and wait until the guest runs; OperationError with the reason if it does not.
+
+        `allowed` is asked under the VM's lock, with no await between it and the
+        spawn (the updater's check: a start queued behind the lock must not
+        spawn while tenbox updates itself); it raises to refuse.
+        """
         async with vm.lock:
             if vm.active:
                 raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
-            log_path = os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            if allowed is not None:
+                allowed()
+            log_path = os.path.join(self.store.make_logs(vm.id), "runtime.log")
             vm.console.reset()
             try:
                 proc = self.host.spawn(self.worker_argv(vm), log_path,

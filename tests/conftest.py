@@ -79,11 +79,11 @@ def daemon(tmp_path):
 
 @pytest.fixture
 def make_daemon(tmp_path):
-    """Build (not start) tenboxd instances with extra environment."""
+    """Build (not start) tenboxd instances with extra environment (and a preamble of stubs: DaemonProcess)."""
     made = []
 
-    def make(subdir="d", **env):
-        d = DaemonProcess(tmp_path / subdir, extra_env=env)
+    def make(subdir="d", preamble=None, **env):
+        d = DaemonProcess(tmp_path / subdir, extra_env=env, preamble=preamble)
         made.append(d)
         return d
 

@@ -53,8 +53,11 @@ def ok(r: "subprocess.CompletedProcess[bytes]") -> str:
 class DaemonProcess:
     """A real tenboxd on private paths: its own data dir, run dir and socket."""
 
-    def __init__(self, root: Path, extra_env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, root: Path, extra_env: Optional[Dict[str, str]] = None, preamble: Optional[str] = None) -> None:
         self.root = root
+        # Python run in tenboxd's process before its main(): stubs for what a test cannot have for
+        # real (a dpkg-managed installation, a slow apt), on an otherwise real daemon.
+        self.preamble = preamble
         self.data_dir = root / "data"
         # ipc:// paths are limited to 107 bytes: keep the run dir short.
         self.run_dir = Path(tempfile.mkdtemp(prefix="tbx-run-"))
@@ -66,8 +69,12 @@ class DaemonProcess:
         self.history: List[ConsoleProcess] = []
 
     def argv(self) -> List[str]:
-        return [PYTHON, "-m", "tenbox_supervisor", "--data-dir", str(self.data_dir), "--socket", str(self.socket),
-                "--run-dir", str(self.run_dir)]
+        args = ["--data-dir", str(self.data_dir), "--socket", str(self.socket), "--run-dir", str(self.run_dir)]
+        if self.preamble is None:
+            return [PYTHON, "-m", "tenbox_supervisor"] + args
+        runner = ("import sys; exec(sys.argv.pop(1)); from tenbox_supervisor.__main__ import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+        return [PYTHON, "-c", runner, self.preamble] + args
 
     def env(self) -> Dict[str, str]:
         return repo_env(dict({"TENBOX_NO_SCOPES": "1"}, **self.extra_env))
@@ -92,6 +99,16 @@ class DaemonProcess:
     def call(self, type_: str, timeout: float = CALL_SEC, **payload) -> dict:
         """One request on the control socket; the whole reply."""
         return control_request(self.socket, type_, timeout, **payload)
+
+    def call_as(self, user: str, type_: str, timeout: float = CALL_SEC, **payload) -> dict:
+        """One request on the control socket from another user's process (runuser); the whole reply."""
+        code = ("import json, sys; from tests.framework.daemon import control_request; "
+                "print(json.dumps(control_request(sys.argv[1], sys.argv[2], float(sys.argv[3]), **json.loads(sys.argv[4]))))")
+        r = subprocess.run(["runuser", "-u", user, "--", PYTHON, "-c", code, str(self.socket), type_, str(timeout),
+                            json.dumps(payload)], capture_output=True, timeout=timeout + 30, env=repo_env(),
+                           cwd=str(REPO), stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        return json.loads(r.stdout)
 
     def vm(self, name: str) -> dict:
         for v in self.call("vm.list")["payload"]["vms"]:

@@ -9,6 +9,7 @@ import pytest
 
 from tests.cloud_server import LoopbackCloud
 from tests.framework.guests import guest_path
+from tests.framework.images import fake_image
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -109,11 +110,23 @@ def test_telemetry_ticks_on_every_connect(cloud, linked):
     cloud.wait_type("host.resources_tick", timeout=10)
 
 
-def test_vm_requests_over_the_cloud_use_the_same_methods(cloud, linked):
+def test_vm_requests_over_the_cloud_use_the_same_methods(cloud, linked, tmp_path):
+    """The cloud makes its VMs from images of the store (root imported this one); a file
+    elsewhere on the host is permission_denied for it, whoever could read it."""
     cloud.wait_type("device.hello")
-    r = cloud.request("vm.create", {"name": "cvm", "kernel": guest_path("idle"), "memory_mb": 32})
-    assert r["payload"]["ok"] is True
+    src = fake_image(tmp_path / "idle-img", rootfs_size=1 << 20, fmt="raw", kernel=guest_path("idle"))
+    assert linked.call("image.import", path=str(src))["ok"]
+    refused = cloud.request("vm.create", {"name": "cvm", "kernel": guest_path("idle"), "memory_mb": 32})["payload"]
+    assert refused["error_code"] == "permission_denied" and "image store" in refused["error"], refused
+    refused = cloud.request("vm.create", {"name": "cvm", "image": "idle-img", "disks": ["/etc/shadow"]})["payload"]
+    assert refused["error_code"] == "permission_denied", refused
+    r = cloud.request("vm.create", {"name": "cvm", "image": "idle-img", "memory_mb": 32, "cmdline": "console=ttyS0"})
+    assert r["payload"]["ok"] is True, r
     vm_id = r["payload"]["payload"]["id"]
+    stored = str(linked.data_dir / "images" / "idle-img" / "vmlinuz")
+    assert cloud.request("vm.edit", {"vm_id": vm_id, "kernel": stored})["payload"]["ok"]
+    overlay = r["payload"]["payload"]["disks"][0]["path"]  # the VM's own: the cloud may list it again
+    assert cloud.request("vm.edit", {"vm_id": vm_id, "disks": [overlay]})["payload"]["ok"]
     r = cloud.request("vm.start", vm_id=vm_id)
     assert r["payload"]["ok"] and r["payload"]["payload"]["state"] == "running" and r["vm_id"] == vm_id
     ev = cloud.wait(lambda e: e["type"] == "vm.state_changed" and e["payload"]["state"] == "running")

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from tests.framework.guests import guest_path
+from tests.framework.users import set_groups, system_group, system_user, unique_name
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -386,39 +387,25 @@ def test_systemd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path):
 
 def test_socket_permissions_with_a_real_group_and_user(make_daemon):
     import grp
-    import pwd
-    import subprocess
 
-    group, user = "tbxtestgrp", "tbxtestusr"
-    try:
-        grp.getgrnam(group)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", group], check=True)
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user], check=True)
-    subprocess.run(["gpasswd", "-d", user, group], capture_output=True)
-    try:
+    group = unique_name("tbxg")
+    with system_group(group), system_user(unique_name("tbxu")) as user:
         d = make_daemon("perm", TENBOX_SOCKET_GROUP=group)
         d.start()
         st = os.stat(d.socket)
         assert st.st_mode & 0o777 == 0o660
         assert st.st_gid == grp.getgrnam(group).gr_gid
         assert os.stat(d.sock_dir).st_mode & 0o777 == 0o755
-        r = d.ctl("vm", "ls", user=user)
+        r = d.ctl("vm", "ls", user=user.name)
         assert r.returncode == 4, r.stderr
         msg = r.stderr.decode()
         assert "permission denied on %s" % d.socket in msg and "tenbox group" in msg and "newgrp tenbox" in msg
-        subprocess.run(["usermod", "-aG", group, user], check=True)
-        r = d.ctl("vm", "ls", user=user)
+        set_groups(user.name, [group])
+        r = d.ctl("vm", "ls", user=user.name)
         assert r.returncode == 0, r.stderr
         assert b"ID" in r.stdout
-        r = d.ctl("host", "update", user=user)  # group members manage VMs; only root updates the host
+        r = d.ctl("host", "update", user=user.name)  # group members manage VMs; only root updates the host
         assert r.returncode == 4 and b"root only" in r.stderr, r.stderr
-    finally:
-        subprocess.run(["userdel", user], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
 
 
 def test_cli_says_when_the_daemon_is_not_running(daemon):

@@ -26,14 +26,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
 from tests.framework import qemu
 from tests.framework.daemon import ok
 from tests.framework.disk_tools import sha256_file
-from tests.framework.images import ROOTFS_SCRIPT, TEMPLATE_NAME, build_template
+from tests.framework.images import ROOTFS_SCRIPT, TEMPLATE_NAME, build_template, fake_image, root_sources, write_manifest
 from tests.framework.linux_guest import TCG_CPU
 from tests.framework.process import ConsoleProcess, run_tool
 from tests.framework.repo import PYTHON, REPO, repo_env
@@ -254,35 +254,6 @@ def test_a_tampered_build_is_refused(daemon, template, tmp_path):
 # --- bad input with small fake images ------------------------------------------------------------
 
 
-def write_manifest(folder: Path, **over) -> dict:
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
-    m = {"manifest_version": 1, "name": folder.name, "arch": "x86_64", "kernel": "vmlinuz", "initrd": "initrd.img",
-         "rootfs": "rootfs.img", "rootfs_format": "qcow2", "cmdline": "console=ttyS0 root=/dev/vda rw", "files": files}
-    m.update(over)
-    (folder / "manifest.json").write_text(json.dumps(m, indent=2))
-    return m
-
-
-def fake_image(folder: Path, rootfs_size: int = 16 * MiB, fmt: str = "qcow2", backing: Optional[Path] = None,
-               **over) -> Path:
-    """A small image: random kernel and initrd bytes, an empty rootfs of the given format."""
-    folder.mkdir(parents=True)
-    (folder / "vmlinuz").write_bytes(os.urandom(8192))
-    (folder / "initrd.img").write_bytes(os.urandom(4096))
-    rootfs = folder / "rootfs.img"
-    if fmt == "qcow2":
-        args = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        if backing is not None:
-            args += ["-b", str(backing), "-F", "raw"]
-        subprocess.run(args + [str(rootfs), str(rootfs_size)], check=True)
-    else:
-        with open(str(rootfs), "wb") as f:
-            f.write(os.urandom(rootfs_size))
-    write_manifest(folder, rootfs_format=over.pop("rootfs_format", fmt), **over)
-    return folder
-
-
 def test_an_image_given_as_files_imports_and_vm_create_uses_it(daemon, tmp_path):
     """`image import MANIFEST FILE...` with the files in other folders; the VM gets the image's
     kernel, initrd and command line, an explicit --cmdline wins."""
@@ -312,7 +283,7 @@ def test_an_image_given_as_files_imports_and_vm_create_uses_it(daemon, tmp_path)
     ("change a digest in the manifest", "image_corrupt", "vmlinuz: sha256"),
     ("manifest is not JSON", "image_corrupt", "not valid JSON"),
     ("manifest names a missing file", "file_missing", "extra.bin"),
-    ("delete the kernel", "file_missing", "vmlinuz is missing"),
+    ("delete the kernel", "file_missing", "vmlinuz does not exist"),
     ("rootfs declared raw", "image_corrupt", "is qcow2, the manifest says raw"),
 ])
 def test_a_tampered_or_incomplete_image_is_refused_and_leaves_nothing(daemon, tmp_path, tamper, code, words):
@@ -484,9 +455,10 @@ def test_a_disk_that_fills_up_during_an_import_leaves_nothing(tmpfs, tmp_path, m
     store = images.ImageStore(str(root / "images"))
     monkeypatch.setattr(store, "free_bytes", lambda: 1 << 40)
     src = fake_image(tmp_path / "big", rootfs_size=16 * MiB, fmt="raw")
-    name, manifest, plan, progress = store.prepare_import("big", images.resolve_sources([str(src)]))
-    with pytest.raises(images.ImageError) as e:
-        store.copy_files(name, manifest, plan, progress)
+    with root_sources(src) as (manifest, files):
+        name, progress = store.prepare_import("big", manifest, files)
+        with pytest.raises(images.ImageError) as e:
+            store.copy_files(name, manifest, files, progress)
     assert e.value.code.value == "insufficient_space"
     assert os.listdir(str(root / "images")) == []
 

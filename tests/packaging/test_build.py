@@ -121,7 +121,7 @@ def test_unit_keeps_vms_and_apt_alive_across_restarts():
     assert s["EnvironmentFile"] == "-/etc/tenbox/tenboxd.env"
     assert s["Environment"] == "TENBOX_SOCKET_GROUP=tenbox"
     assert (s["RuntimeDirectory"], s["RuntimeDirectoryMode"], s["RuntimeDirectoryPreserve"]) == ("tenbox", "0755", "yes")
-    assert s["StateDirectory"] == "tenbox"
+    assert (s["StateDirectory"], s["StateDirectoryMode"]) == ("tenbox", "0750")  # docs/security.md
     assert s["DeviceAllow"] == "/dev/kvm rw" and s["DevicePolicy"] == "closed"
     # Inherited by apt-get in a --scope: these would break dpkg (docs/packaging.md).
     for forbidden in ("ProtectSystem", "PrivateTmp", "PrivateDevices", "ProtectKernelModules", "RestrictSUIDSGID",

@@ -137,6 +137,33 @@ def stop_daemon(host):
     assert rc == 0, (host.logs / "tenboxd.log").read_text()[-4000:]
 
 
+def plant_old_modes(host):
+    """A VM folder as tenbox before issue 15 left it: 0755 folders, 0644 spec, disk and console; its path."""
+    data = host.chroot.path("/var/lib/tenbox")
+    vm = data / "vms" / "0123456789ab"
+    (vm / "logs").mkdir(parents=True)
+    for name, text in (("vm.json", "{}"), ("disk.qcow2", "guest data"), ("logs/console.log", "login: root")):
+        (vm / name).write_text(text)
+        (vm / name).chmod(0o644)
+    for folder in (data, data / "vms", vm, vm / "logs"):
+        folder.chmod(0o755)
+    return vm
+
+
+def check_modes(host, vm):
+    """docs/security.md's table on the planted VM folder."""
+    gid = int(host.chroot.run("getent group tenbox").stdout.split(":")[2])
+
+    def mode(path):
+        st = path.stat()
+        return stat.S_IMODE(st.st_mode), st.st_gid
+
+    assert mode(host.chroot.path("/var/lib/tenbox")) == (0o750, gid)
+    assert mode(vm.parent)[0] == mode(vm)[0] == 0o700
+    assert mode(vm / "vm.json")[0] == mode(vm / "disk.qcow2")[0] == 0o600
+    assert mode(vm / "logs") == (0o2750, gid) and mode(vm / "logs" / "console.log") == (0o640, gid)
+
+
 def leftovers(host):
     r = host.chroot.run("find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o "
                         "\\( -iname '*tenbox*' -print \\)")
@@ -255,6 +282,9 @@ class TestDistribution:
             gid = int(c.run("getent group tenbox").stdout.split(":")[2])
             assert (stat.S_IMODE(st.st_mode), st.st_gid, st.st_uid) == (0o660, gid, 0)
             assert stat.S_IMODE(c.path("/run/tenbox").stat().st_mode) == 0o755
+            data = c.path("/var/lib/tenbox").stat()  # docs/security.md: members reach it, nobody else
+            assert (stat.S_IMODE(data.st_mode), data.st_gid, data.st_uid) == (0o750, gid, 0)
+            assert stat.S_IMODE(c.path("/var/lib/tenbox/vms").stat().st_mode) == 0o700
             vms = json.loads(c.run("tenbox vm ls --json").stdout)
             assert vms in ([], {"vms": []}), vms
             assert c.run("runuser -u %s -- tenbox vm ls" % OPERATOR).returncode == 0
@@ -307,9 +337,11 @@ class TestDistribution:
         assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
 
     def test_upgrade_tells_the_daemon_then_restarts_it(self, host):
-        """A newer version in the repository: postinst notifies the running tenboxd, then restarts the unit."""
+        """A newer version in the repository: postinst sets the modes older versions left (world-
+        readable disks and consoles), notifies the running tenboxd, then restarts the unit."""
         c = host.chroot
         start_daemon(host)
+        old_vm = plant_old_modes(host)
         c.simulate_systemd(True)
         c.clear_standin_log()
         try:
@@ -330,6 +362,8 @@ class TestDistribution:
         assert "--system daemon-reload" in calls
         assert calls[-1].endswith("restart tenboxd.service") and not any(" start " in x for x in calls), calls
         assert c.run("tenboxd --version").stdout.strip() == "tenboxd %s" % host.debs.v2
+        check_modes(host, old_vm)
+        shutil.rmtree(str(old_vm))
         audit_clean(host)
         start_daemon(host)
         try:

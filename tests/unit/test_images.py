@@ -9,8 +9,16 @@ import os
 import pytest
 
 from tenbox_supervisor import images
-from tenbox_supervisor.images import ImageError, ImageStore, ImportSource, parse_manifest, resolve_sources
+from tenbox_supervisor.errors import ApiError
+from tenbox_supervisor.images import (
+    ImageError,
+    ImageStore,
+    parse_manifest,
+    resolve_sources,
+    source_plan,
+)
 from tenbox_supervisor.protocol import ErrorCode
+from tests.framework.images import root_sources
 
 
 def digest(data: bytes) -> str:
@@ -99,50 +107,59 @@ def test_a_newer_manifest_version_or_another_arch_is_refused_as_invalid_argument
     assert e.value.code == ErrorCode.INVALID_ARGUMENT and "riscv64" in e.value.message
 
 
-# resolve_sources --------------------------------------------------------------------------------
+# resolve_sources and source_plan ------------------------------------------------------------------
 
 
 def test_a_folder_is_its_manifest_and_the_files_beside_it(tmp_path):
     folder = write_image(tmp_path / "img")
-    src = resolve_sources([str(folder)])
+    src = resolve_sources([str(folder)], folder=True)
     assert src.manifest_path == str(folder / "manifest.json") and src.files == {}
+    assert source_plan(src, manifest_for()) == {fn: str(folder / fn) for fn in FILES}
+    assert resolve_sources([str(folder / "manifest.json")], folder=True).manifest_path == src.manifest_path
 
 
 def test_files_are_one_manifest_and_the_files_by_name(tmp_path):
     folder = write_image(tmp_path / "img")
     paths = [str(folder / fn) for fn in ("manifest.json", "vmlinuz", "initrd.img", "rootfs.qcow2")]
-    src = resolve_sources(paths)
+    src = resolve_sources(paths, folder=False)
     assert src.manifest_path == paths[0] and src.files == {fn: str(folder / fn) for fn in FILES}
 
 
-def test_bad_source_sets_are_refused(tmp_path):
-    folder = write_image(tmp_path / "img")
+def test_bad_source_sets_are_refused_by_their_names_alone(tmp_path):
     with pytest.raises(ImageError) as e:
-        resolve_sources([str(tmp_path / "missing")])
-    assert e.value.code == ErrorCode.FILE_MISSING
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageError) as e:
-        resolve_sources([str(tmp_path / "empty")])
-    assert e.value.code == ErrorCode.FILE_MISSING and "manifest.json" in e.value.message
-    with pytest.raises(ImageError) as e:
-        resolve_sources([str(folder / "vmlinuz"), str(folder / "rootfs.qcow2")])
+        resolve_sources(["/srv/vmlinuz", "/srv/rootfs.qcow2"], folder=False)
     assert e.value.code == ErrorCode.INVALID_ARGUMENT and "manifest" in e.value.message
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "vmlinuz").write_bytes(b"x")
     with pytest.raises(ImageError) as e:
-        resolve_sources([str(folder / "manifest.json"), str(folder / "vmlinuz"), str(other / "vmlinuz")])
+        resolve_sources(["/srv/manifest.json", "/srv/vmlinuz", "/other/vmlinuz"], folder=False)
     assert e.value.code == ErrorCode.INVALID_ARGUMENT and "two files" in e.value.message
 
 
+def test_files_the_manifest_does_not_name_or_names_but_are_not_given(tmp_path):
+    given = ["/s/manifest.json", "/s/vmlinuz", "/s/initrd.img", "/s/rootfs.qcow2"]
+    with pytest.raises(ImageError) as e:
+        source_plan(resolve_sources(given + ["/s/notes.txt"], folder=False), manifest_for())
+    assert e.value.code == ErrorCode.INVALID_ARGUMENT and "notes.txt" in e.value.message
+    with pytest.raises(ImageError) as e:
+        source_plan(resolve_sources(given[:3], folder=False), manifest_for())
+    assert e.value.code == ErrorCode.FILE_MISSING and "rootfs.qcow2" in e.value.message
+
+
 # copy_and_hash ------------------------------------------------------------------------------------
+
+
+def copy(src, dst, expected, progress=None):
+    fd = os.open(str(src), os.O_RDONLY)
+    try:
+        return images.copy_and_hash(fd, str(src), str(dst), expected, progress)
+    finally:
+        os.close(fd)
 
 
 def test_copy_and_hash_copies_and_hashes_what_it_read(tmp_path):
     src = tmp_path / "a"
     src.write_bytes(os.urandom(3 * images.COPY_BLOCK + 17))
     progress = images.Progress("x", src.stat().st_size)
-    assert images.copy_and_hash(str(src), str(tmp_path / "b"), src.stat().st_size, progress) == digest(src.read_bytes())
+    assert copy(src, tmp_path / "b", src.stat().st_size, progress) == digest(src.read_bytes())
     assert (tmp_path / "b").read_bytes() == src.read_bytes() and progress.bytes_done == src.stat().st_size
 
 
@@ -152,7 +169,7 @@ def test_copy_and_hash_keeps_zeros_as_holes(tmp_path):
         f.write(b"head")
         f.truncate(8 * images.COPY_BLOCK)  # zeros to the end: a hole in the copy too
     data = src.read_bytes()
-    assert images.copy_and_hash(str(src), str(tmp_path / "b"), len(data)) == digest(data)
+    assert copy(src, tmp_path / "b", len(data)) == digest(data)
     assert (tmp_path / "b").read_bytes() == data
     assert os.stat(str(tmp_path / "b")).st_blocks * 512 < 2 * images.COPY_BLOCK
 
@@ -162,7 +179,7 @@ def test_copy_and_hash_refuses_a_file_of_another_size_without_reading_it_all(tmp
     src = tmp_path / "a"
     src.write_bytes(b"x" * 100)
     with pytest.raises(ImageError) as e:
-        images.copy_and_hash(str(src), str(tmp_path / "b"), expected)
+        copy(src, tmp_path / "b", expected)
     assert e.value.code == ErrorCode.IMAGE_CORRUPT and "the manifest says %d" % expected in e.value.message
 
 
@@ -172,19 +189,25 @@ def test_copy_and_hash_stops_when_cancelled(tmp_path):
     progress = images.Progress("x", 100)
     progress.cancel.set()
     with pytest.raises(images.ImportCancelled):
-        images.copy_and_hash(str(src), str(tmp_path / "b"), 100, progress)
+        copy(src, tmp_path / "b", 100, progress)
 
 
 # The store -----------------------------------------------------------------------------------------
 
 
+def prepare(store, name, folder):
+    with root_sources(folder) as (manifest, files):
+        return store.prepare_import(name, manifest, files)
+
+
 def store_import(store, folder, name=None):
-    name, manifest, plan, progress = store.prepare_import(name, resolve_sources([str(folder)]))
-    try:
-        tmp = store.copy_files(name, manifest, plan, progress)
-        return store.finish_import(name, tmp, manifest)
-    finally:
-        store.end_import(name)
+    with root_sources(folder) as (manifest, files):
+        name, progress = store.prepare_import(name, manifest, files)
+        try:
+            tmp = store.copy_files(name, manifest, files, progress)
+            return store.finish_import(name, tmp, manifest)
+        finally:
+            store.end_import(name)
 
 
 def hidden(store):
@@ -227,11 +250,11 @@ def test_a_name_clash_and_a_full_disk_are_refused_before_copying(tmp_path, monke
     src = write_image(tmp_path / "src")
     store_import(store, src, "deb")
     with pytest.raises(ImageError) as e:
-        store.prepare_import("deb", resolve_sources([str(src)]))
+        prepare(store, "deb", src)
     assert e.value.code == ErrorCode.IMAGE_EXISTS
     monkeypatch.setattr(store, "free_bytes", lambda: images.SPACE_RESERVE_BYTES + 10)
     with pytest.raises(ImageError) as e:
-        store.prepare_import("deb2", resolve_sources([str(src)]))
+        prepare(store, "deb2", src)
     assert e.value.code == ErrorCode.INSUFFICIENT_SPACE and "free" in e.value.message
     assert store.pending == {} and hidden(store) == []
 
@@ -239,27 +262,17 @@ def test_a_name_clash_and_a_full_disk_are_refused_before_copying(tmp_path, monke
 def test_a_second_import_of_a_pending_name_is_refused(tmp_path):
     store = ImageStore(str(tmp_path / "images"))
     src = write_image(tmp_path / "src")
-    store.prepare_import("deb", resolve_sources([str(src)]))
+    prepare(store, "deb", src)
     with pytest.raises(ImageError) as e:
-        store.prepare_import("deb", resolve_sources([str(src)]))
+        prepare(store, "deb", src)
     assert e.value.code == ErrorCode.IMAGE_EXISTS and "being imported" in e.value.message
 
 
-def test_files_the_manifest_does_not_name_or_names_but_are_missing(tmp_path):
-    store = ImageStore(str(tmp_path / "images"))
+def test_a_missing_file_is_refused_when_it_is_opened(tmp_path):
     src = write_image(tmp_path / "src")
-    extra = tmp_path / "notes.txt"
-    extra.write_text("x")
-    paths = [str(src / fn) for fn in ("manifest.json", "vmlinuz", "initrd.img", "rootfs.qcow2")]
-    with pytest.raises(ImageError) as e:
-        store.prepare_import("a", ImportSource(paths[0], dict(resolve_sources(paths + [str(extra)]).files)))
-    assert e.value.code == ErrorCode.INVALID_ARGUMENT and "notes.txt" in e.value.message
-    with pytest.raises(ImageError) as e:
-        store.prepare_import("a", resolve_sources(paths[:3]))
-    assert e.value.code == ErrorCode.FILE_MISSING and "rootfs.qcow2" in e.value.message
     os.unlink(str(src / "initrd.img"))
-    with pytest.raises(ImageError) as e:
-        store.prepare_import("a", resolve_sources([str(src)]))
+    with pytest.raises(ApiError) as e:
+        prepare(ImageStore(str(tmp_path / "images")), "a", src)
     assert e.value.code == ErrorCode.FILE_MISSING and "initrd.img" in e.value.message
 
 
@@ -268,7 +281,7 @@ def test_a_size_that_differs_from_the_manifest_is_refused_before_hashing(tmp_pat
     src = write_image(tmp_path / "src")
     (src / "vmlinuz").write_bytes(FILES["vmlinuz"] + b"!")
     with pytest.raises(ImageError) as e:
-        store.prepare_import("a", resolve_sources([str(src)]))
+        prepare(store, "a", src)
     assert e.value.code == ErrorCode.IMAGE_CORRUPT and "the manifest says" in e.value.message
 
 

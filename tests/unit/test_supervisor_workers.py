@@ -311,3 +311,57 @@ def test_delete_removes_the_folder_and_ends_subscriptions(rig):
         assert q.get_nowait() is None
     assert rig.workers.get(vm.id) is None and not os.path.exists(rig.store.vm_dir(vm.id))
     assert rig.store.load() == ({}, {})
+
+
+# Names, the start gate, broken entries --------------------------------------------------
+
+
+def test_a_name_is_claimed_once_and_ids_are_never_names(rig):
+    web = rig.create("web")
+    with rig.workers.claim_name("db"):
+        with pytest.raises(OperationError) as e:
+            with rig.workers.claim_name("db"):
+                pass
+        assert e.value.code is ErrorCode.VM_EXISTS
+    with rig.workers.claim_name("db"):  # released when the first create ended
+        pass
+    for taken in ("web", web.id):
+        with pytest.raises(OperationError):
+            with rig.workers.claim_name(taken):
+                pass
+    other = rig.create("other")
+    with pytest.raises(OperationError):
+        with rig.workers.claim_name(web.id, renaming=other):
+            pass
+    with rig.workers.claim_name(web.id, renaming=web):  # its own id is no other VM's
+        pass
+    assert rig.workers.new_id() not in (web.id, "web", other.id)
+
+
+def test_the_start_gate_is_asked_under_the_lock_right_before_the_spawn(rig):
+    vm = rig.create()
+
+    def refuse():
+        raise OperationError(ErrorCode.UPDATE_IN_PROGRESS, "updating")
+
+    with pytest.raises(OperationError) as e:
+        rig.run(rig.workers.start(vm, refuse))
+    assert e.value.code is ErrorCode.UPDATE_IN_PROGRESS and rig.host.spawned == [] and vm.state == S.STOPPED
+
+
+def test_a_broken_entry_whose_worker_runs_is_not_deleted_unless_forced(rig, tmp_path):
+    vm = rig.create()
+    pid = rig.start_running(vm)
+    rig.host.adoptable[(pid, vm.id)] = CREATE_TIME
+    with open(os.path.join(rig.store.vm_dir(vm.id), "vm.json"), "w") as f:
+        f.write("{not json")
+    again = restart(rig, tmp_path)
+    again.host.exit_on_kill = True
+    again.workers.restore()
+    assert vm.id in again.workers.broken()
+    with pytest.raises(OperationError) as e:
+        again.run(again.workers.delete_broken(vm.id, force=False))
+    assert e.value.code is ErrorCode.VM_RUNNING and os.path.isdir(again.store.vm_dir(vm.id))
+    again.run(again.workers.delete_broken(vm.id, force=True))
+    assert again.host.killed == [(pid, signal.SIGTERM)] and not os.path.exists(again.store.vm_dir(vm.id))
+    assert again.workers.broken() == {}
