@@ -67,6 +67,36 @@ def _setup_logging(vm_id: str, verbose: int) -> None:
                         format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _HostStop:
+    """SIGTERM, SIGINT and SIGHUP from the start of main(): held until the machine exists, then passed on.
+
+    Installed before anything slow (imports, opening disks, /dev/kvm), so a
+    stop that comes while the worker starts ends it with ExitCode.STOPPED
+    instead of the signal's default action.
+    """
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self._machine = None
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self)
+
+    def __call__(self, signum: int, frame) -> None:
+        self.reason = "stopped by signal %s" % signal.Signals(signum).name
+        if self._machine is not None:
+            self._machine.stop(self.reason)
+
+    def attach(self, machine) -> None:
+        self._machine = machine  # first: a signal from here on reaches it through __call__
+        if self.reason is not None:
+            machine.stop(self.reason)
+
+
 def _log_state(state, reason: str) -> None:
     logging.getLogger("tenbox").debug("state %s: %s", state.value, reason)
 
@@ -76,6 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not Limits.NAME_RE.match(args.vm_id):
         sys.stderr.write("%s: error: --vm-id must match [A-Za-z0-9-]{1,64}\n" % PROG)
         return ExitCode.USAGE
+    host_stop = _HostStop()
+    host_stop.install()
     _setup_logging(args.vm_id, args.verbose)
 
     from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
@@ -136,12 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     done_r, done_w = os.pipe()
     machine.add_done_callback(lambda: os.write(done_w, b"x"))
-
-    def on_signal(signum: int, frame) -> None:
-        machine.stop("stopped by signal %s" % signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    host_stop.attach(machine)
     # SIGPWR ("power failure") presses the ACPI power button: the guest shuts down.
     signal.signal(signal.SIGPWR, lambda signum, frame: machine.power_button())
 

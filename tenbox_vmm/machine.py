@@ -6,6 +6,12 @@ thing that ends this boot — guest poweroff or reset, a triple fault, a KVM
 error, or a request from the host. A reset boots the guest again in the
 same process with zeroed RAM and the same device objects; anything else
 ends the machine with an `ExitCode`.
+
+A host stop (`stop()`: SIGTERM, the link's stop command) is sticky: it is
+kept apart from the guest's reports, so it holds whichever phase it meets
+(boot, run, a reset being processed, the boot after it) and the machine ends
+with ExitCode.STOPPED at the next step of the controller. Only a final
+event the guest reported before it (poweroff, a crash) takes precedence.
 """
 
 from __future__ import annotations
@@ -214,7 +220,8 @@ class Machine:
             self.add_virtio(self.nic.device)
 
         self._lock = threading.Lock()
-        self._event: Optional[_Event] = None
+        self._event: Optional[_Event] = None  # what the guest (or a vCPU failure) reported first
+        self._stop: Optional[_Event] = None  # the host's stop: never cleared, never overridden
         self._event_ready = threading.Event()
         self._halting = False
         self._vcpus: List[Vcpu] = []
@@ -290,8 +297,17 @@ class Machine:
         self._controller.start()
 
     def stop(self, reason: str = "stopped by the host") -> None:
-        """Hard stop: halt every vCPU and end the machine with ExitCode.STOPPED."""
-        self._end(ExitCode.STOPPED, reason)
+        """Hard stop: halt every vCPU and end the machine with ExitCode.STOPPED.
+
+        Safe from a signal handler and any thread, before start() too, and
+        never lost: see the module's docstring.
+        """
+        with self._lock:
+            if self._stop is None:
+                self._stop = _Event(ExitCode.STOPPED, reason)
+            self._halting = True
+        self._kick_all()
+        self._event_ready.set()
 
     def reboot(self) -> None:
         """Reset the guest as the reset button would."""
@@ -329,9 +345,9 @@ class Machine:
             vm.irq_line(irq, level)
 
     def _end(self, code: ExitCode, reason: str, reset: bool = False) -> None:
-        """Record what ends this boot (the first report wins) and kick every vCPU."""
+        """Record what ends this boot (the first report wins, and none after a stop) and kick every vCPU."""
         with self._lock:
-            if self._event is not None:
+            if self._event is not None or self._stop is not None:
                 return
             self._event = _Event(code, reason, reset)
             self._halting = True
@@ -391,14 +407,27 @@ class Machine:
                 return
             self._coalescing = on
 
+    def _outcome(self) -> _Event:
+        """What ends this boot: the guest's final event, else the host's stop, else the guest's reset."""
+        with self._lock:
+            event, stop = self._event, self._stop
+        if stop is not None and (event is None or event.reset):
+            return stop
+        assert event is not None  # _event_ready is set only once one of them is
+        return event
+
     def _control(self) -> None:
         try:
             while True:
+                stop = self._stop
+                if stop is not None:  # came while the last boot was reset, or before start()
+                    self._finish(stop.code, stop.reason)
+                    return
                 self._boot()
                 while not self._event_ready.wait(RING_DRAIN_SEC):
                     self._service_ring()
-                event = self._event
                 self._teardown()
+                event = self._outcome()
                 if not event.reset:
                     self._finish(event.code, event.reason)
                     return
@@ -409,8 +438,9 @@ class Machine:
                     dev.reset()
                 with self._lock:
                     self._event = None
-                    self._halting = False
-                    self._event_ready.clear()
+                    if self._stop is None:  # else the loop's first step ends the machine
+                        self._halting = False
+                        self._event_ready.clear()
         except MachineError as e:
             log.error("%s: %s", self.config.vm_id, e)
             self._teardown()

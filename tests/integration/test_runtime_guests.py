@@ -114,6 +114,37 @@ def test_sigterm_stops_the_vm_cleanly(spawn):
     assert "Traceback" not in p.errors
 
 
+STOP_RUNS = 20
+STOP_WITHIN_SEC = 2.0
+
+
+def test_sigterm_stops_a_guest_that_resets_itself_in_a_loop_every_time(spawn):
+    """SIGTERM at a random moment of a reset loop (boot, run, reset) ends the worker with exit 3 within 2 s, 20 of 20.
+
+    The `reset` guest with reset=loop resets through the i8042 as soon as it
+    has booted, ~20 times a second here: most moments fall in a reset being
+    processed or in the boot after it, where a stop used to be dropped.
+    """
+    rng = random.Random(15)
+    argv = runtime_argv("--kernel", guest_path("reset"), "--memory", "32", "--console", "stdio",
+                        "--cmdline", "console=ttyS0 reset=loop")
+    outcomes = []
+    for _ in range(STOP_RUNS):
+        p = spawn(argv)
+        p.wait_for("reset: loop", BOOT_SEC)
+        time.sleep(rng.uniform(0.0, 1.0))
+        t0 = time.monotonic()
+        p.signal(signal.SIGTERM)
+        try:
+            rc = p.wait_exit(STOP_WITHIN_SEC)
+        except AssertionError:
+            rc = None
+        outcomes.append((rc, round(time.monotonic() - t0, 2), p.output.count("reset: loop")))
+        p.close()
+    assert all(rc == 3 for rc, _, _ in outcomes), outcomes
+    assert sum(boots for _, _, boots in outcomes) > 3 * STOP_RUNS, outcomes  # it did loop
+
+
 def test_sigpwr_presses_the_power_button(spawn):
     p = spawn(runtime_argv("--kernel", guest_path("idle"), "--memory", "32", "--console", "stdio"))
     p.wait_for("idle: ready", BOOT_SEC)
