@@ -61,10 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(vm_id: str, verbose: int) -> None:
+def _setup_logging(vm_id: str, verbose: int, vm_dir: Optional[str]) -> None:
+    """Log to stderr; when stderr is the VM folder's runtime.log (tenboxd's workers), rotate it live."""
+    from tenbox_vmm.logfiles import RuntimeLogHandler, stderr_runtime_log
+
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
-                        format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
+    runtime_log = stderr_runtime_log(vm_dir)
+    handler = RuntimeLogHandler(runtime_log) if runtime_log else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id)))
+    logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler])
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -108,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.USAGE
     host_stop = _HostStop()
     host_stop.install()
-    _setup_logging(args.vm_id, args.verbose)
+    _setup_logging(args.vm_id, args.verbose, args.vm_dir)
 
     from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
     from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
@@ -184,6 +189,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         pump_input(input_fd, False, machine.console_input, done_r, detach)
     code = machine.wait()
     output.close()
+    from tenbox_vmm.guest_log import flush_all
+
+    flush_all()  # what the rate limits left out, counted
     if link is not None:
         link.join(2.0)
     logging.getLogger("tenbox").debug("%s: %d exits handled in user space", args.vm_id, machine.exits())

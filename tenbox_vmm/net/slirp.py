@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
+from tenbox_vmm.guest_log import GuestLog
 from tenbox_vmm.net.alias import TcpAliases
 from tenbox_vmm.net.config import NetConfig
 from tenbox_vmm.protocol.forwards import (
@@ -60,8 +61,6 @@ log = logging.getLogger("tenbox.net")
 
 ETH_HEADER = 14
 FRAME_MAX_BYTES = ETH_HEADER + 65535 + 4  # an IPv4/IPv6 maximum packet, with a VLAN tag
-GUEST_ERROR_LOG_BURST = 10  # guest_error messages logged per window; the rest counted
-GUEST_ERROR_LOG_WINDOW_SEC = 60.0
 NS_PER_MS = 1000000
 
 Failure = Tuple[str, str]  # (spec, reason)
@@ -113,28 +112,6 @@ def _spare_addresses(config: NetConfig, count: int) -> List[ipaddress.IPv4Addres
     return out
 
 
-class _GuestErrorLog:
-    """guest_error messages are the guest's to trigger: log a bounded number."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._window_start = clock()
-        self._logged = 0
-        self._suppressed = 0
-
-    def __call__(self, msg: str) -> None:
-        now = self._clock()
-        if now - self._window_start >= GUEST_ERROR_LOG_WINDOW_SEC:
-            if self._suppressed:
-                log.warning("guest network errors: %d more not logged", self._suppressed)
-            self._window_start, self._logged, self._suppressed = now, 0, 0
-        if self._logged < GUEST_ERROR_LOG_BURST:
-            self._logged += 1
-            log.warning("guest network error: %s", msg)
-        else:
-            self._suppressed += 1
-
-
 class SlirpNetwork:
     """One guest network: libslirp's NAT, DHCP, DNS proxy and port forwards.
 
@@ -172,7 +149,8 @@ class SlirpNetwork:
         self._alias_of = {config.host: spare[0], config.dns: spare[1]}
         self._hostfwds: Dict[tuple, HostForward] = {}
         self._guestfwds: Dict[tuple, GuestForward] = {}
-        self._guest_error_log = _GuestErrorLog(lambda: self._clock_ns() / 1e9)
+        # guest_error messages are the guest's to trigger: a bounded number is logged.
+        self._guest_error_log = GuestLog(log, "guest network errors", clock=lambda: self._clock_ns() / 1e9)
         self.frames_dropped = 0  # runts, giants and frames to the host's loopback
         self._make_callbacks()
         self._make_config()
@@ -275,7 +253,7 @@ class SlirpNetwork:
         return size
 
     def _on_guest_error(self, msg: Any, opaque: Any) -> None:
-        self._guest_error_log(ffi.string(msg).decode("utf-8", "replace"))
+        self._guest_error_log.warning("guest network error: %s", ffi.string(msg).decode("utf-8", "replace"))
 
     def _on_clock_get_ns(self, opaque: Any) -> int:
         return self._clock_ns()

@@ -306,3 +306,19 @@ def test_each_completion_interrupts_before_the_next_request_runs():
     finally:
         t.close()
         mem.close()
+
+
+def test_failed_requests_are_logged_at_most_a_burst_per_window(rig, caplog):
+    """A guest that makes 500 requests fail gets GUEST_LOG_BURST lines in the worker's log, not 500."""
+    import logging
+
+    from tenbox_vmm.protocol import Limits
+
+    d, _, _, _ = rig
+    d.setup(event_idx=True)
+    with caplog.at_level(logging.WARNING, logger="tenbox.virtio.blk"):
+        for _ in range(500):
+            assert d.request(vblk.T_IN, 4096, read_len=512)[0] == vblk.S_IOERR  # past the end
+    lines = [r.getMessage() for r in caplog.records if r.name == "tenbox.virtio.blk"]
+    assert len(lines) == Limits.GUEST_LOG_BURST, lines[:3]
+    assert all("beyond the end" in l for l in lines)

@@ -18,6 +18,7 @@ from tenbox_vmm.devices.virtio.blk_io import BlockBackend, InOrder, RequestRunne
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
 from tenbox_vmm.devices.virtio.queue import Chain, Virtqueue
 from tenbox_vmm.disk.iov import FlatViews
+from tenbox_vmm.guest_log import GuestLog
 
 log = logging.getLogger("tenbox.virtio.blk")
 
@@ -71,6 +72,7 @@ class VirtioBlk(VirtioDevice):
         self.capacity = disk.size // SECTOR
         self.requests = 0
         self.errors = 0
+        self._error_log = GuestLog(log, "blk %s: failed requests" % disk.path)  # the guest makes them fail
         self._config = self._build_config()
 
     def activate(self, features: int, queues: List[Virtqueue]) -> None:
@@ -152,7 +154,7 @@ class VirtioBlk(VirtioDevice):
             status = e.status
             if status == S_IOERR:
                 self.errors += 1
-                log.warning("blk %s: %s", self.disk.path, e)
+                self._error_log.warning("blk %s: %s", self.disk.path, e)
         status_buf[status_at] = status
         return written + 1
 
