@@ -107,9 +107,28 @@ def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 
     return struct.pack("!IHBB", 6 << 28, len(payload), next_header, hop_limit) + ip6(src) + ip6(dst) + payload
 
 
+def _pseudo6(src: str, dst: str, proto: int, length: int) -> bytes:
+    return ip6(src) + ip6(dst) + struct.pack("!IxxxB", length, proto)
+
+
+def udp6(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    c = checksum(_pseudo6(src, dst, PROTO_UDP, len(seg)) + seg) or 0xFFFF
+    return ipv6(src, dst, PROTO_UDP, seg[:6] + struct.pack("!H", c) + seg[8:], hop_limit=64)
+
+
+def tcp6(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int,
+         payload: bytes = b"", window: int = 65535, options: bytes = b"") -> bytes:
+    offset = (20 + len(options)) // 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, offset << 4, flags,
+                      window, 0, 0) + options + payload
+    c = checksum(_pseudo6(src, dst, PROTO_TCP, len(seg)) + seg)
+    return ipv6(src, dst, PROTO_TCP, seg[:16] + struct.pack("!H", c) + seg[18:], hop_limit=64)
+
+
 def icmp6(src: str, dst: str, type_: int, code: int, body: bytes) -> bytes:
     msg = struct.pack("!BBH", type_, code, 0) + body
-    pseudo = ip6(src) + ip6(dst) + struct.pack("!IxxxB", len(msg), PROTO_ICMPV6)
+    pseudo = _pseudo6(src, dst, PROTO_ICMPV6, len(msg))
     msg = msg[:2] + struct.pack("!H", checksum(pseudo + msg)) + msg[4:]
     return ipv6(src, dst, PROTO_ICMPV6, msg)
 

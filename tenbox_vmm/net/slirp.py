@@ -51,7 +51,7 @@ from tenbox_vmm.net.libslirp import (
     poll_to_slirp,
     slirp_to_poll,
 )
-from tenbox_vmm.net.loopback import targets_host_loopback
+from tenbox_vmm.net.loopback import DnsAddressGuard, targets_host_loopback
 from tenbox_vmm.net.ports import bind_error, privileged_port_error
 from tenbox_vmm.net.relay import GuestForwardRelay
 from tenbox_vmm.net.timers import SlirpTimer, TimerTable
@@ -144,6 +144,7 @@ class SlirpNetwork:
         self._relay = GuestForwardRelay(clock=lambda: self._clock_ns() / 1e9)
         self._udp = UdpForwards(config, send_to_guest, clock=lambda: self._clock_ns() / 1e9)
         self._guard_loopback = bool(config.disable_host_loopback)
+        self._dns_guard = DnsAddressGuard(config.dns.packed, config.dns6.packed)
         self._aliases = TcpAliases()
         spare = _spare_addresses(config, 2)
         self._alias_of = {config.host: spare[0], config.dns: spare[1]}
@@ -151,7 +152,7 @@ class SlirpNetwork:
         self._guestfwds: Dict[tuple, GuestForward] = {}
         # guest_error messages are the guest's to trigger: a bounded number is logged.
         self._guest_error_log = GuestLog(log, "guest network errors", clock=lambda: self._clock_ns() / 1e9)
-        self.frames_dropped = 0  # runts, giants and frames to the host's loopback
+        self.frames_dropped = 0  # runts, giants, frames to the host's loopback, anything but DNS to the DNS address
         self._make_callbacks()
         self._make_config()
         self._timeout = ffi.new("uint32_t *")
@@ -375,13 +376,15 @@ class SlirpNetwork:
                 # first: it is the frame a busy forward sends most.
                 if udp and udp.from_guest(frame):
                     continue
-                if self._guard_loopback and targets_host_loopback(frame):
-                    self.frames_dropped += 1
-                    continue
+                # Guest forwards on 10.0.2.2 and 10.0.2.3 go to their alias addresses first:
+                # a forward on the DNS address is the operator's to open, not the guard's to refuse.
                 if self._aliases:
                     rewritten = self._aliases.from_guest(frame)
                     if rewritten is not frame:
                         frame = rewritten
+                if self._guard_loopback and (targets_host_loopback(frame) or self._dns_guard.refuses(frame)):
+                    self.frames_dropped += 1
+                    continue
                 self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), n)
                 if self._deferred is not None:
                     self._raise_deferred()

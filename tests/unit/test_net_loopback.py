@@ -2,7 +2,7 @@
 
 import pytest
 
-from tenbox_vmm.net.loopback import targets_host_loopback
+from tenbox_vmm.net.loopback import DnsAddressGuard, targets_host_loopback
 from tenbox_vmm.net.udpfwd import ipv4_header_checksum
 from tests import net_frames as nf
 
@@ -43,3 +43,61 @@ def test_udp_forward_ip_header_checksum_verifies():
     packet = nf.udp4("10.0.2.2", "10.0.2.15", 1, 2, b"x")
     header = packet[:10] + b"\0\0" + packet[12:20]
     assert ipv4_header_checksum(header) == int.from_bytes(packet[10:12], "big")
+
+
+# -- the DNS address: only DNS gets through ---------------------------------------
+
+DNS4, DNS6 = nf.ip4("10.0.2.3"), nf.ip6("fec0::3")
+GUARD = DnsAddressGuard(DNS4, DNS6)
+SLAAC = "fec0::5055:55ff:fe12:3456"
+
+
+def e4(packet):
+    return nf.eth(MAC, nf.GUEST_MAC, nf.ETH_IPV4, packet)
+
+
+def e6(packet):
+    return nf.eth(MAC, nf.GUEST_MAC, nf.ETH_IPV6, packet)
+
+
+def _fragment(packet, offset_units, more):
+    """The IPv4 packet with its fragment field set (checksum left stale: the guard does not read it)."""
+    field = (0x2000 if more else 0) | offset_units
+    return packet[:6] + field.to_bytes(2, "big") + packet[8:]
+
+
+@pytest.mark.parametrize("frame", [
+    e4(nf.udp4(nf.GUEST_IP, "10.0.2.3", 40000, 53, nf.dns_query(1, "example.org"))),
+    e4(nf.tcp4(nf.GUEST_IP, "10.0.2.3", 40000, 53, 1, 0, nf.TCP_SYN)),
+    e4(nf.icmp4_echo(nf.GUEST_IP, "10.0.2.3", 1, 1, b"ping")),
+    e4(_fragment(nf.udp4(nf.GUEST_IP, "10.0.2.3", 40000, 9999, b"x" * 64), 2, False)),  # not the first fragment
+    e4(nf.udp4(nf.GUEST_IP, "10.0.2.2", 40000, 9999, b"x")),  # other addresses are not its business
+    e4(nf.tcp4(nf.GUEST_IP, "192.0.2.1", 40000, 22, 1, 0, nf.TCP_SYN)),
+    e6(nf.udp6(SLAAC, "fec0::3", 40000, 53, nf.dns_query(1, "example.org"))),
+    e6(nf.tcp6(SLAAC, "fec0::3", 40000, 53, 1, 0, nf.TCP_SYN)),
+    e6(nf.icmp6(SLAAC, "fec0::3", 128, 0, b"\0\0\0\0")),
+    e6(nf.udp6(SLAAC, "fec0::2", 40000, 9999, b"x")),
+    nf.dhcp_frame(nf.dhcp(nf.DHCP_DISCOVER, nf.GUEST_MAC, 1)),
+    b"\0" * 14,
+])
+def test_dns_and_other_addresses_pass_the_dns_guard(frame):
+    assert not GUARD.refuses(frame)
+    assert not GUARD.refuses(memoryview(frame))
+
+
+@pytest.mark.parametrize("frame", [
+    e4(nf.udp4(nf.GUEST_IP, "10.0.2.3", 40000, 9999, b"x")),
+    e4(nf.tcp4(nf.GUEST_IP, "10.0.2.3", 40000, 22, 1, 0, nf.TCP_SYN)),
+    e4(nf.tcp4(nf.GUEST_IP, "10.0.2.3", 53, 80, 1, 0, nf.TCP_SYN)),  # the source port is not the point
+    e4(nf.ipv4(nf.GUEST_IP, "10.0.2.3", 132, b"\0" * 16)),  # SCTP
+    e4(_fragment(nf.udp4(nf.GUEST_IP, "10.0.2.3", 40000, 9999, b"x" * 64), 0, True)),  # a first fragment
+    e4(nf.ipv4(nf.GUEST_IP, "10.0.2.3", nf.PROTO_UDP, b"\x9c\x40")),  # no room for the port; padded below
+    e6(nf.udp6(SLAAC, "fec0::3", 40000, 9999, b"x")),
+    e6(nf.tcp6(SLAAC, "fec0::3", 40000, 8080, 1, 0, nf.TCP_SYN)),
+    e6(nf.ipv6(SLAAC, "fec0::3", 44, b"\x11\0\0\0\0\0\0\0" + b"\x9c\x40\x00\x35" + bytes(4))),  # a fragment header
+])
+def test_anything_but_dns_to_the_dns_address_is_refused(frame):
+    assert GUARD.refuses(frame)
+    # Ethernet pads short frames to 60 bytes: padding that reads as port 53 is not the packet.
+    padded = frame + (b"\x00\x35" * 30)[:max(0, 60 - len(frame))]
+    assert GUARD.refuses(padded)
