@@ -147,7 +147,7 @@ LOOPBACK_CHILD = textwrap.dedent(r"""
     ("nameserver 127.0.0.1\n", "127.0.0.1"),  # dnsmasq, unbound
     ("nameserver 127.0.0.53\noptions edns0 trust-ad\n", "127.0.0.53"),  # systemd-resolved's stub
     ("nameserver ::1\n", "::1"),
-    ("# no nameserver\n", "none"),  # libslirp's fallback is loopback itself
+    ("# no nameserver\n", "none"),  # no resolver at all
 ])
 def test_only_dns_to_10_0_2_3_reaches_the_hosts_loopback_whatever_resolv_conf_says(tmp_path, resolv_conf, resolver):
     """TCP and UDP to 10.0.2.3, 10.0.2.2, fec0::3 and fec0::2 on ports other than DNS reach no host loopback service.
