@@ -13,15 +13,19 @@ what the guest sends there to the first nameserver of the host's
 resolv.conf, which is often on loopback (dnsmasq and unbound on 127.0.0.1,
 systemd-resolved on 127.0.0.53). libslirp 4.7 (measured: Debian 12) takes
 only port 53 there; the releases of Debian 11 (4.4) and Ubuntu 20.04 (4.1)
-are not tested here, so the guard does not rely on it. `DnsAddressGuard` lets only
+are not tested here, so the guard does not rely on it. `HostGuard` lets only
 DNS through to that address (TCP and UDP to port 53, and ICMP, which
 libslirp answers itself): any other transport or port is dropped before
 libslirp sees it, whatever resolv.conf says and whichever libslirp runs.
-Cost: one more 4-byte compare per IPv4 frame to another address.
+
+`HostGuard.refuses` makes both checks; an IPv4 frame costs it one struct
+unpack of the ethertype and destination and integer compares (~0.2 us, less
+than the loopback check alone took with slices of the frame).
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Union
 
 ETHERTYPE_IPV4 = b"\x08\x00"
@@ -37,6 +41,9 @@ _IPV6_NEXT = 14 + 6
 _IPV6_PAYLOAD = 14 + 40
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6 = 1, 6, 17, 58
 DNS_PORT = b"\x00\x35"  # 53, as it is on the wire
+_HEAD = struct.Struct("!12xH16xI")  # the ethertype and, for IPv4, the destination address
+_ETH_IPV4 = 0x0800
+_ETH_IPV6 = 0x86DD
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -58,38 +65,48 @@ def targets_host_loopback(frame: Buffer) -> bool:
     return False
 
 
-class DnsAddressGuard:
-    """Refuses frames to the guest network's DNS address that are not DNS (see the module's docstring)."""
+class HostGuard:
+    """Refuses guest frames to the host's loopback, and frames to the DNS address that are not DNS."""
 
     def __init__(self, dns4: bytes, dns6: bytes) -> None:
-        self._dns4 = bytes(dns4)
+        self._dns4 = int.from_bytes(dns4, "big")
         self._dns6 = bytes(dns6)
 
     def refuses(self, frame: Buffer) -> bool:
-        """True for a frame to the DNS address other than TCP/UDP to port 53 or ICMP."""
-        ethertype = frame[12:14]
-        if ethertype == ETHERTYPE_IPV4:
-            if frame[_IPV4_DST:_IPV4_DST + 4] != self._dns4:
-                return False
-            proto = frame[_IPV4 + 9]
-            if proto == IPPROTO_ICMP:
-                return False
-            if proto != IPPROTO_TCP and proto != IPPROTO_UDP:
-                return True
-            if (frame[_IPV4 + 6] & 0x1F) or frame[_IPV4 + 7]:
-                return False  # a later fragment: bytes 8 on of the datagram; its first fragment holds the port
-            port = _IPV4 + (frame[_IPV4] & 0x0F) * 4 + 2
-            # Within the IP packet, not the Ethernet padding after it.
-            end = _IPV4 + int.from_bytes(frame[_IPV4 + 2:_IPV4 + 4], "big")
-            return port + 2 > min(end, len(frame)) or frame[port:port + 2] != DNS_PORT
-        if ethertype == ETHERTYPE_IPV6:
-            if len(frame) < _IPV6_PAYLOAD or frame[_IPV6_DST:_IPV6_DST + 16] != self._dns6:
-                return False
-            nxt = frame[_IPV6_NEXT]
-            if nxt == IPPROTO_ICMPV6:
-                return False
-            if nxt != IPPROTO_TCP and nxt != IPPROTO_UDP:
-                return True  # extension headers and fragments are not how a resolver is asked
-            port = _IPV6_PAYLOAD + 2
-            return len(frame) < port + 2 or frame[port:port + 2] != DNS_PORT
+        if len(frame) < _HEAD.size:
+            return targets_host_loopback(frame)
+        ethertype, dst = _HEAD.unpack_from(frame)
+        if ethertype == _ETH_IPV4:
+            if dst >> 24 == 127 or dst == 0:
+                return True  # 127.0.0.0/8, 0.0.0.0
+            return dst == self._dns4 and self._not_dns4(frame)
+        if ethertype == _ETH_IPV6:
+            return targets_host_loopback(frame) or self._not_dns6(frame)
         return False
+
+    @staticmethod
+    def _not_dns4(frame: Buffer) -> bool:
+        """An IPv4 frame to the DNS address: True unless TCP/UDP to port 53 or ICMP."""
+        proto = frame[_IPV4 + 9]
+        if proto == IPPROTO_ICMP:
+            return False
+        if proto != IPPROTO_TCP and proto != IPPROTO_UDP:
+            return True
+        if (frame[_IPV4 + 6] & 0x1F) or frame[_IPV4 + 7]:
+            return False  # a later fragment: bytes 8 on of the datagram; its first fragment holds the port
+        port = _IPV4 + (frame[_IPV4] & 0x0F) * 4 + 2
+        # Within the IP packet, not the Ethernet padding after it.
+        end = _IPV4 + int.from_bytes(frame[_IPV4 + 2:_IPV4 + 4], "big")
+        return port + 2 > min(end, len(frame)) or frame[port:port + 2] != DNS_PORT
+
+    def _not_dns6(self, frame: Buffer) -> bool:
+        """True for an IPv6 frame to the DNS address other than TCP/UDP to port 53 or ICMPv6."""
+        if len(frame) < _IPV6_PAYLOAD or frame[_IPV6_DST:_IPV6_DST + 16] != self._dns6:
+            return False
+        nxt = frame[_IPV6_NEXT]
+        if nxt == IPPROTO_ICMPV6:
+            return False
+        if nxt != IPPROTO_TCP and nxt != IPPROTO_UDP:
+            return True  # extension headers and fragments are not how a resolver is asked
+        port = _IPV6_PAYLOAD + 2
+        return len(frame) < port + 2 or frame[port:port + 2] != DNS_PORT

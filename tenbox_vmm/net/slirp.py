@@ -51,7 +51,7 @@ from tenbox_vmm.net.libslirp import (
     poll_to_slirp,
     slirp_to_poll,
 )
-from tenbox_vmm.net.loopback import DnsAddressGuard, targets_host_loopback
+from tenbox_vmm.net.loopback import HostGuard
 from tenbox_vmm.net.ports import bind_error, privileged_port_error
 from tenbox_vmm.net.relay import GuestForwardRelay
 from tenbox_vmm.net.timers import SlirpTimer, TimerTable
@@ -144,7 +144,7 @@ class SlirpNetwork:
         self._relay = GuestForwardRelay(clock=lambda: self._clock_ns() / 1e9)
         self._udp = UdpForwards(config, send_to_guest, clock=lambda: self._clock_ns() / 1e9)
         self._guard_loopback = bool(config.disable_host_loopback)
-        self._dns_guard = DnsAddressGuard(config.dns.packed, config.dns6.packed)
+        self._host_guard = HostGuard(config.dns.packed, config.dns6.packed)
         self._aliases = TcpAliases()
         spare = _spare_addresses(config, 2)
         self._alias_of = {config.host: spare[0], config.dns: spare[1]}
@@ -382,7 +382,7 @@ class SlirpNetwork:
                     rewritten = self._aliases.from_guest(frame)
                     if rewritten is not frame:
                         frame = rewritten
-                if self._guard_loopback and (targets_host_loopback(frame) or self._dns_guard.refuses(frame)):
+                if self._guard_loopback and self._host_guard.refuses(frame):
                     self.frames_dropped += 1
                     continue
                 self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), n)

@@ -1,12 +1,13 @@
-"""Frames a guest addresses to the host's own loopback are recognised; nothing else is."""
+"""Frames a guest addresses to the host's own loopback, or to the DNS address for anything but DNS, are recognised; nothing else is."""
 
 import pytest
 
-from tenbox_vmm.net.loopback import DnsAddressGuard, targets_host_loopback
+from tenbox_vmm.net.loopback import HostGuard, targets_host_loopback
 from tenbox_vmm.net.udpfwd import ipv4_header_checksum
 from tests import net_frames as nf
 
 MAC = bytes.fromhex("52550a000202")
+GUARD = HostGuard(nf.ip4("10.0.2.3"), nf.ip6("fec0::3"))  # both checks, as SlirpNetwork makes them
 
 
 def v4(dst):
@@ -21,11 +22,13 @@ def v6(dst):
 def test_ipv4_loopback_and_any_destinations_are_caught(dst):
     assert targets_host_loopback(v4(dst))
     assert targets_host_loopback(memoryview(v4(dst)))
+    assert GUARD.refuses(v4(dst)) and GUARD.refuses(memoryview(v4(dst)))
 
 
 @pytest.mark.parametrize("dst", ["::1", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"])
 def test_ipv6_loopback_any_and_mapped_destinations_are_caught(dst):
     assert targets_host_loopback(v6(dst))
+    assert GUARD.refuses(v6(dst))
 
 
 @pytest.mark.parametrize("frame", [
@@ -47,8 +50,6 @@ def test_udp_forward_ip_header_checksum_verifies():
 
 # -- the DNS address: only DNS gets through ---------------------------------------
 
-DNS4, DNS6 = nf.ip4("10.0.2.3"), nf.ip6("fec0::3")
-GUARD = DnsAddressGuard(DNS4, DNS6)
 SLAAC = "fec0::5055:55ff:fe12:3456"
 
 
