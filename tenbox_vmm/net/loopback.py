@@ -15,10 +15,12 @@ systemd-resolved on 127.0.0.53). libslirp 4.7 (measured: Debian 12) takes
 only port 53 there; the releases of Debian 11 (4.4) and Ubuntu 20.04 (4.1)
 are not tested here, so the guard does not rely on it. `HostGuard` lets only
 DNS through to that address (TCP and UDP to port 53, and ICMP, which
-libslirp answers itself): any other transport or port is dropped before
-libslirp sees it, whatever resolv.conf says and whichever libslirp runs.
+libslirp answers itself): any other transport or port is kept from libslirp,
+whatever resolv.conf says and whichever libslirp runs, and answered with
+ICMP port unreachable (icmp.py), so that the guest hears at once that
+nothing is there, as libslirp 4.7 tells it for TCP.
 
-`HostGuard.refuses` makes both checks; an IPv4 frame costs it one struct
+`HostGuard.verdict` makes both checks; an IPv4 frame costs it one struct
 unpack of the ethertype and destination and integer compares (~0.2 us, less
 than the loopback check alone took with slices of the frame).
 """
@@ -65,24 +67,30 @@ def targets_host_loopback(frame: Buffer) -> bool:
     return False
 
 
+PASS, DROP, UNREACHABLE = 0, 1, 2  # HostGuard's verdicts
+
+
 class HostGuard:
-    """Refuses guest frames to the host's loopback, and frames to the DNS address that are not DNS."""
+    """Refuses guest frames to the host's loopback (DROP), and frames to the DNS address that are not DNS (UNREACHABLE)."""
 
     def __init__(self, dns4: bytes, dns6: bytes) -> None:
         self._dns4 = int.from_bytes(dns4, "big")
         self._dns6 = bytes(dns6)
 
-    def refuses(self, frame: Buffer) -> bool:
+    def verdict(self, frame: Buffer) -> int:
+        """PASS, DROP (the host's loopback or 'any' address) or UNREACHABLE (the DNS address, not DNS)."""
         if len(frame) < _HEAD.size:
-            return targets_host_loopback(frame)
+            return DROP if targets_host_loopback(frame) else PASS
         ethertype, dst = _HEAD.unpack_from(frame)
         if ethertype == _ETH_IPV4:
             if dst >> 24 == 127 or dst == 0:
-                return True  # 127.0.0.0/8, 0.0.0.0
-            return dst == self._dns4 and self._not_dns4(frame)
+                return DROP  # 127.0.0.0/8, 0.0.0.0
+            return UNREACHABLE if dst == self._dns4 and self._not_dns4(frame) else PASS
         if ethertype == _ETH_IPV6:
-            return targets_host_loopback(frame) or self._not_dns6(frame)
-        return False
+            if targets_host_loopback(frame):
+                return DROP
+            return UNREACHABLE if self._not_dns6(frame) else PASS
+        return PASS
 
     @staticmethod
     def _not_dns4(frame: Buffer) -> bool:

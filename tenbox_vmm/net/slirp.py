@@ -51,7 +51,8 @@ from tenbox_vmm.net.libslirp import (
     poll_to_slirp,
     slirp_to_poll,
 )
-from tenbox_vmm.net.loopback import HostGuard
+from tenbox_vmm.net.icmp import port_unreachable
+from tenbox_vmm.net.loopback import PASS, UNREACHABLE, HostGuard
 from tenbox_vmm.net.ports import bind_error, privileged_port_error
 from tenbox_vmm.net.relay import GuestForwardRelay
 from tenbox_vmm.net.timers import SlirpTimer, TimerTable
@@ -382,9 +383,13 @@ class SlirpNetwork:
                     rewritten = self._aliases.from_guest(frame)
                     if rewritten is not frame:
                         frame = rewritten
-                if self._guard_loopback and self._host_guard.refuses(frame):
-                    self.frames_dropped += 1
-                    continue
+                if self._guard_loopback:
+                    verdict = self._host_guard.verdict(frame)
+                    if verdict != PASS:
+                        self.frames_dropped += 1
+                        if verdict == UNREACHABLE:
+                            self._send_to_guest(port_unreachable(frame))
+                        continue
                 self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), n)
                 if self._deferred is not None:
                     self._raise_deferred()

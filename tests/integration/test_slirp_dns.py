@@ -131,6 +131,8 @@ LOOPBACK_CHILD = textwrap.dedent(r"""
             link.send_ip(nf.udp6(slaac, dst, sport, port, b"knock"))
     watch(link, 2.0)
     knocks_dropped = link.net.frames_dropped
+    unreachable = sum(1 for f in link.rx if f.icmp is not None and f.ip.src in ("10.0.2.3", "fec0::3")
+                      and (f.icmp.type, f.icmp.code) in ((3, 3), (1, 4)) and f.checksums_ok())
 
     # DNS over TCP still reaches the resolver: a SYN to port 53 at the DNS address is connected.
     dns = "fec0::3" if ":" in resolver else "10.0.2.3"
@@ -139,7 +141,7 @@ LOOPBACK_CHILD = textwrap.dedent(r"""
     link.send_ip(build(src, dns, 42053, 53, 1, 0, nf.TCP_SYN, options=nf.MSS_OPTION))
     watch(link, 1.0)
     link.close()
-    print(json.dumps({"reached": reached, "dropped": knocks_dropped}))
+    print(json.dumps({"reached": reached, "dropped": knocks_dropped, "unreachable": unreachable}))
 """)
 
 
@@ -152,7 +154,8 @@ LOOPBACK_CHILD = textwrap.dedent(r"""
 def test_only_dns_to_10_0_2_3_reaches_the_hosts_loopback_whatever_resolv_conf_says(tmp_path, resolv_conf, resolver):
     """TCP and UDP to 10.0.2.3, 10.0.2.2, fec0::3 and fec0::2 on ports other than DNS reach no host loopback service.
 
-    The frames to the DNS address are dropped before libslirp sees them (counted), so the
+    The frames to the DNS address are kept from libslirp (counted, and answered with ICMP
+    port unreachable), so the
     answer does not depend on the libslirp release (4.7 refuses them itself; older releases,
     which tenbox also runs on, are not tested here).
     """
@@ -160,3 +163,4 @@ def test_only_dns_to_10_0_2_3_reaches_the_hosts_loopback_whatever_resolv_conf_sa
     dns_port = ["tcp %s:53" % resolver] if resolver != "none" else []
     assert out["reached"] == dns_port  # DNS over TCP connects to the resolver; nothing else anywhere
     assert out["dropped"] == 8  # TCP and UDP to ports 7777 and 80 of 10.0.2.3 and fec0::3
+    assert out["unreachable"] == 8  # each answered at once: port unreachable

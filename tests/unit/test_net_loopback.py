@@ -2,7 +2,8 @@
 
 import pytest
 
-from tenbox_vmm.net.loopback import HostGuard, targets_host_loopback
+from tenbox_vmm.net.icmp import port_unreachable
+from tenbox_vmm.net.loopback import DROP, PASS, UNREACHABLE, HostGuard, targets_host_loopback
 from tenbox_vmm.net.udpfwd import ipv4_header_checksum
 from tests import net_frames as nf
 
@@ -22,13 +23,13 @@ def v6(dst):
 def test_ipv4_loopback_and_any_destinations_are_caught(dst):
     assert targets_host_loopback(v4(dst))
     assert targets_host_loopback(memoryview(v4(dst)))
-    assert GUARD.refuses(v4(dst)) and GUARD.refuses(memoryview(v4(dst)))
+    assert GUARD.verdict(v4(dst)) == GUARD.verdict(memoryview(v4(dst))) == DROP
 
 
 @pytest.mark.parametrize("dst", ["::1", "::", "::ffff:127.0.0.1", "::ffff:0.0.0.0"])
 def test_ipv6_loopback_any_and_mapped_destinations_are_caught(dst):
     assert targets_host_loopback(v6(dst))
-    assert GUARD.refuses(v6(dst))
+    assert GUARD.verdict(v6(dst)) == DROP
 
 
 @pytest.mark.parametrize("frame", [
@@ -82,8 +83,7 @@ def _fragment(packet, offset_units, more):
     b"\0" * 14,
 ])
 def test_dns_and_other_addresses_pass_the_dns_guard(frame):
-    assert not GUARD.refuses(frame)
-    assert not GUARD.refuses(memoryview(frame))
+    assert GUARD.verdict(frame) == GUARD.verdict(memoryview(frame)) == PASS
 
 
 @pytest.mark.parametrize("frame", [
@@ -98,7 +98,34 @@ def test_dns_and_other_addresses_pass_the_dns_guard(frame):
     e6(nf.ipv6(SLAAC, "fec0::3", 44, b"\x11\0\0\0\0\0\0\0" + b"\x9c\x40\x00\x35" + bytes(4))),  # a fragment header
 ])
 def test_anything_but_dns_to_the_dns_address_is_refused(frame):
-    assert GUARD.refuses(frame)
+    assert GUARD.verdict(frame) == UNREACHABLE
     # Ethernet pads short frames to 60 bytes: padding that reads as port 53 is not the packet.
     padded = frame + (b"\x00\x35" * 30)[:max(0, 60 - len(frame))]
-    assert GUARD.refuses(padded)
+    assert GUARD.verdict(padded) == UNREACHABLE
+
+
+@pytest.mark.parametrize("frame", [
+    e4(nf.tcp4(nf.GUEST_IP, "10.0.2.3", 40000, 22, 1, 0, nf.TCP_SYN, options=nf.MSS_OPTION)),
+    e4(nf.udp4(nf.GUEST_IP, "10.0.2.3", 40000, 9999, b"knock" * 100)),
+    e6(nf.udp6(SLAAC, "fec0::3", 40000, 9999, b"knock" * 400)),
+], ids=["tcp4", "udp4", "udp6"])
+def test_a_refused_frame_is_answered_with_port_unreachable_quoting_it(frame):
+    """The guest hears at once that nothing is there: ICMP port unreachable from the address it asked."""
+    sent = nf.parse(frame)
+    answer = nf.parse(port_unreachable(memoryview(frame)))
+    assert answer.checksums_ok()
+    assert (answer.dst, answer.src) == (sent.src, sent.dst)
+    assert (answer.ip.src, answer.ip.dst) == (sent.ip.dst, sent.ip.src)
+    if sent.ip.version == 4:
+        assert (answer.icmp.type, answer.icmp.code) == (3, 3)
+        ihl = (frame[14] & 0x0F) * 4
+        assert answer.icmp.body[4:] == frame[14:14 + ihl + 8]  # the header and 64 bits of data
+    else:
+        assert (answer.icmp.type, answer.icmp.code) == (1, 4)
+        assert answer.icmp.body[4:] == frame[14:14 + 1280 - 48]  # as much as fits in IPv6's minimum MTU
+        assert len(answer.raw) - 14 == 1280
+
+
+def test_only_ip_frames_get_an_answer():
+    assert port_unreachable(nf.eth(nf.BROADCAST_MAC, nf.GUEST_MAC, nf.ETH_ARP,
+                                   nf.arp(1, nf.GUEST_MAC, nf.GUEST_IP, bytes(6), "10.0.2.3"))) is None
