@@ -135,14 +135,15 @@ def test_sigterm_stops_a_guest_that_resets_itself_in_a_loop_every_time(spawn):
         time.sleep(rng.uniform(0.0, 1.0))
         t0 = time.monotonic()
         p.signal(signal.SIGTERM)
+        stuck = ""
         try:
             rc = p.wait_exit(STOP_WITHIN_SEC)
         except AssertionError:
-            rc = None
-        outcomes.append((rc, round(time.monotonic() - t0, 2), p.output.count("reset: loop")))
+            rc, stuck = None, p.kernel_stacks()  # a hang in the host's KVM shows here (see docs/security-guest-bounds.md)
+        outcomes.append((rc, round(time.monotonic() - t0, 2), p.output.count("reset: loop"), stuck))
         p.close()
     assert [o for o in outcomes if o[0] != 3] == [], outcomes
-    assert sum(boots for _, _, boots in outcomes) > 3 * STOP_RUNS, outcomes  # it did loop
+    assert sum(o[2] for o in outcomes) > 3 * STOP_RUNS, outcomes  # it did loop
 
 
 def test_a_reset_loop_reports_and_logs_a_bounded_number_of_resets(spawn):
