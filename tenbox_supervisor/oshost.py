@@ -19,11 +19,14 @@ from typing import Callable, List, Optional, Protocol, Sequence
 
 import psutil
 
+from tenbox_vmm.protocol import Limits
+
 log = logging.getLogger("tenboxd.host")
 
 EXIT_POLL_SEC = 0.5  # without pidfd (Python 3.8), how often to look for dead workers
-LOG_ROTATE_BYTES = 10 << 20
-LOG_KEEP = 2
+# runtime.log: rotated here when a worker starts, and by the worker itself while it runs.
+LOG_ROTATE_BYTES = Limits.RUNTIME_LOG_MAX_BYTES
+LOG_KEEP = Limits.RUNTIME_LOG_KEEP
 # Environment a worker must not inherit: it is not the service's main process.
 DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 

@@ -63,10 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(vm_id: str, verbose: int) -> None:
+def _setup_logging(vm_id: str, verbose: int, vm_dir: Optional[str]) -> None:
+    """Log to stderr; when stderr is the VM folder's runtime.log (tenboxd's workers), rotate it live."""
+    from tenbox_vmm.logfiles import RuntimeLogHandler, stderr_runtime_log
+
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
-                        format="%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id))
+    runtime_log = stderr_runtime_log(vm_dir)
+    handler = RuntimeLogHandler(runtime_log) if runtime_log else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id)))
+    logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler])
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _HostStop:
+    """SIGTERM, SIGINT and SIGHUP from the start of main(): held until the machine exists, then passed on.
+
+    Installed before anything slow (imports, opening disks, /dev/kvm), so a
+    stop that comes while the worker starts ends it with ExitCode.STOPPED
+    instead of the signal's default action.
+    """
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self._machine = None
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self)
+
+    def __call__(self, signum: int, frame) -> None:
+        self.reason = "stopped by signal %s" % signal.Signals(signum).name
+        if self._machine is not None:
+            self._machine.stop(self.reason)
+
+    def attach(self, machine) -> None:
+        self._machine = machine  # first: a signal from here on reaches it through __call__
+        if self.reason is not None:
+            machine.stop(self.reason)
 
 
 def _log_state(state, reason: str) -> None:
@@ -78,7 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not Limits.NAME_RE.match(args.vm_id):
         sys.stderr.write("%s: error: --vm-id must match [A-Za-z0-9-]{1,64}\n" % PROG)
         return ExitCode.USAGE
-    _setup_logging(args.vm_id, args.verbose)
+    host_stop = _HostStop()
+    host_stop.install()
+    _setup_logging(args.vm_id, args.verbose, args.vm_dir)
 
     from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
     from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
@@ -141,12 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     done_r, done_w = os.pipe()
     machine.add_done_callback(lambda: os.write(done_w, b"x"))
-
-    def on_signal(signum: int, frame) -> None:
-        machine.stop("stopped by signal %s" % signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    host_stop.attach(machine)
     # SIGPWR ("power failure") presses the ACPI power button: the guest shuts down.
     signal.signal(signal.SIGPWR, lambda signum, frame: machine.power_button())
 
@@ -162,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         pump_input(input_fd, False, machine.console_input, done_r, detach)
     code = machine.wait()
     output.close()
+    from tenbox_vmm.guest_log import flush_all
+
+    flush_all()  # what the rate limits left out, counted
     if link is not None:
         link.join(2.0)
     logging.getLogger("tenbox").debug("%s: %d exits handled in user space", args.vm_id, machine.exits())

@@ -15,6 +15,9 @@ import threading
 import tty
 from typing import Callable, List, Optional
 
+from tenbox_vmm.logfiles import rotate_files
+from tenbox_vmm.protocol import Limits
+
 DETACH_BYTE = 0x1D  # Ctrl-]
 FLUSH_SEC = 0.02
 READ_CHUNK = 4096
@@ -90,7 +93,8 @@ def fd_writer(fd: int) -> Callable[[bytes], None]:
 class RotatingLog:
     """Append bytes to `path`, keeping at most `keep` older files of `max_bytes` each."""
 
-    def __init__(self, path: str, max_bytes: int = 1 << 20, keep: int = 2) -> None:
+    def __init__(self, path: str, max_bytes: int = Limits.CONSOLE_LOG_MAX_BYTES,
+                 keep: int = Limits.CONSOLE_LOG_KEEP) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
@@ -109,10 +113,7 @@ class RotatingLog:
 
     def _rotate(self) -> None:
         self._f.close()
-        for i in range(self.keep, 0, -1):
-            src = self.path if i == 1 else "%s.%d" % (self.path, i - 1)
-            if os.path.exists(src):
-                os.replace(src, "%s.%d" % (self.path, i))
+        rotate_files(self.path, self.keep)
         self._f = open(self.path, "ab", buffering=0)
         self._size = 0
 

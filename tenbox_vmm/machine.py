@@ -6,6 +6,17 @@ thing that ends this boot — guest poweroff or reset, a triple fault, a KVM
 error, or a request from the host. A reset boots the guest again in the
 same process with zeroed RAM and the same device objects; anything else
 ends the machine with an `ExitCode`.
+
+A host stop (`stop()`: SIGTERM, the link's stop command) is sticky: it is
+kept apart from the guest's reports, so it holds whichever phase it meets
+(boot, run, a reset being processed, the boot after it) and the machine ends
+with ExitCode.STOPPED at the next step of the controller. Only a final
+event the guest reported before it (poweroff, a crash) takes precedence.
+
+The guest decides how often it resets: beyond a budget (Limits.GUEST_LOG_BURST
+per GUEST_LOG_WINDOW_SEC) a reset cycle is neither logged nor reported as
+REBOOTING/RUNNING (the VM stays running to tenboxd), and the next report
+says how many were left out.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from tenbox_vmm.arch.x86_64 import layout as L
 from tenbox_vmm.devices.virtio.mmio import MmioHost, VirtioMmio
 from tenbox_vmm.arch.x86_64.vcpu_loop import ExitOutcome, run_vcpu
 from tenbox_vmm.devices.bus import MmioBus, PioBus
+from tenbox_vmm.guest_log import Budget, GuestLog
 from tenbox_vmm.kvm import constants as kc
 from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
 from tenbox_vmm.kvm.coalesced import CoalescedRing
@@ -151,6 +163,7 @@ class _Event(NamedTuple):
     code: ExitCode
     reason: str
     reset: bool = False
+    by_host: bool = False  # a reset the host asked for is always reported
 
 
 class Machine:
@@ -214,7 +227,8 @@ class Machine:
             self.add_virtio(self.nic.device)
 
         self._lock = threading.Lock()
-        self._event: Optional[_Event] = None
+        self._event: Optional[_Event] = None  # what the guest (or a vCPU failure) reported first
+        self._stop: Optional[_Event] = None  # the host's stop: never cleared, never overridden
         self._event_ready = threading.Event()
         self._halting = False
         self._vcpus: List[Vcpu] = []
@@ -222,6 +236,12 @@ class Machine:
         self._controller: Optional[threading.Thread] = None
         self._done = threading.Event()
         self._done_callbacks: List[Callable[[], None]] = []
+        # A guest that resets itself in a loop decides how often the state changes: each
+        # change is a line in tenboxd's log, a write of runtime.json and an event to every
+        # watcher. Beyond the budget a reset cycle is not reported (the VM stays running).
+        self._reset_reports = Budget()
+        self._reset_log = GuestLog(log, "%s: guest resets" % config.vm_id)
+        self._report_boot = True  # whether the boot in progress says RUNNING
         self.exit_code: Optional[ExitCode] = None
         self.exit_reason = ""
         self.boots = 0
@@ -290,12 +310,21 @@ class Machine:
         self._controller.start()
 
     def stop(self, reason: str = "stopped by the host") -> None:
-        """Hard stop: halt every vCPU and end the machine with ExitCode.STOPPED."""
-        self._end(ExitCode.STOPPED, reason)
+        """Hard stop: halt every vCPU and end the machine with ExitCode.STOPPED.
+
+        Safe from a signal handler and any thread, before start() too, and
+        never lost: see the module's docstring.
+        """
+        with self._lock:
+            if self._stop is None:
+                self._stop = _Event(ExitCode.STOPPED, reason)
+            self._halting = True
+        self._kick_all()
+        self._event_ready.set()
 
     def reboot(self) -> None:
         """Reset the guest as the reset button would."""
-        self._end(ExitCode.POWEROFF, "reset by the host", reset=True)
+        self._end(ExitCode.POWEROFF, "reset by the host", reset=True, by_host=True)
 
     def power_button(self) -> None:
         """Press the ACPI power button; a guest that handles it powers off."""
@@ -328,12 +357,12 @@ class Machine:
         if vm is not None and vm.fd >= 0:
             vm.irq_line(irq, level)
 
-    def _end(self, code: ExitCode, reason: str, reset: bool = False) -> None:
-        """Record what ends this boot (the first report wins) and kick every vCPU."""
+    def _end(self, code: ExitCode, reason: str, reset: bool = False, by_host: bool = False) -> None:
+        """Record what ends this boot (the first report wins, and none after a stop) and kick every vCPU."""
         with self._lock:
-            if self._event is not None:
+            if self._event is not None or self._stop is not None:
                 return
-            self._event = _Event(code, reason, reset)
+            self._event = _Event(code, reason, reset, by_host)
             self._halting = True
         self._kick_all()
         self._event_ready.set()
@@ -391,26 +420,44 @@ class Machine:
                 return
             self._coalescing = on
 
+    def _outcome(self) -> _Event:
+        """What ends this boot: the guest's final event, else the host's stop, else the guest's reset."""
+        with self._lock:
+            event, stop = self._event, self._stop
+        if stop is not None and (event is None or event.reset):
+            return stop
+        assert event is not None  # _event_ready is set only once one of them is
+        return event
+
     def _control(self) -> None:
         try:
             while True:
+                stop = self._stop
+                if stop is not None:  # came while the last boot was reset, or before start()
+                    self._finish(stop.code, stop.reason)
+                    return
                 self._boot()
                 while not self._event_ready.wait(RING_DRAIN_SEC):
                     self._service_ring()
-                event = self._event
                 self._teardown()
+                event = self._outcome()
                 if not event.reset:
                     self._finish(event.code, event.reason)
                     return
-                log.info("%s: %s, booting again", self.config.vm_id, event.reason)
-                self._set_state(VmState.REBOOTING, event.reason)
+                self._reset_log.info("%s: %s, booting again", self.config.vm_id, event.reason)
+                self._report_boot = event.by_host or self._reset_reports.allow()
+                if self._report_boot:
+                    missed = self._reset_reports.take_pending()
+                    self._set_state(VmState.REBOOTING, event.reason if not missed else
+                                    "%s (%d more resets not reported)" % (event.reason, missed))
                 self.memory.clear()
                 for dev in self.devices.all():
                     dev.reset()
                 with self._lock:
                     self._event = None
-                    self._halting = False
-                    self._event_ready.clear()
+                    if self._stop is None:  # else the loop's first step ends the machine
+                        self._halting = False
+                        self._event_ready.clear()
         except MachineError as e:
             log.error("%s: %s", self.config.vm_id, e)
             self._teardown()
@@ -447,7 +494,8 @@ class Machine:
         ]
         for t in self._threads:
             t.start()
-        self._set_state(VmState.RUNNING, "boot %d" % self.boots)
+        if self._report_boot:
+            self._set_state(VmState.RUNNING, "boot %d" % self.boots)
 
     def _vcpu_main(self, vcpu: Vcpu) -> None:
         try:

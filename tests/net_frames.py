@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+from tenbox_vmm.net.icmp import internet_checksum
+
 ETH_IPV4 = 0x0800
 ETH_ARP = 0x0806
 ETH_IPV6 = 0x86DD
@@ -51,13 +53,7 @@ def ip6(text: str) -> bytes:
     return ipaddress.IPv6Address(text).packed
 
 
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+checksum = internet_checksum
 
 
 # -- builders ------------------------------------------------------------------
@@ -82,19 +78,32 @@ def _pseudo4(src: str, dst: str, proto: int, length: int) -> bytes:
     return ip4(src) + ip4(dst) + struct.pack("!BBH", 0, proto, length)
 
 
-def udp4(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+def _udp_segment(pseudo: Callable[[int], bytes], sport: int, dport: int, payload: bytes) -> bytes:
+    """A UDP header and payload with its checksum; pseudo(length) is the IP pseudo-header."""
     seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    c = checksum(_pseudo4(src, dst, PROTO_UDP, len(seg)) + seg) or 0xFFFF
-    return ipv4(src, dst, PROTO_UDP, seg[:6] + struct.pack("!H", c) + seg[8:])
+    c = checksum(pseudo(len(seg)) + seg) or 0xFFFF
+    return seg[:6] + struct.pack("!H", c) + seg[8:]
+
+
+def _tcp_segment(pseudo: Callable[[int], bytes], sport: int, dport: int, seq: int, ack: int, flags: int,
+                 payload: bytes, window: int, options: bytes) -> bytes:
+    offset = (20 + len(options)) // 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, offset << 4, flags,
+                      window, 0, 0) + options + payload
+    c = checksum(pseudo(len(seg)) + seg)
+    return seg[:16] + struct.pack("!H", c) + seg[18:]
+
+
+def udp4(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    seg = _udp_segment(lambda n: _pseudo4(src, dst, PROTO_UDP, n), sport, dport, payload)
+    return ipv4(src, dst, PROTO_UDP, seg)
 
 
 def tcp4(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int,
          payload: bytes = b"", window: int = 65535, options: bytes = b"") -> bytes:
-    offset = (20 + len(options)) // 4
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, offset << 4, flags,
-                      window, 0, 0) + options + payload
-    c = checksum(_pseudo4(src, dst, PROTO_TCP, len(seg)) + seg)
-    return ipv4(src, dst, PROTO_TCP, seg[:16] + struct.pack("!H", c) + seg[18:])
+    seg = _tcp_segment(lambda n: _pseudo4(src, dst, PROTO_TCP, n), sport, dport, seq, ack, flags, payload, window,
+                       options)
+    return ipv4(src, dst, PROTO_TCP, seg)
 
 
 def icmp4_echo(src: str, dst: str, ident: int, seq: int, data: bytes) -> bytes:
@@ -107,9 +116,25 @@ def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 
     return struct.pack("!IHBB", 6 << 28, len(payload), next_header, hop_limit) + ip6(src) + ip6(dst) + payload
 
 
+def _pseudo6(src: str, dst: str, proto: int, length: int) -> bytes:
+    return ip6(src) + ip6(dst) + struct.pack("!IxxxB", length, proto)
+
+
+def udp6(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    seg = _udp_segment(lambda n: _pseudo6(src, dst, PROTO_UDP, n), sport, dport, payload)
+    return ipv6(src, dst, PROTO_UDP, seg, hop_limit=64)
+
+
+def tcp6(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int,
+         payload: bytes = b"", window: int = 65535, options: bytes = b"") -> bytes:
+    seg = _tcp_segment(lambda n: _pseudo6(src, dst, PROTO_TCP, n), sport, dport, seq, ack, flags, payload, window,
+                       options)
+    return ipv6(src, dst, PROTO_TCP, seg, hop_limit=64)
+
+
 def icmp6(src: str, dst: str, type_: int, code: int, body: bytes) -> bytes:
     msg = struct.pack("!BBH", type_, code, 0) + body
-    pseudo = ip6(src) + ip6(dst) + struct.pack("!IxxxB", len(msg), PROTO_ICMPV6)
+    pseudo = _pseudo6(src, dst, PROTO_ICMPV6, len(msg))
     msg = msg[:2] + struct.pack("!H", checksum(pseudo + msg)) + msg[4:]
     return ipv6(src, dst, PROTO_ICMPV6, msg)
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
+from tenbox_vmm.guest_log import GuestLog
+
 log = logging.getLogger("tenbox.net")
 
 CHUNK_BYTES = 64 * 1024
@@ -182,6 +184,8 @@ class GuestForwardRelay:
 
     def __init__(self, clock=time.monotonic) -> None:
         self._clock = clock
+        # The guest opens the connections: what they make us log is rate-limited.
+        self._guest_log = GuestLog(log, "guestfwd connections")
         self._dir: Optional[str] = None
         self._serial = 0
         self._listeners: Dict[object, _Listener] = {}
@@ -263,14 +267,14 @@ class GuestForwardRelay:
             try:
                 alive = conn.handle(inner_rev, outer_rev)
             except OSError as e:
-                log.info("guestfwd %s: connection to %s:%d ended: %s",
+                self._guest_log.info("guestfwd %s: connection to %s:%d ended: %s",
                          conn.forward, conn.target[0], conn.target[1], e.strerror or e)
                 alive = False
             if not alive:
                 self._drop(conn)
         now = self._clock()
         for conn in [c for c in self._conns if c.connecting and now >= c.deadline]:
-            log.info("guestfwd %s: connecting to %s:%d timed out after %.0f s",
+            self._guest_log.info("guestfwd %s: connecting to %s:%d timed out after %.0f s",
                      conn.forward, conn.target[0], conn.target[1], CONNECT_TIMEOUT_SEC)
             self._drop(conn)
         self._snapshot = {}
@@ -285,14 +289,14 @@ class GuestForwardRelay:
                 raise
             inner.setblocking(False)
             if len(self._conns) >= CONNECTIONS_MAX:
-                log.warning("guestfwd %s: %d connections open already; refusing one more",
+                self._guest_log.warning("guestfwd %s: %d connections open already; refusing one more",
                             listener.name, CONNECTIONS_MAX)
                 inner.close()
                 continue
             try:
                 conn = _Connection(listener.key, listener.name, inner, listener.target, self._clock())
             except OSError as e:
-                log.info("guestfwd %s: cannot connect to %s:%d: %s",
+                self._guest_log.info("guestfwd %s: cannot connect to %s:%d: %s",
                          listener.name, listener.target[0], listener.target[1], e.strerror or e)
                 inner.close()
                 continue

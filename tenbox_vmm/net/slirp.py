@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
+from tenbox_vmm.guest_log import GuestLog
 from tenbox_vmm.net.alias import TcpAliases
 from tenbox_vmm.net.config import NetConfig
 from tenbox_vmm.protocol.forwards import (
@@ -50,7 +51,8 @@ from tenbox_vmm.net.libslirp import (
     poll_to_slirp,
     slirp_to_poll,
 )
-from tenbox_vmm.net.loopback import targets_host_loopback
+from tenbox_vmm.net.icmp import port_unreachable
+from tenbox_vmm.net.loopback import PASS, UNREACHABLE, HostGuard
 from tenbox_vmm.net.ports import bind_error, privileged_port_error
 from tenbox_vmm.net.relay import GuestForwardRelay
 from tenbox_vmm.net.timers import SlirpTimer, TimerTable
@@ -60,8 +62,6 @@ log = logging.getLogger("tenbox.net")
 
 ETH_HEADER = 14
 FRAME_MAX_BYTES = ETH_HEADER + 65535 + 4  # an IPv4/IPv6 maximum packet, with a VLAN tag
-GUEST_ERROR_LOG_BURST = 10  # guest_error messages logged per window; the rest counted
-GUEST_ERROR_LOG_WINDOW_SEC = 60.0
 NS_PER_MS = 1000000
 
 Failure = Tuple[str, str]  # (spec, reason)
@@ -113,28 +113,6 @@ def _spare_addresses(config: NetConfig, count: int) -> List[ipaddress.IPv4Addres
     return out
 
 
-class _GuestErrorLog:
-    """guest_error messages are the guest's to trigger: log a bounded number."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._window_start = clock()
-        self._logged = 0
-        self._suppressed = 0
-
-    def __call__(self, msg: str) -> None:
-        now = self._clock()
-        if now - self._window_start >= GUEST_ERROR_LOG_WINDOW_SEC:
-            if self._suppressed:
-                log.warning("guest network errors: %d more not logged", self._suppressed)
-            self._window_start, self._logged, self._suppressed = now, 0, 0
-        if self._logged < GUEST_ERROR_LOG_BURST:
-            self._logged += 1
-            log.warning("guest network error: %s", msg)
-        else:
-            self._suppressed += 1
-
-
 class SlirpNetwork:
     """One guest network: libslirp's NAT, DHCP, DNS proxy and port forwards.
 
@@ -167,13 +145,15 @@ class SlirpNetwork:
         self._relay = GuestForwardRelay(clock=lambda: self._clock_ns() / 1e9)
         self._udp = UdpForwards(config, send_to_guest, clock=lambda: self._clock_ns() / 1e9)
         self._guard_loopback = bool(config.disable_host_loopback)
+        self._host_guard = HostGuard(config.dns.packed, config.dns6.packed)
         self._aliases = TcpAliases()
         spare = _spare_addresses(config, 2)
         self._alias_of = {config.host: spare[0], config.dns: spare[1]}
         self._hostfwds: Dict[tuple, HostForward] = {}
         self._guestfwds: Dict[tuple, GuestForward] = {}
-        self._guest_error_log = _GuestErrorLog(lambda: self._clock_ns() / 1e9)
-        self.frames_dropped = 0  # runts, giants and frames to the host's loopback
+        # guest_error messages are the guest's to trigger: a bounded number is logged.
+        self._guest_error_log = GuestLog(log, "guest network errors", clock=lambda: self._clock_ns() / 1e9)
+        self.frames_dropped = 0  # runts, giants, frames to the host's loopback, anything but DNS to the DNS address
         self._make_callbacks()
         self._make_config()
         self._timeout = ffi.new("uint32_t *")
@@ -275,7 +255,7 @@ class SlirpNetwork:
         return size
 
     def _on_guest_error(self, msg: Any, opaque: Any) -> None:
-        self._guest_error_log(ffi.string(msg).decode("utf-8", "replace"))
+        self._guest_error_log.warning("guest network error: %s", ffi.string(msg).decode("utf-8", "replace"))
 
     def _on_clock_get_ns(self, opaque: Any) -> int:
         return self._clock_ns()
@@ -397,13 +377,19 @@ class SlirpNetwork:
                 # first: it is the frame a busy forward sends most.
                 if udp and udp.from_guest(frame):
                     continue
-                if self._guard_loopback and targets_host_loopback(frame):
-                    self.frames_dropped += 1
-                    continue
+                # Guest forwards on 10.0.2.2 and 10.0.2.3 go to their alias addresses first:
+                # a forward on the DNS address is the operator's to open, not the guard's to refuse.
                 if self._aliases:
                     rewritten = self._aliases.from_guest(frame)
                     if rewritten is not frame:
                         frame = rewritten
+                if self._guard_loopback:
+                    verdict = self._host_guard.verdict(frame)
+                    if verdict != PASS:
+                        self.frames_dropped += 1
+                        if verdict == UNREACHABLE:
+                            self._send_to_guest(port_unreachable(frame))
+                        continue
                 self._lib.slirp_input(self._slirp, ffi.from_buffer("uint8_t[]", frame), n)
                 if self._deferred is not None:
                     self._raise_deferred()

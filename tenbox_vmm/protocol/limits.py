@@ -38,6 +38,19 @@ class Limits:
     FORWARDS_MAX = 64
     FORWARD_SPEC_MAX_CHARS = 256
 
+    # Logs a guest can fill (docs/security-guest-bounds.md). runtime.log is the worker's
+    # stderr: tenboxd rotates it when it starts a worker, and the worker rotates it live
+    # once it grows past RUNTIME_LOG_MAX_BYTES; console.log is written by the worker.
+    RUNTIME_LOG_MAX_BYTES = 10 << 20
+    RUNTIME_LOG_KEEP = 2  # runtime.log.1 and .2 besides runtime.log
+    CONSOLE_LOG_MAX_BYTES = 1 << 20
+    CONSOLE_LOG_KEEP = 2
+    # Messages a guest can trigger again and again (a failed block request, a refused guest
+    # forward, a broken virtqueue, its own resets): this many per kind and window are logged
+    # (or reported to tenboxd), the rest counted and the count logged when the window ends.
+    GUEST_LOG_BURST = 10
+    GUEST_LOG_WINDOW_SEC = 60.0
+
     # The worker link.
     LINK_MESSAGE_MAX_BYTES = 1 << 20  # libzmq drops a peer that sends more
     LINK_QUEUE_MAX = 1000  # messages queued per direction before sends are dropped

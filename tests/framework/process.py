@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import glob
 import itertools
 import os
 import re
@@ -250,6 +251,21 @@ class ConsoleProcess:
             self.fail("it did not exit in time")
         self._join()
         return self.proc.returncode
+
+    def kernel_stacks(self) -> str:
+        """Where each of its threads waits in the kernel (/proc/PID/task/*/stack, root only): for a process that
+        will not exit, to tell a hang in tenbox from one in the host's kernel."""
+        out = []
+        for task in sorted(glob.glob("/proc/%d/task/*" % self.proc.pid)):
+            try:
+                with open(task + "/comm") as f:
+                    name = f.read().strip()
+                with open(task + "/stack") as f:
+                    frames = [line.split("] ", 1)[-1].split("+")[0] for line in f.read().splitlines()]
+            except OSError as e:
+                frames = ["(%s)" % e.strerror]
+            out.append("%s %s: %s" % (os.path.basename(task), name, " < ".join(frames[:6])))
+        return "\n".join(out)
 
     # --- acting on it ------------------------------------------------------------------
 

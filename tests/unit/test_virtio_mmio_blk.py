@@ -306,3 +306,90 @@ def test_each_completion_interrupts_before_the_next_request_runs():
     finally:
         t.close()
         mem.close()
+
+
+def _overlapping_request(d, rtype, data_addr, data_len, copies, read_len=0):
+    """A request whose data is `copies` descriptors over the same guest buffer, in an indirect table."""
+    from tenbox_vmm.devices.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
+
+    hdr_addr, hdr_len = d.ring.alloc(struct.pack("<IIQ", rtype, 0, 0))
+    status_addr, _ = d.ring.alloc(size=1)
+    flags = DESC_F_NEXT | (DESC_F_WRITE if read_len else 0)
+    entries = [(hdr_addr, hdr_len, DESC_F_NEXT, 1)]
+    entries += [(data_addr, data_len, flags, k + 2) for k in range(copies)]
+    entries.append((status_addr, 1, DESC_F_WRITE, 0))
+    d.ring.offer_table(entries)
+    d.kick()
+    d.wait_used()
+    return d.mem.read(status_addr, 1)[0]
+
+
+@pytest.mark.parametrize("rtype", [vblk.T_DISCARD, vblk.T_WRITE_ZEROES])
+def test_discard_with_more_segments_than_advertised_is_refused_before_any_copy(rig, rtype):
+    """max_discard_seg is 1: 16 descriptors over one 1 MiB buffer (a million segments) are refused, not copied."""
+    import tracemalloc
+
+    d, t, disk, _ = rig
+    d.setup(event_idx=True)
+    assert t.read(m.CONFIG_OFFSET + 40, 4) == vblk.DISCARD_SEG_MAX == 1
+    calls = []
+    disk.discard = lambda offset, length: calls.append((offset, length))
+    disk.write_zeroes = lambda offset, length, unmap: calls.append((offset, length))
+    addr, n = d.ring.alloc(size=MIB)  # zeros: every 16 bytes a valid segment of 0 sectors at 0
+    tracemalloc.start()
+    try:
+        status = _overlapping_request(d, rtype, addr, n, 16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == vblk.S_UNSUPP
+    assert calls == []
+    assert peak < MIB, "%d bytes allocated for a refused request" % peak
+    two = struct.pack("<QII", 0, 1, 0) * 2
+    assert d.request(rtype, 0, two)[0] == vblk.S_UNSUPP  # two segments: more than advertised
+    assert d.request(rtype, 0, struct.pack("<QII", 8, 2, 0))[0] == vblk.S_OK and calls == [(4096, 1024)]
+
+
+def test_a_read_larger_than_seg_max_times_size_max_fails_before_any_io():
+    """Overlapping descriptors make a 512 MiB read of one 4 MiB buffer of a large disk: refused, nothing read."""
+
+    class LargeDisk(RamDisk):
+        def __init__(self):
+            super().__init__(0)
+            self.size = 1 << 40
+            self.reads = []
+
+        def readv(self, offset, bufs):
+            self.reads.append((offset, sum(map(len, bufs))))
+
+    mem = GuestMemory(16 * MIB)
+    disk = LargeDisk()
+    t = m.VirtioMmio(vblk.VirtioBlk(disk), mem, MmioHost())
+    try:
+        d = Driver(t, mem)
+        d.setup(event_idx=True)
+        addr, n = d.ring.alloc(size=4 * MIB)
+        assert 128 * n > vblk.REQUEST_MAX_BYTES
+        assert _overlapping_request(d, vblk.T_IN, addr, n, 128, read_len=n) == vblk.S_IOERR
+        assert disk.reads == []
+        assert _overlapping_request(d, vblk.T_IN, addr, n, 2, read_len=n) == vblk.S_OK  # 8 MiB: within the bound
+        assert disk.reads == [(0, 8 * MIB)]
+    finally:
+        t.close()
+        mem.close()
+
+
+def test_failed_requests_are_logged_at_most_a_burst_per_window(rig, caplog):
+    """A guest that makes 500 requests fail gets GUEST_LOG_BURST lines in the worker's log, not 500."""
+    import logging
+
+    from tenbox_vmm.protocol import Limits
+
+    d, _, _, _ = rig
+    d.setup(event_idx=True)
+    with caplog.at_level(logging.WARNING, logger="tenbox.virtio.blk"):
+        for _ in range(500):
+            assert d.request(vblk.T_IN, 4096, read_len=512)[0] == vblk.S_IOERR  # past the end
+    lines = [r.getMessage() for r in caplog.records if r.name == "tenbox.virtio.blk"]
+    assert len(lines) == Limits.GUEST_LOG_BURST, lines[:3]
+    assert all("beyond the end" in l for l in lines)

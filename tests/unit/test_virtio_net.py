@@ -112,3 +112,28 @@ def test_the_polling_back_end_watches_transmit_only_after_full_frames(rig):
     wait_until(lambda: len(backend.sent) == 4)
     wait_until(lambda: dev.tx_last_bytes == len(data))
     assert poller.worth_polling()
+
+
+def test_a_transmit_chain_naming_the_same_memory_many_times_is_dropped_without_a_copy(rig):
+    """64 descriptors over one 1 MiB buffer (64 MiB): counted before any join, dropped, nothing allocated."""
+    import tracemalloc
+
+    from tenbox_vmm.devices.virtio.queue import DESC_F_NEXT
+
+    d, _, dev, backend = rig
+    d.setup_net()
+    addr, n = d.tx.alloc(size=MIB)
+    entries = [(addr, n, DESC_F_NEXT, k + 1) for k in range(63)] + [(addr, n, 0, 0)]
+    tracemalloc.start()
+    try:
+        d.tx.offer_table(entries)
+        d.kick(vnet.TX)
+        wait_until(lambda: d.tx.used_idx() == 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert dev.tx_dropped == 1 and backend.sent == []
+    assert peak < MIB, "%d bytes allocated for a frame that is dropped" % peak
+    d.tx.offer([bytes(vnet.HDR_LEN), BROADCAST_FRAME], [])  # the device still works
+    d.kick(vnet.TX)
+    wait_until(lambda: backend.sent == [BROADCAST_FRAME])

@@ -5,6 +5,11 @@ discard and write-zeroes, read-only disks. Data moves between the image and
 guest memory through the chain's memoryviews, no copies in Python. A host
 I/O error fails that one request with VIRTIO_BLK_S_IOERR; the worker, the
 other requests and the image stay sound.
+
+Sizes are counted before any copy: a read or write of more than
+REQUEST_MAX_BYTES (seg_max x size_max, what the config promises) fails, and
+discard and write-zeroes take exactly DISCARD_SEG_MAX segment, as the config
+says; only then are the 16 segment bytes read.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tenbox_vmm.devices.virtio.blk_io import BlockBackend, InOrder, RequestRunne
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
 from tenbox_vmm.devices.virtio.queue import Chain, Virtqueue
 from tenbox_vmm.disk.iov import FlatViews
+from tenbox_vmm.guest_log import GuestLog
 
 log = logging.getLogger("tenbox.virtio.blk")
 
@@ -27,7 +33,11 @@ SEG_MAX = QUEUE_SIZE - 2  # header and status take a descriptor each
 SIZE_MAX = 1 << 20
 SERIAL_LEN = 20  # VIRTIO_BLK_ID_BYTES
 DISCARD_SECTORS_MAX = (1 << 32) - 1
-DISCARD_SEG_MAX = 1
+DISCARD_SEG_MAX = 1  # also max_write_zeroes_seg
+# A request's data may name the same guest memory many times over (descriptors may
+# overlap), so its size is checked before anything is done with it: no more than the
+# config promises, seg_max segments of size_max bytes.
+REQUEST_MAX_BYTES = SEG_MAX * SIZE_MAX
 
 # Feature bits
 F_SIZE_MAX = 1 << 1
@@ -71,6 +81,7 @@ class VirtioBlk(VirtioDevice):
         self.capacity = disk.size // SECTOR
         self.requests = 0
         self.errors = 0
+        self._error_log = GuestLog(log, "blk %s: failed requests" % disk.path)  # the guest makes them fail
         self._config = self._build_config()
 
     def activate(self, features: int, queues: List[Virtqueue]) -> None:
@@ -152,7 +163,7 @@ class VirtioBlk(VirtioDevice):
             status = e.status
             if status == S_IOERR:
                 self.errors += 1
-                log.warning("blk %s: %s", self.disk.path, e)
+                self._error_log.warning("blk %s: %s", self.disk.path, e)
         status_buf[status_at] = status
         return written + 1
 
@@ -169,10 +180,28 @@ class VirtioBlk(VirtioDevice):
         return out
 
     def _check_range(self, sector: int, nbytes: int) -> int:
+        if nbytes > REQUEST_MAX_BYTES:
+            raise BlkError(S_IOERR, "request of %d bytes: at most %d (seg_max x size_max)" % (nbytes, REQUEST_MAX_BYTES))
         if nbytes % SECTOR:
             raise BlkError(S_IOERR, "request of %d bytes is not whole sectors" % nbytes)
         if sector > self.capacity or sector + nbytes // SECTOR > self.capacity:
             raise BlkError(S_IOERR, "sectors %d+%d beyond the end (%d)" % (sector, nbytes // SECTOR, self.capacity))
+        return sector * SECTOR
+
+    @staticmethod
+    def _one_segment(chain: Chain) -> bytes:
+        """The discard/write-zeroes segment: its size counted first, then its 16 bytes copied."""
+        n = chain.readable_len() - _HDR.size
+        if n != _SEG.size * DISCARD_SEG_MAX:
+            if n <= 0 or n % _SEG.size:
+                raise BlkError(S_UNSUPP, "malformed discard/write-zeroes segments (%d bytes)" % n)
+            raise BlkError(S_UNSUPP, "%d discard/write-zeroes segments: the device takes %d"
+                           % (n // _SEG.size, DISCARD_SEG_MAX))
+        return chain.read(_HDR.size + _SEG.size)[_HDR.size:]
+
+    def _check_segment(self, sector: int, count: int) -> int:
+        if sector > self.capacity or sector + count > self.capacity:
+            raise BlkError(S_IOERR, "sectors %d+%d beyond the end (%d)" % (sector, count, self.capacity))
         return sector * SECTOR
 
     def _execute(self, rtype: int, sector: int, chain: Chain, data_out: List[memoryview]) -> int:
@@ -203,16 +232,12 @@ class VirtioBlk(VirtioDevice):
             if rtype in (T_DISCARD, T_WRITE_ZEROES):
                 if self.read_only:
                     raise BlkError(S_IOERR, "discard on a read-only disk")
-                segs = b"".join(bytes(v) for v in self._data_in(chain))
-                if not segs or len(segs) % _SEG.size:
-                    raise BlkError(S_UNSUPP, "malformed discard/write-zeroes segments")
-                for i in range(0, len(segs), _SEG.size):
-                    start, count, flags = _SEG.unpack_from(segs, i)
-                    offset = self._check_range(start, count * SECTOR)
-                    if rtype == T_DISCARD:
-                        disk.discard(offset, count * SECTOR)
-                    else:
-                        disk.write_zeroes(offset, count * SECTOR, bool(flags & WZ_FLAG_UNMAP))
+                start, count, flags = _SEG.unpack(self._one_segment(chain))
+                offset = self._check_segment(start, count)
+                if rtype == T_DISCARD:
+                    disk.discard(offset, count * SECTOR)
+                else:
+                    disk.write_zeroes(offset, count * SECTOR, bool(flags & WZ_FLAG_UNMAP))
                 return 0
         except BlkError:
             raise

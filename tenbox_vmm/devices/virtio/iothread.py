@@ -157,7 +157,7 @@ class IoThread:
                             if q.ready and q.needs_interrupt():
                                 self.signal_used(q.index)
         except VirtqueueError as e:
-            log.warning("%s: %s; the device needs a reset", self.device.name, e)
+            log.debug("%s: %s; the device needs a reset", self.device.name, e)  # on_error logs it, rate-limited
             self.on_error(str(e))
         except Exception as e:  # a device bug must not take the VM down
             log.exception("%s: I/O thread failed", self.device.name)

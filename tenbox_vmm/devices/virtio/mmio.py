@@ -30,6 +30,7 @@ from tenbox_vmm.devices.virtio import (
 from tenbox_vmm.devices.virtio.device import VirtioDevice
 from tenbox_vmm.devices.virtio.iothread import IoThread
 from tenbox_vmm.devices.virtio.queue import Virtqueue, VirtqueueError
+from tenbox_vmm.guest_log import GuestLog
 from tenbox_vmm.memory import GuestMemory
 
 log = logging.getLogger("tenbox.virtio")
@@ -77,6 +78,8 @@ class VirtioMmio:
         self.device = device
         self.mem = mem
         self.host = host
+        # A driver can break its rings, reset the device and break them again: rate-limited.
+        self._broken_log = GuestLog(log, "virtio-%s: DEVICE_NEEDS_RESET" % device.name)
         self._lock = threading.Lock()
         self.queues = [Virtqueue(mem, i, device.queue_size) for i in range(device.num_queues)]
         device.config_changed = self.config_changed
@@ -141,7 +144,7 @@ class VirtioMmio:
         self._interrupt(INT_CONFIG)
 
     def needs_reset(self, reason: str) -> None:
-        log.warning("virtio-%s: DEVICE_NEEDS_RESET: %s", self.device.name, reason)
+        self._broken_log.warning("virtio-%s: DEVICE_NEEDS_RESET: %s", self.device.name, reason)
         with self._lock:
             self.status |= STATUS_DEVICE_NEEDS_RESET
             for q in self.queues:

@@ -277,8 +277,12 @@ class VirtioNet(VirtioDevice):
                     readable = chain.readable
                     if len(readable) == 1 and len(readable[0]) > HDR_LEN:
                         frame = readable[0][HDR_LEN:]  # the usual layout: no copy at all
-                    else:
+                    elif HDR_LEN + 14 <= sum(map(len, readable)) <= HDR_LEN + FRAME_MAX:
+                        # Counted first: descriptors may name the same guest memory many times.
                         frame = memoryview(b"".join(readable))[HDR_LEN:]
+                    else:
+                        self.tx_dropped += 1
+                        continue
                     if not self._link_up or not 14 <= len(frame) <= FRAME_MAX:
                         self.tx_dropped += 1
                         continue

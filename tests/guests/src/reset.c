@@ -9,6 +9,9 @@
  * Command line: reset=kbd     pulse the reset line through the i8042 (default)
  *               reset=acpi    write RESET_VALUE to the FADT's RESET_REG
  *               reset=triple  triple fault (empty IDT, then an exception)
+ *               reset=loop    reset through the i8042 at once, on every boot, forever
+ *                             ("reset: loop N", N the boot count modulo 256): the
+ *                             host's stop must end it whenever it comes
  */
 #include "acpi.h"
 #include "bootparams.h"
@@ -28,6 +31,15 @@ void guest_main(void)
 
 	t_start();
 	cmdline_get("reset", how, sizeof(how));
+	if (!strcmp(how, "loop")) {
+		/* As little CPL0 work as a boot allows: a counter, one line, the reset. */
+		u8 n = cmos_read(CMOS_BOOT_COUNT) + 1;
+		cmos_write(CMOS_BOOT_COUNT, n);
+		printf("reset: loop %u\n", n);
+		reset_i8042();
+		t_fail("reset through the i8042 (0xFE to port 0x64) did not reset the machine");
+		return;
+	}
 	u8 reg_d = cmos_read(CMOS_REG_D);
 	if (!t_check(reg_d == CMOS_REG_D_VRT, "the CMOS RTC/NVRAM is present",
 		     "register D reads %x (QEMU microvm leaves the RTC out under KVM unless rtc=on)", reg_d))
