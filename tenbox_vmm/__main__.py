@@ -17,6 +17,7 @@ from typing import List, Optional
 from tenbox_vmm import __version__
 from tenbox_vmm.protocol import ExitCode, Limits
 from tenbox_vmm.protocol.disk_arg import DiskArg
+from tenbox_vmm.protocol.sandbox import PassedFile
 
 PROG = "tenbox-vm-runtime"
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tty: raw terminal, Ctrl-] quits; stdio: plain pipes; none: discard; auto: tty if stdin is a terminal")
     p.add_argument("--link", metavar="ENDPOINT",
                    help="worker mode for tenboxd: connect to its ZeroMQ endpoint; the console goes over the link")
+    p.add_argument("--fd", action="append", default=[], metavar="FD:PATH",
+                   help="descriptor FD, inherited open, stands for file PATH (tenboxd passes a VM's files so)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     return p
@@ -71,6 +74,10 @@ def _log_state(state, reason: str) -> None:
     logging.getLogger("tenbox").debug("state %s: %s", state.value, reason)
 
 
+def _console_log(args) -> Optional[str]:
+    return os.path.join(args.vm_dir, "logs", "console.log") if args.vm_dir else None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not Limits.NAME_RE.match(args.vm_id):
@@ -78,9 +85,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.USAGE
     _setup_logging(args.vm_id, args.verbose)
 
-    from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
-    from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
+    from tenbox_vmm import passed_files
 
+    try:
+        for value in args.fd:
+            passed_files.add_arg(PassedFile.parse(value))
+        disks = tuple(DiskArg.parse(d) for d in args.disk)
+    except ValueError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return ExitCode.USAGE
+    except OSError as e:
+        sys.stderr.write("%s: error: --fd: %s\n" % (PROG, e.strerror))
+        return ExitCode.USAGE
     mode = args.console
     if args.link:
         mode = "none"
@@ -90,10 +106,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("%s: error: --console tty needs a terminal on stdin\n" % PROG)
         return ExitCode.USAGE
 
+    from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
+    from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
+
     writers = [] if mode == "none" else [fd_writer(1)]
-    if args.vm_dir:
+    log_path = _console_log(args)
+    if log_path:
         try:
-            writers.append(RotatingLog(os.path.join(args.vm_dir, "logs", "console.log")))
+            writers.append(RotatingLog(log_path))
         except OSError as e:
             sys.stderr.write("%s: error: cannot write the console log in %s: %s\n" % (PROG, args.vm_dir, e.strerror))
             return ExitCode.USAGE
@@ -104,11 +124,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         link = SupervisorLink(args.link, args.vm_id)
         writers.append(link.console_output)
     output = ConsoleOutput(writers)
-    try:
-        disks = tuple(DiskArg.parse(d) for d in args.disk)
-    except ValueError as e:
-        sys.stderr.write("%s: error: %s\n" % (PROG, e))
-        return ExitCode.USAGE
     net = None
     if args.net or args.hostfwd or args.guestfwd:
         from tenbox_vmm.machine import NetSpec
