@@ -221,11 +221,13 @@ class VmMethods:
             if template:
                 overlay = os.path.join(folder, OVERLAY_NAME)
                 try:
-                    await run_imagetool("overlay", "--backing", template, "--out", overlay)
+                    made = await run_imagetool("overlay", "--backing", template, "--out", overlay)
                 except ApiError as e:
                     raise ApiError(e.code, "cannot make an overlay of %s: %s" % (template, e.message))
+                # Its backing files, recorded: the worker gets them open at each start (worker_files.py).
+                backing = [entry[0] for entry in made.get("backing_chain") or []]
                 spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
-                                      "format": "qcow2"})
+                                      "format": "qcow2", "backing": backing})
             try:
                 vm = self.workers.create(spec)
             except (OSError, SpecError) as e:

@@ -22,18 +22,21 @@ import signal
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from tenbox_supervisor import worker_files
+from tenbox_supervisor.cgroups import ResourceLimits
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
-from tenbox_supervisor.errors import OperationError
+from tenbox_supervisor.errors import ApiError, OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
 from tenbox_supervisor.fsutil import tail_lines
 from tenbox_supervisor.managed_vm import ManagedVm, StateListener, WorkerSession
-from tenbox_supervisor.oshost import SIGNAL_NAMES, Host
+from tenbox_supervisor.oshost import CGROUP_PREFIX, SIGNAL_NAMES, Host
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
-from tenbox_supervisor.spec import VmSpec, disk_arg
+from tenbox_supervisor.spec import SpecError, VmSpec, disk_arg
 from tenbox_supervisor.states import ACTIVE_STATES, InvalidTransition
 from tenbox_supervisor.store import Store
 from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.sandbox import worker_memory_max, worker_tasks_max
 from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
@@ -246,12 +249,19 @@ class WorkerManager:
         async with vm.lock:
             if vm.active:
                 raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
-            log_path = os.path.join(self.store.vm_dir(vm.id), "logs", "runtime.log")
+            chains = await self._backing_chains(vm)
+            vm_dir = self.store.vm_dir(vm.id)
+            log_path = os.path.join(vm_dir, "logs", "runtime.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             vm.console.reset()
+            # The worker opens none of its files (its sandbox hides them): we pass them open.
+            files = worker_files.wanted(vm.spec, vm_dir, chains)
+            limits = ResourceLimits(worker_memory_max(vm.spec.memory_mb), worker_tasks_max(vm.spec.cpus))
             try:
                 proc = self.host.spawn(self.worker_argv(vm), log_path,
-                                       "tenbox-vm-%s-%d" % (vm.id, int(self.host.time())))
+                                       "%s%s-%d" % (CGROUP_PREFIX, vm.id, int(self.host.time())), files, limits)
+            except worker_files.WorkerFileError as e:
+                raise OperationError(ErrorCode.VM_START_FAILED, str(e)) from None
             except OSError as e:
                 raise OperationError(ErrorCode.VM_START_FAILED,
                                      "cannot start tenbox-vm-runtime: %s" % e.strerror) from None
@@ -263,6 +273,33 @@ class WorkerManager:
         if vm.state == S.CRASHED:
             failure = vm.last_failure or {}
             raise OperationError(ErrorCode.VM_START_FAILED, failure.get("message") or "the VM failed to start")
+
+    async def _backing_chains(self, vm: ManagedVm) -> Dict[str, List[str]]:
+        """Backing files of the disks whose spec does not record them, read by the image tool now.
+
+        A chain read for a disk tenboxd made (an overlay of a template: only
+        root can change its header) is recorded in the spec, so that the next
+        start does not read it again.
+        """
+        chains: Dict[str, List[str]] = {}
+        recorded = False
+        disks = [dict(d) for d in vm.spec.disks]
+        for d in disks:
+            if not worker_files.needs_chain(d):
+                continue
+            try:
+                chains[d["path"]] = await self.host.backing_chain(d["path"])
+            except ApiError as e:
+                raise OperationError(ErrorCode.VM_START_FAILED, "disk %s: %s" % (d["path"], e.message)) from None
+            if d.get("owned"):
+                d["backing"] = chains[d["path"]]
+                recorded = True
+        if recorded:
+            try:
+                self.update_spec(vm, VmSpec.from_json(dict(vm.spec.to_json(), disks=disks)))
+            except (OSError, SpecError) as e:
+                log.warning("vm %s: cannot record its disks' backing files: %s", vm.id, e)
+        return chains
 
     async def wait_for(self, vm: ManagedVm, predicate: Callable[[], bool], timeout: float) -> bool:
         try:
