@@ -393,20 +393,24 @@ class WorkerManager:
 
     # Worker link ------------------------------------------------------------------------------
 
-    def on_link_message(self, vm_id: str, msg: Message) -> None:
+    def on_link_message(self, vm_id: str, msg: Message) -> bool:
+        """A message of VM `vm_id`'s worker; for a HELLO, whether it is accepted as that worker's.
+
+        The link has checked that a HELLO's pid is the sender's; accepted, the
+        link routes the VM's messages to its connection (link.py).
+        """
         vm = self._vms.get(vm_id)
         if vm is None:
             if isinstance(msg, Hello):
-                log.warning("worker pid %s speaks for VM %s, which is not in the store; leaving it alone",
-                            msg.pid, vm_id)
-            return
+                log.warning("worker pid %s speaks for VM %r, which is not in the store; leaving it alone",
+                            msg.pid, vm_id[:64])
+            return False
         if isinstance(msg, Hello):
-            self._on_hello(vm, msg)
-            return
+            return self._on_hello(vm, msg)
         session = vm.session
         if session is None or not session.hello:
             self.send(vm_id, Who())  # a worker we do not know yet: ask
-            return
+            return False
         session.last_heard = self.host.monotonic()
         if isinstance(msg, ConsoleData):
             vm.console.add(msg.data)
@@ -422,8 +426,15 @@ class WorkerManager:
                 fut.set_result(msg)
         elif isinstance(msg, Heartbeat) and msg.state is not None:
             self._on_worker_state(vm, msg.state, "heartbeat")
+        return True
 
-    def _on_hello(self, vm: ManagedVm, msg: Hello) -> None:
+    def _worker_of_another_vm(self, vm: ManagedVm, pid: int) -> Optional[ManagedVm]:
+        for other in self._vms.values():
+            if other is not vm and other.session is not None and other.session.proc.pid == pid:
+                return other
+        return None
+
+    def _on_hello(self, vm: ManagedVm, msg: Hello) -> bool:
         pid, ctime = msg.pid, msg.create_time
         session = vm.session
         ours = session is not None and session.proc.pid == pid
@@ -433,7 +444,7 @@ class WorkerManager:
                 self._declare_lost(vm, Failure(FailureCode.LINK_VERSION, text, self.host.time()))
             else:
                 log.error("vm %s: %s; ignored", vm.id, text)
-            return
+            return False
         if session is not None:
             proc = session.proc
             if proc.pid != pid or abs(proc.create_time - ctime) > CREATE_TIME_SLACK_SEC:
@@ -441,12 +452,16 @@ class WorkerManager:
                     proc.create_time = ctime  # psutil could not read it at spawn; the worker knows it
                 else:
                     log.warning("vm %s: HELLO from pid %s does not match worker pid %d; ignored", vm.id, pid, proc.pid)
-                    return
+                    return False
         else:
+            other = self._worker_of_another_vm(vm, pid)
+            if other is not None:  # a worker speaks for its own VM only, whatever its command line says
+                log.warning("vm %s: HELLO from pid %s, the worker of VM %s; ignored", vm.id, pid, other.id)
+                return False
             proc = self.host.adopt(pid, ctime, vm.id)
             if proc is None:
                 log.warning("vm %s: HELLO from pid %s, which is not a tenbox worker for it; ignored", vm.id, pid)
-                return
+                return False
             session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
             session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
             if msg.started_at is not None:
@@ -462,6 +477,7 @@ class WorkerManager:
         if first:
             log.info("vm %s: worker pid %d connected", vm.id, pid)
         self._on_worker_state(vm, msg.state, "worker hello")
+        return True
 
     def _on_worker_state(self, vm: ManagedVm, ws: VmState, reason: str) -> None:
         try:
