@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from tenbox_vmm import __version__
-from tenbox_vmm.protocol import ExitCode, Limits
+from tenbox_vmm.protocol import ExitCode, Limits, VmState
 from tenbox_vmm.protocol.disk_arg import DiskArg
 from tenbox_vmm.protocol.sandbox import PassedFile
 
@@ -78,6 +78,45 @@ def _console_log(args) -> Optional[str]:
     return os.path.join(args.vm_dir, "logs", "console.log") if args.vm_dir else None
 
 
+def _open_before_sandbox(args, disks) -> None:
+    """Open what the sandbox will hide: /dev/kvm always; a standalone root run's files too.
+
+    tenboxd passes a VM's files (--fd); a standalone run as root opens the
+    files its command line names now, as the operator who named them, and
+    the worker uses the descriptors once it runs as the worker user. An
+    error is kept and reported where the file is used, as before.
+    """
+    from tenbox_vmm import passed_files
+    from tenbox_vmm.kvm.api import KVM_PATH
+
+    passed_files.open_named([KVM_PATH], os.O_RDWR)
+    if args.fd or os.geteuid() != 0:
+        return
+    chains = [_backing_chain(d.path) for d in disks]  # read first: reading uses up passed descriptors
+    passed_files.open_named([p for p in (args.kernel, args.initrd) if p], os.O_RDONLY)
+    for d, chain in zip(disks, chains):
+        passed_files.open_named([d.path], os.O_RDONLY if d.read_only else os.O_RDWR)
+        passed_files.open_named(chain, os.O_RDONLY)
+    log_path = _console_log(args)
+    if log_path:
+        from tenbox_vmm.console import log_files
+
+        try:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        except OSError:
+            pass  # reported when the log is opened
+        passed_files.open_named(log_files(log_path), os.O_RDWR | os.O_CREAT)
+
+
+def _backing_chain(path: str) -> List[str]:
+    from tenbox_vmm.disk import DiskError, image_info
+
+    try:
+        return [p for p, _ in image_info(path).get("backing_chain") or []]
+    except (DiskError, OSError, ValueError):
+        return []  # the disk's own open reports it
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not Limits.NAME_RE.match(args.vm_id):
@@ -85,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.USAGE
     _setup_logging(args.vm_id, args.verbose)
 
-    from tenbox_vmm import passed_files
+    from tenbox_vmm import passed_files, sandbox
 
     try:
         for value in args.fd:
@@ -105,6 +144,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if mode == "tty" and not os.isatty(0):
         sys.stderr.write("%s: error: --console tty needs a terminal on stdin\n" % PROG)
         return ExitCode.USAGE
+
+    _open_before_sandbox(args, disks)
+    try:
+        summary = sandbox.enter(sandbox.Plan(args.memory, args.cpus, args.link))
+    except sandbox.SandboxError as e:
+        sys.stderr.write("%s: error: cannot enter the worker sandbox: %s\n" % (PROG, e))
+        return ExitCode.SANDBOX
+    logging.getLogger("tenbox").info("%s: %s", args.vm_id, summary)
 
     from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
     from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
@@ -165,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     input_fd = None if mode == "none" else 0
     machine.start()
+    sandbox.probe_forbidden_call_if_asked(lambda: machine.state == VmState.RUNNING)
     if mode == "tty":
         with TerminalMode(0):
             pump_input(input_fd, True, machine.console_input, done_r, detach)
