@@ -200,7 +200,7 @@ class SystemHost:
         return proc.popen.poll()
 
     def watch(self, loop: asyncio.AbstractEventLoop, proc: Proc, on_exit: Callable[[], None]) -> Callable[[], None]:
-        """Call on_exit once when the process ends (then remove the cgroup we made); returns a function that stops watching."""
+        """Call on_exit once when the process ends, then remove the cgroup we made; a function that stops watching."""
         if proc.cgroup is not None:
             on_exit = _then_remove(on_exit, proc.cgroup)
         if hasattr(os, "pidfd_open"):
