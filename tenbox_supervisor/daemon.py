@@ -33,6 +33,7 @@ from tenbox_supervisor.system_api import SystemMethods
 from tenbox_supervisor.updater import Updater
 from tenbox_supervisor.vm_api import VmMethods
 from tenbox_supervisor.worker_manager import WorkerManager
+from tenbox_vmm.protocol.sandbox import FALLBACK_NOTE, worker_user
 
 log = logging.getLogger("tenboxd")
 
@@ -41,6 +42,19 @@ STATUS_INTERVAL_SEC = 5.0
 
 class StartupError(Exception):
     """tenboxd cannot start; the message says why."""
+
+
+def worker_link_access() -> dict:
+    """Who may reach the worker link: a root tenboxd's workers run as the worker user (tenbox_vmm/sandbox)."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        who = worker_user()
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    if who.fallback:
+        log.warning("%s", FALLBACK_NOTE)
+    return {"worker_gid": who.gid, "peer_uids": (who.uid,)}
 
 
 class Daemon:
@@ -104,7 +118,8 @@ class Daemon:
             self._check_run_dir()
             secure_data_dir(self.config.data_dir, log_gid)  # also repairs what older versions left
             store = Store(self.config.vms_dir, log_gid)
-            self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg))
+            self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg),
+                                   **worker_link_access())
             workers = self.workers = WorkerManager(self.config, store, SystemHost(), self.link.send)
             files = CallerFiles(self.config.images_dir)
             images = ImageMethods(ImageStore(self.config.images_dir), workers, files)

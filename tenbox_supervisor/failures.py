@@ -21,7 +21,10 @@ FAILURE_BY_EXIT = {
     ExitCode.TRIPLE_FAULT: (F.TRIPLE_FAULT, "the guest triple-faulted"),
     ExitCode.KVM_ERROR: (F.KVM_ERROR, "KVM reported an error"),
     ExitCode.GUEST_CRASH: (F.GUEST_CRASH, "the guest reported a crash"),
+    ExitCode.SANDBOX: (F.SANDBOX_FAILED, "tenbox-vm-runtime could not enter its sandbox"),
 }
+# SECCOMP_RET_KILL_PROCESS ends the worker with SIGSYS; nothing else in a worker raises it.
+SECCOMP_SIGNAL = "SIGSYS"
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,11 @@ def judge_exit(end: WorkerEnd, now: float, signal_names: Dict[int, str],
         failure = end.lost
     elif end.status is not None and end.status < 0:
         name = signal_names.get(-end.status, str(-end.status))
-        failure = Failure(F.KILLED, "the worker was killed by %s" % name, now, signal=name)
+        if name == SECCOMP_SIGNAL:
+            failure = Failure(F.SANDBOX_VIOLATION, "the worker made a system call outside its seccomp filter and "
+                              "was killed (SIGSYS); the kernel log names the call (audit type=1326)", now, signal=name)
+        else:
+            failure = Failure(F.KILLED, "the worker was killed by %s" % name, now, signal=name)
     elif code in (ExitCode.POWEROFF, ExitCode.STOPPED):
         return VmState.STOPPED, None, reason or "guest powered off"
     elif code is None:

@@ -19,6 +19,9 @@ from typing import Callable, List, Optional, Protocol, Sequence
 
 import psutil
 
+from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, WorkerCgroup
+from tenbox_supervisor.imagetool_child import run_imagetool
+from tenbox_supervisor.worker_files import WorkerFile, close_all, open_all
 from tenbox_vmm.protocol import Limits
 
 log = logging.getLogger("tenboxd.host")
@@ -29,6 +32,9 @@ LOG_ROTATE_BYTES = Limits.RUNTIME_LOG_MAX_BYTES
 LOG_KEEP = Limits.RUNTIME_LOG_KEEP
 # Environment a worker must not inherit: it is not the service's main process.
 DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# Test hooks (tenbox_vmm/sandbox: SECCOMP_PROBE_ENV) reach no worker of the packaged service.
+DROP_ENV_PREFIXES_UNDER_SYSTEMD = ("TENBOX_TEST_",)
+CGROUP_PREFIX = "tenbox-vm-"  # a worker's scope or cgroup: tenbox-vm-<id>-<time>
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Proc:
     create_time: float
     popen: Optional[subprocess.Popen] = None
     pidfd: Optional[int] = None
+    cgroup: Optional[WorkerCgroup] = None  # made by tenboxd (no systemd): removed when the worker ends
 
     @property
     def is_child(self) -> bool:
@@ -60,8 +67,15 @@ def rotate(path: str, max_bytes: int = LOG_ROTATE_BYTES, keep: int = LOG_KEEP) -
 class Host(Protocol):
     """What the WorkerManager asks of the operating system."""
 
-    def spawn(self, argv: Sequence[str], log_path: str, scope_name: str) -> Proc:
-        """Start a worker; OSError if it cannot be started."""
+    def spawn(self, argv: Sequence[str], log_path: str, scope_name: str, files: Sequence[WorkerFile] = (),
+              limits: Optional[ResourceLimits] = None) -> Proc:
+        """Start a worker with `files` passed open (--fd) in a cgroup with `limits`.
+
+        WorkerFileError if a file cannot be opened, OSError if the worker cannot be started.
+        """
+
+    async def backing_chain(self, path: str) -> List[str]:
+        """The backing files of disk image `path`, nearest first (the image tool's answer); ApiError if unreadable."""
 
     def adopt(self, pid: int, create_time: float, vm_id: str) -> Optional[Proc]:
         """A Proc for a live worker of `vm_id` we did not start, or None."""
@@ -93,33 +107,60 @@ class SystemHost:
             os.geteuid() == 0 and os.path.isdir("/run/systemd/system") and shutil.which("systemd-run") is not None
             and os.environ.get("TENBOX_NO_SCOPES") != "1"
         )
+        self.under_systemd = bool(os.environ.get("INVOCATION_ID"))
+        # Without scopes, a root tenboxd makes each worker's cgroup itself (cgroups.py).
+        self.cgroups = Cgroups() if os.geteuid() == 0 and not self.use_scopes else None
+        if self.cgroups is not None:
+            log.info("worker limits: %s", self.cgroups.describe())
 
     def worker_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+        if self.under_systemd:
+            env = {k: v for k, v in env.items() if not k.startswith(DROP_ENV_PREFIXES_UNDER_SYSTEMD)}
         return env
 
-    def spawn(self, argv: Sequence[str], log_path: str, scope_name: str) -> Proc:
-        """Start a worker in its own session (and, under systemd, its own scope)."""
+    def spawn(self, argv: Sequence[str], log_path: str, scope_name: str, files: Sequence[WorkerFile] = (),
+              limits: Optional[ResourceLimits] = None) -> Proc:
+        """Start a worker in its own session and its own scope or cgroup, with its files passed open."""
         rotate(log_path)
-        argv = list(argv)
-        if self.use_scopes:
-            # Its own scope: restarting or stopping tenboxd.service never takes the VM with it.
-            argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope_name, "--"] + argv
-        with open(log_path, "ab") as logf:
-            p = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                env=self.worker_env(),
-                close_fds=True,
-                start_new_session=True,
-            )
+        opened = open_all(files)
+        try:
+            argv = list(argv) + [a for pf in opened for a in ("--fd", pf.to_arg())]
+            if self.use_scopes:
+                # Its own scope: restarting or stopping tenboxd.service never takes the VM with it.
+                props = [] if limits is None else ["--property", "MemoryMax=%d" % limits.memory_max,
+                                                   "--property", "TasksMax=%d" % limits.tasks_max]
+                argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope_name] + props + ["--"] + argv
+            cgroup = self.cgroups.create(scope_name, limits) if self.cgroups and limits else None
+            try:
+                with open(log_path, "ab") as logf:
+                    p = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=logf,
+                        stderr=logf,
+                        env=self.worker_env(),
+                        close_fds=True,
+                        pass_fds=[pf.fd for pf in opened],
+                        start_new_session=True,
+                    )
+                if cgroup is not None:
+                    _join(p, cgroup)
+            except BaseException:
+                if cgroup is not None:
+                    cgroup.remove()
+                raise
+        finally:
+            close_all(opened)
         try:
             ctime = psutil.Process(p.pid).create_time()
         except psutil.Error:
             ctime = 0.0
-        return Proc(pid=p.pid, create_time=ctime, popen=p)
+        return Proc(pid=p.pid, create_time=ctime, popen=p, cgroup=cgroup)
+
+    async def backing_chain(self, path: str) -> List[str]:
+        info = await run_imagetool("info", path)
+        return [entry[0] for entry in info.get("backing_chain") or []]
 
     def adopt(self, pid: int, create_time: float, vm_id: str) -> Optional[Proc]:
         """A Proc for a live worker of `vm_id` we did not start, or None if it is gone or not ours."""
@@ -134,7 +175,8 @@ class SystemHost:
             return None
         if vm_id not in cmd:
             return None
-        return Proc(pid=pid, create_time=create_time)
+        cgroup = self.cgroups.of_pid(pid, CGROUP_PREFIX) if self.cgroups else None
+        return Proc(pid=pid, create_time=create_time, cgroup=cgroup)
 
     def alive(self, proc: Proc) -> bool:
         if proc.popen is not None:
@@ -160,7 +202,9 @@ class SystemHost:
         return proc.popen.poll()
 
     def watch(self, loop: asyncio.AbstractEventLoop, proc: Proc, on_exit: Callable[[], None]) -> Callable[[], None]:
-        """Call on_exit once when the process ends; returns a function that stops watching."""
+        """Call on_exit once when the process ends, then remove the cgroup we made; a function that stops watching."""
+        if proc.cgroup is not None:
+            on_exit = _then_remove(on_exit, proc.cgroup)
         if hasattr(os, "pidfd_open"):
             try:
                 fd = os.pidfd_open(proc.pid)  # novermin: guarded by hasattr (Python 3.9+)
@@ -206,6 +250,26 @@ class SystemHost:
 
     def time(self) -> float:
         return time.time()
+
+
+def _join(p: subprocess.Popen, cgroup: WorkerCgroup) -> None:
+    """Move the new worker into its cgroup; a worker that cannot be bounded is not left running."""
+    try:
+        cgroup.add(p.pid)
+    except OSError:
+        p.kill()
+        p.wait()
+        raise
+
+
+def _then_remove(on_exit: Callable[[], None], cgroup: WorkerCgroup) -> Callable[[], None]:
+    def both() -> None:
+        try:
+            on_exit()
+        finally:
+            cgroup.remove()
+
+    return both
 
 
 SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}

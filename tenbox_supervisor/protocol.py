@@ -156,6 +156,8 @@ class FailureCode(str, enum.Enum):
     WORKER_ERROR = "worker_error"  # an internal error of the runtime, or an exit status it does not document
     WORKER_EXITED = "worker_exited"  # an adopted worker ended; its status is unknown
     WORKER_LOST = "worker_lost"  # it ended while no tenboxd was running
+    SANDBOX_FAILED = "sandbox_failed"  # it could not enter its sandbox (exit 7): the guest never ran
+    SANDBOX_VIOLATION = "sandbox_violation"  # killed by its seccomp filter (SIGSYS): a call outside it
     # vm.start refused before a worker ran: the same words as the request's ErrorCode.
     KVM_UNSUPPORTED = "kvm_unsupported"
     FILE_MISSING = "file_missing"

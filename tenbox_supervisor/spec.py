@@ -102,10 +102,12 @@ class VmSpec:
 
 
 def check_disk(d: Any) -> None:
-    """A disk entry: {"path": absolute, "read_only": bool, "serial": str, "owned": bool, "format": "raw"|"qcow2"}.
+    """A disk entry: {"path": absolute, "read_only": bool, "serial": str, "owned": bool, "format": "raw"|"qcow2",
+    "backing": [absolute, ...]}.
 
     "format" is absent only in specs stored before formats were recorded:
-    the worker then probes the image.
+    the worker then probes the image. "backing", the image's backing files
+    nearest first, is recorded for the overlays tenboxd makes (worker_files.py).
     """
     if not isinstance(d, dict) or not isinstance(d.get("path"), str) or not os.path.isabs(d["path"]):
         raise SpecError("each disk needs an absolute path")
@@ -115,6 +117,10 @@ def check_disk(d: Any) -> None:
         raise SpecError("disk read_only and owned are booleans")
     if d.get("format", "raw") not in Limits.DISK_FORMATS:
         raise SpecError("disk format must be %s" % " or ".join(Limits.DISK_FORMATS))
+    backing = d.get("backing", [])
+    if not isinstance(backing, list) or len(backing) > Limits.BACKING_CHAIN_MAX or not all(
+            isinstance(p, str) and os.path.isabs(p) and "\0" not in p for p in backing):
+        raise SpecError("disk backing must be a list of at most %d absolute paths" % Limits.BACKING_CHAIN_MAX)
     serial = d.get("serial", "")
     if not isinstance(serial, str) or len(serial) > Limits.DISK_SERIAL_MAX or not all(32 < ord(c) < 127 and c != "," for c in serial):
         raise SpecError("disk serial must be up to %d printable ASCII characters without commas" % Limits.DISK_SERIAL_MAX)

@@ -259,12 +259,14 @@ class VmMethods:
             if template:
                 overlay = os.path.join(folder, OVERLAY_NAME)
                 try:
-                    await run_imagetool("overlay", "--backing", template, "--out", overlay)
+                    made = await run_imagetool("overlay", "--backing", template, "--out", overlay)
                 except ApiError as e:
                     raise ApiError(e.code, "cannot make an overlay of %s: %s" % (template, e.message))
                 os.chmod(overlay, PRIVATE_FILE_MODE)  # the guest's writes: root's only
+                # Its backing files, recorded: the worker gets them open at each start (worker_files.py).
+                backing = [entry[0] for entry in made.get("backing_chain") or []]
                 spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
-                                      "format": "qcow2"})
+                                      "format": "qcow2", "backing": backing})
             self.gate.check_start_allowed()  # again: no await from here to the VM being listed
             try:
                 vm = self.workers.create(spec)

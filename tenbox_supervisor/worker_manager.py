@@ -22,18 +22,21 @@ import signal
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
+from tenbox_supervisor import worker_files
+from tenbox_supervisor.cgroups import ResourceLimits
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
-from tenbox_supervisor.errors import OperationError
+from tenbox_supervisor.errors import ApiError, OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.managed_vm import FAILURE_CONSOLE_LINES, ManagedVm, StateListener, WorkerSession
-from tenbox_supervisor.oshost import SIGNAL_NAMES, Host, Proc
+from tenbox_supervisor.oshost import CGROUP_PREFIX, SIGNAL_NAMES, Host, Proc
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
-from tenbox_supervisor.spec import VmSpec, disk_arg, new_vm_id
+from tenbox_supervisor.spec import SpecError, VmSpec, disk_arg, new_vm_id
 from tenbox_supervisor.states import ACTIVE_STATES, InvalidTransition
 from tenbox_supervisor.store import Store
 from tenbox_vmm.protocol import VmState
+from tenbox_vmm.protocol.sandbox import worker_memory_max, worker_tasks_max
 from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
@@ -325,13 +328,20 @@ class WorkerManager:
         async with vm.lock:
             if vm.active:
                 raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
+            chains = await self._backing_chains(vm)
             if allowed is not None:
-                allowed()
+                allowed()  # after the last await: nothing may come between it and the spawn
+            vm_dir = self.store.vm_dir(vm.id)
             log_path = os.path.join(self.store.make_logs(vm.id), "runtime.log")
             vm.console.reset()
+            # The worker opens none of its files (its sandbox hides them): we pass them open.
+            files = worker_files.wanted(vm.spec, vm_dir, chains)
+            limits = ResourceLimits(worker_memory_max(vm.spec.memory_mb), worker_tasks_max(vm.spec.cpus))
             try:
                 proc = self.host.spawn(self.worker_argv(vm), log_path,
-                                       "tenbox-vm-%s-%d" % (vm.id, int(self.host.time())))
+                                       "%s%s-%d" % (CGROUP_PREFIX, vm.id, int(self.host.time())), files, limits)
+            except worker_files.WorkerFileError as e:
+                raise OperationError(ErrorCode.VM_START_FAILED, str(e)) from None
             except OSError as e:
                 raise OperationError(ErrorCode.VM_START_FAILED,
                                      "cannot start tenbox-vm-runtime: %s" % e.strerror) from None
@@ -343,6 +353,33 @@ class WorkerManager:
         if vm.state == S.CRASHED:
             failure = vm.last_failure or {}
             raise OperationError(ErrorCode.VM_START_FAILED, failure.get("message") or "the VM failed to start")
+
+    async def _backing_chains(self, vm: ManagedVm) -> Dict[str, List[str]]:
+        """Backing files of the disks whose spec does not record them, read by the image tool now.
+
+        A chain read for a disk tenboxd made (an overlay of a template: only
+        root can change its header) is recorded in the spec, so that the next
+        start does not read it again.
+        """
+        chains: Dict[str, List[str]] = {}
+        recorded = False
+        disks = [dict(d) for d in vm.spec.disks]
+        for d in disks:
+            if not worker_files.needs_chain(d):
+                continue
+            try:
+                chains[d["path"]] = await self.host.backing_chain(d["path"])
+            except ApiError as e:
+                raise OperationError(ErrorCode.VM_START_FAILED, "disk %s: %s" % (d["path"], e.message)) from None
+            if d.get("owned"):
+                d["backing"] = chains[d["path"]]
+                recorded = True
+        if recorded:
+            try:
+                self.update_spec(vm, VmSpec.from_json(dict(vm.spec.to_json(), disks=disks)))
+            except (OSError, SpecError) as e:
+                log.warning("vm %s: cannot record its disks' backing files: %s", vm.id, e)
+        return chains
 
     async def wait_for(self, vm: ManagedVm, predicate: Callable[[], bool], timeout: float) -> bool:
         try:
@@ -436,20 +473,24 @@ class WorkerManager:
 
     # Worker link ------------------------------------------------------------------------------
 
-    def on_link_message(self, vm_id: str, msg: Message) -> None:
+    def on_link_message(self, vm_id: str, msg: Message) -> bool:
+        """A message of VM `vm_id`'s worker; for a HELLO, whether it is accepted as that worker's.
+
+        The link has checked that a HELLO's pid is the sender's; accepted, the
+        link routes the VM's messages to its connection (link.py).
+        """
         vm = self._vms.get(vm_id)
         if vm is None:
             if isinstance(msg, Hello):
-                log.warning("worker pid %s speaks for VM %s, which is not in the store; leaving it alone",
-                            msg.pid, vm_id)
-            return
+                log.warning("worker pid %s speaks for VM %r, which is not in the store; leaving it alone",
+                            msg.pid, vm_id[:64])
+            return False
         if isinstance(msg, Hello):
-            self._on_hello(vm, msg)
-            return
+            return self._on_hello(vm, msg)
         session = vm.session
         if session is None or not session.hello:
             self.send(vm_id, Who())  # a worker we do not know yet: ask
-            return
+            return False
         session.last_heard = self.host.monotonic()
         if isinstance(msg, ConsoleData):
             vm.console.add(msg.data)
@@ -465,8 +506,15 @@ class WorkerManager:
                 fut.set_result(msg)
         elif isinstance(msg, Heartbeat) and msg.state is not None:
             self._on_worker_state(vm, msg.state, "heartbeat")
+        return True
 
-    def _on_hello(self, vm: ManagedVm, msg: Hello) -> None:
+    def _worker_of_another_vm(self, vm: ManagedVm, pid: int) -> Optional[ManagedVm]:
+        for other in self._vms.values():
+            if other is not vm and other.session is not None and other.session.proc.pid == pid:
+                return other
+        return None
+
+    def _on_hello(self, vm: ManagedVm, msg: Hello) -> bool:
         pid, ctime = msg.pid, msg.create_time
         session = vm.session
         ours = session is not None and session.proc.pid == pid
@@ -476,7 +524,7 @@ class WorkerManager:
                 self._declare_lost(vm, Failure(FailureCode.LINK_VERSION, text, self.host.time()))
             else:
                 log.error("vm %s: %s; ignored", vm.id, text)
-            return
+            return False
         if session is not None:
             proc = session.proc
             if proc.pid != pid or abs(proc.create_time - ctime) > CREATE_TIME_SLACK_SEC:
@@ -484,12 +532,16 @@ class WorkerManager:
                     proc.create_time = ctime  # psutil could not read it at spawn; the worker knows it
                 else:
                     log.warning("vm %s: HELLO from pid %s does not match worker pid %d; ignored", vm.id, pid, proc.pid)
-                    return
+                    return False
         else:
+            other = self._worker_of_another_vm(vm, pid)
+            if other is not None:  # a worker speaks for its own VM only, whatever its command line says
+                log.warning("vm %s: HELLO from pid %s, the worker of VM %s; ignored", vm.id, pid, other.id)
+                return False
             proc = self.host.adopt(pid, ctime, vm.id)
             if proc is None:
                 log.warning("vm %s: HELLO from pid %s, which is not a tenbox worker for it; ignored", vm.id, pid)
-                return
+                return False
             session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
             session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
             if msg.started_at is not None:
@@ -505,6 +557,7 @@ class WorkerManager:
         if first:
             log.info("vm %s: worker pid %d connected", vm.id, pid)
         self._on_worker_state(vm, msg.state, "worker hello")
+        return True
 
     def _on_worker_state(self, vm: ManagedVm, ws: VmState, reason: str) -> None:
         try:

@@ -16,11 +16,14 @@ import sys
 from typing import List, Optional
 
 from tenbox_vmm import __version__
-from tenbox_vmm.protocol import ExitCode, Limits
+from tenbox_vmm.protocol import ExitCode, Limits, VmState
 from tenbox_vmm.protocol.disk_arg import DiskArg
+from tenbox_vmm.protocol.sandbox import PassedFile
 
 PROG = "tenbox-vm-runtime"
 DUMP_SIGNAL = signal.SIGUSR2
+# Test hook: a smaller runtime.log rotation size (tenboxd drops TENBOX_TEST_* under systemd).
+RUNTIME_LOG_MAX_ENV = "TENBOX_TEST_RUNTIME_LOG_MAX_BYTES"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tty: raw terminal, Ctrl-] quits; stdio: plain pipes; none: discard; auto: tty if stdin is a terminal")
     p.add_argument("--link", metavar="ENDPOINT",
                    help="worker mode for tenboxd: connect to its ZeroMQ endpoint; the console goes over the link")
+    p.add_argument("--fd", action="append", default=[], metavar="FD:PATH",
+                   help="descriptor FD, inherited open, stands for file PATH (tenboxd passes a VM's files so)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     return p
@@ -69,7 +74,13 @@ def _setup_logging(vm_id: str, verbose: int, vm_dir: Optional[str]) -> None:
 
     level = logging.WARNING - 10 * verbose
     runtime_log = stderr_runtime_log(vm_dir)
-    handler = RuntimeLogHandler(runtime_log) if runtime_log else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if runtime_log:
+        try:
+            handler = RuntimeLogHandler(runtime_log, max_bytes=int(os.environ.get(
+                RUNTIME_LOG_MAX_ENV, Limits.RUNTIME_LOG_MAX_BYTES)))
+        except OSError as e:
+            sys.stderr.write("%s: warning: %s is not rotated: %s\n" % (PROG, runtime_log, e.strerror))
     handler.setFormatter(logging.Formatter("%s[%s]: %%(levelname)s %%(message)s" % (PROG, vm_id)))
     logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler])
 
@@ -108,6 +119,49 @@ def _log_state(state, reason: str) -> None:
     logging.getLogger("tenbox").debug("state %s: %s", state.value, reason)
 
 
+def _console_log(args) -> Optional[str]:
+    return os.path.join(args.vm_dir, "logs", "console.log") if args.vm_dir else None
+
+
+def _open_before_sandbox(args, disks) -> None:
+    """Open what the sandbox will hide: /dev/kvm always; a standalone root run's files too.
+
+    tenboxd passes a VM's files (--fd); a standalone run as root opens the
+    files its command line names now, as the operator who named them, and
+    the worker uses the descriptors once it runs as the worker user. An
+    error is kept and reported where the file is used, as before.
+    """
+    from tenbox_vmm import passed_files
+    from tenbox_vmm.kvm.api import KVM_PATH
+
+    passed_files.open_named([KVM_PATH], os.O_RDWR)
+    if args.fd or os.geteuid() != 0:
+        return
+    chains = [_backing_chain(d.path) for d in disks]  # read first: reading uses up passed descriptors
+    passed_files.open_named([p for p in (args.kernel, args.initrd) if p], os.O_RDONLY)
+    for d, chain in zip(disks, chains):
+        passed_files.open_named([d.path], os.O_RDONLY if d.read_only else os.O_RDWR)
+        passed_files.open_named(chain, os.O_RDONLY)
+    log_path = _console_log(args)
+    if log_path:
+        from tenbox_vmm.console import log_files
+
+        try:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        except OSError:
+            pass  # reported when the log is opened
+        passed_files.open_named(log_files(log_path), os.O_RDWR | os.O_CREAT)
+
+
+def _backing_chain(path: str) -> List[str]:
+    from tenbox_vmm.disk import DiskError, image_info
+
+    try:
+        return [p for p, _ in image_info(path).get("backing_chain") or []]
+    except (DiskError, OSError, ValueError):
+        return []  # the disk's own open reports it
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not Limits.NAME_RE.match(args.vm_id):
@@ -115,11 +169,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.USAGE
     host_stop = _HostStop()
     host_stop.install()
-    _setup_logging(args.vm_id, args.verbose, args.vm_dir)
 
-    from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
-    from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
+    from tenbox_vmm import passed_files, sandbox
 
+    try:
+        for value in args.fd:
+            passed_files.add_arg(PassedFile.parse(value))
+        disks = tuple(DiskArg.parse(d) for d in args.disk)
+    except ValueError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return ExitCode.USAGE
+    except OSError as e:
+        sys.stderr.write("%s: error: --fd: %s\n" % (PROG, e.strerror))
+        return ExitCode.USAGE
+    _setup_logging(args.vm_id, args.verbose, args.vm_dir)  # after --fd: runtime.log's copies may be passed
     mode = args.console
     if args.link:
         mode = "none"
@@ -129,10 +192,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("%s: error: --console tty needs a terminal on stdin\n" % PROG)
         return ExitCode.USAGE
 
+    # SIGUSR2 writes every thread's Python stack to stderr (the runtime log under tenboxd):
+    # where each vCPU thread is, for a VM that hangs, without stopping it. Before the
+    # sandbox: registering sets up a signal stack (sigaltstack), which its filter forbids.
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
+    _open_before_sandbox(args, disks)
+    try:
+        summary = sandbox.enter(sandbox.Plan(args.memory, args.cpus, args.link))
+    except sandbox.SandboxError as e:
+        sys.stderr.write("%s: error: cannot enter the worker sandbox: %s\n" % (PROG, e))
+        return ExitCode.SANDBOX
+    logging.getLogger("tenbox").info("%s: %s", args.vm_id, summary)
+
+    from tenbox_vmm.console import ConsoleOutput, RotatingLog, TerminalMode, fd_writer, pump_input
+    from tenbox_vmm.machine import Machine, MachineConfig, MachineError, install_kick_handler
+
     writers = [] if mode == "none" else [fd_writer(1)]
-    if args.vm_dir:
+    log_path = _console_log(args)
+    if log_path:
         try:
-            writers.append(RotatingLog(os.path.join(args.vm_dir, "logs", "console.log")))
+            writers.append(RotatingLog(log_path))
         except OSError as e:
             sys.stderr.write("%s: error: cannot write the console log in %s: %s\n" % (PROG, args.vm_dir, e.strerror))
             return ExitCode.USAGE
@@ -143,11 +222,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         link = SupervisorLink(args.link, args.vm_id)
         writers.append(link.console_output)
     output = ConsoleOutput(writers)
-    try:
-        disks = tuple(DiskArg.parse(d) for d in args.disk)
-    except ValueError as e:
-        sys.stderr.write("%s: error: %s\n" % (PROG, e))
-        return ExitCode.USAGE
     net = None
     if args.net or args.hostfwd or args.guestfwd:
         from tenbox_vmm.machine import NetSpec
@@ -165,9 +239,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         vm_id=args.vm_id,
     )
     install_kick_handler()
-    # SIGUSR2 writes every thread's Python stack to stderr (the runtime log under tenboxd):
-    # where each vCPU thread is, for a VM that hangs, without stopping it.
-    faulthandler.register(DUMP_SIGNAL, all_threads=True)
     try:
         machine = Machine(config, output, on_state=link.state_changed if link else _log_state)
     except MachineError as e:
@@ -187,6 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     input_fd = None if mode == "none" else 0
     machine.start()
+    sandbox.probe_forbidden_call_if_asked(lambda: machine.state == VmState.RUNNING)
     if mode == "tty":
         with TerminalMode(0):
             pump_input(input_fd, True, machine.console_input, done_r, detach)

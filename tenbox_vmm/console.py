@@ -15,13 +15,18 @@ import threading
 import tty
 from typing import Callable, List, Optional
 
-from tenbox_vmm.logfiles import rotate_files
+from tenbox_vmm import passed_files
+from tenbox_vmm.logfiles import copy_file, write_all
 from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.sandbox import rotated_log_names
 
 DETACH_BYTE = 0x1D  # Ctrl-]
 FLUSH_SEC = 0.02
 READ_CHUNK = 4096
 OUTPUT_BUFFER_MAX = 1 << 16
+LOG_MAX_BYTES = Limits.CONSOLE_LOG_MAX_BYTES  # console.log, then console.log.1 and .2
+LOG_KEEP = Limits.CONSOLE_LOG_KEEP
+LOG_MODE = 0o640  # what the guest wrote is not for every user of the host
 
 
 class ConsoleOutput:
@@ -90,35 +95,54 @@ def fd_writer(fd: int) -> Callable[[bytes], None]:
     return write
 
 
-class RotatingLog:
-    """Append bytes to `path`, keeping at most `keep` older files of `max_bytes` each."""
+def log_files(path: str, keep: int = LOG_KEEP) -> List[str]:
+    """A rotating log's files, newest first: path, path.1 .. path.KEEP."""
+    return [path] + rotated_log_names(path, keep)
 
-    def __init__(self, path: str, max_bytes: int = Limits.CONSOLE_LOG_MAX_BYTES,
-                 keep: int = Limits.CONSOLE_LOG_KEEP) -> None:
+
+class RotatingLog:
+    """Append bytes to `path`, keeping at most `keep` older copies of `max_bytes` each (path.1 newest).
+
+    Rotation copies the files into each other through descriptors opened
+    once, instead of renaming them: a sandboxed worker gets its log files
+    as descriptors (passed_files) and may not change its logs folder, so a
+    guest that escapes into its worker cannot plant a link there for the
+    daemon to follow. At most (keep + 1) * max_bytes are copied per
+    max_bytes of output.
+    """
+
+    def __init__(self, path: str, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self.keep = keep
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "ab", buffering=0)
-        self._size = self._f.tell()
+        if not passed_files.passed(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._fds: List[int] = []
+        try:
+            for name in log_files(path, keep):
+                self._fds.append(passed_files.open_fd(name, os.O_RDWR | os.O_CREAT, LOG_MODE))
+        except OSError:
+            self.close()
+            raise
+        self._size = os.lseek(self._fds[0], 0, os.SEEK_END)
 
     def __call__(self, data: bytes) -> None:
         try:
             if self._size + len(data) > self.max_bytes and self._size:
                 self._rotate()
-            self._f.write(data)
-            self._size += len(data)
+            self._size += write_all(self._fds[0], data, self._size)
         except OSError:
             pass  # a full disk must not stop the guest; the console still streams
 
     def _rotate(self) -> None:
-        self._f.close()
-        rotate_files(self.path, self.keep)
-        self._f = open(self.path, "ab", buffering=0)
+        for older, newer in zip(reversed(self._fds[1:]), reversed(self._fds[:-1])):
+            copy_file(newer, older)
+        os.ftruncate(self._fds[0], 0)
         self._size = 0
 
     def close(self) -> None:
-        self._f.close()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 class TerminalMode:

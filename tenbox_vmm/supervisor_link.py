@@ -140,7 +140,8 @@ class SupervisorLink:
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.vm_id.encode())
+        # No IDENTITY: tenboxd routes to this connection once it has checked our HELLO against the
+        # kernel's peer credentials; a chosen identity could be squatted by another process.
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, Limits.LINK_MESSAGE_MAX_BYTES)
         sock.setsockopt(zmq.SNDHWM, Limits.LINK_QUEUE_MAX)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
+from tenbox_vmm import passed_files
 from tenbox_vmm.disk.errors import BackingFileError, DiskError, DiskUnsupported
+from tenbox_vmm.protocol.limits import Limits
 
-BACKING_CHAIN_MAX = 128
+BACKING_CHAIN_MAX = Limits.BACKING_CHAIN_MAX
 FORMATS = ("raw", "qcow2")
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -45,8 +47,7 @@ def _protocol(name: str) -> Optional[str]:
 def probe(path: str) -> str:
     """'qcow2' if the file starts with the qcow2 magic, else 'raw'."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(QCOW2_MAGIC))
+        head = passed_files.read_head(path, len(QCOW2_MAGIC))
     except FileNotFoundError:
         raise DiskError("%s: no such file" % path) from None
     except IsADirectoryError:
@@ -63,7 +64,7 @@ def check_format(path: str, fmt: Optional[str]) -> None:
 
 def identity(path: str) -> Tuple[int, int]:
     try:
-        st = os.stat(path)
+        st = passed_files.stat(path)
     except FileNotFoundError:
         raise DiskError("%s: no such file" % path) from None
     except OSError as e:
@@ -82,6 +83,6 @@ def locate(image_path: str, name: str, fmt: Optional[str], depth: int, top: Opti
     if fmt is not None and fmt not in FORMATS:
         raise DiskUnsupported("%s: backing file %s has format %r; tenbox supports raw and qcow2 backing files"
                               % (image_path, path, fmt))
-    if not os.path.exists(path):
+    if not passed_files.exists(path):
         raise BackingFileError("%s: backing file %r is missing (looked for %s)" % (image_path, name, path))
     return path

@@ -12,6 +12,7 @@ import errno as errno_mod
 import os
 from typing import Optional, Sequence, Union
 
+from tenbox_vmm import passed_files
 from tenbox_vmm.disk import fallocate
 from tenbox_vmm.disk.errors import DiskError, DiskIOError
 from tenbox_vmm.disk.iov import IOV_MAX, advance, total, zero_fill, zero_views
@@ -25,9 +26,9 @@ class ImageFile:
     def __init__(self, path: str, writable: bool) -> None:
         self.path = path
         self.writable = writable
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        flags = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self.fd = os.open(path, flags)
+            self.fd = passed_files.open_fd(path, flags)  # a sandboxed worker's images are passed to it
         except FileNotFoundError:
             raise DiskError("%s: no such file" % path) from None
         except IsADirectoryError:

@@ -12,6 +12,7 @@ import mmap
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from tenbox_vmm import passed_files
 from tenbox_vmm.kvm import constants as c
 from tenbox_vmm.kvm.ffi import ffi, libc
 
@@ -47,7 +48,7 @@ class Kvm:
 
     def __init__(self, path: str = KVM_PATH) -> None:
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.fd = passed_files.open_fd(path, os.O_RDWR)  # opened before the worker's sandbox
         except FileNotFoundError:
             raise KvmUnavailable(
                 "%s does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) "

@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     TRIPLE_FAULT = 4  # the guest triple-faulted (KVM_EXIT_SHUTDOWN); vCPU state in the log
     KVM_ERROR = 5  # KVM internal error, failed entry or unhandled exit; vCPU state in the log
     GUEST_CRASH = 6  # the guest reported a crash (KVM system event "crash")
+    SANDBOX = 7  # the worker sandbox could not be set up (namespaces, user, seccomp): the guest never ran
 
     @property
     def description(self) -> str:
@@ -40,6 +41,7 @@ _DESCRIPTIONS = {
     ExitCode.TRIPLE_FAULT: "guest triple fault",
     ExitCode.KVM_ERROR: "KVM error",
     ExitCode.GUEST_CRASH: "guest crashed",
+    ExitCode.SANDBOX: "worker sandbox failed",
 }
 
 

@@ -28,6 +28,7 @@ class Limits:
     DISKS_MAX = VIRTIO_SLOTS - 1
     DISK_SERIAL_MAX = 20  # virtio-blk's ID is 20 bytes (VIRTIO_BLK_ID_BYTES)
     DISK_FORMATS = ("raw", "qcow2")
+    BACKING_CHAIN_MAX = 128  # images below a disk; reads recurse once per level
 
     # Network. The store accepted lower-case MACs only, the worker either case: a MAC is
     # the same address in either case (the kernel and QEMU read both), so both accept both.
@@ -55,3 +56,11 @@ class Limits:
     LINK_MESSAGE_MAX_BYTES = 1 << 20  # libzmq drops a peer that sends more
     LINK_QUEUE_MAX = 1000  # messages queued per direction before sends are dropped
     CONSOLE_CHUNK_MAX_BYTES = 64 << 10  # console bytes per message
+
+    # The worker sandbox (tenbox_vmm/protocol/sandbox.py has the formulas, docs/security-sandbox.md the reasons).
+    WORKER_MEMORY_OVERHEAD_MB = 256  # MemoryMax beyond guest RAM; a worker uses about 17 MiB of it idle
+    WORKER_TASKS_BASE = 64  # TasksMax beyond one thread per vCPU; a worker with 7 disks and a NIC has ~30
+    WORKER_THREAD_STACK_MB = 8  # glibc's default thread stack (RLIMIT_STACK), reserved per thread
+    # RLIMIT_NPROC counts every task of the worker user on the host, not one worker's: the
+    # fallback bound on all workers together where no pids controller is available.
+    WORKER_USER_TASKS_MAX = 16384

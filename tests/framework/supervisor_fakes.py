@@ -29,6 +29,9 @@ class FakeHost:
         self.wall = 1700000100.0
         self.spawn_error: Optional[OSError] = None
         self.spawned: List[Tuple[List[str], str, str]] = []
+        self.spawn_files: List[list] = []  # the WorkerFiles and ResourceLimits of each spawn
+        self.spawn_limits: List[object] = []
+        self.chains: Dict[str, List[str]] = {}  # disk path -> its backing files, as the image tool would say
         self.killed: List[Tuple[int, int]] = []
         self.adoptable: Dict[Tuple[int, str], float] = {}  # (pid, vm_id) -> create time
         self.exit_on_kill = False  # a kill ends the process at once, with -signal
@@ -39,15 +42,20 @@ class FakeHost:
 
     # The Host seam
 
-    def spawn(self, argv, log_path, scope_name) -> Proc:
+    def spawn(self, argv, log_path, scope_name, files=(), limits=None) -> Proc:
         if self.spawn_error is not None:
             raise self.spawn_error
         self.spawned.append((list(argv), log_path, scope_name))
+        self.spawn_files.append(list(files))
+        self.spawn_limits.append(limits)
         proc = Proc(pid=self._next_pid, create_time=CREATE_TIME, popen=None)
         self._next_pid += 1
         if self.on_spawn is not None:
             asyncio.get_event_loop().call_soon(self.on_spawn, proc)
         return proc
+
+    async def backing_chain(self, path) -> List[str]:
+        return list(self.chains.get(path, []))
 
     def adopt(self, pid, create_time, vm_id) -> Optional[Proc]:
         known = self.adoptable.get((pid, vm_id))

@@ -217,6 +217,11 @@ class TestDistribution:
         group = c.run("getent group tenbox").stdout.strip().split(":")
         assert int(group[2]) == int(gid) and OPERATOR in group[3].split(",")
         assert not c.path("/var/lib/tenbox").exists(), "no home directory is created (it is the StateDirectory)"
+        # The workers' user (docs/security-sandbox.md): a system user with its own group, outside tenbox's.
+        name, _, uid, gid, _, home, shell = c.run("getent passwd tenbox-vm").stdout.strip().split(":")
+        assert 0 < int(uid) < 1000 and (home, shell) == ("/nonexistent", "/usr/sbin/nologin")
+        assert c.run("getent group tenbox-vm").stdout.strip().split(":")[2] == gid != group[2]
+        assert "tenbox-vm" not in group[3].split(",")
 
     def test_commands_run_with_the_distributions_python3(self, host):
         c = host.chroot
@@ -412,6 +417,8 @@ class TestDistribution:
         out = r.stdout + r.stderr  # maintainer scripts' stderr reaches apt's stdout or stderr
         assert not c.path("/etc/tenbox").exists() and not c.path("/run/tenbox").exists()
         assert c.run("getent passwd tenbox", check=False).returncode == 2
+        assert c.run("getent passwd tenbox-vm", check=False).returncode == 2
+        assert c.run("getent group tenbox-vm", check=False).returncode == 2
         # The operator is still a member: the group stays (delgroup --only-if-empty), and postrm says so.
         assert OPERATOR in c.run("getent group tenbox").stdout and "kept the tenbox group" in out, out
         assert c.path("/var/lib/tenbox").is_dir() and "kept /var/lib/tenbox" in out

@@ -39,6 +39,13 @@ CASES = [
      F.TRIPLE_FAULT, 4, None, "the guest triple-faulted: guest triple fault at rip 0x1000"),
     ("KVM error", WorkerEnd(5), VmState.CRASHED, F.KVM_ERROR, 5, None, "KVM reported an error"),
     ("guest crash", WorkerEnd(6), VmState.CRASHED, F.GUEST_CRASH, 6, None, "the guest reported a crash"),
+    ("killed by its seccomp filter", WorkerEnd(-signal.SIGSYS), VmState.CRASHED, F.SANDBOX_VIOLATION, None, "SIGSYS",
+     "the worker made a system call outside its seccomp filter and was killed (SIGSYS); the kernel log names the "
+     "call (audit type=1326)"),
+    ("no sandbox", WorkerEnd(7, (ExitCode.SANDBOX, "cannot unshare the mount and IPC namespaces: Operation not "
+                                 "permitted")), VmState.CRASHED, F.SANDBOX_FAILED, 7, None,
+     "tenbox-vm-runtime could not enter its sandbox: cannot unshare the mount and IPC namespaces: Operation not "
+     "permitted"),
     ("an undocumented status", WorkerEnd(77), VmState.CRASHED, F.WORKER_ERROR, 77, None,
      "tenbox-vm-runtime exited with status 77"),
 ]

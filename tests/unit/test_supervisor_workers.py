@@ -9,8 +9,10 @@ import pytest
 
 from tenbox_supervisor.errors import OperationError
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
+from tenbox_supervisor.worker_files import WorkerFileError
 from tenbox_supervisor.worker_manager import START_TIMEOUT_SEC
 from tenbox_vmm.protocol import ExitCode, VmState
+from tenbox_vmm.protocol.sandbox import worker_memory_max, worker_tasks_max
 from tenbox_vmm.protocol.link import (
     HEARTBEAT_INTERVAL_SEC,
     HEARTBEAT_LIVENESS,
@@ -19,6 +21,7 @@ from tenbox_vmm.protocol.link import (
     CommandName,
     ConsoleData,
     Heartbeat,
+    Hello,
     WorkerExit,
     Who,
 )
@@ -63,6 +66,39 @@ def test_start_spawns_the_worker_and_the_vm_runs_when_it_says_so(rig):
     assert log_path.endswith("/logs/runtime.log")
     saved = rig.store.load_runtime(vm.id)
     assert saved["state"] == "running" and saved["pid"] == pid and saved["create_time"] == CREATE_TIME
+
+
+def test_start_passes_the_vms_files_open_and_bounds_the_worker_by_the_vm_size(rig):
+    vm = rig.create(disks=[{"path": "/d/data.raw", "read_only": True, "serial": "", "owned": False,
+                            "format": "raw"}], cpus=2)
+    rig.start_running(vm)
+    files = rig.host.spawn_files[0]
+    assert [(f.path, f.writable) for f in files[:2]] == [("/boot/vmlinuz", False), ("/d/data.raw", False)]
+    assert [f.what for f in files[2:]] == ["console log"] * 3 + ["runtime log"] * 3 and all(f.create for f in files[2:])
+    limits = rig.host.spawn_limits[0]
+    assert (limits.memory_max, limits.tasks_max) == (worker_memory_max(64), worker_tasks_max(2))
+    assert rig.host.spawned[0][2].startswith("tenbox-vm-%s-" % vm.id)
+
+
+def test_a_disk_chain_is_read_at_each_start_and_recorded_for_the_overlays_tenboxd_made(rig):
+    vm = rig.create(disks=[{"path": "/v/disk.qcow2", "format": "qcow2", "owned": True},
+                           {"path": "/d/mine.qcow2", "format": "qcow2"}])
+    rig.host.chains = {"/v/disk.qcow2": ["/i/rootfs.qcow2"], "/d/mine.qcow2": ["/d/base.qcow2"]}
+    rig.start_running(vm)
+    passed = [f.path for f in rig.host.spawn_files[0] if f.what.startswith("backing file")]
+    assert passed == ["/i/rootfs.qcow2", "/d/base.qcow2"]
+    assert vm.spec.disks[0]["backing"] == ["/i/rootfs.qcow2"] and "backing" not in vm.spec.disks[1]
+    assert rig.store.load()[0][vm.id].disks[0]["backing"] == ["/i/rootfs.qcow2"]
+
+
+def test_a_file_that_cannot_be_opened_fails_the_start_naming_it(rig):
+    vm = rig.create()
+    rig.host.spawn_error = WorkerFileError("cannot open kernel /boot/vmlinuz: Permission denied")
+    with pytest.raises(OperationError) as e:
+        rig.run(rig.workers.start(vm))
+    assert e.value.code is ErrorCode.VM_START_FAILED
+    assert e.value.message == "cannot open kernel /boot/vmlinuz: Permission denied"
+    assert vm.state == S.STOPPED
 
 
 def test_spawn_failing_with_emfile_is_vm_start_failed_and_the_vm_stays_stopped(rig):
@@ -277,6 +313,21 @@ def test_a_hello_from_another_pid_than_the_vms_worker_is_ignored(rig):
     assert vm.pid == pid and vm.state == S.RUNNING
     rig.hello(vm, pid, create_time=CREATE_TIME + 5)  # same pid, another process
     assert vm.pid == pid and rig.host.killed == []
+
+
+def hello_of(vm, pid):
+    return Hello(vm_id=vm.id, pid=pid, create_time=CREATE_TIME, state=S.RUNNING, started_at=0.0, boots=1,
+                 version="test")
+
+
+def test_a_worker_speaks_for_its_own_vm_only(rig):
+    """The worker of one VM (its command line forged to name another) cannot be taken for the other's."""
+    mine, other = rig.create("mine"), rig.create("other")
+    pid = rig.start_running(mine)
+    rig.host.adoptable[(pid, other.id)] = CREATE_TIME
+    assert rig.workers.on_link_message(other.id, hello_of(other, pid)) is False
+    assert other.session is None and other.state == S.STOPPED
+    assert rig.workers.on_link_message(mine.id, hello_of(mine, pid)) is True
 
 
 def test_a_worker_of_another_link_version_is_killed_with_link_version(rig):

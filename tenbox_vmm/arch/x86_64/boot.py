@@ -10,9 +10,11 @@ the kernel gets a boot_params page built here (Documentation/arch/x86/boot.rst).
 from __future__ import annotations
 
 import os
+import stat as stat_mod
 import struct
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
+from tenbox_vmm import passed_files
 from tenbox_vmm.arch.x86_64 import layout as L
 
 PAGE = 0x1000
@@ -102,17 +104,17 @@ def _u64(b: bytes, off: int) -> int:
 def read_file(path: str, what: str, limit: int = KERNEL_FILE_MAX) -> bytes:
     """The whole file, or a KernelError naming the problem and the path."""
     try:
-        st = os.stat(path)
+        st = passed_files.stat(path)  # a sandboxed worker's kernel and initrd are passed to it
     except FileNotFoundError:
         raise KernelError("%s %s does not exist" % (what, path)) from None
     except OSError as e:
         raise KernelError("cannot read %s %s: %s" % (what, path, e.strerror)) from None
-    if not os.path.isfile(path):
+    if not stat_mod.S_ISREG(st.st_mode):
         raise KernelError("%s %s is not a regular file" % (what, path))
     if st.st_size > limit:
         raise KernelError("%s %s is too large (%d MiB)" % (what, path, st.st_size >> 20))
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(passed_files.open_fd(path, os.O_RDONLY), "rb") as f:
             return f.read()
     except OSError as e:
         raise KernelError("cannot read %s %s: %s" % (what, path, e.strerror)) from None

@@ -1,0 +1,93 @@
+"""What a worker gives up before it runs a guest, after Firecracker's jailer (worker, root until it drops).
+
+    sandbox.enter(Plan(memory_mb, cpus, link_endpoint))
+
+in this order: rlimits; then, as root, its own mount and IPC namespaces
+with a root that holds only the system, its code and the link's folder
+(jail.py), and the worker user with no capabilities (privileges.py); for
+any user, NoNewPrivileges and not dumpable; last the seccomp filter
+(seccomp_filter.py). The process must still be single-threaded, and must
+hold as descriptors every VM file it will use (passed_files): once inside,
+it can open none of them. The cgroup with MemoryMax and TasksMax is made
+by tenboxd, which starts the worker in it. docs/security-sandbox.md has
+the threat model.
+
+A non-root worker (a per-user tenboxd, a standalone run by a member of
+the kvm group) cannot make namespaces or change user: it gets the rlimits,
+no capabilities, NoNewPrivileges and the seccomp filter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from tenbox_vmm.protocol.sandbox import FALLBACK_NOTE, WorkerUser, worker_user
+from tenbox_vmm.sandbox import jail, privileges, resources, seccomp_filter
+
+log = logging.getLogger("tenbox.sandbox")
+
+# The test of the seccomp filter sets this in tenboxd's environment: a worker that has it makes a
+# forbidden system call once its guest runs. tenboxd under systemd never passes TENBOX_TEST_*
+# variables to workers (oshost.DROP_ENV_PREFIXES), so the packaged service cannot reach it.
+SECCOMP_PROBE_ENV = "TENBOX_TEST_SECCOMP_PROBE"
+PROBE_WAIT_SEC = 60.0
+
+
+class SandboxError(Exception):
+    """The sandbox could not be entered; the message names the step. The worker must not run its guest."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    memory_mb: int
+    cpus: int
+    link_endpoint: Optional[str] = None  # ipc://...: its folder stays reachable
+
+
+def enter(plan: Plan) -> str:
+    """Enter the sandbox; a one-line summary of what it is. SandboxError if any step fails."""
+    if threading.active_count() != 1:
+        raise SandboxError("the worker has %d threads before its sandbox: it must have one"
+                           % threading.active_count())
+    root = os.geteuid() == 0
+    try:
+        resources.apply(resources.worker_rlimits(plan.memory_mb, plan.cpus))
+        if root:
+            who = worker_user()
+            if who.fallback:
+                log.warning("%s", FALLBACK_NOTE)
+            jail.enter(jail.default_binds(jail.link_folder(plan.link_endpoint)))
+            privileges.drop_to(who)
+        else:
+            who = WorkerUser(os.getuid(), os.getgid(), "uid %d" % os.getuid())
+            privileges.clear_capabilities()
+        privileges.no_new_privileges()
+        privileges.check_dropped(who, root)
+        seccomp_filter.install(os.getpid())
+    except (ValueError, resources.LimitError, jail.JailError, privileges.PrivilegeError,
+            seccomp_filter.FilterError) as e:
+        raise SandboxError(str(e)) from None
+    return "sandboxed as %s (uid %d)%s, seccomp filter loaded" % (
+        who.name, who.uid, ", own mount and IPC namespaces" if root else "")
+
+
+def probe_forbidden_call_if_asked(is_running) -> None:
+    """The seccomp test's hook: with SECCOMP_PROBE_ENV=1, a forbidden call once `is_running()` is true."""
+    if os.environ.get(SECCOMP_PROBE_ENV) != "1":
+        return
+
+    def probe() -> None:
+        deadline = time.monotonic() + PROBE_WAIT_SEC
+        while not is_running():
+            if time.monotonic() > deadline:
+                return
+            threading.Event().wait(0.05)
+        log.warning("%s is set: making a system call outside the seccomp filter", SECCOMP_PROBE_ENV)
+        seccomp_filter.probe_forbidden()
+
+    threading.Thread(target=probe, name="seccomp-probe", daemon=True).start()
