@@ -43,7 +43,11 @@ def marker_rx(linux: Artifacts) -> str:
 
 # --- tests -----------------------------------------------------------------
 
-@pytest.mark.parametrize("cpus", [1, 2, 4, 8])
+# Up to 4: the lane's outer guest has 2 emulated CPUs. 8 vCPUs (4 per emulated CPU) hung about
+# once in 12 to 30 boots for tenbox and for QEMU alike (docs/testing.md, "What the lane's
+# failures were"): that is the lane, not a finding, so 8 runs in the soak (tests/framework/soak.py)
+# where a hang is compared with QEMU's, not in every test run.
+@pytest.mark.parametrize("cpus", [1, 2, 4])
 def test_boots_to_the_marker_sees_all_vcpus_and_powers_off_with_exit_0(linux: Artifacts, cpus: int) -> None:
     """With --cpus N the guest boots to the marker, `nproc` prints N, and the
     guest's poweroff ends the worker with exit code 0, within the deadline."""
