@@ -33,6 +33,8 @@ from tenbox_vmm.protocol.link import CommandName
 log = logging.getLogger("tenboxd.api")
 
 DEFAULT_MEMORY_MB = 256
+LINK_WAIT_SEC = 10.0  # console attach: how long a worker may take to reconnect after tenboxd restarts
+LINK_POLL_SEC = 0.1
 
 
 class ImageLookup(Protocol):
@@ -470,10 +472,24 @@ class VmMethods:
                     return {}
                 await stream.event({"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": item}})
 
+    async def _until_linked(self, vm: ManagedVm) -> None:
+        """Wait (bounded) for the worker's link: a worker that runs while tenboxd restarts
+        reconnects within a heartbeat or two, and input sent before then would be lost."""
+        waited = 0.0
+        while vm.active and vm.session is not None and not vm.session.hello:
+            if waited >= LINK_WAIT_SEC:
+                raise ApiError(ErrorCode.VM_BUSY, "VM %s's worker has not connected to tenboxd within %.0f s"
+                               % (vm.id, LINK_WAIT_SEC))
+            await asyncio.sleep(LINK_POLL_SEC)
+            waited += LINK_POLL_SEC
+        if not vm.active:
+            raise ApiError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+
     async def vm_console_attach(self, params, caller: Caller, stream):
         vm = self.find(params)
         if not vm.active:
             raise ApiError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
+        await self._until_linked(vm)
         with self.workers.subscribe_console(vm) as q:
             await stream.reply({"vm_id": vm.id})
             ring = vm.console.ring()
