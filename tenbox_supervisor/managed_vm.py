@@ -57,6 +57,7 @@ class ManagedVm:
         self.session: Optional[WorkerSession] = None
         self.started_at: Optional[float] = None
         self._last_failure: Optional[Dict[str, Any]] = None
+        self._restart: Optional[Dict[str, Any]] = None  # the restart policy's attempts (restarter.py)
         self.net_status: Optional[NetStatus] = None  # what the worker last said about its network
         self.console = ConsoleFeed()
         self.lock = asyncio.Lock()  # held across an operation's steps (start, stop, edit, delete)
@@ -91,6 +92,11 @@ class ManagedVm:
     @property
     def last_failure(self) -> Optional[Dict[str, Any]]:
         return self._last_failure
+
+    @property
+    def restart_status(self) -> Optional[Dict[str, Any]]:
+        """{"attempts", "max_retries", "next_retry_at", "backoff_sec", "gave_up"} while a policy acts on the VM."""
+        return self._restart
 
     def uptime(self, now: float) -> Optional[float]:
         if self.active and self.started_at:
@@ -134,6 +140,13 @@ class ManagedVm:
     def restore_failure(self, saved: Optional[Dict[str, Any]]) -> None:
         self._last_failure = saved if isinstance(saved, dict) else None
 
+    def record_restart(self, status: Optional[Dict[str, Any]]) -> None:
+        """Set (or clear, with None) the restart policy's status; written with the next persist() or state change."""
+        self._restart = dict(status) if status is not None else None
+
+    def restore_restart(self, saved: Optional[Dict[str, Any]]) -> None:
+        self._restart = saved if isinstance(saved, dict) else None
+
     def persist(self) -> None:
         self._save(self)
 
@@ -146,6 +159,7 @@ class ManagedVm:
             "create_time": proc.create_time if proc else None,
             "started_at": self.started_at,
             "last_failure": self._last_failure,
+            "restart": self._restart,
         }
 
     async def _notify_changed(self) -> None:

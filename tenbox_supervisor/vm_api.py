@@ -49,6 +49,13 @@ class StartGate(Protocol):
         """ApiError(update_in_progress) while tenbox updates itself."""
 
 
+class PendingStarts(Protocol):
+    """The restart policy's waiting starts (restarter.py)."""
+
+    def cancel(self, vm: ManagedVm) -> bool:
+        """Drop the VM's waiting start; whether there was one."""
+
+
 class VmFolders(Protocol):
     """The VM store's folders, for a new VM's overlay and the log files."""
 
@@ -87,6 +94,9 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
         "started_at": vm.started_at if vm.active else None,
         "uptime_sec": vm.uptime(now),
         "last_failure": vm.last_failure,
+        "autostart": s.autostart,
+        "restart": s.restart,
+        "restart_status": vm.restart_status,
         "net_status": vm.net_status.to_wire() if vm.net_status is not None else None,
     }
     if pid is not None:
@@ -142,8 +152,9 @@ def file_uses(kernel: Optional[str], initrd: Optional[str], disks: Optional[List
 
 class VmMethods:
     def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate,
-                 files: CallerFiles) -> None:
+                 files: CallerFiles, restarts: Optional[PendingStarts] = None) -> None:
         self.workers = workers
+        self.restarts = restarts
         self.folders = folders
         self.images = images
         self.gate = gate
@@ -234,6 +245,8 @@ class VmMethods:
             memory_mb=P.memory_mb(params, telemetry.host_memory_mb(), default=DEFAULT_MEMORY_MB),
             cpus=P.cpus(params, default=1),
             disks=P.disks(params) or [],
+            autostart=P.get(params, "autostart", bool, default=False),
+            restart=P.restart_policy(params) or "no",
         )
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
         net_on = P.net_flag(params)
@@ -309,6 +322,10 @@ class VmMethods:
         if hw and vm.active:
             raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
         changes.update(hw)
+        # The policy and autostart change at once, also while the VM runs: they act when it next ends or boots.
+        for key, value in (("autostart", P.get(params, "autostart", bool)), ("restart", P.restart_policy(params))):
+            if value is not None and value != getattr(s, key):
+                changes[key] = value
         net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
         link = P.net_flag(params)
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
@@ -354,13 +371,17 @@ class VmMethods:
 
     async def vm_start(self, params, caller: Caller):
         vm = self.find(params)
+        await self.start_vm(vm)
+        return self.view(vm)
+
+    async def start_vm(self, vm: ManagedVm) -> None:
+        """vm.start's whole path, also taken by the restart policy and autostart; ApiError if the VM does not run."""
         self.gate.check_start_allowed()
         await self._preflight(vm)
         try:
             await self.workers.start(vm, self.gate.check_start_allowed)
         except OperationError as e:
             raise ApiError(e.code, e.message, last_failure=vm.last_failure)
-        return self.view(vm)
 
     async def _check_files(self, vm: ManagedVm) -> None:
         """Every file the worker will open, opened now with the rights of whoever named it.
@@ -411,6 +432,9 @@ class VmMethods:
 
     async def vm_stop(self, params, caller: Caller):
         vm = self.find(params)
+        if not vm.active and self.restarts is not None and self.restarts.cancel(vm):
+            log.info("vm %s: its waiting restart was cancelled by vm.stop from %s", vm.id, caller)
+            return self.view(vm)
         await self.workers.stop(vm, "vm.stop by %s" % caller, P.timeout(params, STOP_TIMEOUT_SEC))
         return self.view(vm)
 

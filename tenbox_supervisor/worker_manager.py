@@ -176,6 +176,7 @@ class WorkerManager:
             except ValueError:
                 saved_state = S.STOPPED
             vm.restore_failure(saved.get("last_failure"))
+            vm.restore_restart(saved.get("restart"))
             vm.started_at = saved.get("started_at")
             if saved_state not in ACTIVE_STATES:
                 vm.restore_state(saved_state if saved_state == S.CRASHED else S.STOPPED, "runtime.json")
@@ -289,6 +290,11 @@ class WorkerManager:
     def record_failure(self, vm: ManagedVm, code: FailureCode, message: str) -> None:
         """A failure found before any worker ran (vm.start's checks): shown as last_failure, persisted."""
         vm.record_failure(Failure(code, message, self.host.time(), console=[]))
+        vm.persist()
+
+    def record_restart(self, vm: ManagedVm, status: Optional[Dict[str, Any]]) -> None:
+        """The restart policy's status of `vm` (restarter.py): shown in vm.list, persisted."""
+        vm.record_restart(status)
         vm.persist()
 
     # Operations ---------------------------------------------------------------------------
