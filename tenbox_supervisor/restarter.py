@@ -146,7 +146,9 @@ class Restarter:
             self._running_since.setdefault(vm.id, now)
         elif new == S.CRASHED and old in ACTIVE_STATES:
             self._ended(vm, failed=True)
-        elif new == S.STOPPED and old in ACTIVE_STATES and old != S.STOPPING:
+        elif new == S.STOPPED and old == S.STOPPING:
+            self._cancel(vm)  # stopped as asked: the series of attempts is over
+        elif new == S.STOPPED and old in ACTIVE_STATES:
             self._ended(vm, failed=False)  # the guest powered off: a requested stop passes through stopping
         if new not in (S.RUNNING, S.REBOOTING):
             self._running_since.pop(vm.id, None)
@@ -180,7 +182,8 @@ class Restarter:
             self._give_up(vm, status, "%s: %s cannot be fixed by starting it again" % (policy, code))
             return
         if not policy.allows(attempts + 1):
-            self._give_up(vm, status, "%s: gave up after %d restart%s" % (policy, attempts, "" if attempts == 1 else "s"))
+            plural = "" if attempts == 1 else "s"
+            self._give_up(vm, status, "%s: gave up after %d restart%s" % (policy, attempts, plural))
             return
         delay = backoff_sec(attempts + 1)
         self._due[vm.id] = now + delay

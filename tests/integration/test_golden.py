@@ -2,7 +2,7 @@
 
 The supervisor's insides may be reshaped; what operators and scripts see
 may not. A real tenboxd holds a stopped VM, a VM whose start failed, a VM
-with disks and forwards and a broken entry; the outputs are compared with
+with disks, forwards, autostart and a restart policy, and a broken entry; the outputs are compared with
 the files in golden/ after the values that differ from run to run (ids,
 MACs, paths, times) are replaced by fixed names. Regenerate, after a change
 that is meant to alter them, with TENBOX_GOLDEN_UPDATE=1.
@@ -91,7 +91,8 @@ def populated(make_daemon, tmp_path):
     data.write_bytes(b"\0" * (1 << 20))
     create(name="beta", kernel=guest_path("idle"), memory_mb=64, cpus=2, cmdline="console=ttyS0 quiet",
            disks=[{"path": str(data), "read_only": True, "serial": "data1"}], net=False,
-           hostfwds=["tcp:127.0.0.1:2222-:22"], guestfwds=["guestfwd:10.0.2.3:80-127.0.0.1:18981"])
+           hostfwds=["tcp:127.0.0.1:2222-:22"], guestfwds=["guestfwd:10.0.2.3:80-127.0.0.1:18981"],
+           autostart=True, restart="on-failure:3")
     notkernel = tmp_path / "notes.txt"
     notkernel.write_text("hello\n" * 100)
     create(name="gamma", kernel=str(notkernel), memory_mb=32)

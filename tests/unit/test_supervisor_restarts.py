@@ -135,9 +135,14 @@ def test_a_requested_stop_is_never_undone_even_with_always(rig):
     vm = rig.create(restart="always")
     answer_every_spawn(rig, vm)
     rig.run(rig.workers.start(vm))
+    crash(rig, vm)
+    rig.host.advance(1.0)
+    rig.restarter.tick()
+    rig.settle()
+    assert vm.state == S.RUNNING and vm.restart_status["attempts"] == 1
     rig.loop.call_later(0.02, rig.host.exit, vm.pid, ExitCode.STOPPED)
     rig.run(rig.workers.stop(vm, "vm.stop by test"))
-    assert vm.state == S.STOPPED and rig.restarter.pending() == {}
+    assert vm.state == S.STOPPED and rig.restarter.pending() == {} and vm.restart_status is None
 
 
 def test_a_lost_heartbeat_is_a_failure(rig):
