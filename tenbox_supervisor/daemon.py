@@ -21,6 +21,7 @@ from tenbox_supervisor.caller_files import CallerFiles
 from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
+from tenbox_supervisor.events import EventLog
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
@@ -124,15 +125,19 @@ class Daemon:
                                    **worker_link_access())
             host = SystemHost()
             workers = self.workers = WorkerManager(self.config, store, host, self.link.send)
+            events = EventLog(host.time)
+            workers.add_listener(events.on_state_change)  # before restore(): crashes found at start are events too
             files = CallerFiles(self.config.images_dir)
-            images = ImageMethods(ImageStore(self.config.images_dir), workers, files)
-            updater = Updater(self.config.data_dir, workers, log_gid)
+            images = ImageMethods(ImageStore(self.config.images_dir), workers, files, events)
+            updater = Updater(self.config.data_dir, workers, log_gid, events)
             api = Api()
             api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
             # The restart policy starts VMs the way vm.start does (VmMethods.start_vm); vm.stop cancels its waits.
             restarter = self.restarter = Restarter(workers, host, lambda vm: vm_methods.start_vm(vm))
-            vm_methods = VmMethods(workers, store, images, updater, files, restarter)
+            restarter.add_listener(events.on_restart)
+            vm_methods = VmMethods(workers, store, images, updater, files, restarter, events)
             api.register(vm_methods.method_specs())
+            api.register(events.method_specs())
             api.register(images.method_specs())
             api.register(updater.method_specs())
             await updater.restore()

@@ -19,12 +19,13 @@ from tenbox_supervisor import doctor, params as P, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
+from tenbox_supervisor.events import EventSink
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
-from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
+from tenbox_supervisor.protocol import ErrorCode, Event, EventKind, FailureCode, Method
 from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
 from tenbox_vmm.protocol import Limits
@@ -152,9 +153,11 @@ def file_uses(kernel: Optional[str], initrd: Optional[str], disks: Optional[List
 
 class VmMethods:
     def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate,
-                 files: CallerFiles, restarts: Optional[PendingStarts] = None) -> None:
+                 files: CallerFiles, restarts: Optional[PendingStarts] = None,
+                 events: Optional[EventSink] = None) -> None:
         self.workers = workers
         self.restarts = restarts
+        self.events = events
         self.folders = folders
         self.images = images
         self.gate = gate
@@ -288,7 +291,12 @@ class VmMethods:
         except BaseException:
             self.folders.delete(spec.id)
             raise
+        self._tell(EventKind.VM_CREATED, vm)
         return self.view(vm)
+
+    def _tell(self, kind: EventKind, vm: ManagedVm) -> None:
+        if self.events is not None:
+            self.events.emit(kind, vm_id=vm.id, name=vm.spec.name)
 
     async def vm_edit(self, params, caller: Caller):
         vm = self.find(params)
@@ -468,6 +476,7 @@ class VmMethods:
                 self.workers.delete(vm)
             except OSError as e:
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm.id, e.strerror))
+        self._tell(EventKind.VM_DELETED, vm)
         return {"id": vm.id, "deleted": True}
 
     async def vm_logs(self, params, caller: Caller):
