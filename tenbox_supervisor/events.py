@@ -14,7 +14,6 @@ never waited for, when it falls behind.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import json
@@ -122,20 +121,12 @@ class EventLog:
                 last = entry["seq"]
             if not follow:
                 return {}
-            reader = asyncio.ensure_future(stream.wait_closed())
-            try:
-                while True:
-                    getter = asyncio.ensure_future(q.get())
-                    done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    if reader in done:
-                        getter.cancel()
-                        return {}
-                    entry = getter.result()
-                    if entry is None:
-                        await stream.event({"type": Event.EVENTS_CLOSED.value,
-                                            "reason": "this client fell too far behind; connect again with since"})
-                        return {}
-                    if entry["seq"] > last:
-                        await stream.event({"type": Event.EVENT.value, "payload": entry})
-            finally:
-                reader.cancel()
+
+            async def send(entry: Dict[str, Any]) -> None:
+                if entry["seq"] > last:  # not replayed already
+                    await stream.event({"type": Event.EVENT.value, "payload": entry})
+
+            if await stream.follow(q, send):
+                await stream.event({"type": Event.EVENTS_CLOSED.value,
+                                    "reason": "this client fell too far behind; connect again with since"})
+            return {}

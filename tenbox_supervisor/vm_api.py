@@ -490,18 +490,10 @@ class VmMethods:
         vm = self.find(params)
         with self.workers.subscribe_logs(vm) as q:
             await stream.reply({"vm_id": vm.id})
-            reader = asyncio.ensure_future(stream.wait_closed())
-            while True:
-                getter = asyncio.ensure_future(q.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    getter.cancel()
-                    return {}
-                item = getter.result()
-                if item is None:
-                    await stream.event({"type": Event.LOGS_CLOSED.value, "vm_id": vm.id})
-                    return {}
-                await stream.event({"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": item}})
+            if await stream.follow(q, lambda lines: stream.event(
+                    {"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": lines}})):
+                await stream.event({"type": Event.LOGS_CLOSED.value, "vm_id": vm.id})
+            return {}
 
     async def vm_console_attach(self, params, caller: Caller, stream):
         vm = self.find(params)

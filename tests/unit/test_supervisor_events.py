@@ -8,15 +8,8 @@ from tenbox_supervisor.console_feed import SUBSCRIBER_QUEUE_BYTES, SUBSCRIBER_QU
 from tenbox_supervisor.events import EVENT_TEXT_MAX, EVENTS_MAX, EventLog
 from tenbox_supervisor.protocol import EventKind, FailureCode
 from tenbox_vmm.protocol import VmState
-from tests.framework.supervisor_fakes import open_rig
 
 S = VmState
-
-
-@pytest.fixture
-def rig(tmp_path):
-    with open_rig(tmp_path) as r:
-        yield r
 
 
 def test_the_log_keeps_the_last_entries_in_order_with_their_time():

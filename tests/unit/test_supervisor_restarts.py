@@ -13,15 +13,8 @@ from tenbox_supervisor.restarter import first_start_since_boot
 from tenbox_supervisor.spec import SpecError, VmSpec
 from tenbox_vmm.protocol import ExitCode, VmState
 from tenbox_vmm.protocol.link import WorkerExit
-from tests.framework.supervisor_fakes import open_rig
 
 S = VmState
-
-
-@pytest.fixture
-def rig(tmp_path):
-    with open_rig(tmp_path) as r:
-        yield r
 
 
 def answer_every_spawn(rig, vm):
@@ -29,8 +22,23 @@ def answer_every_spawn(rig, vm):
     rig.host.on_spawn = lambda proc: rig.hello(vm, proc.pid)
 
 
+def running(rig, name="web", **fields):
+    """A VM created with `fields` (its policy) and started; its workers say HELLO as running."""
+    vm = rig.create(name, **fields)
+    answer_every_spawn(rig, vm)
+    rig.run(rig.workers.start(vm))
+    return vm
+
+
 def crash(rig, vm, status=-signal.SIGKILL):
     rig.host.exit(vm.pid, status)
+    rig.settle()
+
+
+def elapse(rig, seconds):
+    """Time passes on the host's clocks; the restarter looks for due starts and they run."""
+    rig.host.advance(seconds)
+    rig.restarter.tick()
     rig.settle()
 
 
@@ -82,9 +90,7 @@ def test_a_vm_json_without_the_fields_loads_with_no_policy_and_a_bad_one_is_refu
 def test_on_failure_restarts_with_doubling_backoff_and_gives_up_after_n(rig):
     """Each crash waits 1 s, 2 s, 4 s on the host's clock; the crash after the third restart ends it crashed."""
     rig.with_restarter()
-    vm = rig.create(restart="on-failure:3")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="on-failure:3")
     for attempt, delay in ((1, 1.0), (2, 2.0), (3, 4.0)):
         crash(rig, vm)
         status = vm.restart_status
@@ -92,13 +98,9 @@ def test_on_failure_restarts_with_doubling_backoff_and_gives_up_after_n(rig):
         assert status["attempts"] == attempt - 1 and status["max_retries"] == 3 and status["gave_up"] is None
         assert status["next_retry_at"] - vm.last_failure["time"] == delay and due_in(rig, vm) == delay
         spawns = len(rig.host.spawned)
-        rig.host.advance(delay - 0.1)
-        rig.restarter.tick()
-        rig.settle()
+        elapse(rig, delay - 0.1)
         assert len(rig.host.spawned) == spawns and vm.state == S.CRASHED  # not before its time
-        rig.host.advance(0.1)
-        rig.restarter.tick()
-        rig.settle()
+        elapse(rig, 0.1)
         assert len(rig.host.spawned) == spawns + 1 and vm.state == S.RUNNING
         assert vm.restart_status["attempts"] == attempt and vm.restart_status["next_retry_at"] is None
     crash(rig, vm)
@@ -111,9 +113,7 @@ def test_on_failure_restarts_with_doubling_backoff_and_gives_up_after_n(rig):
 @pytest.mark.parametrize("policy, restarts", [("no", False), ("on-failure", False), ("always", True)])
 def test_a_guest_poweroff_is_not_a_failure_only_always_restarts_it(rig, policy, restarts):
     rig.with_restarter()
-    vm = rig.create(restart=policy)
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart=policy)
     rig.workers.on_link_message(vm.id, WorkerExit(ExitCode.POWEROFF, "guest powered off"))
     crash(rig, vm, ExitCode.POWEROFF)
     assert vm.state == S.STOPPED and vm.last_failure is None
@@ -123,22 +123,16 @@ def test_a_guest_poweroff_is_not_a_failure_only_always_restarts_it(rig, policy, 
 @pytest.mark.parametrize("status", [-signal.SIGKILL, ExitCode.KVM_ERROR, ExitCode.ERROR])
 def test_no_policy_leaves_a_crash_alone(rig, status):
     rig.with_restarter()
-    vm = rig.create()
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig)
     crash(rig, vm, status)
     assert vm.state == S.CRASHED and rig.restarter.pending() == {} and vm.restart_status is None
 
 
 def test_a_requested_stop_is_never_undone_even_with_always(rig):
     rig.with_restarter()
-    vm = rig.create(restart="always")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="always")
     crash(rig, vm)
-    rig.host.advance(1.0)
-    rig.restarter.tick()
-    rig.settle()
+    elapse(rig, 1.0)
     assert vm.state == S.RUNNING and vm.restart_status["attempts"] == 1
     rig.loop.call_later(0.02, rig.host.exit, vm.pid, ExitCode.STOPPED)
     rig.run(rig.workers.stop(vm, "vm.stop by test"))
@@ -147,9 +141,7 @@ def test_a_requested_stop_is_never_undone_even_with_always(rig):
 
 def test_a_lost_heartbeat_is_a_failure(rig):
     rig.with_restarter()
-    vm = rig.create(restart="on-failure")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="on-failure")
     rig.host.exit_on_kill = True
     rig.host.advance(10)
     rig.workers.tick()
@@ -159,13 +151,9 @@ def test_a_lost_heartbeat_is_a_failure(rig):
 
 def test_a_vm_that_ran_through_the_reset_window_counts_from_one_again(rig):
     rig.with_restarter()
-    vm = rig.create(restart="on-failure:2")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="on-failure:2")
     crash(rig, vm)
-    rig.host.advance(1.0)
-    rig.restarter.tick()
-    rig.settle()
+    elapse(rig, 1.0)
     assert vm.state == S.RUNNING and vm.restart_status["attempts"] == 1
     rig.host.advance(RESET_WINDOW_SEC)
     rig.restarter.tick()
@@ -176,9 +164,7 @@ def test_a_vm_that_ran_through_the_reset_window_counts_from_one_again(rig):
 
 def test_a_crash_the_runtime_calls_a_bad_configuration_gives_up_at_once(rig):
     rig.with_restarter()
-    vm = rig.create(restart="always")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="always")
     rig.workers.on_link_message(vm.id, WorkerExit(ExitCode.USAGE, "kernel is not a Linux kernel"))
     crash(rig, vm, ExitCode.USAGE)
     assert vm.state == S.CRASHED and rig.restarter.pending() == {}
@@ -195,17 +181,11 @@ def test_a_vanished_kernel_ends_the_policy_after_one_refused_start_no_hot_loop(r
         raise ApiError(ErrorCode.FILE_MISSING, "kernel /boot/vmlinuz: No such file or directory")
 
     rig.with_restarter(refuse)
-    vm = rig.create(restart="always")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="always")
     crash(rig, vm)
-    rig.host.advance(1.0)
-    rig.restarter.tick()
-    rig.settle()
+    elapse(rig, 1.0)
     for _ in range(5):
-        rig.host.advance(60)
-        rig.restarter.tick()
-        rig.settle()
+        elapse(rig, 60)
     assert calls == [vm.id] and len(rig.host.spawned) == 1 and vm.state == S.CRASHED
     assert vm.last_failure["code"] == FailureCode.FILE_MISSING.value
     assert vm.restart_status["gave_up"] == ("always: kernel /boot/vmlinuz: No such file or directory (file_missing)")
@@ -217,21 +197,15 @@ def test_a_refusal_that_may_pass_counts_as_an_attempt_and_waits_longer(rig):
         raise ApiError(ErrorCode.INSUFFICIENT_MEMORY, "VM needs 64 MiB; the host has 10 MiB available")
 
     rig.with_restarter(refuse)
-    vm = rig.create(restart="on-failure")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="on-failure")
     crash(rig, vm)
-    rig.host.advance(1.0)
-    rig.restarter.tick()
-    rig.settle()
+    elapse(rig, 1.0)
     assert vm.restart_status["attempts"] == 1 and due_in(rig, vm) == 2.0
 
 
 def test_vm_stop_cancels_a_waiting_restart_and_a_manual_start_clears_the_count(rig):
     rig.with_restarter()
-    vm = rig.create(restart="always")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="always")
     crash(rig, vm)
     assert rig.restarter.cancel(vm) is True and rig.restarter.pending() == {} and vm.restart_status is None
     assert rig.restarter.cancel(vm) is False
@@ -245,14 +219,10 @@ def test_vm_stop_cancels_a_waiting_restart_and_a_manual_start_clears_the_count(r
 
 def test_a_policy_edited_to_no_drops_the_waiting_restart(rig):
     rig.with_restarter()
-    vm = rig.create(restart="on-failure")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, restart="on-failure")
     crash(rig, vm)
     rig.workers.update_spec(vm, VmSpec.from_json(dict(vm.spec.to_json(), restart="no")))
-    rig.host.advance(1.0)
-    rig.restarter.tick()
-    rig.settle()
+    elapse(rig, 1.0)
     assert len(rig.host.spawned) == 1 and vm.state == S.CRASHED and vm.restart_status is None
 
 
@@ -286,9 +256,7 @@ def test_the_first_start_of_a_boot_starts_autostart_and_always_vms_later_ones_no
 def test_a_tenboxd_restart_in_the_same_boot_starts_nothing_and_keeps_a_waiting_restart(rig):
     rig.with_restarter()
     auto = rig.create("auto", autostart=True)
-    vm = rig.create("web", restart="on-failure")
-    answer_every_spawn(rig, vm)
-    rig.run(rig.workers.start(vm))
+    vm = running(rig, "web", restart="on-failure")
     crash(rig, vm)
     rig.host.advance(0.25)
     again = rig.restarted()

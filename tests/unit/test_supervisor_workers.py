@@ -24,15 +24,9 @@ from tenbox_vmm.protocol.link import (
     WorkerExit,
     Who,
 )
-from tests.framework.supervisor_fakes import CREATE_TIME, open_rig
+from tests.framework.supervisor_fakes import CREATE_TIME
 
 S = VmState
-
-
-@pytest.fixture
-def rig(tmp_path):
-    with open_rig(tmp_path) as r:
-        yield r
 
 
 def transitions(rig, vm):
