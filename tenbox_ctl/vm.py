@@ -86,7 +86,9 @@ def _print_vm(vm: dict, as_json: bool) -> None:
         output.emit_json(vm)
         return
     rows = [
-        ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")), ("image", vm.get("image")),
+        ("id", vm.get("id")), ("name", vm.get("name")),
+        ("state", "%s (%s)" % (vm.get("state"), vm["state_reason"]) if vm.get("state_reason") else vm.get("state")),
+        ("image", vm.get("image")),
         ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
         ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
         ("disks", ", ".join(_disk_line(d) for d in vm.get("disks") or []) or "-"),

@@ -54,6 +54,7 @@ class ManagedVm:
         self._save = save
         self._announce = announce
         self._state = VmState.STOPPED
+        self._reason = ""  # why it reached its state: the last change's reason
         self.session: Optional[WorkerSession] = None
         self.started_at: Optional[float] = None
         self._last_failure: Optional[Dict[str, Any]] = None
@@ -76,6 +77,10 @@ class ManagedVm:
     @property
     def state(self) -> VmState:
         return self._state
+
+    @property
+    def state_reason(self) -> str:
+        return self._reason
 
     @property
     def active(self) -> bool:
@@ -115,6 +120,7 @@ class ManagedVm:
             return
         check_transition(self.id, old, new, reason)
         self._state = new
+        self._reason = reason
         log.info("vm %s: %s -> %s: %s", self.id, old.value, new.value, reason)
         self.persist()
         self._announce(self, old, new, reason)
@@ -129,6 +135,7 @@ class ManagedVm:
         """
         log.debug("vm %s: restored as %s: %s", self.id, state.value, reason)
         self._state = state
+        self._reason = reason
 
     def set_spec(self, spec: VmSpec) -> None:
         self._spec = spec
@@ -155,6 +162,7 @@ class ManagedVm:
         proc = self.proc
         return {
             "state": self._state.value,
+            "reason": self._reason,
             "pid": proc.pid if proc else None,
             "create_time": proc.create_time if proc else None,
             "started_at": self.started_at,

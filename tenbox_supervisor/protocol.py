@@ -58,7 +58,13 @@ class Method(str, enum.Enum):
     HOST_UPDATE = "host.update"
     HOST_UPDATE_NOTIFY = "host.update.notify"  # the package's postinst: "I am installing version V"
     HOST_UPDATE_LOG = "host.update.log"
+    HOST_SHUTDOWN = "host.shutdown"  # the host is going down: every active VM powered off (tenbox-guests.service)
     EVENTS = "events"  # stream: the daemon's event log (events.py), replayed from `since`, then as it happens
+
+
+# The reason a VM stopped because the host shut down (host.shutdown): its state_reason, and
+# the reason of its state changes in the event log and the cloud's vm.state_changed.
+HOST_SHUTDOWN_REASON = "host_shutdown"
 
 
 class Event(str, enum.Enum):

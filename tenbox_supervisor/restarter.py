@@ -87,6 +87,7 @@ class Restarter:
         self._tasks: Set["asyncio.Future[None]"] = set()
         self._ticker: Optional[asyncio.Task] = None
         self._listeners: List[RestartListener] = []
+        self._held = False  # the host is shutting down: start nothing more
         workers.add_listener(self._on_change)
 
     def add_listener(self, listener: RestartListener) -> None:
@@ -153,6 +154,12 @@ class Restarter:
         if new not in (S.RUNNING, S.REBOOTING):
             self._running_since.pop(vm.id, None)
 
+    def hold(self) -> None:
+        """Start nothing more until tenboxd starts again (host.shutdown); waiting starts are dropped."""
+        self._held = True
+        self._due.clear()
+        self._why.clear()
+
     def cancel(self, vm: ManagedVm) -> bool:
         """Drop the VM's waiting start (vm.stop on a VM waiting for one); whether there was one."""
         waiting = vm.id in self._due
@@ -167,6 +174,8 @@ class Restarter:
 
     def _ended(self, vm: ManagedVm, failed: bool) -> None:
         """The VM's worker ended on its own: schedule its next start if its policy says so, or give up."""
+        if self._held:
+            return
         policy = vm.spec.restart_policy
         since = self._running_since.pop(vm.id, None)
         if not policy.restarts_after(failed):

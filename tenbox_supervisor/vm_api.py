@@ -25,7 +25,7 @@ from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
-from tenbox_supervisor.protocol import ErrorCode, Event, EventKind, FailureCode, Method
+from tenbox_supervisor.protocol import HOST_SHUTDOWN_REASON, ErrorCode, Event, EventKind, FailureCode, Method
 from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
 from tenbox_vmm.protocol import Limits
@@ -56,6 +56,9 @@ class PendingStarts(Protocol):
     def cancel(self, vm: ManagedVm) -> bool:
         """Drop the VM's waiting start; whether there was one."""
 
+    def hold(self) -> None:
+        """Start nothing more (the host is shutting down): waiting starts are dropped."""
+
 
 class VmFolders(Protocol):
     """The VM store's folders, for a new VM's overlay and the log files."""
@@ -82,6 +85,7 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
         "id": s.id,
         "name": s.name,
         "state": vm.state.value,
+        "state_reason": vm.state_reason,
         "cpus": s.cpus,
         "memory_mb": s.memory_mb,
         "kernel": s.kernel,
@@ -176,6 +180,7 @@ class VmMethods:
             MethodSpec(Method.VM_LOGS, self.vm_logs, mutating=False),
             MethodSpec(Method.VM_LOGS_FOLLOW, self.vm_logs_follow, mutating=False, stream=True),
             MethodSpec(Method.VM_CONSOLE_ATTACH, self.vm_console_attach, mutating=True, stream=True),
+            MethodSpec(Method.HOST_SHUTDOWN, self.host_shutdown, mutating=True, root_only=True),
         ]
 
     def now(self) -> float:
@@ -450,6 +455,29 @@ class VmMethods:
         vm = self.find(params)
         graceful = await self.workers.shutdown(vm, P.timeout(params, SHUTDOWN_TIMEOUT_SEC))
         return dict(self.view(vm), graceful=graceful)
+
+    async def host_shutdown(self, params, caller: Caller):
+        """Every active VM at once: the power button, a hard stop after `timeout`; they end stopped, host_shutdown.
+
+        tenbox-guests.service asks this when the system shuts down, never on a
+        package upgrade (docs/daemon.md). Restarts and autostarts stay off
+        until tenboxd starts again.
+        """
+        timeout = P.timeout(params, SHUTDOWN_TIMEOUT_SEC)
+        if self.restarts is not None:
+            self.restarts.hold()
+        vms = self.workers.active()
+        log.info("host shutdown: powering off %d VM(s), %d s each before a hard stop", len(vms), timeout)
+        results = await asyncio.gather(*(self._host_shutdown_one(vm, timeout) for vm in vms))
+        return {"vms": sorted(results, key=lambda r: (r["name"], r["id"]))}
+
+    async def _host_shutdown_one(self, vm: ManagedVm, timeout: int) -> Dict[str, Any]:
+        try:
+            graceful: Optional[bool] = await self.workers.shutdown(vm, timeout, reason=HOST_SHUTDOWN_REASON)
+            error = None
+        except OperationError as e:  # it stopped meanwhile (vm_not_running), or survived SIGKILL
+            graceful, error = None, "%s (%s)" % (e.message, e.code.value)
+        return dict(self.view(vm), graceful=graceful, error=error)
 
     async def vm_reboot(self, params, caller: Caller):
         vm = self.find(params)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -52,18 +51,6 @@ def check(name: str, data: bytes) -> None:
     expected = path.read_bytes()
     assert data == expected, "%s differs:\n--- expected\n%s\n--- got\n%s" % (
         name, expected.decode(errors="replace"), data.decode(errors="replace"))
-
-
-def wire(daemon, line: bytes) -> bytes:
-    """The daemon's reply to one raw request line, as the bytes it sent."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
-    s.connect(str(daemon.socket))
-    try:
-        s.sendall(line)
-        return s.makefile("rb").readline()
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -144,5 +131,5 @@ WIRE_ERRORS = [
 def test_error_replies_are_unchanged_on_the_wire(populated):
     """The daemon's error lines, byte for byte: key order, separators, codes and messages."""
     daemon, masks = populated
-    out = b"".join(masks.apply(wire(daemon, line)) for _, line in WIRE_ERRORS)
+    out = b"".join(masks.apply(daemon.raw(line)) for _, line in WIRE_ERRORS)
     check("wire-errors.jsonl", out)

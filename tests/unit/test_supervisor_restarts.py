@@ -267,3 +267,24 @@ def test_a_tenboxd_restart_in_the_same_boot_starts_nothing_and_keeps_a_waiting_r
     again.restarter.tick()
     again.settle()
     assert len(again.host.spawned) == 1 and again.workers.get(auto.id).state == S.STOPPED
+
+
+def test_a_host_shutdown_stops_with_its_reason_and_holds_every_restart(rig):
+    """The power button with reason host_shutdown: stopped, not crashed, also if the worker dies on the way;
+    after hold() no policy starts anything, not even a crash's restart."""
+    rig.with_restarter()
+    vm = running(rig, restart="always")
+    other = running(rig, "other", restart="on-failure")
+    third = running(rig, "third", restart="always")
+    crash(rig, third)
+    assert third.id in rig.restarter.pending()
+    rig.restarter.hold()
+    rig.loop.call_later(0.02, rig.host.exit, vm.pid, ExitCode.POWEROFF)
+    assert rig.run(rig.workers.shutdown(vm, 5, reason="host_shutdown")) is True
+    assert vm.state == S.STOPPED and vm.state_reason == "host_shutdown" and vm.last_failure is None
+    rig.loop.call_later(0.02, rig.host.exit, other.pid, -signal.SIGKILL)
+    rig.run(rig.workers.shutdown(other, 5, reason="host_shutdown"))
+    assert other.state == S.STOPPED and other.state_reason == "host_shutdown"
+    assert rig.store.load_runtime(vm.id)["reason"] == "host_shutdown"
+    elapse(rig, 120)
+    assert len(rig.host.spawned) == 3 and rig.restarter.pending() == {} and third.state == S.CRASHED
