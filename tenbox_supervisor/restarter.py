@@ -259,6 +259,9 @@ class Restarter:
             await self._start(vm)
         except (ApiError, OperationError) as e:
             self._refused(vm, why, e.code, e.message)
+        except Exception as e:  # a bug of ours: said, and handled as a refusal that may pass
+            log.exception("vm %s: the %s start failed unexpectedly", vm.id, why)
+            self._refused(vm, why, None, "internal error: %s" % e)
         finally:
             self._ours.discard(vm.id)
 
