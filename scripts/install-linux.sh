@@ -303,6 +303,10 @@ start_daemon() {
     systemctl enable tenboxd || die "systemctl enable tenboxd failed"
     systemctl restart tenboxd || die "systemctl restart tenboxd failed: see journalctl -u tenboxd -n 50"
     say "tenboxd enabled and (re)started"
+    # Powers the VMs off when the host shuts down. start, never restart: stopping
+    # this unit is what shuts every VM down (docs/daemon.md, "Host shutdown").
+    systemctl enable tenbox-guests || die "systemctl enable tenbox-guests failed"
+    systemctl start tenbox-guests || die "systemctl start tenbox-guests failed: see journalctl -u tenbox-guests -n 50"
 }
 
 print_pairing_url() {

@@ -13,6 +13,7 @@ import click
 
 from tenbox_ctl.app import App
 from tenbox_ctl.client import DEFAULT_TIMEOUT_SEC
+from tenbox_ctl.events import events
 from tenbox_ctl.host import host_group
 from tenbox_ctl.image import image_group
 from tenbox_ctl.system import doctor, system_group, version
@@ -58,6 +59,7 @@ cli.add_command(vm_group)
 cli.add_command(system_group)
 cli.add_command(host_group)
 cli.add_command(image_group)
+cli.add_command(events)
 cli.add_command(doctor)
 cli.add_command(version)
 

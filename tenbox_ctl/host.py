@@ -1,4 +1,4 @@
-"""`tenbox host update`, `tenbox host update-log`: the self-update (CLI; root)."""
+"""`tenbox host update`, `tenbox host update-log`: the self-update; `tenbox host shutdown-vms` (CLI; root)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from tenbox_ctl.client import CliError
 from tenbox_supervisor.protocol import Method
 
 UPDATE_TIMEOUT_SEC = 1800  # apt-get update + install on a slow mirror
+# tenboxd's hard stop after the power button: its stop timeout, SIGKILL's wait, and slack.
+HARD_STOP_SLACK_SEC = 45
+SHUTDOWN_TIMEOUT_ENV = "TENBOX_SHUTDOWN_TIMEOUT"  # set in /etc/default/tenbox for tenbox-guests.service
 
 
 @click.group("host")
@@ -71,3 +74,31 @@ def host_update_log(app: App, lines: int, as_json: bool):
         return
     for line in result.get("lines", []):
         click.echo(line)
+
+
+@host_group.command("shutdown-vms")
+@click.option("--timeout", type=click.IntRange(1, 3600), default=60, show_default=True, envvar=SHUTDOWN_TIMEOUT_ENV,
+              help="Seconds each guest has after the power button before a hard stop (env %s)." % SHUTDOWN_TIMEOUT_ENV)
+@json_option
+@pass_app
+@handle_errors
+def host_shutdown_vms(app: App, timeout: int, as_json: bool):
+    """Power off every running VM at once, as the host shuts down (root only).
+
+    Each guest gets the ACPI power button, then a hard stop after the
+    timeout; they end stopped with the reason host_shutdown, and restarts
+    wait until tenboxd starts again. tenbox-guests.service runs this when
+    the system shuts down; a package upgrade restarts tenboxd only and
+    leaves the VMs running.
+
+    \b
+    Example:
+      sudo tenbox host shutdown-vms --timeout 120
+    """
+    result = app.client(timeout + HARD_STOP_SLACK_SEC).request(Method.HOST_SHUTDOWN, {"timeout": timeout})
+    if as_json:
+        output.emit_json(result)
+        return
+    for vm in result.get("vms", []):
+        how = {True: "powered off", False: "stopped hard (the guest ignored the power button)"}.get(vm.get("graceful"))
+        click.echo("%s: %s" % (vm.get("name") or vm.get("id"), how or vm.get("error")))

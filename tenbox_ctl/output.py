@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, List, Optional, Sequence
 
 import click
@@ -35,6 +36,13 @@ def duration(sec: Optional[float]) -> str:
     if sec < 86400:
         return "%dh%02dm" % (sec // 3600, sec % 3600 // 60)
     return "%dd%02dh" % (sec // 86400, sec % 86400 // 3600)
+
+
+def clock(when: Optional[float]) -> str:
+    """A wall-clock time for people: 14:02:11, local time."""
+    if when is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(when))
 
 
 def mib(value: Optional[int]) -> str:

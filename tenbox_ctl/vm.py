@@ -14,6 +14,11 @@ from tenbox_ctl.client import CliError
 from tenbox_supervisor.protocol import ErrorCode, Event, Method
 
 
+RESTART_HELP = ("Restart policy: no, on-failure[:N] (a crashed, killed or lost worker; at most N restarts in a "
+                "row) or always (also after the guest powers off); waits 1 s, 2 s, 4 s ... up to 60 s between "
+                "restarts. Default: no.")
+
+
 @click.group("vm")
 def vm_group():
     """Manage virtual machines.
@@ -61,18 +66,37 @@ def _net_line(net: dict) -> str:
     return "%s, link %s" % (net.get("mac"), "up" if net.get("link_up", True) else "down")
 
 
+def _restart_line(vm: dict) -> str:
+    """The policy and, while it acts on the VM, its attempts: "on-failure:3, restart 2/3 at 14:02:11"."""
+    policy = vm.get("restart") or "no"
+    status = vm.get("restart_status") or {}
+    if not status:
+        return policy
+    done = status.get("attempts", 0)
+    if status.get("gave_up"):
+        return "%s, gave up after %d" % (policy, done)
+    if status.get("next_retry_at") is None:
+        return "%s, restarted %d" % (policy, done)
+    most = status.get("max_retries")
+    return "%s, restart %d%s at %s" % (policy, done + 1, "/%d" % most if most else "", output.clock(status["next_retry_at"]))
+
+
 def _print_vm(vm: dict, as_json: bool) -> None:
     if as_json:
         output.emit_json(vm)
         return
     rows = [
-        ("id", vm.get("id")), ("name", vm.get("name")), ("state", vm.get("state")), ("image", vm.get("image")),
+        ("id", vm.get("id")), ("name", vm.get("name")),
+        ("state", "%s (%s)" % (vm.get("state"), vm["state_reason"]) if vm.get("state_reason") else vm.get("state")),
+        ("image", vm.get("image")),
         ("cpus", vm.get("cpus")), ("memory", output.mib(vm.get("memory_mb"))),
         ("kernel", vm.get("kernel")), ("initrd", vm.get("initrd")), ("cmdline", vm.get("cmdline") or "(runtime default)"),
         ("disks", ", ".join(_disk_line(d) for d in vm.get("disks") or []) or "-"),
         ("network", _net_line(vm.get("net") or {})),
         ("forwards", ", ".join((vm.get("net") or {}).get("hostfwds", []) + (vm.get("net") or {}).get("guestfwds", [])) or "-"),
         ("pid", vm.get("pid")), ("uptime", output.duration(vm.get("uptime_sec"))),
+        ("autostart", "yes" if vm.get("autostart") else "no"), ("restart", _restart_line(vm)),
+        ("gave up", (vm.get("restart_status") or {}).get("gave_up")),
         ("last failure", output.failure(vm.get("last_failure"))),
     ]
     for k, v in rows:
@@ -100,11 +124,12 @@ def vm_ls(app: App, as_json: bool):
     rows = []
     for v in vms:
         if v.get("state") == "broken":
-            rows.append((v["id"], "-", "broken", "-", "-", "-", v.get("error")))
+            rows.append((v["id"], "-", "broken", "-", "-", "-", "-", "-", v.get("error")))
             continue
         rows.append((v["id"], v["name"], v["state"], v["cpus"], output.mib(v["memory_mb"]),
-                     output.duration(v.get("uptime_sec")), output.failure(v.get("last_failure"))))
-    output.table(("ID", "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "LAST FAILURE"), rows)
+                     output.duration(v.get("uptime_sec")), "yes" if v.get("autostart") else "no", _restart_line(v),
+                     output.failure(v.get("last_failure"))))
+    output.table(("ID", "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "AUTOSTART", "RESTART", "LAST FAILURE"), rows)
 
 
 @vm_group.command("show")
@@ -141,11 +166,13 @@ def vm_show(app: App, vm: str, as_json: bool):
 @click.option("--net/--no-net", "net", default=True, show_default=True, help="Network link up at boot (user-mode NAT).")
 @click.option("--hostfwd", "hostfwds", multiple=True, metavar="SPEC", help="Host -> guest forward, e.g. tcp:127.0.0.1:2222-:22.")
 @click.option("--guestfwd", "guestfwds", multiple=True, metavar="SPEC", help="Guest -> host forward, e.g. guestfwd:10.0.2.3:80-127.0.0.1:18981.")
+@click.option("--autostart", is_flag=True, help="Start the VM when tenboxd starts after a host boot.")
+@click.option("--restart", metavar="POLICY", help=RESTART_HELP)
 @json_option
 @pass_app
 @handle_errors
 def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disks, template, net, hostfwds, guestfwds,
-              as_json):
+              autostart, restart, as_json):
     """Create a VM (stopped); prints its id.
 
     With --image, the VM boots the image's kernel and initrd with its
@@ -157,6 +184,7 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
       tenbox vm create web --image deb12 --memory 512 --cpus 2
       tenbox vm create tiny --kernel /srv/vmlinuz --initrd /srv/initrd.img --memory 512
       tenbox vm create db --kernel /srv/vmlinuz --template /srv/debian.qcow2 --disk /srv/data.raw,serial=data
+      tenbox vm create svc --image deb12 --autostart --restart on-failure:5
     """
     if not kernel and not image:
         raise click.UsageError("give --image IMAGE or --kernel PATH")
@@ -164,7 +192,9 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
         raise click.UsageError("--image and --template do not go together (the image brings its template)")
     payload = {"name": name, "image": image, "kernel": _abs(kernel), "initrd": _abs(initrd), "memory_mb": memory,
                "cpus": cpus, "disks": disks, "template": _abs(template), "net": net, "hostfwds": list(hostfwds),
-               "guestfwds": list(guestfwds)}
+               "guestfwds": list(guestfwds), "autostart": autostart}
+    if restart is not None:
+        payload["restart"] = restart
     if cmdline is not None:
         payload["cmdline"] = cmdline
     vm = app.client().request(Method.VM_CREATE, payload)
@@ -188,11 +218,13 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
 @click.option("--hostfwd", "hostfwds", multiple=True, metavar="SPEC", help="Replace the host forwards (also while running).")
 @click.option("--guestfwd", "guestfwds", multiple=True, metavar="SPEC", help="Replace the guest forwards (also while running).")
 @click.option("--clear-forwards", is_flag=True, help="Remove every host and guest forward.")
+@click.option("--autostart/--no-autostart", default=None, help="Start the VM when tenboxd starts after a host boot.")
+@click.option("--restart", metavar="POLICY", help=RESTART_HELP)
 @json_option
 @pass_app
 @handle_errors
 def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, net, hostfwds, guestfwds,
-            clear_forwards, as_json):
+            clear_forwards, autostart, restart, as_json):
     """Change a VM's settings; hardware changes need it stopped, the network changes live.
 
     \b
@@ -200,9 +232,11 @@ def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, ne
       tenbox vm edit web --memory 1024 --cpus 2
       tenbox vm edit web --net off
       tenbox vm edit web --hostfwd tcp:127.0.0.1:8080-:80 --hostfwd udp::5353-:53
+      tenbox vm edit web --restart always --autostart
     """
     payload = {"vm_id": vm, "name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "cmdline": cmdline,
-               "memory_mb": memory, "cpus": cpus, "disks": disks or None, "net": net}
+               "memory_mb": memory, "cpus": cpus, "disks": disks or None, "net": net, "autostart": autostart,
+               "restart": restart}
     if clear_forwards:
         payload["hostfwds"], payload["guestfwds"] = [], []
     if hostfwds:
@@ -257,6 +291,8 @@ _simple("start", Method.VM_START, """Start a VM and wait until it runs.
       tenbox vm start web
     """)
 _simple("stop", Method.VM_STOP, """Stop a VM now (hard stop: like pulling the plug, disks flushed).
+
+    On a crashed VM waiting for a restart, cancels the restart.
 
     \b
     Example:

@@ -26,8 +26,11 @@ LINE_COST_BYTES = 64  # memory of one queued line beyond its text (str header, l
 TAIL_SCAN_BYTES = 16384  # how far back console_tail looks for lines
 
 
-class _Subscriber(asyncio.Queue):
-    """A subscriber's queue that also counts the bytes waiting in it; items go in as (cost, item)."""
+class Subscriber(asyncio.Queue):
+    """A subscriber's queue that also counts the bytes waiting in it; items go in as (cost, item) through offer().
+
+    Also the event log's followers' queue (events.py): one bound rule for every stream tenboxd feeds.
+    """
 
     def __init__(self) -> None:
         super().__init__(maxsize=SUBSCRIBER_QUEUE_MAX)
@@ -74,14 +77,14 @@ class ConsoleFeed:
         if len(self._ring) > CONSOLE_RING_BYTES:
             del self._ring[: len(self._ring) - CONSOLE_RING_BYTES]
         for q in list(self._console_subs):
-            _offer(q, data, len(data))
+            offer(q, data, len(data))
         if self._log_subs:
             lines = self._complete_lines(data)
             if lines:
                 text = [l.decode("utf-8", "replace").rstrip("\r") for l in lines]
                 cost = _cost(text)
                 for q in list(self._log_subs):
-                    _offer(q, text, cost)
+                    offer(q, text, cost)
         elif self._partial_line:
             self._partial_line = bytearray()
 
@@ -124,7 +127,7 @@ class ConsoleFeed:
 
     @contextlib.contextmanager
     def _subscribe(self, subs: Set[asyncio.Queue]) -> Iterator[asyncio.Queue]:
-        q = _Subscriber()
+        q = Subscriber()
         subs.add(q)
         try:
             yield q
@@ -134,7 +137,7 @@ class ConsoleFeed:
     def close(self) -> None:
         """End every subscription (the VM stopped or was deleted)."""
         for q in list(self._console_subs) + list(self._log_subs):
-            _offer(q, None, 0, force=True)
+            offer(q, None, 0, force=True)
         self._console_subs.clear()
         self._log_subs.clear()
 
@@ -143,7 +146,7 @@ def _pieces(line: bytes) -> List[bytes]:
     return [line[i : i + LOG_LINE_MAX_BYTES] for i in range(0, max(len(line), 1), LOG_LINE_MAX_BYTES)]
 
 
-def _offer(q: _Subscriber, item, cost: int, force: bool = False) -> None:
+def offer(q: Subscriber, item, cost: int, force: bool = False) -> None:
     """Give a subscriber an item; a subscriber that stopped reading is cut off, not waited for."""
     if q.cut_off:
         return
@@ -163,7 +166,7 @@ def _offer(q: _Subscriber, item, cost: int, force: bool = False) -> None:
             _cut_off(q)
 
 
-def _cut_off(q: _Subscriber) -> None:
+def _cut_off(q: Subscriber) -> None:
     """Mark the subscriber as too slow: drain and leave only the end marker."""
     while not q.empty():
         q.get_nowait()

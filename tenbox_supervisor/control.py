@@ -26,7 +26,7 @@ import pwd
 import socket
 import struct
 from collections import Counter
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from tenbox_supervisor.api import Api, Caller
 from tenbox_supervisor.errors import ApiError
@@ -144,6 +144,27 @@ class Stream:
     async def wait_closed(self) -> None:
         while await self.next_event() is not None:
             pass
+
+    async def follow(self, q: asyncio.Queue, send: Callable[[Any], Awaitable[None]]) -> bool:
+        """Hand each item of a subscriber queue to `send` as it comes (console_feed.Subscriber).
+
+        True when the queue ended (its None: the source closed, or this client
+        fell behind and was cut off), False when the client closed the connection.
+        """
+        reader = asyncio.ensure_future(self.wait_closed())
+        try:
+            while True:
+                getter = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    getter.cancel()
+                    return False
+                item = getter.result()
+                if item is None:
+                    return True
+                await send(item)
+        finally:
+            reader.cancel()
 
 
 class ClientCounts:

@@ -21,6 +21,7 @@ from tenbox_supervisor.caller_files import CallerFiles
 from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
+from tenbox_supervisor.events import EventLog
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
@@ -28,6 +29,7 @@ from tenbox_supervisor.modes import DAEMON_UMASK, group_id, secure_data_dir
 from tenbox_supervisor.notify import Notifier
 from tenbox_supervisor.oshost import SystemHost
 from tenbox_supervisor.protocol import VERSION
+from tenbox_supervisor.restarter import Restarter, first_start_since_boot
 from tenbox_supervisor.store import Store
 from tenbox_supervisor.system_api import SystemMethods
 from tenbox_supervisor.updater import Updater
@@ -68,6 +70,7 @@ class Daemon:
         self.link: Optional[LinkServer] = None
         self.control: Optional[ControlServer] = None
         self.cloud: Optional[CloudLink] = None
+        self.restarter: Optional[Restarter] = None
         self._extra_tasks: List[asyncio.Task] = []
 
     def _lock_data_dir(self) -> None:
@@ -120,13 +123,21 @@ class Daemon:
             store = Store(self.config.vms_dir, log_gid)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg),
                                    **worker_link_access())
-            workers = self.workers = WorkerManager(self.config, store, SystemHost(), self.link.send)
+            host = SystemHost()
+            workers = self.workers = WorkerManager(self.config, store, host, self.link.send)
+            events = EventLog(host.time)
+            workers.add_listener(events.on_state_change)  # before restore(): crashes found at start are events too
             files = CallerFiles(self.config.images_dir)
-            images = ImageMethods(ImageStore(self.config.images_dir), workers, files)
-            updater = Updater(self.config.data_dir, workers, log_gid)
+            images = ImageMethods(ImageStore(self.config.images_dir), workers, files, events)
+            updater = Updater(self.config.data_dir, workers, log_gid, events)
             api = Api()
             api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
-            api.register(VmMethods(workers, store, images, updater, files).method_specs())
+            # The restart policy starts VMs the way vm.start does (VmMethods.start_vm); vm.stop cancels its waits.
+            restarter = self.restarter = Restarter(workers, host, lambda vm: vm_methods.start_vm(vm))
+            restarter.add_listener(events.on_restart)
+            vm_methods = VmMethods(workers, store, images, updater, files, restarter, events)
+            api.register(vm_methods.method_specs())
+            api.register(events.method_specs())
             api.register(images.method_specs())
             api.register(updater.method_specs())
             await updater.restore()
@@ -134,11 +145,13 @@ class Daemon:
                                          self.config.client_idle_sec)
             self.link.start()
             workers.restore()
+            restarter.boot(first_start_since_boot(self.config.run_dir))
             workers.add_listener(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
             await self.control.start()
             self.cloud = CloudLink(self.config.cloud_url, self.config.data_dir, self.config.socket_path,
                                    self.started_at, api, workers, updater)
             self.cloud.start()
+            restarter.start()
         except (StartupError, LinkBusy, SocketBusy) as e:
             await self._close()
             raise StartupError(str(e)) from None
@@ -175,6 +188,8 @@ class Daemon:
     async def _close(self) -> None:
         for t in self._extra_tasks:
             t.cancel()
+        if self.restarter is not None:
+            await self.restarter.close()
         if self.cloud is not None:
             await self.cloud.stop()
         if self.control is not None:

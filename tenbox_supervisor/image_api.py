@@ -20,6 +20,7 @@ from tenbox_supervisor import params as P
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import CallerFiles, Use, owning
 from tenbox_supervisor.errors import ApiError
+from tenbox_supervisor.events import EventSink
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import (
     FILES_MAX,
@@ -32,7 +33,7 @@ from tenbox_supervisor.images import (
     source_plan,
 )
 from tenbox_supervisor.managed_vm import ManagedVm
-from tenbox_supervisor.protocol import ErrorCode, Method
+from tenbox_supervisor.protocol import ErrorCode, EventKind, Method
 from tenbox_supervisor.spec import OVERLAY_NAME
 
 log = logging.getLogger("tenboxd.images")
@@ -56,8 +57,10 @@ def _api_error(e: ImageError) -> ApiError:
 
 
 class ImageMethods:
-    def __init__(self, store: ImageStore, vms: VmCatalog, files: CallerFiles) -> None:
+    def __init__(self, store: ImageStore, vms: VmCatalog, files: CallerFiles,
+                 events: Optional[EventSink] = None) -> None:
         self.store = store
+        self.events = events
         self.vms = vms
         self.files = files
         self.lock = asyncio.Lock()
@@ -189,6 +192,8 @@ class ImageMethods:
                     self.store.discard(tmp)  # a few unlinks; also on the way out when cancelled
                 self.store.end_import(name)
         log.info("image %s: imported, every sha256 matched", name)
+        if self.events is not None:
+            self.events.emit(EventKind.IMAGE_IMPORTED, image=name)
         view = image.view()
         view["verified"] = True
         return view
@@ -229,5 +234,7 @@ class ImageMethods:
             except ImageError as e:
                 raise _api_error(e)
         log.info("image %s: removed", name)
+        if self.events is not None:
+            self.events.emit(EventKind.IMAGE_REMOVED, image=name)
         return {"name": name, "removed": True}
 

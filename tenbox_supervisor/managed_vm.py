@@ -54,9 +54,11 @@ class ManagedVm:
         self._save = save
         self._announce = announce
         self._state = VmState.STOPPED
+        self._reason = ""  # why it reached its state: the last change's reason
         self.session: Optional[WorkerSession] = None
         self.started_at: Optional[float] = None
         self._last_failure: Optional[Dict[str, Any]] = None
+        self._restart: Optional[Dict[str, Any]] = None  # the restart policy's attempts (restarter.py)
         self.net_status: Optional[NetStatus] = None  # what the worker last said about its network
         self.console = ConsoleFeed()
         self.lock = asyncio.Lock()  # held across an operation's steps (start, stop, edit, delete)
@@ -77,6 +79,10 @@ class ManagedVm:
         return self._state
 
     @property
+    def state_reason(self) -> str:
+        return self._reason
+
+    @property
     def active(self) -> bool:
         return self._state in ACTIVE_STATES
 
@@ -91,6 +97,11 @@ class ManagedVm:
     @property
     def last_failure(self) -> Optional[Dict[str, Any]]:
         return self._last_failure
+
+    @property
+    def restart_status(self) -> Optional[Dict[str, Any]]:
+        """{"attempts", "max_retries", "next_retry_at", "backoff_sec", "gave_up"} while a policy acts on the VM."""
+        return self._restart
 
     def uptime(self, now: float) -> Optional[float]:
         if self.active and self.started_at:
@@ -109,6 +120,7 @@ class ManagedVm:
             return
         check_transition(self.id, old, new, reason)
         self._state = new
+        self._reason = reason
         log.info("vm %s: %s -> %s: %s", self.id, old.value, new.value, reason)
         self.persist()
         self._announce(self, old, new, reason)
@@ -123,6 +135,7 @@ class ManagedVm:
         """
         log.debug("vm %s: restored as %s: %s", self.id, state.value, reason)
         self._state = state
+        self._reason = reason
 
     def set_spec(self, spec: VmSpec) -> None:
         self._spec = spec
@@ -134,6 +147,13 @@ class ManagedVm:
     def restore_failure(self, saved: Optional[Dict[str, Any]]) -> None:
         self._last_failure = saved if isinstance(saved, dict) else None
 
+    def record_restart(self, status: Optional[Dict[str, Any]]) -> None:
+        """Set (or clear, with None) the restart policy's status; written with the next persist() or state change."""
+        self._restart = dict(status) if status is not None else None
+
+    def restore_restart(self, saved: Optional[Dict[str, Any]]) -> None:
+        self._restart = saved if isinstance(saved, dict) else None
+
     def persist(self) -> None:
         self._save(self)
 
@@ -142,10 +162,12 @@ class ManagedVm:
         proc = self.proc
         return {
             "state": self._state.value,
+            "reason": self._reason,
             "pid": proc.pid if proc else None,
             "create_time": proc.create_time if proc else None,
             "started_at": self.started_at,
             "last_failure": self._last_failure,
+            "restart": self._restart,
         }
 
     async def _notify_changed(self) -> None:

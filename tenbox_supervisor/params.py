@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode
+from tenbox_supervisor.restart_policy import RestartPolicy
 from tenbox_supervisor.spec import SpecError, check_disk
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.forwards import ForwardSpecError, parse_guestfwd, parse_hostfwd
@@ -170,6 +171,17 @@ def net_flag(params: Params) -> Optional[bool]:
             return NET_WORDS[value.lower()]
         raise _invalid("%s must be on or off" % key)
     return None
+
+
+def restart_policy(params: Params) -> Optional[str]:
+    """`restart`: no, on-failure, on-failure:N (N >= 1) or always; returned in its normal spelling."""
+    value = params.get("restart")
+    if value is None:
+        return None
+    try:
+        return str(RestartPolicy.parse(value))
+    except ValueError as e:
+        raise _invalid(str(e))
 
 
 def cmdline(params: Params) -> Optional[str]:

@@ -58,6 +58,13 @@ class Method(str, enum.Enum):
     HOST_UPDATE = "host.update"
     HOST_UPDATE_NOTIFY = "host.update.notify"  # the package's postinst: "I am installing version V"
     HOST_UPDATE_LOG = "host.update.log"
+    HOST_SHUTDOWN = "host.shutdown"  # the host is going down: every active VM powered off (tenbox-guests.service)
+    EVENTS = "events"  # stream: the daemon's event log (events.py), replayed from `since`, then as it happens
+
+
+# The reason a VM stopped because the host shut down (host.shutdown): its state_reason, and
+# the reason of its state changes in the event log and the cloud's vm.state_changed.
+HOST_SHUTDOWN_REASON = "host_shutdown"
 
 
 class Event(str, enum.Enum):
@@ -68,6 +75,20 @@ class Event(str, enum.Enum):
     CONSOLE_CLOSED = "console.closed"  # reason
     LOGS_APPEND = "vm.logs.append"  # payload.lines
     LOGS_CLOSED = "vm.logs.closed"
+    EVENT = "event"  # payload: one entry of the event log
+    EVENTS_CLOSED = "events.closed"  # reason: the follower fell too far behind
+
+
+class EventKind(str, enum.Enum):
+    """What an entry of tenboxd's event log is about (`tenbox events`; docs/daemon.md)."""
+
+    VM_CREATED = "vm.created"  # vm_id, name
+    VM_DELETED = "vm.deleted"  # vm_id, name
+    VM_STATE = "vm.state"  # vm_id, name, old, new, reason; failure {code, message} when new is crashed
+    VM_RESTART = "vm.restart"  # vm_id, name, action (scheduled, starting, gave_up) and its details
+    IMAGE_IMPORTED = "image.imported"  # image
+    IMAGE_REMOVED = "image.removed"  # image
+    HOST_UPDATE = "host.update"  # action (started, finished, failed), from, to, error
 
 
 class ErrorCode(str, enum.Enum):

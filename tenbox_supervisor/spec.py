@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from tenbox_supervisor.protocol import NAME_RE
+from tenbox_supervisor.restart_policy import RestartPolicy
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.disk_arg import DiskArg
 
@@ -43,6 +44,8 @@ class VmSpec:
     # again with that user's rights (caller_files.py). Absent: named by root or the daemon.
     named_by: Dict[str, int] = field(default_factory=dict)
     created_at: float = 0.0
+    autostart: bool = False  # started when tenboxd starts after a host boot
+    restart: str = "no"  # the restart policy (restart_policy.py): no, on-failure[:N], always
     extra: Dict[str, Any] = field(default_factory=dict)  # keys from newer versions, kept as they are
 
     def to_json(self) -> Dict[str, Any]:
@@ -92,6 +95,16 @@ class VmSpec:
                 isinstance(p, str) and isinstance(u, int) and not isinstance(u, bool) and u >= 0
                 for p, u in self.named_by.items()):
             raise SpecError("named_by must map paths to uids")
+        if not isinstance(self.autostart, bool):
+            raise SpecError("autostart must be a boolean")
+        try:
+            RestartPolicy.parse(self.restart)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy.parse(self.restart)
 
     def paths(self) -> List[str]:
         """Every host file the VM's worker opens by name: kernel, initrd, disks, the overlay's template."""

@@ -45,10 +45,11 @@ from typing import Any, Dict, List, Optional, Protocol
 from tenbox_supervisor import params as P
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.errors import ApiError
+from tenbox_supervisor.events import EventSink
 from tenbox_supervisor.fsutil import atomic_write_json, tail_lines
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import make_log_dir
-from tenbox_supervisor.protocol import ErrorCode, Method, cloud_response
+from tenbox_supervisor.protocol import ErrorCode, EventKind, Method, cloud_response
 
 log = logging.getLogger("tenboxd.updater")
 
@@ -173,8 +174,10 @@ class ActiveVms(Protocol):
 
 
 class Updater:
-    def __init__(self, data_dir: str, vms: ActiveVms, log_gid: Optional[int] = None) -> None:
+    def __init__(self, data_dir: str, vms: ActiveVms, log_gid: Optional[int] = None,
+                 events: Optional[EventSink] = None) -> None:
         self.vms = vms
+        self.events = events
         self.log_gid = log_gid
         self.job: Optional[Job] = None
         self.log_path = os.path.join(data_dir, "logs", "update.log")
@@ -207,6 +210,7 @@ class Updater:
         job = self.job = Job("?", target, stream, caller)
         release = True  # False while apt, stopped after its timeout, has not ended yet
         keep_state = False
+        started = False  # apt was started: its outcome is an event, the refusals before it are not
         try:
             active = self.active_vms()
             if active:
@@ -219,6 +223,8 @@ class Updater:
             log.info("host.update: from %s to %s, requested by %s", old, target or "the newest", caller)
             self._save_state({"from": old, "target": target, "started_at": time.time(), "transport": caller.transport,
                               "request_id": getattr(stream, "request_id", None), "delivered": False})
+            self._tell("started", {"from": old, "to": target})
+            started = True
             proc = await self._start_apt(target)
             waiter = asyncio.ensure_future(proc.wait())
             notified = asyncio.ensure_future(job.notified.wait())
@@ -232,6 +238,7 @@ class Updater:
                     keep_state = True  # the asker is gone: the next daemon reports the outcome
                 job.delivered.set()
                 log.info("host.update: %s -> %s answered; the package restarts tenboxd", old, job.new_version)
+                self._tell("finished", result)
                 await asyncio.wait({waiter}, timeout=APT_TIMEOUT_SEC)
                 return result
             notified.cancel()
@@ -242,6 +249,10 @@ class Updater:
                                % (APT_TIMEOUT_SEC, "" if release else " but still runs: VM starts stay refused "
                                   "until it has ended"), log_tail=self._tail())
             return await self._judge(old, self._apt_status(waiter.result()), stream)
+        except ApiError as e:
+            if started:
+                self._tell("failed", {"from": job.old, "error_code": e.code.value, "error": e.message})
+            raise
         finally:
             if release:
                 self.job = None
@@ -317,6 +328,7 @@ class Updater:
             raise ApiError(ErrorCode.VERSION_UNCHANGED, "apt succeeded but tenbox is still %s (the repository may not "
                            "be synced yet)" % new, version=new)
         result = {"from": old, "to": new}
+        self._tell("finished", result)
         await stream.reply(result)
         return result
 
@@ -420,9 +432,17 @@ class Updater:
             body = {"ok": False, "error_code": code.value, "error": "the update from %s did not complete (now %s)"
                     % (old, now), "log_tail": tail}
         log.info("host.update before the restart: %s", "from %s to %s" % (old, now) if upgraded else body["error"])
+        if upgraded:
+            self._tell("finished", {"from": old, "to": now, "reported_after_restart": True})
+        else:
+            self._tell("failed", {"from": old, "error_code": body["error_code"], "error": body["error"]})
         if state.get("transport") == "cloud" and not state.get("delivered"):
             self._late.append({"type": cloud_response(Method.HOST_UPDATE.value), "id": state.get("request_id"),
                                "payload": body})
+
+    def _tell(self, action: str, fields: Dict[str, Any]) -> None:
+        if self.events is not None:
+            self.events.emit(EventKind.HOST_UPDATE, action=action, **fields)
 
     def pending_reports(self) -> List[Dict[str, Any]]:
         """Answers a previous daemon owed the cloud; handed out once."""

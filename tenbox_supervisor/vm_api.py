@@ -19,12 +19,13 @@ from tenbox_supervisor import doctor, params as P, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
+from tenbox_supervisor.events import EventSink
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.images import Image
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
-from tenbox_supervisor.protocol import ErrorCode, Event, FailureCode, Method
+from tenbox_supervisor.protocol import HOST_SHUTDOWN_REASON, ErrorCode, Event, EventKind, FailureCode, Method
 from tenbox_supervisor.spec import OVERLAY_NAME, SpecError, VmSpec, new_mac
 from tenbox_supervisor.worker_manager import SHUTDOWN_TIMEOUT_SEC, STOP_TIMEOUT_SEC, WorkerManager
 from tenbox_vmm.protocol import Limits
@@ -49,6 +50,16 @@ class ImageLookup(Protocol):
 class StartGate(Protocol):
     def check_start_allowed(self) -> None:
         """ApiError(update_in_progress) while tenbox updates itself."""
+
+
+class PendingStarts(Protocol):
+    """The restart policy's waiting starts (restarter.py)."""
+
+    def cancel(self, vm: ManagedVm) -> bool:
+        """Drop the VM's waiting start; whether there was one."""
+
+    def hold(self) -> None:
+        """Start nothing more (the host is shutting down): waiting starts are dropped."""
 
 
 class VmFolders(Protocol):
@@ -76,6 +87,7 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
         "id": s.id,
         "name": s.name,
         "state": vm.state.value,
+        "state_reason": vm.state_reason,
         "cpus": s.cpus,
         "memory_mb": s.memory_mb,
         "kernel": s.kernel,
@@ -89,6 +101,9 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
         "started_at": vm.started_at if vm.active else None,
         "uptime_sec": vm.uptime(now),
         "last_failure": vm.last_failure,
+        "autostart": s.autostart,
+        "restart": s.restart,
+        "restart_status": vm.restart_status,
         "net_status": vm.net_status.to_wire() if vm.net_status is not None else None,
     }
     if pid is not None:
@@ -144,8 +159,11 @@ def file_uses(kernel: Optional[str], initrd: Optional[str], disks: Optional[List
 
 class VmMethods:
     def __init__(self, workers: WorkerManager, folders: VmFolders, images: ImageLookup, gate: StartGate,
-                 files: CallerFiles) -> None:
+                 files: CallerFiles, restarts: Optional[PendingStarts] = None,
+                 events: Optional[EventSink] = None) -> None:
         self.workers = workers
+        self.restarts = restarts
+        self.events = events
         self.folders = folders
         self.images = images
         self.gate = gate
@@ -164,6 +182,7 @@ class VmMethods:
             MethodSpec(Method.VM_LOGS, self.vm_logs, mutating=False),
             MethodSpec(Method.VM_LOGS_FOLLOW, self.vm_logs_follow, mutating=False, stream=True),
             MethodSpec(Method.VM_CONSOLE_ATTACH, self.vm_console_attach, mutating=True, stream=True),
+            MethodSpec(Method.HOST_SHUTDOWN, self.host_shutdown, mutating=True, root_only=True),
         ]
 
     def now(self) -> float:
@@ -236,6 +255,8 @@ class VmMethods:
             memory_mb=P.memory_mb(params, telemetry.host_memory_mb(), default=DEFAULT_MEMORY_MB),
             cpus=P.cpus(params, default=1),
             disks=P.disks(params) or [],
+            autostart=P.get(params, "autostart", bool, default=False),
+            restart=P.restart_policy(params) or "no",
         )
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
         net_on = P.net_flag(params)
@@ -277,7 +298,12 @@ class VmMethods:
         except BaseException:
             self.folders.delete(spec.id)
             raise
+        self._tell(EventKind.VM_CREATED, vm)
         return self.view(vm)
+
+    def _tell(self, kind: EventKind, vm: ManagedVm) -> None:
+        if self.events is not None:
+            self.events.emit(kind, vm_id=vm.id, name=vm.spec.name)
 
     async def vm_edit(self, params, caller: Caller):
         vm = self.find(params)
@@ -311,6 +337,10 @@ class VmMethods:
         if hw and vm.active:
             raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before changing %s" % (vm.id, ", ".join(sorted(hw))))
         changes.update(hw)
+        # The policy and autostart change at once, also while the VM runs: they act when it next ends or boots.
+        for key, value in (("autostart", P.get(params, "autostart", bool)), ("restart", P.restart_policy(params))):
+            if value is not None and value != getattr(s, key):
+                changes[key] = value
         net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
         link = P.net_flag(params)
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
@@ -356,13 +386,17 @@ class VmMethods:
 
     async def vm_start(self, params, caller: Caller):
         vm = self.find(params)
+        await self.start_vm(vm)
+        return self.view(vm)
+
+    async def start_vm(self, vm: ManagedVm) -> None:
+        """vm.start's whole path, also taken by the restart policy and autostart; ApiError if the VM does not run."""
         self.gate.check_start_allowed()
         await self._preflight(vm)
         try:
             await self.workers.start(vm, self.gate.check_start_allowed)
         except OperationError as e:
             raise ApiError(e.code, e.message, last_failure=vm.last_failure)
-        return self.view(vm)
 
     async def _check_files(self, vm: ManagedVm) -> None:
         """Every file the worker will open, opened now with the rights of whoever named it.
@@ -413,6 +447,9 @@ class VmMethods:
 
     async def vm_stop(self, params, caller: Caller):
         vm = self.find(params)
+        if not vm.active and self.restarts is not None and self.restarts.cancel(vm):
+            log.info("vm %s: its waiting restart was cancelled by vm.stop from %s", vm.id, caller)
+            return self.view(vm)
         await self.workers.stop(vm, "vm.stop by %s" % caller, P.timeout(params, STOP_TIMEOUT_SEC))
         return self.view(vm)
 
@@ -420,6 +457,29 @@ class VmMethods:
         vm = self.find(params)
         graceful = await self.workers.shutdown(vm, P.timeout(params, SHUTDOWN_TIMEOUT_SEC))
         return dict(self.view(vm), graceful=graceful)
+
+    async def host_shutdown(self, params, caller: Caller):
+        """Every active VM at once: the power button, a hard stop after `timeout`; they end stopped, host_shutdown.
+
+        tenbox-guests.service asks this when the system shuts down, never on a
+        package upgrade (docs/daemon.md). Restarts and autostarts stay off
+        until tenboxd starts again.
+        """
+        timeout = P.timeout(params, SHUTDOWN_TIMEOUT_SEC)
+        if self.restarts is not None:
+            self.restarts.hold()
+        vms = self.workers.active()
+        log.info("host shutdown: powering off %d VM(s), %d s each before a hard stop", len(vms), timeout)
+        results = await asyncio.gather(*(self._host_shutdown_one(vm, timeout) for vm in vms))
+        return {"vms": sorted(results, key=lambda r: (r["name"], r["id"]))}
+
+    async def _host_shutdown_one(self, vm: ManagedVm, timeout: int) -> Dict[str, Any]:
+        try:
+            graceful: Optional[bool] = await self.workers.shutdown(vm, timeout, reason=HOST_SHUTDOWN_REASON)
+            error = None
+        except OperationError as e:  # it stopped meanwhile (vm_not_running), or survived SIGKILL
+            graceful, error = None, "%s (%s)" % (e.message, e.code.value)
+        return dict(self.view(vm), graceful=graceful, error=error)
 
     async def vm_reboot(self, params, caller: Caller):
         vm = self.find(params)
@@ -446,6 +506,7 @@ class VmMethods:
                 self.workers.delete(vm)
             except OSError as e:
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm.id, e.strerror))
+        self._tell(EventKind.VM_DELETED, vm)
         return {"id": vm.id, "deleted": True}
 
     async def vm_logs(self, params, caller: Caller):
@@ -459,18 +520,10 @@ class VmMethods:
         vm = self.find(params)
         with self.workers.subscribe_logs(vm) as q:
             await stream.reply({"vm_id": vm.id})
-            reader = asyncio.ensure_future(stream.wait_closed())
-            while True:
-                getter = asyncio.ensure_future(q.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    getter.cancel()
-                    return {}
-                item = getter.result()
-                if item is None:
-                    await stream.event({"type": Event.LOGS_CLOSED.value, "vm_id": vm.id})
-                    return {}
-                await stream.event({"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": item}})
+            if await stream.follow(q, lambda lines: stream.event(
+                    {"type": Event.LOGS_APPEND.value, "vm_id": vm.id, "payload": {"lines": lines}})):
+                await stream.event({"type": Event.LOGS_CLOSED.value, "vm_id": vm.id})
+            return {}
 
     async def _until_linked(self, vm: ManagedVm) -> None:
         """Wait (bounded) for the worker's link: a worker that runs while tenboxd restarts

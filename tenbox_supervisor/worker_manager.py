@@ -176,12 +176,14 @@ class WorkerManager:
             except ValueError:
                 saved_state = S.STOPPED
             vm.restore_failure(saved.get("last_failure"))
+            vm.restore_restart(saved.get("restart"))
             vm.started_at = saved.get("started_at")
+            reason = saved.get("reason") if isinstance(saved.get("reason"), str) else ""
             if saved_state not in ACTIVE_STATES:
-                vm.restore_state(saved_state if saved_state == S.CRASHED else S.STOPPED, "runtime.json")
+                vm.restore_state(saved_state if saved_state == S.CRASHED else S.STOPPED, reason)
                 continue
             proc = self._recorded_worker(vm_id, saved)
-            vm.restore_state(saved_state, "runtime.json")
+            vm.restore_state(saved_state, reason)
             if proc is not None:
                 # The worker kept running while we were away: watch it, wait for its HELLO.
                 session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
@@ -289,6 +291,11 @@ class WorkerManager:
     def record_failure(self, vm: ManagedVm, code: FailureCode, message: str) -> None:
         """A failure found before any worker ran (vm.start's checks): shown as last_failure, persisted."""
         vm.record_failure(Failure(code, message, self.host.time(), console=[]))
+        vm.persist()
+
+    def record_restart(self, vm: ManagedVm, status: Optional[Dict[str, Any]]) -> None:
+        """The restart policy's status of `vm` (restarter.py): shown in vm.list, persisted."""
+        vm.record_restart(status)
         vm.persist()
 
     # Operations ---------------------------------------------------------------------------
@@ -410,19 +417,23 @@ class WorkerManager:
             if not await self.wait_for(vm, lambda: vm.session is not session, KILL_WAIT_SEC):
                 raise OperationError(ErrorCode.VM_STOP_FAILED, "worker pid %d survived SIGKILL" % proc.pid)
 
-    async def shutdown(self, vm: ManagedVm, timeout: float = SHUTDOWN_TIMEOUT_SEC) -> bool:
-        """ACPI power button; a hard stop if the guest is still up after `timeout`. True if the guest obeyed."""
+    async def shutdown(self, vm: ManagedVm, timeout: float = SHUTDOWN_TIMEOUT_SEC, reason: str = "vm.shutdown") -> bool:
+        """ACPI power button; a hard stop if the guest is still up after `timeout`. True if the guest obeyed.
+
+        `reason` is the stop's: the VM ends `stopped` with it (also if its worker fails on the way).
+        """
         async with vm.lock:
             if not vm.active or vm.session is None:
                 raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
             session = vm.session
-            vm.change_state(S.STOPPING, "vm.shutdown: power button")
+            session.stop_requested = reason
+            vm.change_state(S.STOPPING, "%s: power button" % reason)
             if not self.send(vm.id, Command(0, CommandName.SHUTDOWN)):
                 self.host.kill(session.proc, signal.SIGPWR)
             if await self.wait_for(vm, lambda: vm.session is not session, timeout):
                 return True
             log.warning("vm %s: guest ignored the power button for %.0fs; stopping it", vm.id, timeout)
-            await self._stop_locked(vm, "vm.shutdown timed out", STOP_TIMEOUT_SEC)
+            await self._stop_locked(vm, reason, STOP_TIMEOUT_SEC)
             return False
 
     async def reboot(self, vm: ManagedVm) -> None:

@@ -100,6 +100,17 @@ class DaemonProcess:
         """One request on the control socket; the whole reply."""
         return control_request(self.socket, type_, timeout, **payload)
 
+    def raw(self, line: bytes, timeout: float = CALL_SEC) -> bytes:
+        """The daemon's reply to one request line exactly as sent (a method's own `timeout` included), as bytes."""
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(timeout)
+        s.connect(str(self.socket))
+        try:
+            s.sendall(line)
+            return s.makefile("rb").readline()
+        finally:
+            s.close()
+
     def call_as(self, user: str, type_: str, timeout: float = CALL_SEC, **payload) -> dict:
         """One request on the control socket from another user's process (runuser); the whole reply."""
         code = ("import json, sys; from tests.framework.daemon import control_request; "

@@ -9,11 +9,13 @@ with a real Store in a temporary folder and a recording worker link.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Dict, List, Optional, Tuple
+import contextlib
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple
 
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.oshost import Proc
+from tenbox_supervisor.restarter import Restarter
 from tenbox_supervisor.spec import VmSpec
 from tenbox_supervisor.store import Store
 from tenbox_supervisor.worker_manager import WorkerManager
@@ -105,6 +107,7 @@ class Rig:
     """A WorkerManager on a FakeHost, its Store in `root`, its link recorded."""
 
     def __init__(self, root, loop: asyncio.AbstractEventLoop) -> None:
+        self.root = root
         self.loop = loop
         self.host = FakeHost()
         self.sent: List[Tuple[str, Message]] = []
@@ -115,6 +118,27 @@ class Rig:
         self.store = Store(config.vms_dir)
         self.workers = WorkerManager(config, self.store, self.host, self._send)
         self.workers.add_listener(lambda vm, old, new, why: self.events.append((vm.id, old, new, why)))
+        self.successors: List["Rig"] = []
+        self.restarter: Optional[Restarter] = None
+
+    def with_restarter(self, start: Optional[Callable[[ManagedVm], Awaitable[Any]]] = None) -> Restarter:
+        """A Restarter on this rig; it starts VMs with `start` (default: WorkerManager.start, no vm.start checks)."""
+        self.restarter = Restarter(self.workers, self.host, start or self.workers.start)
+        return self.restarter
+
+    def restarted(self) -> "Rig":
+        """A new WorkerManager on the same store and host: tenboxd restarted (restore() is the caller's)."""
+        self.run(self.workers.close())
+        again = Rig(self.root, self.loop)
+        again.host = again.workers.host = self.host
+        self.successors.append(again)
+        return again
+
+    def close(self) -> None:
+        for each in [self] + self.successors:
+            if each.restarter is not None:
+                each.run(each.restarter.close())
+            each.run(each.workers.close())
 
     def _send(self, vm_id: str, msg: Message) -> bool:
         self.sent.append((vm_id, msg))
@@ -152,3 +176,18 @@ class Rig:
         self.run(self.workers.start(vm))
         self.host.on_spawn = None
         return vm.pid
+
+
+@contextlib.contextmanager
+def open_rig(root) -> Iterator[Rig]:
+    """A Rig on its own event loop, closed with everything it started (the tests' `rig` fixture)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    rig = Rig(root, loop)
+    try:
+        yield rig
+    finally:
+        rig.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        asyncio.set_event_loop(None)

@@ -37,7 +37,8 @@ def test_round_trip_create_start_ls_console_logs_stop_rm(daemon):
     daemon.wait_console("web", "idle: ready")
     ls = daemon.ctl("vm", "ls").stdout.decode()
     header, row = ls.splitlines()[0], [l for l in ls.splitlines() if "web" in l][0]
-    assert header.split() == ["ID", "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "LAST", "FAILURE"]
+    assert header.split() == ["ID", "NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "AUTOSTART", "RESTART", "LAST",
+                              "FAILURE"]
     assert row.split()[:4] == [vm_id, "web", "running", "1"]
     listed = json.loads(daemon.ctl("vm", "ls", "--json").stdout)
     assert listed[0]["id"] == vm_id and listed[0]["pid"] > 0

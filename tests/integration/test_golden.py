@@ -2,7 +2,7 @@
 
 The supervisor's insides may be reshaped; what operators and scripts see
 may not. A real tenboxd holds a stopped VM, a VM whose start failed, a VM
-with disks and forwards and a broken entry; the outputs are compared with
+with disks, forwards, autostart and a restart policy, and a broken entry; the outputs are compared with
 the files in golden/ after the values that differ from run to run (ids,
 MACs, paths, times) are replaced by fixed names. Regenerate, after a change
 that is meant to alter them, with TENBOX_GOLDEN_UPDATE=1.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -54,18 +53,6 @@ def check(name: str, data: bytes) -> None:
         name, expected.decode(errors="replace"), data.decode(errors="replace"))
 
 
-def wire(daemon, line: bytes) -> bytes:
-    """The daemon's reply to one raw request line, as the bytes it sent."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
-    s.connect(str(daemon.socket))
-    try:
-        s.sendall(line)
-        return s.makefile("rb").readline()
-    finally:
-        s.close()
-
-
 @pytest.fixture
 def populated(make_daemon, tmp_path):
     """A daemon with four entries in known states, and the masks for their run-dependent values."""
@@ -91,7 +78,8 @@ def populated(make_daemon, tmp_path):
     data.write_bytes(b"\0" * (1 << 20))
     create(name="beta", kernel=guest_path("idle"), memory_mb=64, cpus=2, cmdline="console=ttyS0 quiet",
            disks=[{"path": str(data), "read_only": True, "serial": "data1"}], net=False,
-           hostfwds=["tcp:127.0.0.1:2222-:22"], guestfwds=["guestfwd:10.0.2.3:80-127.0.0.1:18981"])
+           hostfwds=["tcp:127.0.0.1:2222-:22"], guestfwds=["guestfwd:10.0.2.3:80-127.0.0.1:18981"],
+           autostart=True, restart="on-failure:3")
     notkernel = tmp_path / "notes.txt"
     notkernel.write_text("hello\n" * 100)
     create(name="gamma", kernel=str(notkernel), memory_mb=32)
@@ -143,5 +131,5 @@ WIRE_ERRORS = [
 def test_error_replies_are_unchanged_on_the_wire(populated):
     """The daemon's error lines, byte for byte: key order, separators, codes and messages."""
     daemon, masks = populated
-    out = b"".join(masks.apply(wire(daemon, line)) for _, line in WIRE_ERRORS)
+    out = b"".join(masks.apply(daemon.raw(line)) for _, line in WIRE_ERRORS)
     check("wire-errors.jsonl", out)

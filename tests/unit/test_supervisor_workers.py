@@ -1,6 +1,5 @@
 """The WorkerManager on a fake host: spawning, adoption, heartbeats, stops and exits, without a process."""
 
-import asyncio
 import errno
 import os
 import signal
@@ -25,23 +24,9 @@ from tenbox_vmm.protocol.link import (
     WorkerExit,
     Who,
 )
-from tests.framework.supervisor_fakes import CREATE_TIME, Rig
+from tests.framework.supervisor_fakes import CREATE_TIME
 
 S = VmState
-
-
-@pytest.fixture
-def rig(tmp_path):
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    r = Rig(tmp_path, loop)
-    r.successors = []
-    yield r
-    for each in [r] + r.successors:
-        each.run(each.workers.close())
-    loop.run_until_complete(asyncio.sleep(0))
-    loop.close()
-    asyncio.set_event_loop(None)
 
 
 def transitions(rig, vm):
@@ -258,13 +243,7 @@ def test_reboot_goes_through_rebooting_as_the_worker_reports_it(rig):
 
 def restart(rig, tmp_path):
     """A new WorkerManager on the same store and host: tenboxd restarted."""
-    host = rig.host
-    rig.run(rig.workers.close())
-    again = Rig(tmp_path, rig.loop)
-    again.host = host
-    again.workers.host = host
-    rig.successors.append(again)
-    return again
+    return rig.restarted()
 
 
 def test_a_restarted_tenboxd_takes_back_a_worker_that_kept_running(rig, tmp_path):
