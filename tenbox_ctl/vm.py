@@ -382,3 +382,4 @@ def vm_logs(app: App, vm: str, lines: int, follow: bool, runtime: bool, as_json:
         pass
     finally:
         conn.close()
+

@@ -26,6 +26,7 @@ CLIENTS_PER_UID_MAX = 32  # connections of one non-root user: one user cannot ta
 # Root's connections (the CLI under sudo, the package's postinst) are counted apart and never
 # against the limits above: no number of group members' clients can lock root out.
 ROOT_CLIENTS_MAX = 64
+STATS_VMS_MAX = 256  # VM names in one vm.stats request
 NAME_RE = Limits.NAME_RE  # VM ids and names, image names: each becomes a folder
 
 DEFAULT_SYSTEM_SOCKET = "/run/tenbox/tenbox.sock"
@@ -59,6 +60,7 @@ class Method(str, enum.Enum):
     HOST_UPDATE_NOTIFY = "host.update.notify"  # the package's postinst: "I am installing version V"
     HOST_UPDATE_LOG = "host.update.log"
     HOST_SHUTDOWN = "host.shutdown"  # the host is going down: every active VM powered off (tenbox-guests.service)
+    VM_STATS = "vm.stats"  # CPU, memory, block and network counters of running VMs (stats.py)
     EVENTS = "events"  # stream: the daemon's event log (events.py), replayed from `since`, then as it happens
 
 

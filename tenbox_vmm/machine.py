@@ -42,7 +42,7 @@ from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
 from tenbox_vmm.protocol import ExitCode, Limits, VmState
 from tenbox_vmm.protocol.disk_arg import DiskArg
-from tenbox_vmm.protocol.link import NetStatus
+from tenbox_vmm.protocol.link import NetStatus, WorkerStats
 
 log = logging.getLogger("tenbox.machine")
 
@@ -287,6 +287,14 @@ class Machine:
 
     def net_status(self) -> Optional[NetStatus]:
         return self.nic.status() if self.nic is not None else None
+
+    def stats(self) -> WorkerStats:
+        """The devices' counters and the guest RAM touched, for tenboxd's vm.stats (link thread)."""
+        from tenbox_vmm.devices.virtio.blk import VirtioBlk
+
+        disks = tuple(t.device.counters() for t in self.virtio if isinstance(t.device, VirtioBlk))
+        return WorkerStats(guest_ram_bytes=self.memory.size, guest_ram_touched_bytes=self.memory.touched_bytes(),
+                           disks=disks, net=self.nic.device.counters() if self.nic is not None else None)
 
     def add_virtio(self, device) -> VirtioMmio:
         """Put a virtio device on the next virtio-mmio slot, with its DSDT entry."""

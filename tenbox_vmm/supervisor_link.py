@@ -283,6 +283,8 @@ class SupervisorLink:
                 self._pending_input += data
         elif name is CommandName.NET_LINK or name is CommandName.NET_FORWARDS:
             error, result = self._net_command(name, args)
+        elif name is CommandName.STATS:
+            result = self.machine.stats().to_wire()
         self._send(sock, Reply(cmd.id, error is None, error=error, result=result))
         if name in (CommandName.NET_LINK, CommandName.NET_FORWARDS) and error is None:
             status = self.machine.net_status()
