@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 log = logging.getLogger("tenboxd.metrics")
@@ -115,8 +116,11 @@ class MetricsServer:
     async def start(self) -> None:
         if self.listen[0] == "unix":
             path = self.listen[1]
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)  # left by a tenboxd that died; the data directory lock says we are the only one
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # left by a tenboxd that died; the data directory lock says we are the only one
+            except FileNotFoundError:
+                pass  # anything else in the way (a file, a link) fails the bind below: never removed
             self._server = await asyncio.start_unix_server(self._serve, path, limit=REQUEST_HEAD_MAX_BYTES)
             if self.socket_gid is not None:
                 os.chown(path, -1, self.socket_gid)

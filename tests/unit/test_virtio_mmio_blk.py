@@ -393,3 +393,18 @@ def test_failed_requests_are_logged_at_most_a_burst_per_window(rig, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "tenbox.virtio.blk"]
     assert len(lines) == Limits.GUEST_LOG_BURST, lines[:3]
     assert all("beyond the end" in l for l in lines)
+
+
+def test_counters_count_completed_reads_writes_and_flushes_not_failures(rig):
+    """What vm stats shows per disk: bytes and requests that completed; a failed one counts as an error only."""
+    d, t, disk, _ = rig
+    d.setup()
+    dev = t.device
+    assert d.request(vblk.T_OUT, 0, b"\x01" * 4096)[0] == vblk.S_OK
+    assert d.request(vblk.T_IN, 0, read_len=1024)[0] == vblk.S_OK
+    assert d.request(vblk.T_IN, 8, read_len=512)[0] == vblk.S_OK
+    assert d.request(vblk.T_FLUSH, 0)[0] == vblk.S_OK
+    assert d.request(vblk.T_IN, 1 * MIB // 512, read_len=512)[0] == vblk.S_IOERR  # past the end
+    c = dev.counters()
+    assert (c.read_bytes, c.read_ops, c.write_bytes, c.write_ops, c.flush_ops, c.errors) == (1536, 2, 4096, 1, 1, 1)
+    assert c.capacity_bytes == 1 * MIB
