@@ -46,6 +46,7 @@ class CommandName(str, enum.Enum):
     NET_LINK = "net_link"  # args.up: bool
     NET_FORWARDS = "net_forwards"  # args.hostfwds, args.guestfwds: lists of specs; reply: failures
     STATS = "stats"  # reply: WorkerStats.to_wire() (the devices' counters, guest RAM touched)
+    DISK_GROW = "disk_grow"  # args.index (the --disk order), args.size ("20G" or "+5G"); reply: size (bytes)
 
 
 class UnknownCommand(ValueError):

@@ -86,6 +86,8 @@ class VirtioBlk(VirtioDevice):
         # Counted per completed request: a raw disk runs a batch's requests on helper threads.
         self._count_lock = threading.Lock()
         self._counts = {"read_bytes": 0, "read_ops": 0, "write_bytes": 0, "write_ops": 0, "flush_ops": 0}
+        # Held by the I/O thread for a batch and by `grow`: the backend is used by one party at a time.
+        self._disk_lock = threading.Lock()
         self._error_log = GuestLog(log, "blk %s: failed requests" % disk.path)  # the guest makes them fail
         self._config = self._build_config()
 
@@ -128,7 +130,25 @@ class VirtioBlk(VirtioDevice):
 
     # Requests (I/O thread) ------------------------------------------------------------
 
+    def grow(self, size: int) -> int:
+        """Grow the disk to `size` bytes while the guest runs (any thread); the guest gets a config interrupt.
+
+        Waits for the batch in progress; the new capacity is in the config
+        (and the range checks) before the interrupt goes out. Returns the
+        capacity in bytes. DiskError if the backend refuses.
+        """
+        with self._disk_lock:
+            self.disk.grow(size)
+            self.capacity = self.disk.size // SECTOR
+            self._config = self._build_config()
+        self.config_changed()
+        return self.capacity * SECTOR
+
     def process(self, queue: Virtqueue) -> None:
+        with self._disk_lock:
+            self._process(queue)
+
+    def _process(self, queue: Virtqueue) -> None:
         batch: List[Chain] = []
         while True:
             chain = queue.pop()
