@@ -18,6 +18,7 @@ from tenbox_ctl.host import host_group
 from tenbox_ctl.image import image_group
 from tenbox_ctl.system import doctor, system_group, version
 from tenbox_ctl.vm import vm_group
+from tenbox_ctl.vm_disk import disk_group
 from tenbox_ctl.vm_stats import vm_stats
 from tenbox_supervisor.protocol import EXIT_CODES, VERSION, ExitCode
 
@@ -56,7 +57,8 @@ def cli(ctx: click.Context, socket_path, timeout):
     ctx.obj = App(socket_path, timeout)
 
 
-vm_group.add_command(vm_stats)  # its own module: vm.py is long enough
+vm_group.add_command(vm_stats)  # in modules of their own: vm.py is long enough
+vm_group.add_command(disk_group)
 cli.add_command(vm_group)
 cli.add_command(system_group)
 cli.add_command(host_group)

@@ -112,13 +112,15 @@ def _unit():
 
 def test_unit_keeps_vms_and_apt_alive_across_restarts():
     """KillMode=process, workers' run dir preserved, notify with watchdog, no ${VAR} arguments."""
-    _, cp = _unit()
+    text, cp = _unit()
     s = cp["Service"]
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main" and s["WatchdogSec"]
     assert s["KillMode"] == "process"
     assert s["Restart"] == "on-failure"
     assert s["ExecStart"] == "/usr/bin/tenboxd"
-    assert s["EnvironmentFile"] == "-/etc/tenbox/tenboxd.env"
+    # Both files, the operator's /etc/default/tenbox last (the parser keeps only the last one).
+    files = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("EnvironmentFile=")]
+    assert files == ["-/etc/tenbox/tenboxd.env", "-/etc/default/tenbox"]
     assert s["Environment"] == "TENBOX_SOCKET_GROUP=tenbox"
     assert (s["RuntimeDirectory"], s["RuntimeDirectoryMode"], s["RuntimeDirectoryPreserve"]) == ("tenbox", "0755", "yes")
     assert (s["StateDirectory"], s["StateDirectoryMode"]) == ("tenbox", "0750")  # docs/security.md
