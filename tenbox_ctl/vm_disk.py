@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tenbox_ctl import output
+from tenbox_ctl import complete, output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_supervisor.protocol import Method
 
@@ -25,7 +25,7 @@ def disk_group():
 
 
 @disk_group.command("ls")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @json_option
 @pass_app
 @handle_errors
@@ -49,7 +49,7 @@ def disk_ls(app: App, vm: str, as_json: bool):
 
 
 @disk_group.command("add")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @click.option("--size", required=True, help="The new disk's size: 10G, 512M (binary units).")
 @json_option
 @pass_app
@@ -69,7 +69,7 @@ def disk_add(app: App, vm: str, size: str, as_json: bool):
 
 
 @disk_group.command("resize")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @click.argument("disk")
 @click.option("--size", required=True, help="The new size (20G) or how much to add (+5G); never smaller.")
 @json_option

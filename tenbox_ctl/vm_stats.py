@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
-from tenbox_ctl import output
+from tenbox_ctl import complete, output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_supervisor.protocol import Method
 
@@ -50,7 +50,7 @@ def row(vm: Dict[str, Any]) -> List[Any]:
 
 
 @click.command("stats")
-@click.argument("vms", nargs=-1, metavar="[NAME...]")
+@click.argument("vms", nargs=-1, metavar="[NAME...]", **complete.VM)
 @click.option("--no-stream", is_flag=True, help="Print one sample and exit (default: a new one every second).")
 @json_option
 @pass_app

@@ -83,6 +83,16 @@ def test_commands_run_debians_python3_and_the_preparsed_ffi_is_shipped(unpacked)
         assert (unpacked / "usr" / "share" / "man" / "man1" / (page + ".1.gz")).exists(), page
 
 
+def test_shell_completion_scripts_are_installed_for_both_names(unpacked):
+    """bash-completion's and zsh's folders hold click's scripts for tenbox and tenboxctl (tests/integration/test_cli_completion.py runs them)."""
+    for prog in ("tenbox", "tenboxctl"):
+        bash = (unpacked / "usr" / "share" / "bash-completion" / "completions" / prog).read_text()
+        assert "complete -o nosort -F _%s_completion %s" % (prog, prog) in bash
+        assert "_%s_COMPLETE=bash_complete" % prog.upper() in bash
+        zsh = (unpacked / "usr" / "share" / "zsh" / "vendor-completions" / ("_" + prog)).read_text()
+        assert zsh.startswith("#compdef %s\n" % prog)
+
+
 def test_the_packaged_unit_is_systemd_tenboxd_service(unpacked):
     assert filecmp.cmp(unpacked / "lib" / "systemd" / "system" / "tenboxd.service",
                        REPO / "systemd" / "tenboxd.service", shallow=False)
