@@ -127,8 +127,22 @@ def _counters(d: Any, names: Tuple[str, ...], what: str) -> Dict[str, int]:
     return out
 
 
+class _Counters:
+    """Counters as a map on the wire: every name in NAMES, each an unsigned 64-bit integer."""
+
+    NAMES: ClassVar[Tuple[str, ...]] = ()
+    WHAT: ClassVar[str] = "counters"
+
+    def to_wire(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    @classmethod
+    def from_wire(cls, d: Any):
+        return cls(**_counters(d, cls.NAMES, cls.WHAT))  # type: ignore[call-arg]
+
+
 @dataclass(frozen=True)
-class BlockCounters:
+class BlockCounters(_Counters):
     """One virtio-blk device's requests since the worker started (guest resets do not clear them)."""
 
     read_bytes: int = 0
@@ -140,17 +154,11 @@ class BlockCounters:
     capacity_bytes: int = 0
     NAMES: ClassVar[Tuple[str, ...]] = ("read_bytes", "read_ops", "write_bytes", "write_ops", "flush_ops",
                                         "errors", "capacity_bytes")
-
-    def to_wire(self) -> Dict[str, int]:
-        return {name: getattr(self, name) for name in self.NAMES}
-
-    @classmethod
-    def from_wire(cls, d: Any) -> "BlockCounters":
-        return cls(**_counters(d, cls.NAMES, "block counters"))
+    WHAT: ClassVar[str] = "block counters"
 
 
 @dataclass(frozen=True)
-class NetCounters:
+class NetCounters(_Counters):
     """The virtio-net card's frames since the worker started (rx: to the guest, tx: from it)."""
 
     rx_bytes: int = 0
@@ -161,13 +169,7 @@ class NetCounters:
     tx_dropped: int = 0
     NAMES: ClassVar[Tuple[str, ...]] = ("rx_bytes", "rx_packets", "rx_dropped", "tx_bytes", "tx_packets",
                                         "tx_dropped")
-
-    def to_wire(self) -> Dict[str, int]:
-        return {name: getattr(self, name) for name in self.NAMES}
-
-    @classmethod
-    def from_wire(cls, d: Any) -> "NetCounters":
-        return cls(**_counters(d, cls.NAMES, "net counters"))
+    WHAT: ClassVar[str] = "net counters"
 
 
 @dataclass(frozen=True)

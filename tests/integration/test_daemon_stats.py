@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.framework.daemon import ok
 from tests.framework.guests import guest_path
-from tests.framework.ports import free_port
+from tests.framework.ports import free_port, udp_echo
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -43,17 +43,16 @@ def stats(daemon, *names: str) -> dict:
     return {vm["name"]: vm for vm in json.loads(ok(r))}
 
 
-def udp_echo(port: int, payload: bytes, tries: int = 10) -> bytes:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(1.0)
+def http(s: socket.socket, request: bytes) -> bytes:
+    """Send one request on a connected socket; everything the endpoint answers until it closes."""
     try:
-        for _ in range(tries):
-            s.sendto(payload, ("127.0.0.1", port))
-            try:
-                return s.recvfrom(4096)[0]
-            except socket.timeout:
-                continue
-        raise AssertionError("no UDP echo from the guest")
+        s.sendall(request)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
     finally:
         s.close()
 
@@ -61,17 +60,8 @@ def udp_echo(port: int, payload: bytes, tries: int = 10) -> bytes:
 def scrape_unix(path: str) -> str:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(30)
-    try:
-        s.connect(path)
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: tenbox\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        s.close()
+    s.connect(path)
+    data = http(s, b"GET /metrics HTTP/1.1\r\nHost: tenbox\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert b"text/plain; version=0.0.4" in head
@@ -126,7 +116,7 @@ def test_block_and_net_counters_move_with_guest_io_in_vm_stats_and_prometheus(ma
     console_line(daemon, "b1", "read")
     daemon.wait_console("b1", "blk: reads done 1", 30)
     for i in range(5):
-        assert udp_echo(port, b"x" * 1000) == b"x" * 1000
+        assert udp_echo(port, b"x" * 1000, tries=10) == b"x" * 1000
     after = stats(daemon, "b1", "n1", "idle")
     d2 = after["b1"]["disks"][0]
     assert d2["read_bytes"] - d["read_bytes"] >= 64 * SECTOR and d2["read_ops"] > d["read_ops"]
@@ -174,17 +164,7 @@ def test_the_metrics_endpoint_answers_only_get_metrics(make_daemon, tmp_path):
     daemon.start()
 
     def ask(request: bytes) -> bytes:
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        try:
-            s.sendall(request)
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return data
-                data += chunk
-        finally:
-            s.close()
+        return http(socket.create_connection(("127.0.0.1", port), timeout=10), request)
 
     assert ask(b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
     assert ask(b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 404 ")
