@@ -15,6 +15,7 @@ nothing rather than running a command.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -26,7 +27,7 @@ COMPLETE_TIMEOUT_SEC = 1.0  # a TAB must not hang on a busy or absent daemon
 NAMES_MAX = 1000  # names offered at most
 SHELLS = ("bash", "zsh")
 PROGS = ("tenbox", "tenboxctl")
-CLICK_8 = int(click.__version__.split(".")[0]) >= 8
+CLICK_8 = importlib.util.find_spec("click.shell_completion") is not None  # new in click 8.0
 
 
 def complete_var(prog: str) -> str:
