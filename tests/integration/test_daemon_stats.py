@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.framework.daemon import ok
 from tests.framework.guests import guest_path
 from tests.framework.ports import free_port, udp_echo
+from tests.framework.repo import PYTHON, REPO, repo_env
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -179,3 +182,18 @@ def test_a_non_loopback_metrics_address_is_refused_at_start(make_daemon):
     proc = bad.start(wait=False)
     assert proc.wait_exit(30) == 2
     assert "TENBOX_METRICS_LISTEN" in proc.errors
+
+
+def test_vm_stats_streams_a_sample_every_second_until_interrupted(daemon):
+    """Without --no-stream: one JSON list per second; Ctrl-C (SIGINT) ends it with status 0."""
+    p = subprocess.Popen([PYTHON, "-m", "tenbox_ctl", "vm", "stats", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=str(REPO), env=repo_env({"TENBOX_SOCK": str(daemon.socket)}))
+    try:
+        started = time.monotonic()
+        assert json.loads(p.stdout.readline()) == [] and json.loads(p.stdout.readline()) == []
+        assert time.monotonic() - started >= 0.9
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0 and p.stderr.read() == b""
+    finally:
+        p.kill()
+        p.wait()
