@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 
+from tenbox_vmm.disk import open_disk
 from tests.framework.daemon import ok
-from tests.framework.disk_tools import qemu_img
+from tests.framework.disk_tools import qemu_img, qemu_img_create, qemu_io
 from tests.framework.guests import guest_path
+from tests.framework.repo import PYTHON, repo_env
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -102,3 +105,27 @@ def test_a_running_vms_disk_grows_live_and_the_guest_sees_the_new_capacity(daemo
     assert virtual_size(path) == 8 * MIB
     if fmt == "qcow2":
         qemu_img("check", path)
+
+
+@pytest.mark.parametrize("opts", [("cluster_size=512",), ("cluster_size=512", "lazy_refcounts=on"),
+                                  ("cluster_size=512", "compat=0.10")])
+def test_growing_a_qcow2_past_its_l1_table_moves_the_table_and_qemu_finds_it_clean(tmp_path, opts):
+    """512-byte clusters: one L1 entry maps 32 KiB, so 1 MiB -> 64 MiB needs a new, larger L1 table elsewhere."""
+    path = tmp_path / "small.qcow2"
+    qemu_img_create(path, MIB, *opts)
+    qemu_io(path, "write -P 0x5a 0 64k", "write -P 0x6b 960k 64k", fmt="qcow2")
+    before = json.loads(qemu_img("info", "--output=json", path).stdout)
+    r = subprocess.run([PYTHON, "-m", "tenbox_vmm.imagetool", "resize", str(path), "--size", "+63M"],
+                       capture_output=True, text=True, env=repo_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["virtual_size"] == 64 * MIB
+    qemu_img("check", path)
+    assert virtual_size(str(path)) == 64 * MIB
+    qemu_io(path, "read -P 0x5a 0 64k", "read -P 0x6b 960k 64k", "read -P 0 1M 63M", fmt="qcow2", read_only=True)
+    qemu_io(path, "write -P 0x7c 63M 1M", fmt="qcow2")  # QEMU writes past the old end through the new table
+    with open_disk(str(path), fmt="qcow2") as disk:  # and so does tenbox
+        disk.writev(62 * MIB, [memoryview(b"\x3d" * 65536)])
+        disk.flush()
+    qemu_img("check", path)
+    qemu_io(path, "read -P 0x7c 63M 1M", "read -P 0x5a 0 64k", "read -P 0x3d 62M 64k", fmt="qcow2", read_only=True)
+    assert before["virtual-size"] == MIB
