@@ -54,8 +54,10 @@ ARM64_FORMS = ("mkdirat", "unlinkat", "fchmodat", "ppoll", "pselect6", "epoll_pw
 # Python before 3.11, clock_nanosleep after), libzmq's and glibc's sleeps, realloc of large
 # buffers (mremap), CPython's set_inheritable (the ioctl rules below), and faulthandler (the
 # SIGUSR2 stack dump) giving back its signal stack as the interpreter ends (sigaltstack: the
-# calling thread's own signal stack, nothing else).
-RARE = ("sendmsg", "recvmsg", "ftruncate", "select", "clock_nanosleep", "nanosleep", "mremap", "sigaltstack")
+# calling thread's own signal stack, nothing else), and uname (ctypes.util.find_library when a
+# library such as libslirp is missing: the host's kernel name and release, which it may know).
+RARE = ("sendmsg", "recvmsg", "ftruncate", "select", "clock_nanosleep", "nanosleep", "mremap", "sigaltstack",
+        "uname")
 # The kernel restarts a call a signal interrupted (the vCPU kick, SIGUSR1) through restart_syscall;
 # the clocks are vDSO calls that become system calls where the clock source has no vDSO path.
 KERNEL = ("restart_syscall", "clock_gettime", "clock_getres", "gettimeofday", "time", "getuid", "geteuid",
