@@ -135,6 +135,13 @@ def _open_before_sandbox(args, disks) -> None:
     from tenbox_vmm.kvm.api import KVM_PATH
 
     passed_files.open_named([KVM_PATH], os.O_RDWR)
+    if args.net:
+        from tenbox_vmm.net.libslirp import SlirpUnavailable, open_library
+
+        try:
+            open_library()  # before the filter: a failed dlopen searches with a child process
+        except SlirpUnavailable:
+            pass  # kept, and reported where the NIC is made
     if args.fd or os.geteuid() != 0:
         return
     chains = [_backing_chain(d.path) for d in disks]  # read first: reading uses up passed descriptors

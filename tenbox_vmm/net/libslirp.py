@@ -76,20 +76,26 @@ def config_version_for(version_text: str) -> int:
 
 
 _lib: Any = None
+_lib_error = ""
 _lib_lock = threading.Lock()
 
 
 def open_library() -> Any:
-    """The dlopened libslirp (cached); SlirpUnavailable if it is not installed."""
-    global _lib
+    """The dlopened libslirp (cached, and so is a failure); SlirpUnavailable if it is not installed.
+
+    The worker calls this before its sandbox: a failed dlopen makes cffi
+    search with ctypes.util.find_library, which runs a child process, and
+    the sandbox's filter would kill the worker for that.
+    """
+    global _lib, _lib_error
     with _lib_lock:
-        if _lib is None:
+        if _lib is None and not _lib_error:
             try:
                 _lib = ffi.dlopen(LIBRARY_NAME)
             except OSError as e:
-                raise SlirpUnavailable(
-                    "cannot load %s (%s): install the libslirp0 package" % (LIBRARY_NAME, e)
-                ) from None
+                _lib_error = "cannot load %s (%s): install the libslirp0 package" % (LIBRARY_NAME, e)
+        if _lib is None:
+            raise SlirpUnavailable(_lib_error)
         return _lib
 
 
