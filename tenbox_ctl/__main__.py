@@ -6,11 +6,14 @@ printed by `tenbox --help` and so in the manual page.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import defaultdict
 from typing import DefaultDict, List
 
 import click
 
+from tenbox_ctl import complete
 from tenbox_ctl.app import App
 from tenbox_ctl.client import DEFAULT_TIMEOUT_SEC
 from tenbox_ctl.events import events
@@ -18,6 +21,8 @@ from tenbox_ctl.host import host_group
 from tenbox_ctl.image import image_group
 from tenbox_ctl.system import doctor, system_group, version
 from tenbox_ctl.vm import vm_group
+from tenbox_ctl.vm_disk import disk_group
+from tenbox_ctl.vm_stats import vm_stats
 from tenbox_supervisor.protocol import EXIT_CODES, VERSION, ExitCode
 
 
@@ -55,6 +60,8 @@ def cli(ctx: click.Context, socket_path, timeout):
     ctx.obj = App(socket_path, timeout)
 
 
+vm_group.add_command(vm_stats)  # in modules of their own: vm.py is long enough
+vm_group.add_command(disk_group)
 cli.add_command(vm_group)
 cli.add_command(system_group)
 cli.add_command(host_group)
@@ -65,7 +72,11 @@ cli.add_command(version)
 
 
 def main() -> None:
-    cli(prog_name="tenbox")
+    # Installed as both names; each has its own completion script and variable (complete.py).
+    prog = os.path.basename(sys.argv[0]) if os.path.basename(sys.argv[0]) in complete.PROGS else "tenbox"
+    if complete.answering_old_click(prog, dict(os.environ)):
+        return  # click 7 cannot answer click 8's completion scripts: complete nothing, run nothing
+    cli(prog_name=prog)
 
 
 if __name__ == "__main__":

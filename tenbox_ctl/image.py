@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
-from tenbox_ctl import output
+from tenbox_ctl import complete, output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_ctl.client import CliError
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode, ExitCode, Method
@@ -119,7 +119,7 @@ def image_ls(app: App, as_json: bool):
 
 
 @image_group.command("inspect")
-@click.argument("name")
+@click.argument("name", **complete.IMAGE)
 @click.option("--verify", is_flag=True, help="Hash every file again and compare with the manifest (exit 1 if one differs).")
 @json_option
 @pass_app
@@ -269,7 +269,7 @@ def image_import(app: App, sources, name: Optional[str], as_json: bool):
 
 
 @image_group.command("rm")
-@click.argument("name")
+@click.argument("name", **complete.IMAGE)
 @json_option
 @pass_app
 @handle_errors

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from tenbox_ctl import output
+from tenbox_ctl import complete, output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_ctl.client import CliError
 from tenbox_supervisor.protocol import ErrorCode, Event, Method
@@ -133,7 +133,7 @@ def vm_ls(app: App, as_json: bool):
 
 
 @vm_group.command("show")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @json_option
 @pass_app
 @handle_errors
@@ -153,7 +153,7 @@ def vm_show(app: App, vm: str, as_json: bool):
 
 @vm_group.command("create")
 @click.argument("name")
-@click.option("--image", metavar="IMAGE", help="An image from the store (tenbox image ls): its kernel, initrd and "
+@click.option("--image", metavar="IMAGE", **complete.IMAGE, help="An image from the store (tenbox image ls): its kernel, initrd and "
               "command line, and the VM's own qcow2 overlay of its root file system as the first disk.")
 @click.option("--kernel", type=click.Path(dir_okay=False), help="bzImage or ELF vmlinux (required without --image).")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="Initial ramdisk.")
@@ -205,7 +205,7 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
 
 
 @vm_group.command("edit")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @click.option("--name", help="New name.")
 @click.option("--kernel", type=click.Path(dir_okay=False))
 @click.option("--initrd", type=click.Path(dir_okay=False))
@@ -257,7 +257,7 @@ def _warn_forwards(failures) -> None:
 
 
 def _simple(verb: str, method: Method, doc: str, timeout_option: bool = False):
-    @click.argument("vm")
+    @click.argument("vm", **complete.VM)
     @json_option
     @pass_app
     @handle_errors
@@ -313,7 +313,7 @@ _simple("reboot", Method.VM_REBOOT, """Reset the VM (like the reset button).
 
 
 @vm_group.command("rm")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @click.option("--force", is_flag=True, help="Stop the VM first if it is running.")
 @pass_app
 @handle_errors
@@ -329,7 +329,7 @@ def vm_rm(app: App, vm: str, force: bool):
 
 
 @vm_group.command("console")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @pass_app
 @handle_errors
 def vm_console(app: App, vm: str):
@@ -345,7 +345,7 @@ def vm_console(app: App, vm: str):
 
 
 @vm_group.command("logs")
-@click.argument("vm")
+@click.argument("vm", **complete.VM)
 @click.option("--lines", "-n", type=click.IntRange(0, 10000), default=200, show_default=True)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new console lines.")
 @click.option("--runtime", is_flag=True, help="The worker's own log instead of the guest console.")
@@ -382,3 +382,4 @@ def vm_logs(app: App, vm: str, lines: int, follow: bool, runtime: bool, as_json:
         pass
     finally:
         conn.close()
+

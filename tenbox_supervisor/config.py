@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from tenbox_supervisor.protocol import (
     CLIENT_IDLE_SEC,
@@ -17,6 +18,11 @@ from tenbox_supervisor.protocol import (
 DEFAULT_DATA_DIR = "/var/lib/tenbox"
 CLIENT_IDLE_ENV = "TENBOX_CLIENT_IDLE_SEC"
 CLIENT_IDLE_RANGE_SEC = (1.0, 86400.0)
+# The Prometheus endpoint (metrics.py), off by default: "unix:/run/tenbox/metrics.sock" or a
+# loopback "127.0.0.1:9464" / "[::1]:9464" / "localhost:9464". Never another address: the
+# figures name every VM, and the endpoint has no authentication of its own.
+METRICS_LISTEN_ENV = "TENBOX_METRICS_LISTEN"
+UNIX_PATH_MAX_BYTES = 107  # sun_path holds 108 bytes with the NUL
 
 
 class ConfigError(ValueError):
@@ -42,6 +48,7 @@ class Config:
     socket_group: Optional[str]
     cloud_url: str
     client_idle_sec: float = CLIENT_IDLE_SEC
+    metrics_listen: Optional[Tuple[str, ...]] = None  # ("unix", path) or ("tcp", host, port)
 
     @property
     def worker_endpoint(self) -> str:
@@ -102,7 +109,32 @@ def resolve(
         socket_group=env.get(SOCKET_GROUP_ENV) or None,
         cloud_url=cloud_url,
         client_idle_sec=_seconds(env, CLIENT_IDLE_ENV, CLIENT_IDLE_SEC, CLIENT_IDLE_RANGE_SEC),
+        metrics_listen=parse_metrics_listen(env.get(METRICS_LISTEN_ENV, "")),
     )
+
+
+def parse_metrics_listen(raw: str) -> Optional[Tuple[str, ...]]:
+    """TENBOX_METRICS_LISTEN: None (off), ("unix", path) or ("tcp", loopback host, port); ConfigError otherwise."""
+    raw = raw.strip()
+    if raw in ("", "off", "no"):
+        return None
+    why = "give unix:/absolute/path or a loopback address and port (127.0.0.1:9464, [::1]:9464, localhost:9464)"
+    if raw.startswith("unix:"):
+        path = raw[len("unix:"):]
+        if not path.startswith("/") or "\0" in path or len(path.encode()) > UNIX_PATH_MAX_BYTES:
+            raise ConfigError("%s=%r: %s" % (METRICS_LISTEN_ENV, raw, why))
+        return ("unix", os.path.normpath(path))
+    host, sep, port = raw.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        number = int(port)
+    except ValueError:
+        loopback, number = False, 0
+    if not sep or not loopback or not 1 <= number <= 65535:
+        raise ConfigError("%s=%r: %s" % (METRICS_LISTEN_ENV, raw, why))
+    return ("tcp", "127.0.0.1" if host == "localhost" else host, str(number))
 
 
 def _seconds(env: dict, key: str, default: float, bounds) -> float:

@@ -21,15 +21,18 @@ from tenbox_supervisor.caller_files import CallerFiles
 from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
+from tenbox_supervisor.disk_api import DiskMethods
 from tenbox_supervisor.events import EventLog
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
 from tenbox_supervisor.link import LinkBusy, LinkServer
+from tenbox_supervisor.metrics import MetricsServer
 from tenbox_supervisor.modes import DAEMON_UMASK, group_id, secure_data_dir
 from tenbox_supervisor.notify import Notifier
 from tenbox_supervisor.oshost import SystemHost
 from tenbox_supervisor.protocol import VERSION
 from tenbox_supervisor.restarter import Restarter, first_start_since_boot
+from tenbox_supervisor.stats import StatsMethods
 from tenbox_supervisor.store import Store
 from tenbox_supervisor.system_api import SystemMethods
 from tenbox_supervisor.updater import Updater
@@ -71,6 +74,7 @@ class Daemon:
         self.control: Optional[ControlServer] = None
         self.cloud: Optional[CloudLink] = None
         self.restarter: Optional[Restarter] = None
+        self.metrics: Optional[MetricsServer] = None
         self._extra_tasks: List[asyncio.Task] = []
 
     def _lock_data_dir(self) -> None:
@@ -137,7 +141,10 @@ class Daemon:
             restarter.add_listener(events.on_restart)
             vm_methods = VmMethods(workers, store, images, updater, files, restarter, events)
             api.register(vm_methods.method_specs())
+            api.register(DiskMethods(workers, vm_methods.find).method_specs())
             api.register(events.method_specs())
+            stats = StatsMethods(workers, host.monotonic, host.time)
+            api.register(stats.method_specs())
             api.register(images.method_specs())
             api.register(updater.method_specs())
             await updater.restore()
@@ -148,6 +155,11 @@ class Daemon:
             restarter.boot(first_start_since_boot(self.config.run_dir))
             workers.add_listener(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
             await self.control.start()
+            if self.config.metrics_listen is not None:
+                # Every VM, running or not; CPU as a counter (Prometheus takes rates itself), so no wait.
+                self.metrics = MetricsServer(self.config.metrics_listen, lambda: stats.collect(
+                    sorted(workers.all(), key=lambda v: (v.spec.name, v.id)), cpu_percent=False), log_gid)
+                await self.metrics.start()
             self.cloud = CloudLink(self.config.cloud_url, self.config.data_dir, self.config.socket_path,
                                    self.started_at, api, workers, updater)
             self.cloud.start()
@@ -192,6 +204,8 @@ class Daemon:
             await self.restarter.close()
         if self.cloud is not None:
             await self.cloud.stop()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.control is not None:
             await self.control.close()
         if self.workers is not None:

@@ -38,7 +38,8 @@ PRIVATE_FILE_MODE = 0o600  # vm.json, runtime.json, a VM's own disk
 IMAGES_DIR_MODE = 0o755  # reached only through the data directory (its group)
 
 SPEC_FILES = ("vm.json", "runtime.json")
-OWN_DISKS = ("disk.qcow2",)  # spec.OVERLAY_NAME
+# spec.OVERLAY_NAME, and the disks vm.disk.add makes (disk_api.ADDED_DISK, up to Limits.DISKS_MAX)
+OWN_DISKS = ("disk.qcow2",) + tuple("disk-%d.qcow2" % n for n in range(1, 8))
 LOG_SUFFIXES = ("", ".1", ".2")  # the live file and its rotations (oshost.LOG_KEEP)
 VM_LOGS = ("console.log", "runtime.log")
 DAEMON_LOGS = ("update.log",)

@@ -26,6 +26,7 @@ CLIENTS_PER_UID_MAX = 32  # connections of one non-root user: one user cannot ta
 # Root's connections (the CLI under sudo, the package's postinst) are counted apart and never
 # against the limits above: no number of group members' clients can lock root out.
 ROOT_CLIENTS_MAX = 64
+STATS_VMS_MAX = 256  # VM names in one vm.stats request
 NAME_RE = Limits.NAME_RE  # VM ids and names, image names: each becomes a folder
 
 DEFAULT_SYSTEM_SOCKET = "/run/tenbox/tenbox.sock"
@@ -59,6 +60,10 @@ class Method(str, enum.Enum):
     HOST_UPDATE_NOTIFY = "host.update.notify"  # the package's postinst: "I am installing version V"
     HOST_UPDATE_LOG = "host.update.log"
     HOST_SHUTDOWN = "host.shutdown"  # the host is going down: every active VM powered off (tenbox-guests.service)
+    VM_DISK_LIST = "vm.disk.list"
+    VM_DISK_ADD = "vm.disk.add"  # a new qcow2 in the VM's folder (disk_api.py)
+    VM_DISK_RESIZE = "vm.disk.resize"  # grow a disk; live through the worker when the VM runs
+    VM_STATS = "vm.stats"  # CPU, memory, block and network counters of running VMs (stats.py)
     EVENTS = "events"  # stream: the daemon's event log (events.py), replayed from `since`, then as it happens
 
 
@@ -109,6 +114,7 @@ class ErrorCode(str, enum.Enum):
     KVM_UNSUPPORTED = "kvm_unsupported"
     INSUFFICIENT_MEMORY = "insufficient_memory"
     FILE_MISSING = "file_missing"
+    DISK_NOT_FOUND = "disk_not_found"
     IMAGE_NOT_FOUND = "image_not_found"
     IMAGE_EXISTS = "image_exists"
     IMAGE_IN_USE = "image_in_use"
@@ -148,6 +154,7 @@ ERROR_MESSAGES = {
     ErrorCode.FILE_MISSING: "a file the VM needs is missing or unreadable",
     ErrorCode.IMAGE_NOT_FOUND: "no such image",
     ErrorCode.IMAGE_EXISTS: "an image with that name exists",
+    ErrorCode.DISK_NOT_FOUND: "the VM has no such disk (vm disk ls lists them)",
     ErrorCode.IMAGE_IN_USE: "VMs use the image; delete them first",
     ErrorCode.IMAGE_CORRUPT: "an image file or its manifest does not match (sha256, size or format)",
     ErrorCode.INSUFFICIENT_SPACE: "not enough free disk space",

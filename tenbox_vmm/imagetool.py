@@ -9,6 +9,7 @@ the message is also one line on stderr, for people.
     python3 -m tenbox_vmm.imagetool create PATH --size 10G [--format qcow2|raw] [--backing FILE]
     python3 -m tenbox_vmm.imagetool overlay --backing TEMPLATE --out PATH
     python3 -m tenbox_vmm.imagetool info PATH
+    python3 -m tenbox_vmm.imagetool resize PATH --size 20G|+5G [--format qcow2|raw]
 """
 
 from __future__ import annotations
@@ -16,28 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import List, NoReturn, Optional
 
-from tenbox_vmm.protocol.imagetool import IMAGETOOL_FAILED_STATUS, ImageToolCode, error_answer
+from tenbox_vmm.protocol.imagetool import (  # noqa: F401 - parse_size: the tool's grammar, imported from here too
+    IMAGETOOL_FAILED_STATUS,
+    ImageToolCode,
+    error_answer,
+    parse_new_size,
+    parse_size,
+)
 
 PROG = "tenbox-image"
-SIZE_RE = re.compile(r"(\d+)([KMGT]i?B?|B)?\Z", re.I)
-UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-SIZE_MAX = 64 << 40  # 64 TiB
-
-
-def parse_size(text: str) -> int:
-    """'10G', '512M', '1073741824' -> bytes (binary units); ValueError otherwise."""
-    m = SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError("size %r is not a number with an optional K, M, G or T" % text)
-    unit = (m.group(2) or "").upper()[:1]
-    size = int(m.group(1)) * UNITS[unit]
-    if size <= 0 or size > SIZE_MAX or size % 512:
-        raise ValueError("size %r must be a positive multiple of 512 bytes up to 64 TiB" % text)
-    return size
 
 
 def _fail(code: ImageToolCode, message: str) -> int:
@@ -65,6 +56,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     o.add_argument("--out", required=True)
     i = sub.add_parser("info", help="format, size and backing chain as JSON")
     i.add_argument("path")
+    r = sub.add_parser("resize", help="grow an image (never shrink): --size 20G or +5G")
+    r.add_argument("path")
+    r.add_argument("--size", required=True)
+    r.add_argument("--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
     args = p.parse_args(argv)
     if not args.cmd:
         p.error("a command is required: create, overlay or info")
@@ -74,6 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.cmd == "info":
             result = image_info(args.path)
+        elif args.cmd == "resize":
+            result = _resize(args.path, args.size, args.format)
         elif args.cmd == "overlay":
             backing = os.path.abspath(args.backing)
             info = image_info(backing)
@@ -100,6 +97,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     json.dump(result, sys.stdout, sort_keys=True)
     sys.stdout.write("\n")
     return 0
+
+
+def _resize(path: str, size_text: str, fmt: Optional[str]) -> dict:
+    """Grow the image as the disk code opens it (its image lock taken: not while a VM or QEMU uses it)."""
+    from tenbox_vmm.disk import image_info, open_disk
+
+    with open_disk(path, read_only=False, fmt=fmt or image_info(path)["format"]) as disk:
+        disk.grow(parse_new_size(size_text, disk.size))
+    return image_info(path)
 
 
 def _refuse_existing(path: str) -> None:

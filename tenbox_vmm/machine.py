@@ -42,7 +42,7 @@ from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
 from tenbox_vmm.protocol import ExitCode, Limits, VmState
 from tenbox_vmm.protocol.disk_arg import DiskArg
-from tenbox_vmm.protocol.link import NetStatus
+from tenbox_vmm.protocol.link import NetStatus, WorkerStats
 
 log = logging.getLogger("tenbox.machine")
 
@@ -287,6 +287,29 @@ class Machine:
 
     def net_status(self) -> Optional[NetStatus]:
         return self.nic.status() if self.nic is not None else None
+
+    def stats(self) -> WorkerStats:
+        """The devices' counters and the guest RAM touched, for tenboxd's vm.stats (link thread)."""
+        from tenbox_vmm.devices.virtio.blk import VirtioBlk
+
+        disks = tuple(t.device.counters() for t in self.virtio if isinstance(t.device, VirtioBlk))
+        return WorkerStats(guest_ram_bytes=self.memory.size, guest_ram_touched_bytes=self.memory.touched_bytes(),
+                           disks=disks, net=self.nic.device.counters() if self.nic is not None else None)
+
+    def grow_disk(self, index: int, size_text: str) -> int:
+        """Grow the index-th disk ("20G" or "+5G", never smaller) while the VM runs; its new size in bytes."""
+        from tenbox_vmm.devices.virtio.blk import VirtioBlk
+        from tenbox_vmm.disk import DiskError
+        from tenbox_vmm.protocol.imagetool import parse_new_size
+
+        disks = [t.device for t in self.virtio if isinstance(t.device, VirtioBlk)]
+        if not 0 <= index < len(disks):
+            raise MachineError("no disk %d: this VM has %d" % (index, len(disks)))
+        dev = disks[index]
+        try:
+            return dev.grow(parse_new_size(size_text, dev.disk.size))
+        except (DiskError, ValueError) as e:
+            raise MachineError(str(e)) from None
 
     def add_virtio(self, device) -> VirtioMmio:
         """Put a virtio device on the next virtio-mmio slot, with its DSDT entry."""

@@ -9,6 +9,7 @@ against one region and hands out a memoryview into the mapping: data paths
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 from typing import List, NamedTuple, Tuple
@@ -55,6 +56,28 @@ class GuestMemory:
             # Worker helpers (fork/exec) must not copy guest RAM.
             self._map.madvise(mmap.MADV_DONTFORK)
         self._view = memoryview(self._map)
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_address = ctypes.addressof(anchor)  # where the mapping starts: its line in smaps
+        del anchor  # the mapping must not stay exported (close() would fail)
+
+    def touched_bytes(self, smaps: str = "/proc/self/smaps") -> int:
+        """Bytes of guest RAM with host pages behind them (Rss of the mapping): what the guest has used.
+
+        A guest reset gives every page back (`clear`), so this is what it has
+        touched since its last boot. 0 if /proc cannot be read.
+        """
+        start = b"%x-" % self.host_address
+        try:
+            with open(smaps, "rb") as f:
+                inside = False
+                for line in f:
+                    if line[:1] in b"0123456789abcdef" and b"-" in line.split(b" ", 1)[0]:
+                        inside = line.startswith(start)
+                    elif inside and line.startswith(b"Rss:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
 
     @property
     def host_buffer(self) -> mmap.mmap:

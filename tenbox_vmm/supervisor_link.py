@@ -283,11 +283,26 @@ class SupervisorLink:
                 self._pending_input += data
         elif name is CommandName.NET_LINK or name is CommandName.NET_FORWARDS:
             error, result = self._net_command(name, args)
+        elif name is CommandName.STATS:
+            result = self.machine.stats().to_wire()
+        elif name is CommandName.DISK_GROW:
+            error, result = self._disk_grow(args)
         self._send(sock, Reply(cmd.id, error is None, error=error, result=result))
         if name in (CommandName.NET_LINK, CommandName.NET_FORWARDS) and error is None:
             status = self.machine.net_status()
             if status is not None:
                 self._send(sock, NetReport(status))
+
+    def _disk_grow(self, args: dict):
+        from tenbox_vmm.machine import MachineError
+
+        index, size = args.get("index"), args.get("size")
+        if not isinstance(index, int) or isinstance(index, bool) or not isinstance(size, str) or len(size) > 32:
+            return "disk_grow needs an index and a size", None
+        try:
+            return None, {"size": self.machine.grow_disk(index, size)}
+        except MachineError as e:
+            return str(e), None
 
     def _net_command(self, name: CommandName, args: dict):
         from tenbox_vmm.machine import MachineError

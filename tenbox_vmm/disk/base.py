@@ -47,6 +47,19 @@ class Disk(abc.ABC):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Make the range read as zeros; `may_unmap` lets the backend deallocate it."""
 
+    def grow(self, size: int) -> None:
+        """Make the virtual disk `size` bytes (not less than it is), durably; the new part reads as zeros."""
+        raise DiskError("%s: %s disks cannot grow" % (self.path, self.format))
+
+    def _check_growth(self, size: int) -> None:
+        self._check_open()
+        self._check_writable()
+        if size < self.size:
+            raise DiskError("%s: %d bytes is smaller than the disk (%d bytes): disks only grow"
+                            % (self.path, size, self.size))
+        if size % 512:
+            raise DiskError("%s: %d bytes is not a whole number of 512-byte sectors" % (self.path, size))
+
     @abc.abstractmethod
     def close(self) -> None:
         """Flush, release locks and files. Idempotent."""

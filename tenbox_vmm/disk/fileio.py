@@ -101,6 +101,16 @@ class ImageFile:
     def write_zeros(self, offset: int, n: int) -> None:
         self.writev(offset, zero_views(n))
 
+    def extend(self, size: int) -> None:
+        """Make the file `size` bytes long (a raw disk growing); never shorter than it is."""
+        if size <= self.end:
+            return
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise self._fail("extend to %d bytes" % size, 0, e) from None
+        self.end = size
+
     def datasync(self) -> None:
         try:
             os.fdatasync(self.fd)

@@ -50,6 +50,13 @@ class RawDisk(Disk):
         self.size = self._file.end
         self._closed = False
 
+    def grow(self, size: int) -> None:
+        self._check_growth(size)
+        self._check_usable()
+        self._file.extend(size)
+        self._file.datasync()
+        self.size = size
+
     def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         views = as_views(bufs)
         self._check_range(offset, total(views))

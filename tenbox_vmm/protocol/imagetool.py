@@ -10,10 +10,41 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from typing import Any, Dict, Union
 
 IMAGETOOL_MODULE = "tenbox_vmm.imagetool"
 IMAGETOOL_FAILED_STATUS = 2
+
+SIZE_RE = re.compile(r"(\d{1,20})([KMGT]i?B?|B)?\Z", re.I)
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_MAX = 64 << 40  # 64 TiB: the largest disk the tool makes or grows
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1073741824' -> bytes (binary units); ValueError otherwise."""
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError("size %r is not a number with an optional K, M, G or T" % text)
+    unit = (m.group(2) or "").upper()[:1]
+    size = int(m.group(1)) * UNITS[unit]
+    if size <= 0 or size > SIZE_MAX or size % 512:
+        raise ValueError("size %r must be a positive multiple of 512 bytes up to 64 TiB" % text)
+    return size
+
+
+def parse_new_size(text: str, current: int) -> int:
+    """A disk's new size: '20G' (the size) or '+5G' (that much more), never less than `current`; ValueError otherwise."""
+    text = text.strip()
+    grow = text.startswith("+")
+    size = parse_size(text[1:] if grow else text)
+    if grow:
+        size += current
+        if size > SIZE_MAX:
+            raise ValueError("size %r: the disk would be over 64 TiB" % text)
+    if size < current:
+        raise ValueError("size %s is smaller than the disk (%d bytes): disks only grow" % (text, current))
+    return size
 
 
 class ImageToolCode(str, enum.Enum):

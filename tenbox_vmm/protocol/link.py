@@ -45,6 +45,8 @@ class CommandName(str, enum.Enum):
     CONSOLE_INPUT = "console_input"  # args.data: bytes for the serial console
     NET_LINK = "net_link"  # args.up: bool
     NET_FORWARDS = "net_forwards"  # args.hostfwds, args.guestfwds: lists of specs; reply: failures
+    STATS = "stats"  # reply: WorkerStats.to_wire() (the devices' counters, guest RAM touched)
+    DISK_GROW = "disk_grow"  # args.index (the --disk order), args.size ("20G" or "+5G"); reply: size (bytes)
 
 
 class UnknownCommand(ValueError):
@@ -108,6 +110,91 @@ class NetStatus:
         return cls(link_up=bool(d.get("link_up")), mac=str(d.get("mac", "")),
                    hostfwds=tuple(str(s) for s in lists["hostfwds"]),
                    guestfwds=tuple(str(s) for s in lists["guestfwds"]), failures=failures)
+
+
+_COUNTER_MAX = (1 << 64) - 1  # msgpack's unsigned range: a counter outside it is a bad message
+
+
+def _counters(d: Any, names: Tuple[str, ...], what: str) -> Dict[str, int]:
+    if not isinstance(d, dict):
+        raise ValueError("%s is not a map" % what)
+    out = {}
+    for name in names:
+        value = d.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _COUNTER_MAX:
+            raise ValueError("%s: %s is not a counter" % (what, name))
+        out[name] = value
+    return out
+
+
+class _Counters:
+    """Counters as a map on the wire: every name in NAMES, each an unsigned 64-bit integer."""
+
+    NAMES: ClassVar[Tuple[str, ...]] = ()
+    WHAT: ClassVar[str] = "counters"
+
+    def to_wire(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    @classmethod
+    def from_wire(cls, d: Any):
+        return cls(**_counters(d, cls.NAMES, cls.WHAT))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class BlockCounters(_Counters):
+    """One virtio-blk device's requests since the worker started (guest resets do not clear them)."""
+
+    read_bytes: int = 0
+    read_ops: int = 0
+    write_bytes: int = 0
+    write_ops: int = 0
+    flush_ops: int = 0
+    errors: int = 0
+    capacity_bytes: int = 0
+    NAMES: ClassVar[Tuple[str, ...]] = ("read_bytes", "read_ops", "write_bytes", "write_ops", "flush_ops",
+                                        "errors", "capacity_bytes")
+    WHAT: ClassVar[str] = "block counters"
+
+
+@dataclass(frozen=True)
+class NetCounters(_Counters):
+    """The virtio-net card's frames since the worker started (rx: to the guest, tx: from it)."""
+
+    rx_bytes: int = 0
+    rx_packets: int = 0
+    rx_dropped: int = 0
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0
+    NAMES: ClassVar[Tuple[str, ...]] = ("rx_bytes", "rx_packets", "rx_dropped", "tx_bytes", "tx_packets",
+                                        "tx_dropped")
+    WHAT: ClassVar[str] = "net counters"
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """The STATS command's reply: what only the worker can count."""
+
+    guest_ram_bytes: int
+    guest_ram_touched_bytes: int  # resident pages of the guest RAM mapping (what the guest has used)
+    disks: Tuple[BlockCounters, ...] = ()  # in --disk order
+    net: Optional[NetCounters] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"guest_ram_bytes": self.guest_ram_bytes, "guest_ram_touched_bytes": self.guest_ram_touched_bytes,
+                "disks": [d.to_wire() for d in self.disks],
+                "net": self.net.to_wire() if self.net is not None else None}
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "WorkerStats":
+        top = _counters(d, ("guest_ram_bytes", "guest_ram_touched_bytes"), "stats")
+        disks = d.get("disks") or []
+        if not isinstance(disks, (list, tuple)) or len(disks) > Limits.VIRTIO_SLOTS:
+            raise ValueError("stats: disks is not a list of at most %d" % Limits.VIRTIO_SLOTS)
+        net = d.get("net")
+        return cls(disks=tuple(BlockCounters.from_wire(x) for x in disks),
+                   net=NetCounters.from_wire(net) if net is not None else None, **top)
 
 
 # Worker -> supervisor -------------------------------------------------------------------

@@ -7,26 +7,11 @@ import time
 import pytest
 
 from tests.framework.guests import guest_path
-from tests.framework.ports import free_port
+from tests.framework.ports import free_port, udp_echo
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
 STAY = "console=ttyS0 net.test=dhcp net.udp.echo=7 net.stay=1"
-
-
-def udp_echo(port, text=b"ping", tries=6, wait=1.0):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(wait)
-    try:
-        for _ in range(tries):
-            s.sendto(text, ("127.0.0.1", port))
-            try:
-                return s.recvfrom(2048)[0]
-            except socket.timeout:
-                continue
-        return None
-    finally:
-        s.close()
 
 
 def test_link_down_stops_traffic_and_link_up_restores_it(daemon):

@@ -83,6 +83,16 @@ def test_commands_run_debians_python3_and_the_preparsed_ffi_is_shipped(unpacked)
         assert (unpacked / "usr" / "share" / "man" / "man1" / (page + ".1.gz")).exists(), page
 
 
+def test_shell_completion_scripts_are_installed_for_both_names(unpacked):
+    """bash-completion's and zsh's folders hold click's scripts for tenbox and tenboxctl (tests/integration/test_cli_completion.py runs them)."""
+    for prog in ("tenbox", "tenboxctl"):
+        bash = (unpacked / "usr" / "share" / "bash-completion" / "completions" / prog).read_text()
+        assert "complete -o nosort -F _%s_completion %s" % (prog, prog) in bash
+        assert "_%s_COMPLETE=bash_complete" % prog.upper() in bash
+        zsh = (unpacked / "usr" / "share" / "zsh" / "vendor-completions" / ("_" + prog)).read_text()
+        assert zsh.startswith("#compdef %s\n" % prog)
+
+
 def test_the_packaged_unit_is_systemd_tenboxd_service(unpacked):
     assert filecmp.cmp(unpacked / "lib" / "systemd" / "system" / "tenboxd.service",
                        REPO / "systemd" / "tenboxd.service", shallow=False)
@@ -112,13 +122,15 @@ def _unit():
 
 def test_unit_keeps_vms_and_apt_alive_across_restarts():
     """KillMode=process, workers' run dir preserved, notify with watchdog, no ${VAR} arguments."""
-    _, cp = _unit()
+    text, cp = _unit()
     s = cp["Service"]
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main" and s["WatchdogSec"]
     assert s["KillMode"] == "process"
     assert s["Restart"] == "on-failure"
     assert s["ExecStart"] == "/usr/bin/tenboxd"
-    assert s["EnvironmentFile"] == "-/etc/tenbox/tenboxd.env"
+    # Both files, the operator's /etc/default/tenbox last (the parser keeps only the last one).
+    files = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("EnvironmentFile=")]
+    assert files == ["-/etc/tenbox/tenboxd.env", "-/etc/default/tenbox"]
     assert s["Environment"] == "TENBOX_SOCKET_GROUP=tenbox"
     assert (s["RuntimeDirectory"], s["RuntimeDirectoryMode"], s["RuntimeDirectoryPreserve"]) == ("tenbox", "0755", "yes")
     assert (s["StateDirectory"], s["StateDirectoryMode"]) == ("tenbox", "0750")  # docs/security.md

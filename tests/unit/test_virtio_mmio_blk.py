@@ -53,6 +53,10 @@ class RamDisk:
     def discard(self, offset, length):
         self.data[offset : offset + length] = bytes(length)
 
+    def grow(self, size):
+        self.data.extend(bytes(size - self.size))
+        self.size = size
+
     def write_zeroes(self, offset, length, may_unmap):
         self.data[offset : offset + length] = bytes(length)
 
@@ -393,3 +397,34 @@ def test_failed_requests_are_logged_at_most_a_burst_per_window(rig, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "tenbox.virtio.blk"]
     assert len(lines) == Limits.GUEST_LOG_BURST, lines[:3]
     assert all("beyond the end" in l for l in lines)
+
+
+def test_counters_count_completed_reads_writes_and_flushes_not_failures(rig):
+    """What vm stats shows per disk: bytes and requests that completed; a failed one counts as an error only."""
+    d, t, disk, _ = rig
+    d.setup()
+    dev = t.device
+    assert d.request(vblk.T_OUT, 0, b"\x01" * 4096)[0] == vblk.S_OK
+    assert d.request(vblk.T_IN, 0, read_len=1024)[0] == vblk.S_OK
+    assert d.request(vblk.T_IN, 8, read_len=512)[0] == vblk.S_OK
+    assert d.request(vblk.T_FLUSH, 0)[0] == vblk.S_OK
+    assert d.request(vblk.T_IN, 1 * MIB // 512, read_len=512)[0] == vblk.S_IOERR  # past the end
+    c = dev.counters()
+    assert (c.read_bytes, c.read_ops, c.write_bytes, c.write_ops, c.flush_ops, c.errors) == (1536, 2, 4096, 1, 1, 1)
+    assert c.capacity_bytes == 1 * MIB
+
+
+def test_growing_the_disk_changes_the_capacity_and_raises_a_config_interrupt(rig):
+    """A live resize: the config says the new capacity, ConfigGeneration moves, INT_CONFIG is set, sectors past the old end work."""
+    d, t, disk, host = rig
+    d.setup()
+    gen = d.r(m.R_CONFIG_GENERATION)
+    assert d.request(vblk.T_IN, 1 * MIB // 512, read_len=512)[0] == vblk.S_IOERR
+    d.w(m.R_INTERRUPT_ACK, d.r(m.R_INTERRUPT_STATUS))
+    assert t.device.grow(2 * MIB) == 2 * MIB
+    assert t.read(m.CONFIG_OFFSET, 8) == 2 * MIB // 512
+    assert d.r(m.R_CONFIG_GENERATION) != gen
+    assert d.r(m.R_INTERRUPT_STATUS) & 2  # VIRTIO_MMIO_INT_CONFIG
+    assert d.request(vblk.T_OUT, 1 * MIB // 512, b"\x07" * 512)[0] == vblk.S_OK
+    assert disk.data[1 * MIB : 1 * MIB + 512] == b"\x07" * 512
+    assert t.device.counters().capacity_bytes == 2 * MIB

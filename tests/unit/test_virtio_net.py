@@ -137,3 +137,21 @@ def test_a_transmit_chain_naming_the_same_memory_many_times_is_dropped_without_a
     d.tx.offer([bytes(vnet.HDR_LEN), BROADCAST_FRAME], [])  # the device still works
     d.kick(vnet.TX)
     wait_until(lambda: backend.sent == [BROADCAST_FRAME])
+
+
+def test_counters_count_frames_and_bytes_both_ways(rig):
+    """What vm stats shows for the card: frames and their bytes (without the virtio-net header), and drops."""
+    d, _, dev, backend = rig
+    d.setup_net()
+    d.tx.offer([bytes(vnet.HDR_LEN) + BROADCAST_FRAME], [])
+    d.tx.offer([bytes(vnet.HDR_LEN) + b"short"], [])  # under 14 bytes: dropped
+    d.kick(vnet.TX)
+    wait_until(lambda: dev.tx_dropped == 1 and dev.tx_frames == 1)
+    d.rx.offer([], [2048])
+    d.kick(vnet.RX)
+    backend.outgoing.append(BROADCAST_FRAME + b"y" * 10)
+    dev.wake()
+    wait_until(lambda: d.rx.used_idx() == 1)
+    c = dev.counters()
+    assert (c.tx_packets, c.tx_bytes, c.tx_dropped) == (1, len(BROADCAST_FRAME), 1)
+    assert (c.rx_packets, c.rx_bytes, c.rx_dropped) == (1, len(BROADCAST_FRAME) + 10, 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from typing import List, Optional
 
 from tenbox_vmm.devices.virtio import ID_BLOCK
@@ -24,6 +25,7 @@ from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
 from tenbox_vmm.devices.virtio.queue import Chain, Virtqueue
 from tenbox_vmm.disk.iov import FlatViews
 from tenbox_vmm.guest_log import GuestLog
+from tenbox_vmm.protocol.link import BlockCounters
 
 log = logging.getLogger("tenbox.virtio.blk")
 
@@ -81,6 +83,11 @@ class VirtioBlk(VirtioDevice):
         self.capacity = disk.size // SECTOR
         self.requests = 0
         self.errors = 0
+        # Counted per completed request: a raw disk runs a batch's requests on helper threads.
+        self._count_lock = threading.Lock()
+        self._counts = {"read_bytes": 0, "read_ops": 0, "write_bytes": 0, "write_ops": 0, "flush_ops": 0}
+        # Held by the I/O thread for a batch and by `grow`: the backend is used by one party at a time.
+        self._disk_lock = threading.Lock()
         self._error_log = GuestLog(log, "blk %s: failed requests" % disk.path)  # the guest makes them fail
         self._config = self._build_config()
 
@@ -109,9 +116,39 @@ class VirtioBlk(VirtioDevice):
     def config_bytes(self) -> bytes:
         return self._config
 
+    def counters(self) -> BlockCounters:
+        """Requests that succeeded since the device was made, and those that failed (IOERR)."""
+        with self._count_lock:
+            counts = dict(self._counts)
+        return BlockCounters(errors=self.errors, capacity_bytes=self.capacity * SECTOR, **counts)
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        with self._count_lock:
+            self._counts[kind + "_ops"] += 1
+            if nbytes:
+                self._counts[kind + "_bytes"] += nbytes
+
     # Requests (I/O thread) ------------------------------------------------------------
 
+    def grow(self, size: int) -> int:
+        """Grow the disk to `size` bytes while the guest runs (any thread); the guest gets a config interrupt.
+
+        Waits for the batch in progress; the new capacity is in the config
+        (and the range checks) before the interrupt goes out. Returns the
+        capacity in bytes. DiskError if the backend refuses.
+        """
+        with self._disk_lock:
+            self.disk.grow(size)
+            self.capacity = self.disk.size // SECTOR
+            self._config = self._build_config()
+        self.config_changed()
+        return self.capacity * SECTOR
+
     def process(self, queue: Virtqueue) -> None:
+        with self._disk_lock:
+            self._process(queue)
+
+    def _process(self, queue: Virtqueue) -> None:
         batch: List[Chain] = []
         while True:
             chain = queue.pop()
@@ -210,16 +247,20 @@ class VirtioBlk(VirtioDevice):
             if rtype == T_IN:
                 n = sum(map(len, data_out))
                 disk.readv(self._check_range(sector, n), data_out)
+                self._count("read", n)
                 return n
             if rtype == T_OUT:
                 if self.read_only:
                     raise BlkError(S_IOERR, "write to a read-only disk")
                 bufs = self._data_in(chain)
-                disk.writev(self._check_range(sector, sum(map(len, bufs))), bufs)
+                n = sum(map(len, bufs))
+                disk.writev(self._check_range(sector, n), bufs)
+                self._count("write", n)
                 return 0
             if rtype == T_FLUSH:
                 if not self.read_only:
                     disk.flush()
+                self._count("flush", 0)
                 return 0
             if rtype == T_GET_ID:
                 ident = self.serial.ljust(SERIAL_LEN, b"\0")

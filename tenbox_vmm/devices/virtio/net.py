@@ -28,6 +28,7 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tu
 from tenbox_vmm.devices.virtio import ID_NET
 from tenbox_vmm.devices.virtio.device import COMMON_FEATURES, VirtioDevice
 from tenbox_vmm.devices.virtio.queue import Virtqueue
+from tenbox_vmm.protocol.link import NetCounters
 
 log = logging.getLogger("tenbox.virtio.net")
 
@@ -96,6 +97,7 @@ class VirtioNet(VirtioDevice):
         self.backend.guest_room = self.rx_room
         self._queues: List[Virtqueue] = []
         self.tx_frames = self.rx_frames = self.rx_dropped = self.tx_dropped = 0
+        self.tx_bytes = self.rx_bytes = 0  # frame bytes, without the virtio-net header
         self.tx_last_bytes = 0  # frame bytes the last transmit pass moved (a bulk sender, or ACKs only?)
         self._pending_calls: Deque[Callable[[], None]] = collections.deque()
         # The backend (libslirp) belongs to one thread at a time: the I/O thread
@@ -167,6 +169,7 @@ class VirtioNet(VirtioDevice):
             v[HDR_LEN:total] = frame
             q.push(chain.head, total)
             self.rx_frames += 1
+            self.rx_bytes += len(frame)
             return True
         chains = [chain]
         room = chain.writable_len()
@@ -197,6 +200,7 @@ class VirtioNet(VirtioDevice):
                 pos += take
             q.push(c.head, pos - start)
         self.rx_frames += 1
+        self.rx_bytes += len(frame)
         return True
 
     def _deliver(self, q: Virtqueue) -> bool:
@@ -289,13 +293,20 @@ class VirtioNet(VirtioDevice):
                     frames.append(frame)
                 if frames:
                     self.tx_frames += len(frames)
-                    self.tx_last_bytes += sum(map(len, frames))
+                    moved = sum(map(len, frames))
+                    self.tx_last_bytes += moved
+                    self.tx_bytes += moved
                     input_many(frames)
             finally:
                 # Only now: the backend may have read the frames in place until it returned.
                 q.push_many(heads)
             if len(heads) < TX_BATCH:
                 return
+
+    def counters(self) -> NetCounters:
+        """Frames moved and dropped since the device was made; read from any thread (each field is one int)."""
+        return NetCounters(rx_bytes=self.rx_bytes, rx_packets=self.rx_frames, rx_dropped=self.rx_dropped,
+                           tx_bytes=self.tx_bytes, tx_packets=self.tx_frames, tx_dropped=self.tx_dropped)
 
     def run_on_backend(self, fn: Callable[[], object], timeout: float = 10.0) -> object:
         """Run `fn` where the backend may be used (any thread); its result.

@@ -12,6 +12,8 @@ V3_HEADER_MIN_BYTES = 104
 V3_HEADER_BYTES = 112  # with compression_type and its padding, as QEMU >= 5.1 writes
 
 # Header field offsets we update in place
+OFF_SIZE = 24  # size (u64): the virtual size, written last when a disk grows
+OFF_L1_TABLE = 36  # l1_size (u32) + l1_table_offset (u64): one 12-byte write
 OFF_REFCOUNT_TABLE = 48  # refcount_table_offset (u64) + refcount_table_clusters (u32): one 12-byte write
 OFF_INCOMPATIBLE = 72
 OFF_AUTOCLEAR = 88

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from array import array
 from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 from tenbox_vmm.disk import lock
@@ -68,7 +69,7 @@ from tenbox_vmm.disk.qcow2.cache import SLICE_BYTES, SliceCache
 from tenbox_vmm.disk.qcow2.check import repair
 from tenbox_vmm.disk.qcow2.compress import decompress
 from tenbox_vmm.disk.qcow2.header import Header, check_writable, read_header
-from tenbox_vmm.disk.qcow2.refcount import Refcounts, load_table
+from tenbox_vmm.disk.qcow2.refcount import Refcounts, load_table, table_bytes
 
 L2_CACHE_MAX_BYTES = 4 << 20
 L2_CACHE_MIN_SLICES = 16
@@ -78,6 +79,7 @@ PENDING_FREES_MAX = 16384  # freed clusters waiting for their L2 change to be du
 UNALLOCATED, ZERO, NORMAL, COMPRESSED = 0, 1, 2, 3
 
 _U64 = struct.Struct(">Q")
+_L1_FIELDS = struct.Struct(">IQ")  # l1_size, l1_table_offset
 _INPLACE_MASK = F.OFLAG_COPIED | F.OFLAG_COMPRESSED | F.OFLAG_ZERO
 
 OpenBacking = Callable[[str, Optional[str]], Disk]
@@ -600,6 +602,67 @@ class Qcow2Disk(Disk):
     def _write_zero_range(self, offset: int, length: int) -> None:
         self._write(offset, length, Cursor(zero_views(length)))
         self._maybe_release()
+
+    # Growing ----------------------------------------------------------------------------
+
+    def grow(self, size: int) -> None:
+        """A larger virtual size, as `qemu-img resize` makes it: a larger L1 table first if needed, then the size.
+
+        Crash-safe in the module's order: a new L1 table is written and made
+        durable before the header points to it (one write of l1_size and
+        l1_table_offset), the old table is freed only after; the size field
+        is written last. A crash in between leaves the old size, at worst a
+        leaked cluster range.
+        """
+        self._check_growth(size)
+        self._check_usable()
+        rc = self._refcounts
+        assert rc is not None
+        self._sync_metadata()
+        per_l1 = self.cs * self._l2_entries
+        want = (size + per_l1 - 1) // per_l1
+        if want > len(self._l1):
+            if want * 8 > F.L1_MAX_BYTES:
+                raise DiskError("%s: %d bytes needs an L1 table over QEMU's 32 MiB limit" % (self.path, size))
+            self._move_l1(want)
+        self._file.write(F.OFF_SIZE, _U64.pack(size))
+        self._file.datasync()
+        self.header.size = size
+        self.size = size
+
+    def _move_l1(self, entries: int) -> None:
+        rc = self._refcounts
+        assert rc is not None
+        clusters = (entries * 8 + self.cs - 1) // self.cs
+        runs = []
+        while True:  # contiguous clusters: runs too short are given back once one fits
+            ci, count = rc.alloc_run(clusters)
+            if count == clusters:
+                break
+            runs.append((ci, count))
+        for c0, n in runs:
+            rc.release_unused(range(c0, c0 + n))
+        new = array("Q", self._l1)
+        new.extend([0] * (entries - len(new)))
+        off = ci << self.cb
+        try:
+            self._file.write(off, table_bytes(new) + bytes(clusters * self.cs - entries * 8))
+            rc.write_dirty()
+            self._file.datasync()  # the table and its refcounts are durable before the header names them
+        except BaseException:
+            rc.release_unused(range(ci, ci + clusters))
+            raise
+        self._file.write(F.OFF_L1_TABLE, _L1_FIELDS.pack(entries, off))
+        self._file.datasync()
+        old_off, old_entries = self.header.l1_table_offset, self.header.l1_size
+        self.header.l1_table_offset, self.header.l1_size = off, entries
+        self._l1 = new
+        if old_entries:
+            first = old_off >> self.cb
+            for c in range(first, first + (old_entries * 8 + self.cs - 1) // self.cs):
+                rc.decref(c)
+            rc.write_dirty()
+            self._file.datasync()
 
     # Flushing ---------------------------------------------------------------------------
 

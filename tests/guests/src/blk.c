@@ -40,12 +40,17 @@
  *   blk.bench.ops=N        random: requests (default 20000)
  *   blk.bench.bs=N         request size in KiB (default 1024 sequential, 4 random)
  *   blk.bench.depth=N      requests in flight (default 32)
+ *   blk.stay=1             after the basic script, stay up ("blk: ready capacity=<sectors>"):
+ *                          a console line "read" runs the blk.read ranges again ("blk: reads done <n>"),
+ *                          "quit" ends it; a configuration interrupt that changes the capacity prints
+ *                          "blk: capacity=<sectors>" (a disk resized while the VM runs)
  *   virtio.indirect=0 virtio.event_idx=0 virtio.irq=0   (lib/virtio.h)
  */
 #include "bootparams.h"
 #include "cpu.h"
 #include "crc32.h"
 #include "printf.h"
+#include "serial.h"
 #include "test.h"
 #include "time.h"
 #include "virtio.h"
@@ -855,6 +860,60 @@ static void bench(const char *kind_name)
 	t_check(b.errors == 0, "every benchmark request completed with OK", "%lu errors", b.errors);
 }
 
+/* ---- staying up (blk.stay=1) ---- */
+
+#define STAY_WAKE_US 10000
+#define STAY_LINE_MAX 32
+
+static bool irq_on;
+
+static void stay_check_capacity(u32 *seen)
+{
+	if (dev.config_changes == *seen)
+		return;
+	*seen = dev.config_changes;
+	u64 cap = virtio_config64(&dev, CFG_CAPACITY);
+	if (cap != cfg.capacity) {
+		cfg.capacity = cap;
+		printf("blk: capacity=%lu\n", cap);
+	}
+}
+
+static NORETURN void stay(void)
+{
+	char line[STAY_LINE_MAX + 1];
+	u32 len = 0, rounds = 0, seen = dev.config_changes;
+
+	printf("blk: ready capacity=%lu\n", cfg.capacity);
+	for (;;) {
+		stay_check_capacity(&seen);
+		while (serial_rx_ready()) {
+			u8 c = serial_rx_byte();
+			if (c == '\r' || c == '\n' || len == STAY_LINE_MAX) {
+				line[len] = '\0';
+				if (!strcmp(line, "read")) {
+					crc_ranges();
+					printf("blk: reads done %u\n", ++rounds);
+				} else if (!strcmp(line, "quit")) {
+					t_pass("blk received \"quit\"");
+					t_finish();
+				}
+				len = 0;
+			} else if (c >= 0x20 && c < 0x7F) {
+				line[len++] = (char)c;
+			}
+		}
+		if (irq_on) {
+			cli();
+			if (dev.config_changes == seen) {
+				virtio_wake_timer(STAY_WAKE_US);
+				sti_hlt();
+			}
+			cli();
+		}
+	}
+}
+
 void guest_main(void)
 {
 	char mode[32];
@@ -869,7 +928,8 @@ void guest_main(void)
 		return;
 	if (!blk_setup(true))
 		return;
-	if (virtio_irq_setup(&dev))
+	irq_on = virtio_irq_setup(&dev);
+	if (irq_on)
 		t_info("blk.completion", "interrupt: gsi %u %s %s, vector %x", dev.res.gsi, dev.res.level ? "level" : "edge",
 		       dev.res.active_low ? "active-low" : "active-high", dev.vector);
 	else
@@ -907,4 +967,6 @@ void guest_main(void)
 		basic();
 	else if (strcmp(mode, "none"))
 		t_fail("blk.test=%s: unknown script (basic, none)", mode);
+	if (cmdline_get_u64("blk.stay", 0, NULL))
+		stay();
 }
