@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ LOGIN = "tenbox login:"
 BOOT_DEADLINE_SEC = float(os.environ.get("TENBOX_TEST_IMAGE_BOOT_DEADLINE", "420"))
 SSH_DEADLINE_SEC = 180.0
 CONSOLE_POLL_SEC = 1.0
+EXT4_VALID_FS = 0x1  # s_state: unmounted cleanly
+EXT4_INCOMPAT_RECOVER = 0x4  # the journal needs recovery: set while mounted read-write
 
 
 def wait_console(daemon, name: str, text: str, count: int = 1) -> float:
@@ -92,11 +95,13 @@ def _import_image(daemon) -> None:
     assert IMAGE in out
 
 
-@pytest.mark.hwvirt(prepare=("e2e_image",), budget=1200)
-def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_shuts_down(image_daemon):
+@pytest.mark.hwvirt(prepare=("e2e_image",), budget=1800)
+def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_shuts_down(image_daemon, tmp_path):
     """vm create --image --hostfwd, vm start: systemd reaches the login prompt; ssh through the
     forward runs a command; a file written in the guest survives a guest reboot; host.update is
-    refused with vms_running; vm shutdown powers the guest off through ACPI and the VM ends stopped."""
+    refused with vms_running; a live disk resize shows in the guest; vm shutdown powers the guest
+    off through ACPI and the VM ends stopped with its ext4 clean; so does a host shutdown
+    (tenboxctl host shutdown-vms), which ends it stopped with the reason host_shutdown."""
     d = image_daemon
     port = free_port()
     ok(d.ctl("vm", "create", "web", "--image", IMAGE, "--memory", "512", "--cpus", "2",
@@ -119,11 +124,55 @@ def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_sh
     assert ssh_until_ok(port, "cat /root/e2e.txt").strip() == "kept-across-reboot"
     assert d.vm("web")["state"] == "running"
 
+    # A live resize of the root disk: the guest's kernel sees the new capacity at once.
+    before = int(ssh_until_ok(port, "cat /sys/block/vda/size").strip()) * 512
+    ok(d.ctl("vm", "disk", "resize", "web", "0", "--size", "+1G"))
+    assert _guest_disk_bytes(port, before) == before + (1 << 30)
+
     ok(d.ctl("vm", "shutdown", "web", timeout=300))
     v = d.wait_state("web", "stopped", 240)
     assert v.get("last_failure") in (None, {}), v
     text = "\n".join(d.console("web"))
     assert "reboot: Power down" in text, text[-3000:]
+    assert _root_fs_state(d, "web", tmp_path) == ("clean", False)
+
+    # The host shuts down (what tenbox-guests.service's ExecStop runs): the guest gets the power
+    # button, shuts systemd down, and its file system is left clean.
+    ok(d.ctl("vm", "start", "web"))
+    wait_console(d, "web", LOGIN, count=3)
+    ssh_until_ok(port, "echo written-before-host-shutdown >> /root/e2e.txt")
+    r = d.ctl("host", "shutdown-vms", "--timeout", "240", timeout=300)
+    ok(r)
+    v = d.wait_state("web", "stopped", 60)
+    assert v["state_reason"] == "host_shutdown" and v.get("last_failure") in (None, {}), v
+    assert "\n".join(d.console("web")).count("reboot: Power down") == 2
+    assert _root_fs_state(d, "web", tmp_path) == ("clean", False)
+
+
+def _guest_disk_bytes(port: int, old: int, deadline: float = 60.0) -> int:
+    """/dev/vda's size as the guest's kernel has it, once it differs from `old`."""
+    started = time.monotonic()
+    while True:
+        size = int(ssh_until_ok(port, "cat /sys/block/vda/size").strip()) * 512
+        if size != old or time.monotonic() - started > deadline:
+            return size
+        time.sleep(2)
+
+
+def _root_fs_state(d, name: str, tmp_path: Path):
+    """The ext4 root's superblock on the VM's overlay (its first 4 KiB read through qemu-img):
+    ("clean", False) after a clean unmount; a crash leaves the journal to recover (the
+    RECOVER incompat flag, set while mounted) or the file system not clean."""
+    disk = [x for x in d.call("vm.disk.list", vm_id=name)["payload"]["disks"] if x["index"] == 0][0]
+    head = tmp_path / ("%s-head.raw" % name)
+    subprocess.run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", "bs=4096", "count=1",
+                    "if=%s" % disk["path"], "of=%s" % head], check=True, timeout=120, capture_output=True)
+    sb = head.read_bytes()[1024:2048]
+    head.unlink()
+    magic, state = struct.unpack_from("<HH", sb, 0x38)
+    incompat, = struct.unpack_from("<I", sb, 0x60)
+    assert magic == 0xEF53, "no ext4 superblock at the start of %s" % disk["path"]
+    return ("clean" if state & EXT4_VALID_FS else "not clean"), bool(incompat & EXT4_INCOMPAT_RECOVER)
 
 
 @pytest.mark.hwvirt(prepare=("e2e_image",), budget=600)
