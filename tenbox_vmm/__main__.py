@@ -86,13 +86,6 @@ def _setup_logging(vm_id: str, verbose: int, vm_dir: Optional[str]) -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# The signals main() handles in Python. A signal sent to the process goes to any thread that
-# does not block it, but only the main thread runs Python's handlers, and it sleeps in select()
-# (pump_input), which a signal taken by another thread does not interrupt: a SIGTERM that a vCPU
-# or I/O thread took stayed unhandled until something else woke the main thread (1 stop in 20
-# of a reset loop hung so). So the main thread blocks them before it starts any thread, every
-# thread inherits that mask, and the main thread alone unblocks them once the machine runs.
-HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGPWR,)
 
 
 class _HostStop:
@@ -183,7 +176,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.USAGE
     host_stop = _HostStop()
     host_stop.install()
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # until the machine runs: see HANDLED_SIGNALS
 
     from tenbox_vmm import passed_files, sandbox
 
@@ -273,7 +265,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     input_fd = None if mode == "none" else 0
     machine.start()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # a stop held meanwhile is handled here
     sandbox.probe_forbidden_call_if_asked(lambda: machine.state == VmState.RUNNING)
     if mode == "tty":
         with TerminalMode(0):
