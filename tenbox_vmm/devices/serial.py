@@ -88,6 +88,24 @@ class Serial16550:
             self._irq = 0
         self._set_irq(0)
 
+    def save_state(self) -> dict:
+        """Registers and received bytes not read yet (snapshot/records.py SERIAL)."""
+        with self._lock:
+            return dict(ier=self.ier, lcr=self.lcr, mcr=self.mcr, fcr=self.fcr, scr=self.scr, dll=self.dll,
+                        dlm=self.dlm, thre_pending=self._thre_pending, irq=self._irq, rx=bytes(self._rx))
+
+    def load_state(self, s: dict) -> None:
+        """Take a checked record back; the interrupt line is raised again if it was high."""
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.fcr = s["ier"], s["lcr"], s["mcr"], s["fcr"]
+            self.scr, self.dll, self.dlm = s["scr"], s["dll"], s["dlm"]
+            self._thre_pending = s["thre_pending"]
+            self._rx.clear()
+            self._rx.extend(s["rx"])
+            self._irq = s["irq"]
+        if self._irq:
+            self._set_irq(1)
+
     @property
     def tx_interrupts(self) -> bool:
         """Whether the guest has the transmit-holding-register-empty interrupt on."""
