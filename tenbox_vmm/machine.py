@@ -76,7 +76,7 @@ class NetSpec(NamedTuple):
 
 
 class MachineConfig(NamedTuple):
-    kernel: str
+    kernel: Optional[str]  # None only with `restore`: a guest reset then ends the machine
     initrd: Optional[str] = None
     cmdline: str = DEFAULT_CMDLINE
     memory_mb: int = Limits.MEMORY_DEFAULT_MB
@@ -84,6 +84,15 @@ class MachineConfig(NamedTuple):
     vm_id: str = "vm"
     disks: Tuple[DiskArg, ...] = ()
     net: Optional[NetSpec] = None
+    restore: Optional[str] = None  # a snapshot file to start from instead of booting; memory_mb/cpus 0: its own
+
+
+class SnapshotRequest(NamedTuple):
+    """Take a snapshot to `path` (in the folder `dir_fd`, opened before the sandbox); `done(message, error)`."""
+
+    path: str
+    dir_fd: Optional[int]
+    done: Callable[[str, bool], None]
 
 
 class _SlotHost(MmioHost):
@@ -176,17 +185,28 @@ class Machine:
         on_state: Callable[[VmState, str], None] = lambda state, reason: None,
         kvm: Optional[Kvm] = None,
     ) -> None:
-        self.config = config
         self._on_state = on_state
+        self._snapshot = None
+        if config.restore:
+            kvm, self._snapshot, config = self._open_snapshot(config, kvm)
+        self.config = config
         # Cheap checks first: a bad file or option must be reported as such,
         # not hidden behind a missing /dev/kvm.
-        check_limits(config.memory_mb, config.cpus)
-        self.memory = GuestMemory(config.memory_mb * MIB)
         try:
-            self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
-            self.cmdline = boot.check_cmdline(self.kernel, config.cmdline)
+            check_limits(config.memory_mb, config.cpus)
+        except MachineError:
+            self._close_snapshot()
+            raise
+        self.memory = GuestMemory(config.memory_mb * MIB,
+                                  self._snapshot.map_ram() if self._snapshot is not None else None)
+        try:
+            self.kernel: Optional[boot.KernelImage] = None
+            self.cmdline = b""
+            if config.kernel:
+                self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
+                self.cmdline = boot.check_cmdline(self.kernel, config.cmdline)
             self.initrd = None
-            if config.initrd:
+            if config.initrd and self.kernel is not None:
                 self.initrd = boot.read_file(config.initrd, "initrd", INITRD_MAX_BYTES)
                 boot.place_initrd(self.kernel, len(self.initrd), self.memory.ram_end_below_4g())
             self.kvm = kvm or Kvm()
@@ -195,6 +215,7 @@ class Machine:
             self.nic = self._make_nic(config.net) if config.net else None
         except (boot.KernelError, KvmUnavailable, MachineError) as e:
             self.memory.close()
+            self._close_snapshot()
             raise MachineError(str(e)) from None
         self._supported_cpuid = self.kvm.supported_cpuid()
         self._supported_msrs = self.kvm.msr_index_list()
@@ -225,6 +246,8 @@ class Machine:
             self.add_virtio(VirtioBlk(disk, spec.serial, runner_for(disk)))
         if self.nic is not None:
             self.add_virtio(self.nic.device)
+        if self._snapshot is not None:
+            self._check_snapshot_devices(self._snapshot.state)
 
         self._lock = threading.Lock()
         self._event: Optional[_Event] = None  # what the guest (or a vCPU failure) reported first
@@ -242,6 +265,12 @@ class Machine:
         self._reset_reports = Budget()
         self._reset_log = GuestLog(log, "%s: guest resets" % config.vm_id)
         self._report_boot = True  # whether the boot in progress says RUNNING
+        # Snapshots: requests for the controller; vCPUs park while `_pausing` until `_resume` is set.
+        self._snapshot_requests: List[SnapshotRequest] = []
+        self._pausing = False
+        self._parked = 0
+        self._park_cond = threading.Condition()
+        self._resume = threading.Event()
         self.exit_code: Optional[ExitCode] = None
         self.exit_reason = ""
         self.boots = 0
@@ -272,6 +301,59 @@ class Machine:
             return UserNic(spec.mac, spec.hostfwds, spec.guestfwds, spec.link_up)
         except NetSetupError as e:
             raise MachineError(str(e)) from None
+
+    @staticmethod
+    def _open_snapshot(config: MachineConfig, kvm: Optional[Kvm]):
+        """(kvm, the checked snapshot, the config with its RAM size and vCPUs); MachineError says why not."""
+        from tenbox_vmm import passed_files
+        from tenbox_vmm.snapshot import SnapshotError, cpu_model
+        from tenbox_vmm.snapshot.fileformat import read_snapshot
+        from tenbox_vmm.snapshot.machine_state import check_kvm
+
+        assert config.restore is not None
+        try:
+            kvm = kvm or Kvm()
+            check_kvm(kvm)
+            fd = passed_files.open_fd(config.restore, os.O_RDONLY)
+        except (KvmUnavailable, SnapshotError) as e:
+            raise MachineError(str(e)) from None
+        except OSError as e:
+            raise MachineError("%s: cannot open the snapshot: %s" % (config.restore, e.strerror)) from None
+        try:
+            snap = read_snapshot(config.restore, cpu_model.describe(kvm.supported_cpuid()),
+                                 memory_bytes=config.memory_mb * MIB or None, cpus=config.cpus or None, fd=fd)
+        except SnapshotError as e:
+            raise MachineError(str(e)) from None
+        return kvm, snap, config._replace(memory_mb=snap.memory_bytes // MIB, cpus=snap.cpus)
+
+    def _close_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
+
+    def _check_snapshot_devices(self, state: dict) -> None:
+        """The snapshot's virtio devices must be this machine's, in the same slots, before anything is loaded."""
+        from tenbox_vmm.snapshot import SnapshotError
+
+        try:
+            saved = state["virtio"]
+            if len(saved) != len(self.virtio):
+                raise SnapshotError("the snapshot has %d virtio devices (%s), this VM %d (%s): give the same "
+                                    "--disk and --net options" % (
+                                        len(saved), ", ".join(r["device"]["name"] for r in saved) or "none",
+                                        len(self.virtio), ", ".join(t.device.name for t in self.virtio) or "none"))
+            for i, (t, rec) in enumerate(zip(self.virtio, saved)):
+                t.check_state("virtio%d" % i, rec)
+        except SnapshotError as e:
+            self.close()
+            raise MachineError("%s: %s" % (self.config.restore, e)) from None
+
+    def request_snapshot(self, path: str, dir_fd: Optional[int], done: Callable[[str, bool], None]) -> None:
+        """Snapshot the running machine to `path` at the controller's next step (safe from a signal handler).
+
+        The vCPUs pause at an instruction boundary, the state and RAM are written, and the
+        guest runs on. `done(message, error)` is called on the controller thread.
+        """
+        self._snapshot_requests.append(SnapshotRequest(path, dir_fd, done))
 
     def set_link(self, up: bool) -> None:
         """Network link up or down while the VM runs."""
@@ -462,6 +544,7 @@ class Machine:
                 self._boot()
                 while not self._event_ready.wait(RING_DRAIN_SEC):
                     self._service_ring()
+                    self._service_snapshots()
                 self._teardown()
                 event = self._outcome()
                 if not event.reset:
@@ -492,18 +575,32 @@ class Machine:
 
     def _boot(self) -> None:
         self.boots += 1
+        snapshot, self._snapshot = self._snapshot, None  # only the first boot starts from it
+        if snapshot is None and self.kernel is None:
+            raise MachineError("the guest reset, and there is no kernel to boot: the VM was restored "
+                               "from a snapshot without --kernel")
         vm = board.create_vm(self.kvm, self.memory)
         self._vm = vm
-        try:
-            info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus, self.acpi_devices)
-        except boot.KernelError as e:
-            raise MachineError(str(e)) from None
         vcpus = []
-        for i in range(self.config.cpus):
-            vcpu = vm.create_vcpu(i)
-            vcpus.append(vcpu)
-            board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info,
-                             self._tsc_deadline)
+        if snapshot is not None:
+            try:
+                for i in range(self.config.cpus):
+                    vcpus.append(vm.create_vcpu(i))
+                self._vcpus = vcpus
+                self._load_snapshot(vm, vcpus, snapshot.state)
+            finally:
+                snapshot.close()  # the RAM mapping stays; the file is no longer needed
+        else:
+            try:
+                info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus,
+                                        self.acpi_devices)
+            except boot.KernelError as e:
+                raise MachineError(str(e)) from None
+            for i in range(self.config.cpus):
+                vcpu = vm.create_vcpu(i)
+                vcpus.append(vcpu)
+                board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info,
+                                 self._tsc_deadline)
         self._vcpus = vcpus
         if self._ring_page:
             start = self._ring_page * mmap.PAGESIZE
@@ -522,7 +619,12 @@ class Machine:
 
     def _vcpu_main(self, vcpu: Vcpu) -> None:
         try:
-            outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted, self._ring)
+            while True:
+                outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted, self._ring, self._paused)
+                if outcome.kind != "paused":
+                    break
+                self._park()
+                vcpu.run.immediate_exit = 0  # a stop meanwhile is seen by run_vcpu's halted() first
         except Exception as e:
             log.exception("%s: vcpu%d failed", self.config.vm_id, vcpu.index)
             self._end(ExitCode.ERROR, "vcpu%d: %s" % (vcpu.index, e))
@@ -549,6 +651,103 @@ class Machine:
             return
         log.error("%s: %s: %s; %s", self.config.vm_id, outcome.kind.replace("_", " "), outcome.detail, state)
         self._end(ExitCode.KVM_ERROR, "%s: %s" % (outcome.kind.replace("_", " "), outcome.detail))
+
+    # Snapshots -------------------------------------------------------------
+
+    def _paused(self) -> bool:
+        return self._pausing
+
+    def _park(self) -> None:
+        """A vCPU thread at an instruction boundary waits here until the snapshot is taken."""
+        with self._park_cond:
+            self._parked += 1
+            self._park_cond.notify_all()
+        self._resume.wait()
+        with self._park_cond:
+            self._parked -= 1
+
+    def _pause_vcpus(self) -> None:
+        """Every running vCPU parked (MachineError if one does not within VCPU_JOIN_SEC)."""
+        with self._park_cond:
+            self._resume.clear()
+            self._pausing = True
+        self._kick_all()
+        deadline = time.monotonic() + VCPU_JOIN_SEC
+        with self._park_cond:
+            while self._parked < sum(1 for t in self._threads if t.is_alive()):
+                if self._halting or time.monotonic() > deadline:
+                    self._resume_vcpus_locked()
+                    raise MachineError("the vCPUs did not pause%s" % (": the guest is stopping" if self._halting else ""))
+                self._park_cond.wait(0.01)
+                self._kick_all()
+
+    def _resume_vcpus_locked(self) -> None:
+        self._pausing = False
+        self._resume.set()
+
+    def _resume_vcpus(self) -> None:
+        with self._park_cond:
+            self._resume_vcpus_locked()
+
+    def _service_snapshots(self) -> None:
+        while self._snapshot_requests:
+            req = self._snapshot_requests.pop(0)
+            try:
+                message = self._take_snapshot(req.path, req.dir_fd)
+            except MachineError as e:
+                req.done("snapshot %s not taken: %s" % (req.path, e), True)
+            else:
+                req.done(message, False)
+
+    def _take_snapshot(self, path: str, dir_fd: Optional[int]) -> str:
+        """Pause, save the machine and its RAM to `path`, resume; a line saying what was written."""
+        from tenbox_vmm.snapshot import SnapshotError, cpu_model
+        from tenbox_vmm.snapshot.fileformat import write_snapshot
+        from tenbox_vmm.snapshot.machine_state import capture, check_kvm
+
+        vm = self._vm
+        if vm is None:
+            raise MachineError("the guest is not running")
+        try:
+            check_kvm(self.kvm)
+        except SnapshotError as e:
+            raise MachineError(str(e)) from None
+        started = time.monotonic()
+        self._pause_vcpus()
+        try:
+            if self._ring is not None:
+                self._ring.drain()  # console bytes KVM queued belong before the snapshot
+            for t in self.virtio:
+                t.pause()
+            try:
+                state = capture(vm, self._vcpus, self._supported_msrs, self.devices.by_name(), self.virtio)
+                size = write_snapshot(path, cpu_model.describe(self._supported_cpuid), self.config.cpus, state,
+                                      self.memory.host_buffer, dir_fd=dir_fd)
+            except (SnapshotError, OSError) as e:
+                raise MachineError(str(e)) from None
+            finally:
+                for t in self.virtio:
+                    t.resume()
+        finally:
+            self._resume_vcpus()
+        paused_ms = (time.monotonic() - started) * 1000
+        log.info("%s: snapshot %s written (%d MiB file), guest paused %.0f ms", self.config.vm_id, path,
+                 size >> 20, paused_ms)
+        return "snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms" % (
+            path, self.memory.size >> 20, self.config.cpus, paused_ms)
+
+    def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
+        """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""
+        from tenbox_vmm.snapshot.machine_state import restore_kvm
+
+        try:
+            restore_kvm(vm, vcpus, state)
+        except (OSError, ValueError) as e:
+            raise MachineError("%s: KVM refused the snapshot's state: %s" % (self.config.restore, e)) from None
+        for name, dev in self.devices.by_name().items():
+            dev.load_state(state["legacy"][name])
+        for t, rec in zip(self.virtio, state["virtio"]):
+            t.load_state(rec)
 
     def _teardown(self) -> None:
         with self._lock:
@@ -591,6 +790,7 @@ class Machine:
             cb()
 
     def close(self) -> None:
+        self._close_snapshot()
         self.memory.close()
         self.kvm.close()
 

@@ -62,7 +62,11 @@ RARE = ("sendmsg", "recvmsg", "ftruncate", "select", "clock_nanosleep", "nanosle
 # the clocks are vDSO calls that become system calls where the clock source has no vDSO path.
 KERNEL = ("restart_syscall", "clock_gettime", "clock_getres", "gettimeofday", "time", "getuid", "geteuid",
           "getgid", "getegid")
-ALLOWED = OBSERVED + OLDER_LIBC + ARM64_FORMS + RARE + KERNEL
+# A snapshot file is written under a temporary name in its folder (a descriptor opened before
+# the sandbox) and renamed into place there (renameat; rename and renameat2 as other C
+# libraries make it).
+SNAPSHOTS = ("rename", "renameat", "renameat2")
+ALLOWED = OBSERVED + OLDER_LIBC + ARM64_FORMS + RARE + KERNEL + SNAPSHOTS
 
 KVM_IOCTL_TYPE = 0xAE
 # Terminal and descriptor requests (asm-generic/ioctls.h): a standalone worker's raw-mode

@@ -77,10 +77,13 @@ def _align(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
 
 
-def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, Any], ram) -> int:
+def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, Any], ram,
+                   dir_fd: Optional[int] = None) -> int:
     """Write a snapshot of `state` (records.check_state's shape) and `ram` (a buffer) to `path`; its size.
 
-    Crash-safe: see the module's docstring. An existing file at `path` is replaced only by a complete one.
+    Crash-safe: see the module's docstring. An existing file at `path` is replaced only by a
+    complete one. With `dir_fd` (a folder opened before the worker's sandbox, which hides
+    the path), `path` is looked up there and only its last component is used.
     """
     state_bytes = msgpack.packb(state, use_bin_type=True)
     if len(state_bytes) > STATE_MAX_BYTES:
@@ -94,9 +97,27 @@ def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, A
         raise SnapshotError("snapshot header does not fit")  # cannot happen: 64 bytes of slack
     prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header))
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, ".%s.tmp-%d" % (os.path.basename(path), os.getpid()))
+    name = os.path.basename(path)
+    if dir_fd is None:
+        try:
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SnapshotError("cannot write a snapshot in %s: %s" % (folder, e.strerror)) from None
+    else:
+        dfd = dir_fd
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        return _write_in(dfd, folder, name, prefix, header, state_offset, state_bytes, ram, ram_offset)
+    finally:
+        if dir_fd is None:
+            os.close(dfd)
+
+
+def _write_in(dfd: int, folder: str, name: str, prefix: bytes, header: bytes, state_offset: int,
+              state_bytes: bytes, ram: memoryview, ram_offset: int) -> int:
+    path = os.path.join(folder, name)
+    tmp = ".%s.tmp-%d" % (name, os.getpid())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dfd)
     except OSError as e:
         raise SnapshotError("cannot write a snapshot in %s: %s" % (folder, e.strerror)) from None
     try:
@@ -110,14 +131,17 @@ def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, A
             os.fdatasync(fd)  # data and the size it needs to be read back
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError as e:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dfd)
         raise SnapshotError("cannot write snapshot %s: %s" % (path, e.strerror)) from None
     except BaseException:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dfd)
         raise
-    _sync_folder(folder)
+    try:
+        os.fdatasync(dfd)  # the rename is durable once the folder is synced
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is synced
     return ram_offset + len(ram)
 
 
@@ -145,25 +169,26 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(name: str, dfd: int) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dfd)
     except OSError:
         pass
 
 
-def _sync_folder(folder: str) -> None:
-    """The rename is durable once the folder is synced (fdatasync: what the worker's filter allows)."""
+def peek_size(head: bytes) -> Optional[tuple]:
+    """(RAM bytes, vCPUs) as the first bytes of a file claim them, unchecked, or None.
+
+    For sizing the worker's limits before its sandbox; read_snapshot checks everything later.
+    """
+    if len(head) < PREFIX.size or head[: len(MAGIC)] != MAGIC:
+        return None
+    _, _, header_len, _ = PREFIX.unpack_from(head)
     try:
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fdatasync(dfd)
-    except OSError:
-        pass  # some file systems cannot sync a folder; the file itself is synced
-    finally:
-        os.close(dfd)
+        header = json.loads(head[PREFIX.size : PREFIX.size + header_len].decode())
+        return int(header["memory_bytes"]), int(header["cpus"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
 
 
 class Snapshot:

@@ -43,8 +43,22 @@ def test_serial_keeps_its_registers_pending_input_and_raised_line():
     roundtrip(records.SERIAL, old, new)
     assert levels[-1] == 1  # the receive interrupt is still asserted
     assert bytes(new.read(s.RBR_THR, 1) for _ in range(5)) == b"typed"
+    while new.read(s.LSR, 1) & s.LSR_DR:
+        new.read(s.RBR_THR, 1)
     new.write(s.LCR, 1, 0x80)
     assert new.read(s.RBR_THR, 1) == 0x01
+
+
+def test_serial_input_typed_before_the_restore_follows_the_saved_input():
+    old = s.Serial16550(lambda level: None, lambda data: None)
+    old.write(s.IER, 1, s.IER_RDA)
+    old.receive(b"ab")
+    levels = []
+    new = s.Serial16550(levels.append, lambda data: None)
+    new.receive(b"cd")  # the console's input, before the machine loaded its state
+    new.load_state(old.save_state())
+    assert levels[-1] == 1
+    assert bytes(new.read(s.RBR_THR, 1) for _ in range(4)) == b"abcd"
 
 
 def test_rtc_keeps_nvram_and_the_guests_clock_offset():

@@ -283,3 +283,15 @@ def test_the_cpu_description_names_vendor_model_and_feature_words():
     assert desc["features"]["1.ecx"] == 0x80000001 and desc["features"]["7.0.ebx"] == 0x20
     assert desc["features"]["0xd.0.eax"] == 7 and desc["features"]["0x80000001.edx"] == 0
     assert cpu_model.refusal(desc, desc) is None
+
+
+def test_a_snapshot_is_written_through_a_folder_descriptor_and_a_missing_folder_is_one_line(tmp_path):
+    dfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        write_snapshot("/hidden/by/the/sandbox/vm.snap", HOST_CPU, 1, machine_state(), ram_with_data(), dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    assert os.listdir(str(tmp_path)) == ["vm.snap"]
+    read_snapshot(str(tmp_path / "vm.snap"), HOST_CPU).close()
+    with pytest.raises(SnapshotError, match="cannot write a snapshot in /nonexistent: No such file"):
+        write_snapshot("/nonexistent/vm.snap", HOST_CPU, 1, machine_state(), ram_with_data())

@@ -1,0 +1,129 @@
+"""tenbox-vm-runtime snapshots a running guest and restores it: the guest goes on from where it was.
+
+The count guest (tests/guests/src/count.c) prints `count: N` with a delay
+between lines; its count lives in registers and on the stack, so only a
+faithful restore of the vCPU, the devices and RAM continues it. Real KVM,
+the real runtime process, its real sandbox.
+"""
+
+import os
+import re
+import shutil
+import signal
+
+import pytest
+
+from tests.framework.guests import guest_path
+from tests.framework.runtime import boot_argv, runtime_argv
+
+pytestmark = pytest.mark.usefixtures("kvm", "guests")
+
+SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
+COUNT = re.compile(r"^count: (\d+)$", re.M)
+WAIT_SEC = 60.0
+
+
+@pytest.fixture
+def snap_dir(tmp_path):
+    """A folder the worker may write its snapshot in: run as root, it writes as the worker user."""
+    d = tmp_path / "snaps"
+    d.mkdir()
+    if os.geteuid() == 0:
+        from tenbox_vmm.protocol.sandbox import worker_user
+
+        who = worker_user()
+        os.chown(str(d), who.uid, who.gid)
+    return d
+
+
+def counts(text):
+    return [int(n) for n in COUNT.findall(text)]
+
+
+def restore(spawn, snap, *args):
+    return spawn(runtime_argv("--restore", str(snap), "--console", "stdio", *args))
+
+
+@pytest.fixture
+def counted_snapshot(spawn, snap_dir):
+    """A count guest snapshotted while it counts: (the file, the last count its console showed by then)."""
+    snap = snap_dir / "count.snap"
+    p = spawn(boot_argv(guest_path("count"), cmdline="console=ttyS0 count.ms=50", memory_mb=64)
+              + ["--snapshot-out", str(snap)])
+    p.wait_for(r"^count: 5$", timeout=WAIT_SEC)
+    p.signal(SNAPSHOT_SIGNAL)
+    m = p.wait_for_stderr(r"snapshot \S+ written: 64 MiB of RAM, 1 vCPUs, guest paused (\d+) ms", timeout=WAIT_SEC)
+    shown = counts(p.output)[-1]
+    p.wait_for(r"^count: %d$" % (shown + 3), timeout=WAIT_SEC)  # the guest runs on after the snapshot
+    assert p.stop(10) == 3
+    assert int(m.group(1)) < 5000
+    return snap, shown
+
+
+def test_a_snapshot_restored_twice_continues_from_the_same_count_both_times(spawn, counted_snapshot):
+    snap, shown = counted_snapshot
+    outputs = []
+    for _ in range(2):
+        r = restore(spawn, snap)
+        first = int(r.wait_for(r"^count: (\d+)$", timeout=WAIT_SEC).group(1))
+        r.wait_for(r"^count: %d$" % (first + 4), timeout=WAIT_SEC)
+        assert r.stop(10) == 3, r.errors
+        outputs.append(r.output)
+    seqs = [counts(out) for out in outputs]
+    for out, seq in zip(outputs, seqs):
+        assert "TENBOX-GUEST count start" not in out, out  # restored, not booted again
+        assert seq == list(range(seq[0], seq[0] + len(seq))), seq  # one count after the other
+    # Both go on from where the snapshot was taken: the line after the last the original had shown.
+    assert seqs[0][0] == seqs[1][0], seqs
+    assert 5 < seqs[0][0] <= shown + 1, (seqs[0][0], shown)
+    assert outputs[0].split("\n")[0] == outputs[1].split("\n")[0]
+
+
+def one_line_refusal(p):
+    rc = p.wait_exit(WAIT_SEC)
+    err = p.errors.strip()
+    assert rc == 2, (rc, err)
+    assert len(err.splitlines()) == 1, err
+    assert p.output == ""
+    return err
+
+
+def test_hostile_snapshot_files_refuse_to_load_with_one_line(spawn, counted_snapshot, tmp_path):
+    snap, _ = counted_snapshot
+    cut = tmp_path / "cut.snap"
+    with open(str(snap), "rb") as src, open(str(cut), "wb") as dst:
+        dst.write(src.read(os.path.getsize(str(snap)) // 2))
+    assert "truncated" in one_line_refusal(restore(spawn, cut))
+
+    other = tmp_path / "v9.snap"
+    shutil.copy(str(snap), str(other))
+    with open(str(other), "r+b") as f:
+        f.seek(8)
+        f.write((9).to_bytes(4, "little"))
+    assert "snapshot format version 9" in one_line_refusal(restore(spawn, other))
+
+    err = one_line_refusal(restore(spawn, snap, "--memory", "128"))
+    assert "memory size mismatch: the snapshot has 64 MiB of RAM, the VM 128 MiB" in err
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    err = one_line_refusal(restore(spawn, snap, "--disk", "%s,format=raw" % disk))
+    assert "the snapshot has 0 virtio devices (none), this VM 1 (blk)" in err
+
+
+def test_a_guest_reset_after_a_restore_without_a_kernel_ends_the_vm_with_the_reason(spawn, snap_dir):
+    """Nothing to boot again: the machine says so instead of running garbage."""
+    snap = snap_dir / "reset.snap"
+    p = spawn(boot_argv(guest_path("echo"), memory_mb=64) + ["--snapshot-out", str(snap)])
+    p.wait_for(r"echo: ready", timeout=WAIT_SEC)
+    p.signal(SNAPSHOT_SIGNAL)
+    p.wait_for_stderr(r"snapshot \S+ written", timeout=WAIT_SEC)
+    p.send("hello\n")
+    p.wait_for(r"^echo: hello$", timeout=WAIT_SEC)  # the guest still answers after its snapshot
+    p.stop(10)
+    r = restore(spawn, snap)
+    r.send("again\n")
+    r.wait_for(r"^echo: again$", timeout=WAIT_SEC)  # the restored guest takes console input
+    r.send("reboot\n")
+    assert r.wait_exit(WAIT_SEC) == 2
+    assert "no kernel to boot" in r.errors
