@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-out", metavar="FILE",
                    help="on signal RTMIN+1, pause the guest, write a snapshot to FILE (replaced atomically) "
                         "and run on")
+    p.add_argument("--snapshot-dir", metavar="DIR",
+                   help="worker mode: where the link's snapshot command writes NAME.snap (passed with --fd)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S][,format=F]",
                    help="a virtio-blk disk (raw or qcow2); repeat for more")
     p.add_argument("--net", action="store_true", help="a virtio-net card on user-mode NAT (libslirp)")
@@ -228,14 +230,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     # sandbox: registering sets up a signal stack (sigaltstack), which its filter forbids.
     faulthandler.register(DUMP_SIGNAL, all_threads=True)
     _open_before_sandbox(args, disks)
-    snapshot_dir = None
-    if args.snapshot_out:
-        try:  # the folder, held open: the sandbox hides its path
-            snapshot_dir = os.open(os.path.dirname(os.path.abspath(args.snapshot_out)),
-                                   os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            sys.stderr.write("%s: error: --snapshot-out %s: %s\n" % (PROG, args.snapshot_out, e.strerror))
-            return ExitCode.USAGE
+    snapshot_dir = link_snapshot_dir = None
+    try:  # the folders, held open: the sandbox hides their paths
+        if args.snapshot_out:
+            snapshot_dir = passed_files.open_fd(os.path.dirname(os.path.abspath(args.snapshot_out)),
+                                                os.O_RDONLY | os.O_DIRECTORY)
+        if args.snapshot_dir:
+            link_snapshot_dir = passed_files.open_fd(args.snapshot_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        sys.stderr.write("%s: error: --snapshot-out/--snapshot-dir %s: %s\n"
+                         % (PROG, args.snapshot_out or args.snapshot_dir, e.strerror))
+        return ExitCode.USAGE
     memory_mb = args.memory if args.memory is not None else (0 if args.restore else Limits.MEMORY_DEFAULT_MB)
     cpus = args.cpus if args.cpus is not None else (0 if args.restore else 1)
     # The sandbox's limits follow the machine's size: a snapshot's is in its header.
@@ -268,6 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tenbox_vmm.supervisor_link import SupervisorLink
 
         link = SupervisorLink(args.link, args.vm_id)
+        if link_snapshot_dir is not None:
+            link.snapshot_dir = (args.snapshot_dir, link_snapshot_dir)
         writers.append(link.console_output)
     output = ConsoleOutput(writers)
     net = None
@@ -302,8 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGPWR ("power failure") presses the ACPI power button: the guest shuts down.
     signal.signal(signal.SIGPWR, lambda signum, frame: machine.power_button())
     if args.snapshot_out:
-        def snapshot_done(message: str, error: bool) -> None:
-            sys.stderr.write("%s: %s%s\n" % (PROG, "error: " if error else "", message))
+        def snapshot_done(result) -> None:
+            sys.stderr.write("%s: %s%s\n" % (PROG, "error: " if result.error else "", result.message))
             sys.stderr.flush()
 
         signal.signal(SNAPSHOT_SIGNAL, lambda signum, frame: machine.request_snapshot(

@@ -87,12 +87,22 @@ class MachineConfig(NamedTuple):
     restore: Optional[str] = None  # a snapshot file to start from instead of booting; memory_mb/cpus 0: its own
 
 
+class SnapshotDone(NamedTuple):
+    """How a snapshot request ended: `message` is one line for the operator either way."""
+
+    message: str
+    error: bool
+    path: str
+    file_bytes: int = 0
+    paused_ms: float = 0.0
+
+
 class SnapshotRequest(NamedTuple):
-    """Take a snapshot to `path` (in the folder `dir_fd`, opened before the sandbox); `done(message, error)`."""
+    """Take a snapshot to `path` (in the folder `dir_fd`, opened before the sandbox); `done` is told how it went."""
 
     path: str
     dir_fd: Optional[int]
-    done: Callable[[str, bool], None]
+    done: Callable[[SnapshotDone], None]
 
 
 class _SlotHost(MmioHost):
@@ -347,11 +357,11 @@ class Machine:
             self.close()
             raise MachineError("%s: %s" % (self.config.restore, e)) from None
 
-    def request_snapshot(self, path: str, dir_fd: Optional[int], done: Callable[[str, bool], None]) -> None:
+    def request_snapshot(self, path: str, dir_fd: Optional[int], done: Callable[[SnapshotDone], None]) -> None:
         """Snapshot the running machine to `path` at the controller's next step (safe from a signal handler).
 
         The vCPUs pause at an instruction boundary, the state and RAM are written, and the
-        guest runs on. `done(message, error)` is called on the controller thread.
+        guest runs on. `done` is called on the controller thread.
         """
         self._snapshot_requests.append(SnapshotRequest(path, dir_fd, done))
 
@@ -693,14 +703,13 @@ class Machine:
         while self._snapshot_requests:
             req = self._snapshot_requests.pop(0)
             try:
-                message = self._take_snapshot(req.path, req.dir_fd)
+                result = self._take_snapshot(req.path, req.dir_fd)
             except MachineError as e:
-                req.done("snapshot %s not taken: %s" % (req.path, e), True)
-            else:
-                req.done(message, False)
+                result = SnapshotDone("snapshot %s not taken: %s" % (req.path, e), True, req.path)
+            req.done(result)
 
-    def _take_snapshot(self, path: str, dir_fd: Optional[int]) -> str:
-        """Pause, save the machine and its RAM to `path`, resume; a line saying what was written."""
+    def _take_snapshot(self, path: str, dir_fd: Optional[int]) -> SnapshotDone:
+        """Pause, save the machine and its RAM to `path`, resume; what was written."""
         from tenbox_vmm.snapshot import SnapshotError, cpu_model
         from tenbox_vmm.snapshot.fileformat import write_snapshot
         from tenbox_vmm.snapshot.machine_state import capture, check_kvm
@@ -733,8 +742,8 @@ class Machine:
         paused_ms = (time.monotonic() - started) * 1000
         log.info("%s: snapshot %s written (%d MiB file), guest paused %.0f ms", self.config.vm_id, path,
                  size >> 20, paused_ms)
-        return "snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms" % (
-            path, self.memory.size >> 20, self.config.cpus, paused_ms)
+        return SnapshotDone("snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms" % (
+            path, self.memory.size >> 20, self.config.cpus, paused_ms), False, path, size, paused_ms)
 
     def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
         """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""

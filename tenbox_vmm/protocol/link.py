@@ -47,6 +47,9 @@ class CommandName(str, enum.Enum):
     NET_FORWARDS = "net_forwards"  # args.hostfwds, args.guestfwds: lists of specs; reply: failures
     STATS = "stats"  # reply: WorkerStats.to_wire() (the devices' counters, guest RAM touched)
     DISK_GROW = "disk_grow"  # args.index (the --disk order), args.size ("20G" or "+5G"); reply: size (bytes)
+    # args.name (Limits.NAME_RE): the running machine saved to NAME.snap in the worker's --snapshot-dir;
+    # the reply comes once the file is in place: path, file_bytes, paused_ms. The guest runs on.
+    SNAPSHOT = "snapshot"
 
 
 class UnknownCommand(ValueError):

@@ -158,3 +158,78 @@ def test_a_guest_reset_after_a_restore_without_a_kernel_ends_the_vm_with_the_rea
     r.send("reboot\n")
     assert r.wait_exit(WAIT_SEC) == 2
     assert "no kernel to boot" in r.errors
+
+
+class FakeSupervisor:
+    """The ROUTER end of the worker link, as tenboxd binds it: enough to send commands and read replies."""
+
+    def __init__(self, folder):
+        import zmq
+
+        self.zmq = zmq
+        self.endpoint = "ipc://%s/link.sock" % folder
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+        os.chmod("%s/link.sock" % folder, 0o666)  # connecting takes write permission on the socket
+        self.peer = None
+
+    def receive(self, timeout):
+        from tenbox_vmm.protocol.link import decode
+
+        if not self.sock.poll(int(timeout * 1000)):
+            raise AssertionError("the worker said nothing for %.0f s" % timeout)
+        peer, frame = self.sock.recv_multipart()
+        self.peer = peer
+        return decode(frame)
+
+    def wait_for(self, kind, timeout=WAIT_SEC):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.receive(max(0.1, deadline - time.monotonic()))
+            if isinstance(msg, kind):
+                return msg
+            if time.monotonic() > deadline:
+                raise AssertionError("no %s from the worker" % kind.__name__)
+
+    def command(self, req_id, name, args):
+        from tenbox_vmm.protocol.link import Command, encode
+
+        self.sock.send_multipart([self.peer, encode(Command(req_id, name, args))])
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_worker_links_snapshot_command_writes_the_file_and_replies_once_it_is_in_place(spawn, snap_dir,
+                                                                                          tmp_path):
+    """What tenboxd will ask: `snapshot` with a name; the reply names the file, which restores."""
+    from tenbox_vmm.protocol.link import CommandName, Hello, Reply
+
+    link_dir = tmp_path / "link"
+    link_dir.mkdir()
+    os.chmod(str(link_dir), 0o777)  # the worker connects as its worker user when run as root
+    sup = FakeSupervisor(link_dir)
+    try:
+        p = spawn(boot_argv(guest_path("count"), cmdline="console=ttyS0 count.ms=50", memory_mb=64)
+                  + ["--link", sup.endpoint, "--vm-id", "snapvm", "--snapshot-dir", str(snap_dir)])
+        sup.wait_for(Hello)
+        sup.command(1, CommandName.SNAPSHOT, {"name": "../escape"})
+        bad = sup.wait_for(Reply)
+        assert (bad.id, bad.ok) == (1, False) and "[A-Za-z0-9-]{1,64}" in bad.error
+        sup.command(2, CommandName.SNAPSHOT, {"name": "warm"})
+        reply = sup.wait_for(Reply)
+        assert (reply.id, reply.ok) == (2, True), reply
+        path = snap_dir / "warm.snap"
+        assert reply.result["path"] == str(path) and reply.result["file_bytes"] == os.path.getsize(str(path))
+        assert reply.result["paused_ms"] >= 0
+        assert os.listdir(str(snap_dir)) == ["warm.snap"]
+        sup.command(3, CommandName.STOP, {"reason": "test"})
+        assert p.wait_exit(WAIT_SEC) == 3
+    finally:
+        sup.close()
+    r = restore(spawn, path)
+    r.wait_for(r"^count: \d+$", timeout=WAIT_SEC)
+    assert r.stop(10) == 3
