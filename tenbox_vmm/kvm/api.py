@@ -108,6 +108,13 @@ class Kvm:
             self.fd = -1
 
 
+def _get_struct(fd: int, ctype: str, request: int, what: str, init=None) -> bytes:
+    """The struct a GET ioctl fills, as bytes."""
+    buf = ffi.new(ctype, init)
+    _ioctl(fd, request, buf, what)
+    return bytes(ffi.buffer(buf))
+
+
 def _struct_from(ctype: str, data: bytes):
     """A new C struct holding `data`, which must be exactly its size."""
     buf = ffi.new(ctype)
@@ -244,26 +251,20 @@ class Vm:
 
     def get_irqchip(self, chip_id: int) -> bytes:
         """KVM_GET_IRQCHIP: one in-kernel chip (c.IRQCHIP_PIC_MASTER, _SLAVE, _IOAPIC), the whole struct."""
-        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        _ioctl(self.fd, c.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
-        return bytes(ffi.buffer(chip))
+        return _get_struct(self.fd, "struct kvm_irqchip *", c.KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP", {"chip_id": chip_id})
 
     def set_irqchip(self, data: bytes) -> None:
         _ioctl(self.fd, c.KVM_SET_IRQCHIP, _struct_from("struct kvm_irqchip *", data), "KVM_SET_IRQCHIP")
 
     def get_pit2(self) -> bytes:
-        state = ffi.new("struct kvm_pit_state2 *")
-        _ioctl(self.fd, c.KVM_GET_PIT2, state, "KVM_GET_PIT2")
-        return bytes(ffi.buffer(state))
+        return _get_struct(self.fd, "struct kvm_pit_state2 *", c.KVM_GET_PIT2, "KVM_GET_PIT2")
 
     def set_pit2(self, data: bytes) -> None:
         _ioctl(self.fd, c.KVM_SET_PIT2, _struct_from("struct kvm_pit_state2 *", data), "KVM_SET_PIT2")
 
     def get_clock(self) -> bytes:
         """KVM_GET_CLOCK: kvmclock's time base (ns) for this VM."""
-        data = ffi.new("struct kvm_clock_data *")
-        _ioctl(self.fd, c.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
-        return bytes(ffi.buffer(data))
+        return _get_struct(self.fd, "struct kvm_clock_data *", c.KVM_GET_CLOCK, "KVM_GET_CLOCK")
 
     def set_clock(self, data: bytes) -> None:
         """KVM_SET_CLOCK with the clock value only (flags 0): the guest's kvmclock goes on from there."""
@@ -385,10 +386,7 @@ class Vcpu:
 
     def get_state(self, ctype: str) -> bytes:
         """One of the vCPU state structs (STATE_IOCTLS) as the kernel fills it."""
-        get, _ = STATE_IOCTLS[ctype]
-        buf = ffi.new(ctype + " *")
-        _ioctl(self.fd, get, buf, "KVM_GET %s" % ctype)
-        return bytes(ffi.buffer(buf))
+        return _get_struct(self.fd, ctype + " *", STATE_IOCTLS[ctype][0], "KVM_GET %s" % ctype)
 
     def set_state(self, ctype: str, data: bytes) -> None:
         _, put = STATE_IOCTLS[ctype]
