@@ -364,6 +364,21 @@ class Machine:
         guest runs on. `done` is called on the controller thread.
         """
         self._snapshot_requests.append(SnapshotRequest(path, dir_fd, done))
+        if self._done.is_set():  # came after _finish answered the others: answer it too
+            self._refuse_snapshots("the VM has stopped")
+
+    def _next_snapshot_request(self) -> Optional[SnapshotRequest]:
+        try:
+            return self._snapshot_requests.pop(0)  # atomic: two threads never take the same request
+        except IndexError:
+            return None
+
+    def _refuse_snapshots(self, why: str) -> None:
+        while True:
+            req = self._next_snapshot_request()
+            if req is None:
+                return
+            req.done(SnapshotDone("snapshot %s not taken: %s" % (req.path, why), True, req.path))
 
     def set_link(self, up: bool) -> None:
         """Network link up or down while the VM runs."""
@@ -700,8 +715,10 @@ class Machine:
             self._resume_vcpus_locked()
 
     def _service_snapshots(self) -> None:
-        while self._snapshot_requests:
-            req = self._snapshot_requests.pop(0)
+        while True:
+            req = self._next_snapshot_request()
+            if req is None:
+                return
             try:
                 result = self._take_snapshot(req.path, req.dir_fd)
             except MachineError as e:
@@ -795,6 +812,7 @@ class Machine:
         state = VmState.STOPPED if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else VmState.CRASHED
         self._set_state(state, reason)
         self._done.set()
+        self._refuse_snapshots("the VM has stopped")  # every request is answered, once
         for cb in self._done_callbacks:
             cb()
 

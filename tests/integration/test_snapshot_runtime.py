@@ -173,6 +173,7 @@ class FakeSupervisor:
         self.sock.bind(self.endpoint)
         os.chmod("%s/link.sock" % folder, 0o666)  # connecting takes write permission on the socket
         self.peer = None
+        self.introduced = False
 
     def receive(self, timeout):
         from tenbox_vmm.protocol.link import decode
@@ -186,9 +187,15 @@ class FakeSupervisor:
     def wait_for(self, kind, timeout=WAIT_SEC):
         import time
 
+        from tenbox_vmm.protocol.link import Hello, Who, encode
+
         deadline = time.monotonic() + timeout
         while True:
             msg = self.receive(max(0.1, deadline - time.monotonic()))
+            if isinstance(msg, Hello):
+                self.introduced = True
+            elif not self.introduced:  # as tenboxd does: whoever speaks first is asked who it is
+                self.sock.send_multipart([self.peer, encode(Who())])
             if isinstance(msg, kind):
                 return msg
             if time.monotonic() > deadline:
@@ -233,3 +240,42 @@ def test_the_worker_links_snapshot_command_writes_the_file_and_replies_once_it_i
     r = restore(spawn, path)
     r.wait_for(r"^count: \d+$", timeout=WAIT_SEC)
     assert r.stop(10) == 3
+
+
+def test_a_snapshot_asked_for_as_the_vm_stops_is_answered_before_the_worker_exits(spawn, snap_dir, tmp_path):
+    """A snapshot command followed at once by a stop: the reply comes either way (the file, or why not)."""
+    from tenbox_vmm.protocol.link import CommandName, ConsoleData, Hello, Reply, WorkerExit
+
+    link_dir = tmp_path / "link"
+    link_dir.mkdir()
+    os.chmod(str(link_dir), 0o777)
+    sup = FakeSupervisor(link_dir)
+    try:
+        p = spawn(boot_argv(guest_path("count"), cmdline="console=ttyS0 count.ms=50", memory_mb=64)
+                  + ["--link", sup.endpoint, "--vm-id", "snapvm", "--snapshot-dir", str(snap_dir)])
+        sup.wait_for(Hello)
+        console = b""
+        while b"count: 2\n" not in console:  # with --link the console goes over the link
+            try:
+                console += sup.wait_for(ConsoleData).data
+            except AssertionError:
+                raise AssertionError("console so far: %r; stderr: %s" % (console, p.errors))
+        sup.command(1, CommandName.SNAPSHOT, {"name": "late"})
+        sup.command(2, CommandName.STOP, {"reason": "test"})
+        replies = {}
+        while True:
+            msg = sup.receive(WAIT_SEC)
+            if isinstance(msg, Reply):
+                replies[msg.id] = msg
+            if isinstance(msg, WorkerExit):
+                break
+        assert 1 in replies, "the worker exited without answering the snapshot command"
+        late = replies[1]
+        if late.ok:
+            assert os.path.exists(str(snap_dir / "late.snap"))
+        else:
+            # "the VM has stopped", or "the vCPUs did not pause: the guest is stopping"
+            assert "late.snap not taken: " in late.error and os.listdir(str(snap_dir)) == []
+        assert p.wait_exit(WAIT_SEC) == 3
+    finally:
+        sup.close()
