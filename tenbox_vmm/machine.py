@@ -690,6 +690,7 @@ class Machine:
         self._resume.wait()
         with self._park_cond:
             self._parked -= 1
+            self._park_cond.notify_all()
 
     def _pause_vcpus(self) -> None:
         """Every running vCPU parked (MachineError if one does not within VCPU_JOIN_SEC)."""
@@ -707,8 +708,13 @@ class Machine:
                 self._kick_all()
 
     def _resume_vcpus_locked(self) -> None:
+        """Let the parked vCPUs go, and wait until each has left the park: a pause right after
+        this one must not count a vCPU that is still on its way out as parked again."""
         self._pausing = False
         self._resume.set()
+        deadline = time.monotonic() + VCPU_JOIN_SEC
+        while self._parked and time.monotonic() < deadline:
+            self._park_cond.wait(0.01)
 
     def _resume_vcpus(self) -> None:
         with self._park_cond:
