@@ -87,6 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(args) != 2 or args[0] not in SHELLS or args[1] not in PROGS:
         sys.stderr.write("usage: python3 -m tenbox_ctl.complete bash|zsh tenbox|tenboxctl\n")
         return 2
+    if not CLICK_8:
+        sys.stderr.write("tenbox: shell completion needs click 8 or later (python3-click %s here)\n"
+                         % getattr(click, "__version__", "7"))
+        return 1
     from tenbox_ctl.__main__ import cli
 
     sys.stdout.write(script(cli, args[0], args[1]))

@@ -139,13 +139,12 @@ def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_sh
     # The host shuts down (what tenbox-guests.service's ExecStop runs): the guest gets the power
     # button, shuts systemd down, and its file system is left clean.
     ok(d.ctl("vm", "start", "web"))
-    wait_console(d, "web", LOGIN, count=3)
-    ssh_until_ok(port, "echo written-before-host-shutdown >> /root/e2e.txt")
+    ssh_until_ok(port, "echo written-before-host-shutdown >> /root/e2e.txt", deadline=BOOT_DEADLINE_SEC)
     r = d.ctl("host", "shutdown-vms", "--timeout", "240", timeout=300)
     ok(r)
     v = d.wait_state("web", "stopped", 60)
     assert v["state_reason"] == "host_shutdown" and v.get("last_failure") in (None, {}), v
-    assert "\n".join(d.console("web")).count("reboot: Power down") == 2
+    assert "reboot: Power down" in "\n".join(d.console("web")[-200:])
     assert _root_fs_state(d, "web", tmp_path) == ("clean", False)
 
 

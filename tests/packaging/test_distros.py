@@ -41,7 +41,7 @@ DAEMON_STOP_TIMEOUT_SEC = 20
 #   acpica-tools                        test_acpi_tables (iasl)
 # None of it is a dependency of the package (python3-cffi deliberately not).
 UNIT_TEST_PACKAGES = ("python3-pytest python3-hypothesis gcc make binutils libc6-dev linux-libc-dev "
-                      "libslirp-dev python3-cffi acpica-tools")
+                      "libslirp-dev python3-cffi acpica-tools python3-prometheus-client")
 # After a purge only these may still carry tenbox's name (docs/packaging.md).
 ALLOWED_LEFTOVERS = ("/var/lib/tenbox", "/etc/apt/sources.list.d/tenbox.list",
                      "/usr/share/keyrings/tenbox-archive-keyring.", "/var/lib/apt/lists/", "/var/cache/apt/",
@@ -313,6 +313,8 @@ class TestDistribution:
         shutil.copytree(src / "tests", dest / "tests", ignore=shutil.ignore_patterns(
             "packaging", "integration", "__pycache__", "out", "*.pyc"))
         shutil.copy2(src / "pyproject.toml", dest / "pyproject.toml")
+        for folder in ("systemd", "debian", "scripts"):  # the unit tests of units and maintainer scripts read them
+            shutil.copytree(src / folder, dest / folder)
         where = c.run("cd /opt/tenbox-tests && python3 -c 'import tenbox_vmm; print(tenbox_vmm.__file__)'")
         assert where.stdout.strip() == "/usr/lib/python3/dist-packages/tenbox_vmm/__init__.py"
         # --continue-on-collection-errors: a module this python3-* cannot import fails

@@ -23,4 +23,7 @@ def test_under_click_7_a_completion_request_runs_nothing(monkeypatch):
 def test_the_generator_refuses_other_shells_and_names(capsys):
     assert complete.main(["fish", "tenbox"]) == 2
     assert complete.main(["bash", "rm"]) == 2
-    assert complete.main(["bash", "tenbox"]) == 0 and "_tenbox_completion" in capsys.readouterr().out
+    if complete.CLICK_8:
+        assert complete.main(["bash", "tenbox"]) == 0 and "_tenbox_completion" in capsys.readouterr().out
+    else:  # Debian 11's click 7 has no script generator: one line saying what is needed
+        assert complete.main(["bash", "tenbox"]) == 1 and "needs click 8" in capsys.readouterr().err

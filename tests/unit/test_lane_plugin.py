@@ -53,3 +53,67 @@ def test_fixtures_of_earlier_items_end_at_a_replayed_item_and_the_next_module_ru
     # No report at all is an error at setup.
     result.stdout.fnmatch_lines(["*shared fixture ended*", "*no lane in this test*", "*2 passed, 1 error*"])
     result.stdout.no_fnmatch_line("*not torn down*")
+
+
+RETRY_CONFTEST = textwrap.dedent('''
+    import json
+    from tests.framework import lane, lane_plugin
+
+    CALLS = []
+
+    def report(nodeid, when):
+        return {"$report_type": "TestReport", "nodeid": nodeid, "location": ["test_r.py", 0, nodeid],
+                "keywords": {}, "outcome": "passed", "longrepr": None, "when": when, "sections": [],
+                "duration": 0.0, "user_properties": []}
+
+    def fake_run(command, out_dir, deadline_sec, console_log=None, **kw):
+        ids = (out_dir / "nodeids.txt").read_text().split()
+        CALLS.append(ids)
+        done = ids[:1]  # this lane finishes its first test, then "panics"
+        with open(str(out_dir / lane_plugin.REPORTS), "w") as f:
+            for nodeid in done:
+                for when in ("setup", "call", "teardown"):
+                    f.write(json.dumps(report(nodeid, when)) + "\\n")
+            if len(ids) > 1:
+                f.write(json.dumps(report(ids[1], "setup")) + "\\n")  # the test the lane died in
+        return lane.LaneResult(None, "kernel panic in the lane", "", 1.0)
+
+    lane.run = fake_run
+
+    def pytest_configure(config):
+        config.addinivalue_line("markers", "hwvirt: needs the lane")
+        config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
+
+    def pytest_unconfigure(config):
+        print("LANE CALLS %s" % json.dumps(CALLS))
+''')
+
+
+def test_a_lane_that_dies_gets_one_successor_for_the_tests_it_did_not_finish(tester):
+    """The first lane finishes one test and dies in the second: a second lane runs the second and
+    third only; it dies too after one, so the third is reported failed with the lane's reason."""
+    tester.makeconftest(RETRY_CONFTEST)
+    tester.makepyfile(test_r=textwrap.dedent('''
+        import pytest
+
+        @pytest.mark.hwvirt
+        def test_one():
+            pass
+
+        @pytest.mark.hwvirt
+        def test_two():
+            pass
+
+        @pytest.mark.hwvirt
+        def test_three():
+            pass
+    '''))
+    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([
+        "*ended before 2 test(s) finished (kernel panic in the lane*one more lane for them*",
+        "*ended before 1 test(s) finished*",
+        "*kernel panic in the lane*",
+        "*1 failed, 2 passed*",
+        'LANE CALLS [["test_r.py::test_one", "test_r.py::test_two", "test_r.py::test_three"], '
+        '["test_r.py::test_two", "test_r.py::test_three"]]',
+    ])

@@ -35,6 +35,7 @@ def test_text_fields_are_cut_and_deep_values_dropped():
 def test_a_follower_gets_every_new_entry_and_one_that_stops_reading_is_cut_off():
     """A stalled follower holds at most SUBSCRIBER_QUEUE_MAX entries of at most a few KiB each, then is cut off."""
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # Python 3.9's queues bind to the current loop when made
     try:
         log = EventLog(lambda: 1.0)
         with log.subscribe() as reader, log.subscribe() as stalled:
@@ -52,6 +53,7 @@ def test_a_follower_gets_every_new_entry_and_one_that_stops_reading_is_cut_off()
             log.emit(EventKind.VM_DELETED, vm_id="a", name="a")
             assert stalled.empty() and reader.get_nowait()["kind"] == "vm.deleted"
     finally:
+        asyncio.set_event_loop(None)
         loop.close()
 
 
