@@ -252,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             plan_memory = max(memory_mb, sizes[0] >> 20)
             plan_cpus = max(cpus, min(sizes[1], Limits.CPUS_MAX))
     try:
-        summary = sandbox.enter(sandbox.Plan(plan_memory, plan_cpus, args.link))
+        summary = sandbox.enter(sandbox.Plan(plan_memory, plan_cpus, args.link, rename_dir_fd=snapshot_dir))
     except sandbox.SandboxError as e:
         sys.stderr.write("%s: error: cannot enter the worker sandbox: %s\n" % (PROG, e))
         return ExitCode.SANDBOX

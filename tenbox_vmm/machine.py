@@ -106,11 +106,19 @@ class SnapshotDone(NamedTuple):
 
 
 class SnapshotRequest(NamedTuple):
-    """Take a snapshot to `path` (in the folder `dir_fd`, opened before the sandbox); `done` is told how it went."""
+    """Take a snapshot to `path` (in the folder `dir_fd`, opened before the sandbox); `done` is told how it went.
+
+    `publish` False: the file is written in place for tenboxd to move (no rename in the worker).
+    `overlays`: per virtio-blk disk, in --disk order, None or the name of a new qcow2 overlay in
+    `dir_fd` (made by tenboxd, backed by that disk's image) which the disk continues on once
+    the snapshot is written: the old image becomes the snapshot's read-only layer.
+    """
 
     path: str
     dir_fd: Optional[int]
     done: Callable[[SnapshotDone], None]
+    publish: bool = True
+    overlays: Tuple[Optional[str], ...] = ()
 
 
 class _SlotHost(MmioHost):
@@ -365,13 +373,15 @@ class Machine:
             self.close()
             raise MachineError("%s: %s" % (self.config.restore, e)) from None
 
-    def request_snapshot(self, path: str, dir_fd: Optional[int], done: Callable[[SnapshotDone], None]) -> None:
+    def request_snapshot(self, path: str, dir_fd: Optional[int], done: Callable[[SnapshotDone], None],
+                         publish: bool = True, overlays: Sequence[Optional[str]] = ()) -> None:
         """Snapshot the running machine to `path` at the controller's next step (safe from a signal handler).
 
-        The vCPUs pause at an instruction boundary, the state and RAM are written, and the
-        guest runs on. `done` is called on the controller thread.
+        The vCPUs pause at an instruction boundary, the state and RAM are written, the disks
+        move to their new overlays (SnapshotRequest), and the guest runs on. `done` is called
+        on the controller thread.
         """
-        self._snapshot_requests.append(SnapshotRequest(path, dir_fd, done))
+        self._snapshot_requests.append(SnapshotRequest(path, dir_fd, done, publish, tuple(overlays)))
         if self._done.is_set():  # came after _finish answered the others: answer it too
             self._refuse_snapshots("the VM has stopped")
 
@@ -734,20 +744,24 @@ class Machine:
             if req is None:
                 return
             try:
-                result = self._take_snapshot(req.path, req.dir_fd)
+                result = self._take_snapshot(req)
             except MachineError as e:
                 result = SnapshotDone("snapshot %s not taken: %s" % (req.path, e), True, req.path)
             req.done(result)
 
-    def _take_snapshot(self, path: str, dir_fd: Optional[int]) -> SnapshotDone:
-        """Pause, save the machine and its RAM to `path`, resume; what was written."""
+    def _take_snapshot(self, req: SnapshotRequest) -> SnapshotDone:
+        """Pause, save the machine and its RAM to `req.path`, move the disks to their overlays, resume."""
         from tenbox_vmm.snapshot import SnapshotError, cpu_model
         from tenbox_vmm.snapshot.fileformat import write_snapshot
         from tenbox_vmm.snapshot.machine_state import capture, check_kvm
 
+        path, dir_fd = req.path, req.dir_fd
         vm = self._vm
         if vm is None:
             raise MachineError("the guest is not running")
+        blk = self._blk_devices()
+        if len(req.overlays) > len(blk):
+            raise MachineError("%d overlays for %d disks" % (len(req.overlays), len(blk)))
         try:
             check_kvm(self.kvm)
         except SnapshotError as e:
@@ -760,11 +774,13 @@ class Machine:
             for t in self.virtio:
                 t.pause()
             try:
-                state = capture(vm, self._vcpus, self._supported_msrs, self.devices.by_name(), self.virtio)
-                size = write_snapshot(path, cpu_model.describe(self._supported_cpuid), self.config.cpus, state,
-                                      self.memory.host_buffer, dir_fd=dir_fd)
-            except (SnapshotError, OSError) as e:
-                raise MachineError(str(e)) from None
+                try:
+                    state = capture(vm, self._vcpus, self._supported_msrs, self.devices.by_name(), self.virtio)
+                    size = write_snapshot(path, cpu_model.describe(self._supported_cpuid), self.config.cpus, state,
+                                          self.memory.host_buffer, dir_fd=dir_fd, publish=req.publish)
+                except (SnapshotError, OSError) as e:
+                    raise MachineError(str(e)) from None
+                self._switch_disks(blk, dir_fd, req.overlays)  # the guest's next write goes to the overlay
             finally:
                 for t in self.virtio:
                     t.resume()
@@ -775,6 +791,49 @@ class Machine:
                  size >> 20, paused_ms)
         return SnapshotDone("snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms" % (
             path, self.memory.size >> 20, self.config.cpus, paused_ms), False, path, size, paused_ms)
+
+    def _blk_devices(self) -> list:
+        from tenbox_vmm.devices.virtio.blk import VirtioBlk
+
+        return [t.device for t in self.virtio if isinstance(t.device, VirtioBlk)]
+
+    def _switch_disks(self, blk: list, dir_fd: Optional[int], overlays: Sequence[Optional[str]]) -> None:
+        """Move each disk that has an overlay onto it, its image becoming the overlay's backing (paused).
+
+        All or none: every overlay is opened and checked before the first disk moves.
+        """
+        from tenbox_vmm import passed_files
+        from tenbox_vmm.disk import DiskError
+        from tenbox_vmm.disk.qcow2.image import Qcow2Disk
+
+        wanted = [(dev, name) for dev, name in zip(blk, overlays) if name is not None]
+        if not wanted:
+            return
+        if dir_fd is None:
+            raise MachineError("disk overlays need a snapshot folder")
+        opened: list = []
+        try:
+            for dev, name in wanted:
+                old = dev.disk
+                if getattr(old, "format", None) != "qcow2" or old.read_only:
+                    raise MachineError("disk %s is not a writable qcow2 image: it cannot get an overlay" % old.path)
+                old.flush()  # everything the guest wrote so far is in the layer
+                label = "%s (overlay)" % name  # a name for messages: the file is reached through dir_fd
+                fd = os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+                passed_files.add(label, fd)
+                new = Qcow2Disk(label, False, open_backing=lambda _name, _fmt, old=old: old)
+                opened.append((dev, new))
+                if new.size != old.size:
+                    raise MachineError("overlay %s is %d bytes, its disk %d" % (name, new.size, old.size))
+        except (OSError, DiskError, MachineError) as e:
+            for _, new in opened:
+                new.backing = None  # the old image stays the device's
+                new.close()
+            if isinstance(e, MachineError):
+                raise
+            raise MachineError("cannot open a disk overlay: %s" % (getattr(e, "strerror", None) or e)) from None
+        for dev, new in opened:
+            dev.swap_backend(new)
 
     def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
         """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""

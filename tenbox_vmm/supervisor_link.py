@@ -306,6 +306,10 @@ class SupervisorLink:
         if self.snapshot_dir is None:
             return "this worker was started without --snapshot-dir"
         folder, dir_fd = self.snapshot_dir
+        overlays = args.get("overlays", [])
+        if not isinstance(overlays, list) or len(overlays) > Limits.DISKS_MAX or not all(
+                o is None or (isinstance(o, str) and Limits.NAME_RE.match(o)) for o in overlays):
+            return "snapshot overlays must be a list of None or names matching [A-Za-z0-9-]{1,64}"
 
         def done(result) -> None:  # on the machine's controller thread
             if result.error:
@@ -314,7 +318,9 @@ class SupervisorLink:
                 self._post(Reply(req_id, True, result={"path": result.path, "file_bytes": result.file_bytes,
                                                        "paused_ms": round(result.paused_ms, 1)}))
 
-        self.machine.request_snapshot(os.path.join(folder, name + ".snap"), dir_fd, done)
+        # No rename here (the filter has none): tenboxd moves the file out of this staging folder.
+        self.machine.request_snapshot(os.path.join(folder, name + ".snap"), dir_fd, done, publish=False,
+                                      overlays=overlays)
         return None
 
     def _disk_grow(self, args: dict):

@@ -78,12 +78,15 @@ def _align(n: int) -> int:
 
 
 def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, Any], ram,
-                   dir_fd: Optional[int] = None) -> int:
+                   dir_fd: Optional[int] = None, publish: bool = True) -> int:
     """Write a snapshot of `state` (records.check_state's shape) and `ram` (a buffer) to `path`; its size.
 
     Crash-safe: see the module's docstring. An existing file at `path` is replaced only by a
     complete one. With `dir_fd` (a folder opened before the worker's sandbox, which hides
     the path), `path` is looked up there and only its last component is used.
+    With `publish` False (a worker under tenboxd, whose seccomp filter has no rename), `path`
+    is made new (O_EXCL) and written in place, synced, and left for tenboxd to move into
+    place: the folder it is written in is a staging folder no reader takes a snapshot from.
     """
     state_bytes = msgpack.packb(state, use_bin_type=True)
     if len(state_bytes) > STATE_MAX_BYTES:
@@ -106,18 +109,19 @@ def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, A
     else:
         dfd = dir_fd
     try:
-        return _write_in(dfd, folder, name, prefix, header, state_offset, state_bytes, ram, ram_offset)
+        return _write_in(dfd, folder, name, prefix, header, state_offset, state_bytes, ram, ram_offset, publish)
     finally:
         if dir_fd is None:
             os.close(dfd)
 
 
 def _write_in(dfd: int, folder: str, name: str, prefix: bytes, header: bytes, state_offset: int,
-              state_bytes: bytes, ram: memoryview, ram_offset: int) -> int:
+              state_bytes: bytes, ram: memoryview, ram_offset: int, publish: bool = True) -> int:
     path = os.path.join(folder, name)
-    tmp = ".%s.tmp-%d" % (name, os.getpid())
+    tmp = ".%s.tmp-%d" % (name, os.getpid()) if publish else name
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if publish else os.O_EXCL | os.O_NOFOLLOW)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
     except OSError as e:
         raise SnapshotError("cannot write a snapshot in %s: %s" % (folder, e.strerror)) from None
     try:
@@ -133,7 +137,8 @@ def _write_in(dfd: int, folder: str, name: str, prefix: bytes, header: bytes, st
             os.fdatasync(fd)  # data and the size it needs to be read back
         finally:
             os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        if publish:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError as e:
         _unlink_quietly(tmp, dfd)
         raise SnapshotError("cannot write snapshot %s: %s" % (path, e.strerror)) from None
