@@ -833,7 +833,7 @@ class Machine:
                 raise
             raise MachineError("cannot open a disk overlay: %s" % (getattr(e, "strerror", None) or e)) from None
         for dev, new in opened:
-            dev.swap_backend(new)
+            dev.swap_backend(new).freeze()  # read-only from here: clones may open it beside us
 
     def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
         """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""
