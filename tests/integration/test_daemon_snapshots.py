@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -240,3 +241,43 @@ def test_a_damaged_snapshot_file_refuses_to_restore_with_the_runtimes_line(daemo
     status, err = error_of(daemon.ctl("vm", "restore", "d", "s"))
     assert status == 1 and "(vm_start_failed)" in err and "truncated" in err.lower(), err
     assert daemon.vm("d")["state"] == "crashed"
+
+
+BLK = "console=ttyS0 blk.read=0:64 blk.write=100:8:a5 blk.stay=1"
+
+
+def test_a_live_disk_reads_the_same_through_its_new_overlay_and_after_a_restore(daemon, tmp_path):
+    """The blk guest with its device live: its write before the snapshot is in the frozen layer (synced);
+    after the snapshot the same read gives the same CRC through the new overlay, and again after vm restore;
+    the layer and the overlay pass qemu-img check."""
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(os.urandom(4 << 20))
+    template = tmp_path / "data.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(template))
+    r = daemon.ctl("vm", "create", "blk", "--kernel", guest_path("blk"), "--memory", "64", "--cmdline", BLK,
+                   "--template", str(template))
+    assert r.returncode == 0, r.stderr
+    assert daemon.ctl("vm", "start", "blk").returncode == 0
+    daemon.wait_console("blk", "blk: ready capacity=8192", WAIT_SEC)
+    crc = [ln for ln in daemon.console("blk") if "blk.crc32.0.64=" in ln][-1].split("=")[-1]
+    layer = spec_of(daemon, "blk")["disks"][0]["path"]
+    r = daemon.ctl("vm", "snapshot", "blk", "--name", "live")
+    assert r.returncode == 0, r.stderr
+    qemu_img("check", "-U", layer)
+    got = qemu_img("map", "--output=json", "-U", layer).stdout
+    assert '"data": true' in got  # the guest's sector 100 write lives in the layer
+    io = subprocess.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0xa5 %d %d" % (100 * 512, 8 * 512),
+                         layer], capture_output=True, text=True)
+    assert io.returncode == 0 and "read 4096/4096 bytes" in io.stdout and "fail" not in io.stdout, io.stdout
+    for step in ("after the snapshot", "after a restore"):
+        if step == "after a restore":
+            assert daemon.ctl("vm", "restore", "blk", "live").returncode == 0
+            daemon.wait_state("blk", "running", 30)
+        before = len([ln for ln in daemon.console("blk") if "blk: reads done" in ln])
+        daemon.console_line("blk", "read")
+        daemon.wait_console("blk", "blk: reads done", WAIT_SEC, count=before + 1)
+        again = [ln for ln in daemon.console("blk") if "blk.crc32.0.64=" in ln][-1].split("=")[-1]
+        assert again == crc, step
+        assert not any("not ok" in ln for ln in daemon.console("blk")), step
+    overlay = spec_of(daemon, "blk")["disks"][0]["path"]
+    qemu_img("check", "-U", overlay)
