@@ -365,12 +365,21 @@ class SnapshotMethods:
         self._check_forwards(hostfwds, count)
         self.gate.check_start_allowed()
         memory = snapshots.memory_path(self.workers.vm_dir(source.id), rec.name) if rec.memory_file else None
-        made: List[ManagedVm] = []
         with contextlib.ExitStack() as claims:
             for n in names:
                 claims.enter_context(self.workers.claim_name(n))
-            for n in names:
-                made.append(await self._make_clone(source, rec, n, dict(net, hostfwds=hostfwds)))
+            # Their overlays are made side by side (one image tool child each); all or none are kept.
+            outcome = await asyncio.gather(*(self._make_clone(source, rec, n, dict(net, hostfwds=hostfwds))
+                                             for n in names), return_exceptions=True)
+        made = [vm for vm in outcome if isinstance(vm, ManagedVm)]
+        failed = [e for e in outcome if isinstance(e, BaseException)]
+        if failed:
+            for vm in made:
+                with contextlib.suppress(OSError):
+                    self.workers.delete(vm)
+                if self.events is not None:
+                    self.events.emit(EventKind.VM_DELETED, vm_id=vm.id, name=vm.spec.name)
+            raise failed[0]
         started = time.monotonic()
         results = await asyncio.gather(*(self.vms.start_vm(vm, restore=memory) for vm in made),
                                        return_exceptions=True)
