@@ -96,6 +96,7 @@ class EventKind(str, enum.Enum):
     VM_DELETED = "vm.deleted"  # vm_id, name
     VM_STATE = "vm.state"  # vm_id, name, old, new, reason; failure {code, message} when new is crashed
     VM_RESTART = "vm.restart"  # vm_id, name, action (scheduled, starting, gave_up) and its details
+    VM_SNAPSHOT = "vm.snapshot"  # vm_id, name, snapshot, action (taken, restored, removed, cloned), details
     IMAGE_IMPORTED = "image.imported"  # image
     IMAGE_REMOVED = "image.removed"  # image
     HOST_UPDATE = "host.update"  # action (started, finished, failed), from, to, error

@@ -108,6 +108,11 @@ class SnapshotMethods:
             MethodSpec(Method.VM_CLONE, self.vm_clone, mutating=True),
         ]
 
+    def _tell(self, vm: ManagedVm, snapshot: str, action: str, **details: Any) -> None:
+        if self.events is not None:
+            self.events.emit(EventKind.VM_SNAPSHOT, vm_id=vm.id, name=vm.spec.name, snapshot=snapshot,
+                             action=action, **details)
+
     # Lookups ------------------------------------------------------------------------------------
 
     def _record(self, vm: ManagedVm, name: str) -> SnapshotRecord:
@@ -183,6 +188,7 @@ class SnapshotMethods:
             raise ApiError(ErrorCode.SNAPSHOT_FAILED, message)
         log.info("vm %s: snapshot %s taken (%s, %d bytes, guest paused %.0f ms)", vm.id, name,
                  "running" if rec.running else "stopped", rec.file_bytes, rec.paused_ms)
+        self._tell(vm, name, "taken", running=rec.running, paused_ms=rec.paused_ms)
         return record_view(rec, vm)
 
     def _machine(self, spec: VmSpec, layered: List[int]) -> Dict[str, Any]:
@@ -296,6 +302,7 @@ class SnapshotMethods:
                 raise _store_error(e)
             gone = snapshots.remove_unreferenced(rec.layers(), self._referenced())
         log.info("vm %s: snapshot %s removed (%d layer file(s) no longer used deleted)", vm.id, name, len(gone))
+        self._tell(vm, name, "removed")
         return {"vm_id": vm.id, "name": name, "removed": True, "files_removed": gone}
 
     def _referenced(self) -> Set[str]:
@@ -325,6 +332,7 @@ class SnapshotMethods:
                 raise _store_error(e)
             snapshots.remove_unreferenced(old_own, self._referenced())
         log.info("vm %s: restored to snapshot %s", vm.id, name)
+        self._tell(vm, name, "restored")
         if rec.memory_file:
             await self.vms.start_vm(vm, restore=snapshots.memory_path(vm_dir, name))
         return dict(self.vms.view(vm), restored=name)
@@ -393,6 +401,7 @@ class SnapshotMethods:
                 entry["error"] = "%s (%s)" % (res.message, res.code.value)
             out.append(entry)
         log.info("snapshot %s of vm %s: %d clone(s) made, started in %.2f s", rec.name, source.id, len(made), elapsed)
+        self._tell(source, rec.name, "cloned", clones=[vm.spec.name for vm in made], start_sec=round(elapsed, 3))
         return {"snapshot": rec.name, "source": source.id, "vms": out, "start_sec": round(elapsed, 3)}
 
     def _check_forwards(self, hostfwds: List[str], count: int) -> None:

@@ -193,6 +193,11 @@ def test_a_stopped_vm_snapshot_layers_the_disk_and_restores_it(daemon, template)
     assert daemon.ctl("vm", "snapshot", "rm", "st", "snap-1").returncode == 0
     assert os.path.exists(first)  # still the base of the VM's disk
     assert json.loads(daemon.ctl("vm", "snapshot", "ls", "st", "--json").stdout) == []
+    replay = [json.loads(ln) for ln in daemon.ctl("events", "--since", "0", "--no-follow", "--json").stdout.splitlines()]
+    assert [(e["snapshot"], e["action"]) for e in replay if e["kind"] == "vm.snapshot"] == [
+        ("snap-1", "taken"), ("snap-1", "restored"), ("snap-1", "removed")]
+    people = daemon.ctl("events", "--since", "0", "--no-follow").stdout.decode()
+    assert "vm.snapshot st: snapshot snap-1 taken" in people
 
 
 def test_bad_snapshot_requests_fail_with_one_line_and_a_documented_code(daemon, template, tmp_path):
