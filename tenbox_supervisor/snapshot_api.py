@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
 from tenbox_supervisor import params as P, snapshots
 from tenbox_supervisor.api import Caller, MethodSpec
-from tenbox_supervisor.errors import ApiError, OperationError
+from tenbox_supervisor.errors import ApiError, CommandTimeout, OperationError
 from tenbox_supervisor.events import EventSink
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.managed_vm import ManagedVm
@@ -256,10 +256,10 @@ class SnapshotMethods:
         try:
             reply = await self.workers.command(vm, CommandName.SNAPSHOT, {"name": name, "overlays": overlays},
                                                timeout=timeout)
+        except CommandTimeout:
+            raise _WorkerSilent("VM %s's worker did not finish the snapshot within %.0f s; the VM was stopped"
+                                % (vm.spec.name, timeout)) from None
         except OperationError as e:
-            if e.code is ErrorCode.VM_BUSY and "did not answer" in e.message:
-                raise _WorkerSilent("VM %s's worker did not finish the snapshot within %.0f s; the VM was stopped"
-                                    % (vm.spec.name, timeout)) from None
             with contextlib.suppress(OSError):
                 snapshots.prepare_staging(vm_dir)
             code = ErrorCode.SNAPSHOT_FAILED if e.code is ErrorCode.INVALID_ARGUMENT else e.code

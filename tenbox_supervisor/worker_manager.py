@@ -26,7 +26,7 @@ from tenbox_supervisor import snapshots, worker_files
 from tenbox_supervisor.cgroups import ResourceLimits
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
-from tenbox_supervisor.errors import ApiError, OperationError
+from tenbox_supervisor.errors import ApiError, CommandTimeout, OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.managed_vm import FAILURE_CONSOLE_LINES, ManagedVm, StateListener, WorkerSession
@@ -477,7 +477,7 @@ class WorkerManager:
             try:
                 reply = await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
-                raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
+                raise CommandTimeout(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
         finally:
             self._pending.pop(req_id, None)
         if not reply.ok:
