@@ -322,7 +322,12 @@ class SnapshotMethods:
                 raise ApiError(ErrorCode.VM_BUSY, "VM %s started again meanwhile" % vm.spec.name)
             vm_dir = self.workers.vm_dir(vm.id)
             rec = self._record(vm, name)  # again, under the lock
-            old_own = [d["path"] for d in vm.spec.disks if d.get("owned")]
+            # The overlays the VM runs on now go (their state is what the restore discards); a disk
+            # added since the snapshot is not an overlay on a layer: it is detached, its file kept.
+            layers = {p for r in snapshots.list_records(vm_dir) for p in r.layers()}
+            old_own = [d["path"] for d in vm.spec.disks if d.get("owned") and (d.get("backing") or [None])[0] in layers]
+            detached = [d["path"] for d in vm.spec.disks if d.get("owned") and d["path"] not in old_own
+                        and not any(d["path"] == x["path"] for x in rec.machine["disks"])]
             disks, new = await self._overlays_on(rec, vm_dir)
             machine = {k: v for k, v in rec.machine.items() if k in MACHINE_KEYS}
             try:
@@ -335,7 +340,7 @@ class SnapshotMethods:
         self._tell(vm, name, "restored")
         if rec.memory_file:
             await self.vms.start_vm(vm, restore=snapshots.memory_path(vm_dir, name))
-        return dict(self.vms.view(vm), restored=name)
+        return dict(self.vms.view(vm), restored=name, detached=detached)
 
     async def _overlays_on(self, rec: SnapshotRecord, folder: str) -> Tuple[List[Dict[str, Any]], List[str]]:
         """The snapshot's disks for a VM in `folder`: a new overlay on each layer, the others as they were;

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Protocol, Union
 
-from tenbox_supervisor import doctor, params as P, telemetry
+from tenbox_supervisor import doctor, params as P, snapshots, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
@@ -510,11 +510,12 @@ class VmMethods:
                 raise ApiError(ErrorCode.SNAPSHOT_IN_USE, "VMs %s have disks built on VM %s's snapshots; delete them "
                                "first" % (", ".join(users), vm.spec.name), vms=users)
             chained = [p for d in vm.spec.disks for p in d.get("backing") or []]
+            vms_dir = os.path.dirname(self.folders.vm_dir(vm.id))
             try:
                 self.workers.delete(vm)
             except OSError as e:
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm.id, e.strerror))
-            self._drop_unused_layers(chained)
+            self._drop_unused_layers(chained, vms_dir)
         self._tell(EventKind.VM_DELETED, vm)
         return {"id": vm.id, "deleted": True}
 
@@ -528,11 +529,8 @@ class VmMethods:
                 users.append(other.spec.name)
         return sorted(users)
 
-    def _drop_unused_layers(self, chained: List[str]) -> None:
+    def _drop_unused_layers(self, chained: List[str], vms_dir: str) -> None:
         """A deleted clone's layers in other VM folders whose snapshot was removed: deleted once unused."""
-        from tenbox_supervisor import snapshots
-
-        vms_dir = os.path.dirname(self.folders.vm_dir("x"))
         vms = self.workers.all()
         used = snapshots.referenced_paths([v.spec for v in vms], [self.folders.vm_dir(v.id) for v in vms])
         snapshots.remove_unreferenced([p for p in chained if p.startswith(vms_dir + os.sep)], used)

@@ -185,10 +185,14 @@ def test_a_stopped_vm_snapshot_layers_the_disk_and_restores_it(daemon, template)
     r = daemon.ctl("vm", "snapshot", "st")
     assert r.returncode == 0 and "snapshot snap-1 taken (stopped VM" in r.stdout.decode(), r.stderr
     on_top = spec_of(daemon, "st")["disks"][0]["path"]
-    r = daemon.ctl("vm", "restore", "st", "snap-1")
+    assert daemon.ctl("vm", "disk", "add", "st", "--size", "1M").returncode == 0  # added after the snapshot
+    added = spec_of(daemon, "st")["disks"][1]["path"]
+    r = daemon.ctl("vm", "restore", "st", "snap-1", "--json")
     assert r.returncode == 0, r.stderr
-    restored = spec_of(daemon, "st")["disks"][0]
-    assert daemon.vm("st")["state"] == "stopped"
+    assert json.loads(r.stdout)["detached"] == [added] and os.path.exists(added)  # detached, not deleted
+    restored = spec_of(daemon, "st")["disks"]
+    assert len(restored) == 1 and daemon.vm("st")["state"] == "stopped"
+    restored = restored[0]
     assert restored["backing"][0] == first and not os.path.exists(on_top)  # the overlay left behind is gone
     assert daemon.ctl("vm", "snapshot", "rm", "st", "snap-1").returncode == 0
     assert os.path.exists(first)  # still the base of the VM's disk
