@@ -127,6 +127,8 @@ def vm_restore(app: App, vm: str, snap: str, as_json: bool):
         output.emit_json(result)
         return
     click.echo("%s: restored to %s, %s" % (vm, snap, result["state"]))
+    for path in result.get("detached") or []:
+        output.err("%s: disk %s was added after snapshot %s: detached, its file kept" % (vm, path, snap))
 
 
 @click.command("clone")
