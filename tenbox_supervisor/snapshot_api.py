@@ -262,7 +262,10 @@ class SnapshotMethods:
         except OperationError as e:
             with contextlib.suppress(OSError):
                 snapshots.prepare_staging(vm_dir)
-            code = ErrorCode.SNAPSHOT_FAILED if e.code is ErrorCode.INVALID_ARGUMENT else e.code
+            # A refusal, or a worker that ended on the way: the VM's disks are the images it had (a
+            # worker that died after moving its disks lost only what it wrote since, as in a crash).
+            code = ErrorCode.SNAPSHOT_FAILED if e.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.VM_NOT_RUNNING) \
+                else e.code
             raise ApiError(code, e.message) from None
         # The guest runs on its new overlays from here: nothing below may lose them.
         new_paths: Dict[int, str] = {}

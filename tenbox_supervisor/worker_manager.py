@@ -464,21 +464,31 @@ class WorkerManager:
 
     async def command(self, vm: ManagedVm, name: CommandName, args: Dict[str, Any],
                       timeout: float = COMMAND_TIMEOUT_SEC) -> Dict[str, Any]:
-        """Send a worker command and wait for its reply; OperationError if it fails or never comes."""
-        if not vm.active or vm.session is None or not vm.session.hello:
+        """Send a worker command and wait for its reply; OperationError if it fails or never comes.
+
+        A worker that ends before it answers fails the command at once (VM_NOT_RUNNING), not
+        after `timeout`: a snapshot command waits minutes for a big guest.
+        """
+        session = vm.session
+        if not vm.active or session is None or not session.hello:
             raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
         req_id = self._next_id
         self._next_id += 1
         fut = asyncio.get_event_loop().create_future()
         self._pending[req_id] = fut
+        ended = asyncio.ensure_future(self.wait_for(vm, lambda: vm.session is not session, timeout))
         try:
             if not self.send(vm.id, Command(req_id, name, args)):
                 raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker is not connected" % vm.id)
-            try:
-                reply = await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
-                raise CommandTimeout(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
+            await asyncio.wait({fut, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not fut.done():
+                if vm.session is not session:
+                    raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s's worker ended before it answered %s"
+                                         % (vm.id, name.value))
+                raise CommandTimeout(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value))
+            reply = fut.result()
         finally:
+            ended.cancel()
             self._pending.pop(req_id, None)
         if not reply.ok:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, reply.error or "the worker refused %s" % name.value)

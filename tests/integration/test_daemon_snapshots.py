@@ -19,6 +19,7 @@ import pytest
 from tests.framework.disk_tools import qemu_img
 from tests.framework.guests import guest_path
 from tests.framework.ports import free_port
+from tests.framework.repo import PYTHON, REPO, repo_env
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -290,3 +291,38 @@ def test_a_live_disk_reads_the_same_through_its_new_overlay_and_after_a_restore(
         assert not any("not ok" in ln for ln in daemon.console("blk")), step
     overlay = spec_of(daemon, "blk")["disks"][0]["path"]
     qemu_img("check", "-U", overlay)
+
+
+def test_a_snapshot_killed_half_way_leaves_nothing_that_looks_valid(daemon, template):
+    """kill -9 of the worker while it writes a 2 GiB guest's RAM: vm snapshot fails with one line at once,
+    no snapshot is listed, the VM keeps its disk and starts again, and the name can be taken afresh."""
+    r = daemon.ctl("vm", "create", "k", "--kernel", guest_path("count"), "--memory", "2048", "--cmdline", CMDLINE,
+                   "--template", template)
+    assert r.returncode == 0, r.stderr
+    assert daemon.ctl("vm", "start", "k").returncode == 0
+    daemon.wait_console("k", "count: 3", WAIT_SEC)
+    disk = spec_of(daemon, "k")["disks"][0]
+    vm = daemon.vm("k")
+    partial = daemon.data_dir / "vms" / vm["id"] / "snapshot-staging" / "s.snap"
+    ctl = subprocess.Popen([PYTHON, "-m", "tenbox_ctl", "vm", "snapshot", "k", "--name", "s"],
+                           env=repo_env({"TENBOX_SOCK": str(daemon.socket)}), cwd=str(REPO),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + WAIT_SEC
+        while not partial.exists():  # the worker has begun writing
+            assert time.monotonic() < deadline and ctl.poll() is None, ctl.communicate()
+            time.sleep(0.005)
+        os.kill(vm["pid"], signal.SIGKILL)
+        out, err = ctl.communicate(timeout=30)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+    assert ctl.returncode == 1 and "(snapshot_failed)" in err.decode() and err.decode().count("\n") == 1, err
+    assert json.loads(daemon.ctl("vm", "snapshot", "ls", "k", "--json").stdout) == []
+    assert not (daemon.data_dir / "vms" / vm["id"] / "snapshots" / "s.json").exists()
+    assert spec_of(daemon, "k")["disks"][0] == disk
+    assert daemon.ctl("vm", "start", "k").returncode == 0
+    daemon.wait_console("k", "TENBOX-GUEST count start", WAIT_SEC, count=2)
+    r = daemon.ctl("vm", "snapshot", "k", "--name", "s")
+    assert r.returncode == 0, r.stderr
+    assert [s["name"] for s in json.loads(daemon.ctl("vm", "snapshot", "ls", "k", "--json").stdout)] == ["s"]

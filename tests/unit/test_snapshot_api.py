@@ -108,3 +108,16 @@ def test_a_file_the_worker_did_not_write_fails_the_snapshot_and_stops_the_vm(rig
         rig.run(methods(rig, running).vm_snapshot({"vm_id": "web", "name": "s1"}, CALLER))
     assert e.value.code is ErrorCode.SNAPSHOT_FAILED and "cannot move the snapshot" in e.value.message
     assert running.state is VmState.STOPPED
+
+
+def test_a_worker_that_dies_during_the_snapshot_fails_it_at_once_with_no_record(rig, running):
+    """Not after the snapshot's minutes-long timeout: as soon as the worker is gone."""
+    def die(cmd):
+        rig.loop.call_soon(rig.host.exit, running.pid, -9)
+        return None
+
+    worker_answers(rig, running, die)
+    with pytest.raises(ApiError) as e:
+        rig.run(methods(rig, running).vm_snapshot({"vm_id": "web", "name": "s1"}, CALLER), timeout=5)
+    assert e.value.code is ErrorCode.SNAPSHOT_FAILED and "ended before it answered" in e.value.message
+    assert snapshots.list_records(rig.store.vm_dir(running.id)) == [] and running.state is VmState.CRASHED
