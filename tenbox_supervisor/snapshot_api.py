@@ -246,12 +246,21 @@ class SnapshotMethods:
             staging = snapshots.prepare_staging(vm_dir)
         except OSError as e:
             raise ApiError(ErrorCode.SNAPSHOT_FAILED, "cannot prepare the staging folder: %s" % e.strerror) from None
+        made: Dict[int, int] = {}  # disk index -> a descriptor of the overlay made for it, held to the end
+        try:
+            return await self._snapshot_worker(vm, vm_dir, staging, name, layered, made)
+        finally:
+            for fd in made.values():
+                os.close(fd)
+
+    async def _snapshot_worker(self, vm: ManagedVm, vm_dir: str, staging: str, name: str, layered: List[int],
+                               made: Dict[int, int]) -> SnapshotRecord:
         overlays: List[Optional[str]] = [None] * len(vm.spec.disks)
         for i in layered:
             overlays[i] = snapshots.new_overlay_name(i)
             path = os.path.join(staging, overlays[i])
             await self._new_overlay(vm.spec.disks[i]["path"], path, in_use=True)
-            snapshots.hand_to_worker(path)
+            made[i] = snapshots.hand_to_worker(path)
         timeout = SNAPSHOT_TIMEOUT_BASE_SEC + vm.spec.memory_mb / SNAPSHOT_WRITE_MIB_PER_SEC
         try:
             reply = await self.workers.command(vm, CommandName.SNAPSHOT, {"name": name, "overlays": overlays},
@@ -275,10 +284,12 @@ class SnapshotMethods:
                                                snapshots.memory_path(vm_dir, name))
             for i in layered:
                 dest = os.path.join(vm_dir, overlays[i] + ".qcow2")
-                snapshots.take_from_staging(vm_dir, overlays[i], dest)
+                snapshots.take_from_staging(vm_dir, overlays[i], dest, made[i])
                 new_paths[i] = dest
         except (OSError, ValueError) as e:
-            # The overlays the worker writes must not be lost: stop it, and keep the VM on its images.
+            # The overlays the worker writes must not be lost: stop it, and keep the VM on its images
+            # (the overlays moved already are nobody's then).
+            _unlink_all(list(new_paths.values()))
             raise _WorkerSilent("cannot move the snapshot of VM %s into place: %s"
                                 % (vm.spec.name, getattr(e, "strerror", None) or e)) from None
         rec = SnapshotRecord(name, vm.id, self.workers.host.time(), True, name + snapshots.MEMORY_SUFFIX, size,

@@ -229,18 +229,30 @@ def _remove_entry(dfd: int, entry: str) -> None:
         os.unlink(entry, dir_fd=dfd)
 
 
-def hand_to_worker(path: str) -> None:
-    """A file tenboxd made in the staging folder, given to the worker user to open (0600)."""
-    uid, gid = worker_owner()
-    if os.geteuid() == 0:
-        os.chown(path, uid, gid, follow_symlinks=False)
-    os.chmod(path, PRIVATE_FILE_MODE)
+def hand_to_worker(path: str) -> int:
+    """A file tenboxd made in the staging folder, given to the worker user to open (0600).
+
+    Returns a descriptor of it for the caller to hold (and close) until take_from_staging:
+    held open, the file's inode cannot be freed and reused by another file under the name.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        uid, gid = worker_owner()
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def take_from_staging(vm_dir: str, name: str, dest: str) -> int:
+def take_from_staging(vm_dir: str, name: str, dest: str, made_fd: Optional[int] = None) -> int:
     """Move staging/NAME to `dest` (same file system), as root's 0600 file; its size.
 
-    The file must be a regular file with one link, not a link: ValueError otherwise.
+    The file must be a regular file with one link, not a link, and with `made_fd` (from
+    hand_to_worker) the very file tenboxd made (a worker may have put another under the
+    name): ValueError otherwise.
     """
     dfd = os.open(staging_dir(vm_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -249,6 +261,9 @@ def take_from_staging(vm_dir: str, name: str, dest: str) -> int:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 raise ValueError("%s in the staging folder is not a plain file" % name)
+            made = os.fstat(made_fd) if made_fd is not None else st
+            if (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+                raise ValueError("%s in the staging folder is not the file tenboxd made" % name)
             if os.geteuid() == 0:
                 os.fchown(fd, 0, 0)
             os.fchmod(fd, PRIVATE_FILE_MODE)

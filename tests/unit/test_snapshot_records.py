@@ -86,6 +86,17 @@ def test_a_staged_file_is_taken_only_if_it_is_a_plain_file_with_one_link(tmp_pat
         with pytest.raises((OSError, ValueError)):
             snapshots.take_from_staging(str(vm_dir), name, str(vm_dir / "taken"))
     assert not (vm_dir / "taken").exists() and target.read_text() == "not the worker's"
+    with open(os.path.join(staging, "made"), "w") as f:
+        f.write("overlay")
+    held = snapshots.hand_to_worker(os.path.join(staging, "made"))
+    try:
+        os.unlink(os.path.join(staging, "made"))  # a worker puts a file of its own under the name
+        with open(os.path.join(staging, "made"), "w") as f:
+            f.write("forged")
+        with pytest.raises(ValueError):
+            snapshots.take_from_staging(str(vm_dir), "made", str(vm_dir / "taken"), held)
+    finally:
+        os.close(held)
     with open(os.path.join(staging, "good"), "w") as f:
         f.write("12345")
     os.chmod(os.path.join(staging, "good"), 0o644)
