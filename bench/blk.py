@@ -19,7 +19,12 @@ alternating rounds: how fast TCG runs the guest kernel differs from boot
 to boot by more than the devices differ, and this way both devices see
 the same boot.
 
-    python3 -m bench.blk [--runs 5] [--linux] [--workdir DIR]
+--baseline TREE adds a third side to the default benchmark: the worker of
+another checkout of tenbox (e.g. a `git worktree` at an older commit), on
+the same images in the same interleaved rounds, and prints this tree's
+ratio to it: before/after figures without two runs' drift between them.
+
+    python3 -m bench.blk [--runs 5] [--linux] [--workdir DIR] [--baseline TREE]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from bench.common import build_static, fresh_overlay, interleave, median, table
+from bench.common import at_checkout, build_static, fresh_overlay, interleave, median, table
 from tests.framework import linux_guest, qemu
 from tests.framework.guests import guest_path
 from tests.framework.process import ConsoleProcess
@@ -229,7 +234,11 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=CACHE / "bench-blk")
     ap.add_argument("--linux", action="store_true",
                     help="Linux's driver under QEMU TCG: tenbox over vhost-user against QEMU's virtio-blk")
+    ap.add_argument("--baseline", type=Path, metavar="TREE",
+                    help="also run the worker of another tenbox checkout, interleaved, and report this/that")
     args = ap.parse_args()
+    if args.baseline is not None and not (args.baseline / "tenbox_vmm" / "__main__.py").is_file():
+        ap.error("--baseline %s: not a tenbox checkout (no tenbox_vmm/__main__.py)" % args.baseline)
     imgs = prepare(args.workdir)
     if args.linux:
         return linux_main(args, imgs)
@@ -256,13 +265,28 @@ def main() -> int:
                 path, fmt = image()
                 return run(qemu_argv(path, fmt, cmdline), amount)
 
-            res = interleave(args.runs, {"tenbox": tb, "qemu": qm})
+            def base():
+                path, _ = image()
+                return run(at_checkout(tenbox_argv(path, cmdline), args.baseline), amount)
+
+            sides = {"tenbox": tb, "qemu": qm}
+            if args.baseline is not None:
+                sides["baseline"] = base
+            res = interleave(args.runs, sides)
             t, q = median(res["tenbox"]["rate"]), median(res["qemu"]["rate"])
-            rows.append(("%s %s" % (backing, kind), "%.0f %s" % (t, unit), "%.0f %s" % (q, unit), "%.2f" % (t / q)))
-            print("  %-24s tenbox %.0f  qemu %.0f  (%.2f)" % (rows[-1][0], t, q, t / q), file=sys.stderr)
+            row = ["%s %s" % (backing, kind), "%.0f %s" % (t, unit), "%.0f %s" % (q, unit), "%.2f" % (t / q)]
+            if args.baseline is not None:
+                b = median(res["baseline"]["rate"])
+                row += ["%.0f %s" % (b, unit), "%.3f" % (t / b)]
+            rows.append(tuple(row))
+            print("  %-24s %s" % (row[0], "  ".join(row[1:])), file=sys.stderr)
     print("block benchmark: %d interleaved runs each, medians; %d MiB image; guest loop at CPL3, polling"
           % (args.runs, IMAGE_MB))
-    print(table(rows, ("case", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
+    header = ("case", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")
+    if args.baseline is not None:
+        header += ("baseline tenbox", "tenbox/baseline")
+        print("baseline: the worker of %s" % args.baseline.resolve().name)
+    print(table(rows, header))
     print("host read of the image file (page cache): %.0f MiB/s" % host_read_mib_s(imgs["raw"]))
     return 0
 

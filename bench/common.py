@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from tests.framework.repo import REPO
+from tests.framework.repo import PYTHON, REPO
 
 
 def interleave(runs: int, cases: Dict[str, Callable[[], Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
@@ -76,3 +76,15 @@ def build_static(name: str, workdir: Path) -> Path:
         subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out) + ".tmp", str(src)], check=True)
         os.replace(str(out) + ".tmp", str(out))
     return out
+
+
+def at_checkout(argv: List[str], tree: Path) -> List[str]:
+    """A `python3 -m tenbox_vmm ...` argv that runs the worker of another checkout of tenbox.
+
+    For before/after figures in one run: `python3 -m` puts the working directory
+    first on sys.path, so the other tree must be both the directory and the path.
+    """
+    if argv[:3] != [PYTHON, "-m", "tenbox_vmm"]:
+        raise ValueError("not a worker argv: %r" % argv[:3])
+    tree = tree.resolve()
+    return ["env", "-C", str(tree), "PYTHONPATH=%s" % tree] + argv

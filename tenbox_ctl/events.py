@@ -57,6 +57,9 @@ def describe(e: Dict[str, Any]) -> str:
     elif kind == EventKind.HOST_UPDATE.value:
         what = "%s from %s to %s%s" % (e.get("action"), e.get("from"), e.get("to") or "the newest",
                                        ": %s" % e["error"] if e.get("error") else "")
+    elif kind in (EventKind.VM_DISK_ADDED.value, EventKind.VM_DISK_RESIZED.value):
+        what = "disk %s %s, %s bytes%s" % (e.get("index"), e.get("disk"), e.get("size_bytes"),
+                                          " (live)" if e.get("live") else "")
     else:
         what = e.get("vm_id") or ""
     return "%s %s %s: %s" % (when, kind, who, what)

@@ -142,7 +142,7 @@ class Daemon:
             restarter.add_listener(events.on_restart)
             vm_methods = VmMethods(workers, store, images, updater, files, restarter, events)
             api.register(vm_methods.method_specs())
-            api.register(DiskMethods(workers, vm_methods.find).method_specs())
+            api.register(DiskMethods(workers, vm_methods.find, events).method_specs())
             api.register(SnapshotMethods(workers, vm_methods, store, updater, events).method_specs())
             api.register(events.method_specs())
             stats = StatsMethods(workers, host.monotonic, host.time)

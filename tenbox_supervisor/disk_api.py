@@ -17,10 +17,11 @@ from tenbox_supervisor import params as P
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import Credentials
 from tenbox_supervisor.errors import ApiError
+from tenbox_supervisor.events import EventSink
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
-from tenbox_supervisor.protocol import ErrorCode, Method
+from tenbox_supervisor.protocol import ErrorCode, EventKind, Method
 from tenbox_supervisor.spec import SpecError, VmSpec
 from tenbox_supervisor.worker_manager import WorkerManager
 from tenbox_vmm.protocol import Limits
@@ -63,10 +64,15 @@ def find_disk(spec: VmSpec, key: str) -> int:
 
 
 class DiskMethods:
-    def __init__(self, workers: WorkerManager, find) -> None:
+    def __init__(self, workers: WorkerManager, find, events: Optional[EventSink] = None) -> None:
         """`find(params)`: the VM a request names (VmMethods.find: vm_not_found, vm_broken)."""
         self.workers = workers
         self.find = find
+        self.events = events
+
+    def _tell(self, kind: EventKind, vm: ManagedVm, index: int, path: str, **fields: Any) -> None:
+        if self.events is not None:  # the file's name only: whoever follows events may not see the host's paths
+            self.events.emit(kind, vm_id=vm.id, name=vm.spec.name, index=index, disk=os.path.basename(path), **fields)
 
     def method_specs(self) -> List[MethodSpec]:
         return [
@@ -133,6 +139,7 @@ class DiskMethods:
                 os.unlink(path)
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot store the VM: %s" % (getattr(e, "strerror", None) or e))
         log.info("vm %s: added disk %s (%d bytes)", vm.id, path, size)
+        self._tell(EventKind.VM_DISK_ADDED, vm, len(s.disks), path, size_bytes=size)
         return {"vm_id": vm.id, "index": len(s.disks), "path": path, "size_bytes": size}
 
     async def vm_disk_resize(self, params, caller: Caller):
@@ -163,4 +170,5 @@ class DiskMethods:
                 size = info.get("virtual_size")
                 live = False
         log.info("vm %s: disk %s grown to %s bytes%s", vm.id, disk["path"], size, " (live)" if live else "")
+        self._tell(EventKind.VM_DISK_RESIZED, vm, index, disk["path"], size_bytes=size, live=live)
         return {"vm_id": vm.id, "index": index, "path": disk["path"], "size_bytes": size, "live": live}

@@ -1,7 +1,8 @@
 """tenbox_vmm.imagetool in a child process: image headers are parsed outside the daemon (daemon, root).
 
 Its answer is JSON on stdout (tenbox_vmm.protocol.imagetool); a failure
-comes back as ApiError(invalid_argument) with the tool's one-line message,
+comes back as ApiError(invalid_argument) with the tool's one-line message
+(permission_denied when the caller's rights do not reach a file),
 a tool that hung or gave no answer as internal_error. Given a user's
 rights (`as_user`), the tool runs with them: a disk a group member names,
 and every backing file its chain names, is read as that member.
@@ -15,7 +16,8 @@ from typing import Any, Dict, List, Optional
 
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import ErrorCode
-from tenbox_vmm.protocol.imagetool import IMAGETOOL_MODULE, ImageToolBroken, ImageToolFailed, read_answer
+from tenbox_vmm.protocol.imagetool import (IMAGETOOL_MODULE, ImageToolBroken, ImageToolCode, ImageToolFailed,
+                                           read_answer)
 
 IMAGETOOL_TIMEOUT_SEC = 120
 
@@ -37,7 +39,9 @@ async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC,
     try:
         return read_answer(proc.returncode, out)
     except ImageToolFailed as e:
-        # Every refusal of the tool is a bad disk or path given by the caller.
+        if e.code == ImageToolCode.DENIED:  # run with a member's rights, which do not reach the file
+            raise ApiError(ErrorCode.PERMISSION_DENIED, e.message) from None
+        # Every other refusal of the tool is a bad disk or path given by the caller.
         raise ApiError(ErrorCode.INVALID_ARGUMENT, e.message) from None
     except ImageToolBroken as e:
         raise ApiError(ErrorCode.INTERNAL_ERROR, str(e)) from None

@@ -97,6 +97,8 @@ class EventKind(str, enum.Enum):
     VM_STATE = "vm.state"  # vm_id, name, old, new, reason; failure {code, message} when new is crashed
     VM_RESTART = "vm.restart"  # vm_id, name, action (scheduled, starting, gave_up) and its details
     VM_SNAPSHOT = "vm.snapshot"  # vm_id, name, snapshot, action (taken, restored, removed, cloned), details
+    VM_DISK_ADDED = "vm.disk_added"  # vm_id, name, index, disk (file name), size_bytes
+    VM_DISK_RESIZED = "vm.disk_resized"  # vm_id, name, index, disk (file name), size_bytes, live
     IMAGE_IMPORTED = "image.imported"  # image
     IMAGE_REMOVED = "image.removed"  # image
     HOST_UPDATE = "host.update"  # action (started, finished, failed), from, to, error

@@ -66,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.cmd:
         p.error("a command is required: create, overlay or info")
 
-    from tenbox_vmm.disk import DiskError, create_qcow2, image_info
+    from tenbox_vmm.disk import DiskError, DiskPermissionError, create_qcow2, image_info
 
     try:
         if args.cmd == "info":
@@ -93,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 fmt = image_info(backing)["format"] if backing else None
                 create_qcow2(args.path, size, cluster_size=args.cluster_size, backing=backing, backing_fmt=fmt)
             result = image_info(args.path)
+    except DiskPermissionError as e:
+        return _fail(ImageToolCode.DENIED, str(e))
     except (DiskError, ValueError) as e:
         return _fail(ImageToolCode.BAD_IMAGE, str(e))
     except OSError as e:

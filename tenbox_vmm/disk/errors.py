@@ -15,6 +15,10 @@ class DiskError(Exception):
     """A disk operation or image was refused, or failed; the message is one line for people."""
 
 
+class DiskPermissionError(DiskError):
+    """The image file (or one of its backing files) may not be opened with the caller's rights."""
+
+
 class ReadOnlyDisk(DiskError):
     """A write, discard or write-zeroes on a disk opened read-only."""
 

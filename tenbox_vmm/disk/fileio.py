@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from tenbox_vmm import passed_files
 from tenbox_vmm.disk import fallocate
-from tenbox_vmm.disk.errors import DiskError, DiskIOError
+from tenbox_vmm.disk.errors import DiskError, DiskIOError, DiskPermissionError
 from tenbox_vmm.disk.iov import IOV_MAX, advance, total, zero_fill, zero_views
 
 Data = Union[bytes, bytearray, memoryview]
@@ -34,7 +34,7 @@ class ImageFile:
         except IsADirectoryError:
             raise DiskError("%s: is a directory, not a disk image" % path) from None
         except PermissionError:
-            raise DiskError("%s: permission denied (opening it %s)"
+            raise DiskPermissionError("%s: permission denied (opening it %s)"
                             % (path, "read-write" if writable else "read-only")) from None
         except OSError as e:
             raise DiskError("%s: cannot open: %s" % (path, e.strerror)) from None

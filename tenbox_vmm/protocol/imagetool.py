@@ -51,6 +51,7 @@ class ImageToolCode(str, enum.Enum):
     USAGE = "usage"  # bad arguments
     BAD_IMAGE = "bad_image"  # not an image the disk code accepts, or a size or option it refuses
     IO_ERROR = "io_error"  # the file system said no: missing, unreadable, no space
+    DENIED = "denied"  # the image or a backing file may not be opened with the tool's (the caller's) rights
 
 
 class ImageToolFailed(Exception):

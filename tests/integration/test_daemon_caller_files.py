@@ -158,3 +158,24 @@ def test_a_member_imports_only_what_it_could_read(member):
     as_root = member.d.ctl("image", "import", path, "/etc/shadow")  # root may read it: the size comes back
     assert as_root.returncode == 1 and b"/etc/shadow has %d bytes" % os.stat("/etc/shadow").st_size in as_root.stderr
     assert json.loads(member.d.ctl("image", "ls", "--json").stdout) == []
+
+
+def test_a_member_grows_only_disks_it_may_still_write(member):
+    """vm.disk.add makes a disk in the VM's folder with tenboxd's rights; vm.disk.resize of a
+    stopped VM's disk runs as the user who named it, so a file taken from the member since
+    (root's now, read-only to others) is refused and keeps its size."""
+    kernel = member.file("vmlinuz", source=guest_path("idle"))
+    disk = member.file("data.raw", b"\0" * (1 << 20))
+    r = member.ctl("vm", "create", "disky", "--kernel", kernel, "--disk", disk, "--memory", "32")
+    assert r.returncode == 0, r.stderr
+    added = member.call("vm.disk.add", vm_id="disky", size="2M")
+    assert added["ok"], added
+    assert member.call("vm.disk.resize", vm_id="disky", disk="data.raw", size="2M")["ok"]
+    assert os.path.getsize(disk) == 2 << 20
+    os.chown(disk, 0, 0)
+    os.chmod(disk, 0o644)
+    err = refused(member.call("vm.disk.resize", vm_id="disky", disk="data.raw", size="3M"))
+    assert disk in err, err
+    assert os.path.getsize(disk) == 2 << 20
+    assert member.call("vm.disk.resize", vm_id="disky", disk=os.path.basename(added["payload"]["path"]),
+                       size="+1M")["ok"]

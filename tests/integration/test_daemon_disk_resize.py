@@ -73,6 +73,15 @@ def test_a_new_disk_is_a_qcow2_in_the_vm_folder_and_grows_while_stopped(daemon, 
     assert virtual_size(path) == 15 * MIB and os.path.getsize(raw) == 3 * MIB
     assert len(disks(daemon, "d1")) == 2 and [n for n in os.listdir(folder) if n.endswith(".qcow2")] == ["disk-1.qcow2"]
 
+    # The event log has the one add and the two grows, not the refusals.
+    out = ok(daemon.ctl("events", "--since", "1h", "--no-follow", "--json"))
+    seen = [json.loads(line) for line in out.splitlines()]
+    assert [(e["kind"], e["name"], e["index"], e["disk"], e["size_bytes"], e.get("live")) for e in seen
+            if e["kind"].startswith("vm.disk_")] == [
+        ("vm.disk_added", "d1", 1, "disk-1.qcow2", 10 * MIB, None),
+        ("vm.disk_resized", "d1", 1, "disk-1.qcow2", 15 * MIB, False),
+        ("vm.disk_resized", "d1", 0, "data.raw", 3 * MIB, False)]
+
     # Added disks go with the VM.
     ok(daemon.ctl("vm", "rm", "d1"))
     assert not os.path.exists(path) and raw.exists()
