@@ -40,6 +40,7 @@ class WorkerSession:
     exit_msg: Optional[Tuple[int, str]] = None  # its EXIT message, if it sent one
     stop_requested: Optional[str] = None  # why we asked it to stop
     lost: Optional[Failure] = None  # declared lost (and killed) by us
+    kill_at: Optional[float] = None  # host monotonic time of the SIGKILL that follows a lost worker's stack dump
     unwatch: Optional[Callable[[], None]] = None
 
     def stop_watching(self) -> None:

@@ -58,6 +58,10 @@ log = logging.getLogger("tenboxd.workers")
 
 S = VmState
 START_TIMEOUT_SEC = 30.0  # spawn -> first HELLO, and spawn -> running
+# A worker that hangs gets SIGUSR2 first (its threads' Python stacks to runtime.log) and SIGKILL
+# at the first liveness check this long after: the operator sees where it was stuck.
+DUMP_GRACE_SEC = 1.0
+STACKS_HINT = "; its threads' stacks are in logs/runtime.log"
 STOP_TIMEOUT_SEC = 10.0  # stop command -> exit, before SIGKILL
 KILL_WAIT_SEC = 5.0
 SHUTDOWN_TIMEOUT_SEC = 60.0  # power button -> exit, before a hard stop
@@ -659,23 +663,38 @@ class WorkerManager:
         now = self.host.monotonic()
         for vm in list(self._vms.values()):
             session = vm.session
-            if session is None or session.lost is not None:
+            if session is None:
+                continue
+            if session.lost is not None:
+                if session.kill_at is not None and now >= session.kill_at:
+                    session.kill_at = None
+                    self.host.kill(session.proc, signal.SIGKILL)
                 continue
             if session.hello:
                 self.send(vm.id, Heartbeat())
                 silent = now - session.last_heard
                 if silent > HEARTBEAT_INTERVAL_SEC * HEARTBEAT_LIVENESS:
-                    self._declare_lost(vm, Failure(FailureCode.HEARTBEAT_LOST,
-                                                   "the worker stopped answering for %.0fs" % silent, self.host.time()))
+                    self._declare_lost(vm, Failure(FailureCode.HEARTBEAT_LOST, "the worker stopped answering for "
+                                                   "%.0fs%s" % (silent, STACKS_HINT), self.host.time()), dump=True)
             elif now - session.spawned_mono > START_TIMEOUT_SEC:
-                self._declare_lost(vm, Failure(FailureCode.START_TIMEOUT, "the worker did not connect within %.0fs"
-                                               % START_TIMEOUT_SEC, self.host.time()))
+                self._declare_lost(vm, Failure(FailureCode.START_TIMEOUT, "the worker did not connect within %.0fs%s"
+                                               % (START_TIMEOUT_SEC, STACKS_HINT), self.host.time()), dump=True)
 
-    def _declare_lost(self, vm: ManagedVm, failure: Failure) -> None:
-        """Kill the worker; its exit is then judged with this failure."""
+    def _declare_lost(self, vm: ManagedVm, failure: Failure, dump: bool = False) -> None:
+        """Kill the worker; its exit is then judged with this failure.
+
+        `dump`: a hung worker; SIGUSR2 now (faulthandler writes every thread's stack to
+        runtime.log and the worker runs on), SIGKILL from tick() DUMP_GRACE_SEC later.
+        """
         session = vm.session
-        log.error("vm %s: %s; killing worker pid %d", vm.id, failure.message, session.proc.pid)
         session.lost = failure
+        if dump:
+            log.error("vm %s: %s; worker pid %d: stacks asked for (SIGUSR2), killed in %.0fs", vm.id,
+                      failure.message, session.proc.pid, DUMP_GRACE_SEC)
+            session.kill_at = self.host.monotonic() + DUMP_GRACE_SEC
+            self.host.kill(session.proc, signal.SIGUSR2)
+            return
+        log.error("vm %s: %s; killing worker pid %d", vm.id, failure.message, session.proc.pid)
         self.host.kill(session.proc, signal.SIGKILL)
 
     async def close(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 from tenbox_supervisor.errors import OperationError
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
 from tenbox_supervisor.worker_files import WorkerFileError
-from tenbox_supervisor.worker_manager import START_TIMEOUT_SEC
+from tenbox_supervisor.worker_manager import DUMP_GRACE_SEC, START_TIMEOUT_SEC
 from tenbox_vmm.protocol import ExitCode, VmState
 from tenbox_vmm.protocol.sandbox import worker_memory_max, worker_tasks_max
 from tenbox_vmm.protocol.link import (
@@ -134,7 +134,12 @@ def test_a_worker_that_never_says_hello_is_killed_after_the_start_timeout(rig):
     assert rig.host.killed == []  # not yet
     rig.host.advance(START_TIMEOUT_SEC + 1)
     rig.workers.tick()
-    assert rig.host.killed == [(vm.pid, signal.SIGKILL)]
+    assert rig.host.killed == [(vm.pid, signal.SIGUSR2)]  # its stacks to runtime.log first
+    rig.workers.tick()
+    assert rig.host.killed == [(vm.pid, signal.SIGUSR2)]
+    rig.host.advance(DUMP_GRACE_SEC)
+    rig.workers.tick()
+    assert rig.host.killed == [(vm.pid, signal.SIGUSR2), (vm.pid, signal.SIGKILL)]
     with pytest.raises(OperationError) as e:
         rig.run(starting)
     assert vm.state == S.CRASHED and vm.last_failure["code"] == FailureCode.START_TIMEOUT.value
@@ -157,7 +162,10 @@ def test_a_worker_silent_for_five_intervals_is_killed_and_the_vm_crashes_with_he
     assert rig.host.killed == []
     rig.host.advance(1.0)
     rig.workers.tick()
-    assert rig.host.killed == [(pid, signal.SIGKILL)]
+    assert rig.host.killed == [(pid, signal.SIGUSR2)]
+    rig.host.advance(DUMP_GRACE_SEC)
+    rig.workers.tick()
+    assert rig.host.killed == [(pid, signal.SIGUSR2), (pid, signal.SIGKILL)]
     rig.host.exit(pid, -signal.SIGKILL)
     rig.settle()
     f = vm.last_failure
