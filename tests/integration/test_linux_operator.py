@@ -106,7 +106,7 @@ def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_sh
     port = free_port()
     ok(d.ctl("vm", "create", "web", "--image", IMAGE, "--memory", "512", "--cpus", "2",
              "--hostfwd", "tcp::%d-:22" % port))
-    ok(d.ctl("vm", "start", "web"))
+    _start(d, "web")
     took = wait_console(d, "web", LOGIN)
     print("login prompt after %.0f s" % took)
 
@@ -138,7 +138,7 @@ def test_debian_image_boots_systemd_answers_ssh_keeps_files_across_reboot_and_sh
 
     # The host shuts down (what tenbox-guests.service's ExecStop runs): the guest gets the power
     # button, shuts systemd down, and its file system is left clean.
-    ok(d.ctl("vm", "start", "web"))
+    _start(d, "web")
     ssh_until_ok(port, "echo written-before-host-shutdown >> /root/e2e.txt", deadline=BOOT_DEADLINE_SEC)
     r = d.ctl("host", "shutdown-vms", "--timeout", "240", timeout=300)
     ok(r)
@@ -156,6 +156,16 @@ def _guest_disk_bytes(port: int, old: int, deadline: float = 60.0) -> int:
         if size != old or time.monotonic() - started > deadline:
             return size
         time.sleep(2)
+
+
+def _start(d, name: str) -> None:
+    """vm start; a refusal with the end of the VM's runtime.log (a worker that hung: its stacks)."""
+    r = d.ctl("vm", "start", name)
+    if r.returncode != 0:
+        log = d.data_dir / "vms" / d.vm(name)["id"] / "logs" / "runtime.log"
+        tail = log.read_text(errors="replace").splitlines()[-80:] if log.exists() else ["(no runtime.log)"]
+        raise AssertionError("vm start %s: exit %d: %s\nruntime.log:\n%s"
+                             % (name, r.returncode, r.stderr.decode(errors="replace").strip(), "\n".join(tail)))
 
 
 def _root_fs_state(d, name: str, tmp_path: Path):
