@@ -186,8 +186,11 @@ def test_a_non_loopback_metrics_address_is_refused_at_start(make_daemon):
 
 def test_vm_stats_streams_a_sample_every_second_until_interrupted(daemon):
     """Without --no-stream: one JSON list per second; Ctrl-C (SIGINT) ends it with status 0."""
+    # SIGINT as a terminal leaves it: a test run started in the background by a shell without job
+    # control inherits it ignored, and so would the CLI (Python then installs no Ctrl-C handler).
     p = subprocess.Popen([PYTHON, "-m", "tenbox_ctl", "vm", "stats", "--json"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=str(REPO), env=repo_env({"TENBOX_SOCK": str(daemon.socket)}))
+                         stderr=subprocess.PIPE, cwd=str(REPO), env=repo_env({"TENBOX_SOCK": str(daemon.socket)}),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         started = time.monotonic()
         assert json.loads(p.stdout.readline()) == [] and json.loads(p.stdout.readline()) == []
