@@ -77,7 +77,10 @@ class DaemonProcess:
         return [PYTHON, "-c", runner, self.preamble] + args
 
     def env(self) -> Dict[str, str]:
-        return repo_env(dict({"TENBOX_NO_SCOPES": "1"}, **self.extra_env))
+        env = {"TENBOX_NO_SCOPES": "1"}
+        if os.environ.get("TENBOX_LANE") == "inner":  # everything emulated: a worker's imports alone can take 30 s
+            env["TENBOX_TEST_START_TIMEOUT_SEC"] = "120"
+        return repo_env(dict(env, **self.extra_env))
 
     def start(self, wait: bool = True, timeout: float = START_SEC) -> ConsoleProcess:
         self.proc = ConsoleProcess(self.argv(), env=self.env(), stdin=subprocess.DEVNULL)

@@ -403,3 +403,15 @@ def test_a_broken_entry_whose_worker_runs_is_not_deleted_unless_forced(rig, tmp_
     again.run(again.workers.delete_broken(vm.id, force=True))
     assert again.host.killed == [(pid, signal.SIGTERM)] and not os.path.exists(again.store.vm_dir(vm.id))
     assert again.workers.broken() == {}
+
+
+@pytest.mark.parametrize("value, expected", [(None, START_TIMEOUT_SEC), ("120", 120.0), ("0", START_TIMEOUT_SEC),
+                                             ("-5", START_TIMEOUT_SEC), ("lots", START_TIMEOUT_SEC),
+                                             ("99999", START_TIMEOUT_SEC)])
+def test_the_start_deadline_test_hook_takes_only_a_sane_number_of_seconds(monkeypatch, value, expected):
+    from tenbox_supervisor.worker_manager import START_TIMEOUT_ENV, start_timeout
+    if value is None:
+        monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(START_TIMEOUT_ENV, value)
+    assert start_timeout() == expected
