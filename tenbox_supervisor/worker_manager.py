@@ -63,12 +63,25 @@ START_TIMEOUT_SEC = 30.0  # spawn -> first HELLO, and spawn -> running
 START_TIMEOUT_ENV = "TENBOX_TEST_START_TIMEOUT_SEC"
 
 
-def start_timeout() -> float:
+# The same for the silence that counts as a lost worker (HEARTBEAT_LIVENESS intervals): an
+# in-process guest reset there has kept a worker busy past 5 s.
+LIVENESS_ENV = "TENBOX_TEST_HEARTBEAT_LIVENESS"
+
+
+def _test_hook(name: str, default: float) -> float:
     try:
-        value = float(os.environ.get(START_TIMEOUT_ENV, ""))
+        value = float(os.environ.get(name, ""))
     except ValueError:
-        return START_TIMEOUT_SEC
-    return value if 0 < value <= 3600 else START_TIMEOUT_SEC
+        return default
+    return value if 0 < value <= 3600 else default
+
+
+def start_timeout() -> float:
+    return _test_hook(START_TIMEOUT_ENV, START_TIMEOUT_SEC)
+
+
+def heartbeat_liveness() -> float:
+    return _test_hook(LIVENESS_ENV, HEARTBEAT_LIVENESS)
 # A worker that hangs gets SIGUSR2 first (its threads' Python stacks to runtime.log) and SIGKILL
 # at the first liveness check this long after: the operator sees where it was stuck.
 DUMP_GRACE_SEC = 1.0
@@ -97,6 +110,7 @@ class WorkerManager:
         self._listeners: List[StateListener] = []
         self.runtime_argv = [sys.executable, "-m", "tenbox_vmm"]
         self.start_timeout = start_timeout()
+        self.liveness = heartbeat_liveness()
         self._tick_task: Optional[asyncio.Task] = None
         self._next_id = 1
         self._pending: Dict[int, asyncio.Future] = {}
@@ -656,7 +670,7 @@ class WorkerManager:
             if session.hello:
                 self.send(vm.id, Heartbeat())
                 silent = now - session.last_heard
-                if silent > HEARTBEAT_INTERVAL_SEC * HEARTBEAT_LIVENESS:
+                if silent > HEARTBEAT_INTERVAL_SEC * self.liveness:
                     self._declare_lost(vm, Failure(FailureCode.HEARTBEAT_LOST, "the worker stopped answering for "
                                                    "%.0fs%s" % (silent, STACKS_HINT), self.host.time()), dump=True)
             elif now - session.spawned_mono > self.start_timeout:

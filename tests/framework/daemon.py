@@ -80,6 +80,7 @@ class DaemonProcess:
         env = {"TENBOX_NO_SCOPES": "1"}
         if os.environ.get("TENBOX_LANE") == "inner":  # everything emulated: a worker's imports alone can take 30 s
             env["TENBOX_TEST_START_TIMEOUT_SEC"] = "120"
+            env["TENBOX_TEST_HEARTBEAT_LIVENESS"] = "30"  # a guest reset there has kept a worker busy past 5 s
         return repo_env(dict(env, **self.extra_env))
 
     def start(self, wait: bool = True, timeout: float = START_SEC) -> ConsoleProcess:

@@ -415,3 +415,13 @@ def test_the_start_deadline_test_hook_takes_only_a_sane_number_of_seconds(monkey
     else:
         monkeypatch.setenv(START_TIMEOUT_ENV, value)
     assert start_timeout() == expected
+
+
+def test_the_liveness_test_hook_takes_only_a_sane_number_of_intervals(monkeypatch):
+    from tenbox_supervisor.worker_manager import LIVENESS_ENV, heartbeat_liveness
+    monkeypatch.setenv(LIVENESS_ENV, "30")
+    assert heartbeat_liveness() == 30
+    monkeypatch.setenv(LIVENESS_ENV, "nope")
+    assert heartbeat_liveness() == HEARTBEAT_LIVENESS
+    monkeypatch.delenv(LIVENESS_ENV)
+    assert heartbeat_liveness() == HEARTBEAT_LIVENESS
