@@ -58,11 +58,17 @@ log = logging.getLogger("tenboxd.workers")
 
 S = VmState
 START_TIMEOUT_SEC = 30.0  # spawn -> first HELLO, and spawn -> running
+# A worker that hangs gets SIGUSR2 first (its threads' Python stacks to runtime.log) and SIGKILL
+# at the first liveness check this long after: the operator sees where it was stuck.
+DUMP_GRACE_SEC = 1.0
+STACKS_HINT = "; its threads' stacks are in logs/runtime.log"
+STOP_TIMEOUT_SEC = 10.0  # stop command -> exit, before SIGKILL
+KILL_WAIT_SEC = 5.0
+SHUTDOWN_TIMEOUT_SEC = 60.0  # power button -> exit, before a hard stop
+
 # Test hook (dropped under systemd, oshost.py): a longer start deadline where everything is
 # emulated, as in the nested lane, whose worker can spend 30 s importing pyzmq over 9p.
 START_TIMEOUT_ENV = "TENBOX_TEST_START_TIMEOUT_SEC"
-
-
 # The same for the silence that counts as a lost worker (HEARTBEAT_LIVENESS intervals): an
 # in-process guest reset there has kept a worker busy past 5 s.
 LIVENESS_ENV = "TENBOX_TEST_HEARTBEAT_LIVENESS"
@@ -82,13 +88,8 @@ def start_timeout() -> float:
 
 def heartbeat_liveness() -> float:
     return _test_hook(LIVENESS_ENV, HEARTBEAT_LIVENESS)
-# A worker that hangs gets SIGUSR2 first (its threads' Python stacks to runtime.log) and SIGKILL
-# at the first liveness check this long after: the operator sees where it was stuck.
-DUMP_GRACE_SEC = 1.0
-STACKS_HINT = "; its threads' stacks are in logs/runtime.log"
-STOP_TIMEOUT_SEC = 10.0  # stop command -> exit, before SIGKILL
-KILL_WAIT_SEC = 5.0
-SHUTDOWN_TIMEOUT_SEC = 60.0  # power button -> exit, before a hard stop
+
+
 COMMAND_TIMEOUT_SEC = 15.0  # a worker command -> its reply
 CREATE_TIME_SLACK_SEC = 0.01  # psutil's and /proc's start times of one process differ by rounding
 
