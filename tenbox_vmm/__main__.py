@@ -263,14 +263,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     def detach() -> None:
         machine.stop("stopped from the console (Ctrl-])")
 
+    # A signal the kernel hands to a vCPU thread (the main thread already has one pending)
+    # would wait for the main thread's next wake-up to be handled; the wakeup pipe is one.
+    signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
     input_fd = None if mode == "none" else 0
     machine.start()
     sandbox.probe_forbidden_call_if_asked(lambda: machine.state == VmState.RUNNING)
     if mode == "tty":
         with TerminalMode(0):
-            pump_input(input_fd, True, machine.console_input, done_r, detach)
+            pump_input(input_fd, True, machine.console_input, done_r, detach, signal_r)
     else:
-        pump_input(input_fd, False, machine.console_input, done_r, detach)
+        pump_input(input_fd, False, machine.console_input, done_r, detach, signal_r)
     code = machine.wait()
     output.close()
     from tenbox_vmm.guest_log import flush_all

@@ -176,15 +176,20 @@ def pump_input(
     deliver: Callable[[bytes], int],
     done_fd: int,
     on_detach: Callable[[], None],
+    signal_fd: Optional[int] = None,
 ) -> None:
     """Feed the guest from `input_fd` until `done_fd` becomes readable.
 
     Input that the guest's receive queue cannot take yet waits here, and the
     terminal or pipe is not read meanwhile, so typing ahead is never lost.
     EOF on a pipe ends input but not the VM; Ctrl-] (interactive) detaches.
+    `signal_fd` (signal.set_wakeup_fd's pipe) wakes this wait, so that Python
+    runs the handlers of signals the kernel gave to another thread.
     """
     sel = selectors.PollSelector()  # poll, unlike epoll, accepts regular files and /dev/null
     sel.register(done_fd, selectors.EVENT_READ, "done")
+    if signal_fd is not None:
+        sel.register(signal_fd, selectors.EVENT_READ, "signal")
     open_input = input_fd is not None
     if open_input:
         sel.register(input_fd, selectors.EVENT_READ, "input")
@@ -194,6 +199,9 @@ def pump_input(
             for key, _ in sel.select(0.02 if pending else None):
                 if key.data == "done":
                     return
+                if key.data == "signal":
+                    _drain(signal_fd)  # the handlers run as this thread goes on
+                    continue
                 try:
                     chunk = os.read(input_fd, READ_CHUNK)
                 except OSError:
@@ -216,3 +224,11 @@ def pump_input(
                 sel.register(input_fd, selectors.EVENT_READ, "input")
     finally:
         sel.close()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, READ_CHUNK):
+            pass
+    except BlockingIOError:
+        pass
