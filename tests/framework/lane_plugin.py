@@ -14,6 +14,11 @@ lane sees the host's files read-only and has no network). A test names
 them with `@pytest.mark.hwvirt(prepare=("linux", "template"))`; a
 preparation that fails fails its tests with its one-line reason.
 
+A test the lane left unfinished (the lane's own kernel died) or that failed
+in it runs once more, in a fresh lane. The emulator's nested paging fails
+on its own now and then (docs/testing.md), so a test that passes there
+passes, and the terminal summary prints the first run's failure.
+
 Per-test time: `@pytest.mark.hwvirt(budget=SECONDS)` (default
 BUDGET_SEC); the lane's deadline is the sum of its tests' budgets.
 """
@@ -38,8 +43,9 @@ from tests.framework.process import ProcessFailure
 MARK = "hwvirt"
 BUDGET_SEC = 240.0
 LANE_START_SEC = 180.0  # boot, interpreter start and collection inside the lane
-LANE_ATTEMPTS = 2  # a lane that ends before its tests finished gets one successor for them
+LANE_ATTEMPTS = 2  # tests a lane left unfinished, or that failed in it, run once more in a fresh lane
 REPORTS = "reports.jsonl"
+FIRST_FAILURE_LINES = 40  # of a first failure in the lane, printed in the summary
 ENV_PASSED = ("TENBOX_TEST_", "PYTEST_ADDOPTS")
 
 
@@ -83,6 +89,7 @@ class LaneRunner:
         self.items: List[pytest.Item] = []
         self.reports: Optional[Dict[str, List[dict]]] = None
         self.failure = ""  # why the lane gave no report for a test
+        self.first_failures: Dict[str, List[dict]] = {}  # reports of a failed first run, by test id
         self.out_dir: Optional[Path] = None
 
     @pytest.hookimpl(trylast=True)
@@ -144,9 +151,10 @@ class LaneRunner:
                 raise lane.LaneError("preparing %s for the lane: %s" % (name, str(e).splitlines()[0])) from None
 
     def _run_lane(self) -> None:
-        """One lane for every hwvirt test; if the lane itself ends before some finished (its own
-        kernel panicked under the emulator, as happens here now and then), one more lane for those.
-        A test that failed in a lane that ran to its end is never run again."""
+        """One lane for every hwvirt test; one more lane for the tests the first left unfinished
+        (its own kernel panicked under the emulator, as happens here now and then) or that failed
+        in it. The emulated nested paging fails on its own now and then (docs/testing.md): a test
+        that passes only in the second lane passes, and the summary prints its first failure."""
         self.reports = {}
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         say = (lambda text: tr.write_line(text)) if tr else (lambda text: None)
@@ -178,15 +186,45 @@ class LaneRunner:
                                 "--- the lane's console (tail) ---\n%s" % (res.rc, lane.tail(res.console)))
             say("tenbox: nested lane done in %.0f s" % res.elapsed)
             unfinished = [it for it in items if not self._finished(it.nodeid)]
-            if not unfinished:
+            failed = [it for it in items if self._finished(it.nodeid) and self._failed(it.nodeid)]
+            again = ": one more lane for them" if attempt < LANE_ATTEMPTS else ""
+            if unfinished:
+                say("tenbox: the lane ended before %d test(s) finished (%s; console kept in %s)%s" % (
+                    len(unfinished), res.reason if res.rc is None else "its pytest exited %d" % res.rc,
+                    self.out_dir, again))
+            if failed:
+                say("tenbox: %d test(s) failed in the lane (console kept in %s)%s" % (
+                    len(failed), self.out_dir, again))
+            if attempt < LANE_ATTEMPTS:
+                for it in failed:
+                    self.first_failures.setdefault(it.nodeid, self.reports[it.nodeid])
+            items = [it for it in items if it in unfinished or it in failed]
+            if not items:
                 return
-            say("tenbox: the lane ended before %d test(s) finished (%s; console kept in %s)%s" % (
-                len(unfinished), res.reason if res.rc is None else "its pytest exited %d" % res.rc,
-                self.out_dir, ": one more lane for them" if attempt < LANE_ATTEMPTS else ""))
-            items = unfinished
 
     def _finished(self, nodeid: str) -> bool:
         return any(d.get("when") == "teardown" for d in (self.reports or {}).get(nodeid, []))
+
+    def _failed(self, nodeid: str) -> bool:
+        return any(d.get("outcome") == "failed" for d in (self.reports or {}).get(nodeid, []))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        """Each test that failed in the first lane, with that failure's end, whatever its second
+        run gave: a test that only passes on its second run is news, not noise."""
+        if not self.first_failures:
+            return
+        tr = terminalreporter
+        tr.section("tests that failed in the nested lane and ran again in a fresh one")
+        for nodeid, datas in self.first_failures.items():
+            second = "failed again" if self._failed(nodeid) else (
+                "passed" if self._finished(nodeid) else "did not finish")
+            tr.write_line("%s: %s on its second run; its first failure:" % (nodeid, second))
+            for d in datas:
+                if d.get("outcome") != "failed":
+                    continue
+                rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=d)
+                for line in rep.longreprtext.splitlines()[-FIRST_FAILURE_LINES:]:
+                    tr.write_line("    " + line)
 
     def _write_script(self, items: List[pytest.Item]) -> Path:
         env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSED)}

@@ -117,3 +117,71 @@ def test_a_lane_that_dies_gets_one_successor_for_the_tests_it_did_not_finish(tes
         'LANE CALLS [["test_r.py::test_one", "test_r.py::test_two", "test_r.py::test_three"], '
         '["test_r.py::test_two", "test_r.py::test_three"]]',
     ])
+
+
+RERUN_CONFTEST = textwrap.dedent('''
+    import json
+    from tests.framework import lane, lane_plugin
+
+    CALLS = []
+
+    def report(nodeid, when, outcome="passed"):
+        longrepr = "E   first-lane failure of %s" % nodeid if outcome == "failed" else None
+        return {"$report_type": "TestReport", "nodeid": nodeid, "location": ["test_f.py", 0, nodeid],
+                "keywords": {}, "outcome": outcome, "longrepr": longrepr, "when": when, "sections": [],
+                "duration": 0.0, "user_properties": []}
+
+    def fake_run(command, out_dir, deadline_sec, console_log=None, **kw):
+        ids = (out_dir / "nodeids.txt").read_text().split()
+        CALLS.append(ids)
+        with open(str(out_dir / lane_plugin.REPORTS), "w") as f:
+            for nodeid in ids:
+                # test_flaky fails in the first lane only; test_broken fails in every lane
+                bad = nodeid.endswith("broken") or (nodeid.endswith("flaky") and len(CALLS) == 1)
+                for when in ("setup", "call", "teardown"):
+                    f.write(json.dumps(report(nodeid, when, "failed" if bad and when == "call" else "passed"))
+                            + "\\n")
+        return lane.LaneResult(0, "", "", 1.0)
+
+    lane.run = fake_run
+
+    def pytest_configure(config):
+        config.addinivalue_line("markers", "hwvirt: needs the lane")
+        config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
+
+    def pytest_unconfigure(config):
+        print("LANE CALLS %s" % json.dumps(CALLS))
+''')
+
+
+def test_a_test_that_failed_in_the_lane_runs_once_more_in_a_fresh_one_and_the_summary_says_so(tester):
+    """test_flaky fails in the first lane and passes in the second: it passes, and the summary
+    prints its first failure; test_broken fails in both and fails; test_fine runs once."""
+    tester.makeconftest(RERUN_CONFTEST)
+    tester.makepyfile(test_f=textwrap.dedent('''
+        import pytest
+
+        @pytest.mark.hwvirt
+        def test_fine():
+            pass
+
+        @pytest.mark.hwvirt
+        def test_flaky():
+            pass
+
+        @pytest.mark.hwvirt
+        def test_broken():
+            pass
+    '''))
+    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([
+        "*2 test(s) failed in the lane*one more lane for them*",
+        "*tests that failed in the nested lane and ran again in a fresh one*",
+        "test_f.py::test_flaky: passed on its second run; its first failure:",
+        "*first-lane failure of test_f.py::test_flaky*",
+        "test_f.py::test_broken: failed again on its second run; its first failure:",
+        "*first-lane failure of test_f.py::test_broken*",
+        "*1 failed, 2 passed*",
+        'LANE CALLS [["test_f.py::test_fine", "test_f.py::test_flaky", "test_f.py::test_broken"], '
+        '["test_f.py::test_flaky", "test_f.py::test_broken"]]',
+    ])
