@@ -63,6 +63,8 @@ CONSOLE_KEEP_CHARS = 1 << 20  # the console kept in memory; the log file has all
 EXIT_LANE_FAILED = 125  # the CLI's exit code when the lane itself failed
 MONITOR = "monitor.sock"
 HANG_REPORT = "hang.txt"
+# The lane mounts these afresh (lane-init): a checkout under one of them is not there.
+LANE_OWN_DIRS = ("/tmp", "/run", "/dev", "/proc", "/sys")
 
 _UP = re.compile(r"^LANE: up ", re.M)
 _RC = re.compile(r"^LANE: rc=(\d+)\s*$", re.M)
@@ -214,6 +216,11 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
 
     The console goes to console_log (all of it) and, line by line, to echo.
     """
+    real = os.path.realpath(str(cwd))
+    for d in LANE_OWN_DIRS:
+        if real == d or real.startswith(d + "/"):
+            raise LaneError("the checkout is under %s, which the lane mounts afresh: "
+                            "run the tests from a checkout elsewhere" % d)
     build()
     argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary)
     started = time.monotonic()

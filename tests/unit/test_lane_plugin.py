@@ -78,13 +78,15 @@ RETRY_CONFTEST = textwrap.dedent('''
                 f.write(json.dumps(report(ids[1], "setup")) + "\\n")  # the test the lane died in
         return lane.LaneResult(None, "kernel panic in the lane", "", 1.0)
 
-    lane.run = fake_run
+    REAL_RUN = lane.run
+    lane.run = fake_run  # pytester runs in this process: put it back at the end
 
     def pytest_configure(config):
         config.addinivalue_line("markers", "hwvirt: needs the lane")
         config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
 
     def pytest_unconfigure(config):
+        lane.run = REAL_RUN
         print("LANE CALLS %s" % json.dumps(CALLS))
 ''')
 
@@ -143,13 +145,15 @@ RERUN_CONFTEST = textwrap.dedent('''
                             + "\\n")
         return lane.LaneResult(0, "", "", 1.0)
 
-    lane.run = fake_run
+    REAL_RUN = lane.run
+    lane.run = fake_run  # pytester runs in this process: put it back at the end
 
     def pytest_configure(config):
         config.addinivalue_line("markers", "hwvirt: needs the lane")
         config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
 
     def pytest_unconfigure(config):
+        lane.run = REAL_RUN
         print("LANE CALLS %s" % json.dumps(CALLS))
 ''')
 
@@ -185,3 +189,12 @@ def test_a_test_that_failed_in_the_lane_runs_once_more_in_a_fresh_one_and_the_su
         'LANE CALLS [["test_f.py::test_fine", "test_f.py::test_flaky", "test_f.py::test_broken"], '
         '["test_f.py::test_flaky", "test_f.py::test_broken"]]',
     ])
+
+
+def test_a_checkout_under_a_folder_the_lane_mounts_afresh_is_refused_with_one_line(tmp_path):
+    """/tmp is a new tmpfs inside the lane: a checkout there would fail there with a shell's
+    "can't cd"; the build host says why before booting anything."""
+    from tests.framework import lane
+
+    with pytest.raises(lane.LaneError, match=r"^the checkout is under /tmp, which the lane mounts afresh"):
+        lane.run("true", tmp_path, 10, cwd=lane.Path("/tmp/some-checkout"))
