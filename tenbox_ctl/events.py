@@ -51,6 +51,9 @@ def describe(e: Dict[str, Any]) -> str:
             what = "gave up: %s" % e.get("reason")
         else:
             what = "%s (%s)" % (action, e.get("why"))
+    elif kind == EventKind.VM_SNAPSHOT.value:
+        what = "snapshot %s %s%s" % (e.get("snapshot"), e.get("action"),
+                                     " into %s" % ", ".join(e.get("clones") or []) if e.get("clones") else "")
     elif kind == EventKind.HOST_UPDATE.value:
         what = "%s from %s to %s%s" % (e.get("action"), e.get("from"), e.get("to") or "the newest",
                                        ": %s" % e["error"] if e.get("error") else "")

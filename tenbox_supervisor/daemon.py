@@ -22,6 +22,7 @@ from tenbox_supervisor.cloud import CloudLink
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.control import ControlServer, SocketBusy
 from tenbox_supervisor.disk_api import DiskMethods
+from tenbox_supervisor.snapshot_api import SnapshotMethods
 from tenbox_supervisor.events import EventLog
 from tenbox_supervisor.image_api import ImageMethods
 from tenbox_supervisor.images import ImageStore
@@ -142,6 +143,7 @@ class Daemon:
             vm_methods = VmMethods(workers, store, images, updater, files, restarter, events)
             api.register(vm_methods.method_specs())
             api.register(DiskMethods(workers, vm_methods.find, events).method_specs())
+            api.register(SnapshotMethods(workers, vm_methods, store, updater, events).method_specs())
             api.register(events.method_specs())
             stats = StatsMethods(workers, host.monotonic, host.time)
             api.register(stats.method_specs())

@@ -28,3 +28,7 @@ class OperationError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class CommandTimeout(OperationError):
+    """A worker command was sent but no reply came in time: what the worker did is unknown."""

@@ -64,6 +64,11 @@ class Method(str, enum.Enum):
     VM_DISK_ADD = "vm.disk.add"  # a new qcow2 in the VM's folder (disk_api.py)
     VM_DISK_RESIZE = "vm.disk.resize"  # grow a disk; live through the worker when the VM runs
     VM_STATS = "vm.stats"  # CPU, memory, block and network counters of running VMs (stats.py)
+    VM_SNAPSHOT = "vm.snapshot"  # machine state, RAM and a disk layer (snapshot_api.py)
+    VM_SNAPSHOT_LIST = "vm.snapshot.list"
+    VM_SNAPSHOT_REMOVE = "vm.snapshot.remove"
+    VM_RESTORE = "vm.restore"  # the VM back to one of its snapshots
+    VM_CLONE = "vm.clone"  # new VMs from a snapshot, started from its RAM
     EVENTS = "events"  # stream: the daemon's event log (events.py), replayed from `since`, then as it happens
 
 
@@ -91,6 +96,7 @@ class EventKind(str, enum.Enum):
     VM_DELETED = "vm.deleted"  # vm_id, name
     VM_STATE = "vm.state"  # vm_id, name, old, new, reason; failure {code, message} when new is crashed
     VM_RESTART = "vm.restart"  # vm_id, name, action (scheduled, starting, gave_up) and its details
+    VM_SNAPSHOT = "vm.snapshot"  # vm_id, name, snapshot, action (taken, restored, removed, cloned), details
     VM_DISK_ADDED = "vm.disk_added"  # vm_id, name, index, disk (file name), size_bytes
     VM_DISK_RESIZED = "vm.disk_resized"  # vm_id, name, index, disk (file name), size_bytes, live
     IMAGE_IMPORTED = "image.imported"  # image
@@ -129,6 +135,12 @@ class ErrorCode(str, enum.Enum):
     UPDATE_IN_PROGRESS = "update_in_progress"
     APT_FAILED = "apt_failed"
     VERSION_UNCHANGED = "version_unchanged"
+    SNAPSHOT_NOT_FOUND = "snapshot_not_found"
+    SNAPSHOT_EXISTS = "snapshot_exists"
+    SNAPSHOT_UNSUPPORTED = "snapshot_unsupported"
+    SNAPSHOT_FAILED = "snapshot_failed"
+    SNAPSHOT_IN_USE = "snapshot_in_use"
+    FORWARD_CONFLICT = "forward_conflict"
     INTERNAL_ERROR = "internal_error"
 
     @property
@@ -167,6 +179,12 @@ ERROR_MESSAGES = {
     ErrorCode.UPDATE_IN_PROGRESS: "an update is in progress",
     ErrorCode.APT_FAILED: "apt-get failed",
     ErrorCode.VERSION_UNCHANGED: "apt succeeded but the installed version did not change",
+    ErrorCode.SNAPSHOT_NOT_FOUND: "no such snapshot (vm snapshot ls lists them)",
+    ErrorCode.SNAPSHOT_EXISTS: "the VM has a snapshot of that name",
+    ErrorCode.SNAPSHOT_UNSUPPORTED: "a writable disk of the VM is not its own qcow2 image: it cannot be layered",
+    ErrorCode.SNAPSHOT_FAILED: "the snapshot could not be taken; the VM runs on unchanged",
+    ErrorCode.SNAPSHOT_IN_USE: "other VMs' disks are built on this VM's snapshots; delete them first",
+    ErrorCode.FORWARD_CONFLICT: "a host port forward is another VM's already",
     ErrorCode.INTERNAL_ERROR: "internal error in tenboxd",
 }
 

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Protocol, Union
 
-from tenbox_supervisor import doctor, params as P, telemetry
+from tenbox_supervisor import doctor, params as P, snapshots, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
@@ -389,12 +389,15 @@ class VmMethods:
         await self.start_vm(vm)
         return self.view(vm)
 
-    async def start_vm(self, vm: ManagedVm) -> None:
-        """vm.start's whole path, also taken by the restart policy and autostart; ApiError if the VM does not run."""
+    async def start_vm(self, vm: ManagedVm, restore: Optional[str] = None) -> None:
+        """vm.start's whole path, also taken by the restart policy and autostart; ApiError if the VM does not run.
+
+        `restore`: a snapshot file the guest continues from instead of booting (vm.restore, vm.clone).
+        """
         self.gate.check_start_allowed()
         await self._preflight(vm)
         try:
-            await self.workers.start(vm, self.gate.check_start_allowed)
+            await self.workers.start(vm, self.gate.check_start_allowed, restore)
         except OperationError as e:
             raise ApiError(e.code, e.message, last_failure=vm.last_failure)
 
@@ -502,12 +505,35 @@ class VmMethods:
         async with vm.lock:
             if vm.active:
                 raise ApiError(ErrorCode.VM_BUSY, "VM %s started again meanwhile" % vm.id)
+            users = self._built_on(vm)
+            if users:
+                raise ApiError(ErrorCode.SNAPSHOT_IN_USE, "VMs %s have disks built on VM %s's snapshots; delete them "
+                               "first" % (", ".join(users), vm.spec.name), vms=users)
+            chained = [p for d in vm.spec.disks for p in d.get("backing") or []]
+            vms_dir = os.path.dirname(self.folders.vm_dir(vm.id))
             try:
                 self.workers.delete(vm)
             except OSError as e:
                 raise ApiError(ErrorCode.STORE_FAILED, "cannot delete VM %s: %s" % (vm.id, e.strerror))
+            self._drop_unused_layers(chained, vms_dir)
         self._tell(EventKind.VM_DELETED, vm)
         return {"id": vm.id, "deleted": True}
+
+    def _built_on(self, vm: ManagedVm) -> List[str]:
+        """The names of the other VMs whose disks chain through a file in `vm`'s folder (a clone's layers)."""
+        prefix = self.folders.vm_dir(vm.id) + os.sep
+        users = []
+        for other in self.workers.all():
+            if other.id != vm.id and any(p.startswith(prefix) for d in other.spec.disks
+                                         for p in [d["path"]] + list(d.get("backing") or [])):
+                users.append(other.spec.name)
+        return sorted(users)
+
+    def _drop_unused_layers(self, chained: List[str], vms_dir: str) -> None:
+        """A deleted clone's layers in other VM folders whose snapshot was removed: deleted once unused."""
+        vms = self.workers.all()
+        used = snapshots.referenced_paths([v.spec for v in vms], [self.folders.vm_dir(v.id) for v in vms])
+        snapshots.remove_unreferenced([p for p in chained if p.startswith(vms_dir + os.sep)], used)
 
     async def vm_logs(self, params, caller: Caller):
         lines = P.integer(params, "lines", 0, P.LOG_LINES_MAX, default=P.LOG_LINES_DEFAULT)

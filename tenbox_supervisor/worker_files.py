@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tenbox_supervisor.spec import VmSpec
 from tenbox_vmm.protocol import Limits
@@ -36,6 +36,7 @@ class WorkerFile:
     what: str  # "kernel", "disk", "backing file of DISK", "console log": for messages
     writable: bool = False
     create: bool = False  # made if missing (the console logs)
+    directory: bool = False  # a folder, opened read-only (the snapshot staging folder)
 
 
 def console_logs(vm_dir: str) -> List[str]:
@@ -55,8 +56,12 @@ def needs_chain(disk: Dict) -> bool:
     return disk.get("format") != "raw" and not isinstance(disk.get("backing"), list)
 
 
-def wanted(spec: VmSpec, vm_dir: str, chains: Dict[str, List[str]]) -> List[WorkerFile]:
-    """The files the worker of `spec` needs; `chains` gives each disk's backing files where the spec does not."""
+def wanted(spec: VmSpec, vm_dir: str, chains: Dict[str, List[str]], restore: Optional[str] = None,
+           staging: Optional[str] = None) -> List[WorkerFile]:
+    """The files the worker of `spec` needs; `chains` gives each disk's backing files where the spec does not.
+
+    `restore`: the snapshot file it starts from; `staging`: its --snapshot-dir (snapshots.py).
+    """
     files = [WorkerFile(spec.kernel, "kernel")]
     if spec.initrd:
         files.append(WorkerFile(spec.initrd, "initrd"))
@@ -65,6 +70,10 @@ def wanted(spec: VmSpec, vm_dir: str, chains: Dict[str, List[str]]) -> List[Work
         chain = d.get("backing") if isinstance(d.get("backing"), list) else chains.get(d["path"], [])
         files += [WorkerFile(p, "backing file of %s" % d["path"]) for p in chain]
     files += [WorkerFile(p, "console log", writable=True, create=True) for p in console_logs(vm_dir)]
+    if restore:
+        files.append(WorkerFile(restore, "snapshot"))
+    if staging:
+        files.append(WorkerFile(staging, "snapshot staging folder", directory=True))
     return files + runtime_logs(vm_dir)
 
 
@@ -86,6 +95,11 @@ def close_all(opened: Sequence[PassedFile]) -> None:
 
 
 def _open(f: WorkerFile) -> int:
+    if f.directory:
+        try:
+            return os.open(f.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise WorkerFileError("cannot open %s %s: %s" % (f.what, f.path, e.strerror)) from None
     flags = (os.O_RDWR if f.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     if f.create:
         flags |= os.O_CREAT | os.O_NOFOLLOW  # in the VM's own folder: never through a link

@@ -22,11 +22,11 @@ import signal
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
-from tenbox_supervisor import worker_files
+from tenbox_supervisor import snapshots, worker_files
 from tenbox_supervisor.cgroups import ResourceLimits
 from tenbox_supervisor.config import Config
 from tenbox_supervisor.console_feed import CONSOLE_RING_BYTES
-from tenbox_supervisor.errors import ApiError, OperationError
+from tenbox_supervisor.errors import ApiError, CommandTimeout, OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.managed_vm import FAILURE_CONSOLE_LINES, ManagedVm, StateListener, WorkerSession
@@ -331,7 +331,8 @@ class WorkerManager:
 
     # Operations ---------------------------------------------------------------------------
 
-    def worker_argv(self, vm: ManagedVm) -> List[str]:
+    def worker_argv(self, vm: ManagedVm, restore: Optional[str] = None) -> List[str]:
+        """The worker's command line; `restore`: a snapshot file it starts from instead of booting."""
         s = vm.spec
         argv = self.runtime_argv + [
             "--link", self.config.worker_endpoint,
@@ -340,7 +341,10 @@ class WorkerManager:
             "--kernel", s.kernel,
             "--memory", str(s.memory_mb),
             "--cpus", str(s.cpus),
+            "--snapshot-dir", snapshots.staging_dir(self.store.vm_dir(s.id)),
         ]
+        if restore:
+            argv += ["--restore", restore]
         if s.initrd:
             argv += ["--initrd", s.initrd]
         for d in s.disks:
@@ -356,37 +360,52 @@ class WorkerManager:
             argv += ["--cmdline", s.cmdline]
         return argv
 
-    async def start(self, vm: ManagedVm, allowed: Optional[Callable[[], None]] = None) -> None:
+    async def start(self, vm: ManagedVm, allowed: Optional[Callable[[], None]] = None,
+                    restore: Optional[str] = None) -> None:
         """Spawn the VM's worker and wait until the guest runs; OperationError with the reason if it does not.
 
         `allowed` is asked under the VM's lock, with no await between it and the
         spawn (the updater's check: a start queued behind the lock must not
-        spawn while tenbox updates itself); it raises to refuse.
+        spawn while tenbox updates itself); it raises to refuse. `restore`: a
+        snapshot file the guest continues from (vm.restore, vm.clone).
         """
         async with vm.lock:
-            if vm.active:
-                raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
-            chains = await self._backing_chains(vm)
-            if allowed is not None:
-                allowed()  # after the last await: nothing may come between it and the spawn
-            vm_dir = self.store.vm_dir(vm.id)
-            log_path = os.path.join(self.store.make_logs(vm.id), "runtime.log")
-            vm.console.reset()
-            # The worker opens none of its files (its sandbox hides them): we pass them open.
-            files = worker_files.wanted(vm.spec, vm_dir, chains)
-            limits = ResourceLimits(worker_memory_max(vm.spec.memory_mb), worker_tasks_max(vm.spec.cpus))
-            try:
-                proc = self.host.spawn(self.worker_argv(vm), log_path,
-                                       "%s%s-%d" % (CGROUP_PREFIX, vm.id, int(self.host.time())), files, limits)
-            except worker_files.WorkerFileError as e:
-                raise OperationError(ErrorCode.VM_START_FAILED, str(e)) from None
-            except OSError as e:
-                raise OperationError(ErrorCode.VM_START_FAILED,
-                                     "cannot start tenbox-vm-runtime: %s" % e.strerror) from None
-            session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
-            vm.started_at = self.host.time()
-            vm.change_state(S.STARTING, "vm.start (worker pid %d)" % proc.pid)
-            session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
+            await self.start_locked(vm, allowed, restore)
+        await self.until_started(vm)
+
+    async def start_locked(self, vm: ManagedVm, allowed: Optional[Callable[[], None]] = None,
+                           restore: Optional[str] = None) -> None:
+        """start() with the VM's lock held, up to the spawn; then await until_started() without the lock."""
+        if vm.active:
+            raise OperationError(ErrorCode.VM_RUNNING, "VM %s is already %s" % (vm.id, vm.state.value))
+        chains = await self._backing_chains(vm)
+        if allowed is not None:
+            allowed()  # after the last await: nothing may come between it and the spawn
+        vm_dir = self.store.vm_dir(vm.id)
+        log_path = os.path.join(self.store.make_logs(vm.id), "runtime.log")
+        vm.console.reset()
+        # The worker opens none of its files (its sandbox hides them): we pass them open.
+        try:
+            staging = snapshots.prepare_staging(vm_dir)
+        except OSError as e:
+            raise OperationError(ErrorCode.VM_START_FAILED, "cannot prepare the snapshot staging folder of "
+                                 "VM %s: %s" % (vm.id, e.strerror)) from None
+        files = worker_files.wanted(vm.spec, vm_dir, chains, restore, staging)
+        limits = ResourceLimits(worker_memory_max(vm.spec.memory_mb), worker_tasks_max(vm.spec.cpus))
+        try:
+            proc = self.host.spawn(self.worker_argv(vm, restore), log_path,
+                                   "%s%s-%d" % (CGROUP_PREFIX, vm.id, int(self.host.time())), files, limits)
+        except worker_files.WorkerFileError as e:
+            raise OperationError(ErrorCode.VM_START_FAILED, str(e)) from None
+        except OSError as e:
+            raise OperationError(ErrorCode.VM_START_FAILED,
+                                 "cannot start tenbox-vm-runtime: %s" % e.strerror) from None
+        session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
+        vm.started_at = self.host.time()
+        vm.change_state(S.STARTING, "vm.start (worker pid %d)" % proc.pid)
+        session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
+
+    async def until_started(self, vm: ManagedVm) -> None:
         await self.wait_for(vm, lambda: vm.state != S.STARTING, self.start_timeout + 5)
         if vm.state == S.CRASHED:
             failure = vm.last_failure or {}
@@ -476,21 +495,31 @@ class WorkerManager:
 
     async def command(self, vm: ManagedVm, name: CommandName, args: Dict[str, Any],
                       timeout: float = COMMAND_TIMEOUT_SEC) -> Dict[str, Any]:
-        """Send a worker command and wait for its reply; OperationError if it fails or never comes."""
-        if not vm.active or vm.session is None or not vm.session.hello:
+        """Send a worker command and wait for its reply; OperationError if it fails or never comes.
+
+        A worker that ends before it answers fails the command at once (VM_NOT_RUNNING), not
+        after `timeout`: a snapshot command waits minutes for a big guest.
+        """
+        session = vm.session
+        if not vm.active or session is None or not session.hello:
             raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s is not running" % vm.id)
         req_id = self._next_id
         self._next_id += 1
         fut = asyncio.get_event_loop().create_future()
         self._pending[req_id] = fut
+        ended = asyncio.ensure_future(self.wait_for(vm, lambda: vm.session is not session, timeout))
         try:
             if not self.send(vm.id, Command(req_id, name, args)):
                 raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker is not connected" % vm.id)
-            try:
-                reply = await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
-                raise OperationError(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value)) from None
+            await asyncio.wait({fut, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not fut.done():
+                if vm.session is not session:
+                    raise OperationError(ErrorCode.VM_NOT_RUNNING, "VM %s's worker ended before it answered %s"
+                                         % (vm.id, name.value))
+                raise CommandTimeout(ErrorCode.VM_BUSY, "VM %s's worker did not answer %s" % (vm.id, name.value))
+            reply = fut.result()
         finally:
+            ended.cancel()
             self._pending.pop(req_id, None)
         if not reply.ok:
             raise OperationError(ErrorCode.INVALID_ARGUMENT, reply.error or "the worker refused %s" % name.value)

@@ -22,6 +22,10 @@ from tenbox_vmm.protocol.sandbox import PassedFile
 
 PROG = "tenbox-vm-runtime"
 DUMP_SIGNAL = signal.SIGUSR2
+# With --snapshot-out: take a snapshot and run on (`kill -s RTMIN+1 PID`). SIGUSR1 is the vCPU
+# kick and SIGUSR2 the stack dump. Python runs a handler once for signals that arrive together,
+# so several signals sent at once may make one snapshot.
+SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
 # Test hook: a smaller runtime.log rotation size (tenboxd drops TENBOX_TEST_* under systemd).
 RUNTIME_LOG_MAX_ENV = "TENBOX_TEST_RUNTIME_LOG_MAX_BYTES"
 
@@ -40,12 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one tenbox VM on /dev/kvm.",
         epilog="example: %s --kernel vmlinuz --initrd initrd.img --memory 512 --cpus 2" % PROG,
     )
-    p.add_argument("--kernel", required=True, metavar="PATH", help="bzImage or ELF vmlinux")
+    p.add_argument("--kernel", metavar="PATH", help="bzImage or ELF vmlinux (needed unless --restore)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
     p.add_argument("--cmdline", metavar="STR", default=DEFAULT_CMDLINE, help="kernel command line (default: %(default)s)")
-    p.add_argument("--memory", type=int, default=Limits.MEMORY_DEFAULT_MB, metavar="MB",
-                   help="guest RAM in MiB, at least %d (default %%(default)s)" % Limits.MEMORY_MIN_MB)
-    p.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1..%d (default 1)" % Limits.CPUS_MAX)
+    p.add_argument("--memory", type=int, metavar="MB",
+                   help="guest RAM in MiB, at least %d (default %d; with --restore, the snapshot's)"
+                   % (Limits.MEMORY_MIN_MB, Limits.MEMORY_DEFAULT_MB))
+    p.add_argument("--cpus", type=int, metavar="N",
+                   help="vCPUs, 1..%d (default 1; with --restore, the snapshot's)" % Limits.CPUS_MAX)
+    p.add_argument("--restore", metavar="FILE",
+                   help="start from a snapshot instead of booting: its RAM, vCPUs and devices; give the same "
+                        "--disk/--net options, and --kernel if the guest may reset")
+    p.add_argument("--snapshot-out", metavar="FILE",
+                   help="on signal RTMIN+1, pause the guest, write a snapshot to FILE (replaced atomically) "
+                        "and run on")
+    p.add_argument("--snapshot-dir", metavar="DIR",
+                   help="worker mode: where the link's snapshot command writes NAME.snap (passed with --fd)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=S][,format=F]",
                    help="a virtio-blk disk (raw or qcow2); repeat for more")
     p.add_argument("--net", action="store_true", help="a virtio-net card on user-mode NAT (libslirp)")
@@ -145,7 +159,7 @@ def _open_before_sandbox(args, disks) -> None:
     if args.fd or os.geteuid() != 0:
         return
     chains = [_backing_chain(d.path) for d in disks]  # read first: reading uses up passed descriptors
-    passed_files.open_named([p for p in (args.kernel, args.initrd) if p], os.O_RDONLY)
+    passed_files.open_named([p for p in (args.kernel, args.initrd, args.restore) if p], os.O_RDONLY)
     for d, chain in zip(disks, chains):
         passed_files.open_named([d.path], os.O_RDONLY if d.read_only else os.O_RDWR)
         passed_files.open_named(chain, os.O_RDONLY)
@@ -160,6 +174,16 @@ def _open_before_sandbox(args, disks) -> None:
         passed_files.open_named(log_files(log_path), os.O_RDWR | os.O_CREAT)
 
 
+def _snapshot_sizes(path: str):
+    from tenbox_vmm import passed_files
+    from tenbox_vmm.snapshot.fileformat import HEADER_MAX_BYTES, peek_size
+
+    try:
+        return peek_size(passed_files.read_head(path, HEADER_MAX_BYTES + 64))
+    except OSError:
+        return None  # the restore reports it
+
+
 def _backing_chain(path: str) -> List[str]:
     from tenbox_vmm.disk import DiskError, image_info
 
@@ -171,6 +195,9 @@ def _backing_chain(path: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.kernel and not args.restore:
+        sys.stderr.write("%s: error: --kernel is required (or --restore FILE) (see --help)\n" % PROG)
+        return ExitCode.USAGE
     if not Limits.NAME_RE.match(args.vm_id):
         sys.stderr.write("%s: error: --vm-id must match [A-Za-z0-9-]{1,64}\n" % PROG)
         return ExitCode.USAGE
@@ -204,8 +231,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     # sandbox: registering sets up a signal stack (sigaltstack), which its filter forbids.
     faulthandler.register(DUMP_SIGNAL, all_threads=True)
     _open_before_sandbox(args, disks)
+    snapshot_dir = link_snapshot_dir = None
+    try:  # the folders, held open: the sandbox hides their paths
+        if args.snapshot_out:
+            snapshot_dir = passed_files.open_fd(os.path.dirname(os.path.abspath(args.snapshot_out)),
+                                                os.O_RDONLY | os.O_DIRECTORY)
+        if args.snapshot_dir:
+            link_snapshot_dir = passed_files.open_fd(args.snapshot_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        sys.stderr.write("%s: error: --snapshot-out/--snapshot-dir %s: %s\n"
+                         % (PROG, args.snapshot_out or args.snapshot_dir, e.strerror))
+        return ExitCode.USAGE
+    memory_mb = args.memory if args.memory is not None else (0 if args.restore else Limits.MEMORY_DEFAULT_MB)
+    cpus = args.cpus if args.cpus is not None else (0 if args.restore else 1)
+    # The sandbox's limits follow the machine's size: a snapshot's is in its header.
+    plan_memory, plan_cpus = memory_mb or Limits.MEMORY_DEFAULT_MB, cpus or 1
+    if args.restore:
+        sizes = _snapshot_sizes(args.restore)
+        if sizes is not None:
+            plan_memory = max(memory_mb, sizes[0] >> 20)
+            plan_cpus = max(cpus, min(sizes[1], Limits.CPUS_MAX))
     try:
-        summary = sandbox.enter(sandbox.Plan(args.memory, args.cpus, args.link))
+        summary = sandbox.enter(sandbox.Plan(plan_memory, plan_cpus, args.link, rename_dir_fd=snapshot_dir))
     except sandbox.SandboxError as e:
         sys.stderr.write("%s: error: cannot enter the worker sandbox: %s\n" % (PROG, e))
         return ExitCode.SANDBOX
@@ -227,6 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tenbox_vmm.supervisor_link import SupervisorLink
 
         link = SupervisorLink(args.link, args.vm_id)
+        if link_snapshot_dir is not None:
+            link.snapshot_dir = (args.snapshot_dir, link_snapshot_dir)
         writers.append(link.console_output)
     output = ConsoleOutput(writers)
     net = None
@@ -241,9 +290,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         kernel=args.kernel,
         initrd=args.initrd,
         cmdline=args.cmdline,
-        memory_mb=args.memory,
-        cpus=args.cpus,
+        memory_mb=memory_mb,
+        cpus=cpus,
         vm_id=args.vm_id,
+        restore=args.restore,
     )
     install_kick_handler()
     try:
@@ -259,6 +309,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     host_stop.attach(machine)
     # SIGPWR ("power failure") presses the ACPI power button: the guest shuts down.
     signal.signal(signal.SIGPWR, lambda signum, frame: machine.power_button())
+    if args.snapshot_out:
+        def snapshot_done(result) -> None:
+            sys.stderr.write("%s: %s%s\n" % (PROG, "error: " if result.error else "", result.message))
+            sys.stderr.flush()
+
+        signal.signal(SNAPSHOT_SIGNAL, lambda signum, frame: machine.request_snapshot(
+            args.snapshot_out, snapshot_dir, snapshot_done))
 
     def detach() -> None:
         machine.stop("stopped from the console (Ctrl-])")

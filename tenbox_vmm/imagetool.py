@@ -54,6 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     o = sub.add_parser("overlay", help="a qcow2 overlay on a template, the template's size")
     o.add_argument("--backing", required=True)
     o.add_argument("--out", required=True)
+    o.add_argument("--in-use", action="store_true",
+                   help="the template is open in a running VM (locked): read its size and format from its header")
     i = sub.add_parser("info", help="format, size and backing chain as JSON")
     i.add_argument("path")
     r = sub.add_parser("resize", help="grow an image (never shrink): --size 20G or +5G")
@@ -75,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             backing = os.path.abspath(args.backing)
             info = image_info(backing)
             _refuse_existing(args.out)
-            create_qcow2(args.out, info["virtual_size"], backing=backing, backing_fmt=info["format"])
+            create_qcow2(args.out, info["virtual_size"], backing=backing, backing_fmt=info["format"],
+                         open_backing=not args.in_use)
             result = image_info(args.out)
         else:
             size = parse_size(args.size)

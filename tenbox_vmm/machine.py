@@ -1,4 +1,4 @@
-"""One virtual machine: build it from a config, run its vCPUs, stop, reboot, power off (worker).
+"""One virtual machine: build it from a config (or a snapshot), run its vCPUs, snapshot, stop, reboot, power off (worker).
 
 A controller thread owns the lifecycle: it creates the KVM VM, writes the
 boot image into RAM, starts one thread per vCPU and waits for the first
@@ -17,6 +17,14 @@ The guest decides how often it resets: beyond a budget (Limits.GUEST_LOG_BURST
 per GUEST_LOG_WINDOW_SEC) a reset cycle is neither logged nor reported as
 REBOOTING/RUNNING (the VM stays running to tenboxd), and the next report
 says how many were left out.
+
+Snapshots are taken by the controller too, between two of its waits: it parks
+every vCPU thread at an instruction boundary (`_pause_vcpus`), pauses the
+virtio I/O threads, has snapshot/machine_state.py read the state and
+snapshot/fileformat.py write the file, and lets everything go again. A machine
+built with `MachineConfig.restore` starts its first boot from the snapshot's
+state and RAM instead of the kernel. (The pause and the snapshot plumbing are
+about 200 lines here; a module of their own is the next step if they grow.)
 """
 
 from __future__ import annotations
@@ -76,7 +84,7 @@ class NetSpec(NamedTuple):
 
 
 class MachineConfig(NamedTuple):
-    kernel: str
+    kernel: Optional[str]  # None only with `restore`: a guest reset then ends the machine
     initrd: Optional[str] = None
     cmdline: str = DEFAULT_CMDLINE
     memory_mb: int = Limits.MEMORY_DEFAULT_MB
@@ -84,6 +92,33 @@ class MachineConfig(NamedTuple):
     vm_id: str = "vm"
     disks: Tuple[DiskArg, ...] = ()
     net: Optional[NetSpec] = None
+    restore: Optional[str] = None  # a snapshot file to start from instead of booting; memory_mb/cpus 0: its own
+
+
+class SnapshotDone(NamedTuple):
+    """How a snapshot request ended: `message` is one line for the operator either way."""
+
+    message: str
+    error: bool
+    path: str
+    file_bytes: int = 0
+    paused_ms: float = 0.0
+
+
+class SnapshotRequest(NamedTuple):
+    """Take a snapshot to `path` (in the folder `dir_fd`, opened before the sandbox); `done` is told how it went.
+
+    `publish` False: the file is written in place for tenboxd to move (no rename in the worker).
+    `overlays`: per virtio-blk disk, in --disk order, None or the name of a new qcow2 overlay in
+    `dir_fd` (made by tenboxd, backed by that disk's image) which the disk continues on once
+    the snapshot is written: the old image becomes the snapshot's read-only layer.
+    """
+
+    path: str
+    dir_fd: Optional[int]
+    done: Callable[[SnapshotDone], None]
+    publish: bool = True
+    overlays: Tuple[Optional[str], ...] = ()
 
 
 class _SlotHost(MmioHost):
@@ -176,17 +211,28 @@ class Machine:
         on_state: Callable[[VmState, str], None] = lambda state, reason: None,
         kvm: Optional[Kvm] = None,
     ) -> None:
-        self.config = config
         self._on_state = on_state
+        self._snapshot = None
+        if config.restore:
+            kvm, self._snapshot, config = self._open_snapshot(config, kvm)
+        self.config = config
         # Cheap checks first: a bad file or option must be reported as such,
         # not hidden behind a missing /dev/kvm.
-        check_limits(config.memory_mb, config.cpus)
-        self.memory = GuestMemory(config.memory_mb * MIB)
         try:
-            self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
-            self.cmdline = boot.check_cmdline(self.kernel, config.cmdline)
+            check_limits(config.memory_mb, config.cpus)
+        except MachineError:
+            self._close_snapshot()
+            raise
+        self.memory = GuestMemory(config.memory_mb * MIB,
+                                  self._snapshot.map_ram() if self._snapshot is not None else None)
+        try:
+            self.kernel: Optional[boot.KernelImage] = None
+            self.cmdline = b""
+            if config.kernel:
+                self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
+                self.cmdline = boot.check_cmdline(self.kernel, config.cmdline)
             self.initrd = None
-            if config.initrd:
+            if config.initrd and self.kernel is not None:
                 self.initrd = boot.read_file(config.initrd, "initrd", INITRD_MAX_BYTES)
                 boot.place_initrd(self.kernel, len(self.initrd), self.memory.ram_end_below_4g())
             self.kvm = kvm or Kvm()
@@ -195,6 +241,7 @@ class Machine:
             self.nic = self._make_nic(config.net) if config.net else None
         except (boot.KernelError, KvmUnavailable, MachineError) as e:
             self.memory.close()
+            self._close_snapshot()
             raise MachineError(str(e)) from None
         self._supported_cpuid = self.kvm.supported_cpuid()
         self._supported_msrs = self.kvm.msr_index_list()
@@ -225,6 +272,8 @@ class Machine:
             self.add_virtio(VirtioBlk(disk, spec.serial, runner_for(disk)))
         if self.nic is not None:
             self.add_virtio(self.nic.device)
+        if self._snapshot is not None:
+            self._check_snapshot_devices(self._snapshot.state)
 
         self._lock = threading.Lock()
         self._event: Optional[_Event] = None  # what the guest (or a vCPU failure) reported first
@@ -242,6 +291,12 @@ class Machine:
         self._reset_reports = Budget()
         self._reset_log = GuestLog(log, "%s: guest resets" % config.vm_id)
         self._report_boot = True  # whether the boot in progress says RUNNING
+        # Snapshots: requests for the controller; vCPUs park while `_pausing` until `_resume` is set.
+        self._snapshot_requests: List[SnapshotRequest] = []
+        self._pausing = False
+        self._parked = 0
+        self._park_cond = threading.Condition()
+        self._resume = threading.Event()
         self.exit_code: Optional[ExitCode] = None
         self.exit_reason = ""
         self.boots = 0
@@ -272,6 +327,76 @@ class Machine:
             return UserNic(spec.mac, spec.hostfwds, spec.guestfwds, spec.link_up)
         except NetSetupError as e:
             raise MachineError(str(e)) from None
+
+    @staticmethod
+    def _open_snapshot(config: MachineConfig, kvm: Optional[Kvm]):
+        """(kvm, the checked snapshot, the config with its RAM size and vCPUs); MachineError says why not."""
+        from tenbox_vmm import passed_files
+        from tenbox_vmm.snapshot import SnapshotError, cpu_model
+        from tenbox_vmm.snapshot.fileformat import read_snapshot
+        from tenbox_vmm.snapshot.machine_state import check_kvm
+
+        assert config.restore is not None
+        try:
+            kvm = kvm or Kvm()
+            check_kvm(kvm)
+            fd = passed_files.open_fd(config.restore, os.O_RDONLY)
+        except (KvmUnavailable, SnapshotError) as e:
+            raise MachineError(str(e)) from None
+        except OSError as e:
+            raise MachineError("%s: cannot open the snapshot: %s" % (config.restore, e.strerror)) from None
+        try:
+            snap = read_snapshot(config.restore, cpu_model.describe(kvm.supported_cpuid()),
+                                 memory_bytes=config.memory_mb * MIB or None, cpus=config.cpus or None, fd=fd)
+        except SnapshotError as e:
+            raise MachineError(str(e)) from None
+        return kvm, snap, config._replace(memory_mb=snap.memory_bytes // MIB, cpus=snap.cpus)
+
+    def _close_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
+
+    def _check_snapshot_devices(self, state: dict) -> None:
+        """The snapshot's virtio devices must be this machine's, in the same slots, before anything is loaded."""
+        from tenbox_vmm.snapshot import SnapshotError
+
+        try:
+            saved = state["virtio"]
+            if len(saved) != len(self.virtio):
+                raise SnapshotError("the snapshot has %d virtio devices (%s), this VM %d (%s): give the same "
+                                    "--disk and --net options" % (
+                                        len(saved), ", ".join(r["device"]["name"] for r in saved) or "none",
+                                        len(self.virtio), ", ".join(t.device.name for t in self.virtio) or "none"))
+            for i, (t, rec) in enumerate(zip(self.virtio, saved)):
+                t.check_state("virtio%d" % i, rec)
+        except SnapshotError as e:
+            self.close()
+            raise MachineError("%s: %s" % (self.config.restore, e)) from None
+
+    def request_snapshot(self, path: str, dir_fd: Optional[int], done: Callable[[SnapshotDone], None],
+                         publish: bool = True, overlays: Sequence[Optional[str]] = ()) -> None:
+        """Snapshot the running machine to `path` at the controller's next step (safe from a signal handler).
+
+        The vCPUs pause at an instruction boundary, the state and RAM are written, the disks
+        move to their new overlays (SnapshotRequest), and the guest runs on. `done` is called
+        on the controller thread.
+        """
+        self._snapshot_requests.append(SnapshotRequest(path, dir_fd, done, publish, tuple(overlays)))
+        if self._done.is_set():  # came after _finish answered the others: answer it too
+            self._refuse_snapshots("the VM has stopped")
+
+    def _next_snapshot_request(self) -> Optional[SnapshotRequest]:
+        try:
+            return self._snapshot_requests.pop(0)  # atomic: two threads never take the same request
+        except IndexError:
+            return None
+
+    def _refuse_snapshots(self, why: str) -> None:
+        while True:
+            req = self._next_snapshot_request()
+            if req is None:
+                return
+            req.done(SnapshotDone("snapshot %s not taken: %s" % (req.path, why), True, req.path))
 
     def set_link(self, up: bool) -> None:
         """Network link up or down while the VM runs."""
@@ -462,6 +587,7 @@ class Machine:
                 self._boot()
                 while not self._event_ready.wait(RING_DRAIN_SEC):
                     self._service_ring()
+                    self._service_snapshots()
                 self._teardown()
                 event = self._outcome()
                 if not event.reset:
@@ -492,18 +618,32 @@ class Machine:
 
     def _boot(self) -> None:
         self.boots += 1
+        snapshot, self._snapshot = self._snapshot, None  # only the first boot starts from it
+        if snapshot is None and self.kernel is None:
+            raise MachineError("the guest reset, and there is no kernel to boot: the VM was restored "
+                               "from a snapshot without --kernel")
         vm = board.create_vm(self.kvm, self.memory)
         self._vm = vm
-        try:
-            info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus, self.acpi_devices)
-        except boot.KernelError as e:
-            raise MachineError(str(e)) from None
         vcpus = []
-        for i in range(self.config.cpus):
-            vcpu = vm.create_vcpu(i)
-            vcpus.append(vcpu)
-            board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info,
-                             self._tsc_deadline)
+        if snapshot is not None:
+            try:
+                for i in range(self.config.cpus):
+                    vcpus.append(vm.create_vcpu(i))
+                self._vcpus = vcpus
+                self._load_snapshot(vm, vcpus, snapshot.state)
+            finally:
+                snapshot.close()  # the RAM mapping stays; the file is no longer needed
+        else:
+            try:
+                info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus,
+                                        self.acpi_devices)
+            except boot.KernelError as e:
+                raise MachineError(str(e)) from None
+            for i in range(self.config.cpus):
+                vcpu = vm.create_vcpu(i)
+                vcpus.append(vcpu)
+                board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info,
+                                 self._tsc_deadline)
         self._vcpus = vcpus
         if self._ring_page:
             start = self._ring_page * mmap.PAGESIZE
@@ -522,7 +662,12 @@ class Machine:
 
     def _vcpu_main(self, vcpu: Vcpu) -> None:
         try:
-            outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted, self._ring)
+            while True:
+                outcome = run_vcpu(vcpu, self.pio, self.mmio, self._halted, self._ring, self._paused)
+                if outcome.kind != "paused":
+                    break
+                self._park()
+                vcpu.run.immediate_exit = 0  # a stop meanwhile is seen by run_vcpu's halted() first
         except Exception as e:
             log.exception("%s: vcpu%d failed", self.config.vm_id, vcpu.index)
             self._end(ExitCode.ERROR, "vcpu%d: %s" % (vcpu.index, e))
@@ -549,6 +694,159 @@ class Machine:
             return
         log.error("%s: %s: %s; %s", self.config.vm_id, outcome.kind.replace("_", " "), outcome.detail, state)
         self._end(ExitCode.KVM_ERROR, "%s: %s" % (outcome.kind.replace("_", " "), outcome.detail))
+
+    # Snapshots -------------------------------------------------------------
+
+    def _paused(self) -> bool:
+        return self._pausing
+
+    def _park(self) -> None:
+        """A vCPU thread at an instruction boundary waits here until the snapshot is taken."""
+        with self._park_cond:
+            self._parked += 1
+            self._park_cond.notify_all()
+        self._resume.wait()
+        with self._park_cond:
+            self._parked -= 1
+            self._park_cond.notify_all()
+
+    def _pause_vcpus(self) -> None:
+        """Every running vCPU parked (MachineError if one does not within VCPU_JOIN_SEC)."""
+        with self._park_cond:
+            self._resume.clear()
+            self._pausing = True
+        self._kick_all()
+        deadline = time.monotonic() + VCPU_JOIN_SEC
+        with self._park_cond:
+            while self._parked < sum(1 for t in self._threads if t.is_alive()):
+                if self._halting or time.monotonic() > deadline:
+                    self._resume_vcpus_locked()
+                    raise MachineError("the vCPUs did not pause%s" % (": the guest is stopping" if self._halting else ""))
+                self._park_cond.wait(0.01)
+                self._kick_all()
+
+    def _resume_vcpus_locked(self) -> None:
+        """Let the parked vCPUs go, and wait until each has left the park: a pause right after
+        this one must not count a vCPU that is still on its way out as parked again."""
+        self._pausing = False
+        self._resume.set()
+        deadline = time.monotonic() + VCPU_JOIN_SEC
+        while self._parked and time.monotonic() < deadline:
+            self._park_cond.wait(0.01)
+
+    def _resume_vcpus(self) -> None:
+        with self._park_cond:
+            self._resume_vcpus_locked()
+
+    def _service_snapshots(self) -> None:
+        while True:
+            req = self._next_snapshot_request()
+            if req is None:
+                return
+            try:
+                result = self._take_snapshot(req)
+            except MachineError as e:
+                result = SnapshotDone("snapshot %s not taken: %s" % (req.path, e), True, req.path)
+            req.done(result)
+
+    def _take_snapshot(self, req: SnapshotRequest) -> SnapshotDone:
+        """Pause, save the machine and its RAM to `req.path`, move the disks to their overlays, resume."""
+        from tenbox_vmm.snapshot import SnapshotError, cpu_model
+        from tenbox_vmm.snapshot.fileformat import write_snapshot
+        from tenbox_vmm.snapshot.machine_state import capture, check_kvm
+
+        path, dir_fd = req.path, req.dir_fd
+        vm = self._vm
+        if vm is None:
+            raise MachineError("the guest is not running")
+        blk = self._blk_devices()
+        if len(req.overlays) > len(blk):
+            raise MachineError("%d overlays for %d disks" % (len(req.overlays), len(blk)))
+        try:
+            check_kvm(self.kvm)
+        except SnapshotError as e:
+            raise MachineError(str(e)) from None
+        started = time.monotonic()
+        self._pause_vcpus()
+        try:
+            if self._ring is not None:
+                self._ring.drain()  # console bytes KVM queued belong before the snapshot
+            for t in self.virtio:
+                t.pause()
+            try:
+                try:
+                    state = capture(vm, self._vcpus, self._supported_msrs, self.devices.by_name(), self.virtio)
+                    size = write_snapshot(path, cpu_model.describe(self._supported_cpuid), self.config.cpus, state,
+                                          self.memory.host_buffer, dir_fd=dir_fd, publish=req.publish)
+                except (SnapshotError, OSError) as e:
+                    raise MachineError(str(e)) from None
+                self._switch_disks(blk, dir_fd, req.overlays)  # the guest's next write goes to the overlay
+            finally:
+                for t in self.virtio:
+                    t.resume()
+        finally:
+            self._resume_vcpus()
+        paused_ms = (time.monotonic() - started) * 1000
+        log.info("%s: snapshot %s written (%d MiB file), guest paused %.0f ms", self.config.vm_id, path,
+                 size >> 20, paused_ms)
+        return SnapshotDone("snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms" % (
+            path, self.memory.size >> 20, self.config.cpus, paused_ms), False, path, size, paused_ms)
+
+    def _blk_devices(self) -> list:
+        from tenbox_vmm.devices.virtio.blk import VirtioBlk
+
+        return [t.device for t in self.virtio if isinstance(t.device, VirtioBlk)]
+
+    def _switch_disks(self, blk: list, dir_fd: Optional[int], overlays: Sequence[Optional[str]]) -> None:
+        """Move each disk that has an overlay onto it, its image becoming the overlay's backing (paused).
+
+        All or none: every overlay is opened and checked before the first disk moves.
+        """
+        from tenbox_vmm import passed_files
+        from tenbox_vmm.disk import DiskError
+        from tenbox_vmm.disk.qcow2.image import Qcow2Disk
+
+        wanted = [(dev, name) for dev, name in zip(blk, overlays) if name is not None]
+        if not wanted:
+            return
+        if dir_fd is None:
+            raise MachineError("disk overlays need a snapshot folder")
+        opened: list = []
+        try:
+            for dev, name in wanted:
+                old = dev.disk
+                if getattr(old, "format", None) != "qcow2" or old.read_only:
+                    raise MachineError("disk %s is not a writable qcow2 image: it cannot get an overlay" % old.path)
+                old.flush()  # everything the guest wrote so far is in the layer
+                label = "%s (overlay)" % name  # a name for messages: the file is reached through dir_fd
+                fd = os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+                passed_files.add(label, fd)
+                new = Qcow2Disk(label, False, open_backing=lambda _name, _fmt, old=old: old)
+                opened.append((dev, new))
+                if new.size != old.size:
+                    raise MachineError("overlay %s is %d bytes, its disk %d" % (name, new.size, old.size))
+        except (OSError, DiskError, MachineError) as e:
+            for _, new in opened:
+                new.backing = None  # the old image stays the device's
+                new.close()
+            if isinstance(e, MachineError):
+                raise
+            raise MachineError("cannot open a disk overlay: %s" % (getattr(e, "strerror", None) or e)) from None
+        for dev, new in opened:
+            dev.swap_backend(new).freeze()  # read-only from here: clones may open it beside us
+
+    def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
+        """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""
+        from tenbox_vmm.snapshot.machine_state import restore_kvm
+
+        try:
+            restore_kvm(vm, vcpus, state)
+        except (OSError, ValueError) as e:
+            raise MachineError("%s: KVM refused the snapshot's state: %s" % (self.config.restore, e)) from None
+        for name, dev in self.devices.by_name().items():
+            dev.load_state(state["legacy"][name])
+        for t, rec in zip(self.virtio, state["virtio"]):
+            t.load_state(rec)
 
     def _teardown(self) -> None:
         with self._lock:
@@ -587,10 +885,12 @@ class Machine:
         state = VmState.STOPPED if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else VmState.CRASHED
         self._set_state(state, reason)
         self._done.set()
+        self._refuse_snapshots("the VM has stopped")  # every request is answered, once
         for cb in self._done_callbacks:
             cb()
 
     def close(self) -> None:
+        self._close_snapshot()
         self.memory.close()
         self.kvm.close()
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 MIB = 1 << 20
 GIB = 1 << 30
 MMIO_HOLE_START = 3 * GIB
 MMIO_HOLE_END = 4 * GIB
+CLEAR_CHUNK = 2 * MIB
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -46,12 +47,19 @@ def ram_regions(size: int) -> List[Region]:
 class GuestMemory:
     """The guest's RAM: an anonymous mapping and its guest-physical layout."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, mapping: Optional[mmap.mmap] = None) -> None:
+        """`size` bytes of zeroed RAM, or `mapping` (a snapshot's RAM, mapped MAP_PRIVATE from its file)."""
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError("guest memory size must be a positive multiple of the page size")
         self.size = size
         self.regions = ram_regions(size)
-        self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.file_backed = mapping is not None
+        if mapping is not None:
+            if len(mapping) != size:
+                raise ValueError("a RAM mapping of %d bytes for %d bytes of RAM" % (len(mapping), size))
+            self._map = mapping
+        else:
+            self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
         if hasattr(mmap, "MADV_DONTFORK"):
             # Worker helpers (fork/exec) must not copy guest RAM.
             self._map.madvise(mmap.MADV_DONTFORK)
@@ -146,8 +154,19 @@ class GuestMemory:
         _U64.pack_into(self._view, self._offset(gpa, 8), value)
 
     def clear(self) -> None:
-        """Give back every page: the guest sees zeroed RAM, as after power-on."""
-        self._map.madvise(mmap.MADV_DONTNEED)
+        """Give back every page: the guest sees zeroed RAM, as after power-on.
+
+        RAM mapped from a snapshot would read the file again after MADV_DONTNEED, so
+        it is zeroed by writing (every page becomes the process's own: a reset of a
+        restored VM costs its RAM once).
+        """
+        if not self.file_backed:
+            self._map.madvise(mmap.MADV_DONTNEED)
+            return
+        zero = bytes(CLEAR_CHUNK)
+        for off in range(0, self.size, CLEAR_CHUNK):
+            n = min(CLEAR_CHUNK, self.size - off)
+            self._view[off : off + n] = zero[:n]
 
     def close(self) -> None:
         """Unmap guest RAM; if views are still out (a device kept one), the last of them unmaps it."""

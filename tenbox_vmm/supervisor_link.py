@@ -72,6 +72,7 @@ class SupervisorLink:
         self.endpoint = endpoint
         self.vm_id = vm_id
         self.machine = None
+        self.snapshot_dir: Optional[Tuple[str, int]] = None  # --snapshot-dir: its path and descriptor
         self.pid = os.getpid()
         self.create_time = process_create_time(self.pid)
         self._outbox: Deque[Message] = collections.deque(maxlen=OUTBOX_MAX)
@@ -287,11 +288,40 @@ class SupervisorLink:
             result = self.machine.stats().to_wire()
         elif name is CommandName.DISK_GROW:
             error, result = self._disk_grow(args)
+        elif name is CommandName.SNAPSHOT:
+            error = self._snapshot(cmd.id, args)
+            if error is None:
+                return  # answered when the file is in place
         self._send(sock, Reply(cmd.id, error is None, error=error, result=result))
         if name in (CommandName.NET_LINK, CommandName.NET_FORWARDS) and error is None:
             status = self.machine.net_status()
             if status is not None:
                 self._send(sock, NetReport(status))
+
+    def _snapshot(self, req_id, args: dict) -> Optional[str]:
+        """Ask the machine for a snapshot to the --snapshot-dir; the reply is posted when it is done."""
+        name = args.get("name")
+        if not isinstance(name, str) or not Limits.NAME_RE.match(name):
+            return "snapshot needs a name matching [A-Za-z0-9-]{1,64}"
+        if self.snapshot_dir is None:
+            return "this worker was started without --snapshot-dir"
+        folder, dir_fd = self.snapshot_dir
+        overlays = args.get("overlays", [])
+        if not isinstance(overlays, list) or len(overlays) > Limits.DISKS_MAX or not all(
+                o is None or (isinstance(o, str) and Limits.NAME_RE.match(o)) for o in overlays):
+            return "snapshot overlays must be a list of None or names matching [A-Za-z0-9-]{1,64}"
+
+        def done(result) -> None:  # on the machine's controller thread
+            if result.error:
+                self._post(Reply(req_id, False, error=result.message))
+            else:
+                self._post(Reply(req_id, True, result={"path": result.path, "file_bytes": result.file_bytes,
+                                                       "paused_ms": round(result.paused_ms, 1)}))
+
+        # No rename here (the filter has none): tenboxd moves the file out of this staging folder.
+        self.machine.request_snapshot(os.path.join(folder, name + ".snap"), dir_fd, done, publish=False,
+                                      overlays=overlays)
+        return None
 
     def _disk_grow(self, args: dict):
         from tenbox_vmm.machine import MachineError

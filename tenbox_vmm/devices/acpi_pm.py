@@ -63,6 +63,20 @@ class AcpiPm:
             self._sci = 0
         self._set_sci(0)
 
+    def save_state(self) -> dict:
+        """PM1 status, enable and control, and the SCI level (snapshot/records.py ACPI_PM).
+
+        The PM timer is not kept: it follows the host's monotonic clock, as it does across a reset.
+        """
+        with self._lock:
+            return dict(sts=self.sts, en=self.en, cnt=self.cnt, sci=self._sci)
+
+    def load_state(self, s: dict) -> None:
+        with self._lock:
+            self.sts, self.en, self.cnt, self._sci = s["sts"], s["en"] & EN_MASK, s["cnt"] | SCI_EN, s["sci"]
+        if self._sci:
+            self._set_sci(1)
+
     def _update_sci(self) -> None:
         level = 1 if (self.sts & self.en & EN_MASK) and self.cnt & SCI_EN else 0
         if level != self._sci:
@@ -116,6 +130,12 @@ class ResetControl:
 
     def reset(self) -> None:
         self.value = 0
+
+    def save_state(self) -> dict:
+        return dict(value=self.value)
+
+    def load_state(self, s: dict) -> None:
+        self.value = s["value"]
 
     def read(self, offset: int, size: int) -> int:
         return self.value

@@ -16,6 +16,12 @@ class DebugPort:
         self.writes = 0
         self.last = 0
 
+    def save_state(self) -> dict:
+        return dict(writes=self.writes, last=self.last)
+
+    def load_state(self, s: dict) -> None:
+        self.writes, self.last = s["writes"], s["last"]
+
     def read(self, offset: int, size: int) -> int:
         return self.last
 

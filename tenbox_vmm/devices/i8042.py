@@ -54,6 +54,17 @@ class I8042:
             self._out: Optional[int] = None
             self._pending: Optional[int] = None  # command awaiting its data byte
 
+    def save_state(self) -> dict:
+        """Status, command byte, output port and a reply or command in progress (snapshot/records.py I8042)."""
+        with self._lock:
+            return dict(status=self.status, ctr=self.ctr, output_port=self.output_port, out=self._out,
+                        pending=self._pending)
+
+    def load_state(self, s: dict) -> None:
+        with self._lock:
+            self.status, self.ctr, self.output_port = s["status"], s["ctr"], s["output_port"]
+            self._out, self._pending = s["out"], s["pending"]
+
     def _reply(self, value: int) -> None:
         self._out = value
         self.status |= STS_OBF

@@ -54,6 +54,18 @@ class CmosRtc:
         with self._lock:
             self.index = 0
 
+    def save_state(self) -> dict:
+        """NVRAM, the guest's clock offset and registers (snapshot/records.py RTC)."""
+        with self._lock:
+            return dict(nvram=bytes(self.nvram), offset=self.offset, reg_a=self.reg_a, reg_b=self.reg_b,
+                        index=self.index, frozen=[[k, v] for k, v in sorted(self._frozen.items())])
+
+    def load_state(self, s: dict) -> None:
+        with self._lock:
+            self.nvram[:] = s["nvram"]
+            self.offset, self.reg_a, self.reg_b, self.index = s["offset"], s["reg_a"], s["reg_b"], s["index"]
+            self._frozen = {k: v for k, v in s["frozen"]}
+
     def _encode(self, value: int) -> int:
         return value if self.reg_b & REG_B_BINARY else _bcd(value)
 

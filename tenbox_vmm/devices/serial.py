@@ -88,6 +88,30 @@ class Serial16550:
             self._irq = 0
         self._set_irq(0)
 
+    def save_state(self) -> dict:
+        """Registers and received bytes not read yet (snapshot/records.py SERIAL)."""
+        with self._lock:
+            return dict(ier=self.ier, lcr=self.lcr, mcr=self.mcr, fcr=self.fcr, scr=self.scr, dll=self.dll,
+                        dlm=self.dlm, thre_pending=self._thre_pending, irq=self._irq, rx=bytes(self._rx))
+
+    def load_state(self, s: dict) -> None:
+        """Take a checked record back; the interrupt line is raised again if it is due.
+
+        Input the console queued before the restore (typed as the VM started) comes after
+        the saved input, not instead of it. The line is raised anew (the in-kernel chips'
+        line levels are not part of their saved state), so a pending interrupt is not lost.
+        """
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.fcr = s["ier"], s["lcr"], s["mcr"], s["fcr"]
+            self.scr, self.dll, self.dlm = s["scr"], s["dll"], s["dlm"]
+            self._thre_pending = s["thre_pending"]
+            typed = list(self._rx)
+            self._rx.clear()
+            self._rx.extend(s["rx"])
+            self._rx.extend(typed[: RX_QUEUE_MAX - len(self._rx)])
+            self._irq = 0
+            self._update_irq()
+
     @property
     def tx_interrupts(self) -> bool:
         """Whether the guest has the transmit-holding-register-empty interrupt on."""

@@ -129,3 +129,11 @@ def acquire(fd: int, writable: bool) -> None:
                 pass  # the fd is about to be closed by the caller, which drops the lock anyway
         raise
 
+
+
+def downgrade(fd: int) -> None:
+    """A read-write user's locks become a read-only user's: the image is now another image's backing file
+    (a snapshot's layer), which other VMs may open read-only as well."""
+    locker = _Locker(fd)
+    for i in _bits(READ_WRITE_PERMS & ~READ_ONLY_PERMS):
+        locker.unlock(LOCK_PERM_BASE + i)

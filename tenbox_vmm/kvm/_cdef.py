@@ -136,6 +136,103 @@ struct kvm_mp_state {
     uint32_t mp_state;
 };
 
+struct kvm_xsave {
+    uint32_t region[1024];
+};
+
+struct kvm_xcr {
+    uint32_t xcr;
+    uint32_t reserved;
+    uint64_t value;
+};
+
+struct kvm_xcrs {
+    uint32_t nr_xcrs;
+    uint32_t flags;
+    struct kvm_xcr xcrs[16];
+    uint64_t padding[16];
+};
+
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t soft;
+        uint8_t shadow;
+    } interrupt;
+    struct {
+        uint8_t injected;
+        uint8_t pending;
+        uint8_t masked;
+        uint8_t pad;
+    } nmi;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    struct {
+        uint8_t smm;
+        uint8_t pending;
+        uint8_t smm_inside_nmi;
+        uint8_t latched_init;
+    } smi;
+    uint8_t reserved[27];
+    uint8_t exception_has_payload;
+    uint64_t exception_payload;
+};
+
+struct kvm_debugregs {
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t dr7;
+    uint64_t flags;
+    uint64_t reserved[9];
+};
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint32_t pad0;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    uint32_t pad[4];
+};
+
+struct kvm_irqchip {
+    uint32_t chip_id;
+    uint32_t pad;
+    union {
+        char dummy[512];
+    } chip;
+};
+
+struct kvm_pit_channel_state {
+    uint32_t count;
+    uint16_t latched_count;
+    uint8_t count_latched;
+    uint8_t status_latched;
+    uint8_t status;
+    uint8_t read_state;
+    uint8_t write_state;
+    uint8_t write_latch;
+    uint8_t rw_mode;
+    uint8_t mode;
+    uint8_t bcd;
+    uint8_t gate;
+    int64_t count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    uint32_t flags;
+    uint32_t reserved[9];
+};
+
 struct kvm_coalesced_mmio_zone {
     uint64_t addr;
     uint32_t size;

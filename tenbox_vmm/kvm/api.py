@@ -108,6 +108,40 @@ class Kvm:
             self.fd = -1
 
 
+def _get_struct(fd: int, ctype: str, request: int, what: str, init=None) -> bytes:
+    """The struct a GET ioctl fills, as bytes."""
+    buf = ffi.new(ctype, init)
+    _ioctl(fd, request, buf, what)
+    return bytes(ffi.buffer(buf))
+
+
+def _struct_from(ctype: str, data: bytes):
+    """A new C struct holding `data`, which must be exactly its size."""
+    buf = ffi.new(ctype)
+    size = ffi.sizeof(buf[0])
+    if len(data) != size:
+        raise ValueError("%s: %d bytes, the struct has %d" % (ctype, len(data), size))
+    ffi.memmove(buf, data, size)
+    return buf
+
+
+# vCPU state kept whole in snapshots: the struct and its (get, set) ioctls.
+STATE_IOCTLS = {
+    "struct kvm_regs": (c.KVM_GET_REGS, c.KVM_SET_REGS),
+    "struct kvm_sregs": (c.KVM_GET_SREGS, c.KVM_SET_SREGS),
+    "struct kvm_fpu": (c.KVM_GET_FPU, c.KVM_SET_FPU),
+    "struct kvm_xsave": (c.KVM_GET_XSAVE, c.KVM_SET_XSAVE),
+    "struct kvm_xcrs": (c.KVM_GET_XCRS, c.KVM_SET_XCRS),
+    "struct kvm_lapic_state": (c.KVM_GET_LAPIC, c.KVM_SET_LAPIC),
+    "struct kvm_vcpu_events": (c.KVM_GET_VCPU_EVENTS, c.KVM_SET_VCPU_EVENTS),
+    "struct kvm_debugregs": (c.KVM_GET_DEBUGREGS, c.KVM_SET_DEBUGREGS),
+}
+
+
+def struct_size(ctype: str) -> int:
+    return ffi.sizeof(ctype)
+
+
 def _cpuid_entry_dict(e) -> Dict[str, int]:
     return {
         "function": e.function,
@@ -213,6 +247,31 @@ class Vm:
         request = c.KVM_REGISTER_COALESCED_MMIO if on else c.KVM_UNREGISTER_COALESCED_MMIO
         _ioctl(self.fd, request, zone, "KVM_REGISTER_COALESCED_MMIO" if on else "KVM_UNREGISTER_COALESCED_MMIO")
 
+    # Machine state for snapshots: each as the kernel's struct, in bytes --------
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: one in-kernel chip (c.IRQCHIP_PIC_MASTER, _SLAVE, _IOAPIC), the whole struct."""
+        return _get_struct(self.fd, "struct kvm_irqchip *", c.KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP", {"chip_id": chip_id})
+
+    def set_irqchip(self, data: bytes) -> None:
+        _ioctl(self.fd, c.KVM_SET_IRQCHIP, _struct_from("struct kvm_irqchip *", data), "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> bytes:
+        return _get_struct(self.fd, "struct kvm_pit_state2 *", c.KVM_GET_PIT2, "KVM_GET_PIT2")
+
+    def set_pit2(self, data: bytes) -> None:
+        _ioctl(self.fd, c.KVM_SET_PIT2, _struct_from("struct kvm_pit_state2 *", data), "KVM_SET_PIT2")
+
+    def get_clock(self) -> bytes:
+        """KVM_GET_CLOCK: kvmclock's time base (ns) for this VM."""
+        return _get_struct(self.fd, "struct kvm_clock_data *", c.KVM_GET_CLOCK, "KVM_GET_CLOCK")
+
+    def set_clock(self, data: bytes) -> None:
+        """KVM_SET_CLOCK with the clock value only (flags 0): the guest's kvmclock goes on from there."""
+        clock = _struct_from("struct kvm_clock_data *", data)
+        clock.flags = 0  # the realtime and host_tsc fields are of the host that took it
+        _ioctl(self.fd, c.KVM_SET_CLOCK, clock, "KVM_SET_CLOCK")
+
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl_int(self.fd, c.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         return Vcpu(self, fd, index)
@@ -315,6 +374,39 @@ class Vcpu:
         state = ffi.new("struct kvm_mp_state *")
         _ioctl(self.fd, c.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
         return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        state = ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})
+        _ioctl(self.fd, c.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
+
+    def get_cpuid2(self) -> List[Dict[str, int]]:
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": CPUID_MAX_ENTRIES, "entries": CPUID_MAX_ENTRIES})
+        _ioctl(self.fd, c.KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
+        return [_cpuid_entry_dict(buf.entries[i]) for i in range(buf.nent)]
+
+    def get_state(self, ctype: str) -> bytes:
+        """One of the vCPU state structs (STATE_IOCTLS) as the kernel fills it."""
+        return _get_struct(self.fd, ctype + " *", STATE_IOCTLS[ctype][0], "KVM_GET %s" % ctype)
+
+    def set_state(self, ctype: str, data: bytes) -> None:
+        _, put = STATE_IOCTLS[ctype]
+        buf = _struct_from(ctype + " *", data)
+        if ctype == "struct kvm_vcpu_events":
+            # What GET leaves out of flags it did not return; the pending NMI and the SIPI
+            # vector it always returns, so they are restored too (as QEMU does).
+            buf.flags |= c.VCPUEVENT_VALID_NMI_PENDING | c.VCPUEVENT_VALID_SIPI_VECTOR
+        _ioctl(self.fd, put, buf, "KVM_SET %s" % ctype)
+
+    def get_all_msrs(self, indices: Sequence[int]) -> List[Tuple[int, int]]:
+        """(index, value) of every MSR in `indices` KVM can read; those it cannot are left out."""
+        out: List[Tuple[int, int]] = []
+        todo = list(indices)
+        while todo:
+            got = self.get_msrs(todo)
+            n = len(got)
+            out.extend((i, got[i]) for i in todo[:n])
+            todo = todo[n + 1:]  # KVM stops at the first it cannot read: skip that one
+        return out
 
     def close(self) -> None:
         if self.fd >= 0:

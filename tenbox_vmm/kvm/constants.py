@@ -51,6 +51,12 @@ KVM_IRQ_LINE = _iow(0x61, "struct kvm_irq_level")
 KVM_IRQFD = _iow(0x76, "struct kvm_irqfd")
 KVM_CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
 KVM_IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
+KVM_GET_IRQCHIP = _iowr(0x62, "struct kvm_irqchip")
+KVM_SET_IRQCHIP = _ior(0x63, "struct kvm_irqchip")  # sic: the kernel declares it _IOR
+KVM_SET_CLOCK = _iow(0x7B, "struct kvm_clock_data")
+KVM_GET_CLOCK = _ior(0x7C, "struct kvm_clock_data")
+KVM_GET_PIT2 = _ior(0x9F, "struct kvm_pit_state2")
+KVM_SET_PIT2 = _iow(0xA0, "struct kvm_pit_state2")
 KVM_REGISTER_COALESCED_MMIO = _iow(0x67, "struct kvm_coalesced_mmio_zone")
 KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, "struct kvm_coalesced_mmio_zone")
 
@@ -70,6 +76,14 @@ KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
 KVM_GET_CPUID2 = _iowr(0x91, "struct kvm_cpuid2")
 KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
+KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
+KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+KVM_GET_DEBUGREGS = _ior(0xA1, "struct kvm_debugregs")
+KVM_SET_DEBUGREGS = _iow(0xA2, "struct kvm_debugregs")
+KVM_GET_XSAVE = _ior(0xA4, "struct kvm_xsave")
+KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
+KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
+KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
 
 # Capabilities (KVM_CHECK_EXTENSION)
 CAP_IRQCHIP = 0
@@ -81,6 +95,11 @@ CAP_EXT_CPUID = 7
 CAP_NR_VCPUS = 9
 CAP_NR_MEMSLOTS = 10
 CAP_IRQFD = 32
+CAP_ADJUST_CLOCK = 39
+CAP_VCPU_EVENTS = 41
+CAP_DEBUGREGS = 50
+CAP_XSAVE = 55
+CAP_XCRS = 56
 CAP_PIT2 = 33
 CAP_IOEVENTFD = 36
 CAP_MAX_VCPUS = 66
@@ -140,6 +159,17 @@ SYSTEM_EVENT_CRASH = 3
 
 MP_STATE_RUNNABLE = 0
 MP_STATE_UNINITIALIZED = 1
+MP_STATE_INIT_RECEIVED = 2
+MP_STATE_HALTED = 3
+MP_STATE_SIPI_RECEIVED = 4
+MP_STATE_MAX = 9  # KVM_MP_STATE_* run 0..8 (x86 uses 0..4 and 7..8)
+
+IRQCHIP_PIC_MASTER = 0
+IRQCHIP_PIC_SLAVE = 1
+IRQCHIP_IOAPIC = 2
+
+VCPUEVENT_VALID_NMI_PENDING = 1 << 0
+VCPUEVENT_VALID_SIPI_VECTOR = 1 << 1
 
 PIT_SPEAKER_DUMMY = 1
 IOEVENTFD_FLAG_DATAMATCH = 1 << 0

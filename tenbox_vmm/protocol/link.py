@@ -47,6 +47,12 @@ class CommandName(str, enum.Enum):
     NET_FORWARDS = "net_forwards"  # args.hostfwds, args.guestfwds: lists of specs; reply: failures
     STATS = "stats"  # reply: WorkerStats.to_wire() (the devices' counters, guest RAM touched)
     DISK_GROW = "disk_grow"  # args.index (the --disk order), args.size ("20G" or "+5G"); reply: size (bytes)
+    # args.name (Limits.NAME_RE): the running machine saved to NAME.snap, made new in the worker's
+    # --snapshot-dir (a staging folder: tenboxd moves the file into place); args.overlays: per disk
+    # in --disk order, None or the name (Limits.NAME_RE) of a qcow2 overlay in that folder, backed
+    # by the disk's image, which the disk continues on. The reply comes once the file is synced:
+    # path, file_bytes, paused_ms. The guest runs on.
+    SNAPSHOT = "snapshot"
 
 
 class UnknownCommand(ValueError):

@@ -47,6 +47,8 @@ class Plan:
     memory_mb: int
     cpus: int
     link_endpoint: Optional[str] = None  # ipc://...: its folder stays reachable
+    # A standalone runtime's --snapshot-out folder (a descriptor): the only place it may rename in.
+    rename_dir_fd: Optional[int] = None
 
 
 def enter(plan: Plan) -> str:
@@ -68,7 +70,7 @@ def enter(plan: Plan) -> str:
             privileges.clear_capabilities()
         privileges.no_new_privileges()
         privileges.check_dropped(who, root)
-        seccomp_filter.install(os.getpid())
+        seccomp_filter.install(os.getpid(), plan.rename_dir_fd)
     except (ValueError, resources.LimitError, jail.JailError, privileges.PrivilegeError,
             seccomp_filter.FilterError) as e:
         raise SandboxError(str(e)) from None

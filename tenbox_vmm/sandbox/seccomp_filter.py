@@ -26,7 +26,7 @@ narrow the calls that would otherwise reach far:
 from __future__ import annotations
 
 import errno
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from tenbox_vmm.sandbox import libc
 
@@ -63,6 +63,11 @@ RARE = ("sendmsg", "recvmsg", "ftruncate", "select", "clock_nanosleep", "nanosle
 KERNEL = ("restart_syscall", "clock_gettime", "clock_getres", "gettimeofday", "time", "getuid", "geteuid",
           "getgid", "getegid")
 ALLOWED = OBSERVED + OLDER_LIBC + ARM64_FORMS + RARE + KERNEL
+# A standalone runtime's --snapshot-out file is written under a temporary name in its folder (a
+# descriptor opened before the sandbox) and renamed into place there: renameat, or renameat2 as
+# newer C libraries and arm64 make it, allowed only with that descriptor as both folders (see
+# rules()). A worker under tenboxd renames nothing: tenboxd moves its snapshots into place.
+RENAME_CALLS = ("renameat", "renameat2")
 
 KVM_IOCTL_TYPE = 0xAE
 # Terminal and descriptor requests (asm-generic/ioctls.h): a standalone worker's raw-mode
@@ -88,8 +93,12 @@ class FilterError(Exception):
     """libseccomp is missing or refused the filter."""
 
 
-def rules(pid: int) -> List[Tuple[str, list]]:
-    """(name, argument conditions) pairs besides ALLOWED; conditions as (arg, op, a, b) tuples, op by name."""
+def rules(pid: int, rename_dir_fd: Optional[int] = None) -> List[Tuple[str, list]]:
+    """(name, argument conditions) pairs besides ALLOWED; conditions as (arg, op, a, b) tuples, op by name.
+
+    `rename_dir_fd`: the one folder descriptor renames may happen in (renameat's olddirfd and
+    newdirfd, arguments 0 and 2), or None for no renames at all.
+    """
     out: List[Tuple[str, list]] = [
         ("ioctl", [(1, "MASKED_EQ", 0xFF00, KVM_IOCTL_TYPE << 8)]),
         ("clone", [(0, "MASKED_EQ", CLONE_THREAD | CLONE_NAMESPACES, CLONE_THREAD)]),
@@ -103,11 +112,16 @@ def rules(pid: int) -> List[Tuple[str, list]]:
     out += [("ioctl", [(1, "EQ", req, 0)]) for req in OTHER_IOCTLS]
     out += [("socket", [(0, "EQ", family, 0)]) for family in SOCKET_FAMILIES]
     out += [("prctl", [(0, "EQ", option, 0)]) for option in (PR_SET_NAME, PR_GET_NAME)]
+    if rename_dir_fd is not None:
+        out += [(name, [(0, "EQ", rename_dir_fd, 0), (2, "EQ", rename_dir_fd, 0)]) for name in RENAME_CALLS]
     return out
 
 
-def install(pid: int) -> None:
-    """Load the filter into this process (all its threads); FilterError if it cannot be."""
+def install(pid: int, rename_dir_fd: Optional[int] = None) -> None:
+    """Load the filter into this process (all its threads); FilterError if it cannot be.
+
+    `rename_dir_fd`: see rules().
+    """
     try:
         import seccomp
     except ImportError:
@@ -118,7 +132,7 @@ def install(pid: int) -> None:
         f.set_attr(seccomp.Attr.CTL_TSYNC, 1)
         for name in ALLOWED:
             _add(seccomp, f, seccomp.ALLOW, name)
-        for name, conds in rules(pid):
+        for name, conds in rules(pid, rename_dir_fd):
             _add(seccomp, f, seccomp.ALLOW, name,
                  *[seccomp.Arg(arg, getattr(seccomp, op), a, b) for arg, op, a, b in conds])
         # glibc 2.34+ makes threads with clone3, whose flags sit in memory a filter cannot read:

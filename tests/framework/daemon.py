@@ -166,6 +166,21 @@ class DaemonProcess:
                                         "\n".join(lines[-60:])))
             time.sleep(poll)
 
+    def console_line(self, name: str, text: str) -> None:
+        """Type one line into a VM's console (vm.console.attach, one console.input)."""
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(CALL_SEC)
+        try:
+            s.connect(str(self.socket))
+            s.sendall((json.dumps({"id": 1, "type": "vm.console.attach", "payload": {"vm_id": name}}) + "\n").encode())
+            f = s.makefile("rb")
+            assert json.loads(f.readline())["ok"]
+            s.sendall((json.dumps({"type": "console.input", "data_hex": (text + "\n").encode().hex()})
+                       + "\n").encode())
+            time.sleep(0.5)  # the daemon reads the input before it sees the connection close
+        finally:
+            s.close()
+
     def kill9(self) -> None:
         if self.proc is not None:
             os.kill(self.proc.proc.pid, signal.SIGKILL)

@@ -25,22 +25,6 @@ BLK = "console=ttyS0 blk.read=0:64 blk.write=100:8:a5 blk.stay=1"
 NET = "console=ttyS0 net.test=dhcp net.udp.echo=7 net.stay=1"
 
 
-def console_line(daemon, name: str, text: str) -> None:
-    """Type one line into a VM's console (vm.console.attach, one console.input)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
-    try:
-        s.connect(str(daemon.socket))
-        s.sendall((json.dumps({"id": 1, "type": "vm.console.attach", "payload": {"vm_id": name}}) + "\n").encode())
-        f = s.makefile("rb")
-        assert json.loads(f.readline())["ok"]
-        s.sendall((json.dumps({"type": "console.input", "data_hex": (text + "\n").encode().hex()})
-                   + "\n").encode())
-        time.sleep(0.5)  # the daemon reads the input before it sees the connection close
-    finally:
-        s.close()
-
-
 def stats(daemon, *names: str) -> dict:
     r = daemon.ctl("vm", "stats", *names, "--json", "--no-stream")
     return {vm["name"]: vm for vm in json.loads(ok(r))}
@@ -116,7 +100,7 @@ def test_block_and_net_counters_move_with_guest_io_in_vm_stats_and_prometheus(ma
     n = before["n1"]
     assert n["disks"] == [] and n["net"]["tx_packets"] > 0  # DHCP went out
 
-    console_line(daemon, "b1", "read")
+    daemon.console_line("b1", "read")
     daemon.wait_console("b1", "blk: reads done 1", 30)
     for i in range(5):
         assert udp_echo(port, b"x" * 1000, tries=10) == b"x" * 1000

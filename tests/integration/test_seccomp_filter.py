@@ -54,3 +54,33 @@ def test_what_a_running_worker_does_passes_the_filter(name):
 def test_anything_else_kills_the_process_with_sigsys(name):
     r = run(FORBIDDEN[name])
     assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)
+
+
+RENAME_PRELUDE = """
+import os, sys
+from tenbox_vmm.sandbox import seccomp_filter
+snap, other = (os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in sys.argv[1:3])
+for d in (snap, other):
+    os.close(os.open("a", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=d))
+seccomp_filter.install(os.getpid(), rename_dir_fd=snap)
+"""
+
+
+@pytest.mark.parametrize("code,survives", [
+    ("os.rename('a', 'b', src_dir_fd=snap, dst_dir_fd=snap)", True),
+    ("os.rename('a', 'b', src_dir_fd=other, dst_dir_fd=other)", False),
+    ("os.rename('a', 'b', src_dir_fd=snap, dst_dir_fd=other)", False),
+    ("os.rename(sys.argv[1] + '/a', sys.argv[1] + '/b')", False),
+])
+def test_a_standalone_runtime_renames_only_in_its_snapshot_folder(tmp_path, code, survives):
+    """--snapshot-out's folder descriptor is the only place the filter lets a rename happen."""
+    folders = [tmp_path / "snap", tmp_path / "other"]
+    for f in folders:
+        f.mkdir()
+    r = subprocess.run([PYTHON, "-c", RENAME_PRELUDE + code + "\nprint('survived')"] + [str(f) for f in folders],
+                       capture_output=True, text=True, timeout=60, env=repo_env(), stdin=subprocess.DEVNULL)
+    if survives:
+        assert r.returncode == 0 and "survived" in r.stdout, r.stderr
+        assert sorted(p.name for p in folders[0].iterdir()) == ["b"]
+    else:
+        assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 GUESTS_DIR = Path(__file__).resolve().parents[1] / "guests"
-GUESTS = ["boot", "acpi", "smp", "poweroff", "reset", "echo", "idle", "pio", "blk", "net"]
+GUESTS = ["boot", "acpi", "smp", "poweroff", "reset", "echo", "idle", "pio", "blk", "net", "count"]
 IMAGE_BASE = 0x100000
 ENTRY64 = IMAGE_BASE + 0x200
 

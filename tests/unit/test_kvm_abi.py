@@ -30,6 +30,16 @@ STRUCTS = {
     "kvm_irqfd": ["fd", "gsi", "flags", "resamplefd"],
     "kvm_ioeventfd": ["datamatch", "addr", "len", "fd", "flags"],
     "kvm_mp_state": ["mp_state"],
+    "kvm_xsave": ["region"],
+    "kvm_xcr": ["xcr", "value"],
+    "kvm_xcrs": ["nr_xcrs", "flags", "xcrs", "padding"],
+    "kvm_vcpu_events": ["exception", "interrupt", "nmi", "sipi_vector", "flags", "smi",
+                        "exception_has_payload", "exception_payload"],
+    "kvm_debugregs": ["db", "dr6", "dr7", "flags"],
+    "kvm_clock_data": ["clock", "flags", "realtime", "host_tsc"],
+    "kvm_irqchip": ["chip_id", "chip"],
+    "kvm_pit_channel_state": ["count", "latched_count", "mode", "gate", "count_load_time"],
+    "kvm_pit_state2": ["channels", "flags"],
     "kvm_coalesced_mmio_zone": ["addr", "size", "pio"],
     "kvm_coalesced_mmio": ["phys_addr", "len", "pio", "data"],
     "kvm_coalesced_mmio_ring": ["first", "last", "coalesced_mmio"],
@@ -50,6 +60,9 @@ IOCTLS = [
     "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC",
     "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
     "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO",
+    "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_GET_PIT2", "KVM_SET_PIT2",
+    "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+    "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS",
 ]
 
 

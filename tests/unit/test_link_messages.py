@@ -52,6 +52,8 @@ WIRE = [
     (Command(0, CommandName.REBOOT), {"t": "command", "id": 0, "name": "reboot"}),
     (Command(5, CommandName.NET_FORWARDS, {"hostfwds": [], "guestfwds": []}),
      {"t": "command", "id": 5, "name": "net_forwards", "args": {"hostfwds": [], "guestfwds": []}}),
+    (Command(6, CommandName.SNAPSHOT, {"name": "warm"}),
+     {"t": "command", "id": 6, "name": "snapshot", "args": {"name": "warm"}}),
     (Who(), {"t": "who"}),
 ]
 

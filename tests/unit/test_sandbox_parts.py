@@ -265,3 +265,13 @@ def test_the_filter_pins_what_could_reach_other_processes_or_the_kernel():
         assert forbidden not in named, forbidden
     assert ("kill", [(0, "EQ", pid, 0)]) in rules and ("tgkill", [(0, "EQ", pid, 0)]) in rules
     assert ("ioctl", [(1, "EQ", 0x5412, 0)]) not in rules  # TIOCSTI
+
+
+def test_renames_are_allowed_only_in_a_standalone_runtimes_snapshot_folder():
+    """A worker under tenboxd renames nothing (tenboxd moves its snapshots); a standalone runtime with
+    --snapshot-out renames only with that folder's descriptor as both folders."""
+    for name in ("rename", "renameat", "renameat2", "linkat", "symlinkat"):
+        assert name not in seccomp_filter.ALLOWED, name
+    assert not any(name.startswith("rename") for name, _ in seccomp_filter.rules(4242))
+    pinned = [(n, c) for n, c in seccomp_filter.rules(4242, rename_dir_fd=9) if n.startswith("rename")]
+    assert pinned == [(n, [(0, "EQ", 9, 0), (2, "EQ", 9, 0)]) for n in ("renameat", "renameat2")]

@@ -59,7 +59,10 @@ def test_start_passes_the_vms_files_open_and_bounds_the_worker_by_the_vm_size(ri
     rig.start_running(vm)
     files = rig.host.spawn_files[0]
     assert [(f.path, f.writable) for f in files[:2]] == [("/boot/vmlinuz", False), ("/d/data.raw", False)]
-    assert [f.what for f in files[2:]] == ["console log"] * 3 + ["runtime log"] * 3 and all(f.create for f in files[2:])
+    assert [f.what for f in files[2:]] == ["console log"] * 3 + ["snapshot staging folder"] + ["runtime log"] * 3
+    assert all(f.create for f in files[2:] if f.what != "snapshot staging folder")
+    staging = [f for f in files if f.directory]
+    assert len(staging) == 1 and staging[0].path.endswith("/snapshot-staging") and not staging[0].writable
     limits = rig.host.spawn_limits[0]
     assert (limits.memory_max, limits.tasks_max) == (worker_memory_max(64), worker_tasks_max(2))
     assert rig.host.spawned[0][2].startswith("tenbox-vm-%s-" % vm.id)

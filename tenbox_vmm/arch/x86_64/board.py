@@ -37,6 +37,10 @@ class LegacyDevices(NamedTuple):
     def all(self):
         return (self.serial, self.i8042, self.rtc, self.pm, self.reset_control, self.debug)
 
+    def by_name(self) -> dict:
+        """Each device under its snapshot record's name (snapshot/records.py LEGACY)."""
+        return self._asdict()
+
 
 def build_legacy_devices(
     pio: PioBus,

@@ -31,15 +31,19 @@ class ExitOutcome:
     """Why a vCPU loop ended, for the machine to decide what happens next."""
 
     def __init__(self, kind: str, detail: str = "") -> None:
-        self.kind = kind  # "halted", "shutdown", "system_event", "internal_error", "fail_entry", "unhandled"
+        self.kind = kind  # "halted", "paused", "shutdown", "system_event", "internal_error", "fail_entry", "unhandled"
         self.detail = detail
 
 
 def run_vcpu(vcpu: Vcpu, pio: PioBus, mmio: MmioBus, halted: Callable[[], bool],
-             ring: Optional[CoalescedRing] = None) -> ExitOutcome:
+             ring: Optional[CoalescedRing] = None, paused: Optional[Callable[[], bool]] = None) -> ExitOutcome:
     """Run until `halted()` turns true or the guest does something only the machine can answer.
 
     Writes KVM coalesced into `ring` are played to the buses before each exit is handled.
+    `paused()` is asked after a KVM_RUN that a kick interrupted: KVM has then completed
+    the last port or MMIO read it handed us (KVM_RUN with immediate_exit does that before
+    it returns EINTR), so the vCPU stands at an instruction boundary and its state can be
+    saved; the loop returns "paused" and the caller runs it again to resume.
     """
     fd = vcpu.fd
     run = vcpu.run
@@ -58,6 +62,8 @@ def run_vcpu(vcpu: Vcpu, pio: PioBus, mmio: MmioBus, halted: Callable[[], bool],
             if ioctl(fd, request, _ZERO) < 0:
                 err = ffi.errno
                 if err == errno.EINTR or err == errno.EAGAIN:
+                    if paused is not None and paused():
+                        return ExitOutcome("paused")
                     continue
                 raise OSError(err, "KVM_RUN failed on vcpu%d" % vcpu.index)
             exits += 1

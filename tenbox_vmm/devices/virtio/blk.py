@@ -144,6 +144,17 @@ class VirtioBlk(VirtioDevice):
         self.config_changed()
         return self.capacity * SECTOR
 
+    def swap_backend(self, disk: BlockBackend) -> BlockBackend:
+        """Serve the guest from `disk` from now on (a snapshot's new overlay, of the same size); the old backend.
+
+        Called with the device paused (no batch in progress); the guest sees no change.
+        """
+        if disk.size != self.disk.size or bool(disk.read_only) != self.read_only:
+            raise ValueError("%s: the new backend has another size or mode" % disk.path)
+        with self._disk_lock:
+            old, self.disk = self.disk, disk
+        return old
+
     def process(self, queue: Virtqueue) -> None:
         with self._disk_lock:
             self._process(queue)

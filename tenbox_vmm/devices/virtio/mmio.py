@@ -126,6 +126,68 @@ class VirtioMmio:
         self._irq_fd = None
         self.host.release()
 
+    # Snapshots ----------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop the I/O thread between two batches (the vCPUs are paused): the queues hold still."""
+        with self._lock:
+            io, self._io = self._io, None
+        if io is not None:
+            io.stop()
+
+    def resume(self) -> None:
+        """Start the I/O thread again after pause(), with the same kicks and interrupt."""
+        if self.status & STATUS_DRIVER_OK and not self.status & STATUS_DEVICE_NEEDS_RESET and self._kick_fds:
+            self._start_io()
+
+    def save_state(self) -> dict:
+        """The transport's registers and every queue (snapshot/records.py VIRTIO); call paused."""
+        with self._lock:
+            return {
+                "device": dict(name=self.device.name, device_id=self.device.device_id,
+                               features=self.device.features),
+                "transport": dict(status=self.status, device_features_sel=self.device_features_sel,
+                                  driver_features_sel=self.driver_features_sel, driver_features=self.driver_features,
+                                  queue_sel=self.queue_sel, interrupt_status=self.interrupt_status,
+                                  config_generation=self.config_generation),
+                "queues": [q.save_state() for q in self.queues],
+            }
+
+    def check_state(self, where: str, s: dict) -> None:
+        """SnapshotError unless a checked record fits this device (its type and queues)."""
+        from tenbox_vmm.snapshot import SnapshotError
+
+        if s["device"]["device_id"] != self.device.device_id or s["device"]["name"] != self.device.name:
+            raise SnapshotError("%s is a virtio-%s, the VM has a virtio-%s there"
+                                % (where, s["device"]["name"], self.device.name))
+        if len(s["queues"]) != len(self.queues):
+            raise SnapshotError("device state out of range: %s has %d queues, virtio-%s has %d"
+                                % (where, len(s["queues"]), self.device.name, len(self.queues)))
+        for i, (q, rec) in enumerate(zip(self.queues, s["queues"])):
+            if rec["size"] > q.max_size:
+                raise SnapshotError("device state out of range: %s.queue%d.size = %d (at most %d)"
+                                    % (where, i, rec["size"], q.max_size))
+
+    def load_state(self, s: dict) -> None:
+        """Take a record back (check_state passed); a live device is wired and its I/O thread started.
+
+        The driver's rings are in the restored guest RAM; chains it offered that were
+        not taken yet are taken by the I/O thread as it starts.
+        """
+        t = s["transport"]
+        with self._lock:
+            self._reset_locked()
+            self.status = t["status"]
+            self.device_features_sel, self.driver_features_sel = t["device_features_sel"], t["driver_features_sel"]
+            self.driver_features, self.queue_sel = t["driver_features"], t["queue_sel"]
+            self.interrupt_status, self.config_generation = t["interrupt_status"], t["config_generation"]
+            for q, rec in zip(self.queues, s["queues"]):
+                q.load_state(rec)
+        if self.status & STATUS_DRIVER_OK and not self.status & (STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED):
+            self._activate()
+            if self.interrupt_status:
+                self._interrupt(0)  # an interrupt the driver had not acknowledged: the line goes up again
+
     # Interrupts ---------------------------------------------------------------------------
 
     def _interrupt(self, bit: int) -> None:
@@ -178,7 +240,10 @@ class VirtioMmio:
             kicks.append(fd)
         self._kick_fds = kicks
         self.device.activate(features, self.queues)
-        self._io = IoThread("virtio-%s" % self.device.name, self.device, self.queues, kicks,
+        self._start_io()
+
+    def _start_io(self) -> None:
+        self._io = IoThread("virtio-%s" % self.device.name, self.device, self.queues, self._kick_fds,
                             self.signal_used, self.needs_reset)
         self._io.start()
 

@@ -126,6 +126,21 @@ class Virtqueue:
         self._avail: Optional[memoryview] = None
         self._used: Optional[memoryview] = None
 
+    def save_state(self) -> dict:
+        """What the driver configured and where the device is in the rings (snapshot/records.py QUEUE)."""
+        return dict(size=self.size, ready=self.ready, desc_addr=self.desc_addr, avail_addr=self.avail_addr,
+                    used_addr=self.used_addr, event_idx=self.event_idx, indirect=self.indirect,
+                    last_avail=self.last_avail, used_idx=self.used_idx, signalled=self._signalled)
+
+    def load_state(self, s: dict) -> None:
+        """Take a checked record back, not live: the transport activates the queue if it was ready."""
+        self.reset()
+        self.size, self.desc_addr, self.avail_addr, self.used_addr = (
+            s["size"], s["desc_addr"], s["avail_addr"], s["used_addr"])
+        self.event_idx, self.indirect = s["event_idx"], s["indirect"]
+        self.last_avail, self.used_idx, self._signalled = s["last_avail"], s["used_idx"], s["signalled"]
+        self.ready = s["ready"]
+
     def activate(self, event_idx: bool, indirect: bool) -> None:
         """Check the rings the driver set up and map them; called when the queue goes live."""
         size = self.size

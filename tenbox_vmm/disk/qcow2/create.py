@@ -30,14 +30,16 @@ def _log2(n: int) -> int:
 
 def create_qcow2(path: str, size: int, cluster_size: int = 65536, backing: Optional[str] = None,
                  backing_fmt: Optional[str] = None, refcount_bits: int = 16, lazy_refcounts: bool = False,
-                 version: int = 3) -> None:
+                 version: int = 3, open_backing: bool = True) -> None:
     """Create a qcow2 image at `path` (which must not exist).
 
     `size` is the virtual size in bytes, a multiple of 512; with a backing
     file, 0 means "the backing file's size". `backing` is stored as given:
     relative names are relative to the new image's folder. `version` 3 is
     qemu-img's compat=1.1, 2 is compat=0.10 (16-bit refcounts, no lazy
-    refcounts).
+    refcounts). `open_backing` False (a backing image a running VM holds
+    locked): `size` and `backing_fmt` are taken as given, the backing file
+    is only located, not opened.
     """
     if version not in (2, 3):
         raise DiskError("qcow2 version must be 2 or 3, not %r" % (version,))
@@ -51,8 +53,10 @@ def create_qcow2(path: str, size: int, cluster_size: int = 65536, backing: Optio
         raise DiskError("lazy refcounts need a qcow2 version 3 image")
     if os.path.lexists(path):
         raise DiskError("%s already exists; not overwriting it" % path)
-    if backing is not None:
+    if backing is not None and open_backing:
         size, backing_fmt = _backing_size(path, backing, backing_fmt, size)
+    elif backing is not None:
+        bk.locate(path, backing, backing_fmt, 1)
     if size <= 0 or size % F.SECTOR:
         raise DiskError("virtual size must be a positive multiple of 512 bytes, not %r" % (size,))
 

@@ -718,6 +718,25 @@ class Qcow2Disk(Disk):
         self._check_usable()
         self._sync_metadata()
 
+    def freeze(self) -> None:
+        """Become read-only for good, synced and marked clean: the image is a snapshot's layer from now on
+        (a new overlay's backing file), and other VMs may open it read-only beside us."""
+        if self.read_only:
+            return
+        self._check_usable()
+        rc = self._refcounts
+        self._sync_metadata()
+        if rc is not None and rc.dirty:
+            rc.write_dirty()
+            self._file.datasync()
+        if self._marked_dirty:
+            self._write_incompatible(self.header.incompatible_features & ~F.INCOMPAT_DIRTY)
+            self._marked_dirty = False
+            self._file.datasync()
+        self.read_only = True
+        self._refcounts = None
+        lock.downgrade(self._file.fd)
+
     def close(self) -> None:
         if self._closed:
             return
