@@ -67,9 +67,13 @@ def counts_after(daemon, name, skip, at_least, restarted=False):
     """
     deadline = time.monotonic() + WAIT_SEC
     while True:
-        lines = daemon.console(name)[skip:]
+        whole = daemon.console(name)
+        lines = whole[skip:]
         got = counts(lines)
         if restarted:
+            # The last count before `skip` too: the old worker may have written nothing after it,
+            # so that the drop is between it and the restored guest's first line.
+            got = counts(whole[:skip])[-1:] + got
             drops = [i for i in range(1, len(got)) if got[i] <= got[i - 1]]
             got = got[drops[-1]:] if drops else []
         if len(got) >= at_least:
