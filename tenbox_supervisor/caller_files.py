@@ -195,6 +195,9 @@ def _check_descriptor(fd: int, use: Use) -> bool:
 
 def open_uses(plan: Sequence[Tuple[Use, Rights]], timeout: float = OPEN_TIMEOUT_SEC) -> Dict[str, int]:
     """Open every use with its rights (blocking: a thread runs it); ApiError for the first that fails, none left open."""
+    keys = [use.key for use, _ in plan]
+    if len(set(keys)) != len(keys):  # descriptors are kept by key: a second use of one would leak the first
+        raise ValueError("uses with the same key: %s" % sorted(k for k in set(keys) if keys.count(k) > 1))
     opened: Dict[str, int] = {}
     try:
         by_rights: Dict[Rights, List[Use]] = {}

@@ -410,9 +410,9 @@ class VmMethods:
         start, with that user's rights as they are today.
         """
         s = vm.spec
-        disks = [d for d in s.disks if not d.get("owned")]
-        uses = file_uses(s.kernel, s.initrd, disks, s.template if len(disks) < len(s.disks) else None)
-        uses += [Use("disk", d["path"], write=not d.get("read_only")) for d in s.disks if d.get("owned")]
+        owned = any(d.get("owned") for d in s.disks)  # the overlay of a template, a disk added, a seed
+        # Every disk keyed by its place in the VM's list: descriptors are kept by key.
+        uses = file_uses(s.kernel, s.initrd, s.disks, s.template if owned else None)
         plan = []
         for use in uses:
             uid = s.named_by.get(use.path)
@@ -423,9 +423,9 @@ class VmMethods:
                                % (use.key, use.path, uid)) from None
         (await self.files.open_planned(plan)).close()
         rights = {use.path: who for use, who in plan}
-        for i, d in enumerate(disks):
+        for i, d in enumerate(s.disks):
             who = rights.get(d["path"])
-            if who is not None and d.get("format") == "qcow2":
+            if who is not None and d.get("format") == "qcow2" and not d.get("owned"):
                 await probe_disk(self.files, "disks[%d]" % i, d["path"], who)
 
     async def _preflight(self, vm: ManagedVm) -> None:

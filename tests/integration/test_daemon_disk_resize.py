@@ -138,3 +138,21 @@ def test_growing_a_qcow2_past_its_l1_table_moves_the_table_and_qemu_finds_it_cle
     qemu_img("check", path)
     qemu_io(path, "read -P 0x7c 63M 1M", "read -P 0x5a 0 64k", "read -P 0x3d 62M 64k", fmt="qcow2", read_only=True)
     assert before["virtual-size"] == MIB
+
+
+def test_a_vm_with_two_disks_of_its_own_starts_again_and_again_without_tenboxd_keeping_a_descriptor(daemon):
+    """Two added disks (the VM's own, like a template's overlay or a cloud-init seed): each start
+    opens both with tenboxd's rights to check them, and closes both. Once they shared one key, so the
+    first stayed open in tenboxd at every start (and a read-only second one refused the start)."""
+    ok(daemon.ctl("vm", "create", "two", "--kernel", guest_path("blk"), "--memory", "64", "--cmdline", STAY))
+    for _ in range(2):
+        ok(daemon.ctl("vm", "disk", "add", "two", "--size", "4M"))
+    fd_dir = "/proc/%d/fd" % daemon.proc.proc.pid
+    counts = []
+    for _ in range(3):
+        ok(daemon.ctl("vm", "start", "two"))
+        daemon.wait_console("two", "blk: ready capacity=8192", 60)
+        ok(daemon.ctl("vm", "stop", "two"))
+        daemon.wait_state("two", "stopped")
+        counts.append(len(os.listdir(fd_dir)))
+    assert counts[2] == counts[1], "tenboxd's descriptors after each start and stop: %s" % counts

@@ -75,3 +75,14 @@ def test_opening_with_the_daemons_rights_says_what_is_wrong(tmp_path):
         with pytest.raises(ApiError) as e:
             open_uses([(Use("kernel", str(good)), None), (Use("initrd", path), None)])
         assert e.value.code is code and e.value.message == "initrd %s %s" % (path, words)
+
+
+def test_two_uses_with_one_key_are_refused_before_anything_is_opened(tmp_path):
+    """Descriptors are kept by key: a second use of a key would leave the first descriptor open."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match=r"same key: \['disk'\]"):
+        open_uses([(Use("disk", str(a), write=True), None), (Use("disk", str(b)), None)])
+    assert len(os.listdir("/proc/self/fd")) == before
