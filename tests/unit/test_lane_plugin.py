@@ -55,6 +55,21 @@ def test_fixtures_of_earlier_items_end_at_a_replayed_item_and_the_next_module_ru
     result.stdout.no_fnmatch_line("*not torn down*")
 
 
+# After a conftest's fake_run: lane.run replaced for the in-process pytest run, and put back.
+FAKE_LANE_HOOKS = textwrap.dedent('''
+    REAL_RUN = lane.run
+    lane.run = fake_run  # pytester runs in this process: put it back at the end
+
+    def pytest_configure(config):
+        config.addinivalue_line("markers", "hwvirt: needs the lane")
+        config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
+
+    def pytest_unconfigure(config):
+        lane.run = REAL_RUN
+        print("LANE CALLS %s" % json.dumps(CALLS))
+''')
+
+
 RETRY_CONFTEST = textwrap.dedent('''
     import json
     from tests.framework import lane, lane_plugin
@@ -77,18 +92,7 @@ RETRY_CONFTEST = textwrap.dedent('''
             if len(ids) > 1:
                 f.write(json.dumps(report(ids[1], "setup")) + "\\n")  # the test the lane died in
         return lane.LaneResult(None, "kernel panic in the lane", "", 1.0)
-
-    REAL_RUN = lane.run
-    lane.run = fake_run  # pytester runs in this process: put it back at the end
-
-    def pytest_configure(config):
-        config.addinivalue_line("markers", "hwvirt: needs the lane")
-        config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
-
-    def pytest_unconfigure(config):
-        lane.run = REAL_RUN
-        print("LANE CALLS %s" % json.dumps(CALLS))
-''')
+''') + FAKE_LANE_HOOKS
 
 
 def test_a_lane_that_dies_gets_one_successor_for_the_tests_it_did_not_finish(tester):
@@ -144,18 +148,7 @@ RERUN_CONFTEST = textwrap.dedent('''
                     f.write(json.dumps(report(nodeid, when, "failed" if bad and when == "call" else "passed"))
                             + "\\n")
         return lane.LaneResult(0, "", "", 1.0)
-
-    REAL_RUN = lane.run
-    lane.run = fake_run  # pytester runs in this process: put it back at the end
-
-    def pytest_configure(config):
-        config.addinivalue_line("markers", "hwvirt: needs the lane")
-        config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
-
-    def pytest_unconfigure(config):
-        lane.run = REAL_RUN
-        print("LANE CALLS %s" % json.dumps(CALLS))
-''')
+''') + FAKE_LANE_HOOKS
 
 
 def test_a_test_that_failed_in_the_lane_runs_once_more_in_a_fresh_one_and_the_summary_says_so(tester):
