@@ -70,9 +70,16 @@ def system_info(app: App, as_json: bool):
         ("memory", "%d MiB free of %d MiB" % (res.get("memory_available_bytes", 0) >> 20, res.get("memory_total_bytes", 0) >> 20)),
         ("disk", "%d GiB free of %d GiB" % (res.get("disk_available_bytes", 0) >> 30, res.get("disk_total_bytes", 0) >> 30)),
         ("KVM", "supported" if info.get("doctor", {}).get("supported") else "NOT supported (tenbox doctor)"),
+        ("standby", _standby(info.get("standby_workers") or {})),
     ]
     for k, v in rows:
         click.echo("%-9s %s" % (k + ":", v))
+
+
+def _standby(s: dict) -> str:
+    if not s.get("wanted"):
+        return "off (TENBOX_STANDBY_WORKERS=0)"
+    return "%d of %d workers ready to take a VM's start" % (s.get("ready", 0), s["wanted"])
 
 
 @click.command("version")

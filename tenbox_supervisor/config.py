@@ -23,6 +23,10 @@ CLIENT_IDLE_RANGE_SEC = (1.0, 86400.0)
 # figures name every VM, and the endpoint has no authentication of its own.
 METRICS_LISTEN_ENV = "TENBOX_METRICS_LISTEN"
 UNIX_PATH_MAX_BYTES = 107  # sun_path holds 108 bytes with the NUL
+# Workers started ahead of need (standby.py): 0 turns them off.
+STANDBY_ENV = "TENBOX_STANDBY_WORKERS"
+STANDBY_DEFAULT = 1
+STANDBY_RANGE = (0, 16)  # each one idles at about 20 MiB
 
 
 class ConfigError(ValueError):
@@ -49,6 +53,7 @@ class Config:
     cloud_url: str
     client_idle_sec: float = CLIENT_IDLE_SEC
     metrics_listen: Optional[Tuple[str, ...]] = None  # ("unix", path) or ("tcp", host, port)
+    standby_workers: int = STANDBY_DEFAULT
 
     @property
     def worker_endpoint(self) -> str:
@@ -110,6 +115,7 @@ def resolve(
         cloud_url=cloud_url,
         client_idle_sec=_seconds(env, CLIENT_IDLE_ENV, CLIENT_IDLE_SEC, CLIENT_IDLE_RANGE_SEC),
         metrics_listen=parse_metrics_listen(env.get(METRICS_LISTEN_ENV, "")),
+        standby_workers=_count(env, STANDBY_ENV, STANDBY_DEFAULT, STANDBY_RANGE),
     )
 
 
@@ -135,6 +141,15 @@ def parse_metrics_listen(raw: str) -> Optional[Tuple[str, ...]]:
     if not sep or not loopback or not 1 <= number <= 65535:
         raise ConfigError("%s=%r: %s" % (METRICS_LISTEN_ENV, raw, why))
     return ("tcp", "127.0.0.1" if host == "localhost" else host, str(number))
+
+
+def _count(env: dict, key: str, default: int, bounds) -> int:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not bounds[0] <= int(raw) <= bounds[1]:
+        raise ConfigError("%s=%r: give a whole number in %d..%d" % (key, raw, bounds[0], bounds[1]))
+    return int(raw)
 
 
 def _seconds(env: dict, key: str, default: float, bounds) -> float:

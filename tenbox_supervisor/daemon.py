@@ -71,6 +71,7 @@ class Daemon:
         self._lock_fd: Optional[int] = None
         self._stop = asyncio.Event()
         self.workers: Optional[WorkerManager] = None
+        self.host: Optional[SystemHost] = None
         self.link: Optional[LinkServer] = None
         self.control: Optional[ControlServer] = None
         self.cloud: Optional[CloudLink] = None
@@ -128,7 +129,7 @@ class Daemon:
             store = Store(self.config.vms_dir, log_gid)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg),
                                    **worker_link_access())
-            host = SystemHost()
+            host = self.host = SystemHost(self.config.standby_workers)
             workers = self.workers = WorkerManager(self.config, store, host, self.link.send)
             events = EventLog(host.time)
             workers.add_listener(events.on_state_change)  # before restore(): crashes found at start are events too
@@ -136,7 +137,8 @@ class Daemon:
             images = ImageMethods(ImageStore(self.config.images_dir), workers, files, events)
             updater = Updater(self.config.data_dir, workers, log_gid, events)
             api = Api()
-            api.register(SystemMethods(self.config, self.started_at, workers).method_specs())
+            api.register(SystemMethods(self.config, self.started_at, workers,
+                                       host.standby.describe if host.standby else None).method_specs())
             # The restart policy starts VMs the way vm.start does (VmMethods.start_vm); vm.stop cancels its waits.
             restarter = self.restarter = Restarter(workers, host, lambda vm: vm_methods.start_vm(vm))
             restarter.add_listener(events.on_restart)
@@ -154,6 +156,8 @@ class Daemon:
                                          self.config.client_idle_sec)
             self.link.start()
             workers.restore()
+            if host.standby is not None:
+                host.standby.fill()  # after the umask and the adoptions: its own process, not a VM's yet
             restarter.boot(first_start_since_boot(self.config.run_dir))
             workers.add_listener(lambda vm, old, new, reason: self.notifier.status(self.status_line()))
             await self.control.start()
@@ -212,6 +216,8 @@ class Daemon:
             await self.control.close()
         if self.workers is not None:
             await self.workers.close()
+        if self.host is not None:
+            self.host.close()
         if self.link is not None:
             await self.link.close()
         if self._lock_fd is not None:

@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Protocol, Sequence
@@ -21,8 +23,11 @@ import psutil
 
 from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, WorkerCgroup
 from tenbox_supervisor.imagetool_child import run_imagetool
+from tenbox_supervisor.standby import SCOPE_PREFIX, Standby, StandbyPool, StandbyRefused, set_scope_limits
+from tenbox_vmm.protocol.standby import OrderError
 from tenbox_supervisor.worker_files import WorkerFile, close_all, open_all
 from tenbox_vmm.protocol import Limits
+from tenbox_vmm.protocol.sandbox import PassedFile
 
 log = logging.getLogger("tenboxd.host")
 
@@ -35,6 +40,8 @@ DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LIS
 # Test hooks (tenbox_vmm/sandbox: SECCOMP_PROBE_ENV) reach no worker of the packaged service.
 DROP_ENV_PREFIXES_UNDER_SYSTEMD = ("TENBOX_TEST_",)
 CGROUP_PREFIX = "tenbox-vm-"  # a worker's scope or cgroup: tenbox-vm-<id>-<time>
+RUNTIME_ARGV = (sys.executable, "-m", "tenbox_vmm")  # tenbox-vm-runtime, on tenboxd's own interpreter
+STANDBY_ARG = "--standby"
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Proc:
     popen: Optional[subprocess.Popen] = None
     pidfd: Optional[int] = None
     cgroup: Optional[WorkerCgroup] = None  # made by tenboxd (no systemd): removed when the worker ends
+    standby: bool = False  # started ahead of need (standby.py), then given its VM
 
     @property
     def is_child(self) -> bool:
@@ -100,9 +108,9 @@ class Host(Protocol):
 
 
 class SystemHost:
-    """The real host: Popen, kill, pidfd, psutil, the system clocks."""
+    """The real host: Popen, kill, pidfd, psutil, the system clocks; `standby_workers` started ahead of need."""
 
-    def __init__(self) -> None:
+    def __init__(self, standby_workers: int = 0) -> None:
         self.use_scopes = (
             os.geteuid() == 0 and os.path.isdir("/run/systemd/system") and shutil.which("systemd-run") is not None
             and os.environ.get("TENBOX_NO_SCOPES") != "1"
@@ -112,6 +120,8 @@ class SystemHost:
         self.cgroups = Cgroups() if os.geteuid() == 0 and not self.use_scopes else None
         if self.cgroups is not None:
             log.info("worker limits: %s", self.cgroups.describe())
+        self.standby = StandbyPool(standby_workers, self._start_standby, self.monotonic) if standby_workers else None
+        self._standby_serial = 0
 
     def worker_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
@@ -121,42 +131,101 @@ class SystemHost:
 
     def spawn(self, argv: Sequence[str], log_path: str, scope_name: str, files: Sequence[WorkerFile] = (),
               limits: Optional[ResourceLimits] = None) -> Proc:
-        """Start a worker in its own session and its own scope or cgroup, with its files passed open."""
+        """Start a worker in its own session and its own scope or cgroup, with its files passed open.
+
+        A ready standby (standby.py) takes it when there is one; else a new process starts cold.
+        """
         rotate(log_path)
         opened = open_all(files)
         try:
-            argv = list(argv) + [a for pf in opened for a in ("--fd", pf.to_arg())]
-            if self.use_scopes:
-                # Its own scope: restarting or stopping tenboxd.service never takes the VM with it.
-                props = [] if limits is None else ["--property", "MemoryMax=%d" % limits.memory_max,
-                                                   "--property", "TasksMax=%d" % limits.tasks_max]
-                argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope_name] + props + ["--"] + argv
-            cgroup = self.cgroups.create(scope_name, limits) if self.cgroups and limits else None
-            try:
-                with open(log_path, "ab") as logf:
-                    p = subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=logf,
-                        stderr=logf,
-                        env=self.worker_env(),
-                        close_fds=True,
-                        pass_fds=[pf.fd for pf in opened],
-                        start_new_session=True,
-                    )
-                if cgroup is not None:
-                    _join(p, cgroup)
-            except BaseException:
-                if cgroup is not None:
-                    cgroup.remove()
-                raise
+            proc = self._from_standby(argv, log_path, scope_name, opened, limits)
+            if proc is None:
+                proc = self._cold(argv, log_path, scope_name, opened, limits)
         finally:
             close_all(opened)
+        return proc
+
+    def _cold(self, argv: Sequence[str], log_path: str, scope_name: str, opened: Sequence[PassedFile],
+              limits: Optional[ResourceLimits]) -> Proc:
+        argv = list(argv) + [a for pf in opened for a in ("--fd", pf.to_arg())]
+        if self.use_scopes:
+            # Its own scope: restarting or stopping tenboxd.service never takes the VM with it.
+            props = [] if limits is None else ["--property", "MemoryMax=%d" % limits.memory_max,
+                                               "--property", "TasksMax=%d" % limits.tasks_max]
+            argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope_name] + props + ["--"] + argv
+        cgroup = self.cgroups.create(scope_name, limits) if self.cgroups and limits else None
         try:
-            ctime = psutil.Process(p.pid).create_time()
-        except psutil.Error:
-            ctime = 0.0
-        return Proc(pid=p.pid, create_time=ctime, popen=p, cgroup=cgroup)
+            with open(log_path, "ab") as logf:
+                p = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    env=self.worker_env(),
+                    close_fds=True,
+                    pass_fds=[pf.fd for pf in opened],
+                    start_new_session=True,
+                )
+            if cgroup is not None:
+                _join(p, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        return Proc(pid=p.pid, create_time=_create_time(p.pid), popen=p, cgroup=cgroup)
+
+    def _from_standby(self, argv: Sequence[str], log_path: str, scope_name: str, opened: Sequence[PassedFile],
+                      limits: Optional[ResourceLimits]) -> Optional[Proc]:
+        """The worker as a standby that took its order, limits first; None when none can."""
+        prefix = len(RUNTIME_ARGV)
+        if self.standby is None or tuple(argv[:prefix]) != RUNTIME_ARGV:
+            return None
+        sb = self.standby.take()
+        if sb is None:
+            return None
+        cgroup = None
+        try:
+            if sb.scope is not None and limits is not None:
+                set_scope_limits(sb.scope, limits)
+            if self.cgroups is not None and limits is not None:
+                cgroup = self.cgroups.create(scope_name, limits)
+                if cgroup is not None:
+                    cgroup.add(sb.pid)
+            with open(log_path, "ab") as logf:
+                sb.order(argv[prefix:], opened, logf.fileno())
+        except (OSError, OrderError, StandbyRefused, subprocess.SubprocessError) as e:
+            why = getattr(e, "strerror", None) or getattr(e, "stderr", None) or e
+            log.warning("standby worker pid %d not used (%s); starting the worker cold", sb.pid, why)
+            sb.popen.kill()
+            sb.dismiss()
+            if cgroup is not None:
+                cgroup.remove()
+            return None
+        return Proc(pid=sb.pid, create_time=_create_time(sb.pid), popen=sb.popen, cgroup=cgroup, standby=True)
+
+    def _start_standby(self) -> Standby:
+        """A new standby worker, in a scope of its own where workers run in scopes; OSError if it cannot start."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        scope = None
+        argv = list(RUNTIME_ARGV) + [STANDBY_ARG]
+        if self.use_scopes:
+            self._standby_serial += 1
+            scope = "%s%d-%d" % (SCOPE_PREFIX, int(self.time()), self._standby_serial)
+            argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope, "--"] + argv
+        try:
+            p = subprocess.Popen(argv, stdin=theirs, stdout=subprocess.DEVNULL, env=self.worker_env(),
+                                 close_fds=True, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return Standby(popen=p, sock=ours, scope=scope)
+
+    def close(self) -> None:
+        """Let the standbys go (the VMs' workers run on)."""
+        if self.standby is not None:
+            self.standby.close()
 
     async def backing_chain(self, path: str) -> List[str]:
         info = await run_imagetool("info", path)
@@ -173,7 +242,7 @@ class SystemHost:
             return None
         if "tenbox_vmm" not in " ".join(cmd) and "tenbox-vm-runtime" not in " ".join(cmd):
             return None
-        if vm_id not in cmd:
+        if vm_id not in cmd and STANDBY_ARG not in cmd:  # a standby's command line names no VM
             return None
         cgroup = self.cgroups.of_pid(pid, CGROUP_PREFIX) if self.cgroups else None
         return Proc(pid=pid, create_time=create_time, cgroup=cgroup)
@@ -250,6 +319,13 @@ class SystemHost:
 
     def time(self) -> float:
         return time.time()
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
 
 
 def _join(p: subprocess.Popen, cgroup: WorkerCgroup) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from tenbox_supervisor import doctor, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
@@ -22,10 +22,12 @@ class VmCounts(Protocol):
 
 
 class SystemMethods:
-    def __init__(self, config: Config, started_at: float, vms: VmCounts) -> None:
+    def __init__(self, config: Config, started_at: float, vms: VmCounts,
+                 standby: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
         self.config = config
         self.started_at = started_at
         self.vms = vms
+        self.standby = standby  # the standby workers' counts (standby.py), where there are any
 
     def method_specs(self) -> List[MethodSpec]:
         return [
@@ -47,4 +49,5 @@ class SystemMethods:
             "vm_summary": telemetry.vm_summary(self.vms.all(), len(self.vms.broken())),
             "resources": telemetry.host_resources(self.config.data_dir),
             "doctor": doctor.run_checks(),
+            "standby_workers": self.standby() if self.standby else {"wanted": 0, "ready": 0, "pids": []},
         }

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 from tenbox_supervisor import snapshots, worker_files
@@ -30,7 +29,7 @@ from tenbox_supervisor.errors import ApiError, CommandTimeout, OperationError
 from tenbox_supervisor.failures import Failure, WorkerEnd, judge_exit
 from tenbox_supervisor.fsutil import log_files, tail_lines
 from tenbox_supervisor.managed_vm import FAILURE_CONSOLE_LINES, ManagedVm, StateListener, WorkerSession
-from tenbox_supervisor.oshost import CGROUP_PREFIX, SIGNAL_NAMES, Host, Proc
+from tenbox_supervisor.oshost import CGROUP_PREFIX, RUNTIME_ARGV, SIGNAL_NAMES, Host, Proc
 from tenbox_supervisor.protocol import ErrorCode, FailureCode
 from tenbox_supervisor.spec import SpecError, VmSpec, disk_arg, new_vm_id
 from tenbox_supervisor.states import ACTIVE_STATES, InvalidTransition
@@ -109,7 +108,7 @@ class WorkerManager:
         # so their folder is not deleted under them (delete_broken).
         self._orphans: Dict[str, Proc] = {}
         self._listeners: List[StateListener] = []
-        self.runtime_argv = [sys.executable, "-m", "tenbox_vmm"]
+        self.runtime_argv = list(RUNTIME_ARGV)
         self.start_timeout = start_timeout()
         self.liveness = heartbeat_liveness()
         self._tick_task: Optional[asyncio.Task] = None
@@ -402,7 +401,7 @@ class WorkerManager:
                                  "cannot start tenbox-vm-runtime: %s" % e.strerror) from None
         session = vm.session = WorkerSession(proc, spawned_mono=self.host.monotonic())
         vm.started_at = self.host.time()
-        vm.change_state(S.STARTING, "vm.start (worker pid %d)" % proc.pid)
+        vm.change_state(S.STARTING, "vm.start (worker pid %d%s)" % (proc.pid, ", a standby" if proc.standby else ""))
         session.unwatch = self.host.watch(asyncio.get_event_loop(), proc, lambda: self._on_exit(vm))
 
     async def until_started(self, vm: ManagedVm) -> None:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker mode for tenboxd: connect to its ZeroMQ endpoint; the console goes over the link")
     p.add_argument("--fd", action="append", default=[], metavar="FD:PATH",
                    help="descriptor FD, inherited open, stands for file PATH (tenboxd passes a VM's files so)")
+    p.add_argument("--standby", action="store_true",
+                   help="for tenboxd: start ahead of need and wait on stdin (a socket) for the VM to run")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     return p
@@ -195,6 +197,13 @@ def _backing_chain(path: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.standby:
+        if (sys.argv[1:] if argv is None else argv) != ["--standby"]:
+            sys.stderr.write("%s: error: --standby takes no other option; its order brings them\n" % PROG)
+            return ExitCode.USAGE
+        from tenbox_vmm import standby
+
+        return standby.serve(main)  # the order's command line: an ExitCode as any worker's
     if not args.kernel and not args.restore:
         sys.stderr.write("%s: error: --kernel is required (or --restore FILE) (see --help)\n" % PROG)
         return ExitCode.USAGE

@@ -1,0 +1,155 @@
+"""Standby workers for real: a tenboxd keeps `tenbox-vm-runtime --standby` ready, and a start hands the VM to it.
+
+The standby is tenboxd's child; `vm.start` gives it its VM's order
+(tenbox_vmm/standby.py) and it becomes that VM's worker: the same pid,
+the guest runs, the console and the exit status work as for a cold worker,
+and a new standby waits a moment later. A standby that died, a tenboxd
+that stops or is killed, and TENBOX_STANDBY_WORKERS=0 or a bad value are
+covered too.
+"""
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.framework.daemon import DaemonProcess, ok
+from tests.framework.guests import guest_path
+
+pytestmark = pytest.mark.usefixtures("kvm", "guests")
+
+READY_SEC = 60.0  # a standby's interpreter and imports: well under a second here, minutes in the lane
+
+
+def create(d, name, guest="idle", memory=32):
+    ok(d.ctl("vm", "create", name, "--kernel", guest_path(guest), "--memory", str(memory)))
+
+
+def standby_info(d) -> dict:
+    return json.loads(ok(d.ctl("system", "info", "--json")))["standby_workers"]
+
+
+def wait_ready(d, n: int = 1, timeout: float = READY_SEC) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = standby_info(d)
+        if info["ready"] >= n:
+            return info
+        assert time.monotonic() < deadline, "no %d standby worker(s) ready within %.0f s: %s" % (n, timeout, info)
+        time.sleep(0.2)
+
+
+def standby_children(d):
+    return [p for p in psutil.Process(d.proc.proc.pid).children()
+            if "--standby" in (p.cmdline() or [])]
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_start_is_taken_by_the_ready_standby_which_runs_the_vm_as_a_cold_worker_would(daemon):
+    ready = wait_ready(daemon)
+    assert ready["wanted"] == 1 and len(ready["pids"]) == 1
+    standby = ready["pids"][0]
+    assert [p.pid for p in standby_children(daemon)] == [standby]
+    assert "1 of 1 workers ready" in ok(daemon.ctl("system", "info"))
+
+    create(daemon, "warm")
+    ok(daemon.ctl("vm", "start", "warm"))
+    v = daemon.vm("warm")
+    assert v["pid"] == standby, "the standby became the VM's worker"
+    daemon.wait_console("warm", "idle: ready")
+    r = daemon.ctl("vm", "console", "warm", input=b"from a standby\n", timeout=30)
+    assert b"echo: from a standby" in r.stdout, r.stderr
+    # Its stdout and stderr are the VM's runtime.log, as a cold worker's; its stdin is no socket.
+    assert os.readlink("/proc/%d/fd/2" % standby).endswith("/logs/runtime.log")
+    assert os.readlink("/proc/%d/fd/0" % standby) == "/dev/null"
+    events = ok(daemon.ctl("events", "--since", "0", "--no-follow"))
+    assert "worker pid %d, a standby" % standby in events
+
+    # A new one waits a moment later; the VM's worker is not it.
+    again = wait_ready(daemon)
+    assert again["pids"] != [standby]
+
+    # The exit status reaches tenboxd as a child's: a guest poweroff is a stop, not a crash.
+    create(daemon, "off", guest="poweroff")
+    ok(daemon.ctl("vm", "start", "off"))
+    assert daemon.vm("off")["pid"] == again["pids"][0]
+    off = daemon.wait_state("off", "stopped", 30)
+    assert off.get("last_failure") is None, off
+    ok(daemon.ctl("vm", "stop", "warm"))
+    assert gone(standby)
+
+
+def test_a_standby_that_died_is_replaced_and_the_start_meanwhile_runs_cold(daemon):
+    first = wait_ready(daemon)["pids"][0]
+    os.kill(first, signal.SIGKILL)
+    assert gone(first)
+    create(daemon, "cold")
+    ok(daemon.ctl("vm", "start", "cold"))
+    v = daemon.vm("cold")
+    assert v["state"] == "running" and v["pid"] != first
+    assert "--vm-id" in psutil.Process(v["pid"]).cmdline(), "started cold, with its command line"
+    daemon.wait_console("cold", "idle: ready")
+    assert "standby worker pid %d ended on its own" % first in daemon.proc.errors
+    ok(daemon.ctl("vm", "stop", "cold"))
+
+
+def test_standbys_end_with_tenboxd_stopped_or_killed_and_vms_run_on(tmp_path):
+    d = DaemonProcess(tmp_path / "d")
+    try:
+        d.start()
+        standby = wait_ready(d)["pids"][0]
+        create(d, "keep")
+        ok(d.ctl("vm", "start", "keep"))
+        worker = d.vm("keep")["pid"]
+        assert worker == standby
+        spare = wait_ready(d)["pids"][0]
+        assert d.stop() == 0
+        assert gone(spare), "a stopped tenboxd's standby does not stay"
+        assert psutil.pid_exists(worker) and not gone(worker, 0.5), "the VM it took runs on"
+
+        d.start()
+        assert d.wait_state("keep", "running", 15)["pid"] == worker, "adopted by the next tenboxd"
+        spare = wait_ready(d)["pids"][0]
+        d.kill9()
+        assert gone(spare), "a killed tenboxd's standby sees its socket end and exits"
+        assert psutil.pid_exists(worker) and not gone(worker, 0.5)
+    finally:
+        d.cleanup()
+
+
+def test_no_standby_with_zero_and_a_bad_count_is_refused_in_one_line(tmp_path):
+    d = DaemonProcess(tmp_path / "off", extra_env={"TENBOX_STANDBY_WORKERS": "0"})
+    try:
+        d.start()
+        assert standby_info(d) == {"wanted": 0, "ready": 0, "pids": []}
+        assert "off (TENBOX_STANDBY_WORKERS=0)" in ok(d.ctl("system", "info"))
+        create(d, "plain")
+        ok(d.ctl("vm", "start", "plain"))
+        assert d.vm("plain")["state"] == "running" and standby_children(d) == []
+        ok(d.ctl("vm", "stop", "plain"))
+    finally:
+        d.cleanup()
+    bad = DaemonProcess(tmp_path / "bad", extra_env={"TENBOX_STANDBY_WORKERS": "lots"})
+    try:
+        bad.start(wait=False)
+        rc = bad.proc.wait_exit(30)
+        assert rc != 0
+        lines = [l for l in bad.proc.errors.splitlines() if l.strip()]
+        assert any("TENBOX_STANDBY_WORKERS='lots': give a whole number in 0..16" in l for l in lines), lines
+        assert "Traceback" not in bad.proc.errors
+    finally:
+        bad.cleanup()

@@ -1,0 +1,112 @@
+"""`tenbox-vm-runtime --standby` on its own: its order over a real SOCK_SEQPACKET pair, good and bad.
+
+A standby (tenbox_vmm/standby.py) says READY after its imports, then runs
+the VM its order names, with the order's runtime log as stdout and stderr
+and the passed descriptors as its --fd files. A closed socket ends it with
+0; a bad order ends it with one line and exit 2, having run nothing.
+"""
+
+import array
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from tenbox_vmm.protocol.standby import ORDER_MAX_BYTES, ORDER_MAX_FDS, READY
+from tests.framework.guests import guest_path
+from tests.framework.repo import repo_env
+from tests.framework.runtime import runtime_argv
+
+pytestmark = pytest.mark.usefixtures("kvm", "guests")
+
+EXIT_SEC = 60.0
+
+
+class Standby:
+    def __init__(self, *extra: str) -> None:
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(runtime_argv("--standby", *extra), stdin=theirs, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=repo_env())
+        theirs.close()
+
+    def ready(self) -> bytes:
+        self.ours.settimeout(EXIT_SEC)
+        return self.ours.recv(16)
+
+    def order(self, payload: bytes, fds) -> None:
+        self.ours.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+
+    def finish(self):
+        self.ours.close()
+        out, err = self.proc.communicate(timeout=EXIT_SEC)
+        return self.proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def order_json(argv, files) -> bytes:
+    return json.dumps({"argv": argv, "files": files}).encode()
+
+
+def test_an_order_runs_its_vm_with_the_passed_files_and_log(tmp_path):
+    sb = Standby()
+    assert sb.ready() == READY
+    log = tmp_path / "runtime.log"
+    log_fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    kernel_fd = os.open(guest_path("poweroff"), os.O_RDONLY)
+    # The path is one the worker could not open itself: only the passed descriptor makes it work.
+    sb.order(order_json(["--kernel", "/nonexistent/poweroff.bzImage", "--memory", "32", "--console", "stdio"],
+                        ["/nonexistent/poweroff.bzImage"]), [log_fd, kernel_fd])
+    os.close(log_fd)
+    os.close(kernel_fd)
+    rc, out, err = sb.finish()
+    assert rc == 0, log.read_text()
+    assert out == "" and err == "", "its own stdout and stderr are the order's log"
+    text = log.read_text()
+    assert "TENBOX-GUEST poweroff PASS" in text
+
+
+def test_a_closed_socket_ends_a_standby_with_nothing_done():
+    sb = Standby()
+    assert sb.ready() == READY
+    assert sb.finish() == (0, "", "")
+
+
+@pytest.mark.parametrize("payload,nfds,why", [
+    (b"not json", 1, "the order is not JSON"),
+    (json.dumps(["--kernel", "/k"]).encode(), 1, "the order has no command line or file list"),
+    (order_json(["--kernel", "/k"], ["relative/path"]), 2, "the order has no command line or file list"),
+    (order_json(["--kernel", "/k", "--fd", "3:/k"], []), 1, "the order's command line has --standby or --fd"),
+    (order_json(["--standby"], []), 1, "the order's command line has --standby or --fd"),
+    (order_json(["--kernel", "/k"], ["/k"]), 1, "the order names 1 files and passes 0 descriptors for them"),
+    (order_json(["--kernel", "/k"], []), 0, "the order passes no runtime log"),
+])
+def test_a_bad_order_is_refused_in_one_line_and_runs_nothing(payload, nfds, why):
+    sb = Standby()
+    assert sb.ready() == READY
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
+    sb.order(payload, fds)
+    for fd in fds:
+        os.close(fd)
+    rc, out, err = sb.finish()
+    assert (rc, out) == (2, "")
+    assert err == "tenbox-vm-runtime: error: standby: %s\n" % why
+
+
+def test_an_order_with_more_descriptors_than_a_standby_takes_is_refused():
+    sb = Standby()
+    assert sb.ready() == READY
+    fd = os.open(os.devnull, os.O_RDONLY)
+    sb.order(order_json(["--kernel", "/k"], ["/k"] * ORDER_MAX_FDS), [fd] * (ORDER_MAX_FDS + 1))  # Linux passes 253
+    os.close(fd)
+    rc, out, err = sb.finish()
+    assert (rc, out) == (2, "")
+    assert err == "tenbox-vm-runtime: error: standby: the order is larger than %d bytes or %d descriptors\n" % (
+        ORDER_MAX_BYTES, ORDER_MAX_FDS)
+
+
+def test_standby_takes_no_other_option():
+    r = subprocess.run(runtime_argv("--standby", "--kernel", "/k"), capture_output=True, env=repo_env(),
+                       stdin=subprocess.DEVNULL, timeout=EXIT_SEC)
+    assert r.returncode == 2
+    assert r.stderr.decode() == "tenbox-vm-runtime: error: --standby takes no other option; its order brings them\n"
