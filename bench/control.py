@@ -2,9 +2,11 @@
 
   * `vm.list` latency with 100 VMs defined (raw socket request, and the full
     `tenbox vm ls` command including interpreter start-up);
-  * create -> running -> the guest's first line, through the daemon, against
-    tenbox-vm-runtime started directly on the same guest (the daemon's overhead),
-    interleaved;
+  * create -> running -> the guest's first line, through the daemon with a
+    standby worker ready (docs/daemon.md, "Standby workers") and through one
+    without standbys (TENBOX_STANDBY_WORKERS=0), against tenbox-vm-runtime
+    started directly and QEMU microvm (KVM) on the same guest, interleaved;
+  * an idle standby worker's memory (RSS and USS);
   * 20 VMs of 64 MiB started at once: time until all run and all guests answer,
     the daemon's CPU time for it, and each worker's private memory (USS).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import interleave, median, table
+from tests.framework import qemu
 from tests.framework.daemon import DaemonProcess
 from tests.framework.guests import guest_path
 from tests.framework.process import ConsoleProcess
@@ -39,9 +42,9 @@ CONSOLE_POLL_SEC = 0.002  # the console log is polled: the start figures are onl
 class Daemon:
     """tenboxd on private paths (tests/framework/daemon.py) and what the benchmark asks of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, standby_workers: int = 1) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="tbx-bench-"))
-        self.d = DaemonProcess(self.root)
+        self.d = DaemonProcess(self.root, extra_env={"TENBOX_STANDBY_WORKERS": str(standby_workers)})
         self.d.start()
         self.pid = self.d.proc.proc.pid
 
@@ -65,6 +68,17 @@ class Daemon:
                 pass  # not written yet
             time.sleep(CONSOLE_POLL_SEC)
         raise RuntimeError("%s never printed %r" % (vm_id, text))
+
+    def standby_ready(self, timeout: float = READY_SEC) -> dict:
+        """Until a standby worker is ready (not timed: a start finds one ready when starts are not back to back)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.call("system.info")["standby_workers"]
+            if info["ready"] >= info["wanted"]:
+                return info
+            if time.monotonic() > deadline:
+                raise RuntimeError("no standby worker ready within %.0f s: %s" % (timeout, info))
+            time.sleep(0.05)
 
     def close(self) -> None:
         for vm in self.call("vm.list")["vms"]:
@@ -97,29 +111,44 @@ def bench_list(d: Daemon, rounds: int) -> dict:
     return {"vm.list request (100 VMs)": median(raw), "`tenbox vm ls` command (100 VMs)": median(cli)}
 
 
-def bench_start(d: Daemon, rounds: int) -> dict:
+def bench_start(d: Daemon, cold: Daemon, rounds: int) -> dict:
     counter = [0]
 
-    def through_daemon():
-        counter[0] += 1
-        t0 = time.monotonic()
-        vm = d.call("vm.create", name="start-%d" % counter[0], kernel=IDLE, memory_mb=64)
-        d.call("vm.start", vm_id=vm["id"])
-        t_running = time.monotonic()
-        d.wait_console(vm["id"], "idle: ready")
-        t_ready = time.monotonic()
-        d.call("vm.stop", vm_id=vm["id"])
-        d.call("vm.delete", vm_id=vm["id"])
-        return {"running_ms": (t_running - t0) * 1000, "ready_ms": (t_ready - t0) * 1000}
+    def through(daemon: Daemon):
+        def run():
+            if daemon.d.extra_env.get("TENBOX_STANDBY_WORKERS") != "0":
+                daemon.standby_ready()
+            counter[0] += 1
+            t0 = time.monotonic()
+            vm = daemon.call("vm.create", name="start-%d" % counter[0], kernel=IDLE, memory_mb=64)
+            daemon.call("vm.start", vm_id=vm["id"])
+            t_running = time.monotonic()
+            daemon.wait_console(vm["id"], "idle: ready")
+            t_ready = time.monotonic()
+            daemon.call("vm.stop", vm_id=vm["id"])
+            daemon.call("vm.delete", vm_id=vm["id"])
+            return {"running_ms": (t_running - t0) * 1000, "ready_ms": (t_ready - t0) * 1000}
+        return run
 
-    def bare():
-        with ConsoleProcess(boot_argv(IDLE, memory_mb=64), stdin=subprocess.DEVNULL) as p:
-            ready = p.seconds_to("idle: ready", READY_SEC)
-            p.signal(signal.SIGTERM)
-            p.wait_exit(READY_SEC)
-        return {"ready_ms": ready * 1000}
+    def bare(argv):
+        def run():
+            with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
+                ready = p.seconds_to("idle: ready", READY_SEC)
+                p.signal(signal.SIGTERM)
+                p.wait_exit(READY_SEC)
+            return {"ready_ms": ready * 1000}
+        return run
 
-    return interleave(rounds, {"daemon": through_daemon, "bare": bare})
+    return interleave(rounds, {"daemon": through(d), "cold daemon": through(cold),
+                               "bare": bare(boot_argv(IDLE, memory_mb=64)),
+                               "qemu": bare(qemu.microvm(IDLE, memory_mb=64))})
+
+
+def bench_standby_memory(d: Daemon) -> dict:
+    pids = d.standby_ready()["pids"]
+    time.sleep(0.3)
+    info = psutil.Process(pids[0]).memory_full_info()
+    return {"rss_mib": info.rss / (1 << 20), "uss_mib": info.uss / (1 << 20)}
 
 
 def bench_burst(d: Daemon, count: int) -> dict:
@@ -164,22 +193,34 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=20)
     args = ap.parse_args()
     d = Daemon()
+    cold = Daemon(standby_workers=0)
     try:
         listing = bench_list(d, args.runs)
-        starts = bench_start(d, args.runs)
+        starts = bench_start(d, cold, args.runs)
+        standby = bench_standby_memory(d)
         burst = bench_burst(d, args.burst)
     finally:
         d.close()
+        cold.close()
     print("control benchmark: medians of %d interleaved runs" % args.runs)
     rows = [(k, "%.1f ms" % v) for k, v in listing.items()]
     print(table(rows, ("listing", "median")))
     print()
-    dr, br = median(starts["daemon"]["ready_ms"]), median(starts["bare"]["ready_ms"])
-    rows = [
-        ("create + start -> running (daemon)", "%.1f ms" % median(starts["daemon"]["running_ms"]), "", ""),
-        ("create + start -> guest's first line", "%.1f ms" % dr, "%.1f ms" % br, "%.2f" % (dr / br)),
-    ]
-    print(table(rows, ("start", "through tenboxd", "bare tenbox-vm-runtime", "daemon/bare")))
+    q = median(starts["qemu"]["ready_ms"])
+    rows = []
+    for name, label in (("daemon", "create + start through tenboxd, a standby ready"),
+                        ("cold daemon", "create + start through tenboxd, no standby")):
+        rows.append((label + " -> running", "%.1f ms" % median(starts[name]["running_ms"]), ""))
+        r = median(starts[name]["ready_ms"])
+        rows.append((label + " -> guest's first line", "%.1f ms" % r, "%.2f" % (r / q)))
+    b = median(starts["bare"]["ready_ms"])
+    rows.append(("bare tenbox-vm-runtime -> guest's first line", "%.1f ms" % b, "%.2f" % (b / q)))
+    rows.append(("bare QEMU microvm (KVM) -> guest's first line", "%.1f ms" % q, "1.00"))
+    print(table(rows, ("start (idle guest, 64 MiB)", "median", "/ QEMU microvm")))
+    print()
+    rows = [("idle standby worker: RSS", "%.1f MiB" % standby["rss_mib"]),
+            ("idle standby worker: USS (its own pages)", "%.1f MiB" % standby["uss_mib"])]
+    print(table(rows, ("standby", "value")))
     print()
     rows = [
         ("%d VMs of 64 MiB started at once: all running" % args.burst, "%.2f s" % burst["all_running_s"]),
