@@ -43,6 +43,11 @@ zmq = None  # pyzmq, imported by the link thread when it starts (see SupervisorL
 EXIT_LINGER_MS = 1000  # how long the EXIT message may take to leave
 OUTBOX_MAX = 4096  # queued events while the supervisor is away
 PENDING_INPUT_MAX = 1 << 20  # console input waiting for the guest to read it
+# ZeroMQ reports a connect before the connection takes messages (IMMEDIATE drops what is sent
+# too early), so a HELLO sent at once may not go: it is tried again every 5 ms for a second.
+# After that, tenboxd's WHO in answer to our next heartbeat asks for it (a second later).
+HELLO_RETRY_MS = 5
+HELLO_RETRY_SEC = 1.0
 
 
 def process_create_time(pid: int) -> float:
@@ -159,6 +164,7 @@ class SupervisorLink:
         last_heard = time.monotonic()
         next_beat = 0.0
         present = False
+        hello_until = 0.0  # after a connect: HELLO again until it goes (see HELLO_RETRY_SEC)
         try:
             while True:
                 now = time.monotonic()
@@ -171,13 +177,21 @@ class SupervisorLink:
                 timeout_ms = max(0, int((next_beat - now) * 1000))
                 if self._pending_input:
                     timeout_ms = min(timeout_ms, 20)
+                if now < hello_until:
+                    timeout_ms = min(timeout_ms, HELLO_RETRY_MS)
                 events = dict(poller.poll(timeout_ms))
                 if monitor in events:
                     try:
                         zmq.utils.monitor.recv_monitor_message(monitor)
                     except zmq.ZMQError:
                         pass
-                    self._introduce(sock)  # a (re)connect
+                    self._introduced = False  # a (re)connect: this connection has not heard it
+                    hello_until = time.monotonic() + HELLO_RETRY_SEC
+                if hello_until and not self._introduced:
+                    if time.monotonic() < hello_until:
+                        self._introduce(sock)
+                    else:
+                        hello_until = 0.0  # tenboxd's WHO after our next heartbeat asks for it again
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
