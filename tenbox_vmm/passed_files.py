@@ -11,10 +11,12 @@ falls back to opening the path only where nothing was passed.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
-from typing import Dict, Iterable, List, Optional
+import socket
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tenbox_vmm.protocol.sandbox import PassedFile
 
@@ -97,3 +99,14 @@ def open_named(paths: Iterable[str], flags: int) -> None:
             add(path, os.open(path, flags | os.O_CLOEXEC | os.O_NOCTTY))
         except OSError as e:
             _failed.setdefault(path, e)
+
+
+def received_fds(ancdata: Sequence[Tuple[int, int, bytes]]) -> List[int]:
+    """The descriptors a message passed (SCM_RIGHTS), from recvmsg's ancillary data; the caller owns them."""
+    fds: List[int] = []
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(blob[:len(blob) - len(blob) % got.itemsize])
+            fds.extend(got)
+    return fds

@@ -25,6 +25,7 @@ import socket
 import sys
 from typing import Callable, List, Optional, Tuple
 
+from tenbox_vmm import passed_files
 from tenbox_vmm.protocol import ExitCode
 from tenbox_vmm.protocol.standby import ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, OrderError, parse_order
 
@@ -54,12 +55,7 @@ def receive(sock: socket.socket) -> Tuple[bytes, List[int]]:
     """One message and its descriptors (close-on-exec); b"" when tenboxd's end is closed."""
     space = socket.CMSG_SPACE(ORDER_MAX_FDS * array.array("i").itemsize)
     data, ancdata, flags, _ = sock.recvmsg(ORDER_MAX_BYTES, space, socket.MSG_CMSG_CLOEXEC)
-    fds: List[int] = []
-    for level, kind, blob in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(blob[:len(blob) - len(blob) % got.itemsize])
-            fds.extend(got)
+    fds = passed_files.received_fds(ancdata)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)

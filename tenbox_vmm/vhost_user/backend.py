@@ -20,6 +20,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from tenbox_vmm import eventfd
+from tenbox_vmm.passed_files import received_fds
 from tenbox_vmm.devices.virtio import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
 from tenbox_vmm.devices.virtio.device import VirtioDevice
 from tenbox_vmm.devices.virtio.iothread import IoThread
@@ -164,12 +165,7 @@ class Backend:
             data, ancdata, msg_flags, _ = conn.recvmsg(P.HEADER_SIZE, fd_space)
         except ConnectionResetError:
             return None
-        fds: List[int] = []
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                fds.extend(arr)
+        fds = received_fds(ancdata)
         if not data:
             _close_all(fds)
             return None
