@@ -20,9 +20,14 @@
  *   or a queue address change while DRIVER_OK; reports whether the device
  *   set DEVICE_NEEDS_RESET, failed the request or stopped completing, then
  *   resets the device and checks it works again.
- * bench (blk.bench=seqread|seqwrite|randread):
+ * bench (blk.bench=seqread|seqwrite|randread|stamp):
  *   the submission/completion loop at CPL3, polling the used ring; prints
  *   "blk: start" and "blk: done bytes=<n> ops=<n> tsc=<ticks>".
+ *   stamp: sequential writes from sector 0 that never wrap, each sector
+ *   stamped with its own number and its request's; a request completed
+ *   twice is counted, and once all completed every sector is read back and
+ *   must carry its own stamp (a snapshot taken with requests in flight:
+ *   none lost, none doubled).
  *
  * Command line:
  *   blk.index=N            the N-th virtio-blk device (default 0)
@@ -35,7 +40,7 @@
  *   blk.discard=L:C        DISCARD; expect.discard_zeroes=1 checks zeros after it
  *   expect.ro=0|1          the device must (not) offer VIRTIO_BLK_F_RO
  *   blk.hostile=MODE       loop, oob, huge or move
- *   blk.bench=KIND         seqread, seqwrite (overwrites the disk!) or randread
+ *   blk.bench=KIND         seqread, seqwrite (overwrites the disk!), randread or stamp (overwrites it too)
  *   blk.bench.mb=N         sequential: MiB to move (default 64)
  *   blk.bench.ops=N        random: requests (default 20000)
  *   blk.bench.bs=N         request size in KiB (default 1024 sequential, 4 random)
@@ -705,7 +710,14 @@ static void hostile(const char *mode)
 
 /* ---- the benchmark (CPL3) ---- */
 
-enum { BENCH_SEQREAD, BENCH_SEQWRITE, BENCH_RANDREAD };
+enum { BENCH_SEQREAD, BENCH_SEQWRITE, BENCH_RANDREAD, BENCH_STAMP };
+
+#define STAMP_MAGIC 0x7E4B0C5A3D2F1E09ul
+
+static bool bench_writes(u32 kind)
+{
+	return kind == BENCH_SEQWRITE || kind == BENCH_STAMP;
+}
 
 struct bench {
 	struct virtq *q;
@@ -719,9 +731,10 @@ struct bench {
 	u64 rng;
 	struct blk_req *reqs;
 	u8 *data;
+	u8 *outstanding; /* per slot: a request of it is in the queue */
 	u64 stall_ticks;
 	/* results */
-	u64 issued, done, bytes, errors, tsc;
+	u64 issued, done, bytes, errors, tsc, doubled;
 	bool stalled;
 };
 
@@ -743,17 +756,25 @@ static void bench_submit(struct bench *b, u32 slot)
 		sector = b->next_sector;
 		b->next_sector += sectors;
 	}
-	r->hdr.type = b->kind == BENCH_SEQWRITE ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+	r->hdr.type = bench_writes(b->kind) ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
 	r->hdr.reserved = 0;
 	r->hdr.sector = sector;
 	r->status = 0xFF;
 	v[n++] = (struct vbuf){ (u64)&r->hdr, sizeof(r->hdr), false };
 	u64 data = (u64)b->data + (u64)slot * b->req_bytes;
+	if (b->kind == BENCH_STAMP) {
+		for (u64 i = 0; i < sectors; i++) {
+			u64 *stamp = (u64 *)(data + i * SECTOR);
+			stamp[0] = sector + i;
+			stamp[1] = b->issued ^ STAMP_MAGIC;
+		}
+	}
+	b->outstanding[slot] = 1;
 	for (u32 off = 0; off < b->req_bytes && n < MAX_SEGS + 1;) {
 		u32 c = b->req_bytes - off;
 		if (b->size_max && c > b->size_max)
 			c = b->size_max;
-		v[n++] = (struct vbuf){ data + off, c, b->kind != BENCH_SEQWRITE };
+		v[n++] = (struct vbuf){ data + off, c, !bench_writes(b->kind) };
 		off += c;
 	}
 	v[n++] = (struct vbuf){ (u64)&r->status, 1, true };
@@ -773,14 +794,20 @@ static u64 bench_job(u64 arg)
 		struct blk_req *r;
 		bool any = false;
 		while ((r = virtq_get(b->q, NULL))) {
+			u32 slot = (u32)(r - b->reqs);
 			any = true;
+			if (r < b->reqs || slot >= b->depth || !b->outstanding[slot]) {
+				b->doubled++; /* a completion for no request in the queue */
+				continue;
+			}
+			b->outstanding[slot] = 0;
 			b->done++;
 			if (r->status != VIRTIO_BLK_S_OK)
 				b->errors++;
 			else
 				b->bytes += b->req_bytes;
 			if (b->issued < b->ops_total)
-				bench_submit(b, (u32)(r - b->reqs));
+				bench_submit(b, slot);
 		}
 		if (any) {
 			virtq_kick(b->q);
@@ -796,6 +823,58 @@ static u64 bench_job(u64 arg)
 	return 0;
 }
 
+/* The stamps of n sectors read into data from lba (CPL3: a byte loop is emulated at CPL0 here). */
+struct stamp_scan {
+	const u8 *data;
+	u64 lba, n, spr;
+	u64 bad, first_bad, got_sector, got_op;
+};
+
+static u64 stamp_scan_job(u64 arg)
+{
+	struct stamp_scan *sc = (struct stamp_scan *)arg;
+
+	for (u64 i = 0; i < sc->n; i++) {
+		const u64 *stamp = (const u64 *)(sc->data + i * SECTOR);
+		u64 sector = sc->lba + i;
+		if (stamp[0] != sector || (stamp[1] ^ STAMP_MAGIC) != sector / sc->spr) {
+			if (!sc->bad++) {
+				sc->first_bad = sector;
+				sc->got_sector = stamp[0];
+				sc->got_op = stamp[1] ^ STAMP_MAGIC;
+			}
+		}
+	}
+	return 0;
+}
+
+/* After a stamp run (CPL0): no request completed twice, and every sector written carries its own stamp. */
+static void stamp_check(struct bench *b)
+{
+	static struct stamp_scan sc;
+	u64 sectors = b->done * (b->req_bytes / SECTOR), chunk = (u64)b->depth * b->req_bytes / SECTOR;
+
+	t_check(b->doubled == 0, "no request completed twice", "%lu completions for no request in the queue",
+		b->doubled);
+	sc.data = b->data;
+	sc.spr = b->req_bytes / SECTOR;
+	for (u64 lba = 0; lba < sectors; lba += chunk) {
+		u64 n = sectors - lba < chunk ? sectors - lba : chunk;
+		int s = blk_rw(false, lba, n, b->data, 1);
+		if (s != VIRTIO_BLK_S_OK) {
+			t_fail("the stamped sectors read back: %s at sector %lu", status_name(s), lba);
+			return;
+		}
+		sc.lba = lba;
+		sc.n = n;
+		run_user(stamp_scan_job, (u64)&sc);
+	}
+	t_info("blk.stamp", "%lu sectors of %lu requests read back", sectors, b->done);
+	t_check(sc.bad == 0, "every stamped sector reads back with its own request's stamp",
+		"%lu bad, the first at sector %lu: stamped sector %lu request %lu", sc.bad, sc.first_bad, sc.got_sector,
+		sc.got_op);
+}
+
 static void bench(const char *kind_name)
 {
 	static struct bench b;
@@ -807,8 +886,10 @@ static void bench(const char *kind_name)
 		kind = BENCH_SEQWRITE;
 	else if (!strcmp(kind_name, "randread"))
 		kind = BENCH_RANDREAD;
+	else if (!strcmp(kind_name, "stamp"))
+		kind = BENCH_STAMP;
 	else {
-		t_fail("blk.bench=%s: unknown kind (seqread, seqwrite, randread)", kind_name);
+		t_fail("blk.bench=%s: unknown kind (seqread, seqwrite, randread, stamp)", kind_name);
 		return;
 	}
 	bool seq = kind != BENCH_RANDREAD;
@@ -831,7 +912,10 @@ static void bench(const char *kind_name)
 	if (!t_check(depth >= 1 && ops >= 1 && cfg.capacity >= bs / SECTOR, "the benchmark fits the queue, RAM and disk",
 		     "depth %lu ops %lu capacity %lu", depth, ops, cfg.capacity))
 		return;
-	if (kind == BENCH_SEQWRITE && !t_check(!cfg.ro, "the disk is writable", "read-only"))
+	if (bench_writes(kind) && !t_check(!cfg.ro, "the disk is writable", "read-only"))
+		return;
+	if (kind == BENCH_STAMP && !t_check(ops * (bs / SECTOR) <= cfg.capacity, "the stamped writes fit the disk once",
+					    "%lu requests of %lu bytes, capacity %lu sectors", ops, bs, cfg.capacity))
 		return;
 	b.q = &vq;
 	b.kind = kind;
@@ -843,6 +927,8 @@ static void bench(const char *kind_name)
 	b.rng = 0x9E3779B97F4A7C15ul;
 	b.reqs = virtio_alloc(depth * sizeof(struct blk_req), 64, true);
 	b.data = virtio_alloc(depth * bs, 4096, false);
+	b.outstanding = virtio_alloc(depth, 64, false);
+	virtio_fill(b.outstanding, 0, depth);
 	b.stall_ticks = tsc_hz() * BENCH_STALL_S;
 	if (kind == BENCH_SEQWRITE)
 		virtio_fill(b.data, 0x5A, depth * bs);
@@ -858,6 +944,8 @@ static void bench(const char *kind_name)
 	t_check(!b.stalled, "the device kept completing requests", "no completion for %u s after %lu of %lu", BENCH_STALL_S,
 		b.done, ops);
 	t_check(b.errors == 0, "every benchmark request completed with OK", "%lu errors", b.errors);
+	if (kind == BENCH_STAMP)
+		stamp_check(&b);
 }
 
 /* ---- staying up (blk.stay=1) ---- */
