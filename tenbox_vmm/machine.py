@@ -263,7 +263,11 @@ class Machine:
             on_reset=lambda: self._end(ExitCode.POWEROFF, "guest reset", reset=True),
             on_serial_tx_interrupts=self._serial_tx_interrupts,
         )
-        self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device()]
+        self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device(),
+                                                    *acpi.vmgenid_devices(L.VMGENID_ADDR, L.GED_GSI)]
+        # This process's VM generation ID: written at every boot, and over a restored snapshot's
+        # (then GED_GSI tells the guest), so that every restore and clone runs as a new generation.
+        self.generation_id = os.urandom(L.VMGENID_SIZE)
         self.virtio: List[VirtioMmio] = []
         for disk, spec in zip(disks, config.disks):
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
@@ -633,12 +637,14 @@ class Machine:
                 self._load_snapshot(vm, vcpus, snapshot.state)
             finally:
                 snapshot.close()  # the RAM mapping stays; the file is no longer needed
+            self._new_generation()
         else:
             try:
                 info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus,
                                         self.acpi_devices)
             except boot.KernelError as e:
                 raise MachineError(str(e)) from None
+            self.memory.write(L.VMGENID_ADDR, self.generation_id)
             for i in range(self.config.cpus):
                 vcpu = vm.create_vcpu(i)
                 vcpus.append(vcpu)
@@ -834,6 +840,17 @@ class Machine:
             raise MachineError("cannot open a disk overlay: %s" % (getattr(e, "strerror", None) or e)) from None
         for dev, new in opened:
             dev.swap_backend(new).freeze()  # read-only from here: clones may open it beside us
+
+    def _new_generation(self) -> None:
+        """A restored guest is a new generation: its ID changes and the Generic Event Device's edge says so.
+
+        The guest's vmgenid driver reads the new ID and reseeds the kernel's RNG (docs/daemon.md,
+        "Snapshots"). A snapshot of a tenbox without VGEN has nothing at VMGENID_ADDR (reserved)
+        and its guest never unmasked the line: the write and the edge change nothing there.
+        """
+        self.memory.write(L.VMGENID_ADDR, self.generation_id)
+        self._irq_line(L.GED_GSI, 1)
+        self._irq_line(L.GED_GSI, 0)
 
     def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
         """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""

@@ -69,6 +69,19 @@ def spawn():
 
 
 @pytest.fixture
+def snap_dir(tmp_path):
+    """A folder a worker may write its snapshot in: run as root, it writes as the worker user."""
+    d = tmp_path / "snaps"
+    d.mkdir()
+    if os.geteuid() == 0:
+        from tenbox_vmm.protocol.sandbox import worker_user
+
+        who = worker_user()
+        os.chown(str(d), who.uid, who.gid)
+    return d
+
+
+@pytest.fixture
 def daemon(tmp_path):
     """A running tenboxd on private paths; every worker it started is killed afterwards."""
     d = DaemonProcess(tmp_path)

@@ -6,10 +6,12 @@ faithful restore of the vCPU, the devices and RAM continues it. Real KVM,
 the real runtime process, its real sandbox.
 """
 
+import json
 import os
 import re
 import shutil
 import signal
+import struct
 
 import pytest
 
@@ -21,19 +23,6 @@ pytestmark = pytest.mark.usefixtures("kvm", "guests")
 SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
 COUNT = re.compile(r"^count: (\d+)$", re.M)
 WAIT_SEC = 60.0
-
-
-@pytest.fixture
-def snap_dir(tmp_path):
-    """A folder the worker may write its snapshot in: run as root, it writes as the worker user."""
-    d = tmp_path / "snaps"
-    d.mkdir()
-    if os.geteuid() == 0:
-        from tenbox_vmm.protocol.sandbox import worker_user
-
-        who = worker_user()
-        os.chown(str(d), who.uid, who.gid)
-    return d
 
 
 def counts(text):
@@ -82,6 +71,36 @@ def test_a_snapshot_restored_twice_continues_from_the_same_count_both_times(spaw
     assert seqs[0][0] == seqs[1][0], seqs
     assert 5 < seqs[0][0] <= shown + 1, (seqs[0][0], shown)
     assert outputs[0].split("\n")[0] == outputs[1].split("\n")[0]
+
+
+def generation_id(snap) -> bytes:
+    """The VM generation ID in a snapshot file's RAM (tenbox_vmm/arch/x86_64/layout.py VMGENID_ADDR)."""
+    from tenbox_vmm.arch.x86_64 import layout as L
+
+    data = snap.read_bytes()
+    header = json.loads(data[20:20 + struct.unpack_from("<I", data, 12)[0]])
+    at = header["ram_offset"] + L.VMGENID_ADDR
+    return data[at:at + L.VMGENID_SIZE]
+
+
+def test_every_restore_is_a_new_vm_generation(spawn, counted_snapshot, snap_dir):
+    """A boot writes a random generation ID where the DSDT's VGEN says; each restore writes its own over
+    the snapshot's (and raises the Generic Event Device's edge, which Linux's vmgenid driver turns into an
+    RNG reseed: the nested lane's test_linux_vmgenid.py)."""
+    snap, _ = counted_snapshot
+    booted = generation_id(snap)
+    assert len(booted) == 16 and booted != bytes(16)
+    seen = [booted]
+    for i in range(2):
+        again = snap_dir / ("again%d.snap" % i)
+        r = restore(spawn, snap, "--snapshot-out", str(again))
+        r.wait_for(r"^count: \d+$", timeout=WAIT_SEC)
+        r.signal(SNAPSHOT_SIGNAL)
+        r.wait_for_stderr(r"snapshot \S+ written", timeout=WAIT_SEC)
+        assert r.stop(10) == 3, r.errors
+        seen.append(generation_id(again))
+    assert len(set(seen)) == 3, "the boot and each restore have their own generation ID: %s" % [
+        s.hex() for s in seen]
 
 
 def test_a_live_virtio_blk_disk_works_after_a_restore(spawn, snap_dir, tmp_path):

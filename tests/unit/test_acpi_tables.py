@@ -144,6 +144,33 @@ def test_iasl_disassembles_the_dsdt(tmp_path, tables):
     assert "0xD0002000" in dsl and "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive" in dsl
 
 
+def test_iasl_reads_the_vm_generation_id_and_the_event_device_that_notifies_it(tmp_path):
+    """VGEN: Linux's vmgenid _HID, Windows' _CID, ADDR as (low, high) with no _CRS; GED0: ACPI0013 with
+    the edge interrupt and an _EVT that notifies VGEN with 0x80."""
+    if not shutil.which("iasl"):
+        pytest.fail("iasl is needed (apt-get install acpica-tools)")
+    dsdt = acpi.build_dsdt(list(acpi.vmgenid_devices(0x1234FF000, 10)))
+    dsl = _iasl(tmp_path, "DSDT", dsdt)
+    vgen = dsl[dsl.index("Device (VGEN)"):dsl.index("Device (GED0)")]
+    assert 'Name (_HID, "VMGENCTR")' in vgen and 'Name (_CID, "VM_Gen_Counter")' in vgen
+    assert "_CRS" not in vgen
+    assert " ".join(vgen[vgen.index("Name (ADDR"):].split()[:8]) == "Name (ADDR, Package (0x02) { 0x234FF000, One })"
+    ged = dsl[dsl.index("Device (GED0)"):]
+    assert 'Name (_HID, "ACPI0013"' in ged
+    assert "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )" in ged
+    assert "0x0000000A," in ged
+    assert "Method (_EVT, 1, NotSerialized)" in ged and "Notify (\\_SB.VGEN, 0x80)" in ged
+
+
+def test_the_tables_end_below_the_vm_generation_id():
+    devices = [acpi.com1_device(), *acpi.vmgenid_devices(L.VMGENID_ADDR, L.GED_GSI)] + [
+        acpi.virtio_mmio_device(i, L.VIRTIO_MMIO_BASE + i * L.VIRTIO_MMIO_STRIDE, L.VIRTIO_MMIO_SIZE, 16 + i)
+        for i in range(L.VIRTIO_MAX_DEVICES)]
+    blob, base = acpi.build(64, devices)
+    assert base + len(blob) <= L.VMGENID_ADDR
+    assert L.VMGENID_ADDR + L.VMGENID_SIZE <= L.ACPI_END
+
+
 def test_iasl_decodes_fadt_and_madt(tmp_path, tables):
     if not shutil.which("iasl"):
         pytest.fail("iasl is needed (apt-get install acpica-tools)")

@@ -2,9 +2,10 @@
 
 The tables describe what the machine really has: the vCPUs' local APICs,
 the in-kernel IOAPIC, the PM1a block and reset port of `devices.acpi_pm`,
-COM1, and every virtio-mmio device (Debian's kernels find virtio-mmio only
-through the DSDT, `_HID "LNRO0005"`). The 8042 is declared absent: it exists
-only for its reset line, and Linux then skips a slow keyboard probe.
+COM1, every virtio-mmio device (Debian's kernels find virtio-mmio only
+through the DSDT, `_HID "LNRO0005"`), and the VM generation ID (VGEN, with
+the Generic Event Device that notifies it). The 8042 is declared absent: it
+exists only for its reset line, and Linux then skips a slow keyboard probe.
 """
 
 from __future__ import annotations
@@ -52,20 +53,17 @@ IOAPIC_ID = 0
 
 
 class AcpiDevice(NamedTuple):
-    """One device in \\_SB: name, hardware id, unique id and its resources."""
+    """One device in \\_SB: name, hardware id, unique id, its resources and any other objects."""
 
     name: str
     hid: bytes  # encoded _HID value (aml.string or aml.eisa_id)
     uid: int
     resources: Tuple[bytes, ...]
+    objects: Tuple[bytes, ...] = ()  # encoded names and methods after _CRS
 
     def aml(self) -> bytes:
-        return aml.device(
-            self.name,
-            aml.name("_HID", self.hid),
-            aml.name("_UID", self.uid),
-            aml.name("_CRS", aml.resource_template(*self.resources)),
-        )
+        crs = (aml.name("_CRS", aml.resource_template(*self.resources)),) if self.resources else ()
+        return aml.device(self.name, aml.name("_HID", self.hid), aml.name("_UID", self.uid), *crs, *self.objects)
 
 
 def virtio_mmio_device(index: int, base: int, size: int, gsi: int) -> AcpiDevice:
@@ -84,6 +82,37 @@ def com1_device() -> AcpiDevice:
         uid=1,
         resources=(aml.io_port(0x3F8, 8), aml.irq_no_flags(4)),
     )
+
+
+# Notify value 0x80: device specific, "the generation ID changed" for a VM generation counter.
+VMGENID_CHANGED = 0x80
+
+
+def vmgenid_devices(addr: int, gsi: int) -> Tuple[AcpiDevice, AcpiDevice]:
+    """The VM generation ID (Microsoft's "Virtual Machine Generation ID" device) and its notifier.
+
+    VGEN: Linux's vmgenid driver binds to _HID VMGENCTR, Windows to _CID
+    "VM_Gen_Counter"; ADDR is the ID's guest-physical address as two
+    DWORDs. GED0, an ACPI Generic Event Device (ACPI0013), owns edge `gsi`:
+    when tenbox raises it (a restored snapshot), its _EVT notifies VGEN,
+    whose driver reads the new ID and reseeds the kernel's RNG.
+    """
+    vgen = AcpiDevice(
+        name="VGEN",
+        hid=aml.string("VMGENCTR"),
+        uid=0,
+        resources=(),
+        objects=(aml.name("_CID", "VM_Gen_Counter"), aml.name("_DDN", "VM_Gen_Counter"),
+                 aml.name("ADDR", aml.package([addr & 0xFFFFFFFF, addr >> 32]))),
+    )
+    ged = AcpiDevice(
+        name="GED0",
+        hid=aml.string("ACPI0013"),
+        uid=0,
+        resources=(aml.extended_interrupt(gsi, edge=True),),
+        objects=(aml.method("_EVT", 1, aml.notify("\\_SB.VGEN", VMGENID_CHANGED)),),
+    )
+    return vgen, ged
 
 
 def checksum(data: bytes) -> int:
@@ -198,6 +227,6 @@ def build(cpus: int, devices: Sequence[AcpiDevice], base: int = L.ACPI_ADDR) -> 
     xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
     rsdt = place(_table(b"RSDT", 1, struct.pack("<II", fadt, madt)))
     blob[0:rsdp_size] = _rsdp(xsdt, rsdt)
-    if base + len(blob) > L.ACPI_END:
-        raise ValueError("ACPI tables do not fit below 1 MiB")
+    if base + len(blob) > L.VMGENID_ADDR:
+        raise ValueError("ACPI tables do not fit below the VM generation ID at %#x" % L.VMGENID_ADDR)
     return bytes(blob), base

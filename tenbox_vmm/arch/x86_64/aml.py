@@ -1,7 +1,8 @@
 """A minimal ACPI Machine Language encoder for the DSDT tenbox builds (worker).
 
 Only what the DSDT needs: names, integers, strings, packages, buffers,
-scopes, devices and resource templates (ACPI 6.x, chapters 6.4 and 20).
+scopes, devices, resource templates, and methods whose body is Notify
+(ACPI 6.x, chapters 6.4 and 20).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ DWORD_PREFIX = 0x0C
 STRING_PREFIX = 0x0D
 QWORD_PREFIX = 0x0E
 SCOPE_OP = 0x10
+METHOD_OP = 0x14
+NOTIFY_OP = 0x86
 BUFFER_OP = 0x11
 PACKAGE_OP = 0x12
 EXT_OP_PREFIX = 0x5B
@@ -136,6 +139,19 @@ def scope(path: str, *terms: bytes) -> bytes:
 def device(path: str, *terms: bytes) -> bytes:
     body = name_string(path) + b"".join(terms)
     return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def method(path: str, args: int, *terms: bytes) -> bytes:
+    """Method (path, args, NotSerialized) { terms }."""
+    if not 0 <= args <= 7:
+        raise ValueError("an AML method takes 0..7 arguments, not %d" % args)
+    body = name_string(path) + bytes([args]) + b"".join(terms)
+    return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+
+
+def notify(path: str, value: int) -> bytes:
+    """Notify (path, value)."""
+    return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
 
 
 # Resource descriptors (ACPI 6.x section 6.4) --------------------------------

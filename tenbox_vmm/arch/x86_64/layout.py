@@ -8,6 +8,7 @@
     0x0002_0000  kernel command line
     0x0009_fc00  EBDA (reserved)
     0x000e_0000  ACPI tables, RSDP first (reserved; found by the BIOS-area scan)
+    0x000f_f000  VM generation ID, 16 bytes (reserved; the DSDT's VGEN device points at it)
     0x0010_0000  kernel (or its pref_address), then the initrd as high as allowed
     0xc000_0000  32-bit MMIO hole: virtio-mmio at 0xd000_0000, IOAPIC, LAPIC
     0x1_0000_0000 RAM above 3 GiB continues here
@@ -28,6 +29,8 @@ CMDLINE_MAX = 0x10000
 EBDA_ADDR = 0x9FC00
 BIOS_AREA = 0xA0000
 ACPI_ADDR = 0xE0000
+VMGENID_ADDR = 0xFF000  # the last page of the ACPI area: the tables end below it
+VMGENID_SIZE = 16
 ACPI_END = 0x100000
 HIMEM_START = 0x100000
 
@@ -43,6 +46,7 @@ VIRTIO_MMIO_STRIDE = 0x1000
 VIRTIO_MMIO_SIZE = 0x200
 VIRTIO_GSI_BASE = 16  # IOAPIC pins 16..23: free of every ISA IRQ
 VIRTIO_MAX_DEVICES = Limits.VIRTIO_SLOTS  # 8 slots, pins 16..23; the daemon's DISKS_MAX counts on it
+GED_GSI = 10  # the Generic Event Device's edge: "the VM generation ID changed" (ISA IRQ 10 is free)
 
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
