@@ -81,6 +81,10 @@ class DaemonProcess:
         if os.environ.get("TENBOX_LANE") == "inner":  # everything emulated: a worker's imports alone can take 30 s
             env["TENBOX_TEST_START_TIMEOUT_SEC"] = "120"
             env["TENBOX_TEST_HEARTBEAT_LIVENESS"] = "30"  # a guest reset there has kept a worker busy past 5 s
+            # A standby's imports take tens of seconds there, on the cores the guest under test boots
+            # on (CI5's tenboxd lane tests ran up to 2x slower with one); the standby path is tested
+            # on this machine's KVM (test_daemon_standby.py). A test may still ask for one (extra_env).
+            env["TENBOX_STANDBY_WORKERS"] = "0"
         return repo_env(dict(env, **self.extra_env))
 
     def start(self, wait: bool = True, timeout: float = START_SEC) -> ConsoleProcess:
