@@ -24,7 +24,7 @@ import psutil
 from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, WorkerCgroup
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.standby import SCOPE_PREFIX, Standby, StandbyPool, StandbyRefused, set_scope_limits
-from tenbox_vmm.protocol.standby import OrderError
+from tenbox_vmm.protocol.standby import OrderError, encode_order
 from tenbox_supervisor.worker_files import WorkerFile, close_all, open_all
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.sandbox import PassedFile
@@ -149,10 +149,7 @@ class SystemHost:
               limits: Optional[ResourceLimits]) -> Proc:
         argv = list(argv) + [a for pf in opened for a in ("--fd", pf.to_arg())]
         if self.use_scopes:
-            # Its own scope: restarting or stopping tenboxd.service never takes the VM with it.
-            props = [] if limits is None else ["--property", "MemoryMax=%d" % limits.memory_max,
-                                               "--property", "TasksMax=%d" % limits.tasks_max]
-            argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope_name] + props + ["--"] + argv
+            argv = _in_scope(scope_name, limits, argv)
         cgroup = self.cgroups.create(scope_name, limits) if self.cgroups and limits else None
         try:
             with open(log_path, "ab") as logf:
@@ -180,6 +177,11 @@ class SystemHost:
         prefix = len(RUNTIME_ARGV)
         if self.standby is None or tuple(argv[:prefix]) != RUNTIME_ARGV:
             return None
+        try:  # before a standby is taken: an order too large for one never spends one
+            payload = encode_order(argv[prefix:], [pf.path for pf in opened])
+        except OrderError as e:
+            log.info("worker started cold: %s", e)
+            return None
         sb = self.standby.take()
         if sb is None:
             return None
@@ -192,8 +194,8 @@ class SystemHost:
                 if cgroup is not None:
                     cgroup.add(sb.pid)
             with open(log_path, "ab") as logf:
-                sb.order(argv[prefix:], opened, logf.fileno())
-        except (OSError, OrderError, StandbyRefused, subprocess.SubprocessError) as e:
+                sb.order(payload, [pf.fd for pf in opened], logf.fileno())
+        except (OSError, StandbyRefused, subprocess.SubprocessError) as e:
             why = getattr(e, "strerror", None) or getattr(e, "stderr", None) or e
             log.warning("standby worker pid %d not used (%s); starting the worker cold", sb.pid, why)
             sb.popen.kill()
@@ -211,7 +213,7 @@ class SystemHost:
         if self.use_scopes:
             self._standby_serial += 1
             scope = "%s%d-%d" % (SCOPE_PREFIX, int(self.time()), self._standby_serial)
-            argv = ["systemd-run", "--scope", "--quiet", "--collect", "--unit", scope, "--"] + argv
+            argv = _in_scope(scope, None, argv)  # its limits come with its order (set_scope_limits)
         try:
             p = subprocess.Popen(argv, stdin=theirs, stdout=subprocess.DEVNULL, env=self.worker_env(),
                                  close_fds=True, start_new_session=True)
@@ -319,6 +321,13 @@ class SystemHost:
 
     def time(self) -> float:
         return time.time()
+
+
+def _in_scope(unit: str, limits: Optional[ResourceLimits], argv: List[str]) -> List[str]:
+    """argv run by systemd-run in a scope of its own: restarting or stopping tenboxd.service never takes it along."""
+    props = [] if limits is None else ["--property", "MemoryMax=%d" % limits.memory_max,
+                                       "--property", "TasksMax=%d" % limits.tasks_max]
+    return ["systemd-run", "--scope", "--quiet", "--collect", "--unit", unit] + props + ["--"] + argv
 
 
 def _create_time(pid: int) -> float:

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tenbox_supervisor.cgroups import ResourceLimits
-from tenbox_vmm.protocol.sandbox import PassedFile
-from tenbox_vmm.protocol.standby import READY, encode_order
+from tenbox_vmm.protocol.standby import READY
 
 log = logging.getLogger("tenboxd.standby")
 
@@ -68,10 +67,10 @@ class Standby:
                 pass
         return self.ready and self.alive()
 
-    def order(self, argv: Sequence[str], files: Sequence[PassedFile], log_fd: int) -> None:
-        """Hand it its VM: the command line without --fd, the runtime log and the files; OSError if it is gone."""
-        payload = encode_order(argv, [f.path for f in files])  # OrderError: it starts cold
-        fds = array.array("i", [log_fd] + [f.fd for f in files])
+    def order(self, payload: bytes, fds: Sequence[int], log_fd: int) -> None:
+        """Hand it its VM: the encoded order (encode_order), the runtime log, the files' descriptors in the
+        order's order; OSError if it is gone."""
+        fds = array.array("i", [log_fd] + list(fds))
         self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         self.sock.close()
 
