@@ -17,14 +17,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence, Union
 
 import psutil
 
 from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, WorkerCgroup
 from tenbox_supervisor.imagetool_child import run_imagetool
-from tenbox_supervisor.standby import SCOPE_PREFIX, Standby, StandbyPool, StandbyRefused, set_scope_limits
-from tenbox_vmm.protocol.standby import OrderError, encode_order
+from tenbox_supervisor.standby import (ForkedWorker, Standby, StandbyPool, StandbyRefused, become_subreaper,
+                                       move_to_scope)
+from tenbox_vmm.protocol.standby import GO, OrderError, encode_order
 from tenbox_supervisor.worker_files import WorkerFile, close_all, open_all
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.sandbox import PassedFile
@@ -50,10 +51,10 @@ class Proc:
 
     pid: int
     create_time: float
-    popen: Optional[subprocess.Popen] = None
+    popen: Optional[Union[subprocess.Popen, ForkedWorker]] = None
     pidfd: Optional[int] = None
     cgroup: Optional[WorkerCgroup] = None  # made by tenboxd (no systemd): removed when the worker ends
-    standby: bool = False  # started ahead of need (standby.py), then given its VM
+    standby: bool = False  # forked by a standby (standby.py)
 
     @property
     def is_child(self) -> bool:
@@ -121,7 +122,12 @@ class SystemHost:
         if self.cgroups is not None:
             log.info("worker limits: %s", self.cgroups.describe())
         self.standby = StandbyPool(standby_workers, self._start_standby, self.monotonic) if standby_workers else None
-        self._standby_serial = 0
+        if self.standby is not None:
+            try:
+                become_subreaper()  # the standbys' forked workers become tenboxd's children
+            except OSError as e:
+                log.warning("standby workers off: cannot become the workers' subreaper: %s", e.strerror)
+                self.standby = None
 
     def worker_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
@@ -173,11 +179,11 @@ class SystemHost:
 
     def _from_standby(self, argv: Sequence[str], log_path: str, scope_name: str, opened: Sequence[PassedFile],
                       limits: Optional[ResourceLimits]) -> Optional[Proc]:
-        """The worker as a standby that took its order, limits first; None when none can."""
+        """The worker forked by a standby, in its scope or cgroup before it runs; None when none can."""
         prefix = len(RUNTIME_ARGV)
         if self.standby is None or tuple(argv[:prefix]) != RUNTIME_ARGV:
             return None
-        try:  # before a standby is taken: an order too large for one never spends one
+        try:  # before a standby is asked: an order too large for one never costs one
             payload = encode_order(argv[prefix:], [pf.path for pf in opened])
         except OrderError as e:
             log.info("worker started cold: %s", e)
@@ -185,44 +191,50 @@ class SystemHost:
         sb = self.standby.take()
         if sb is None:
             return None
+        try:
+            with open(log_path, "ab") as logf:
+                worker, go = sb.fork(payload, [pf.fd for pf in opened], logf.fileno())
+        except (OSError, StandbyRefused) as e:
+            self.standby.drop(sb, getattr(e, "strerror", None) or e)
+            return None
         cgroup = None
         try:
-            if sb.scope is not None and limits is not None:
-                set_scope_limits(sb.scope, limits)
-            if self.cgroups is not None and limits is not None:
+            if self.use_scopes:
+                move_to_scope(scope_name, limits, worker.pid)
+            elif self.cgroups is not None and limits is not None:
                 cgroup = self.cgroups.create(scope_name, limits)
                 if cgroup is not None:
-                    cgroup.add(sb.pid)
-            with open(log_path, "ab") as logf:
-                sb.order(payload, [pf.fd for pf in opened], logf.fileno())
+                    cgroup.add(worker.pid)
+            go.sendall(GO)
         except (OSError, StandbyRefused, subprocess.SubprocessError) as e:
             why = getattr(e, "strerror", None) or getattr(e, "stderr", None) or e
-            log.warning("standby worker pid %d not used (%s); starting the worker cold", sb.pid, why)
-            sb.popen.kill()
-            sb.dismiss()
+            worker.kill()
+            worker.wait()
             if cgroup is not None:
                 cgroup.remove()
+            if self.use_scopes:  # systemd would refuse the next as well: every start stays cold from now on
+                log.warning("standby workers off: a forked worker cannot be put in its scope (%s)", why)
+                self.standby.close()
+                self.standby = None
+            else:
+                log.warning("worker forked by standby pid %d not used (%s); starting it cold", sb.pid, why)
             return None
-        return Proc(pid=sb.pid, create_time=_create_time(sb.pid), popen=sb.popen, cgroup=cgroup, standby=True)
+        finally:
+            go.close()
+        return Proc(pid=worker.pid, create_time=_create_time(worker.pid), popen=worker, cgroup=cgroup, standby=True)
 
     def _start_standby(self) -> Standby:
-        """A new standby worker, in a scope of its own where workers run in scopes; OSError if it cannot start."""
+        """A new standby (zygote), tenboxd's child; OSError if it cannot start."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        scope = None
-        argv = list(RUNTIME_ARGV) + [STANDBY_ARG]
-        if self.use_scopes:
-            self._standby_serial += 1
-            scope = "%s%d-%d" % (SCOPE_PREFIX, int(self.time()), self._standby_serial)
-            argv = _in_scope(scope, None, argv)  # its limits come with its order (set_scope_limits)
         try:
-            p = subprocess.Popen(argv, stdin=theirs, stdout=subprocess.DEVNULL, env=self.worker_env(),
-                                 close_fds=True, start_new_session=True)
+            p = subprocess.Popen(list(RUNTIME_ARGV) + [STANDBY_ARG], stdin=theirs, stdout=subprocess.DEVNULL,
+                                 env=self.worker_env(), close_fds=True, start_new_session=True)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        return Standby(popen=p, sock=ours, scope=scope)
+        return Standby(popen=p, sock=ours)
 
     def close(self) -> None:
         """Let the standbys go (the VMs' workers run on)."""

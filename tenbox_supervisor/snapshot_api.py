@@ -356,19 +356,25 @@ class SnapshotMethods:
             await self.vms.start_vm(vm, restore=snapshots.memory_path(vm_dir, name))
         return dict(self.vms.view(vm), restored=name, detached=detached)
 
-    async def _overlays_on(self, rec: SnapshotRecord, folder: str) -> Tuple[List[Dict[str, Any]], List[str]]:
+    async def _overlays_on(self, rec: SnapshotRecord, folder: str,
+                           like: Optional[List[Dict[str, Any]]] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
         """The snapshot's disks for a VM in `folder`: a new overlay on each layer, the others as they were;
-        and the new overlays' paths."""
+        and the new overlays' paths. `like`: another clone's disks, whose new overlays are copied rather than
+        made again (the same backing file, the same size: the same bytes)."""
         disks: List[Dict[str, Any]] = []
         new: List[str] = []
         try:
-            for d in rec.machine["disks"]:
+            for i, d in enumerate(rec.machine["disks"]):
                 entry = {k: v for k, v in d.items() if k != "layer"}
                 if d.get("layer"):
                     path = os.path.join(folder, snapshots.new_overlay_name(len(disks)) + ".qcow2")
-                    await self._new_overlay(d["path"], path)
-                    new.append(path)
-                    os.chmod(path, PRIVATE_FILE_MODE)
+                    if like is None:
+                        await self._new_overlay(d["path"], path)
+                        new.append(path)
+                        os.chmod(path, PRIVATE_FILE_MODE)
+                    else:
+                        new.append(path)
+                        _copy_new(like[i]["path"], path)
                     entry = dict(entry, path=path, backing=[d["path"]] + list(d.get("backing") or []), owned=True)
                 disks.append(entry)
         except BaseException:
@@ -395,9 +401,14 @@ class SnapshotMethods:
         with contextlib.ExitStack() as claims:
             for n in names:
                 claims.enter_context(self.workers.claim_name(n))
-            # Their overlays are made side by side (one image tool child each); all or none are kept.
-            outcome = await asyncio.gather(*(self._make_clone(source, rec, n, dict(net, hostfwds=hostfwds))
-                                             for n in names), return_exceptions=True)
+            # The first clone's overlays are made by the image tool, the others' are copies of them; all or none
+            # are kept.
+            clone_net = dict(net, hostfwds=hostfwds)
+            outcome: List[Any] = await asyncio.gather(self._make_clone(source, rec, names[0], clone_net),
+                                                      return_exceptions=True)
+            if isinstance(outcome[0], ManagedVm):
+                like = outcome[0].spec.disks
+                outcome += [await _outcome(self._make_clone(source, rec, n, clone_net, like)) for n in names[1:]]
         made = [vm for vm in outcome if isinstance(vm, ManagedVm)]
         failed = [e for e in outcome if isinstance(e, BaseException)]
         if failed:
@@ -445,7 +456,8 @@ class SnapshotMethods:
                     raise ApiError(ErrorCode.FORWARD_CONFLICT, "host forward %s is VM %s's (%s); clone with no_hostfwds"
                                    " (tenbox vm clone --no-hostfwds)" % (mine[key], vm.spec.name, spec))
 
-    async def _make_clone(self, source: ManagedVm, rec: SnapshotRecord, name: str, net: Dict[str, Any]) -> ManagedVm:
+    async def _make_clone(self, source: ManagedVm, rec: SnapshotRecord, name: str, net: Dict[str, Any],
+                          like: Optional[List[Dict[str, Any]]] = None) -> ManagedVm:
         m = rec.machine
         spec = VmSpec(id=self.workers.new_id(), name=name, kernel=m["kernel"], initrd=m.get("initrd"),
                       cmdline=m.get("cmdline"), memory_mb=m["memory_mb"], cpus=m["cpus"], image=m.get("image"),
@@ -460,7 +472,7 @@ class SnapshotMethods:
         except OSError as e:
             raise _store_error(e)
         try:
-            spec.disks, _ = await self._overlays_on(rec, folder)
+            spec.disks, _ = await self._overlays_on(rec, folder, like)
             vm = self.workers.create(spec)
         except (OSError, SpecError) as e:
             self.folders.delete(spec.id)
@@ -475,6 +487,28 @@ class SnapshotMethods:
 
 class _WorkerSilent(Exception):
     """The worker may have moved its disks without our knowing: the VM is stopped, the snapshot failed."""
+
+
+async def _outcome(aw: Any) -> Any:
+    """What `aw` returns or raises, as asyncio.gather(return_exceptions=True) gives it."""
+    try:
+        return await aw
+    except Exception as e:  # noqa: BLE001 - handed back, as gather does
+        return e
+
+
+def _copy_new(src: str, dst: str) -> None:
+    """A new file `dst` (private, durable) with `src`'s bytes; OSError if `dst` exists."""
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        with os.fdopen(fd, "wb") as fout:
+            while True:
+                chunk = fin.read(1 << 20)
+                if not chunk:
+                    break
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
 
 
 def _unlink_all(paths: List[str]) -> None:

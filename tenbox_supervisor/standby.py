@@ -1,54 +1,101 @@
-"""Workers started ahead of need: a VM's start hands one its order instead of starting Python (daemon, root).
+"""Zygotes started ahead of need: a VM's start forks its worker from one instead of starting Python (daemon, root).
 
 A cold worker spends tens of milliseconds before its guest's first
-instruction on the interpreter's start and tenbox's imports. tenboxd keeps
-`TENBOX_STANDBY_WORKERS` (config.py) `tenbox-vm-runtime --standby`
-processes that have done both and wait (tenbox_vmm/standby.py says what
-they wait for). `SystemHost.spawn` takes a ready one, gives it its VM's
-limits (cgroup or scope), then its order: the worker's command line and its
-files, passed as descriptors. The process is tenboxd's child, as a cold
-worker is, so its exit status is known. A new standby is started a moment
-later, when the new VM's worker has had the cores.
+instruction on the interpreter's start and tenbox's imports, and each
+holds its own copy of both. tenboxd keeps `TENBOX_STANDBY_WORKERS`
+(config.py) `tenbox-vm-runtime --standby` processes that have done both and
+serve orders (tenbox_vmm/standby.py says how). `SystemHost.spawn` sends a
+ready one the VM's order: the worker's command line, its runtime log, a GO
+socket and its files, passed as descriptors. The standby forks the worker,
+which tenboxd (the child subreaper) then holds as its own child, and
+replies with its pid; tenboxd puts it in its VM's cgroup or scope and sends
+GO. The workers share the standby's pages (the interpreter, tenbox's
+modules) until they write them: ten clones cost little more than one.
 
-A standby not ready yet, one that ended, or a VM with more files than one
-message carries: the worker starts cold, as without standbys. A standby
-that ended without an order is logged and replaced no sooner than
-RETRY_SEC later, so a broken installation does not fork in a loop.
+No standby ready, one that does not answer, a VM with more files than one
+message carries, or a worker that cannot be placed: the worker starts
+cold, as without standbys. A standby that ended is logged and replaced no
+sooner than RETRY_SEC later, so a broken installation does not fork in a
+loop.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import ctypes
 import logging
+import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tenbox_supervisor.cgroups import ResourceLimits
-from tenbox_vmm.protocol.standby import READY
+from tenbox_vmm.protocol.standby import FORKED_MAX_BYTES, READY, OrderError, parse_forked
 
 log = logging.getLogger("tenboxd.standby")
 
-REFILL_DELAY_SEC = 0.5  # after a start: the new worker has the cores first
-RETRY_SEC = 30.0  # after a standby ended without an order
-SCOPE_PREFIX = "tenbox-standby-"  # its systemd scope, where tenboxd runs workers in scopes
-SET_PROPERTY_TIMEOUT_SEC = 10.0
+RETRY_SEC = 30.0  # after a standby ended
+FORK_REPLY_SEC = 5.0  # a standby's reply to an order: a fork, milliseconds
+SCOPE_SEC = 5.0  # systemd's move of a forked worker into its new scope
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class StandbyRefused(Exception):
     """This standby cannot take the order; the worker starts cold. The message says why."""
 
 
+def become_subreaper() -> None:
+    """Orphaned descendants become tenboxd's children (the standbys' forked workers); OSError if refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class ForkedWorker:
+    """A worker a standby forked, re-parented to tenboxd: what tenboxd asks of a Popen, by its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        """Its exit code once it ended (negative: the signal), reaped; None while it runs."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not ours (cannot happen once checked), or reaped elsewhere
+                self.returncode = -signal.SIGKILL
+                return self.returncode
+            if pid:
+                self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0.0)
+            time.sleep(0.005)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
 @dataclass
 class Standby:
-    """One waiting worker: tenboxd's child, and tenboxd's end of its socket."""
+    """One zygote: tenboxd's child, and tenboxd's end of its socket."""
 
     popen: subprocess.Popen
     sock: socket.socket
-    scope: Optional[str] = None  # its systemd scope's unit, when it runs in one
     ready: bool = False
 
     @property
@@ -67,12 +114,33 @@ class Standby:
                 pass
         return self.ready and self.alive()
 
-    def order(self, payload: bytes, fds: Sequence[int], log_fd: int) -> None:
-        """Hand it its VM: the encoded order (encode_order), the runtime log, the files' descriptors in the
-        order's order; OSError if it is gone."""
-        fds = array.array("i", [log_fd] + list(fds))
-        self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        self.sock.close()
+    def fork(self, payload: bytes, fds: Sequence[int], log_fd: int) -> Tuple[ForkedWorker, socket.socket]:
+        """A worker forked for the encoded order (encode_order), with the runtime log and the files' descriptors
+        in the order's order, and tenboxd's end of its GO socket; StandbyRefused or OSError if there is none."""
+        go, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            passed = array.array("i", [log_fd, theirs.fileno()] + list(fds))
+            self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
+            theirs.close()
+            if not select.select([self.sock], [], [], FORK_REPLY_SEC)[0]:
+                raise StandbyRefused("no answer within %.0f s" % FORK_REPLY_SEC)
+            reply = self.sock.recv(FORKED_MAX_BYTES, socket.MSG_DONTWAIT)
+            if not reply:
+                raise StandbyRefused("it ended (exit %s)" % self.popen.wait(1.0))
+            worker = ForkedWorker(parse_forked(reply))
+        except BaseException as e:
+            theirs.close()
+            go.close()  # a forked worker sees it end and runs nothing
+            if isinstance(e, OrderError):
+                raise StandbyRefused(str(e)) from None
+            raise
+        try:
+            if os.waitpid(worker.pid, os.WNOHANG)[0]:  # it waits for GO: it cannot have ended
+                raise StandbyRefused("its worker pid %d ended at once" % worker.pid)
+        except ChildProcessError:
+            go.close()
+            raise StandbyRefused("its worker pid %d is not tenboxd's child" % worker.pid) from None
+        return worker, go
 
     def dismiss(self) -> None:
         """Let it go: it exits when its socket ends; killed if it has not within a second."""
@@ -84,19 +152,34 @@ class Standby:
             self.popen.wait()
 
 
-def set_scope_limits(scope: str, limits: ResourceLimits) -> None:
-    """MemoryMax= and TasksMax= on a running scope (systemctl); OSError or CalledProcessError if refused."""
-    systemctl = shutil.which("systemctl")
-    if systemctl is None:
-        raise StandbyRefused("no systemctl to set the scope's limits")
-    subprocess.run([systemctl, "set-property", "--runtime", scope + ".scope",
-                    "MemoryMax=%d" % limits.memory_max, "TasksMax=%d" % limits.tasks_max],
+def move_to_scope(unit: str, limits: Optional[ResourceLimits], pid: int) -> None:
+    """Put process `pid` alone in a new systemd scope `unit` with the limits (systemd's StartTransientUnit, by
+    busctl), and wait until it is there; StandbyRefused, OSError or SubprocessError if it is not."""
+    busctl = shutil.which("busctl")
+    if busctl is None:
+        raise StandbyRefused("no busctl to make the worker's scope")
+    props = [("PIDs", "au", "1", str(pid)), ("CollectMode", "s", "inactive-or-failed")]
+    if limits is not None:
+        props += [("MemoryMax", "t", str(limits.memory_max)), ("TasksMax", "t", str(limits.tasks_max))]
+    subprocess.run([busctl, "call", "--quiet", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                    "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                    unit + ".scope", "fail", str(len(props))] + [a for p in props for a in p] + ["0"],
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=SET_PROPERTY_TIMEOUT_SEC, check=True)
+                   timeout=SCOPE_SEC, check=True)
+    deadline = time.monotonic() + SCOPE_SEC  # the call queues a job: the move comes when it runs
+    while not in_cgroup(pid, "/%s.scope" % unit):
+        if time.monotonic() > deadline:
+            raise StandbyRefused("systemd did not move it into %s.scope within %.0f s" % (unit, SCOPE_SEC))
+        time.sleep(0.002)
+
+
+def in_cgroup(pid: int, suffix: str) -> bool:
+    with open("/proc/%d/cgroup" % pid) as f:
+        return any(line.rstrip("\n").endswith(suffix) for line in f)
 
 
 class StandbyPool:
-    """Keeps `count` standbys started; `take()` gives a ready one, if any, and plans its replacement."""
+    """Keeps `count` standbys started; `take()` gives a ready one, if any; `drop()` ends one that failed."""
 
     def __init__(self, count: int, start: Callable[[], Standby], monotonic: Callable[[], float]) -> None:
         self.count = count
@@ -105,6 +188,7 @@ class StandbyPool:
         self._waiting: List[Standby] = []
         self._retry_at = 0.0
         self._refill: Optional[asyncio.TimerHandle] = None
+        self._turn = 0
         self.closed = False
 
     def describe(self) -> Dict[str, Any]:
@@ -125,13 +209,24 @@ class StandbyPool:
                 self._retry_at = self._monotonic() + RETRY_SEC
 
     def take(self) -> Optional[Standby]:
-        """A ready standby, now no longer the pool's; None if there is none. Either way a refill is planned."""
+        """A ready standby (it stays the pool's: it forks a worker per order); None if there is none."""
         self._drop_ended()
-        found = next((s for s in self._waiting if s.is_ready()), None)
-        if found is not None:
-            self._waiting.remove(found)
+        ready = [s for s in self._waiting if s.is_ready()]
+        if not ready:
+            return None
+        self._turn = (self._turn + 1) % len(ready)
+        return ready[self._turn]
+
+    def drop(self, standby: Standby, why: object) -> None:
+        """End a standby that failed an order; its replacement comes no sooner than RETRY_SEC."""
+        log.warning("standby worker pid %d dropped (%s); the next in %.0f s at the earliest", standby.pid, why,
+                    RETRY_SEC)
+        if standby in self._waiting:
+            self._waiting.remove(standby)
+        standby.popen.kill()
+        standby.dismiss()
+        self._retry_at = self._monotonic() + RETRY_SEC
         self._plan_refill()
-        return found
 
     def close(self) -> None:
         self.closed = True
@@ -149,6 +244,7 @@ class StandbyPool:
             log.warning("standby worker pid %d ended on its own (exit %s); the next in %.0f s at the earliest",
                         s.pid, s.popen.returncode, RETRY_SEC)
             self._retry_at = self._monotonic() + RETRY_SEC
+            self._plan_refill()
 
     def _plan_refill(self) -> None:
         if self._refill is not None or self.closed:
@@ -158,4 +254,4 @@ class StandbyPool:
         except RuntimeError:
             self.fill()  # no loop (a direct call): now
             return
-        self._refill = loop.call_later(max(REFILL_DELAY_SEC, self._retry_at - self._monotonic()), self.fill)
+        self._refill = loop.call_later(max(0.0, self._retry_at - self._monotonic()), self.fill)

@@ -1,33 +1,45 @@
-"""A worker started ahead of need: interpreter up, modules imported, waiting for its VM (worker, root until then).
+"""A zygote: interpreter up, modules imported, forking one VM's worker per order (worker side, root until then).
 
 tenboxd keeps a few `tenbox-vm-runtime --standby` processes ready
-(tenbox_supervisor/standby.py), so that a `vm.start` does not pay for
-Python's start and tenbox's imports. A standby's stdin is one end of a
-SOCK_SEQPACKET socket pair whose other end tenboxd holds. The standby
-imports what a worker imports, says READY, and waits for one message: the
-order (tenbox_vmm/protocol/standby.py): the command line a cold worker
-of that VM would get, without --fd, and the VM's files as descriptors,
-after the runtime log that becomes its stdout and stderr. The standby then
-runs `main()` on that command line, exactly as a worker started cold,
-sandbox and all.
+(tenbox_supervisor/standby.py), so that a `vm.start`, a restore or a clone
+does not pay for Python's start and tenbox's imports. A standby's stdin is
+one end of a SOCK_SEQPACKET socket pair whose other end tenboxd holds.
+The standby imports what a worker imports, freezes its objects out of the
+garbage collector's reach (so that its children's collections do not
+write to the pages they share with it), says READY and serves orders
+(tenbox_vmm/protocol/standby.py): the command line a cold worker of that
+VM would get, without --fd, and the VM's files as descriptors, after the
+runtime log and the GO socket.
 
-A standby whose socket ends (tenboxd stopped, or closed it) exits 0
-without having done anything. Nothing of a VM reaches a standby before its
-order, and a standby serves one VM only.
+Each order forks twice: the middle process ends at once, so the worker is
+re-parented to tenboxd (its child subreaper) and tenboxd reads its exit
+status as a cold worker's. The standby replies with the worker's pid. The
+worker starts a session of its own, waits for GO (tenboxd has put it in
+its VM's cgroup or scope by then), and runs `main()` on the order's
+command line, exactly as a worker started cold, sandbox and all. The
+workers share the standby's pages until they write them.
+
+A standby whose socket ends (tenboxd stopped, or closed it) exits 0. A bad
+order ends it with one line and exit 2 (tenboxd never sends one). Nothing
+of a VM stays in a standby after its fork.
 """
 
 from __future__ import annotations
 
 import array
+import gc
 import importlib
 import os
 import socket
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from tenbox_vmm import passed_files
 from tenbox_vmm.protocol import ExitCode
-from tenbox_vmm.protocol.standby import ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, OrderError, parse_order
+from tenbox_vmm.protocol.standby import (GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, OrderError, encode_forked,
+                                         parse_order)
+
+GO_WAIT_SEC = 60.0  # a forked worker that tenboxd never lets go ends having run nothing
 
 # What a worker imports between main() and its guest's first instruction (python3 -X importtime).
 PRELOAD = (
@@ -64,29 +76,97 @@ def receive(sock: socket.socket) -> Tuple[bytes, List[int]]:
 
 
 def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0) -> int:
-    """Wait for the order on `sock_fd` (stdin), then become that VM's worker: main()'s exit status."""
+    """Serve orders on `sock_fd` (stdin) until it ends: 0. In each forked worker, that VM's main()'s exit status."""
     sock = socket.socket(fileno=sock_fd)
     preload()
+    gc.collect()
+    gc.freeze()  # the workers' collections leave the shared objects' pages unwritten
     sock.sendall(READY)
+    while True:
+        try:
+            data, fds = receive(sock)
+        except ConnectionResetError:
+            return 0  # tenboxd let it go without reading its READY: the same as an end
+        except (OSError, OrderError) as e:
+            return _refuse(getattr(e, "strerror", None) or e)
+        if not data:
+            return 0  # tenboxd let this standby go
+        try:
+            log_fd, go_fd, argv = parse_order(data, fds)
+        except OrderError as e:
+            _close(fds)
+            return _refuse(e)
+        try:
+            worker = _fork()
+        except OSError as e:
+            _close(fds)
+            return _refuse("cannot fork a worker: %s" % (e.strerror or e))
+        if worker == 0:  # this process is the VM's worker now
+            sock.detach()  # fd 0, replaced by /dev/null below
+            return _run(main, log_fd, go_fd, argv)
+        _close(fds)
+        sock.sendall(encode_forked(worker))
+
+
+def _fork() -> int:
+    """The worker's pid in the standby, 0 in the worker; OSError if it could not be forked.
+
+    The middle process forks the worker and ends at once, so the worker is
+    re-parented to tenboxd (PR_SET_CHILD_SUBREAPER) before its pid is sent.
+    """
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # the middle process never returns to the standby's loop
+        try:
+            os.close(r)
+            worker = os.fork()
+        except BaseException:
+            os._exit(1)
+        if worker == 0:
+            os.close(w)
+            return 0
+        try:
+            os.write(w, b"%d" % worker)
+        finally:
+            os._exit(0)
+    os.close(w)
     try:
-        data, fds = receive(sock)
-    except ConnectionResetError:
-        return 0  # tenboxd let it go without reading its READY: the same as an end
-    except (OSError, OrderError) as e:
-        sys.stderr.write("tenbox-vm-runtime: error: standby: %s\n" % (getattr(e, "strerror", None) or e))
-        return ExitCode.USAGE
-    if not data:
-        return 0  # tenboxd let this standby go
+        got = os.read(r, 32)
+    finally:
+        os.close(r)
+        os.waitpid(middle, 0)
+    if not got.isdigit():
+        raise OSError(0, "the middle process could not fork")
+    return int(got)
+
+
+def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, argv: List[str]) -> int:
+    """The forked worker: its own session, GO awaited, the log as stdout and stderr, then main()."""
+    os.setsid()
+    go = socket.socket(fileno=go_fd)
+    go.settimeout(GO_WAIT_SEC)
     try:
-        log_fd, argv = parse_order(data, fds)
-    except OrderError as e:
-        sys.stderr.write("tenbox-vm-runtime: error: standby: %s\n" % e)
-        return ExitCode.USAGE
+        let_go = go.recv(1) == GO
+    except OSError:
+        let_go = False
+    go.close()
+    if not let_go:
+        os.close(log_fd)
+        return 0  # tenboxd could not place it: it runs nothing
     null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # the socket goes: the worker's stdin is empty, as a cold worker's
+    os.dup2(null, 0)  # the worker's stdin is empty, as a cold worker's
     os.close(null)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    sock.detach()  # fd 0 is /dev/null now
-    return main(argv)
+    return main(argv)  # the standby's objects stay frozen: a collection here never writes their pages
+
+
+def _refuse(why: object) -> int:
+    sys.stderr.write("tenbox-vm-runtime: error: standby: %s\n" % why)
+    return ExitCode.USAGE
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)

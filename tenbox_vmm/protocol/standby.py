@@ -1,12 +1,18 @@
-"""What tenboxd and a standby worker agree on: READY, and the order that gives it its VM (worker and daemon; pure).
+"""What tenboxd and a standby worker agree on: READY, the orders, the replies, GO (worker and daemon; pure).
 
 A standby's stdin is a SOCK_SEQPACKET socket; tenboxd holds the other end.
-The standby writes READY once its imports are done, then reads one
-message, the order: JSON {"argv": [...], "files": [PATH, ...]}, with the
-runtime log and then one descriptor per path as SCM_RIGHTS. `argv` is the
-worker's command line without its program and without --fd; each passed
-descriptor becomes `--fd N:PATH` (PassedFile). tenbox_vmm/standby.py runs
-an order, tenbox_supervisor/standby.py sends one.
+The standby writes READY once its imports are done, then reads orders, one
+message each: JSON {"argv": [...], "files": [PATH, ...]}, with the runtime
+log, the worker's end of a GO socket and then one descriptor per path as
+SCM_RIGHTS. `argv` is the worker's command line without its program and
+without --fd; each passed descriptor becomes `--fd N:PATH` (PassedFile).
+
+For each order the standby forks the VM's worker and replies with its pid
+(encode_forked): a worker already re-parented to tenboxd, which holds it
+until tenboxd has put it where its limits apply and sent GO on the GO
+socket. A GO socket that ends without GO ends the worker, having run
+nothing. tenbox_vmm/standby.py serves orders, tenbox_supervisor/standby.py
+sends them.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import json
 from typing import List, Sequence, Tuple
 
 READY = b"R"
+GO = b"G"
+FORKED = b"P"  # then the worker's pid in decimal
+FORKED_MAX_BYTES = 16
 ORDER_MAX_BYTES = 1 << 20
-# Descriptors in one order: the runtime log and the VM's files. Linux passes at most 253
-# (SCM_MAX_FD) in one message; tenboxd starts a VM with more files cold.
+# Descriptors in one order: the runtime log, the GO socket and the VM's files. Linux passes at
+# most 253 (SCM_MAX_FD) in one message; tenboxd starts a VM with more files cold.
 ORDER_MAX_FDS = 250
+ORDER_FIXED_FDS = 2  # the runtime log and the GO socket, before the files
 
 
 class OrderError(ValueError):
@@ -27,7 +37,7 @@ class OrderError(ValueError):
 
 def encode_order(argv: Sequence[str], paths: Sequence[str]) -> bytes:
     """The order's payload; OrderError if it would be refused (too long, too many files)."""
-    if len(paths) + 1 > ORDER_MAX_FDS:
+    if len(paths) + ORDER_FIXED_FDS > ORDER_MAX_FDS:
         raise OrderError("%d files are more than one order passes" % len(paths))
     payload = json.dumps({"argv": list(argv), "files": list(paths)}).encode()
     if len(payload) > ORDER_MAX_BYTES:
@@ -35,8 +45,9 @@ def encode_order(argv: Sequence[str], paths: Sequence[str]) -> bytes:
     return payload
 
 
-def parse_order(data: bytes, fds: Sequence[int]) -> Tuple[int, List[str]]:
-    """The runtime log's descriptor and the worker's command line of an order; OrderError if it is not one."""
+def parse_order(data: bytes, fds: Sequence[int]) -> Tuple[int, int, List[str]]:
+    """The runtime log's and the GO socket's descriptors and the worker's command line of an order;
+    OrderError if it is not one."""
     try:
         order = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -47,8 +58,22 @@ def parse_order(data: bytes, fds: Sequence[int]) -> Tuple[int, List[str]]:
         raise OrderError("the order has no command line or file list")
     if "--standby" in argv or any(a == "--fd" or a.startswith("--fd=") for a in argv):
         raise OrderError("the order's command line has --standby or --fd")
-    if not fds:
-        raise OrderError("the order passes no runtime log")
-    if len(fds) != len(paths) + 1:
-        raise OrderError("the order names %d files and passes %d descriptors for them" % (len(paths), len(fds) - 1))
-    return fds[0], argv + ["--fd=%d:%s" % (fd, path) for fd, path in zip(fds[1:], paths)]
+    if len(fds) < ORDER_FIXED_FDS:
+        raise OrderError("the order passes no runtime log and GO socket")
+    if len(fds) != len(paths) + ORDER_FIXED_FDS:
+        raise OrderError("the order names %d files and passes %d descriptors for them"
+                         % (len(paths), len(fds) - ORDER_FIXED_FDS))
+    files = fds[ORDER_FIXED_FDS:]
+    return fds[0], fds[1], argv + ["--fd=%d:%s" % (fd, path) for fd, path in zip(files, paths)]
+
+
+def encode_forked(pid: int) -> bytes:
+    return FORKED + b"%d" % pid
+
+
+def parse_forked(data: bytes) -> int:
+    """The worker's pid of a standby's reply; OrderError if the reply is not one."""
+    digits = data[len(FORKED):]
+    if not data.startswith(FORKED) or not digits.isdigit() or len(data) > FORKED_MAX_BYTES or int(digits) < 2:
+        raise OrderError("the standby's reply is not a worker's pid: %r" % data[:FORKED_MAX_BYTES])
+    return int(digits)

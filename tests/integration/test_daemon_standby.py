@@ -1,11 +1,12 @@
-"""Standby workers for real: a tenboxd keeps `tenbox-vm-runtime --standby` ready, and a start hands the VM to it.
+"""Standby workers for real: a tenboxd keeps `tenbox-vm-runtime --standby` ready, and a start forks the VM's worker.
 
-The standby is tenboxd's child; `vm.start` gives it its VM's order
-(tenbox_vmm/standby.py) and it becomes that VM's worker: the same pid,
-the guest runs, the console and the exit status work as for a cold worker,
-and a new standby waits a moment later. A standby that died, a tenboxd
-that stops or is killed, and TENBOX_STANDBY_WORKERS=0 or a bad value are
-covered too.
+The standby is tenboxd's child; `vm.start` sends it its VM's order
+(tenbox_vmm/standby.py) and it forks that VM's worker, which is tenboxd's
+child too (re-parented: tenboxd is the subreaper) and shares the
+standby's pages: the guest runs, the console and the exit status work as
+for a cold worker, and the standby serves the next start. A standby that
+died, a tenboxd that stops or is killed, and TENBOX_STANDBY_WORKERS=0 or a
+bad value are covered too.
 """
 
 import json
@@ -59,7 +60,17 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_a_start_is_taken_by_the_ready_standby_which_runs_the_vm_as_a_cold_worker_would(daemon):
+def shared_kib(pid: int) -> int:
+    """Resident KiB of `pid` that other processes map too (smaps_rollup: Shared_Clean + Shared_Dirty)."""
+    fields = {}
+    for line in open("/proc/%d/smaps_rollup" % pid):
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            fields[parts[0].rstrip(":")] = int(parts[1])
+    return fields["Shared_Clean"] + fields["Shared_Dirty"]
+
+
+def test_a_start_forks_its_worker_from_the_ready_standby_which_runs_the_vm_as_a_cold_worker_would(daemon):
     ready = wait_ready(daemon)
     assert ready["wanted"] == 1 and len(ready["pids"]) == 1
     standby = ready["pids"][0]
@@ -68,29 +79,37 @@ def test_a_start_is_taken_by_the_ready_standby_which_runs_the_vm_as_a_cold_worke
 
     create(daemon, "warm")
     ok(daemon.ctl("vm", "start", "warm"))
-    v = daemon.vm("warm")
-    assert v["pid"] == standby, "the standby became the VM's worker"
+    worker = daemon.vm("warm")["pid"]
+    assert worker != standby and "--standby" in psutil.Process(worker).cmdline(), "forked by the standby"
+    assert psutil.Process(worker).ppid() == daemon.proc.proc.pid, "re-parented to tenboxd, the subreaper"
+    assert os.getsid(worker) == worker
     daemon.wait_console("warm", "idle: ready")
     r = daemon.ctl("vm", "console", "warm", input=b"from a standby\n", timeout=30)
     assert b"echo: from a standby" in r.stdout, r.stderr
     # Its stdout and stderr are the VM's runtime.log, as a cold worker's; its stdin is no socket.
-    assert os.readlink("/proc/%d/fd/2" % standby).endswith("/logs/runtime.log")
-    assert os.readlink("/proc/%d/fd/0" % standby) == "/dev/null"
+    assert os.readlink("/proc/%d/fd/2" % worker).endswith("/logs/runtime.log")
+    assert os.readlink("/proc/%d/fd/0" % worker) == "/dev/null"
     events = ok(daemon.ctl("events", "--since", "0", "--no-follow"))
-    assert "worker pid %d, a standby" % standby in events
+    assert "worker pid %d, a standby" % worker in events
+    # The interpreter and tenbox's modules are the standby's pages, mapped by both.
+    assert shared_kib(worker) > 8 * 1024, shared_kib(worker)
 
-    # A new one waits a moment later; the VM's worker is not it.
-    again = wait_ready(daemon)
-    assert again["pids"] != [standby]
+    # The same standby serves the next start.
+    assert wait_ready(daemon)["pids"] == [standby]
 
-    # The exit status reaches tenboxd as a child's: a guest poweroff is a stop, not a crash.
+    # The exit status reaches tenboxd as a child's: a guest poweroff is a stop, not a crash...
     create(daemon, "off", guest="poweroff")
     ok(daemon.ctl("vm", "start", "off"))
-    assert daemon.vm("off")["pid"] == again["pids"][0]
+    off_pid = daemon.vm("off")["pid"]
+    assert off_pid not in (standby, worker)
     off = daemon.wait_state("off", "stopped", 30)
     assert off.get("last_failure") is None, off
-    ok(daemon.ctl("vm", "stop", "warm"))
-    assert gone(standby)
+    assert gone(off_pid) and not psutil.pid_exists(off_pid), "reaped by tenboxd"
+    # ...and a killed worker is reported with its signal.
+    os.kill(worker, signal.SIGKILL)
+    crashed = daemon.wait_state("warm", "crashed", 30)
+    assert crashed["last_failure"]["signal"] == "SIGKILL", crashed
+    assert psutil.Process(standby).is_running() and wait_ready(daemon)["pids"] == [standby]
 
 
 def test_a_standby_that_died_is_replaced_and_the_start_meanwhile_runs_cold(daemon):
@@ -111,12 +130,11 @@ def test_standbys_end_with_tenboxd_stopped_or_killed_and_vms_run_on(tmp_path):
     d = DaemonProcess(tmp_path / "d")
     try:
         d.start()
-        standby = wait_ready(d)["pids"][0]
+        spare = wait_ready(d)["pids"][0]
         create(d, "keep")
         ok(d.ctl("vm", "start", "keep"))
         worker = d.vm("keep")["pid"]
-        assert worker == standby
-        spare = wait_ready(d)["pids"][0]
+        assert worker != spare and "--standby" in psutil.Process(worker).cmdline()
         assert d.stop() == 0
         assert gone(spare), "a stopped tenboxd's standby does not stay"
         assert psutil.pid_exists(worker) and not gone(worker, 0.5), "the VM it took runs on"

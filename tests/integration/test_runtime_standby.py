@@ -1,9 +1,12 @@
-"""`tenbox-vm-runtime --standby` on its own: its order over a real SOCK_SEQPACKET pair, good and bad.
+"""`tenbox-vm-runtime --standby` on its own: its orders over a real SOCK_SEQPACKET pair, good and bad.
 
-A standby (tenbox_vmm/standby.py) says READY after its imports, then runs
-the VM its order names, with the order's runtime log as stdout and stderr
-and the passed descriptors as its --fd files. A closed socket ends it with
-0; a bad order ends it with one line and exit 2, having run nothing.
+A standby (tenbox_vmm/standby.py) says READY after its imports, then forks
+a worker per order and replies with its pid. The worker runs nothing until
+GO comes on its GO socket, then runs the VM its order names, with the
+order's runtime log as stdout and stderr and the passed descriptors as its
+--fd files; a GO socket that ends without GO ends it having run nothing. A
+closed socket ends the standby with 0; a bad order ends it with one line
+and exit 2, having run nothing.
 """
 
 import array
@@ -11,10 +14,12 @@ import json
 import os
 import socket
 import subprocess
+import time
 
+import psutil
 import pytest
 
-from tenbox_vmm.protocol.standby import ORDER_MAX_BYTES, ORDER_MAX_FDS, READY
+from tenbox_vmm.protocol.standby import GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, parse_forked
 from tests.framework.guests import guest_path
 from tests.framework.repo import repo_env
 from tests.framework.runtime import runtime_argv
@@ -38,6 +43,16 @@ class Standby:
     def order(self, payload: bytes, fds) -> None:
         self.ours.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
 
+    def fork(self, argv, log_path, files=None):
+        """A worker forked for `argv` with the log and `files` ({path: fd}) passed: its pid and our GO end."""
+        go, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        log_fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        files = files or {}
+        self.order(order_json(argv, list(files)), [log_fd, theirs.fileno()] + list(files.values()))
+        os.close(log_fd)
+        theirs.close()
+        return parse_forked(self.ours.recv(64)), go
+
     def finish(self):
         self.ours.close()
         out, err = self.proc.communicate(timeout=EXIT_SEC)
@@ -48,22 +63,53 @@ def order_json(argv, files) -> bytes:
     return json.dumps({"argv": argv, "files": files}).encode()
 
 
-def test_an_order_runs_its_vm_with_the_passed_files_and_log(tmp_path):
+def ended(pid: int, timeout: float = EXIT_SEC) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_each_order_forks_a_worker_that_runs_its_vm_once_let_go_and_the_standby_serves_on(tmp_path):
+    sb = Standby()
+    assert sb.ready() == READY
+    workers = []
+    for n in range(2):
+        log = tmp_path / ("runtime-%d.log" % n)
+        kernel_fd = os.open(guest_path("poweroff"), os.O_RDONLY)
+        # The path is one the worker could not open itself: only the passed descriptor makes it work.
+        pid, go = sb.fork(["--kernel", "/nonexistent/poweroff.bzImage", "--memory", "32", "--console", "stdio"],
+                          log, {"/nonexistent/poweroff.bzImage": kernel_fd})
+        os.close(kernel_fd)
+        worker = psutil.Process(pid)
+        assert pid != sb.proc.pid and worker.ppid() != sb.proc.pid, "the middle process has ended"
+        assert not ended(pid, 0.5) and log.read_text() == "", "it runs nothing before GO"
+        assert os.getsid(pid) == pid, "a session of its own"
+        go.sendall(GO)
+        go.close()
+        assert ended(pid), log.read_text()
+        text = log.read_text()
+        assert "TENBOX-GUEST poweroff PASS" in text
+        workers.append(pid)
+    assert workers[0] != workers[1] and sb.proc.poll() is None, "one standby, a worker per order"
+    rc, out, err = sb.finish()
+    assert (rc, out, err) == (0, "", ""), "its own stdout and stderr saw nothing of the VMs"
+
+
+def test_a_worker_whose_go_socket_ends_without_go_runs_nothing(tmp_path):
     sb = Standby()
     assert sb.ready() == READY
     log = tmp_path / "runtime.log"
-    log_fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    kernel_fd = os.open(guest_path("poweroff"), os.O_RDONLY)
-    # The path is one the worker could not open itself: only the passed descriptor makes it work.
-    sb.order(order_json(["--kernel", "/nonexistent/poweroff.bzImage", "--memory", "32", "--console", "stdio"],
-                        ["/nonexistent/poweroff.bzImage"]), [log_fd, kernel_fd])
-    os.close(log_fd)
-    os.close(kernel_fd)
-    rc, out, err = sb.finish()
-    assert rc == 0, log.read_text()
-    assert out == "" and err == "", "its own stdout and stderr are the order's log"
-    text = log.read_text()
-    assert "TENBOX-GUEST poweroff PASS" in text
+    pid, go = sb.fork(["--kernel", guest_path("poweroff"), "--memory", "32"], log)
+    go.close()
+    assert ended(pid)
+    assert log.read_text() == ""
+    assert sb.finish() == (0, "", "")
 
 
 @pytest.mark.parametrize("read_ready", [True, False])
@@ -77,13 +123,15 @@ def test_a_closed_socket_ends_a_standby_with_nothing_done(read_ready):
 
 
 @pytest.mark.parametrize("payload,nfds,why", [
-    (b"not json", 1, "the order is not JSON"),
-    (json.dumps(["--kernel", "/k"]).encode(), 1, "the order has no command line or file list"),
-    (order_json(["--kernel", "/k"], ["relative/path"]), 2, "the order has no command line or file list"),
-    (order_json(["--kernel", "/k", "--fd", "3:/k"], []), 1, "the order's command line has --standby or --fd"),
-    (order_json(["--standby"], []), 1, "the order's command line has --standby or --fd"),
-    (order_json(["--kernel", "/k"], ["/k"]), 1, "the order names 1 files and passes 0 descriptors for them"),
-    (order_json(["--kernel", "/k"], []), 0, "the order passes no runtime log"),
+    (b"not json", 2, "the order is not JSON"),
+    (json.dumps(["--kernel", "/k"]).encode(), 2, "the order has no command line or file list"),
+    (order_json(["--kernel", "/k"], ["relative/path"]), 3, "the order has no command line or file list"),
+    (order_json(["--kernel", "/k", "--fd", "3:/k"], []), 2, "the order's command line has --standby or --fd"),
+    (order_json(["--standby"], []), 2, "the order's command line has --standby or --fd"),
+    (order_json(["--kernel", "/k"], ["/k"]), 2, "the order names 1 files and passes 0 descriptors for them"),
+    (order_json(["--kernel", "/k"], []), 3, "the order names 0 files and passes 1 descriptors for them"),
+    (order_json(["--kernel", "/k"], []), 1, "the order passes no runtime log and GO socket"),
+    (order_json(["--kernel", "/k"], []), 0, "the order passes no runtime log and GO socket"),
 ])
 def test_a_bad_order_is_refused_in_one_line_and_runs_nothing(payload, nfds, why):
     sb = Standby()

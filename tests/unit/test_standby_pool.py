@@ -66,17 +66,27 @@ def ready(sb):
     return data
 
 
-def test_take_gives_only_a_ready_standby_and_the_pool_refills(pool):
+def test_take_gives_only_a_ready_standby_which_stays_the_pools_and_ready_ones_take_turns(pool):
     pool.fill()
     assert len(pool.started) == 2 and pool.describe()["ready"] == 0
     assert pool.take() is None, "none has said READY: the start goes cold"
     assert ready(pool.started[1]) == b"R"
-    got = pool.take()
-    assert got is pool.started[1]
-    assert got.pid not in pool.describe()["pids"]
-    assert len(pool.started) == 3, "without an event loop the refill is at once"
-    assert pool.describe()["wanted"] == 2 and len(pool.describe()["pids"]) == 2
-    got.dismiss()
+    assert pool.take() is pool.started[1] and pool.take() is pool.started[1]
+    assert pool.describe() == {"wanted": 2, "ready": 1, "pids": [sb.pid for sb in pool.started]}
+    assert ready(pool.started[0]) == b"R"
+    assert {pool.take().pid for _ in range(2)} == {sb.pid for sb in pool.started}
+    assert len(pool.started) == 2, "a standby serves many starts: none is started for a take"
+
+
+def test_a_dropped_standby_is_ended_and_replaced_only_after_the_retry_time(pool):
+    pool.fill()
+    bad = pool.started[0]
+    pool.drop(bad, "it did not answer")
+    assert bad.popen.poll() is not None and bad.pid not in pool.describe()["pids"]
+    assert len(pool.started) == 2, "no new standby before RETRY_SEC"
+    pool.clock.now += RETRY_SEC
+    pool.fill()
+    assert len(pool.started) == 3 and len(pool.describe()["pids"]) == 2
 
 
 def test_a_standby_that_ended_is_dropped_and_replaced_only_after_the_retry_time(pool):
