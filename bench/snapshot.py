@@ -18,10 +18,20 @@ times each:
     tenbox: `--restore FILE`; QEMU: the same machine options with
     `-incoming "exec:cat FILE"` (it runs the guest when the load ends).
 
-Prints medians and tenbox/QEMU ratios as a markdown table. Root: tenbox's
+  * through tenboxd (a standby ready, as by default): a clone of one from a
+    snapshot of the same guest, request -> the clone's first count line,
+    interleaved with the two restores above; and, for both tenbox ways, the
+    worker's own "guest runs N ms after the worker's main()" line;
+  * 10 clones at once (`vm.clone --count 10`): request -> all running, and
+    each clone's PSS, whole and less its own dirtied guest pages (the
+    private dirty pages of its snapshot mapping);
+  * snapshot time and size of bigger guests (--sizes, default 256 and 2048
+    MiB), tenbox against QEMU as above, fewer runs.
+
+Prints medians and tenbox/QEMU ratios as markdown tables. Root: tenbox's
 worker writes the snapshot as its sandbox user.
 
-    python3 -m bench.snapshot [--runs 10]
+    python3 -m bench.snapshot [--runs 10] [--sizes 256,2048] [--clone-runs 5]
 """
 
 from __future__ import annotations
@@ -39,12 +49,16 @@ from pathlib import Path
 from typing import Dict, List
 
 from bench.common import interleave, median, table
+from bench.control import Daemon
 from tests.framework import qemu
+from tests.framework.disk_tools import qemu_img
 from tests.framework.guests import guest_path
 from tests.framework.process import ConsoleProcess
 from tests.framework.runtime import boot_argv, runtime_argv
 
 MEM_MB = 64
+CLONES = 10
+RESTORED = r"snapshot restored: the guest runs ([\d.]+) ms after the worker's main\(\)"
 CMDLINE = "console=ttyS0 count.ms=10"  # the restored guest's first line comes within 10 ms of its resume
 COUNT = r"^count: (\d+)$"
 SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
@@ -99,11 +113,11 @@ def _file_figures(path: Path) -> Dict[str, float]:
     return {"file_mib": st.st_size / (1 << 20), "file_alloc_mib": st.st_blocks * 512 / (1 << 20)}
 
 
-def tenbox_snapshot(folder: Path) -> Dict[str, float]:
+def tenbox_snapshot(folder: Path, memory_mb: int = MEM_MB) -> Dict[str, float]:
     snap = folder / "tenbox.snap"
     if snap.exists():
         snap.unlink()
-    argv = boot_argv(guest_path("count"), cmdline=CMDLINE, memory_mb=MEM_MB) + ["--snapshot-out", str(snap)]
+    argv = boot_argv(guest_path("count"), cmdline=CMDLINE, memory_mb=memory_mb) + ["--snapshot-out", str(snap)]
     with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
         p.wait_for(r"^count: 5$", WAIT_SEC)
         p.signal(SNAPSHOT_SIGNAL)
@@ -113,19 +127,19 @@ def tenbox_snapshot(folder: Path) -> Dict[str, float]:
     return dict(_file_figures(snap), paused_ms=paused, save_ms=paused)  # tenbox saves with the guest stopped
 
 
-def qemu_machine(folder: Path, monitor: Path) -> List[str]:
-    argv = qemu.microvm(guest_path("count"), append=CMDLINE, memory_mb=MEM_MB)
+def qemu_machine(folder: Path, monitor: Path, memory_mb: int = MEM_MB) -> List[str]:
+    argv = qemu.microvm(guest_path("count"), append=CMDLINE, memory_mb=memory_mb)
     argv[argv.index("-monitor") + 1] = "unix:%s,server=on,wait=off" % monitor
     return argv
 
 
-def qemu_snapshot(folder: Path) -> Dict[str, float]:
+def qemu_snapshot(folder: Path, memory_mb: int = MEM_MB) -> Dict[str, float]:
     snap = folder / "qemu.snap"
     mon = folder / "monitor.sock"
     for f in (snap, mon):
         if f.exists():
             f.unlink()
-    with ConsoleProcess(qemu_machine(folder, mon), stdin=subprocess.DEVNULL) as p:
+    with ConsoleProcess(qemu_machine(folder, mon, memory_mb), stdin=subprocess.DEVNULL) as p:
         p.wait_for(r"^count: 5$", WAIT_SEC)
         m = Monitor(mon)
         try:
@@ -148,27 +162,125 @@ def qemu_snapshot(folder: Path) -> Dict[str, float]:
     return dict(_file_figures(snap), paused_ms=float(downtime.group(1)), save_ms=float(total.group(1)))
 
 
-def restore_case(argv: List[str]):
+def restore_case(argv: List[str], tenbox: bool):
     def run() -> Dict[str, float]:
         with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
             first = p.seconds_to(COUNT, WAIT_SEC)
             n = int(p.wait_for(COUNT, WAIT_SEC).group(1))
             if n <= 5:
                 p.fail("restored at count %d: the guest was snapshotted at 5" % n)
+            out = {"restore_first_line_ms": first * 1000}
+            if tenbox:
+                out["main_to_running_ms"] = float(p.wait_for_stderr(RESTORED, WAIT_SEC).group(1))
             p.kill()
-        return {"restore_first_line_ms": first * 1000}
+        return out
     return run
+
+
+class DaemonSource:
+    """A tenboxd with the count guest (64 MiB, a qcow2 overlay of a template) running, snapshotted at `count: 5`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.d = Daemon(standby_workers=1)
+        template = folder / "template.qcow2"
+        qemu_img("create", "-f", "qcow2", str(template), "16M")
+        vm = self.d.call("vm.create", name="src", kernel=guest_path("count"), memory_mb=MEM_MB, cmdline=CMDLINE,
+                         template=str(template))
+        self.id = vm["id"]
+        self.d.call("vm.start", vm_id=self.id)
+        self.d.wait_console(self.id, "count: 5")
+        self.d.call("vm.snapshot", vm_id=self.id, name="warm")
+        self.serial = 0
+
+    def clone(self, count: int) -> Dict[str, object]:
+        self.d.standby_ready()  # not timed: starts are not back to back
+        self.serial += 1
+        t0 = time.monotonic()
+        reply = self.d.call("vm.clone", vm_id=self.id, snapshot="warm", name="c%d" % self.serial, count=count)
+        reply["wall_ms"] = (time.monotonic() - t0) * 1000
+        reply["t0"] = t0
+        bad = [vm for vm in reply["vms"] if vm.get("state") != "running"]
+        if bad:
+            raise RuntimeError("clones not running: %s" % bad)
+        return reply
+
+    def drop(self, reply: Dict[str, object]) -> None:
+        for vm in reply["vms"]:  # type: ignore[attr-defined]
+            self.d.call("vm.stop", vm_id=vm["id"])
+            self.d.call("vm.delete", vm_id=vm["id"])
+
+    def runtime_line(self, vm_id: str) -> float:
+        path = self.d.d.data_dir / "vms" / vm_id / "logs" / "runtime.log"
+        m = re.search(RESTORED, path.read_text())
+        if not m:
+            raise RuntimeError("%s: no restore line in its runtime.log" % vm_id)
+        return float(m.group(1))
+
+    def restore_case(self):
+        def run() -> Dict[str, float]:
+            reply = self.clone(1)
+            vm_id = reply["vms"][0]["id"]  # type: ignore[index]
+            path = self.d.d.data_dir / "vms" / vm_id / "logs" / "console.log"
+            deadline = time.monotonic() + WAIT_SEC
+            while not re.search(COUNT, path.read_text() if path.exists() else "", re.M):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("clone %s printed no count" % vm_id)
+                time.sleep(0.002)
+            first = time.monotonic() - reply["t0"]  # type: ignore[operator]
+            out = {"restore_first_line_ms": first * 1000, "main_to_running_ms": self.runtime_line(vm_id)}
+            self.drop(reply)
+            return out
+        return run
+
+    def clones(self, runs: int) -> Dict[str, List[float]]:
+        figures: Dict[str, List[float]] = {"wall_ms": [], "start_ms": [], "pss_mib": [], "pss_above_dirtied_mib": [],
+                                           "main_to_running_ms": []}
+        for _ in range(runs):
+            reply = self.clone(CLONES)
+            time.sleep(1.0)  # idle: a few count lines each
+            figures["wall_ms"].append(reply["wall_ms"])  # type: ignore[arg-type]
+            figures["start_ms"].append(reply["start_sec"] * 1000)  # type: ignore[operator]
+            for vm in reply["vms"]:  # type: ignore[attr-defined]
+                pss, dirtied = _pss_kib(vm["pid"], "warm.snap")
+                figures["pss_mib"].append(pss / 1024)
+                figures["pss_above_dirtied_mib"].append((pss - dirtied) / 1024)
+                figures["main_to_running_ms"].append(self.runtime_line(vm["id"]))
+            self.drop(reply)
+        return figures
+
+    def close(self) -> None:
+        self.d.close()
+
+
+def _pss_kib(pid: int, ram_file: str):
+    """The process's PSS, and the private dirty KiB of its mapping of `ram_file` (its own dirtied guest pages)."""
+    pss = dirtied = 0
+    in_ram = False
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):
+                in_ram = line.rstrip().endswith(ram_file)
+            elif head == "Pss:":
+                pss += int(line.split()[1])
+            elif head == "Private_Dirty:" and in_ram:
+                dirtied += int(line.split()[1])
+    return pss, dirtied
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--sizes", default="256,2048", help="guest RAM sizes (MiB) for the snapshot size table")
+    ap.add_argument("--size-runs", type=int, default=3)
+    ap.add_argument("--clone-runs", type=int, default=5)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench.snapshot: run it as root (the worker writes its snapshot as its sandbox user)", file=sys.stderr)
         return 2
     from tenbox_vmm.protocol.sandbox import worker_user
 
+    sizes = [int(x) for x in args.sizes.split(",") if x]
     with tempfile.TemporaryDirectory(prefix="tenbox-bench-snap-") as tmp:
         folder = Path(tmp)
         os.chmod(tmp, 0o755)
@@ -178,26 +290,56 @@ def main() -> int:
             "tenbox": lambda: tenbox_snapshot(folder),
             "qemu": lambda: qemu_snapshot(folder),
         })
-        restored = interleave(args.runs, {
-            "tenbox": restore_case(runtime_argv("--restore", str(folder / "tenbox.snap"), "--console", "stdio")),
-            "qemu": restore_case(qemu_machine(folder, folder / "restore-monitor.sock")
-                                 + ["-incoming", "exec:cat %s" % (folder / "qemu.snap")]),
-        })
+        source = DaemonSource(folder)
+        try:
+            restored = interleave(args.runs, {
+                "tenbox": restore_case(runtime_argv("--restore", str(folder / "tenbox.snap"), "--console", "stdio"),
+                                       True),
+                "daemon": source.restore_case(),
+                "qemu": restore_case(qemu_machine(folder, folder / "restore-monitor.sock")
+                                     + ["-incoming", "exec:cat %s" % (folder / "qemu.snap")], False),
+            })
+            clones = source.clones(args.clone_runs)
+        finally:
+            source.close()
+        by_size = {}
+        for mb in sizes:
+            by_size[mb] = interleave(args.size_runs, {
+                "tenbox": lambda mb=mb: tenbox_snapshot(folder, mb),
+                "qemu": lambda mb=mb: qemu_snapshot(folder, mb),
+            })
     for name in results:
         results[name].update(restored[name])
 
+    def ratio(t: float, q: float) -> str:
+        return "%.2f" % (t / q) if q else "-"
+
     rows = []
-    for metric, unit, better in (
-        ("paused_ms", "ms", "lower"),
-        ("save_ms", "ms", "lower"),
-        ("file_mib", "MiB", "lower"),
-        ("file_alloc_mib", "MiB", "lower"),
-        ("restore_first_line_ms", "ms", "lower"),
-    ):
+    for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
         t, q = median(results["tenbox"][metric]), median(results["qemu"][metric])
-        rows.append((metric, "%.1f %s" % (t, unit), "%.1f %s" % (q, unit), "%.2f" % (t / q) if q else "-", better))
+        rows.append((metric, "%.1f %s" % (t, unit), "%.1f %s" % (q, unit), ratio(t, q)))
+    q = median(restored["qemu"]["restore_first_line_ms"])
+    for who, label in (("tenbox", "bare runtime, process start"), ("daemon", "through tenboxd, clone request")):
+        t = median(restored[who]["restore_first_line_ms"])
+        rows.append(("%s -> restored guest's first line" % label, "%.1f ms" % t, "%.1f ms" % q, ratio(t, q)))
+    for who, label in (("tenbox", "bare runtime"), ("daemon", "through tenboxd")):
+        rows.append(("%s: worker main() -> restored guest runs" % label,
+                     "%.1f ms" % median(restored[who]["main_to_running_ms"]), "-", "-"))
     print("snapshot benchmark: %d runs each, interleaved; medians; count guest, %d MiB of RAM" % (args.runs, MEM_MB))
-    print(table(rows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU", "better")))
+    print(table(rows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
+    print()
+    print("%d clones of one snapshot through tenboxd (one standby), %d runs; medians (max)" % (CLONES, args.clone_runs))
+    crow = [(k, "%.1f" % median(v), "%.1f" % max(v)) for k, v in clones.items()]
+    print(table(crow, ("metric", "median", "max")))
+    print()
+    srows = []
+    for mb, res in by_size.items():
+        for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
+            t, q = median(res["tenbox"][metric]), median(res["qemu"][metric])
+            srows.append(("%d MiB guest: %s" % (mb, metric), "%.1f %s" % (t, unit), "%.1f %s" % (q, unit),
+                          ratio(t, q)))
+    print("snapshot of bigger guests: %d runs each, interleaved; medians" % args.size_runs)
+    print(table(srows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
     return 0
 
 

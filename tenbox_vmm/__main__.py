@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional
+import time
+from typing import Callable, List, Optional
 
 from tenbox_vmm import __version__
 from tenbox_vmm.protocol import ExitCode, Limits, VmState
@@ -135,6 +136,21 @@ def _log_state(state, reason: str) -> None:
     logging.getLogger("tenbox").debug("state %s: %s", state.value, reason)
 
 
+def _timed_restore(on_state: Callable, started: float) -> Callable:
+    """on_state, and one line on stderr when the restored guest first runs: how long after main() began."""
+    told = []
+
+    def both(state, reason: str) -> None:
+        if state == VmState.RUNNING and not told:
+            told.append(1)
+            sys.stderr.write("%s: snapshot restored: the guest runs %.1f ms after the worker's main()\n"
+                             % (PROG, (time.monotonic() - started) * 1000))
+            sys.stderr.flush()
+        on_state(state, reason)
+
+    return both
+
+
 def _console_log(args) -> Optional[str]:
     return os.path.join(args.vm_dir, "logs", "console.log") if args.vm_dir else None
 
@@ -196,6 +212,7 @@ def _backing_chain(path: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    started = time.monotonic()
     args = build_parser().parse_args(argv)
     if args.standby:
         if (sys.argv[1:] if argv is None else argv) != ["--standby"]:
@@ -306,7 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     install_kick_handler()
     try:
-        machine = Machine(config, output, on_state=link.state_changed if link else _log_state)
+        on_state = link.state_changed if link else _log_state
+        machine = Machine(config, output, on_state=_timed_restore(on_state, started) if args.restore else on_state)
     except MachineError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return ExitCode.USAGE
