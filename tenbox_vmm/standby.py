@@ -55,6 +55,10 @@ def preload() -> None:
     """Import what a worker will need, and load libslirp (a failure is kept and reported by the VM that needs it)."""
     for name in PRELOAD:
         importlib.import_module(name)
+    try:
+        importlib.import_module("seccomp")  # the sandbox's; missing, the VM that needs it says so
+    except ImportError:
+        pass
     from tenbox_vmm.net.libslirp import SlirpUnavailable, open_library
 
     try:
