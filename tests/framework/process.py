@@ -343,3 +343,18 @@ def run_tool(argv: Sequence[Union[str, Path]], timeout: float, cwd: Optional[Uni
             proc.wait()
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(errors="replace"),
                                        err.decode(errors="replace"))
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """Whether process `pid` ends (or is a zombie) within `timeout` seconds; any process, not only a child."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False

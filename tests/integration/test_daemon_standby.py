@@ -19,6 +19,7 @@ import pytest
 
 from tests.framework.daemon import DaemonProcess, ok
 from tests.framework.guests import guest_path
+from tests.framework.process import gone
 
 pytestmark = pytest.mark.usefixtures("kvm", "guests")
 
@@ -46,18 +47,6 @@ def wait_ready(d, n: int = 1, timeout: float = READY_SEC) -> dict:
 def standby_children(d):
     return [p for p in psutil.Process(d.proc.proc.pid).children()
             if "--standby" in (p.cmdline() or [])]
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def shared_kib(pid: int) -> int:

@@ -14,13 +14,13 @@ import json
 import os
 import socket
 import subprocess
-import time
 
 import psutil
 import pytest
 
 from tenbox_vmm.protocol.standby import GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, parse_forked
 from tests.framework.guests import guest_path
+from tests.framework.process import gone
 from tests.framework.repo import repo_env
 from tests.framework.runtime import runtime_argv
 
@@ -63,18 +63,6 @@ def order_json(argv, files) -> bytes:
     return json.dumps({"argv": argv, "files": files}).encode()
 
 
-def ended(pid: int, timeout: float = EXIT_SEC) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_each_order_forks_a_worker_that_runs_its_vm_once_let_go_and_the_standby_serves_on(tmp_path):
     sb = Standby()
     assert sb.ready() == READY
@@ -88,11 +76,11 @@ def test_each_order_forks_a_worker_that_runs_its_vm_once_let_go_and_the_standby_
         os.close(kernel_fd)
         worker = psutil.Process(pid)
         assert pid != sb.proc.pid and worker.ppid() != sb.proc.pid, "the middle process has ended"
-        assert not ended(pid, 0.5) and log.read_text() == "", "it runs nothing before GO"
+        assert not gone(pid, 0.5) and log.read_text() == "", "it runs nothing before GO"
         assert os.getsid(pid) == pid, "a session of its own"
         go.sendall(GO)
         go.close()
-        assert ended(pid), log.read_text()
+        assert gone(pid, EXIT_SEC), log.read_text()
         text = log.read_text()
         assert "TENBOX-GUEST poweroff PASS" in text
         workers.append(pid)
@@ -107,7 +95,7 @@ def test_a_worker_whose_go_socket_ends_without_go_runs_nothing(tmp_path):
     log = tmp_path / "runtime.log"
     pid, go = sb.fork(["--kernel", guest_path("poweroff"), "--memory", "32"], log)
     go.close()
-    assert ended(pid)
+    assert gone(pid, EXIT_SEC)
     assert log.read_text() == ""
     assert sb.finish() == (0, "", "")
 
