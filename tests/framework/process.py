@@ -43,6 +43,8 @@ EXIT_POLL_SEC = 0.001
 READ_BYTES = 65536
 CONSOLE_TAIL_CHARS = 12000
 STDERR_TAIL_CHARS = 4000
+STACKS_WAIT_SEC = 2.0  # a tenbox runtime failed alive: its threads' stacks (SIGUSR2) before it is killed
+STACKS_MARK = "(most recent call first)"  # faulthandler's header, one per thread
 
 Pattern = Union[str, "re.Pattern[str]"]
 
@@ -299,12 +301,35 @@ class ConsoleProcess:
         self._join()
 
     def fail(self, why: str) -> "NoReturn":
-        """Kill the process group and raise ProcessFailure: why, the command, the exit code, the output's tails."""
+        """Kill the process group and raise ProcessFailure: why, the command, the exit code, the output's tails.
+
+        A tenbox runtime that still runs is asked for its threads' stacks first (SIGUSR2, on its stderr):
+        a hung guest shows its vCPU threads in KVM_RUN, a hung worker shows where.
+        """
         __tracebackhide__ = True
+        self._ask_stacks()
         self.kill()
         raise ProcessFailure("%s (after %.1f s)\ncommand: %s\nexit code: %s\n--- stderr ---\n%s\n--- console ---\n%s"
                              % (why, self.elapsed(), " ".join(self.argv), self.proc.returncode,
                                 tail(self.errors, STDERR_TAIL_CHARS), tail(self.output, CONSOLE_TAIL_CHARS)))
+
+    def _ask_stacks(self) -> None:
+        if self.proc.poll() is not None or "tenbox_vmm" not in self.argv:
+            return
+        with self._cond:
+            before = self._err.text().count(STACKS_MARK)
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR2)
+        except OSError:
+            return
+        until = time.monotonic() + STACKS_WAIT_SEC
+        with self._cond:
+            while self._err.text().count(STACKS_MARK) == before and not self._err.eof:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, 0.1))
+            self._cond.wait(0.2)  # the other threads' stacks follow the first
 
     def close(self) -> None:
         self.kill()
