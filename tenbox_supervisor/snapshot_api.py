@@ -225,20 +225,21 @@ class SnapshotMethods:
 
     async def _snapshot_stopped(self, vm: ManagedVm, vm_dir: str, name: str, layered: List[int]) -> SnapshotRecord:
         new_paths: Dict[int, str] = {}
+        fresh: Dict[int, str] = {}
         try:
             for i in layered:
                 path = os.path.join(vm_dir, snapshots.new_overlay_name(i) + ".qcow2")
                 await self._new_overlay(vm.spec.disks[i]["path"], path)
                 new_paths[i] = path
                 os.chmod(path, PRIVATE_FILE_MODE)
+            fresh = _keep_fresh(vm_dir, name, new_paths)
             rec = SnapshotRecord(name, vm.id, self.workers.host.time(), False, None, 0, 0.0,
                                  self._machine(vm.spec, layered))
             self._commit(vm, vm_dir, rec, new_paths)
         except BaseException:
-            for path in new_paths.values():
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            _unlink_all(list(new_paths.values()) + list(fresh.values()))
             raise
+        _publish_fresh(vm_dir, name, fresh)
         return rec
 
     async def _snapshot_running(self, vm: ManagedVm, vm_dir: str, name: str, layered: List[int]) -> SnapshotRecord:
@@ -256,11 +257,22 @@ class SnapshotMethods:
     async def _snapshot_worker(self, vm: ManagedVm, vm_dir: str, staging: str, name: str, layered: List[int],
                                made: Dict[int, int]) -> SnapshotRecord:
         overlays: List[Optional[str]] = [None] * len(vm.spec.disks)
-        for i in layered:
-            overlays[i] = snapshots.new_overlay_name(i)
-            path = os.path.join(staging, overlays[i])
-            await self._new_overlay(vm.spec.disks[i]["path"], path, in_use=True)
-            made[i] = snapshots.hand_to_worker(path)
+        fresh: Dict[int, str] = {}
+        try:
+            for i in layered:
+                overlays[i] = snapshots.new_overlay_name(i)
+                path = os.path.join(staging, overlays[i])
+                await self._new_overlay(vm.spec.disks[i]["path"], path, in_use=True)
+                fresh.update(_keep_fresh(vm_dir, name, {i: path}))  # before the worker writes it
+                made[i] = snapshots.hand_to_worker(path)
+            return await self._snapshot_handed(vm, vm_dir, name, layered, overlays, made, fresh)
+        except BaseException:
+            _unlink_all(list(fresh.values()))
+            raise
+
+    async def _snapshot_handed(self, vm: ManagedVm, vm_dir: str, name: str, layered: List[int],
+                               overlays: List[Optional[str]], made: Dict[int, int],
+                               fresh: Dict[int, str]) -> SnapshotRecord:
         timeout = SNAPSHOT_TIMEOUT_BASE_SEC + vm.spec.memory_mb / SNAPSHOT_WRITE_MIB_PER_SEC
         try:
             reply = await self.workers.command(vm, CommandName.SNAPSHOT, {"name": name, "overlays": overlays},
@@ -295,6 +307,8 @@ class SnapshotMethods:
         rec = SnapshotRecord(name, vm.id, self.workers.host.time(), True, name + snapshots.MEMORY_SUFFIX, size,
                              float(reply.get("paused_ms") or 0.0), self._machine(vm.spec, layered))
         self._commit(vm, vm_dir, rec, new_paths)
+        _publish_fresh(vm_dir, name, fresh)
+        fresh.clear()  # theirs now: the caller's failure path leaves them
         return rec
 
     # vm.snapshot.list, vm.snapshot.remove ---------------------------------------------------------
@@ -359,8 +373,9 @@ class SnapshotMethods:
     async def _overlays_on(self, rec: SnapshotRecord, folder: str,
                            like: Optional[List[Dict[str, Any]]] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
         """The snapshot's disks for a VM in `folder`: a new overlay on each layer, the others as they were;
-        and the new overlays' paths. `like`: another clone's disks, whose new overlays are copied rather than
-        made again (the same backing file, the same size: the same bytes)."""
+        and the new overlays' paths. Each new overlay is a copy of the snapshot's fresh overlay
+        (snapshots.fresh_overlay_path) or, without one, of `like`'s (another clone's disks, made just
+        before), or the image tool's: the same backing file, the same size, the same bytes."""
         disks: List[Dict[str, Any]] = []
         new: List[str] = []
         try:
@@ -368,13 +383,14 @@ class SnapshotMethods:
                 entry = {k: v for k, v in d.items() if k != "layer"}
                 if d.get("layer"):
                     path = os.path.join(folder, snapshots.new_overlay_name(len(disks)) + ".qcow2")
-                    if like is None:
+                    kept = snapshots.fresh_overlay_path(self.workers.vm_dir(rec.vm_id), rec.name, i)
+                    if like is None and not os.path.exists(kept):  # an older snapshot, or its copy failed
                         await self._new_overlay(d["path"], path)
                         new.append(path)
                         os.chmod(path, PRIVATE_FILE_MODE)
                     else:
                         new.append(path)
-                        _copy_new(like[i]["path"], path)
+                        _copy_new(like[i]["path"] if like is not None else kept, path)
                     entry = dict(entry, path=path, backing=[d["path"]] + list(d.get("backing") or []), owned=True)
                 disks.append(entry)
         except BaseException:
@@ -487,6 +503,36 @@ class SnapshotMethods:
 
 class _WorkerSilent(Exception):
     """The worker may have moved its disks without our knowing: the VM is stopped, the snapshot failed."""
+
+
+def _keep_fresh(vm_dir: str, name: str, overlays: Dict[int, str]) -> Dict[int, str]:
+    """Copies of new overlays nothing wrote yet, under temporary names in the snapshots folder: index -> path.
+    A copy that fails is left out (its clones and restores run the image tool)."""
+    os.makedirs(snapshots.snapshots_dir(vm_dir), mode=0o700, exist_ok=True)
+    kept = {}
+    for i, src in overlays.items():
+        tmp = snapshots.fresh_overlay_path(vm_dir, name, i) + ".tmp"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a crash's leftover
+            _copy_new(src, tmp)
+            kept[i] = tmp
+        except OSError as e:
+            log.warning("snapshot %s: no fresh overlay kept for disk %d: %s", name, i, e.strerror or e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return kept
+
+
+def _publish_fresh(vm_dir: str, name: str, kept: Dict[int, str]) -> None:
+    """The kept copies under their names, once the snapshot's record is stored."""
+    for i, tmp in kept.items():
+        try:
+            os.replace(tmp, snapshots.fresh_overlay_path(vm_dir, name, i))
+        except OSError as e:
+            log.warning("snapshot %s: no fresh overlay kept for disk %d: %s", name, i, e.strerror or e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 async def _outcome(aw: Any) -> Any:

@@ -6,6 +6,9 @@ Layout in a VM's folder (docs/daemon.md, Snapshots):
                           a snapshot exists exactly when its record does
     snapshots/NAME.snap   the machine state and RAM (tenbox_vmm/snapshot/fileformat.py),
                           absent for a snapshot of a stopped VM
+    snapshots/NAME.diskI.qcow2  an empty overlay on disk I's layer, a copy of the VM's own new
+                          overlay before anything wrote it: a restore or a clone copies it
+                          rather than running the image tool (absent: the image tool makes one)
     snapshot-staging/     the worker's --snapshot-dir, owned by the worker user: where it
                           writes NAME.snap and opens its disks' new overlays. Nothing in it
                           is ever read as a snapshot; tenboxd moves files out of it
@@ -19,9 +22,11 @@ snapshots, and the staging folder is emptied before each use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 from dataclasses import asdict, dataclass, field
@@ -162,13 +167,25 @@ def write_record(vm_dir: str, rec: SnapshotRecord) -> None:
 
 
 def remove_record(vm_dir: str, name: str) -> None:
-    """The record first (the snapshot is gone from then on), then its memory file."""
+    """The record first (the snapshot is gone from then on), then its memory file and fresh overlays."""
     os.unlink(record_path(vm_dir, name))
     fsync_dir(snapshots_dir(vm_dir))
     try:
         os.unlink(memory_path(vm_dir, name))
     except FileNotFoundError:
         pass
+    fresh = re.compile(r"%s\.disk\d+\.qcow2\Z" % re.escape(name))
+    for entry in os.listdir(snapshots_dir(vm_dir)):
+        if fresh.match(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(snapshots_dir(vm_dir), entry))
+
+
+def fresh_overlay_path(vm_dir: str, name: str, index: int) -> str:
+    """snapshots/NAME.diskI.qcow2: the snapshot's empty overlay on disk I's layer (see the layout above)."""
+    if not NAME_RE.match(name):
+        raise ValueError("bad snapshot name")
+    return os.path.join(snapshots_dir(vm_dir), "%s.disk%d.qcow2" % (name, index))
 
 
 def new_overlay_name(index: int) -> str:

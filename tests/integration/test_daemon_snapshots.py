@@ -104,7 +104,7 @@ def test_a_running_vm_snapshotted_and_restored_twice_continues_from_the_same_cou
     assert chain(after["path"]) == [after["path"], before["path"], template]
     assert os.stat(before["path"]).st_mode & 0o777 == 0o400  # the layer is read-only from now on
     vm_dir = daemon.data_dir / "vms" / daemon.vm("c")["id"]
-    assert sorted(os.listdir(vm_dir / "snapshots")) == ["s1.json", "s1.snap"]
+    assert sorted(os.listdir(vm_dir / "snapshots")) == ["s1.disk0.qcow2", "s1.json", "s1.snap"]
     assert os.listdir(vm_dir / "snapshot-staging") == []
     daemon.wait_console("c", "count: %d" % (shown_after + 5), WAIT_SEC)  # the guest runs on after the snapshot
     listed = json.loads(daemon.ctl("vm", "snapshot", "ls", "c", "--json").stdout)
@@ -156,8 +156,10 @@ def test_ten_clones_run_with_their_own_mac_and_disk_share_ram_and_survive_one_ki
     assert len(macs) == CLONES + 1
     disks = [spec_of(daemon, n)["disks"][0] for n in names]
     assert len({d["path"] for d in disks}) == CLONES
+    fresh = daemon.data_dir / "vms" / daemon.vm("src")["id"] / "snapshots" / "warm.disk0.qcow2"
     for d in disks:
         assert chain(d["path"]) == [d["path"], layer, template]
+        assert open(d["path"], "rb").read(4096) == fresh.read_bytes()[:4096], "a copy of the snapshot's fresh overlay"
     for n in names:
         seq = counts_after(daemon, n, 0, 3)
         assert seq == list(range(seq[0], seq[0] + len(seq))), (n, seq)
@@ -190,6 +192,8 @@ def test_a_stopped_vm_snapshot_layers_the_disk_and_restores_it(daemon, template)
     r = daemon.ctl("vm", "snapshot", "st")
     assert r.returncode == 0 and "snapshot snap-1 taken (stopped VM" in r.stdout.decode(), r.stderr
     on_top = spec_of(daemon, "st")["disks"][0]["path"]
+    fresh = daemon.data_dir / "vms" / daemon.vm("st")["id"] / "snapshots" / "snap-1.disk0.qcow2"
+    assert chain(str(fresh)) == [str(fresh), first, template], "the snapshot keeps an empty overlay on its layer"
     assert daemon.ctl("vm", "disk", "add", "st", "--size", "1M").returncode == 0  # added after the snapshot
     added = spec_of(daemon, "st")["disks"][1]["path"]
     r = daemon.ctl("vm", "restore", "st", "snap-1", "--json")
@@ -199,7 +203,9 @@ def test_a_stopped_vm_snapshot_layers_the_disk_and_restores_it(daemon, template)
     assert len(restored) == 1 and daemon.vm("st")["state"] == "stopped"
     restored = restored[0]
     assert restored["backing"][0] == first and not os.path.exists(on_top)  # the overlay left behind is gone
+    assert open(restored["path"], "rb").read() == fresh.read_bytes(), "the restore's overlay is its copy"
     assert daemon.ctl("vm", "snapshot", "rm", "st", "snap-1").returncode == 0
+    assert not fresh.exists(), "removed with its snapshot"
     assert os.path.exists(first)  # still the base of the VM's disk
     assert json.loads(daemon.ctl("vm", "snapshot", "ls", "st", "--json").stdout) == []
     replay = [json.loads(ln) for ln in daemon.ctl("events", "--since", "0", "--no-follow", "--json").stdout.splitlines()]
