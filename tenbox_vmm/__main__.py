@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.USAGE)
 
 
+@functools.lru_cache(maxsize=None)  # built once per process: a standby's forked workers find it built
 def build_parser() -> argparse.ArgumentParser:
     from tenbox_vmm.machine import DEFAULT_CMDLINE
 

@@ -75,10 +75,12 @@ def create_vm(kvm: Kvm, memory: GuestMemory) -> Vm:
     try:
         vm.set_tss_addr(L.TSS_ADDR)
         vm.set_identity_map_addr(L.IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2()
+        # RAM before the irqchip, as Firecracker orders it: a memory slot added to a VM that has an
+        # in-kernel irqchip took 6-11 ms here (64 MiB), before it 0.1 ms.
         for slot, (gpa, size, offset) in enumerate(memory.slots()):
             vm.map_memory(slot, gpa, memory.host_buffer, offset, size)
+        vm.create_irqchip()
+        vm.create_pit2()
     except BaseException:
         vm.close()
         raise
