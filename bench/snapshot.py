@@ -22,9 +22,11 @@ times each:
     snapshot of the same guest, request -> the clone's first count line,
     interleaved with the two restores above; and, for both tenbox ways, the
     worker's own "guest runs N ms after the worker's main()" line;
-  * 10 clones at once (`vm.clone --count 10`): request -> all running, and
-    each clone's PSS, whole and less its own dirtied guest pages (the
-    private dirty pages of its snapshot mapping);
+  * 10 clones at once (`vm.clone --count 10`) of the `idle` guest (it halts;
+    the count guest spins between its lines, and ten of them would measure
+    the cores): request -> all running, and each clone's PSS, whole and less
+    its own dirtied guest pages (the private dirty pages of its snapshot
+    mapping);
   * snapshot time and size of bigger guests (--sizes, default 256 and 2048
     MiB), tenbox against QEMU as above, fewer runs.
 
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from bench.common import interleave, median, table
 from bench.control import Daemon
@@ -178,17 +180,20 @@ def restore_case(argv: List[str], tenbox: bool):
 
 
 class DaemonSource:
-    """A tenboxd with the count guest (64 MiB, a qcow2 overlay of a template) running, snapshotted at `count: 5`."""
+    """A tenboxd with a test guest (64 MiB, a qcow2 overlay of a template) running, snapshotted once it printed
+    `ready`: the count guest at `count: 5` (it spins between its lines), or the idle guest, which halts."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, guest: str = "count", cmdline: Optional[str] = CMDLINE,
+                 ready: str = "count: 5") -> None:
         self.d = Daemon(standby_workers=1)
-        template = folder / "template.qcow2"
+        template = folder / ("template-%s.qcow2" % guest)
         qemu_img("create", "-f", "qcow2", str(template), "16M")
-        vm = self.d.call("vm.create", name="src", kernel=guest_path("count"), memory_mb=MEM_MB, cmdline=CMDLINE,
-                         template=str(template))
+        extra = {"cmdline": cmdline} if cmdline else {}
+        vm = self.d.call("vm.create", name="src", kernel=guest_path(guest), memory_mb=MEM_MB, template=str(template),
+                         **extra)
         self.id = vm["id"]
         self.d.call("vm.start", vm_id=self.id)
-        self.d.wait_console(self.id, "count: 5")
+        self.d.wait_console(self.id, ready)
         self.d.call("vm.snapshot", vm_id=self.id, name="warm")
         self.serial = 0
 
@@ -299,9 +304,13 @@ def main() -> int:
                 "qemu": restore_case(qemu_machine(folder, folder / "restore-monitor.sock")
                                      + ["-incoming", "exec:cat %s" % (folder / "qemu.snap")], False),
             })
-            clones = source.clones(args.clone_runs)
         finally:
             source.close()
+        idle = DaemonSource(folder, "idle", None, "idle: ready")  # clones that halt, as idle machines do
+        try:
+            clones = idle.clones(args.clone_runs)
+        finally:
+            idle.close()
         by_size = {}
         for mb in sizes:
             by_size[mb] = interleave(args.size_runs, {
@@ -328,7 +337,8 @@ def main() -> int:
     print("snapshot benchmark: %d runs each, interleaved; medians; count guest, %d MiB of RAM" % (args.runs, MEM_MB))
     print(table(rows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
     print()
-    print("%d clones of one snapshot through tenboxd (one standby), %d runs; medians (max)" % (CLONES, args.clone_runs))
+    print("%d clones of one snapshot of the idle guest through tenboxd (one standby), %d runs; medians (max)"
+          % (CLONES, args.clone_runs))
     crow = [(k, "%.1f" % median(v), "%.1f" % max(v)) for k, v in clones.items()]
     print(table(crow, ("metric", "median", "max")))
     print()
