@@ -126,7 +126,7 @@ class Standby:
                 raise StandbyRefused("no answer within %.0f s" % FORK_REPLY_SEC)
             reply = self.sock.recv(FORKED_MAX_BYTES, socket.MSG_DONTWAIT)
             if not reply:
-                raise StandbyRefused("it ended (exit %s)" % self.popen.wait(1.0))
+                raise StandbyRefused("it closed its socket (exit status %s)" % self.popen.poll())
             worker = ForkedWorker(parse_forked(reply))
         except BaseException as e:
             theirs.close()
@@ -135,11 +135,13 @@ class Standby:
                 raise StandbyRefused(str(e)) from None
             raise
         try:
-            if os.waitpid(worker.pid, os.WNOHANG)[0]:  # it waits for GO: it cannot have ended
-                raise StandbyRefused("its worker pid %d ended at once" % worker.pid)
+            ended = os.waitpid(worker.pid, os.WNOHANG)[0]  # it waits for GO: it cannot have ended
         except ChildProcessError:
+            ended = -1
+        if ended:
             go.close()
-            raise StandbyRefused("its worker pid %d is not tenboxd's child" % worker.pid) from None
+            raise StandbyRefused("its worker pid %d %s" % (worker.pid, "ended at once" if ended > 0
+                                                            else "is not tenboxd's child"))
         return worker, go
 
     def dismiss(self) -> None:

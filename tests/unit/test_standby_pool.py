@@ -1,17 +1,19 @@
-"""StandbyPool (tenbox_supervisor/standby.py) over real processes and socket pairs that speak a standby's part.
+"""StandbyPool and Standby.fork (tenbox_supervisor/standby.py) over real processes and socket pairs that speak a
+standby's part.
 
 The processes are small Python scripts, not tenbox workers: they say READY
 when told to (or never), and exit when their socket ends, as a standby does.
 A clock the test moves decides RETRY_SEC.
 """
 
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tenbox_supervisor.standby import RETRY_SEC, Standby, StandbyPool
+from tenbox_supervisor.standby import RETRY_SEC, Standby, StandbyPool, StandbyRefused
 
 # Says READY once it reads "go" on its socket, then waits for its socket to end.
 SCRIPT = """
@@ -110,3 +112,35 @@ def test_close_lets_every_standby_go(pool):
         assert sb.popen.wait(5) == 0, "a standby exits 0 when its socket ends"
     pool.fill()
     assert len(pool.started) == 2, "a closed pool starts nothing"
+
+
+# Reads one order, answers it with argv[1] (or closes without an answer when it is "-"), then waits for its end.
+ANSWER = """
+import socket, sys
+s = socket.socket(fileno=0)
+s.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 256))
+if sys.argv[1] != "-":
+    s.send(sys.argv[1].encode())
+    s.recv(16)
+"""
+
+
+@pytest.mark.parametrize("answer,why", [
+    ("P%d" % os.getpid(), "its worker pid %d is not tenboxd's child" % os.getpid()),  # ours, not our child
+    ("Pnope", "the standby's reply is not a worker's pid"),
+    ("-", "it closed its socket"),
+])
+def test_a_fork_answer_that_is_no_child_of_ours_is_refused_and_its_go_socket_closed(answer, why, tmp_path):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p = subprocess.Popen([sys.executable, "-c", ANSWER, answer], stdin=theirs)
+    theirs.close()
+    sb = Standby(popen=p, sock=ours, ready=True)
+    log = open(str(tmp_path / "runtime.log"), "ab")
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(StandbyRefused, match=why):
+            sb.fork(b"{}", [], log.fileno())
+        assert len(os.listdir("/proc/self/fd")) == before, "no descriptor of the attempt stays open"
+    finally:
+        log.close()
+        sb.dismiss()
