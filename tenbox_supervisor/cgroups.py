@@ -108,6 +108,11 @@ def _own_paths(path: str) -> Dict[str, str]:
     return out
 
 
+def pid_paths(pid: int) -> Dict[str, str]:
+    """controller -> the cgroup path of process `pid` ("" is the unified hierarchy); OSError if it is gone."""
+    return _own_paths(PROC_CGROUP % pid)
+
+
 class Cgroups:
     """Makes and finds workers' cgroups on this host's layout."""
 
@@ -169,7 +174,7 @@ class Cgroups:
     def of_pid(self, pid: int, prefix: str) -> Optional[WorkerCgroup]:
         """The cgroup folders named `prefix`... that process `pid` is in (a worker taken back after a restart)."""
         try:
-            paths = _own_paths(PROC_CGROUP % pid)
+            paths = pid_paths(pid)
         except OSError:
             return None
         dirs = []

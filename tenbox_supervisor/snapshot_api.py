@@ -265,14 +265,15 @@ class SnapshotMethods:
                 await self._new_overlay(vm.spec.disks[i]["path"], path, in_use=True)
                 fresh.update(_keep_fresh(vm_dir, name, {i: path}))  # before the worker writes it
                 made[i] = snapshots.hand_to_worker(path)
-            return await self._snapshot_handed(vm, vm_dir, name, layered, overlays, made, fresh)
+            rec = await self._snapshot_handed(vm, vm_dir, name, layered, overlays, made)
         except BaseException:
             _unlink_all(list(fresh.values()))
             raise
+        _publish_fresh(vm_dir, name, fresh)
+        return rec
 
     async def _snapshot_handed(self, vm: ManagedVm, vm_dir: str, name: str, layered: List[int],
-                               overlays: List[Optional[str]], made: Dict[int, int],
-                               fresh: Dict[int, str]) -> SnapshotRecord:
+                               overlays: List[Optional[str]], made: Dict[int, int]) -> SnapshotRecord:
         timeout = SNAPSHOT_TIMEOUT_BASE_SEC + vm.spec.memory_mb / SNAPSHOT_WRITE_MIB_PER_SEC
         try:
             reply = await self.workers.command(vm, CommandName.SNAPSHOT, {"name": name, "overlays": overlays},
@@ -307,8 +308,6 @@ class SnapshotMethods:
         rec = SnapshotRecord(name, vm.id, self.workers.host.time(), True, name + snapshots.MEMORY_SUFFIX, size,
                              float(reply.get("paused_ms") or 0.0), self._machine(vm.spec, layered))
         self._commit(vm, vm_dir, rec, new_paths)
-        _publish_fresh(vm_dir, name, fresh)
-        fresh.clear()  # theirs now: the caller's failure path leaves them
         return rec
 
     # vm.snapshot.list, vm.snapshot.remove ---------------------------------------------------------
@@ -384,13 +383,13 @@ class SnapshotMethods:
                 if d.get("layer"):
                     path = os.path.join(folder, snapshots.new_overlay_name(len(disks)) + ".qcow2")
                     kept = snapshots.fresh_overlay_path(self.workers.vm_dir(rec.vm_id), rec.name, i)
-                    if like is None and not os.path.exists(kept):  # an older snapshot, or its copy failed
+                    copy_of = like[i]["path"] if like is not None else kept if os.path.exists(kept) else None
+                    new.append(path)
+                    if copy_of is None:  # an older snapshot, or its copy failed
                         await self._new_overlay(d["path"], path)
-                        new.append(path)
                         os.chmod(path, PRIVATE_FILE_MODE)
                     else:
-                        new.append(path)
-                        _copy_new(like[i]["path"] if like is not None else kept, path)
+                        _copy_new(copy_of, path)
                     entry = dict(entry, path=path, backing=[d["path"]] + list(d.get("backing") or []), owned=True)
                 disks.append(entry)
         except BaseException:
@@ -420,8 +419,7 @@ class SnapshotMethods:
             # The first clone's overlays are made by the image tool, the others' are copies of them; all or none
             # are kept.
             clone_net = dict(net, hostfwds=hostfwds)
-            outcome: List[Any] = await asyncio.gather(self._make_clone(source, rec, names[0], clone_net),
-                                                      return_exceptions=True)
+            outcome: List[Any] = [await _outcome(self._make_clone(source, rec, names[0], clone_net))]
             if isinstance(outcome[0], ManagedVm):
                 like = outcome[0].spec.disks
                 outcome += [await _outcome(self._make_clone(source, rec, n, clone_net, like)) for n in names[1:]]
@@ -536,7 +534,7 @@ def _publish_fresh(vm_dir: str, name: str, kept: Dict[int, str]) -> None:
 
 
 async def _outcome(aw: Any) -> Any:
-    """What `aw` returns or raises, as asyncio.gather(return_exceptions=True) gives it."""
+    """What `aw` returns, or the exception it raises (a cancellation goes on)."""
     try:
         return await aw
     except Exception as e:  # noqa: BLE001 - handed back, as gather does

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from tenbox_supervisor.cgroups import ResourceLimits
+from tenbox_supervisor.cgroups import ResourceLimits, pid_paths
 from tenbox_vmm.protocol.standby import FORKED_MAX_BYTES, READY, OrderError, parse_forked
 
 log = logging.getLogger("tenboxd.standby")
@@ -169,15 +169,10 @@ def move_to_scope(unit: str, limits: Optional[ResourceLimits], pid: int) -> None
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                    timeout=SCOPE_SEC, check=True)
     deadline = time.monotonic() + SCOPE_SEC  # the call queues a job: the move comes when it runs
-    while not in_cgroup(pid, "/%s.scope" % unit):
+    while not any(path.endswith("/%s.scope" % unit) for path in pid_paths(pid).values()):
         if time.monotonic() > deadline:
             raise StandbyRefused("systemd did not move it into %s.scope within %.0f s" % (unit, SCOPE_SEC))
         time.sleep(0.002)
-
-
-def in_cgroup(pid: int, suffix: str) -> bool:
-    with open("/proc/%d/cgroup" % pid) as f:
-        return any(line.rstrip("\n").endswith(suffix) for line in f)
 
 
 class StandbyPool:
