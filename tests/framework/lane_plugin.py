@@ -14,10 +14,12 @@ lane sees the host's files read-only and has no network). A test names
 them with `@pytest.mark.hwvirt(prepare=("linux", "template"))`; a
 preparation that fails fails its tests with its one-line reason.
 
-A test the lane left unfinished (the lane's own kernel died) or that failed
-in it runs once more, in a fresh lane. The emulator's nested paging fails
-on its own now and then (docs/testing.md), so a test that passes there
-passes, and the terminal summary prints the first run's failure.
+A test runs at most twice, each time in a fresh lane: once more if it
+failed, or if the lane's own kernel died while it ran. A test the lane
+never reached has not run, and waits for the next lane, up to LANE_MAX
+lanes in all. The emulator's nested paging fails on its own now and then
+(docs/testing.md), so a test that passes on its second run passes, and the
+terminal summary prints its first run's failure.
 
 Per-test time: `@pytest.mark.hwvirt(budget=SECONDS)` (default
 BUDGET_SEC); the lane's deadline is the sum of its tests' budgets.
@@ -43,7 +45,8 @@ from tests.framework.process import ProcessFailure
 MARK = "hwvirt"
 BUDGET_SEC = 240.0
 LANE_START_SEC = 180.0  # boot, interpreter start and collection inside the lane
-LANE_ATTEMPTS = 2  # tests a lane left unfinished, or that failed in it, run once more in a fresh lane
+TEST_RUNS = 2  # a test that failed, or whose lane died under it, runs once more in a fresh lane
+LANE_MAX = 3  # lanes in all: a lane that dies early leaves tests that never ran
 REPORTS = "reports.jsonl"
 FIRST_FAILURE_LINES = 40  # of a first failure in the lane, printed in the summary
 ENV_PASSED = ("TENBOX_TEST_", "PYTEST_ADDOPTS")
@@ -151,10 +154,11 @@ class LaneRunner:
                 raise lane.LaneError("preparing %s for the lane: %s" % (name, str(e).splitlines()[0])) from None
 
     def _run_lane(self) -> None:
-        """One lane for every hwvirt test; one more lane for the tests the first left unfinished
-        (its own kernel panicked under the emulator, as happens here now and then) or that failed
-        in it. The emulated nested paging fails on its own now and then (docs/testing.md): a test
-        that passes only in the second lane passes, and the summary prints its first failure."""
+        """Lanes for the hwvirt tests, one after another, each for what is left to run: a test
+        that failed or whose lane died under it (the lane's own kernel panics under the emulator
+        now and then) runs once more, and a test a dead lane never reached waits for the next
+        one. The emulated nested paging fails on its own now and then (docs/testing.md): a test
+        that passes only on its second run passes, and the summary prints its first failure."""
         self.reports = {}
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         say = (lambda text: tr.write_line(text)) if tr else (lambda text: None)
@@ -163,13 +167,16 @@ class LaneRunner:
         except lane.LaneError as e:
             self.failure = "nested lane: %s" % e
             return
+        runs: Dict[str, int] = {}
         items = self.items
-        for attempt in range(1, LANE_ATTEMPTS + 1):
+        for attempt in range(1, LANE_MAX + 1):
             self.out_dir = Path(tempfile.mkdtemp(prefix="tenbox-lane-"))
             os.chmod(str(self.out_dir), 0o755)
             budget = LANE_START_SEC + sum(float(_mark(it).kwargs.get("budget", BUDGET_SEC)) for it in items)
             say("tenbox: %d test(s) need hardware virtualization: running them in the nested lane "
                 "(deadline %.0f s, console: %s)" % (len(items), budget, self.out_dir / "console.log"))
+            for it in items:  # a report of an earlier run is not this run's
+                self.reports.pop(it.nodeid, None)
             try:
                 script = self._write_script(items)
                 res = lane.run("sh /lane-out/%s" % script.name, self.out_dir, budget,
@@ -177,7 +184,7 @@ class LaneRunner:
             except lane.LaneError as e:
                 self.failure = "nested lane: %s" % e
                 return
-            self.reports.update(self._read_reports())  # a test run again: its new reports replace the old
+            self.reports.update(self._read_reports())
             if res.rc is None:
                 self.failure = "nested lane: %s\n--- the lane's console (tail) ---\n%s" % (
                     res.reason, lane.tail(res.console))
@@ -185,22 +192,32 @@ class LaneRunner:
                 self.failure = ("the inner pytest exited %d without a report for this test\n"
                                 "--- the lane's console (tail) ---\n%s" % (res.rc, lane.tail(res.console)))
             say("tenbox: nested lane done in %.0f s" % res.elapsed)
+            again = []
+            for it in items:
+                if self._finished(it.nodeid) and not self._failed(it.nodeid):
+                    continue
+                if self._started(it.nodeid):
+                    runs[it.nodeid] = runs.get(it.nodeid, 0) + 1
+                    if runs[it.nodeid] == 1 and self._failed(it.nodeid):
+                        self.first_failures[it.nodeid] = self.reports[it.nodeid]
+                if runs.get(it.nodeid, 0) < TEST_RUNS:
+                    again.append(it)
             unfinished = [it for it in items if not self._finished(it.nodeid)]
             failed = [it for it in items if self._finished(it.nodeid) and self._failed(it.nodeid)]
-            again = ": one more lane for them" if attempt < LANE_ATTEMPTS else ""
+            more = ": %d of them in one more lane" % len(again) if again and attempt < LANE_MAX else ""
             if unfinished:
                 say("tenbox: the lane ended before %d test(s) finished (%s; console kept in %s)%s" % (
                     len(unfinished), res.reason if res.rc is None else "its pytest exited %d" % res.rc,
-                    self.out_dir, again))
+                    self.out_dir, more))
             if failed:
                 say("tenbox: %d test(s) failed in the lane (console kept in %s)%s" % (
-                    len(failed), self.out_dir, again))
-            if attempt < LANE_ATTEMPTS:
-                for it in failed:
-                    self.first_failures.setdefault(it.nodeid, self.reports[it.nodeid])
-            items = [it for it in items if it in unfinished or it in failed]
+                    len(failed), self.out_dir, more))
+            items = again
             if not items:
                 return
+
+    def _started(self, nodeid: str) -> bool:
+        return bool((self.reports or {}).get(nodeid))
 
     def _finished(self, nodeid: str) -> bool:
         return any(d.get("when") == "teardown" for d in (self.reports or {}).get(nodeid, []))

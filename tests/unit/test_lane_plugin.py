@@ -1,6 +1,7 @@
 """The lane plugin's replay inside a real pytest run (pytester); the lane itself is
 left out: its run gives no reports, so each hwvirt test fails with the lane's reason."""
 
+import json
 import textwrap
 
 import pytest
@@ -70,58 +71,105 @@ FAKE_LANE_HOOKS = textwrap.dedent('''
 ''')
 
 
-RETRY_CONFTEST = textwrap.dedent('''
+PLAN_CONFTEST = textwrap.dedent('''
     import json
     from tests.framework import lane, lane_plugin
 
     CALLS = []
+    PLAN = @PLAN@  # per lane, what a test does: "fail", "die" (the lane's kernel dies in it), else it passes
 
-    def report(nodeid, when):
+    def report(nodeid, when, outcome="passed"):
+        longrepr = "E   lane-%d failure of %s" % (len(CALLS), nodeid) if outcome == "failed" else None
         return {"$report_type": "TestReport", "nodeid": nodeid, "location": ["test_r.py", 0, nodeid],
-                "keywords": {}, "outcome": "passed", "longrepr": None, "when": when, "sections": [],
+                "keywords": {}, "outcome": outcome, "longrepr": longrepr, "when": when, "sections": [],
                 "duration": 0.0, "user_properties": []}
 
     def fake_run(command, out_dir, deadline_sec, console_log=None, **kw):
         ids = (out_dir / "nodeids.txt").read_text().split()
         CALLS.append(ids)
-        done = ids[:1]  # this lane finishes its first test, then "panics"
+        plan = PLAN[len(CALLS) - 1] if len(CALLS) <= len(PLAN) else {}
         with open(str(out_dir / lane_plugin.REPORTS), "w") as f:
-            for nodeid in done:
+            for nodeid in ids:
+                what = plan.get(nodeid.split("::")[-1], "pass")
+                if what == "die":
+                    f.write(json.dumps(report(nodeid, "setup")) + "\\n")
+                    return lane.LaneResult(None, "kernel panic in the lane", "", 1.0)
                 for when in ("setup", "call", "teardown"):
-                    f.write(json.dumps(report(nodeid, when)) + "\\n")
-            if len(ids) > 1:
-                f.write(json.dumps(report(ids[1], "setup")) + "\\n")  # the test the lane died in
-        return lane.LaneResult(None, "kernel panic in the lane", "", 1.0)
+                    bad = what == "fail" and when == "call"
+                    f.write(json.dumps(report(nodeid, when, "failed" if bad else "passed")) + "\\n")
+        return lane.LaneResult(0, "", "", 1.0)
 ''') + FAKE_LANE_HOOKS
 
+THREE_TESTS = textwrap.dedent('''
+    import pytest
 
-def test_a_lane_that_dies_gets_one_successor_for_the_tests_it_did_not_finish(tester):
-    """The first lane finishes one test and dies in the second: a second lane runs the second and
-    third only; it dies too after one, so the third is reported failed with the lane's reason."""
-    tester.makeconftest(RETRY_CONFTEST)
-    tester.makepyfile(test_r=textwrap.dedent('''
-        import pytest
+    @pytest.mark.hwvirt
+    def test_one():
+        pass
 
-        @pytest.mark.hwvirt
-        def test_one():
-            pass
+    @pytest.mark.hwvirt
+    def test_two():
+        pass
 
-        @pytest.mark.hwvirt
-        def test_two():
-            pass
+    @pytest.mark.hwvirt
+    def test_three():
+        pass
+''')
 
-        @pytest.mark.hwvirt
-        def test_three():
-            pass
-    '''))
+
+def _calls(*lanes):
+    return "LANE CALLS %s" % json.dumps([["test_r.py::" + name for name in names] for names in lanes])
+
+
+def test_a_test_the_lane_died_in_runs_once_more_and_a_test_it_never_reached_waits_for_the_next(tester):
+    """The first lane finishes test_one and dies in test_two; the second runs test_two and
+    test_three and dies in test_three; a third runs test_three, and all three pass."""
+    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_two": "die"}, {"test_three": "die"}]'))
+    tester.makepyfile(test_r=THREE_TESTS)
     result = tester.runpytest("-s", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines([
-        "*ended before 2 test(s) finished (kernel panic in the lane*one more lane for them*",
-        "*ended before 1 test(s) finished*",
+        "*ended before 2 test(s) finished (kernel panic in the lane*2 of them in one more lane*",
+        "*ended before 1 test(s) finished (kernel panic in the lane*1 of them in one more lane*",
+        "*3 passed*",
+        _calls(["test_one", "test_two", "test_three"], ["test_two", "test_three"], ["test_three"]),
+    ])
+
+
+def test_a_test_that_kills_its_lane_twice_fails_with_the_lanes_reason_and_the_others_still_run(tester):
+    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_two": "die"}, {"test_two": "die"}]'))
+    tester.makepyfile(test_r=THREE_TESTS)
+    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([
         "*kernel panic in the lane*",
         "*1 failed, 2 passed*",
-        'LANE CALLS [["test_r.py::test_one", "test_r.py::test_two", "test_r.py::test_three"], '
-        '["test_r.py::test_two", "test_r.py::test_three"]]',
+        _calls(["test_one", "test_two", "test_three"], ["test_two", "test_three"], ["test_three"]),
+    ])
+
+
+def test_a_test_a_dead_lane_never_reached_keeps_both_its_runs(tester):
+    """CI10's case: the first lane dies in test_one before test_three ran; test_three fails in
+    the second lane on its first run, so a third lane runs it again, and it passes."""
+    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_one": "die"}, {"test_three": "fail"}]'))
+    tester.makepyfile(test_r=THREE_TESTS)
+    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([
+        "*ended before 3 test(s) finished*3 of them in one more lane*",
+        "*1 test(s) failed in the lane*1 of them in one more lane*",
+        "test_r.py::test_three: passed on its second run; its first failure:",
+        "*lane-2 failure of test_r.py::test_three*",
+        "*3 passed*",
+        _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two", "test_three"], ["test_three"]),
+    ])
+
+
+def test_no_more_than_three_lanes_run_even_when_each_dies_at_once(tester):
+    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_one": "die"}, {"test_two": "die"}, {"test_three": "die"}]'))
+    tester.makepyfile(test_r=THREE_TESTS)
+    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([
+        "*1 failed, 2 passed*",
+        _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two", "test_three"],
+               ["test_two", "test_three"]),
     ])
 
 
@@ -172,7 +220,7 @@ def test_a_test_that_failed_in_the_lane_runs_once_more_in_a_fresh_one_and_the_su
     '''))
     result = tester.runpytest("-s", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines([
-        "*2 test(s) failed in the lane*one more lane for them*",
+        "*2 test(s) failed in the lane*2 of them in one more lane*",
         "*tests that failed in the nested lane and ran again in a fresh one*",
         "test_f.py::test_flaky: passed on its second run; its first failure:",
         "*first-lane failure of test_f.py::test_flaky*",
