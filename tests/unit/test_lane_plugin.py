@@ -58,15 +58,18 @@ def test_fixtures_of_earlier_items_end_at_a_replayed_item_and_the_next_module_ru
 
 # After a conftest's fake_run: lane.run replaced for the in-process pytest run, and put back.
 FAKE_LANE_HOOKS = textwrap.dedent('''
-    REAL_RUN = lane.run
+    import tempfile
+
+    REAL_RUN, REAL_TEMPDIR = lane.run, tempfile.tempdir
     lane.run = fake_run  # pytester runs in this process: put it back at the end
 
     def pytest_configure(config):
+        tempfile.tempdir = str(config.rootdir)  # the lanes' results folders: in the test's own folder
         config.addinivalue_line("markers", "hwvirt: needs the lane")
         config.pluginmanager.register(lane_plugin.LaneRunner(config), "lane-for-test")
 
     def pytest_unconfigure(config):
-        lane.run = REAL_RUN
+        lane.run, tempfile.tempdir = REAL_RUN, REAL_TEMPDIR
         print("LANE CALLS %s" % json.dumps(CALLS))
 ''')
 
