@@ -7,14 +7,12 @@ grammar: tenboxd refuses such paths when a disk is added.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from tenbox_vmm.protocol.limits import Limits
 
 
-@dataclass(frozen=True)
-class DiskArg:
+class DiskArg(NamedTuple):
     path: str
     read_only: bool = False
     serial: str = ""

@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from tenbox_vmm.protocol.limits import Limits
 
@@ -67,8 +66,7 @@ class ForwardSpecError(ValueError):
         self.why = why
 
 
-@dataclass(frozen=True)
-class HostForward:
+class HostForward(NamedTuple):
     """Listen on host_addr:host_port, connect to guest_addr:guest_port."""
 
     proto: str  # "tcp" | "udp"
@@ -92,8 +90,7 @@ class HostForward:
         return "%s:%s:%d-%s:%d" % (self.proto, host, self.host_port, guest, self.guest_port)
 
 
-@dataclass(frozen=True)
-class GuestForward:
+class GuestForward(NamedTuple):
     """Guest TCP connections to guest_addr:guest_port go to host_addr:host_port."""
 
     guest_addr: ipaddress.IPv4Address

@@ -10,8 +10,7 @@ the descriptors, each named on the worker's command line by `--fd N:PATH`
 from __future__ import annotations
 
 import pwd
-from dataclasses import dataclass
-from typing import List
+from typing import List, NamedTuple
 
 from tenbox_vmm.protocol.limits import Limits
 
@@ -35,8 +34,7 @@ def rotated_log_names(path: str, keep: int) -> List[str]:
     return ["%s.%d" % (path, i) for i in range(1, keep + 1)]
 
 
-@dataclass(frozen=True)
-class WorkerUser:
+class WorkerUser(NamedTuple):
     uid: int
     gid: int
     name: str
@@ -90,8 +88,7 @@ def worker_data_max(memory_mb: int, cpus: int) -> int:
     return worker_memory_max(memory_mb) + worker_tasks_max(cpus) * Limits.WORKER_THREAD_STACK_MB * MIB
 
 
-@dataclass(frozen=True)
-class PassedFile:
+class PassedFile(NamedTuple):
     """A file tenboxd opened for the worker: descriptor `fd` stands for `path`.
 
     The worker's code still names its files by path (messages, backing

@@ -23,8 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from tenbox_vmm.protocol.sandbox import FALLBACK_NOTE, WorkerUser, worker_user
 from tenbox_vmm.sandbox import jail, privileges, resources, seccomp_filter
@@ -42,8 +41,7 @@ class SandboxError(Exception):
     """The sandbox could not be entered; the message names the step. The worker must not run its guest."""
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     memory_mb: int
     cpus: int
     link_endpoint: Optional[str] = None  # ipc://...: its folder stays reachable

@@ -22,8 +22,7 @@ import errno
 import os
 import stat
 import sys
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import tenbox_vmm
 from tenbox_vmm.sandbox import libc
@@ -46,8 +45,7 @@ class JailError(Exception):
     """The namespaces or the new root could not be set up; the message says which step."""
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(NamedTuple):
     path: str  # the same path inside and outside the jail
     writable: bool = False
 

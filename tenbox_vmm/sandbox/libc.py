@@ -9,9 +9,7 @@ does not, so all of them come from here.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 from typing import Optional
 
 CLONE_NEWNS = 0x00020000
@@ -37,7 +35,9 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # pivot_root has no libc wrapper: its number by architecture (asm/unistd_64.h, asm-generic/unistd.h).
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The interpreter's own C library, already loaded: dlopen(NULL), not ctypes.util.find_library,
+# which runs `ldconfig -p` (a child process, milliseconds of every worker's start).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
@@ -76,9 +76,9 @@ def umount2(target: str, flags: int) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise OSError(0, "pivot_root: no system call number for %s" % platform.machine())
+        raise OSError(0, "pivot_root: no system call number for %s" % os.uname().machine)
     _check(_libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)), "pivot_root")
 
 
