@@ -14,6 +14,18 @@ busybox-static cpio gzip xz-utils zstd util-linux procps
 debootstrap e2fsprogs
 "
 
+# The user workers drop to (tenbox_vmm/protocol/sandbox.py WORKER_USER), made as the package's
+# postinst makes it: without it a worker run as root falls back to nobody, with a warning.
+ensure_worker_user() {
+    getent passwd tenbox-vm >/dev/null && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-deps: user tenbox-vm is missing: run as root to create it" >&2
+        return 0
+    fi
+    echo "install-deps: creating the worker user tenbox-vm"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tenbox-vm
+}
+
 missing=""
 for p in $PACKAGES; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -22,6 +34,7 @@ for p in $PACKAGES; do
 done
 if [ -z "$missing" ]; then
     echo "install-deps: all packages present"
+    ensure_worker_user
     exit 0
 fi
 
@@ -34,3 +47,4 @@ echo "install-deps: installing$missing"
 $SUDO apt-get update -q
 # --no-install-recommends everywhere we install: recommends can pull in a desktop.
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+ensure_worker_user
