@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from tests.framework import qemu
 from tests.framework.linux_guest import SCRIPTS
@@ -69,6 +69,8 @@ LANE_OWN_DIRS = ("/tmp", "/run", "/dev", "/proc", "/sys")
 _UP = re.compile(r"^LANE: up ", re.M)
 _RC = re.compile(r"^LANE: rc=(\d+)\s*$", re.M)
 _ERROR = re.compile(r"^LANE: error: (.*)$", re.M)
+# The lane kernel's own oops or panic: its first line says what (the console kept is only its tail).
+_OOPS = re.compile(r"\] (BUG: .*|Kernel panic - not syncing: .*|general protection fault.*)$")
 
 
 class LaneError(Exception):
@@ -229,12 +231,14 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
                             start_new_session=True)
     kept: List[str] = []
     kept_chars = 0
+    seen: Dict[str, object] = {"up": False, "oops": ""}  # over the whole console, not only the tail kept
     done = threading.Event()
 
     def pump() -> None:
         nonlocal kept_chars
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").replace("\r", "")
+            _note(seen, line)
             if log:
                 log.write(line)
                 log.flush()
@@ -265,7 +269,20 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
         if log:
             log.close()
     console = "".join(kept)
-    elapsed = time.monotonic() - started
+    return _result(console, seen, timed_out, proc.returncode, deadline_sec, out_dir, time.monotonic() - started)
+
+
+def _note(seen: Dict[str, object], line: str) -> None:
+    """What the whole console said, line by line: whether the lane came up, its kernel's first oops."""
+    seen["up"] = seen["up"] or bool(_UP.match(line))
+    oops = _OOPS.search(line.rstrip("\n"))
+    if oops and not seen["oops"]:
+        seen["oops"] = oops.group(1)[:200]
+
+
+def _result(console: str, seen: Dict[str, object], timed_out: bool, qemu_rc: Optional[int], deadline_sec: float,
+            out_dir: Path, elapsed: float) -> LaneResult:
+    """The command's exit status from the console's tail, or why there is none, in one line."""
     m = _RC.search(console)
     if m and not timed_out:
         return LaneResult(int(m.group(1)), "", console, elapsed)
@@ -273,13 +290,16 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
     if err:
         reason = "the lane failed: %s" % err.group(1)
     elif timed_out:
-        where = "running the command" if _UP.search(console) else "booting"
+        where = "running the command" if seen["up"] else "booting"
         reason = "the lane passed its deadline of %.0f s while %s (its vCPUs' registers: %s)" % (
             deadline_sec, where, out_dir / HANG_REPORT)
-    elif not _UP.search(console):
-        reason = "the lane's kernel did not come up (QEMU exit %s)" % proc.returncode
+    elif seen["oops"]:
+        reason = "the lane's own kernel died %s: %s (QEMU exit %s)" % (
+            "running the command" if seen["up"] else "booting", seen["oops"], qemu_rc)
+    elif not seen["up"]:
+        reason = "the lane's kernel did not come up (QEMU exit %s)" % qemu_rc
     else:
-        reason = "the lane ended without the command's exit code (a kernel panic? QEMU exit %s)" % proc.returncode
+        reason = "the lane ended without the command's exit code (a kernel panic? QEMU exit %s)" % qemu_rc
     return LaneResult(None, reason, console, elapsed)
 
 

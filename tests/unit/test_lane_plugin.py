@@ -242,3 +242,34 @@ def test_a_checkout_under_a_folder_the_lane_mounts_afresh_is_refused_with_one_li
 
     with pytest.raises(lane.LaneError, match=r"^the checkout is under /tmp, which the lane mounts afresh"):
         lane.run("true", tmp_path, 10, cwd=lane.Path("/tmp/some-checkout"))
+
+
+def _lane_console(*middle):
+    return ["LANE: up 4.2 s, kernel 6.1.0-57-amd64, 2 cpus\n"] + list(middle) + ["[ 73.7] trace line\n"] * 5000
+
+
+def _verdict(lines, qemu_rc=0):
+    from tests.framework import lane
+
+    seen = {"up": False, "oops": ""}
+    for line in lines:
+        lane._note(seen, line)
+    tail = "".join(lines[-50:])  # what the lane keeps of a long console: its end
+    return lane._result(tail, seen, False, qemu_rc, 100.0, lane.Path("/lane-out"), 1.0)
+
+
+def test_a_lane_whose_kernel_panics_after_a_long_oops_says_so_with_the_oops_first_line():
+    """The kept console is only its tail, which a long oops fills: the reason comes from the whole
+    console, not "the lane's kernel did not come up"."""
+    res = _verdict(_lane_console("[ 73.6] BUG: TASK stack guard page was hit at 00000000fd27291b\n",
+                                 "[ 73.6] Kernel panic - not syncing: Fatal exception in interrupt\n"))
+    assert res.rc is None
+    assert res.reason == ("the lane's own kernel died running the command: BUG: TASK stack guard page was hit "
+                          "at 00000000fd27291b (QEMU exit 0)")
+
+
+def test_a_lane_that_never_came_up_and_one_that_gave_its_exit_code():
+    assert _verdict(["SeaBIOS\n", "Booting from ROM..\n"], qemu_rc=1).reason == (
+        "the lane's kernel did not come up (QEMU exit 1)")
+    done = _verdict(["LANE: up 4.2 s\n", "LANE: rc=3\n"])
+    assert (done.rc, done.reason) == (3, "")
