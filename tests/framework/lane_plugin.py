@@ -22,7 +22,12 @@ lanes in all. The emulator's nested paging fails on its own now and then
 terminal summary prints its first run's failure.
 
 Per-test time: `@pytest.mark.hwvirt(budget=SECONDS)` (default
-BUDGET_SEC); the lane's deadline is the sum of its tests' budgets.
+BUDGET_SEC); the lane's deadline is the sum of its tests' budgets. A lane
+whose inner pytest writes no report for longer than the running test's
+budget (plus STALL_MARGIN_SEC, and LANE_START_SEC before the first) is
+taken as hung and killed then, not at the deadline: the emulator wedges
+now and then (docs/testing.md), and one wedge must not cost the sum of
+every budget.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -45,6 +51,7 @@ from tests.framework.process import ProcessFailure
 MARK = "hwvirt"
 BUDGET_SEC = 240.0
 LANE_START_SEC = 180.0  # boot, interpreter start and collection inside the lane
+STALL_MARGIN_SEC = 60.0  # beyond a test's budget, with no report, before its lane is taken as hung
 TEST_RUNS = 2  # a test that failed, or whose lane died under it, runs once more in a fresh lane
 LANE_MAX = 3  # lanes in all: a lane that dies early leaves tests that never ran
 REPORTS = "reports.jsonl"
@@ -180,7 +187,7 @@ class LaneRunner:
             try:
                 script = self._write_script(items)
                 res = lane.run("sh /lane-out/%s" % script.name, self.out_dir, budget,
-                               console_log=self.out_dir / "console.log")
+                               console_log=self.out_dir / "console.log", watchdog=self._watchdog(items))
             except lane.LaneError as e:
                 self.failure = "nested lane: %s" % e
                 return
@@ -215,6 +222,33 @@ class LaneRunner:
             items = again
             if not items:
                 return
+
+    def _watchdog(self, items: List[pytest.Item]) -> Callable[[], Optional[str]]:
+        """For lane.run: a reason once the inner pytest has written no report for longer than the running
+        test's budget (plus STALL_MARGIN_SEC; plus LANE_START_SEC before its first report)."""
+        path = self.out_dir / REPORTS
+        last = {"size": 0, "at": time.monotonic()}
+
+        def check() -> Optional[str]:
+            size = path.stat().st_size if path.exists() else 0
+            now = time.monotonic()
+            if size != last["size"]:
+                last["size"], last["at"] = size, now
+                return None
+            done = {nodeid for nodeid, datas in self._read_reports().items()
+                    if any(d.get("when") == "teardown" for d in datas)}
+            running = next((it for it in items if it.nodeid not in done), None)
+            if running is None:
+                return None  # every test reported: the lane is powering off
+            allowed = float(_mark(running).kwargs.get("budget", BUDGET_SEC)) + STALL_MARGIN_SEC
+            if size == 0:
+                allowed += LANE_START_SEC
+            if now - last["at"] <= allowed:
+                return None
+            return "no test report for %.0f s, in %s (its budget: %.0f s)" % (
+                now - last["at"], running.nodeid, allowed - STALL_MARGIN_SEC)
+
+        return check
 
     def _started(self, nodeid: str) -> bool:
         return bool((self.reports or {}).get(nodeid))

@@ -273,3 +273,62 @@ def test_a_lane_that_never_came_up_and_one_that_gave_its_exit_code():
         "the lane's kernel did not come up (QEMU exit 1)")
     done = _verdict(["LANE: up 4.2 s\n", "LANE: rc=3\n"])
     assert (done.rc, done.reason) == (3, "")
+
+
+STALL_CONFTEST = textwrap.dedent('''
+    import json
+    from tests.framework import lane, lane_plugin
+
+    CALLS = []
+    NOW = [1000.0]
+
+    class FakeTime:
+        @staticmethod
+        def monotonic():
+            return NOW[0]
+
+    REAL_TIME, lane_plugin.time = lane_plugin.time, FakeTime
+
+    def setup_report(nodeid):
+        return {"$report_type": "TestReport", "nodeid": nodeid, "location": ["test_s.py", 0, nodeid],
+                "keywords": {}, "outcome": "passed", "longrepr": None, "when": "setup", "sections": [],
+                "duration": 0.0, "user_properties": []}
+
+    def fake_run(command, out_dir, deadline_sec, console_log=None, watchdog=None, **kw):
+        ids = (out_dir / "nodeids.txt").read_text().split()
+        CALLS.append(ids)
+        seen = []
+        NOW[0] += 100 + 180 + 60 - 1  # before any report: the lane's start, the budget and the margin
+        seen.append(watchdog())
+        with open(str(out_dir / lane_plugin.REPORTS), "w") as f:
+            f.write(json.dumps(setup_report(ids[0])) + "\\n")
+        seen.append(watchdog())  # a new report: progress
+        NOW[0] += 100 + 60
+        seen.append(watchdog())  # within the budget and the margin
+        NOW[0] += 1
+        seen.append(watchdog())
+        print("WATCHDOG %s" % json.dumps(seen))
+        return lane.LaneResult(None, "the lane stalled: %s" % seen[-1], "", 1.0)
+''') + FAKE_LANE_HOOKS.replace("lane.run, tempfile.tempdir = REAL_RUN, REAL_TEMPDIR",
+                                 "lane.run, tempfile.tempdir, lane_plugin.time = REAL_RUN, REAL_TEMPDIR, REAL_TIME")
+
+
+def test_a_lane_with_no_report_for_longer_than_the_running_tests_budget_is_taken_as_hung(tester):
+    """The watchdog lane.run asks: nothing until the running test's budget and the margin have passed
+    with no new report (the lane's start counted before the first); then the reason, and the test
+    runs again in a fresh lane."""
+    tester.makeconftest(STALL_CONFTEST)
+    tester.makepyfile(test_s=textwrap.dedent('''
+        import pytest
+
+        @pytest.mark.hwvirt(budget=100)
+        def test_wedges():
+            pass
+    '''))
+    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([
+        'WATCHDOG [null, null, null, "no test report for 161 s, in test_s.py::test_wedges (its budget: 100 s)"]',
+        "*the lane stalled: no test report for 161 s*",
+        "*1 failed*",
+    ])
+    assert result.stdout.str().count("WATCHDOG") == 2  # a second lane for the test it stalled in
