@@ -120,6 +120,13 @@ THREE_TESTS = textwrap.dedent('''
 ''')
 
 
+def _run_plan(tester, plan: str):
+    """THREE_TESTS through the plugin with lanes that do what `plan` says (PLAN_CONFTEST)."""
+    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", plan))
+    tester.makepyfile(test_r=THREE_TESTS)
+    return tester.runpytest("-s", "-p", "no:cacheprovider")
+
+
 def _calls(*lanes):
     return "LANE CALLS %s" % json.dumps([["test_r.py::" + name for name in names] for names in lanes])
 
@@ -127,9 +134,7 @@ def _calls(*lanes):
 def test_a_test_the_lane_died_in_runs_once_more_and_a_test_it_never_reached_waits_for_the_next(tester):
     """The first lane finishes test_one and dies in test_two; the second runs test_two and
     test_three and dies in test_three; a third runs test_three, and all three pass."""
-    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_two": "die"}, {"test_three": "die"}]'))
-    tester.makepyfile(test_r=THREE_TESTS)
-    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result = _run_plan(tester, '[{"test_two": "die"}, {"test_three": "die"}]')
     result.stdout.fnmatch_lines([
         "*ended before 2 test(s) finished (kernel panic in the lane*2 of them in one more lane*",
         "*ended before 1 test(s) finished (kernel panic in the lane*1 of them in one more lane*",
@@ -139,9 +144,7 @@ def test_a_test_the_lane_died_in_runs_once_more_and_a_test_it_never_reached_wait
 
 
 def test_a_test_that_kills_its_lane_twice_fails_with_the_lanes_reason_and_the_others_still_run(tester):
-    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_two": "die"}, {"test_two": "die"}]'))
-    tester.makepyfile(test_r=THREE_TESTS)
-    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result = _run_plan(tester, '[{"test_two": "die"}, {"test_two": "die"}]')
     result.stdout.fnmatch_lines([
         "*kernel panic in the lane*",
         "*1 failed, 2 passed*",
@@ -152,9 +155,7 @@ def test_a_test_that_kills_its_lane_twice_fails_with_the_lanes_reason_and_the_ot
 def test_a_test_a_dead_lane_never_reached_keeps_both_its_runs(tester):
     """CI10's case: the first lane dies in test_one before test_three ran; test_three fails in
     the second lane on its first run, so a third lane runs it again, and it passes."""
-    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_one": "die"}, {"test_three": "fail"}]'))
-    tester.makepyfile(test_r=THREE_TESTS)
-    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result = _run_plan(tester, '[{"test_one": "die"}, {"test_three": "fail"}]')
     result.stdout.fnmatch_lines([
         "*ended before 3 test(s) finished*3 of them in one more lane*",
         "*1 test(s) failed in the lane*1 of them in one more lane*",
@@ -166,9 +167,7 @@ def test_a_test_a_dead_lane_never_reached_keeps_both_its_runs(tester):
 
 
 def test_no_more_than_three_lanes_run_even_when_each_dies_at_once(tester):
-    tester.makeconftest(PLAN_CONFTEST.replace("@PLAN@", '[{"test_one": "die"}, {"test_two": "die"}, {"test_three": "die"}]'))
-    tester.makepyfile(test_r=THREE_TESTS)
-    result = tester.runpytest("-s", "-p", "no:cacheprovider")
+    result = _run_plan(tester, '[{"test_one": "die"}, {"test_two": "die"}, {"test_three": "die"}]')
     result.stdout.fnmatch_lines([
         "*1 failed, 2 passed*",
         _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two", "test_three"],
