@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from tests.framework import qemu
 from tests.framework.linux_guest import SCRIPTS
@@ -55,15 +55,17 @@ SSH_DIR = LANE_DIR / "ssh"
 # virtio-pci carries the 9p shares; overlay puts a tmpfs over the read-only
 # share; kvm-amd is the point of the lane.
 MODULES = "virtio_pci 9p 9pnet_virtio overlay kvm_amd"
-# One vCPU: with two, MTTCG's threads race in its emulated AMD-V. A reschedule IPI from the
-# other vCPU was taken right after a #VMEXIT, with the global interrupt flag still clear and
-# the nested guest's GS base still loaded, and the lane's kernel died of a stack guard hit
-# (both lanes of a clean-clone CI run on 2026-12-06); a 2-vCPU lane also wedged in a soft
-# lockup where a 1-vCPU lane ran the same tests (test_linux_tenbox.py) in 166 s. Inner guests
-# still get 1 to 4 vCPUs: they are threads of the lane. docs/testing.md, "The lane's failures".
-CPUS = 1
+# Two vCPUs, one per core (MTTCG gives each a host thread). One vCPU was tried on 2026-12-06
+# against the stack guard panics of two (docs/testing.md, "What the lane's failures were"): it
+# wedged in 3 of 4 lanes, where two vCPUs wedge less often; _StuckInterrupts finds a wedge in
+# about a minute either way.
+CPUS = 2
 MEMORY_MB = 4096  # half of it is the overlay's tmpfs
-WATCH_SEC = 5.0  # how often run() asks its watchdog
+WATCH_SEC = 5.0  # how often run() asks its watchdog and looks at the lane's interrupts
+# A lane vCPU whose local APIC has held the same pending interrupt for this long has wedged: the
+# emulator no longer delivers it (seen 2026-12-06: a halted CPU with its timer pending, and a CPU
+# looping in one instruction of the nested guest). A normal CPU takes it within microseconds.
+STUCK_IRQ_SEC = 60.0
 SCRIPT_TIMEOUT_SEC = 900  # the first get-kernel.sh run downloads ~70 MB
 BOOT_DEADLINE_SEC = 120.0  # up to the command: ~8 s on the development machines
 CONSOLE_KEEP_CHARS = 1 << 20  # the console kept in memory; the log file has all of it
@@ -266,6 +268,7 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
     timed_out = False
     stalled = ""
     ends = started + deadline_sec
+    stuck = _StuckInterrupts(out_dir, cpus)
     try:
         while True:
             try:
@@ -275,8 +278,8 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
                 pass
             if time.monotonic() >= ends:
                 timed_out = True
-            elif watchdog is not None:
-                stalled = watchdog() or ""
+            else:
+                stalled = stuck.check(time.monotonic()) or (watchdog() if watchdog is not None else "") or ""
             if timed_out or stalled:
                 _record_hang(out_dir)
                 break
@@ -295,6 +298,40 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
         return LaneResult(None, "the lane stalled: %s (its vCPUs' registers: %s)" % (stalled, out_dir / HANG_REPORT),
                           console, time.monotonic() - started)
     return _result(console, seen, timed_out, proc.returncode, deadline_sec, out_dir, time.monotonic() - started)
+
+
+def pending_interrupts(lapic: str) -> str:
+    """The IRR line of `info lapic`: the vectors waiting for delivery ("" for none)."""
+    for line in lapic.splitlines():
+        if line.startswith("IRR"):
+            vectors = line[3:].strip()
+            return "" if vectors == "(none)" else vectors
+    return ""
+
+
+class _StuckInterrupts:
+    """Each lane vCPU's pending interrupts, looked at through the monitor: a reason once one vCPU has
+    held the same ones for STUCK_IRQ_SEC."""
+
+    def __init__(self, out_dir: Path, cpus: int) -> None:
+        self.out_dir, self.cpus = out_dir, cpus
+        self.since: Dict[int, Tuple[str, float]] = {}
+
+    def check(self, now: float) -> str:
+        for cpu in range(self.cpus):
+            try:
+                pending = pending_interrupts(monitor_command(self.out_dir, "info lapic %d" % cpu))
+            except OSError:
+                return ""  # no monitor (yet, or any more): the deadline and the watchdog still hold
+            held = self.since.get(cpu)
+            if not pending:
+                self.since.pop(cpu, None)
+            elif held is None or held[0] != pending:
+                self.since[cpu] = (pending, now)
+            elif now - held[1] >= STUCK_IRQ_SEC:
+                return "its vCPU %d has held interrupt vector(s) %s pending for %.0f s (the emulator wedged)" % (
+                    cpu, pending, now - held[1])
+        return ""
 
 
 def _note(seen: Dict[str, object], line: str) -> None:

@@ -331,3 +331,29 @@ def test_a_lane_with_no_report_for_longer_than_the_running_tests_budget_is_taken
         "*1 failed*",
     ])
     assert result.stdout.str().count("WATCHDOG") == 2  # a second lane for the test it stalled in
+
+
+LAPIC = "Timer\t DCR=0x3 (divide by 16) initial_count = 6578 current_count = 0\nISR\t (none)\nIRR\t %s \n\nAPR 0x00"
+
+
+def test_a_lane_vcpu_holding_the_same_pending_interrupt_for_a_minute_is_a_wedge(monkeypatch, tmp_path):
+    """`info lapic` of each lane vCPU, every few seconds: an interrupt taken between two looks is
+    nothing; the same vector pending on vCPU 1 for STUCK_IRQ_SEC is the reason to end the lane."""
+    from tests.framework import lane
+
+    irr = {0: ["(none)", "236", "(none)", "(none)", "(none)"], 1: ["(none)", "236", "236", "236", "236"]}
+    looks = {0: 0, 1: 0}
+
+    def monitor(out_dir, command, timeout=10.0):
+        cpu = int(command.split()[-1])
+        answer = LAPIC % irr[cpu][looks[cpu]]
+        looks[cpu] += 1
+        return answer
+
+    monkeypatch.setattr(lane, "monitor_command", monitor)
+    stuck = lane._StuckInterrupts(tmp_path, 2)
+    step = lane.STUCK_IRQ_SEC / 2
+    assert [stuck.check(1000.0 + i * step) for i in range(3)] == ["", "", ""]  # 236 seen at +30 s
+    assert stuck.check(1000.0 + 3 * step) == (
+        "its vCPU 1 has held interrupt vector(s) 236 pending for 60 s (the emulator wedged)")
+    assert lane.pending_interrupts(LAPIC % "(none)") == ""
