@@ -165,10 +165,21 @@ class DaemonProcess:
                 if sum(text in ln for ln in lines) >= count:
                     return time.monotonic() - started
             if state in ENDED or time.monotonic() - started > timeout:
-                raise AssertionError("%r (%d time(s)) not on %s's console: the VM is %s after %.0f s\n%s"
+                raise AssertionError("%r (%d time(s)) not on %s's console: the VM is %s after %.0f s%s\n%s"
                                      % (text, count, name, state, time.monotonic() - started,
-                                        "\n".join(lines[-60:])))
+                                        self._why_ended(name) if state in ENDED else "", "\n".join(lines[-60:])))
             time.sleep(poll)
+
+    def _why_ended(self, name: str) -> str:
+        """An ended VM's last failure and the end of its worker's runtime.log: how the worker ended."""
+        v = self.vm(name)
+        log = self.data_dir / "vms" / v["id"] / "logs" / "runtime.log"
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+        except OSError as e:
+            tail = ["(no runtime.log: %s)" % e.strerror]
+        return "\nlast failure: %s\n--- its runtime.log (tail) ---\n%s\n--- its console (tail) ---" % (
+            json.dumps(v.get("last_failure")), "\n".join(tail))
 
     def console_line(self, name: str, text: str) -> None:
         """Type one line into a VM's console (vm.console.attach, one console.input)."""
