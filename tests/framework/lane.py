@@ -309,28 +309,51 @@ def pending_interrupts(lapic: str) -> str:
     return ""
 
 
+_CPU_STATE = re.compile(r"^RIP=([0-9a-f]+) .*HLT=(\d)", re.M)
+
+
+def running_rips(registers: str) -> List[str]:
+    """Per vCPU of `info registers -a`, its RIP, or "" for a halted vCPU."""
+    return [rip if halted == "0" else "" for rip, halted in _CPU_STATE.findall(registers)]
+
+
 class _StuckInterrupts:
-    """Each lane vCPU's pending interrupts, looked at through the monitor: a reason once one vCPU has
-    held the same ones for STUCK_IRQ_SEC."""
+    """Each lane vCPU, looked at through the monitor: a reason once one has held the same pending
+    interrupts, or has run at one RIP without halting, for STUCK_IRQ_SEC (both seen in wedged lanes;
+    a working vCPU takes an interrupt within microseconds, and a sampled RIP moves)."""
 
     def __init__(self, out_dir: Path, cpus: int) -> None:
         self.out_dir, self.cpus = out_dir, cpus
-        self.since: Dict[int, Tuple[str, float]] = {}
+        self.since: Dict[Tuple[str, int], Tuple[str, float]] = {}
+
+    def _same_for(self, key: Tuple[str, int], value: str, now: float) -> float:
+        """How long `value` (non-empty) has been what `key` shows; 0 when it just changed."""
+        held = self.since.get(key)
+        if not value:
+            self.since.pop(key, None)
+            return 0.0
+        if held is None or held[0] != value:
+            self.since[key] = (value, now)
+            return 0.0
+        return now - held[1]
 
     def check(self, now: float) -> str:
-        for cpu in range(self.cpus):
-            try:
-                pending = pending_interrupts(monitor_command(self.out_dir, "info lapic %d" % cpu))
-            except OSError:
-                return ""  # no monitor (yet, or any more): the deadline and the watchdog still hold
-            held = self.since.get(cpu)
-            if not pending:
-                self.since.pop(cpu, None)
-            elif held is None or held[0] != pending:
-                self.since[cpu] = (pending, now)
-            elif now - held[1] >= STUCK_IRQ_SEC:
+        try:
+            rips = running_rips(monitor_command(self.out_dir, "info registers -a"))
+            lapics = [pending_interrupts(monitor_command(self.out_dir, "info lapic %d" % cpu))
+                      for cpu in range(self.cpus)]
+        except OSError:
+            return ""  # no monitor (yet, or any more): the deadline and the watchdog still hold
+        for cpu, pending in enumerate(lapics):
+            held = self._same_for(("irr", cpu), pending, now)
+            if held >= STUCK_IRQ_SEC:
                 return "its vCPU %d has held interrupt vector(s) %s pending for %.0f s (the emulator wedged)" % (
-                    cpu, pending, now - held[1])
+                    cpu, pending, held)
+        for cpu, rip in enumerate(rips):
+            held = self._same_for(("rip", cpu), rip, now)
+            if held >= STUCK_IRQ_SEC:
+                return "its vCPU %d has run at RIP %s for %.0f s without halting (the emulator wedged)" % (
+                    cpu, rip, held)
         return ""
 
 

@@ -333,6 +333,8 @@ def test_a_lane_with_no_report_for_longer_than_the_running_tests_budget_is_taken
     assert result.stdout.str().count("WATCHDOG") == 2  # a second lane for the test it stalled in
 
 
+REGISTERS = ("CPU#0\nRAX=0 RBX=0\nRIP=ffffffff9b85a170 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=%s\n"
+             "CPU#1\nRIP=ffffffff9b8592eb RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=%s\n")
 LAPIC = "Timer\t DCR=0x3 (divide by 16) initial_count = 6578 current_count = 0\nISR\t (none)\nIRR\t %s \n\nAPR 0x00"
 
 
@@ -345,6 +347,8 @@ def test_a_lane_vcpu_holding_the_same_pending_interrupt_for_a_minute_is_a_wedge(
     looks = {0: 0, 1: 0}
 
     def monitor(out_dir, command, timeout=10.0):
+        if command == "info registers -a":
+            return REGISTERS % ("1", "1")  # both halted: no RIP to watch
         cpu = int(command.split()[-1])
         answer = LAPIC % irr[cpu][looks[cpu]]
         looks[cpu] += 1
@@ -357,3 +361,16 @@ def test_a_lane_vcpu_holding_the_same_pending_interrupt_for_a_minute_is_a_wedge(
     assert stuck.check(1000.0 + 3 * step) == (
         "its vCPU 1 has held interrupt vector(s) 236 pending for 60 s (the emulator wedged)")
     assert lane.pending_interrupts(LAPIC % "(none)") == ""
+
+
+def test_a_lane_vcpu_running_at_one_rip_for_a_minute_is_a_wedge_and_a_halted_one_is_not(monkeypatch, tmp_path):
+    """CI13's second lane: vCPU 0 ran at one RIP with interrupts off, nothing pending, vCPU 1 idle."""
+    from tests.framework import lane
+
+    monkeypatch.setattr(lane, "monitor_command", lambda out_dir, command, timeout=10.0: (
+        REGISTERS % ("0", "1") if command == "info registers -a" else LAPIC % "(none)"))
+    stuck = lane._StuckInterrupts(tmp_path, 2)
+    assert lane.running_rips(REGISTERS % ("0", "1")) == ["ffffffff9b85a170", ""]
+    assert [stuck.check(1000.0 + i * 30) for i in range(2)] == ["", ""]
+    assert stuck.check(1060.0) == (
+        "its vCPU 0 has run at RIP ffffffff9b85a170 for 60 s without halting (the emulator wedged)")
