@@ -75,7 +75,7 @@ HANG_REPORT = "hang.txt"
 # The lane mounts these afresh (lane-init): a checkout under one of them is not there.
 LANE_OWN_DIRS = ("/tmp", "/run", "/dev", "/proc", "/sys")
 
-_UP = re.compile(r"^LANE: up ", re.M)
+_UP = re.compile(r"LANE: up ")  # anywhere in its line: the firmware's screen escapes come before it
 _RC = re.compile(r"^LANE: rc=(\d+)\s*$", re.M)
 _ERROR = re.compile(r"^LANE: error: (.*)$", re.M)
 # The lane kernel's own oops or panic: its first line says what (the console kept is only its tail).
@@ -359,7 +359,7 @@ class _StuckInterrupts:
 
 def _note(seen: Dict[str, object], line: str) -> None:
     """What the whole console said, line by line: whether the lane came up, its kernel's first oops."""
-    seen["up"] = seen["up"] or bool(_UP.match(line))
+    seen["up"] = seen["up"] or bool(_UP.search(line))
     oops = _OOPS.search(line.rstrip("\n"))
     if oops and not seen["oops"]:
         seen["oops"] = oops.group(1)[:200]

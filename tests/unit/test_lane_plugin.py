@@ -243,8 +243,8 @@ def test_a_checkout_under_a_folder_the_lane_mounts_afresh_is_refused_with_one_li
         lane.run("true", tmp_path, 10, cwd=lane.Path("/tmp/some-checkout"))
 
 
-def _lane_console(*middle):
-    return ["LANE: up 4.2 s, kernel 6.1.0-57-amd64, 2 cpus\n"] + list(middle) + ["[ 73.7] trace line\n"] * 5000
+def _lane_console(*middle):  # the line as the console has it, after SeaBIOS's screen escapes
+    return ["Booting from ROM..\x1bc\x1b[?7l\x1b[2JLANE: up 4.2 s, kernel 6.1.0-57-amd64, 2 cpus\n"] + list(middle) + ["[ 73.7] trace line\n"] * 5000
 
 
 def _verdict(lines, qemu_rc=0):
