@@ -57,7 +57,7 @@ SSH_DIR = LANE_DIR / "ssh"
 MODULES = "virtio_pci 9p 9pnet_virtio overlay kvm_amd"
 # Two vCPUs, one per core (MTTCG gives each a host thread). One vCPU was tried on 2026-12-06
 # against the stack guard panics of two (docs/testing.md, "What the lane's failures were"): it
-# wedged in 3 of 4 lanes, where two vCPUs wedge less often; _StuckInterrupts finds a wedge in
+# wedged in 3 of 4 lanes, where two vCPUs wedge less often; _WedgeCheck finds a wedge in
 # about a minute either way.
 CPUS = 2
 MEMORY_MB = 4096  # half of it is the overlay's tmpfs
@@ -65,7 +65,7 @@ WATCH_SEC = 5.0  # how often run() asks its watchdog and looks at the lane's int
 # A lane vCPU whose local APIC has held the same pending interrupt for this long has wedged: the
 # emulator no longer delivers it (seen 2026-12-06: a halted CPU with its timer pending, and a CPU
 # looping in one instruction of the nested guest). A normal CPU takes it within microseconds.
-STUCK_IRQ_SEC = 60.0
+WEDGE_SEC = 60.0
 SCRIPT_TIMEOUT_SEC = 900  # the first get-kernel.sh run downloads ~70 MB
 BOOT_DEADLINE_SEC = 120.0  # up to the command: ~8 s on the development machines
 CONSOLE_KEEP_CHARS = 1 << 20  # the console kept in memory; the log file has all of it
@@ -268,7 +268,7 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
     timed_out = False
     stalled = ""
     ends = started + deadline_sec
-    stuck = _StuckInterrupts(out_dir, cpus)
+    stuck = _WedgeCheck(out_dir, cpus)
     try:
         while True:
             try:
@@ -317,9 +317,9 @@ def running_rips(registers: str) -> List[str]:
     return [rip if halted == "0" else "" for rip, halted in _CPU_STATE.findall(registers)]
 
 
-class _StuckInterrupts:
+class _WedgeCheck:
     """Each lane vCPU, looked at through the monitor: a reason once one has held the same pending
-    interrupts, or has run at one RIP without halting, for STUCK_IRQ_SEC (both seen in wedged lanes;
+    interrupts, or has run at one RIP without halting, for WEDGE_SEC (both seen in wedged lanes;
     a working vCPU takes an interrupt within microseconds, and a sampled RIP moves)."""
 
     def __init__(self, out_dir: Path, cpus: int) -> None:
@@ -346,12 +346,12 @@ class _StuckInterrupts:
             return ""  # no monitor (yet, or any more): the deadline and the watchdog still hold
         for cpu, pending in enumerate(lapics):
             held = self._same_for(("irr", cpu), pending, now)
-            if held >= STUCK_IRQ_SEC:
+            if held >= WEDGE_SEC:
                 return "its vCPU %d has held interrupt vector(s) %s pending for %.0f s (the emulator wedged)" % (
                     cpu, pending, held)
         for cpu, rip in enumerate(rips):
             held = self._same_for(("rip", cpu), rip, now)
-            if held >= STUCK_IRQ_SEC:
+            if held >= WEDGE_SEC:
                 return "its vCPU %d has run at RIP %s for %.0f s without halting (the emulator wedged)" % (
                     cpu, rip, held)
         return ""

@@ -340,7 +340,7 @@ LAPIC = "Timer\t DCR=0x3 (divide by 16) initial_count = 6578 current_count = 0\n
 
 def test_a_lane_vcpu_holding_the_same_pending_interrupt_for_a_minute_is_a_wedge(monkeypatch, tmp_path):
     """`info lapic` of each lane vCPU, every few seconds: an interrupt taken between two looks is
-    nothing; the same vector pending on vCPU 1 for STUCK_IRQ_SEC is the reason to end the lane."""
+    nothing; the same vector pending on vCPU 1 for WEDGE_SEC is the reason to end the lane."""
     from tests.framework import lane
 
     irr = {0: ["(none)", "236", "(none)", "(none)", "(none)"], 1: ["(none)", "236", "236", "236", "236"]}
@@ -355,8 +355,8 @@ def test_a_lane_vcpu_holding_the_same_pending_interrupt_for_a_minute_is_a_wedge(
         return answer
 
     monkeypatch.setattr(lane, "monitor_command", monitor)
-    stuck = lane._StuckInterrupts(tmp_path, 2)
-    step = lane.STUCK_IRQ_SEC / 2
+    stuck = lane._WedgeCheck(tmp_path, 2)
+    step = lane.WEDGE_SEC / 2
     assert [stuck.check(1000.0 + i * step) for i in range(3)] == ["", "", ""]  # 236 seen at +30 s
     assert stuck.check(1000.0 + 3 * step) == (
         "its vCPU 1 has held interrupt vector(s) 236 pending for 60 s (the emulator wedged)")
@@ -369,7 +369,7 @@ def test_a_lane_vcpu_running_at_one_rip_for_a_minute_is_a_wedge_and_a_halted_one
 
     monkeypatch.setattr(lane, "monitor_command", lambda out_dir, command, timeout=10.0: (
         REGISTERS % ("0", "1") if command == "info registers -a" else LAPIC % "(none)"))
-    stuck = lane._StuckInterrupts(tmp_path, 2)
+    stuck = lane._WedgeCheck(tmp_path, 2)
     assert lane.running_rips(REGISTERS % ("0", "1")) == ["ffffffff9b85a170", ""]
     assert [stuck.check(1000.0 + i * 30) for i in range(2)] == ["", ""]
     assert stuck.check(1060.0) == (
