@@ -9,7 +9,9 @@ Each round boots the kernel and busybox initramfs of scripts/x86_64 to
 kernel, initramfs and command line, interleaved. A boot passes when it
 exits 0 and prints the vCPU count. Failures keep their console tail and
 stderr. The summary (JSON) counts passes and failures per VMM and vCPU
-count.
+count. With `--until TEXT`, a boot passes once TEXT is on its console (the
+VMM is killed then): for another image's kernel and initrd, say a Debian
+template's up to "Run /init as init process".
 
 It needs /dev/kvm with hardware virtualization: the lane, or a host with
 vmx/svm. The exit status is 1 when any boot failed.
@@ -118,14 +120,50 @@ def _communicate_throttled(proc: subprocess.Popen, deadline: float, bytes_per_se
     return bytes(out), bytes(err), rc
 
 
+def _communicate_until(proc: subprocess.Popen, deadline: float, marker: str):
+    """Like communicate(), but the VMM is killed once `marker` is on its console; rc is 0 then."""
+    import threading
+
+    out, err = bytearray(), bytearray()
+    seen = threading.Event()
+    wanted = marker.encode()
+
+    def pump(stream, buf, watch):
+        while True:
+            chunk = stream.read1(65536)
+            if not chunk:
+                return
+            buf += chunk
+            if watch and wanted in buf[-(len(chunk) + len(wanted)):]:
+                seen.set()
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, False), daemon=True)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + deadline
+    while not seen.is_set() and proc.poll() is None and time.monotonic() < end:
+        seen.wait(0.2)
+    rc: Optional[int] = 0 if seen.is_set() else proc.poll()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for t in threads:
+        t.join(30)
+    return bytes(out), bytes(err), rc
+
+
 def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False,
-         console_bytes_per_sec: int = 0) -> Dict[str, object]:
-    """One boot to poweroff: its exit code, time, and whether `nproc` printed the vCPU count."""
+         console_bytes_per_sec: int = 0, until: str = "") -> Dict[str, object]:
+    """One boot to poweroff (or to `until` on the console): its exit code, time, and whether
+    `nproc` printed the vCPU count (or `until` was seen)."""
     started = time.monotonic()
     proc = subprocess.Popen(list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     rc: Optional[int]
-    if console_bytes_per_sec:
+    if until:
+        out, err, rc = _communicate_until(proc, deadline, until)
+    elif console_bytes_per_sec:
         out, err, rc = _communicate_throttled(proc, deadline, console_bytes_per_sec)
     else:
         try:
@@ -141,6 +179,8 @@ def boot(argv: Sequence[str], cpus: int, deadline: float, trace: bool = False,
     elapsed = time.monotonic() - started
     console = out.decode("utf-8", "replace").replace("\r", "")
     nproc_ok = re.search(r"^TENBOX-INITRAMFS: run: nproc\n%d\n" % cpus, console, re.M) is not None
+    if until:
+        nproc_ok = until in console
     result: Dict[str, object] = {"rc": rc, "seconds": round(elapsed, 2), "ok": rc == 0 and nproc_ok}
     if not result["ok"]:
         result["console_tail"] = console[-TAIL_CHARS:]
@@ -167,6 +207,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kernel", type=Path, default=KERNEL_DIR / "vmlinuz")
     p.add_argument("--initrd", type=Path, default=KERNEL_DIR / "initramfs.cpio.gz")
     p.add_argument("--cmdline", default=CMDLINE)
+    p.add_argument("--until", default="",
+                   help="a boot passes once this text is on its console (the VMM is killed then), "
+                        "instead of at poweroff with the vCPU count: for other images' kernels and initrds")
     p.add_argument("--out", type=Path, help="where the JSON summary goes")
     p.add_argument("--trace", action="store_true",
                    help="keep KVM's trace (tracefs) of each failed boot; adds nokaslr to the command line")
@@ -183,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for cpus in counts:
             for name, make in vmms.items():
                 res = boot(make(args.kernel, args.initrd, args.cmdline, cpus, args.memory), cpus, args.deadline,
-                           args.trace, args.qemu_console_bps if name == "qemu" else 0)
+                           args.trace, args.qemu_console_bps if name == "qemu" else 0, args.until)
                 res.update(vmm=name, cpus=cpus, round=rnd)
                 runs.append(res)
                 print("soak: %-6s cpus=%d round=%d %s rc=%s %.1f s"
