@@ -12,6 +12,7 @@ python3-pytest python3-hypothesis python3-trustme python3-prometheus-client zsh
 acpica-tools qemu-system-x86 qemu-utils openssh-client libslirp0 libslirp-dev libcap2-bin iproute2
 busybox-static cpio gzip xz-utils zstd util-linux procps
 debootstrap e2fsprogs
+xorriso
 "
 
 # The user workers drop to (tenbox_vmm/protocol/sandbox.py WORKER_USER), made as the package's
