@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 from typing import Optional
@@ -11,7 +12,7 @@ import click
 from tenbox_ctl import complete, output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_ctl.client import CliError
-from tenbox_supervisor.protocol import ErrorCode, Event, Method
+from tenbox_supervisor.protocol import ErrorCode, Event, ExitCode, Method
 
 
 RESTART_HELP = ("Restart policy: no, on-failure[:N] (a crashed, killed or lost worker; at most N restarts in a "
@@ -32,6 +33,69 @@ def vm_group():
 
 def _abs(path: Optional[str]) -> Optional[str]:
     return os.path.abspath(path) if path else None
+
+
+# A file given to --ssh-key, --user-data or --network-config is read by the CLI, with the
+# operator's rights, and sent in the request; tenboxd checks it (and its size) again.
+PROVISION_FILE_MAX = 1 << 20
+
+
+def _read_input(path: str, what: str) -> bytes:
+    """The bytes of `path` ('-': standard input), at most PROVISION_FILE_MAX; a one-line error else."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(PROVISION_FILE_MAX + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(PROVISION_FILE_MAX + 1)
+    except OSError as e:
+        raise CliError("cannot read %s %s: %s" % (what, path, e.strerror or e), ExitCode.USAGE) from None
+    if len(data) > PROVISION_FILE_MAX:
+        raise CliError("%s %s is larger than %d KiB" % (what, path, PROVISION_FILE_MAX >> 10), ExitCode.USAGE)
+    return data
+
+
+def _text_input(path: str, what: str) -> str:
+    try:
+        return _read_input(path, what).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError("%s %s is not UTF-8 text" % (what, path), ExitCode.USAGE) from None
+
+
+def _cloud_init(ssh_keys, user, hostname, user_data, network_config) -> Optional[dict]:
+    """vm.create's and vm.edit's cloud_init object from the options given; None when none was."""
+    out = {}
+    if (list(ssh_keys) + [user_data, network_config]).count("-") > 1:
+        raise CliError("standard input (-) can be read once: give one of --ssh-key, --user-data, "
+                       "--network-config as -", ExitCode.USAGE)
+    if ssh_keys:
+        out["ssh_keys"] = "\n".join(_text_input(k, "SSH key file") for k in ssh_keys)
+    if user is not None:
+        out["user"] = user
+    if hostname is not None:
+        out["hostname"] = hostname
+    if user_data is not None:
+        out["user_data_b64"] = base64.b64encode(_read_input(user_data, "user-data file")).decode()
+    if network_config is not None:
+        out["network_config"] = _text_input(network_config, "network-config file")
+    return out or None
+
+
+def _provision_options(command):
+    """--ssh-key, --user, --hostname, --user-data, --network-config (vm create and vm edit)."""
+    options = [
+        click.option("--network-config", metavar="FILE", help="cloud-init network-config (v1 or v2 YAML)."),
+        click.option("--user-data", metavar="FILE|-", help="cloud-init user-data: #cloud-config, a #! script or "
+                     "MIME multipart, gzip'd or not, at most 256 KiB."),
+        click.option("--hostname", help="The guest's host name (cloud-init; default: the VM's name)."),
+        click.option("--user", help="A user cloud-init makes, with sudo and the --ssh-key keys (default: the "
+                     "image's default user gets the keys)."),
+        click.option("--ssh-key", "ssh_keys", multiple=True, metavar="FILE|-",
+                     help="OpenSSH public key file(s) for the user; repeatable."),
+    ]
+    for option in options:
+        command = option(command)
+    return command
 
 
 def _disk_option(ctx, param, values):
@@ -98,11 +162,28 @@ def _print_vm(vm: dict, as_json: bool) -> None:
         ("autostart", "yes" if vm.get("autostart") else "no"), ("restart", _restart_line(vm)),
         ("gave up", (vm.get("restart_status") or {}).get("gave_up")),
         ("last failure", output.failure(vm.get("last_failure"))),
+        ("cloud-init", _cloud_init_line(vm.get("cloud_init"))),
     ]
     for k, v in rows:
         click.echo("%-13s %s" % (k + ":", "-" if v is None else v))
     for spec, reason in (vm.get("net_status") or {}).get("failures", []):
         click.echo("%-13s %s: %s" % ("failed fwd:", spec, reason))
+
+
+def _cloud_init_line(ci: Optional[dict]) -> Optional[str]:
+    if not ci:
+        return None
+    parts = ["instance %s" % ci.get("instance_id")]
+    if ci.get("hostname"):
+        parts.append("host %s" % ci["hostname"])
+    if ci.get("user"):
+        parts.append("user %s" % ci["user"])
+    parts.append("%d key(s)" % (ci.get("ssh_keys") or 0))
+    if ci.get("user_data_bytes"):
+        parts.append("user-data %d B" % ci["user_data_bytes"])
+    if ci.get("network_config_bytes"):
+        parts.append("network-config %d B" % ci["network_config_bytes"])
+    return ", ".join(parts)
 
 
 @vm_group.command("ls")
@@ -168,11 +249,12 @@ def vm_show(app: App, vm: str, as_json: bool):
 @click.option("--guestfwd", "guestfwds", multiple=True, metavar="SPEC", help="Guest -> host forward, e.g. guestfwd:10.0.2.3:80-127.0.0.1:18981.")
 @click.option("--autostart", is_flag=True, help="Start the VM when tenboxd starts after a host boot.")
 @click.option("--restart", metavar="POLICY", help=RESTART_HELP)
+@_provision_options
 @json_option
 @pass_app
 @handle_errors
 def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disks, template, net, hostfwds, guestfwds,
-              autostart, restart, as_json):
+              autostart, restart, ssh_keys, user, hostname, user_data, network_config, as_json):
     """Create a VM (stopped); prints its id.
 
     With --image, the VM boots the image's kernel and initrd with its
@@ -185,6 +267,12 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
       tenbox vm create tiny --kernel /srv/vmlinuz --initrd /srv/initrd.img --memory 512
       tenbox vm create db --kernel /srv/vmlinuz --template /srv/debian.qcow2 --disk /srv/data.raw,serial=data
       tenbox vm create svc --image deb12 --autostart --restart on-failure:5
+      tenbox vm create box --image cloud --ssh-key ~/.ssh/id_ed25519.pub --user me --user-data init.yaml
+
+    With --ssh-key, --user, --hostname, --user-data or --network-config,
+    the VM gets a cloud-init NoCloud seed (a read-only disk labelled cidata,
+    its last) and its own instance-id: an image with cloud-init applies
+    them at its first boot.
     """
     if not kernel and not image:
         raise click.UsageError("give --image IMAGE or --kernel PATH")
@@ -197,6 +285,9 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
         payload["restart"] = restart
     if cmdline is not None:
         payload["cmdline"] = cmdline
+    provision = _cloud_init(ssh_keys, user, hostname, user_data, network_config)
+    if provision is not None:
+        payload["cloud_init"] = provision
     vm = app.client().request(Method.VM_CREATE, payload)
     if as_json:
         output.emit_json(vm)
@@ -220,11 +311,15 @@ def vm_create(app: App, name, image, kernel, initrd, cmdline, memory, cpus, disk
 @click.option("--clear-forwards", is_flag=True, help="Remove every host and guest forward.")
 @click.option("--autostart/--no-autostart", default=None, help="Start the VM when tenboxd starts after a host boot.")
 @click.option("--restart", metavar="POLICY", help=RESTART_HELP)
+@_provision_options
+@click.option("--reprovision", is_flag=True, help="A new cloud-init instance-id: the guest provisions itself "
+              "again at its next boot.")
 @json_option
 @pass_app
 @handle_errors
 def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, net, hostfwds, guestfwds,
-            clear_forwards, autostart, restart, as_json):
+            clear_forwards, autostart, restart, ssh_keys, user, hostname, user_data, network_config, reprovision,
+            as_json):
     """Change a VM's settings; hardware changes need it stopped, the network changes live.
 
     \b
@@ -233,6 +328,11 @@ def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, ne
       tenbox vm edit web --net off
       tenbox vm edit web --hostfwd tcp:127.0.0.1:8080-:80 --hostfwd udp::5353-:53
       tenbox vm edit web --restart always --autostart
+      tenbox vm edit box --ssh-key new.pub --reprovision
+
+    The cloud-init options replace the VM's values in its seed, read at its
+    next boot; the guest's cloud-init applies its once-per-instance steps
+    (users, keys, host name) again only with --reprovision.
     """
     payload = {"vm_id": vm, "name": name, "kernel": _abs(kernel), "initrd": _abs(initrd), "cmdline": cmdline,
                "memory_mb": memory, "cpus": cpus, "disks": disks or None, "net": net, "autostart": autostart,
@@ -243,6 +343,9 @@ def vm_edit(app: App, vm, name, kernel, initrd, cmdline, memory, cpus, disks, ne
         payload["hostfwds"] = list(hostfwds)
     if guestfwds:
         payload["guestfwds"] = list(guestfwds)
+    payload["cloud_init"] = _cloud_init(ssh_keys, user, hostname, user_data, network_config)
+    if reprovision:
+        payload["reprovision"] = True
     payload = {k: v for k, v in payload.items() if v is not None}
     if len(payload) == 1:
         raise click.UsageError("nothing to change: give at least one option")

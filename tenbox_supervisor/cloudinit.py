@@ -98,6 +98,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from tenbox_supervisor.fsutil import fsync_dir
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
+from tenbox_supervisor.spec import SEED_KEY
 
 log = logging.getLogger("tenboxd.cloudinit")
 
@@ -627,3 +628,25 @@ def build_seed(folder: Union[str, "os.PathLike[str]"], files: Mapping[str, bytes
             # folder that cannot be removed is worth a log line, not a failed request.
             log.warning("cannot remove %s, left from making a seed disk: %s", stage, e)
     return target
+
+
+# -- a VM's seed ------------------------------------------------------------------------------
+
+SEED_SERIAL = "cidata"  # the seed disk's virtio-blk serial (/dev/disk/by-id/virtio-cidata in the guest)
+
+
+def seed_for(folder: Union[str, "os.PathLike[str]"], stored: Mapping[str, Optional[str]]) -> Path:
+    """Build `folder`/seed.iso from a VM's stored cloud_init (spec.py CLOUD_INIT_STORED); blocks (xorriso)."""
+    user_data = stored.get("user_data_b64")
+    network_config = stored.get("network_config")
+    files = seed_files(stored.get("instance_id") or "", stored.get("hostname"), stored.get("user"),
+                       (stored.get("ssh_keys") or "").splitlines(),
+                       base64.b64decode(user_data) if user_data else None,
+                       network_config.encode("utf-8", "surrogateescape") if network_config else None)
+    return build_seed(folder, files)
+
+
+def seed_entry(path: Union[str, "os.PathLike[str]"]) -> Dict[str, object]:
+    """The VM spec's disk entry for its seed: read-only raw, tenboxd's own, marked as the seed."""
+    return {"path": str(path), "read_only": True, "serial": SEED_SERIAL, "owned": True, "format": "raw",
+            SEED_KEY: True}

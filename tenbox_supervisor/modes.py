@@ -6,7 +6,7 @@ Nothing a guest wrote is readable by other users (docs/security.md):
 | --- | --- | --- |
 | the data directory | 0750 with a socket group, else 0700 | root:tenbox |
 | vms/ and each VM folder | 0700 | root |
-| a VM's vm.json, runtime.json and its own disk (disk.qcow2) | 0600 | root |
+| a VM's vm.json, runtime.json, its own disk (disk.qcow2) and cloud-init seed (seed.iso) | 0600 | root |
 | logs/ folders (the VM's and the daemon's update log) | 2750: new files get the group | root:tenbox |
 | log files (console, runtime, update, and their rotations) | 0640 | root:tenbox |
 | images/ and each image folder | 0755; files 0444 (images.py) | root |
@@ -40,6 +40,7 @@ IMAGES_DIR_MODE = 0o755  # reached only through the data directory (its group)
 SPEC_FILES = ("vm.json", "runtime.json")
 # spec.OVERLAY_NAME, and the disks vm.disk.add makes (disk_api.ADDED_DISK, up to Limits.DISKS_MAX)
 OWN_DISKS = ("disk.qcow2",) + tuple("disk-%d.qcow2" % n for n in range(1, 8))
+SEED_FILES = ("seed.iso",)  # cloudinit.SEED_ISO: the operator's user-data may hold secrets
 LOG_SUFFIXES = ("", ".1", ".2")  # the live file and its rotations (oshost.LOG_KEEP)
 VM_LOGS = ("console.log", "runtime.log")
 DAEMON_LOGS = ("update.log",)
@@ -149,7 +150,7 @@ def secure_vm_folder(vms_fd: int, vm_id: str, owner: Owner) -> None:
     if fd is None:
         return
     try:
-        for name in SPEC_FILES + OWN_DISKS:
+        for name in SPEC_FILES + OWN_DISKS + SEED_FILES:
             _secure(fd, name, PRIVATE_FILE_MODE, owner, owner.own_gid)
         _secure_logs(fd, VM_LOGS, owner)
     finally:

@@ -10,10 +10,13 @@ checks (spec.py), so a value accepted here is one the runtime accepts.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from tenbox_supervisor import cloudinit
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import NAME_RE, ErrorCode
 from tenbox_supervisor.restart_policy import RestartPolicy
@@ -203,3 +206,56 @@ def debian_version(params: Params, required: bool = False) -> Optional[str]:
     if version is not None and (len(version) > VERSION_MAX or not VERSION_RE.match(version)):
         raise _invalid("%r is not a Debian version" % version)
     return version
+
+
+CLOUD_INIT_KEYS = ("user", "hostname", "ssh_keys", "user_data_b64", "network_config")
+_B64_MAX = (cloudinit.USER_DATA_MAX + 2) // 3 * 4 + 4
+
+
+def cloud_init(params: Params) -> Optional[Dict[str, Optional[str]]]:
+    """The `cloud_init` object of vm.create and vm.edit, checked by cloudinit.py; None when absent.
+
+    {"user", "hostname", "ssh_keys" (public key lines), "user_data_b64" (the
+    operator's user-data, base64: it may be gzip'd), "network_config"}, each
+    optional; a key given as null is removed at vm.edit. User-data comes
+    back decompressed and checked, base64 again, as the spec keeps it.
+    """
+    value = get(params, "cloud_init", dict)
+    if value is None:
+        return None
+    unknown = sorted(set(value) - set(CLOUD_INIT_KEYS))
+    if unknown:
+        raise _invalid("cloud_init has no key %r (it has %s)" % (unknown[0][:64], ", ".join(CLOUD_INIT_KEYS)))
+    out: Dict[str, Optional[str]] = {}
+    for key in CLOUD_INIT_KEYS:
+        if key not in value:
+            continue
+        item = value[key]
+        if item is None:
+            out[key] = None
+            continue
+        if not isinstance(item, str):
+            raise _invalid("cloud_init.%s must be a string" % key)
+        try:
+            out[key] = _cloud_init_item(key, item)
+        except cloudinit.ProvisionError as e:
+            raise _invalid(str(e))
+    return out
+
+
+def _cloud_init_item(key: str, item: str) -> str:
+    if key == "user":
+        return cloudinit.check_user(item)
+    if key == "hostname":
+        return cloudinit.check_hostname(item)
+    if key == "ssh_keys":
+        return "\n".join(cloudinit.check_ssh_keys(item))
+    if key == "network_config":
+        return cloudinit.check_network_config(item.encode("utf-8", "surrogateescape")).decode()
+    if len(item) > _B64_MAX:
+        raise cloudinit.ProvisionError("user-data is larger than %d KiB" % (cloudinit.USER_DATA_MAX >> 10))
+    try:
+        raw = base64.b64decode(item.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise cloudinit.ProvisionError("cloud_init.user_data_b64 is not base64") from None
+    return base64.b64encode(cloudinit.check_user_data(raw)).decode()

@@ -29,8 +29,8 @@ from tenbox_supervisor.managed_vm import ManagedVm
 from tenbox_supervisor.modes import PRIVATE_FILE_MODE
 from tenbox_supervisor.protocol import ErrorCode, EventKind, Method
 from tenbox_supervisor.snapshots import SnapshotRecord
-from tenbox_supervisor.spec import SpecError, VmSpec, new_mac
-from tenbox_supervisor.vm_api import StartGate, VmFolders
+from tenbox_supervisor.spec import SEED_KEY, SpecError, VmSpec, new_mac
+from tenbox_supervisor.vm_api import StartGate, VmFolders, build_seed, new_provision
 from tenbox_supervisor.worker_manager import WorkerManager
 from tenbox_vmm.protocol import VmState
 from tenbox_vmm.protocol.forwards import ForwardSpecError, parse_hostfwd
@@ -487,6 +487,7 @@ class SnapshotMethods:
             raise _store_error(e)
         try:
             spec.disks, _ = await self._overlays_on(rec, folder, like)
+            await self._own_seed(source, spec, folder)
             vm = self.workers.create(spec)
         except (OSError, SpecError) as e:
             self.folders.delete(spec.id)
@@ -497,6 +498,17 @@ class SnapshotMethods:
         if self.events is not None:
             self.events.emit(EventKind.VM_CREATED, vm_id=vm.id, name=name)
         return vm
+
+    @staticmethod
+    async def _own_seed(source: ManagedVm, spec: VmSpec, folder: str) -> None:
+        """A clone of a VM with a cloud-init seed gets its own: a new instance-id, so the image's
+        cloud-init provisions it as a new machine at its next boot, and its own name as host name."""
+        at = next((i for i, d in enumerate(spec.disks) if d.get(SEED_KEY)), None)
+        if at is None or not source.spec.cloud_init:
+            return
+        given = {k: v for k, v in source.spec.cloud_init.items() if k not in ("instance_id", "hostname")}
+        spec.cloud_init = new_provision(given, spec.name)
+        spec.disks[at] = await build_seed(folder, spec.cloud_init)
 
 
 class _WorkerSilent(Exception):

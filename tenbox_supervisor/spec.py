@@ -21,6 +21,9 @@ from tenbox_vmm.protocol.disk_arg import DiskArg
 
 
 OVERLAY_NAME = "disk.qcow2"  # a VM's own qcow2 overlay of its template, in its folder
+# A VM's cloud-init inputs (cloudinit.py), as vm.create checked them, and its instance-id.
+CLOUD_INIT_STORED = ("instance_id", "user", "hostname", "ssh_keys", "user_data_b64", "network_config")
+SEED_KEY = "cloud_init_seed"  # marks the disk entry of a VM's NoCloud seed (its folder's seed.iso)
 
 
 class SpecError(ValueError):
@@ -46,6 +49,8 @@ class VmSpec:
     created_at: float = 0.0
     autostart: bool = False  # started when tenboxd starts after a host boot
     restart: str = "no"  # the restart policy (restart_policy.py): no, on-failure[:N], always
+    # Provisioning by the image's cloud-init (CLOUD_INIT_STORED); empty: the VM has no seed disk.
+    cloud_init: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)  # keys from newer versions, kept as they are
 
     def to_json(self) -> Dict[str, Any]:
@@ -101,6 +106,15 @@ class VmSpec:
             RestartPolicy.parse(self.restart)
         except ValueError as e:
             raise SpecError(str(e)) from None
+        if not isinstance(self.cloud_init, dict) or not all(
+                k in CLOUD_INIT_STORED and (v is None or isinstance(v, str)) for k, v in self.cloud_init.items()):
+            raise SpecError("cloud_init must map %s to strings" % ", ".join(CLOUD_INIT_STORED))
+        if self.cloud_init and not self.cloud_init.get("instance_id"):
+            raise SpecError("cloud_init has no instance_id")
+
+    def seed_disk(self) -> Optional[Dict[str, Any]]:
+        """The disk entry of the VM's cloud-init seed, if it has one."""
+        return next((d for d in self.disks if d.get(SEED_KEY)), None)
 
     @property
     def restart_policy(self) -> RestartPolicy:

@@ -10,12 +10,13 @@ a request names through `CallerFiles` (opened with the caller's rights).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
 from typing import Any, Dict, List, Optional, Protocol, Union
 
-from tenbox_supervisor import doctor, params as P, snapshots, telemetry
+from tenbox_supervisor import cloudinit, doctor, params as P, snapshots, telemetry
 from tenbox_supervisor.api import Caller, MethodSpec
 from tenbox_supervisor.caller_files import CallerFiles, Credentials, Rights, Use
 from tenbox_supervisor.errors import ApiError, OperationError
@@ -105,6 +106,7 @@ def view(vm: ManagedVm, now: float) -> Dict[str, Any]:
         "restart": s.restart,
         "restart_status": vm.restart_status,
         "net_status": vm.net_status.to_wire() if vm.net_status is not None else None,
+        "cloud_init": _provision_view(s.cloud_init),
     }
     if pid is not None:
         out["resources"] = telemetry.process_resources(pid)
@@ -147,6 +149,42 @@ async def probe_formats(files: CallerFiles, disks: Optional[List[Dict[str, Any]]
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "disks[%d]: %s is %s, not %s" % (i, d["path"], found, d["format"]))
         else:
             d["format"] = found
+
+
+def _provision_view(stored: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What vm views show of a VM's cloud-init: never the user-data or network-config themselves
+    (they may hold secrets, and every member of the tenbox group sees vm.list), only their sizes."""
+    if not stored:
+        return None
+    user_data = stored.get("user_data_b64")
+    return {"instance_id": stored.get("instance_id"), "user": stored.get("user"), "hostname": stored.get("hostname"),
+            "ssh_keys": len((stored.get("ssh_keys") or "").splitlines()),
+            "user_data_bytes": len(base64.b64decode(user_data)) if user_data else 0,
+            "network_config_bytes": len((stored.get("network_config") or "").encode())}
+
+
+def new_provision(provision: Dict[str, Optional[str]], name: str) -> Dict[str, Any]:
+    """A new VM's stored cloud_init: the operator's values, a fresh instance-id, and the VM's name as
+    its host name unless one was given (and the name is one)."""
+    stored: Dict[str, Any] = {k: v for k, v in provision.items() if v is not None}
+    stored["instance_id"] = cloudinit.new_instance_id()
+    if "hostname" not in stored:
+        try:
+            stored["hostname"] = cloudinit.check_hostname(name)
+        except cloudinit.ProvisionError:
+            pass  # an all-digit name, say: the image keeps its own
+    return stored
+
+
+async def build_seed(folder: str, stored: Dict[str, Any]) -> Dict[str, Any]:
+    """The VM's seed.iso (re)built in `folder` off the event loop; its disk entry."""
+    try:
+        path = await asyncio.get_running_loop().run_in_executor(None, cloudinit.seed_for, folder, stored)
+    except cloudinit.ProvisionError as e:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, str(e)) from None
+    except cloudinit.SeedBuildError as e:
+        raise ApiError(ErrorCode.STORE_FAILED, "cannot make the cloud-init seed disk: %s" % e) from None
+    return cloudinit.seed_entry(path)
 
 
 def file_uses(kernel: Optional[str], initrd: Optional[str], disks: Optional[List[Dict[str, Any]]],
@@ -268,6 +306,12 @@ class VmMethods:
         if template and len(spec.disks) >= Limits.DISKS_MAX:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks"
                            % Limits.DISKS_MAX)
+        provision = P.cloud_init(params)
+        if provision is not None:
+            if len(spec.disks) + bool(template) >= Limits.DISKS_MAX:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the cloud-init seed disk: at most %d disks"
+                               % Limits.DISKS_MAX)
+            spec.cloud_init = new_provision(provision, name)
         plan = self.files.plan(caller, file_uses(kernel, initrd, spec.disks, template))
         (await self.files.open_planned(plan)).close()
         spec.named_by = {use.path: rights.uid for use, rights in plan if rights is not None}
@@ -290,6 +334,8 @@ class VmMethods:
                 backing = [entry[0] for entry in made.get("backing_chain") or []]
                 spec.disks.insert(0, {"path": overlay, "read_only": False, "serial": "", "owned": True,
                                       "format": "qcow2", "backing": backing})
+            if spec.cloud_init:
+                spec.disks.append(await build_seed(folder, spec.cloud_init))
             self.gate.check_start_allowed()  # again: no await from here to the VM being listed
             try:
                 vm = self.workers.create(spec)
@@ -328,6 +374,9 @@ class VmMethods:
             "cpus": P.cpus(params),
         }
         own = [d["path"] for d in s.disks if d.get("owned")]
+        seed = s.seed_disk()
+        if hw["disks"] is not None and seed is not None:  # the seed stays, last, whatever the new list
+            hw["disks"] = [d for d in hw["disks"] if d["path"] != seed["path"]] + [dict(seed)]
         for d in hw["disks"] or []:
             d["owned"] = d["path"] in own  # its own overlay, listed again, stays its own
         plan = self.files.plan(caller, file_uses(hw["kernel"], hw["initrd"], hw["disks"]), own)
@@ -341,6 +390,9 @@ class VmMethods:
         for key, value in (("autostart", P.get(params, "autostart", bool)), ("restart", P.restart_policy(params))):
             if value is not None and value != getattr(s, key):
                 changes[key] = value
+        provision = self._provision_change(vm, params)
+        if provision is not None:
+            changes["cloud_init"] = provision
         net = dict(s.net or {"enabled": True, "mac": new_mac(), "link_up": True, "hostfwds": [], "guestfwds": []})
         link = P.net_flag(params)
         hostfwds, guestfwds = P.forwards(params, "hostfwds"), P.forwards(params, "guestfwds")
@@ -357,6 +409,11 @@ class VmMethods:
         if net_changes:
             net.update(net_changes)
             changes["net"] = net
+        if "cloud_init" in changes:
+            # Rebuilt now, read by the guest at its next boot (a running worker keeps the old file open).
+            entry = await build_seed(self.folders.vm_dir(vm.id), changes["cloud_init"])
+            if seed is None:
+                changes["disks"] = list(changes.get("disks", s.disks)) + [entry]
         if changes:
             edited = VmSpec.from_json(dict(s.to_json(), **changes))
             named = {use.path: rights.uid for use, rights in plan if rights is not None}
@@ -366,9 +423,44 @@ class VmMethods:
             try:
                 self.workers.update_spec(vm, edited)
             except (OSError, SpecError) as e:
+                if "cloud_init" in changes and seed is not None:
+                    with contextlib.suppress(ApiError):  # the seed as the stored spec describes it
+                        await build_seed(self.folders.vm_dir(vm.id), s.cloud_init)
                 raise _stored(e)
             log.info("vm %s: edited %s", vm.id, ", ".join(sorted(changes)))
         return dict(self.view(vm), forward_failures=failures)
+
+    def _provision_change(self, vm: ManagedVm, params) -> Optional[Dict[str, Any]]:
+        """vm.edit's new cloud_init for the VM, or None when it does not change.
+
+        The values given replace the stored ones (null removes one); the
+        instance-id stays, so the guest's cloud-init does not run its
+        once-per-instance steps again, unless `reprovision` asks for a new
+        one. A VM without a seed gets one: a new disk, so only while it is
+        stopped.
+        """
+        s = vm.spec
+        given = P.cloud_init(params)
+        reprovision = P.get(params, "reprovision", bool, default=False)
+        if given is None and not reprovision:
+            return None
+        if not s.cloud_init:
+            if vm.active:
+                raise ApiError(ErrorCode.VM_RUNNING, "stop VM %s before giving it cloud-init: its seed is a new disk"
+                               % vm.id)
+            if len(s.disks) >= Limits.DISKS_MAX:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the cloud-init seed disk: at most %d disks"
+                               % Limits.DISKS_MAX)
+            return new_provision(given or {}, s.name)
+        stored = dict(s.cloud_init)
+        for key, value in (given or {}).items():
+            if value is None:
+                stored.pop(key, None)
+            else:
+                stored[key] = value
+        if reprovision:
+            stored["instance_id"] = cloudinit.new_instance_id()
+        return stored if stored != s.cloud_init else None
 
     async def _apply_net(self, vm: ManagedVm, net: Dict[str, Any], changes: Dict[str, Any]) -> List[Any]:
         """Carry network changes into the running worker; the forwards that failed there."""
