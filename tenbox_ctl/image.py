@@ -211,10 +211,24 @@ def _manifest_name(paths: List[str]) -> Optional[str]:
     return None
 
 
-def _import(app: App, paths: List[str], name: Optional[str], as_json: bool) -> None:
+def _is_disk(paths: List[str]) -> bool:
+    """One file that is not a manifest: a distribution's cloud image (a raw or qcow2 disk)."""
+    return len(paths) == 1 and not os.path.isdir(paths[0]) and not paths[0].endswith(".json")
+
+
+def _import(app: App, paths: List[str], name: Optional[str], as_json: bool, sha256: Optional[str] = None) -> None:
     paths = [os.path.abspath(p) for p in paths]
     payload: Dict[str, Any] = {"name": name}
-    if len(paths) == 1 and os.path.isdir(paths[0]):
+    disk = _is_disk(paths)
+    if disk:
+        if not name:
+            raise click.UsageError("a cloud image needs --name (it has no manifest to name it)")
+        payload["disk"] = paths[0]
+        if sha256:
+            payload["sha256"] = sha256
+    elif sha256:
+        raise click.UsageError("--sha256 is for a cloud image (one disk file); a manifest has its own digests")
+    elif len(paths) == 1 and os.path.isdir(paths[0]):
         payload["path"] = paths[0]
     else:
         payload["files"] = paths
@@ -240,19 +254,31 @@ def _import(app: App, paths: List[str], name: Optional[str], as_json: bool) -> N
     img = result["image"]
     if as_json:
         output.emit_json(img)
+    elif disk:
+        click.echo("%s: imported in %.0fs (%s, %s)" % (
+            img["name"], time.monotonic() - started, output.size(img.get("size")),
+            "its sha256 matched --sha256" if sha256 else "no --sha256 given: not verified"))
     else:
         click.echo("%s: imported in %.0fs (%s, every sha256 matched the manifest)"
                    % (img["name"], time.monotonic() - started, output.size(img.get("size"))))
 
 
 @image_group.command("import")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True), metavar="DIR | MANIFEST FILE...")
-@click.option("--name", help="Name in the store (default: the manifest's name).")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True),
+                metavar="DIR | MANIFEST FILE... | CLOUD-IMAGE")
+@click.option("--name", help="Name in the store (default: the manifest's name; required for a cloud image).")
+@click.option("--sha256", metavar="HEX", help="A cloud image's expected sha256 (its SHA256SUMS line).")
 @json_option
 @pass_app
 @handle_errors
-def image_import(app: App, sources, name: Optional[str], as_json: bool):
-    """Import an image: a folder with manifest.json, or a manifest (*.json) and the files it names.
+def image_import(app: App, sources, name: Optional[str], sha256: Optional[str], as_json: bool):
+    """Import an image: a folder with manifest.json, a manifest (*.json) and the files it names, or a
+    distribution's cloud image (one raw or qcow2 disk).
+
+    A cloud image's kernel and initrd are those of its bootloader's default
+    entry (grub.cfg, or BLS entries), read from its ext2/3/4 /boot without
+    mounting it; the disk becomes the template, booted with that entry's
+    command line. Give --sha256 to check the download.
 
     Every file's size and sha256 must match the manifest; the rootfs must be
     of its declared format, with no backing file. Nothing enters the store
@@ -263,9 +289,10 @@ def image_import(app: App, sources, name: Optional[str], as_json: bool):
     Example:
       tenbox image import /var/cache/tenbox/images/debian-bookworm --name deb12
       tenbox image import ~/dl/manifest.json ~/dl/vmlinuz ~/dl/initrd.img ~/dl/rootfs.qcow2 --name mine
+      tenbox image import debian-12-genericcloud-amd64.qcow2 --name deb12-cloud --sha256 9f0c...
     """
     _check_name(name)
-    _import(app, list(sources), name, as_json)
+    _import(app, list(sources), name, as_json, sha256)
 
 
 @image_group.command("rm")

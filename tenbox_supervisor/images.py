@@ -50,6 +50,7 @@ SPACE_RESERVE_BYTES = 256 << 20
 COPY_BLOCK = 1 << 20
 _ZEROS = bytes(COPY_BLOCK)
 TMP_PREFIX = ".import-"
+DISK_STAGED = "disk.staged"  # a cloud image's disk in the import folder, before its format is known
 TRASH_PREFIX = ".deleted-"
 TEMPLATE_MODE = 0o444
 HOST_ARCH = platform.machine()
@@ -220,7 +221,7 @@ def hash_file(path: str, progress: Optional[Progress] = None) -> Tuple[int, str]
             size += len(block)
 
 
-def _remove_tree(path: str) -> None:
+def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -345,7 +346,7 @@ class ImageStore:
         for entry in os.listdir(self.images_dir):
             if entry.startswith(TMP_PREFIX) or entry.startswith(TRASH_PREFIX):
                 log.warning("removing %s, left by an interrupted import or removal", entry)
-                _remove_tree(os.path.join(self.images_dir, entry))
+                remove_tree(os.path.join(self.images_dir, entry))
 
     def image_dir(self, name: str) -> str:
         if not NAME_RE.match(name):
@@ -430,13 +431,38 @@ class ImageStore:
                                      % (src, digest, entry["sha256"]))
             return tmp
         except OSError as e:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ImageError(ErrorCode.INSUFFICIENT_SPACE, "the disk of %s filled up during the import"
                                  % self.images_dir) from None
             raise ImageError(ErrorCode.STORE_FAILED, "cannot copy %s: %s" % (e.filename or "a file", e.strerror)) from None
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
+            raise
+
+    def copy_disk(self, name: str, src: str, fd: int, size: int, expected_sha256: Optional[str],
+                  progress: Progress) -> Tuple[str, str]:
+        """A cloud image's disk copied into a new hidden folder as DISK_STAGED (a thread runs this): (folder, sha256).
+
+        Its sha256, computed while copying, must be `expected_sha256` when one
+        was given (image_corrupt otherwise); the folder is removed on any failure.
+        """
+        tmp = os.path.join(self.images_dir, "%s%s-%s" % (TMP_PREFIX, name, secrets.token_hex(4)))
+        os.mkdir(tmp, 0o755)
+        try:
+            progress.file = os.path.basename(src)
+            digest = copy_and_hash(fd, src, os.path.join(tmp, DISK_STAGED), size, progress)
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise ImageError(ErrorCode.IMAGE_CORRUPT, "%s: sha256 %s, --sha256 says %s" % (src, digest, expected_sha256))
+            return tmp, digest
+        except OSError as e:
+            remove_tree(tmp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ImageError(ErrorCode.INSUFFICIENT_SPACE, "the disk of %s filled up during the import"
+                                 % self.images_dir) from None
+            raise ImageError(ErrorCode.STORE_FAILED, "cannot copy %s: %s" % (src, e.strerror)) from None
+        except BaseException:
+            remove_tree(tmp)
             raise
 
     def finish_import(self, name: str, tmp: str, manifest: Dict[str, Any]) -> Image:
@@ -454,15 +480,15 @@ class ImageStore:
             os.rename(tmp, final)
             fsync_dir(self.images_dir)
         except OSError as e:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise ImageError(ErrorCode.STORE_FAILED, "cannot store image %s: %s" % (name, e.strerror)) from None
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         return Image(name, final, stored)
 
     def discard(self, tmp: str) -> None:
-        _remove_tree(tmp)
+        remove_tree(tmp)
 
     def end_import(self, name: str) -> None:
         self.pending.pop(name, None)
@@ -478,7 +504,7 @@ class ImageStore:
             fsync_dir(self.images_dir)
         except OSError as e:
             raise ImageError(ErrorCode.STORE_FAILED, "cannot remove image %s: %s" % (name, e.strerror)) from None
-        _remove_tree(trash)
+        remove_tree(trash)
 
     # Checking -------------------------------------------------------------------------------
 

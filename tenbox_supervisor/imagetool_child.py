@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from tenbox_supervisor.errors import ApiError
 from tenbox_supervisor.protocol import ErrorCode
@@ -23,13 +23,15 @@ IMAGETOOL_TIMEOUT_SEC = 120
 
 
 async def run_imagetool(*args: str, timeout: float = IMAGETOOL_TIMEOUT_SEC,
-                        as_user: Optional[List[str]] = None) -> Dict[str, Any]:
+                        as_user: Optional[List[str]] = None, pass_fds: Sequence[int] = (),
+                        env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Run `python3 -m tenbox_vmm.imagetool ARGS` (after the `as_user` prefix, Credentials.setpriv_argv());
-    its JSON result, or ApiError with its message."""
+    its JSON result, or ApiError with its message. `pass_fds` stay open in the tool (its `--fd N:PATH`);
+    `env` replaces the daemon's environment."""
     proc = await asyncio.create_subprocess_exec(
         *(as_user or []), sys.executable, "-m", IMAGETOOL_MODULE, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
-        cwd="/")
+        cwd="/", pass_fds=tuple(pass_fds), env=env)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:

@@ -95,6 +95,17 @@ def file_path(params: Params, key: str, required: bool = False) -> Optional[str]
     return os.path.normpath(path)
 
 
+SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def sha256(params: Params, key: str) -> Optional[str]:
+    """A sha256 digest: 64 hex digits, returned in lowercase."""
+    value = get(params, key, str)
+    if value is not None and not SHA256_RE.match(value.lower()):
+        raise _invalid("%s must be 64 hexadecimal digits" % key)
+    return value.lower() if value is not None else None
+
+
 def image_sources(params: Params, most: int) -> Tuple[List[str], bool]:
     """image.import's sources, normalised: ([path], True) for `path` (a folder), (files, False) for `files` (a manifest and its files)."""
     path = get(params, "path", str)

@@ -1,4 +1,4 @@
-"""Disk image chores in a short-lived process: create, overlay, inspect (CLI user or daemon, run as a child).
+"""Disk image chores in a short-lived process: create, overlay, inspect, boot files (CLI or daemon, as a child).
 
 tenboxd and the CLI run this module instead of importing the disk code:
 parsing images operators hand over is untrusted input, and it stays out of
@@ -10,6 +10,13 @@ the message is also one line on stderr, for people.
     python3 -m tenbox_vmm.imagetool overlay --backing TEMPLATE --out PATH
     python3 -m tenbox_vmm.imagetool info PATH
     python3 -m tenbox_vmm.imagetool resize PATH --size 20G|+5G [--format qcow2|raw]
+    python3 -m tenbox_vmm.imagetool [--fd N:IMAGE] boot-files IMAGE --out DIR
+
+boot-files (tenbox_vmm/bootfiles.py) answers {"kernel": "vmlinuz", "initrd":
+"initrd.img" or null, "cmdline", "title", "table": "gpt"|"mbr"|"none",
+"root_partition", "boot_partition", "fs_uuid", "config", "kernel_path",
+"initrd_paths"} and leaves DIR/vmlinuz and DIR/initrd.img; on a refusal DIR
+is left as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import List, NoReturn, Optional
 
@@ -44,6 +52,11 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = _Parser(prog=PROG, description="Create and inspect tenbox disk images.")
+    p.add_argument("--fd", action="append", default=[], metavar="FD:PATH",
+                   help="descriptor FD, inherited open, stands for file PATH (tenboxd passes an image so to a tool "
+                   "run as a user who may not open it)")
+    p.add_argument("--cwd-fd", type=int, metavar="FD", help="run in the folder open as descriptor FD (tenboxd gives "
+                   "boot-files its output folder so, inside a data directory the tool's user cannot traverse)")
     sub = p.add_subparsers(dest="cmd")
     c = sub.add_parser("create", help="a new empty image")
     c.add_argument("path")
@@ -62,14 +75,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("path")
     r.add_argument("--size", required=True)
     r.add_argument("--format", choices=("qcow2", "raw"), help="the image's format (default: probed)")
+    b = sub.add_parser("boot-files", help="extract a cloud image's default kernel and initrd into DIR",
+                       description="Find the default boot entry (grub.cfg or BLS) of a distribution cloud image "
+                       "(raw or qcow2, GPT, MBR or no table, ext2/3/4) and write its kernel and initrd into DIR "
+                       "as vmlinuz and initrd.img; print the entry as JSON. Example: tenbox-image boot-files "
+                       "debian-12-genericcloud-amd64.qcow2 --out /tmp/boot")
+    b.add_argument("path")
+    b.add_argument("--out", required=True, metavar="DIR", help="an existing folder without vmlinuz or initrd.img")
     args = p.parse_args(argv)
     if not args.cmd:
-        p.error("a command is required: create, overlay or info")
+        p.error("a command is required: create, overlay, info, resize or boot-files")
 
+    from tenbox_vmm import passed_files
+    from tenbox_vmm.protocol.sandbox import PassedFile
+
+    for text in args.fd:
+        try:
+            passed_files.add_arg(PassedFile.parse(text))
+        except ValueError as e:
+            p.error(str(e))
+        except OSError as e:
+            p.error("--fd %s: descriptor not open (%s)" % (text, e.strerror))
+
+    if args.cwd_fd is not None:
+        try:
+            os.fchdir(args.cwd_fd)
+            os.close(args.cwd_fd)
+        except OSError as e:
+            p.error("--cwd-fd %d: %s" % (args.cwd_fd, e.strerror))
+
+    from tenbox_vmm.bootfiles import BootFilesError, extract_boot_files
     from tenbox_vmm.disk import DiskError, DiskPermissionError, create_qcow2, image_info
 
     try:
-        if args.cmd == "info":
+        if args.cmd == "boot-files":
+            # SIGTERM unwinds like an error, so the work folder in DIR is removed (SIGKILL leaves it to the caller).
+            signal.signal(signal.SIGTERM, _terminated)
+            result = extract_boot_files(args.path, args.out)
+        elif args.cmd == "info":
             result = image_info(args.path)
         elif args.cmd == "resize":
             result = _resize(args.path, args.size, args.format)
@@ -93,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 fmt = image_info(backing)["format"] if backing else None
                 create_qcow2(args.path, size, cluster_size=args.cluster_size, backing=backing, backing_fmt=fmt)
             result = image_info(args.path)
+    except BootFilesError as e:
+        return _fail(e.code, e.message)
     except DiskPermissionError as e:
         return _fail(ImageToolCode.DENIED, str(e))
     except (DiskError, ValueError) as e:
@@ -111,6 +156,10 @@ def _resize(path: str, size_text: str, fmt: Optional[str]) -> dict:
     with open_disk(path, read_only=False, fmt=fmt or image_info(path)["format"]) as disk:
         disk.grow(parse_new_size(size_text, disk.size))
     return image_info(path)
+
+
+def _terminated(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(_fail(ImageToolCode.IO_ERROR, "terminated by signal %d" % signum))
 
 
 def _refuse_existing(path: str) -> None:

@@ -52,6 +52,10 @@ class ImageToolCode(str, enum.Enum):
     BAD_IMAGE = "bad_image"  # not an image the disk code accepts, or a size or option it refuses
     IO_ERROR = "io_error"  # the file system said no: missing, unreadable, no space
     DENIED = "denied"  # the image or a backing file may not be opened with the tool's (the caller's) rights
+    # boot-files: no boot configuration, default entry, kernel or initrd in the image (the message says which)
+    NO_KERNEL = "no_kernel"
+    UNSUPPORTED = "unsupported"  # boot-files: a file system tenbox does not read (xfs, btrfs), a non-x86 kernel
+    TOOL_MISSING = "tool_missing"  # a host tool the command needs is not installed (debugfs: e2fsprogs)
 
 
 class ImageToolFailed(Exception):
