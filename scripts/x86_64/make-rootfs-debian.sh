@@ -4,7 +4,7 @@
 #   make-rootfs-debian.sh [--suite SUITE] [--name NAME] [--out DIR] [--size SIZE]
 #                         [--packages P1,P2,...] [--hostname NAME] [--ssh-key FILE|KEY]
 #                         [--mirror URL] [--security-mirror URL|none] [--cache-dir DIR]
-#                         [--refresh] [--check]
+#                         [--layout plain|cloud] [--refresh] [--check]
 #
 # debootstraps SUITE (default bookworm, --variant=minbase) from Debian's
 # mirror, installs what a VM needs (systemd, udev, systemd-networkd and
@@ -36,11 +36,22 @@
 #                    and sha256, the kernel command line to boot them with
 #   .stamp           the digest of this script and its inputs
 #
+# --layout cloud makes a whole disk shaped like Debian's genericcloud image
+# instead of a bare file system (the default, --layout plain): a GPT with
+# partition 14 "BIOS boot" (3 MiB), 15 an EFI system partition (vfat, empty)
+# and 1 the root (ext4, from 128 MiB to the end of --size); /boot/grub/grub.cfg
+# made by Debian's own grub-mkconfig with root=PARTUUID=...; cloud-init
+# (datasource_list NoCloud, None: without a seed nothing waits for a metadata
+# service), openssh-server and sudo; /etc/fstab by PARTUUID. DIR then holds
+# disk.qcow2 (the partitioned disk) where the plain layout has rootfs.qcow2;
+# vmlinuz and initrd.img are the same copies of /boot, and the manifest says
+# "layout": "cloud" and boots the disk with root=PARTUUID=... .
+#
 # `tenbox image import DIR --name NAME` puts DIR into tenboxd's image store
 # (`tenbox image build debian` runs this script and imports the result).
 #
 # Cached and idempotent: a rerun with the same inputs (this script, suite,
-# mirrors, packages, size, hostname, key, name) finds DIR/.stamp and does
+# mirrors, packages, size, hostname, key, name, layout) finds DIR/.stamp and does
 # nothing; --refresh builds again anyway (to pick up new Debian updates).
 # Downloaded .debs are kept in --cache-dir (default DIR/../.debs/SUITE-amd64)
 # for later builds. The build happens in a temporary folder beside DIR,
@@ -69,6 +80,27 @@ INITRAMFS_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4"
 # tenbox-vm-runtime's default command line (tenbox_vmm/machine.py); the manifest adds the root.
 CMDLINE_BASE="console=ttyS0 reboot=k panic=1 pci=off nomodeset tsc=reliable no_timer_check io_delay=none random.trust_cpu=on"
 ROOT_DEVICE=/dev/vda
+# --layout cloud: what Debian's genericcloud image has on top (debian-cloud-images'
+# package lists): cloud-init, sshd for the keys it installs, sudo for its default
+# user, GRUB's tools (grub2-common has grub-mkconfig and update-grub, which the
+# kernel's postinst hook runs in the guest after an upgrade; grub-pc-bin lets the
+# guest run grub-install), and growpart for cloud-init to grow the root partition.
+CLOUD_PACKAGES="cloud-init openssh-server sudo grub2-common grub-pc-bin cloud-guest-utils"
+# The GPT of Debian's genericcloud image (debian-cloud-images, the partition
+# hook for amd64), in 512-byte sectors: 14 BIOS boot at 1 MiB, 15 the EFI
+# system partition at 4 MiB, 1 the root from 128 MiB to the last MiB (the
+# backup GPT is in the last 33 sectors).
+SECTOR_BYTES=512
+BIOS_BOOT_START=2048 BIOS_BOOT_SECTORS=6144
+ESP_START=8192 ESP_SECTORS=253952
+ROOT_START=262144
+DISK_TAIL_SECTORS=2048
+GPT_TYPE_BIOS_BOOT=21686148-6449-6E6F-744E-656564454649
+GPT_TYPE_ESP=C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+GPT_TYPE_ROOT_X86_64=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709
+# The kernel command line of Debian's genericcloud grub.cfg (grub-cloud-amd64's
+# /etc/default/grub): the console on the screen and on the first serial port.
+CLOUD_GRUB_CMDLINE="console=tty0 console=ttyS0,115200 earlyprintk=ttyS0,115200 consoleblank=0"
 # Free space needed before debootstrap starts: the chroot (~600 MiB with the
 # kernel), the ext4 image of it and its qcow2 copy, with room to spare.
 MIN_FREE_MB=2048
@@ -84,6 +116,7 @@ ssh_key=""
 mirror=http://deb.debian.org/debian
 security_mirror=http://deb.debian.org/debian-security
 cache_dir=""
+layout=plain
 refresh=0
 check_only=0
 
@@ -121,6 +154,8 @@ while [ $# -gt 0 ]; do
         --security-mirror=*) security_mirror=${1#*=}; shift ;;
         --cache-dir) need_arg "$1" $#; cache_dir=$2; shift 2 ;;
         --cache-dir=*) cache_dir=${1#*=}; shift ;;
+        --layout) need_arg "$1" $#; layout=$2; shift 2 ;;
+        --layout=*) layout=${1#*=}; shift ;;
         --refresh) refresh=1; shift ;;
         --check) check_only=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -136,6 +171,11 @@ printf '%s' "$hostname_" | grep -Eq '^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])
     || die_usage "--hostname '$hostname_' is not a valid host name"
 case "$mirror" in http://*|https://*) ;; *) die_usage "--mirror must be an http:// or https:// URL" ;; esac
 case "$security_mirror" in http://*|https://*|none) ;; *) die_usage "--security-mirror must be a URL or 'none'" ;; esac
+case "$layout" in
+    plain) ;;
+    cloud) STAGES=8 ;;
+    *) die_usage "--layout '$layout' is neither plain (a bare ext4 root) nor cloud (a GPT disk like Debian's genericcloud)" ;;
+esac
 case "$size" in
     *[!0-9KMGTkmgt]*|"") die_usage "--size '$size' is not a size such as 2G or 1536M" ;;
 esac
@@ -176,7 +216,29 @@ stamp_want=$( {
     sha256sum "$0" | cut -d' ' -f1
     printf 'recipe=%s\narch=%s\nsuite=%s\nname=%s\nsize=%s\npackages=%s\nhostname=%s\nkey=%s\nmirror=%s\nsecurity=%s\n' \
         "$RECIPE" "$ARCH" "$suite" "$name" "$size_bytes" "$extra" "$hostname_" "$key_line" "$mirror" "$security_mirror"
+    # The layout only when it is not the default: a plain build's inputs read as before --layout.
+    [ "$layout" = plain ] || printf 'layout=%s\n' "$layout"
 } | sha256sum | cut -d' ' -f1)
+
+if [ "$layout" = cloud ]; then
+    # The same inputs give the same identifiers: the file system's UUID as the
+    # plain layout makes it, the GPT's from the stamp and what they name.
+    # (Every VM of an image shares them, as every VM of a distribution's cloud image does.)
+    ids=$(printf '%s' "$stamp_want" | /usr/bin/python3 -c '
+import hashlib, sys, uuid
+stamp = sys.stdin.read()
+print(uuid.UUID(stamp[:32]))
+for what in ("disk", "root-partition", "esp-partition", "esp-volume"):
+    print(uuid.UUID(hashlib.sha256(("%s:%s" % (stamp, what)).encode()).hexdigest()[:32]))')
+    # shellcheck disable=SC2086 # five words
+    set -- $ids
+    fs_uuid=$1 disk_guid=$2 root_partuuid=$3 esp_partuuid=$4
+    esp_volume_id=$(printf '%s' "$5" | tr -d - | cut -c1-8)
+    image_file=disk.qcow2
+    ROOT_DEVICE=PARTUUID=$root_partuuid
+else
+    image_file=rootfs.qcow2
+fi
 
 up_to_date() {
     [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$stamp_want" ] && [ -f "$out/manifest.json" ] || return 1
@@ -207,6 +269,11 @@ fi
 for tool in debootstrap mkfs.ext4 qemu-img unshare chroot sha256sum flock /usr/bin/python3; do
     command -v "$tool" >/dev/null 2>&1 || die_env "$tool not found (apt-get install debootstrap e2fsprogs qemu-utils util-linux)"
 done
+if [ "$layout" = cloud ]; then
+    for tool in sfdisk mkfs.vfat; do
+        command -v "$tool" >/dev/null 2>&1 || die_env "$tool not found (apt-get install fdisk dosfstools)"
+    done
+fi
 # mkfs.ext4 -d (populate from a folder) arrived in e2fsprogs 1.43.
 mkfs_usage=$(mkfs.ext4 2>&1 || true)
 case "$mkfs_usage" in *"[-d "*) ;; *) die_env "this mkfs.ext4 has no -d option (e2fsprogs 1.43 or later is needed)" ;; esac
@@ -251,7 +318,9 @@ unshare --mount --propagation private \
     || fail "debootstrap $suite from $mirror failed (see above; is the suite name right and the mirror reachable?)"
 
 # --- 2. packages -----------------------------------------------------------
-stage "packages: $BASE_PACKAGES systemd-resolved${extra:+ + $extra}"
+layout_packages=""
+[ "$layout" = plain ] || layout_packages=$CLOUD_PACKAGES
+stage "packages: $BASE_PACKAGES systemd-resolved${layout_packages:+ $layout_packages}${extra:+ + $extra}"
 {
     echo "deb $mirror $suite main"
     case "$suite" in
@@ -298,11 +367,11 @@ unshare --mount --propagation private sh -euc '
     resolved=""
     if chroot "$root" apt-cache show systemd-resolved >/dev/null 2>&1; then resolved=systemd-resolved; fi
     chroot "$root" apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold $resolved "$@"
-' sh "$root" "$cache_dir/apt" $BASE_PACKAGES $extra >>"$log" 2>&1 \
+' sh "$root" "$cache_dir/apt" $BASE_PACKAGES $layout_packages $extra >>"$log" 2>&1 \
     || fail "installing the packages failed (see above; a name in --packages that $suite does not have?)"
 
 # --- 3. configure ----------------------------------------------------------
-stage "configure: hostname $hostname_, root on $ROOT_DEVICE, console ttyS0, DHCP${key_line:+, SSH key for root}"
+stage "configure: hostname $hostname_, root on $ROOT_DEVICE, console ttyS0, DHCP${key_line:+, SSH key for root}${layout_packages:+, cloud-init (NoCloud)}"
 echo "$hostname_" >"$root/etc/hostname"
 cat >"$root/etc/hosts" <<EOF
 127.0.0.1	localhost
@@ -311,10 +380,55 @@ cat >"$root/etc/hosts" <<EOF
 ff02::1		ip6-allnodes
 ff02::2		ip6-allrouters
 EOF
-cat >"$root/etc/fstab" <<EOF
+if [ "$layout" = plain ]; then
+    cat >"$root/etc/fstab" <<EOF
 # tenbox: the VM's own qcow2 overlay of the template is its first virtio disk.
 $ROOT_DEVICE	/	ext4	rw,errors=remount-ro	0	1
 EOF
+else
+    # As Debian's genericcloud: by partition UUID, whatever the disk is called in
+    # the VM; systemd grows the root file system when the partition has grown
+    # (cloud-init's growpart grows the partition when the disk has). The EFI
+    # system partition is empty: nofail, a VM boots without it.
+    cat >"$root/etc/fstab" <<EOF
+# tenbox (make-rootfs-debian.sh --layout cloud): the partitions of the image's disk.
+PARTUUID=$root_partuuid	/	ext4	rw,discard,errors=remount-ro,x-systemd.growfs	0	1
+PARTUUID=$esp_partuuid	/boot/efi	vfat	defaults,nofail	0	0
+EOF
+    mkdir -p "$root/boot/efi" "$root/boot/grub" "$root/etc/cloud/cloud.cfg.d" "$root/etc/default/grub.d"
+    # Without a datasource_list cloud-init tries its whole built-in list, network
+    # metadata services (EC2, OpenStack, ...) among them, which tenbox has not;
+    # 95 sorts after the 90_dpkg.cfg that debconf may write with such a list.
+    cat >"$root/etc/cloud/cloud.cfg.d/95_tenbox.cfg" <<'EOF'
+# tenbox (make-rootfs-debian.sh --layout cloud): a VM's user, keys, host name
+# and user-data come from a NoCloud seed (a disk labelled cidata). Without a
+# seed cloud-init goes on with the None data source (the image's defaults)
+# and probes no network metadata service.
+datasource_list: [ NoCloud, None ]
+# As Debian's genericcloud image: the host name from the seed in /etc/hosts.
+manage_etc_hosts: true
+# The locale the image has (cloud-init's default, en_US.UTF-8, is not
+# generated: Debian's locale-gen makes only what /etc/locale.gen lists).
+locale: C.UTF-8
+EOF
+    # Debian's genericcloud settings (grub-cloud-amd64's /etc/default/grub, no
+    # menu timeout), and root by PARTUUID also when update-grub runs in the guest
+    # (a kernel upgrade), where grub-probe finds the real disk.
+    cat >"$root/etc/default/grub.d/15_tenbox.cfg" <<EOF
+# tenbox (make-rootfs-debian.sh --layout cloud): as Debian's genericcloud image.
+GRUB_TIMEOUT=0
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="$CLOUD_GRUB_CMDLINE"
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --speed=115200"
+GRUB_DISABLE_LINUX_UUID=true
+GRUB_DISABLE_LINUX_PARTUUID=false
+EOF
+    if [ ! -e "$root/etc/default/grub" ] && [ -f "$root/usr/share/grub/default/grub" ]; then
+        # What grub-pc's postinst would install (grub2-common ships the template only).
+        cp "$root/usr/share/grub/default/grub" "$root/etc/default/grub"
+    fi
+fi
 mkdir -p "$root/etc/systemd/network"
 cat >"$root/etc/systemd/network/80-tenbox-dhcp.network" <<'EOF'
 # tenbox: DHCP on the VM's network card (virtio-net; tenbox's NAT answers).
@@ -385,35 +499,126 @@ chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' | sort >"$work/out/pac
 debian_version=$(cat "$root/etc/debian_version")
 say "kernel $release, initramfs $(($(wc -c <"$work/out/initrd.img") >> 10)) KiB, Debian $debian_version, $(wc -l <"$work/out/packages.txt") packages"
 
-# --- 5. ext4 ---------------------------------------------------------------
+# --- 5. grub.cfg (--layout cloud) -------------------------------------------
+if [ "$layout" = cloud ]; then
+    stage "grub.cfg by grub-mkconfig: root=PARTUUID=$root_partuuid, search --fs-uuid $fs_uuid"
+    # grub-mkconfig asks grub-probe which device holds / and /boot, and that
+    # device's file system, UUIDs and partition map; it takes no preset
+    # GRUB_DEVICE*, and the /etc/grub.d scripts ask grub-probe again. The chroot
+    # has no disk (the disk is made from it afterwards), so for this one run
+    # grub-probe answers for the disk the next stage makes. Debian builds its
+    # cloud images the same way (debian-cloud-images: a grub-probe of its own
+    # for grub-mkconfig, the device named PARTUUID=...; 10_linux puts that on
+    # the command line when /dev/disk/ does not know the UUIDs, as in a chroot).
+    # It is bind-mounted over Debian's in a private mount namespace: the image
+    # keeps the real one, which update-grub in the guest uses.
+    cat >"$work/grub-probe" <<EOF
+#!/bin/sh
+# make-rootfs-debian.sh --layout cloud: grub-probe for grub-mkconfig in the build chroot.
+target=
+while [ \$# -gt 0 ]; do
+    case "\$1" in
+        -t|--target) target=\$2; shift 2 ;;
+        --target=*) target=\${1#*=}; shift ;;
+        *) shift ;;
+    esac
+done
+case "\$target" in
+    device) echo "PARTUUID=$root_partuuid" ;;
+    fs) echo ext2 ;;
+    fs_uuid) echo "$fs_uuid" ;;
+    partuuid) echo "$root_partuuid" ;;
+    partmap) echo gpt ;;
+    abstraction) ;;
+    drive) echo "(hd0,gpt1)" ;;
+    compatibility_hint) echo hd0,gpt1 ;;
+    hints_string) echo "--hint-bios=hd0,gpt1 --hint-efi=hd0,gpt1 --hint-baremetal=ahci0,gpt1 " ;;
+    *) echo "grub-probe (make-rootfs-debian.sh): no answer for --target=\$target" >&2; exit 1 ;;
+esac
+EOF
+    chmod 755 "$work/grub-probe"
+    # shellcheck disable=SC2016 # $1.. expanded inside the namespace
+    unshare --mount --propagation private sh -euc '
+        root=$1; probe=$2
+        mount --bind "$probe" "$root/usr/sbin/grub-probe"
+        export LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+        chroot "$root" grub-mkconfig -o /boot/grub/grub.cfg
+    ' sh "$root" "$work/grub-probe" >>"$log" 2>&1 || fail "grub-mkconfig failed"
+    grep -Eq "^[[:space:]]*linux[[:space:]]+/boot/vmlinuz-$release root=PARTUUID=$root_partuuid " "$root/boot/grub/grub.cfg" \
+        || fail "grub.cfg has no entry for /boot/vmlinuz-$release with root=PARTUUID=$root_partuuid"
+    grep -q -- "--fs-uuid --set=root .*$fs_uuid\$" "$root/boot/grub/grub.cfg" \
+        || fail "grub.cfg does not search for the root file system by its UUID $fs_uuid"
+fi
+
+# --- 5/6. ext4 (--layout plain) or the GPT disk (--layout cloud) ------------
 used_mb=$(( $(du -sxm "$root" | cut -f1) ))
-stage "ext4 image of $used_mb MiB of files, size $size"
-# ext4 needs room for its own metadata and a margin for the guest.
-[ $((used_mb * 5 / 4 + 64)) -le "$size_mb" ] \
-    || die_usage "the files take $used_mb MiB: --size $size is too small (use at least $((used_mb * 3 / 2 + 128))M)"
-# The ext4 file holds the files (sparse beyond them) and the qcow2 copy is smaller still.
-avail=$(free_mb "$work")
-[ "$avail" -ge $((used_mb * 2 + 256)) ] \
-    || die_space "not enough free space in $parent for the image: ${avail} MiB free, $((used_mb * 2 + 256)) MiB needed"
-truncate -s "$size_bytes" "$work/rootfs.ext4"
-# The same inputs give the same file system UUID.
-uuid=$(printf '%s' "$stamp_want" | /usr/bin/python3 -c 'import sys, uuid; print(uuid.UUID(sys.stdin.read()[:32]))')
-mkfs.ext4 -q -F -d "$root" -L tenbox-root -U "$uuid" -m 1 -E root_owner=0:0 "$work/rootfs.ext4" >>"$log" 2>&1 \
-    || fail "mkfs.ext4 -d failed"
+if [ "$layout" = plain ]; then
+    stage "ext4 image of $used_mb MiB of files, size $size"
+    # ext4 needs room for its own metadata and a margin for the guest.
+    [ $((used_mb * 5 / 4 + 64)) -le "$size_mb" ] \
+        || die_usage "the files take $used_mb MiB: --size $size is too small (use at least $((used_mb * 3 / 2 + 128))M)"
+    # The ext4 file holds the files (sparse beyond them) and the qcow2 copy is smaller still.
+    avail=$(free_mb "$work")
+    [ "$avail" -ge $((used_mb * 2 + 256)) ] \
+        || die_space "not enough free space in $parent for the image: ${avail} MiB free, $((used_mb * 2 + 256)) MiB needed"
+    truncate -s "$size_bytes" "$work/rootfs.ext4"
+    # The same inputs give the same file system UUID.
+    uuid=$(printf '%s' "$stamp_want" | /usr/bin/python3 -c 'import sys, uuid; print(uuid.UUID(sys.stdin.read()[:32]))')
+    mkfs.ext4 -q -F -d "$root" -L tenbox-root -U "$uuid" -m 1 -E root_owner=0:0 "$work/rootfs.ext4" >>"$log" 2>&1 \
+        || fail "mkfs.ext4 -d failed"
+    raw=$work/rootfs.ext4
+else
+    stage "GPT disk of $size: BIOS boot, EFI system (vfat), root (ext4) of $used_mb MiB of files"
+    disk_sectors=$((size_bytes / SECTOR_BYTES))
+    # The root partition ends on a MiB boundary, before the last MiB (the backup GPT).
+    root_sectors=$(( (disk_sectors - ROOT_START - DISK_TAIL_SECTORS) / 2048 * 2048 ))
+    root_mb=$((root_sectors * SECTOR_BYTES >> 20))
+    overhead_mb=$((size_mb - root_mb))
+    [ $((used_mb * 5 / 4 + 64)) -le "$root_mb" ] \
+        || die_usage "the files take $used_mb MiB: --size $size is too small for them and the ${overhead_mb} MiB before the root partition (use at least $((used_mb * 3 / 2 + 128 + overhead_mb))M)"
+    # The disk file holds the files (sparse elsewhere) and the qcow2 copy is smaller still.
+    avail=$(free_mb "$work")
+    [ "$avail" -ge $((used_mb * 2 + 256)) ] \
+        || die_space "not enough free space in $parent for the image: ${avail} MiB free, $((used_mb * 2 + 256)) MiB needed"
+    raw=$work/disk.raw
+    truncate -s "$size_bytes" "$raw"
+    sfdisk -q "$raw" >>"$log" 2>&1 <<EOF || fail "sfdisk could not write the partition table"
+label: gpt
+label-id: $disk_guid
+unit: sectors
+
+p14 : start=$BIOS_BOOT_START, size=$BIOS_BOOT_SECTORS, type=$GPT_TYPE_BIOS_BOOT
+p15 : start=$ESP_START, size=$ESP_SECTORS, type=$GPT_TYPE_ESP, uuid=$esp_partuuid
+p1 : start=$ROOT_START, size=$root_sectors, type=$GPT_TYPE_ROOT_X86_64, uuid=$root_partuuid
+EOF
+    # Each file system straight into its partition's bytes (no loop device, no
+    # mount): mkfs.vfat --offset counts sectors, mkfs.ext4 -E offset bytes; the
+    # sizes are in KiB. FAT16, as Debian's mkfs.vfat makes it for a partition of
+    # this size (given a file, mkfs.vfat would choose by the whole file's size).
+    mkfs.vfat -F 16 --offset "$ESP_START" -i "$esp_volume_id" "$raw" $((ESP_SECTORS * SECTOR_BYTES >> 10)) >>"$log" 2>&1 \
+        || fail "mkfs.vfat of the EFI system partition failed"
+    # No label: Debian's genericcloud root has none (it is found by PARTUUID and UUID).
+    mkfs.ext4 -q -F -d "$root" -U "$fs_uuid" -m 1 \
+        -E "root_owner=0:0,nodiscard,offset=$((ROOT_START * SECTOR_BYTES))" \
+        "$raw" "$((root_sectors * SECTOR_BYTES >> 10))k" >>"$log" 2>&1 \
+        || fail "mkfs.ext4 -d into the root partition failed"
+    # Neither file system wrote outside its partition: the GPT (both copies) is as sfdisk made it.
+    sfdisk --verify "$raw" >>"$log" 2>&1 || fail "the partition table did not survive the file systems"
+fi
 rm -rf --one-file-system "$root"
 
-# --- 6. qcow2 --------------------------------------------------------------
+# --- 6/7. qcow2 ------------------------------------------------------------
 stage "compressed qcow2"
-qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$work/rootfs.ext4" "$work/out/rootfs.qcow2" >>"$log" 2>&1 \
+qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$raw" "$work/out/$image_file" >>"$log" 2>&1 \
     || fail "qemu-img convert failed"
-rm -f "$work/rootfs.ext4"
+rm -f "$raw"
 
-# --- 7. manifest -----------------------------------------------------------
+# --- 7/8. manifest ---------------------------------------------------------
 stage "manifest and sha256"
 /usr/bin/python3 - "$work/out" "$name" "$suite" "$debian_version" "$release" "$CMDLINE_BASE root=$ROOT_DEVICE rw" \
-    "$size_bytes" "$extra" "$stamp_want" <<'EOF' >>"$log" 2>&1 || fail "writing the manifest failed"
+    "$size_bytes" "$extra" "$stamp_want" "$image_file" "$layout" <<'EOF' >>"$log" 2>&1 || fail "writing the manifest failed"
 import hashlib, json, os, sys, time
-d, name, suite, debver, release, cmdline, size, extra, stamp = sys.argv[1:]
+d, name, suite, debver, release, cmdline, size, extra, stamp, image, layout = sys.argv[1:]
 files = {}
 for fn in sorted(os.listdir(d)):
     h = hashlib.sha256()
@@ -431,7 +636,7 @@ manifest = {
     "kernel": "vmlinuz",
     "kernel_release": release,
     "initrd": "initrd.img",
-    "rootfs": "rootfs.qcow2",
+    "rootfs": image,
     "rootfs_format": "qcow2",
     "virtual_size": int(size),
     "cmdline": cmdline,
@@ -441,6 +646,9 @@ manifest = {
     "recipe": stamp,
     "files": files,
 }
+if layout != "plain":
+    # rootfs is then the whole disk; the kernel finds its root by the command line's PARTUUID.
+    manifest["layout"] = layout
 with open(os.path.join(d, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -448,11 +656,11 @@ EOF
 printf '%s\n' "$stamp_want" >"$work/out/.stamp"
 chmod 644 "$work/out"/*
 chmod 755 "$work/out"
-sync -f "$work/out/rootfs.qcow2"
+sync -f "$work/out/$image_file"
 # Swap the finished folder in: DIR is either the old build or the new one, never half of one.
 if [ -e "$out" ]; then
     mv "$out" "$work/old"
 fi
 mv "$work/out" "$out"
-qsize=$(($(wc -c <"$out/rootfs.qcow2") >> 20))
-say "done in $(( $(date +%s) - started ))s: $out (rootfs.qcow2 $qsize MiB, virtual $size; kernel $release)"
+qsize=$(($(wc -c <"$out/$image_file") >> 20))
+say "done in $(( $(date +%s) - started ))s: $out ($image_file $qsize MiB, virtual $size; kernel $release)"
