@@ -23,6 +23,7 @@ from tenbox_ctl.system import doctor, system_group, version
 from tenbox_ctl.vm import vm_group
 from tenbox_ctl.vm_disk import disk_group
 from tenbox_ctl.vm_snapshot import snapshot_group, vm_clone, vm_restore
+from tenbox_ctl.vm_ssh import vm_ssh
 from tenbox_ctl.vm_stats import vm_stats
 from tenbox_supervisor.protocol import EXIT_CODES, VERSION, ExitCode
 
@@ -66,6 +67,7 @@ vm_group.add_command(disk_group)
 vm_group.add_command(snapshot_group)
 vm_group.add_command(vm_restore)
 vm_group.add_command(vm_clone)
+vm_group.add_command(vm_ssh)
 cli.add_command(vm_group)
 cli.add_command(system_group)
 cli.add_command(host_group)

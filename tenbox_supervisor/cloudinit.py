@@ -80,6 +80,7 @@ Decisions:
 from __future__ import annotations
 
 import base64
+import hashlib
 import binascii
 import email
 import logging
@@ -650,3 +651,15 @@ def seed_entry(path: Union[str, "os.PathLike[str]"]) -> Dict[str, object]:
     """The VM spec's disk entry for its seed: read-only raw, tenboxd's own, marked as the seed."""
     return {"path": str(path), "read_only": True, "serial": SEED_SERIAL, "owned": True, "format": "raw",
             SEED_KEY: True}
+
+
+def key_fingerprint(line: str) -> Optional[str]:
+    """An OpenSSH public key line's fingerprint as `ssh-keygen -l` shows it (SHA256:...), or None."""
+    words = line.split()
+    if len(words) < 2:
+        return None
+    try:
+        blob = base64.b64decode(words[1].encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -159,6 +159,7 @@ def _provision_view(stored: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     user_data = stored.get("user_data_b64")
     return {"instance_id": stored.get("instance_id"), "user": stored.get("user"), "hostname": stored.get("hostname"),
             "ssh_keys": len((stored.get("ssh_keys") or "").splitlines()),
+            "ssh_key_fingerprints": [cloudinit.key_fingerprint(k) for k in (stored.get("ssh_keys") or "").splitlines()],
             "user_data_bytes": len(base64.b64decode(user_data)) if user_data else 0,
             "network_config_bytes": len((stored.get("network_config") or "").encode())}
 

@@ -25,6 +25,9 @@ from tests.framework.repo import CACHE, REPO
 ROOTFS_SCRIPT = REPO / "scripts" / "x86_64" / "make-rootfs-debian.sh"
 TEMPLATE_NAME = "test-bookworm"
 TEMPLATE_DIR = CACHE / "images" / TEMPLATE_NAME
+# make-rootfs-debian.sh --layout cloud: a disk shaped like Debian's genericcloud image (issue 18).
+CLOUD_NAME = "test-bookworm-cloud"
+CLOUD_DIR = CACHE / "images" / CLOUD_NAME
 # A cold build downloads ~50 MB of packages: about a minute on the development machines.
 BUILD_TIMEOUT_SEC = 1800
 
@@ -47,6 +50,24 @@ def build_template() -> Path:
 
 
 MiB = 1 << 20
+
+
+def build_cloud_image() -> Path:
+    """The bookworm cloud-layout disk, built by make-rootfs-debian.sh --layout cloud (or found up to date)."""
+    if os.geteuid() != 0:
+        pytest.fail("building the image needs root (debootstrap, chroot)")
+    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs", "sfdisk", "mkfs.vfat", "blkid"):
+        if shutil.which(tool) is None:
+            pytest.fail("%s is not installed (make deps; the cloud layout needs fdisk and dosfstools)" % tool)
+    started = time.monotonic()
+    r = run_tool([ROOTFS_SCRIPT, "--layout", "cloud", "--suite", "bookworm", "--name", CLOUD_NAME, "--out", CLOUD_DIR],
+                 BUILD_TIMEOUT_SEC, cwd=REPO)
+    if r.returncode != 0:
+        pytest.fail("make-rootfs-debian.sh --layout cloud failed (exit %d):\n%s%s"
+                    % (r.returncode, r.stdout, r.stderr[-6000:]))
+    print("make-rootfs-debian.sh --layout cloud: %.1f s (%s)"
+          % (time.monotonic() - started, "cached" if "up to date" in r.stderr else "built"))
+    return CLOUD_DIR
 
 
 def write_manifest(folder: Path, **over) -> dict:

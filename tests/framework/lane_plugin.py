@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from tests.framework import lane, linux_guest
-from tests.framework.images import build_template
+from tests.framework.images import build_cloud_image, build_template
 from tests.framework.process import ProcessFailure
 
 MARK = "hwvirt"
@@ -76,6 +76,7 @@ PREPARE: Dict[str, Callable[[], None]] = {
     "template": build_template,
     "guests": _prepare_guests,
     "e2e_image": lane.build_e2e_image,
+    "cloud_image": build_cloud_image,
 }
 
 

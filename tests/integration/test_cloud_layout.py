@@ -18,9 +18,7 @@ mkfs.vfat, debugfs, blkid, xorriso, and Debian's mirror for the first build.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -31,15 +29,10 @@ import pytest
 
 from tests.framework import qemu
 from tests.framework.disk_tools import sha256_file
-from tests.framework.images import ROOTFS_SCRIPT
+from tests.framework.images import CLOUD_NAME, ROOTFS_SCRIPT, build_cloud_image
 from tests.framework.linux_guest import TCG_CPU
 from tests.framework.process import ConsoleProcess, run_tool
-from tests.framework.repo import CACHE, REPO
 
-CLOUD_NAME = "test-bookworm-cloud"
-CLOUD_DIR = CACHE / "images" / CLOUD_NAME
-# A cold build: ~2.5 min on the development machines (2 cores, Debian's CDN), 470 MiB of files.
-BUILD_TIMEOUT_SEC = 1800
 # cloud-init (Python) under TCG: the login prompt after ~65 s on the development machines.
 BOOT_DEADLINE_SEC = 300.0
 MiB = 1 << 20
@@ -49,24 +42,6 @@ SECTOR = 512
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 EFI_SYSTEM = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
-
-
-def build_cloud_image() -> Path:
-    """The bookworm cloud-layout disk, built by make-rootfs-debian.sh --layout cloud (or found up to date)."""
-    if os.geteuid() != 0:
-        pytest.fail("building the image needs root (debootstrap, chroot)")
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs", "sfdisk", "mkfs.vfat", "blkid"):
-        if shutil.which(tool) is None:
-            pytest.fail("%s is not installed (make deps; the cloud layout needs fdisk and dosfstools)" % tool)
-    started = time.monotonic()
-    r = run_tool([ROOTFS_SCRIPT, "--layout", "cloud", "--suite", "bookworm", "--name", CLOUD_NAME, "--out", CLOUD_DIR],
-                 BUILD_TIMEOUT_SEC, cwd=REPO)
-    if r.returncode != 0:
-        pytest.fail("make-rootfs-debian.sh --layout cloud failed (exit %d):\n%s%s"
-                    % (r.returncode, r.stdout, r.stderr[-6000:]))
-    print("make-rootfs-debian.sh --layout cloud: %.1f s (%s)" % (time.monotonic() - started,
-                                                                "cached" if "up to date" in r.stderr else "built"))
-    return CLOUD_DIR
 
 
 @dataclass(frozen=True)

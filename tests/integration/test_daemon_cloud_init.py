@@ -85,7 +85,10 @@ def test_create_makes_a_read_only_seed_the_guest_reads_with_serial_cidata(daemon
     assert files["network-config"] == net.read_bytes()
 
     view = json.loads(daemon.ctl("vm", "show", "box", "--json").stdout)["cloud_init"]
+    fingerprints = [subprocess.run(["ssh-keygen", "-lf", str(keys[k]) + ".pub"], capture_output=True, text=True,
+                                   check=True).stdout.split()[1] for k in ("ed25519", "ecdsa")]
     assert view == {"instance_id": md["instance-id"].strip('"'), "user": "agent", "hostname": "box", "ssh_keys": 2,
+                    "ssh_key_fingerprints": fingerprints,
                     "user_data_bytes": len(gzip.decompress(user_data.read_bytes())),
                     "network_config_bytes": len(net.read_bytes())}
     assert "runcmd" not in json.dumps(daemon.vm("box"))  # views never carry the user-data itself
@@ -182,3 +185,22 @@ def test_bad_provisioning_input_is_one_line_and_leaves_nothing(daemon, keys, tmp
     assert "Traceback" not in err
     assert vm_count(daemon) == before
     assert daemon.call("vm.list")["payload"]["vms"] == [] or "bad" not in json.dumps(daemon.call("vm.list"))
+
+
+def test_vm_ssh_adds_a_forward_waits_for_sshd_and_says_why_it_gave_up(daemon, keys):
+    """The idle guest runs no sshd: vm ssh adds a loopback forward to guest port 22, waits, and gives up
+    with one line; a stopped VM is refused at once."""
+    assert daemon.ctl("vm", "create", "s1", "--kernel", guest_path("idle"), "--memory", "32").returncode == 0
+    r = daemon.ctl("vm", "ssh", "s1", "--timeout", "1", "--", "true")
+    assert r.returncode == 1 and "s1 is stopped; start it first" in r.stderr.decode()
+    assert daemon.ctl("vm", "start", "s1").returncode == 0
+    r = daemon.ctl("vm", "ssh", "s1", "--timeout", "3", "--", "hostname", timeout=120)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr.decode(), err
+    assert err[0].startswith("tenbox: added the forward tcp:127.0.0.1:") and err[0].endswith("-:22 to VM s1")
+    assert len(err) == 2 and "sshd on VM s1 did not answer on 127.0.0.1:" in err[1] and "within 3 s" in err[1], err
+    fwds = daemon.vm("s1")["net"]["hostfwds"]
+    assert len(fwds) == 1 and fwds[0].endswith("-:22")
+    # A second run uses the forward that is there.
+    r = daemon.ctl("vm", "ssh", "s1", "--timeout", "1", "--", "true", timeout=120)
+    assert "added the forward" not in r.stderr.decode() and daemon.vm("s1")["net"]["hostfwds"] == fwds
