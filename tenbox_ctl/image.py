@@ -344,10 +344,13 @@ def find_script(name: str) -> str:
 @click.option("--out", type=click.Path(file_okay=False), help="Build folder, kept as a cache (default %s/NAME)." % BUILD_CACHE)
 @click.option("--refresh", is_flag=True, help="Build again even if the build folder is up to date (new Debian updates).")
 @click.option("--no-import", "no_import", is_flag=True, help="Only build; import later with tenbox image import DIR.")
+@click.option("--layout", type=click.Choice(["plain", "cloud"]), default="plain", show_default=True,
+              help="plain: ext4 on the whole disk; cloud: a GPT disk like Debian's genericcloud image, with grub.cfg "
+              "and cloud-init (provision its VMs with vm create --ssh-key/--user/--user-data).")
 @json_option
 @pass_app
 @handle_errors
-def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key, mirror, out, refresh, no_import,
+def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key, mirror, out, refresh, no_import, layout,
                 as_json):
     """Build an image with scripts/x86_64/make-rootfs-debian.sh, then import it into tenboxd's store.
 
@@ -377,6 +380,8 @@ def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key
                            % (name, name, ErrorCode.IMAGE_EXISTS.value), error_code=ErrorCode.IMAGE_EXISTS)
     out = os.path.abspath(out) if out else os.path.join(BUILD_CACHE, name)
     argv = [script, "--suite", suite, "--name", name, "--size", size, "--hostname", hostname, "--out", out]
+    if layout != "plain":
+        argv += ["--layout", layout]
     for p in packages:
         argv += ["--packages", p]
     if ssh_key:

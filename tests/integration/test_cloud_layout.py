@@ -32,6 +32,7 @@ from tests.framework.disk_tools import sha256_file
 from tests.framework.images import CLOUD_NAME, ROOTFS_SCRIPT, build_cloud_image
 from tests.framework.linux_guest import TCG_CPU
 from tests.framework.process import ConsoleProcess, run_tool
+from tests.framework.repo import PYTHON, REPO, repo_env
 
 # cloud-init (Python) under TCG: the login prompt after ~65 s on the development machines.
 BOOT_DEADLINE_SEC = 300.0
@@ -225,6 +226,14 @@ def test_cloud_init_asks_only_nocloud_and_fstab_names_partitions_by_uuid(disk):
     assert "cloud-init.service" in debugfs(fs, "ls /etc/systemd/system/cloud-init.target.wants")
     hook = debugfs(fs, "cat /etc/initramfs-tools/hooks/tenbox-virtio")
     assert all(m in hook for m in ("virtio_mmio", "virtio_blk", "virtio_pci", "ext4"))
+
+
+def test_tenbox_image_build_layout_cloud_is_the_same_build(image):
+    """`tenbox image build debian --layout cloud` runs the script with --layout cloud: on the cached
+    folder it finds the same inputs (up to date), so the CLI and the script agree on the stamp."""
+    r = run_tool([PYTHON, "-m", "tenbox_ctl", "image", "build", "debian", "--layout", "cloud", "--name", CLOUD_NAME,
+                  "--out", str(image), "--no-import"], 120, cwd=REPO, env=repo_env())
+    assert r.returncode == 0 and "up to date" in r.stderr, r.stderr[-3000:]
 
 
 def test_a_bad_layout_is_refused_with_the_choices():
