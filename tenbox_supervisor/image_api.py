@@ -306,6 +306,7 @@ class ImageMethods:
             files[fn] = {"size": size, "sha256": sha}
         manifest = {
             "manifest_version": 1, "name": name, "arch": HOST_ARCH, "builder": "image.import (cloud image)",
+            "cloud_init": True,  # its VMs get a NoCloud seed (vm_api.image_has_cloud_init)
             "kernel": boot["kernel"], "initrd": boot.get("initrd"), "rootfs": rootfs,
             "rootfs_format": checked["rootfs_format"], "virtual_size": checked["virtual_size"],
             "cmdline": _with_serial_console(boot["cmdline"]), "files": files,

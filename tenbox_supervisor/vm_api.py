@@ -164,6 +164,12 @@ def _provision_view(stored: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             "network_config_bytes": len((stored.get("network_config") or "").encode())}
 
 
+def image_has_cloud_init(manifest: Dict[str, Any]) -> bool:
+    """Whether VMs of the image get a NoCloud seed even without cloud-init options: an imported cloud
+    image, or a make-rootfs-debian.sh --layout cloud build."""
+    return manifest.get("cloud_init") is True or manifest.get("layout") == "cloud"
+
+
 def new_provision(provision: Dict[str, Optional[str]], name: str) -> Dict[str, Any]:
     """A new VM's stored cloud_init: the operator's values, a fresh instance-id, and the VM's name as
     its host name unless one was given (and the name is one)."""
@@ -308,6 +314,8 @@ class VmMethods:
             raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the template's overlay: at most %d disks"
                            % Limits.DISKS_MAX)
         provision = P.cloud_init(params)
+        if provision is None and image is not None and image_has_cloud_init(image.manifest):
+            provision = {}  # every VM of a cloud-init image is its own instance, named after the VM
         if provision is not None:
             if len(spec.disks) + bool(template) >= Limits.DISKS_MAX:
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, "no room for the cloud-init seed disk: at most %d disks"

@@ -88,9 +88,13 @@ def test_a_cloud_image_imports_with_its_default_entrys_kernel_and_a_vm_boots_it(
     r = daemon.ctl("image", "import", str(raw), "--name", "cloud-raw", timeout=300)
     assert r.returncode == 0 and "not verified" in r.stdout.decode(), r.stderr
 
-    # A VM of the image boots the kernel found inside, with the entry's command line and initrd.
+    # A VM of the image boots the kernel found inside, with the entry's command line and initrd; it
+    # gets a NoCloud seed without asking (its own instance-id, its name as host name).
     r = daemon.ctl("vm", "create", "c1", "--image", "cloud", "--memory", "64")
     assert r.returncode == 0, r.stderr
+    ci = daemon.vm("c1")["cloud_init"]
+    assert ci["hostname"] == "c1" and ci["instance_id"].startswith("tenbox-") and ci["ssh_keys"] == 0
+    assert daemon.vm("c1")["disks"][-1]["path"].endswith("/seed.iso")
     assert daemon.ctl("vm", "start", "c1").returncode == 0
     daemon.wait_console("c1", "TENBOX-GUEST boot ", 60)
     daemon.wait_state("c1", "stopped", 30)
