@@ -344,9 +344,10 @@ def find_script(name: str) -> str:
 @click.option("--out", type=click.Path(file_okay=False), help="Build folder, kept as a cache (default %s/NAME)." % BUILD_CACHE)
 @click.option("--refresh", is_flag=True, help="Build again even if the build folder is up to date (new Debian updates).")
 @click.option("--no-import", "no_import", is_flag=True, help="Only build; import later with tenbox image import DIR.")
-@click.option("--layout", type=click.Choice(["plain", "cloud"]), default="plain", show_default=True,
-              help="plain: ext4 on the whole disk; cloud: a GPT disk like Debian's genericcloud image, with grub.cfg "
-              "and cloud-init (provision its VMs with vm create --ssh-key/--user/--user-data).")
+@click.option("--layout", type=click.Choice(["cloud", "plain"]), default="cloud", show_default=True,
+              help="cloud: a GPT disk like Debian's genericcloud image, with grub.cfg and cloud-init (each VM is "
+              "provisioned by vm create --ssh-key/--user/--user-data); plain: ext4 on the whole disk, no "
+              "cloud-init (--ssh-key and --hostname fixed at build time).")
 @json_option
 @pass_app
 @handle_errors

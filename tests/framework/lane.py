@@ -156,7 +156,7 @@ def ssh_key() -> Path:
 def build_e2e_image() -> Path:
     """`tenbox image build debian --no-import` of the e2e image with ssh_key() (cached by the script's stamp)."""
     key = ssh_key()
-    argv = [PYTHON, "-m", "tenbox_ctl", "image", "build", "debian", "--name", "e2e",
+    argv = [PYTHON, "-m", "tenbox_ctl", "image", "build", "debian", "--layout", "plain", "--name", "e2e",
             "--ssh-key", str(key) + ".pub", "--out", str(E2E_IMAGE_DIR), "--no-import"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     try:

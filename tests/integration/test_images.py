@@ -213,12 +213,14 @@ def test_image_build_runs_the_script_then_imports(daemon, template):
     """`tenbox image build debian` runs make-rootfs-debian.sh (up to date here: it reuses the
     build folder) and imports the result; a name already in the store is refused before any
     build; without root it says so (exit 4)."""
-    r = daemon.ctl("image", "build", "debian", "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", str(template))
+    r = daemon.ctl("image", "build", "debian", "--layout", "plain", "--suite", "bookworm", "--name", TEMPLATE_NAME,
+                   "--out", str(template))
     out = ok(r)
     assert "up to date" in r.stderr.decode() and "%s: imported" % TEMPLATE_NAME in out
     assert json.loads(ok(daemon.ctl("image", "ls", "--json")))[0]["name"] == TEMPLATE_NAME
     started = time.monotonic()
-    refused(daemon.ctl("image", "build", "debian", "--name", TEMPLATE_NAME, "--out", str(template)), "image_exists")
+    refused(daemon.ctl("image", "build", "debian", "--layout", "plain", "--name", TEMPLATE_NAME, "--out", str(template)),
+            "image_exists")
     assert time.monotonic() - started < 20
     r = daemon.ctl("image", "build", "debian", "--name", "x", user="nobody")
     assert r.returncode == 4 and b"needs root" in r.stderr, r.stderr

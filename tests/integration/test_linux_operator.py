@@ -87,7 +87,7 @@ def image_daemon(tmp_path_factory):
 
 def _import_image(daemon) -> None:
     key = lane.ssh_key()
-    r = daemon.ctl("image", "build", "debian", "--name", IMAGE, "--ssh-key", str(key) + ".pub",
+    r = daemon.ctl("image", "build", "debian", "--layout", "plain", "--name", IMAGE, "--ssh-key", str(key) + ".pub",
                    "--out", str(lane.E2E_IMAGE_DIR), timeout=600)
     out = ok(r)
     assert "up to date" in r.stderr.decode(), "the lane rebuilt the image instead of using the host's build:\n" \
