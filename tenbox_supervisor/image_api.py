@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import stat
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol
 
 from tenbox_supervisor import params as P
 from tenbox_supervisor.api import Caller, MethodSpec
@@ -31,6 +31,7 @@ from tenbox_supervisor.images import (
     Image,
     ImageError,
     ImageStore,
+    Progress,
     copy_and_hash,
     hash_file,
     parse_manifest,
@@ -218,24 +219,16 @@ class ImageMethods:
                 raise _api_error(e)
             log.info("image %s: importing %d files (%d bytes) from %r", name, len(plan), progress.bytes_total,
                      os.path.dirname(source.manifest_path))
-            tmp: Optional[str] = None
-            try:
+
+            async def copy() -> str:
                 own = {fn: (path, os.dup(fd)) for fn, (path, fd) in sources.items()}
-                tmp = await loop.run_in_executor(None, owning, [fd for _, fd in own.values()], self.store.copy_files,
-                                                 name, manifest, own, progress)
-                manifest = await self._check_rootfs(os.path.join(tmp, manifest["rootfs"]), manifest)
-                async with self.lock:
-                    image = await loop.run_in_executor(None, self.store.finish_import, name, tmp, manifest)
-                tmp = None
-            except ImageError as e:
-                raise _api_error(e)
-            except asyncio.CancelledError:
-                progress.cancel.set()  # the copying thread stops at its next block and removes its folder
-                raise
-            finally:
-                if tmp is not None:
-                    self.store.discard(tmp)  # a few unlinks; also on the way out when cancelled
-                self.store.end_import(name)
+                return await loop.run_in_executor(None, owning, [fd for _, fd in own.values()], self.store.copy_files,
+                                                  name, manifest, own, progress)
+
+            async def describe(tmp: str) -> Dict[str, Any]:
+                return await self._check_rootfs(os.path.join(tmp, manifest["rootfs"]), manifest)
+
+            image = await self._store_import(name, progress, copy, describe)
         log.info("image %s: imported, every sha256 matched", name)
         if self.events is not None:
             self.events.emit(EventKind.IMAGE_IMPORTED, image=name)
@@ -267,30 +260,49 @@ class ImageMethods:
             except ImageError as e:
                 raise _api_error(e)
             log.info("image %s: importing the cloud image %r (%d bytes)", name, path, size)
-            tmp: Optional[str] = None
-            try:
+            digest = []
+
+            async def copy() -> str:
                 own = os.dup(fd)
-                tmp, digest = await loop.run_in_executor(None, owning, [own], self.store.copy_disk, name, path, own,
-                                                         size, expected, progress)
-                manifest = await self._cloud_manifest(tmp, name, path, digest)
-                async with self.lock:
-                    image = await loop.run_in_executor(None, self.store.finish_import, name, tmp, manifest)
-                tmp = None
-            except ImageError as e:
-                raise _api_error(e)
-            except asyncio.CancelledError:
-                progress.cancel.set()
-                raise
-            finally:
-                if tmp is not None:
-                    self.store.discard(tmp)
-                self.store.end_import(name)
-        log.info("image %s: imported from a cloud image (kernel %s)", name, manifest["boot"].get("kernel_path"))
+                tmp, sha = await loop.run_in_executor(None, owning, [own], self.store.copy_disk, name, path, own,
+                                                      size, expected, progress)
+                digest.append(sha)
+                return tmp
+
+            async def describe(tmp: str) -> Dict[str, Any]:
+                return await self._cloud_manifest(tmp, name, path, digest[0])
+
+            image = await self._store_import(name, progress, copy, describe)
+        log.info("image %s: imported from a cloud image (kernel %s)", name, image.manifest["boot"].get("kernel_path"))
         if self.events is not None:
             self.events.emit(EventKind.IMAGE_IMPORTED, image=name)
         view = image.view()
         view["verified"] = expected is not None
         return view
+
+    async def _store_import(self, name: str, progress: Progress, copy: Callable[[], Awaitable[str]],
+                            describe: Callable[[str], Awaitable[Dict[str, Any]]]) -> Image:
+        """An import's last steps: `copy` fills a hidden folder (its path), `describe` checks it and gives
+        the manifest, and the folder becomes the image. A failure or a cancellation removes the folder,
+        and the name is free again either way."""
+        loop = asyncio.get_event_loop()
+        tmp: Optional[str] = None
+        try:
+            tmp = await copy()
+            manifest = await describe(tmp)
+            async with self.lock:
+                image = await loop.run_in_executor(None, self.store.finish_import, name, tmp, manifest)
+            tmp = None
+            return image
+        except ImageError as e:
+            raise _api_error(e)
+        except asyncio.CancelledError:
+            progress.cancel.set()  # the copying thread stops at its next block and removes its folder
+            raise
+        finally:
+            if tmp is not None:
+                self.store.discard(tmp)  # a few unlinks; also on the way out when cancelled
+            self.store.end_import(name)
 
     async def _cloud_manifest(self, tmp: str, name: str, src: str, digest: str) -> Dict[str, Any]:
         """The staged disk renamed for its format, its boot files extracted beside it; the manifest."""
