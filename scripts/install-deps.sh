@@ -13,7 +13,7 @@ acpica-tools qemu-system-x86 qemu-utils openssh-client libslirp0 libslirp-dev li
 busybox-static cpio gzip xz-utils zstd util-linux procps
 debootstrap e2fsprogs fdisk
 xorriso
-dosfstools xfsprogs
+dosfstools xfsprogs btrfs-progs grub-common
 "
 
 # The user workers drop to (tenbox_vmm/protocol/sandbox.py WORKER_USER), made as the package's

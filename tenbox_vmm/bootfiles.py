@@ -8,10 +8,12 @@ partitions are tried in order, XBOOTLDR (/boot) first, then Linux file
 system and x86-64 root partitions (MBR: 0xea, then 0x83); a disk without a
 table is one file system. EFI system partitions are never read: their
 grub.cfg is a stub that `configfile`s the real one on /boot. Each
-partition's file system is told by its superblock magic; only ext2/3/4 is
-read, by e2fsprogs' `debugfs` (a reader fuzzed upstream and shipped
-everywhere; no mount, no loop device, no root needed). xfs or btrfs alone is
-refused by name.
+partition's file system is told by its superblock magic. ext2/3/4 is read
+by e2fsprogs' `debugfs` (a reader fuzzed upstream and shipped everywhere; no
+mount, no loop device, no root needed); xfs and btrfs by grub-common's
+`grub-fstest`, GRUB's own drivers (GrubReader: the volume is exported to a
+private folder in GRUB_SCRATCH_DIR first, since grub-fstest opens its image
+by its canonical path). Anything else (LVM, LUKS) is refused by name.
 
 The image is read through one descriptor: the one tenboxd passed
 (`--fd N:IMAGE`, tenbox_vmm.passed_files: the tool runs as a user who may
@@ -58,7 +60,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from tenbox_vmm import passed_files
 from tenbox_vmm.bootcfg import BootConfigError, BootEntry, default_bls_entry, default_grub_entry
@@ -130,7 +132,13 @@ BTRFS_MAGIC_OFFSET = BTRFS_SUPER + 64
 BTRFS_MAGIC = b"_BHRfS_M"
 BTRFS_LABEL_OFFSET = BTRFS_SUPER + 0x12B
 PROBE_HEAD_BYTES = 4096  # covers the ext, xfs, vfat, LUKS and swap signatures
-READABLE_FS = ("ext2", "ext3", "ext4")
+EXT_FS = ("ext2", "ext3", "ext4")  # read by e2fsprogs' debugfs
+GRUB_FS = ("xfs", "btrfs")  # read by GRUB's own drivers (grub-fstest): the code that boots these images
+READABLE_FS = EXT_FS + GRUB_FS
+GRUB_FSTEST = "grub-fstest"
+GRUB_SCRATCH_DIR = "/var/tmp"  # where GRUB's volumes are exported (a private folder, removed at the end)
+# grub-fstest tells a file's size only by reading it: each file is copied out once, at most this long.
+GRUB_FILE_MAX_BYTES = 2 << 30
 
 # x86 boot protocol: "HdrS" at 0x202 (Documentation/arch/x86/boot.rst). Other kernels' magics, to name them.
 BZIMAGE_MAGIC_OFFSET = 0x202
@@ -377,6 +385,118 @@ class ExtReader:
             raise self._error(err, "%s (%d of %d bytes)" % (path, got, size))
 
 
+def find_grub_fstest() -> str:
+    tool = shutil.which(GRUB_FSTEST, path=DEBUGFS_SEARCH_PATH)
+    if tool is None:
+        raise BootFilesError(ImageToolCode.TOOL_MISSING, "grub-fstest not found: install grub-common (it reads the "
+                             "image's xfs and btrfs file systems)")
+    return tool
+
+
+class GrubReader:
+    """One xfs or btrfs file system of the image (exported to a file), read by grub-fstest runs.
+
+    GRUB's drivers are the ones that boot such an image, and they follow
+    symlinks themselves (GRUB's limit: 8 levels), so no symlink is ever
+    seen here. grub-fstest has no stat: a file's size is known by copying it
+    out (`cp`, at most GRUB_FILE_MAX_BYTES through RLIMIT_FSIZE), once; its
+    copy then serves `read` and `dump`.
+    """
+
+    def __init__(self, tool: str, device: str, cwd: str, where: str) -> None:
+        self.tool = tool
+        self.device = device  # the exported volume's file name in cwd
+        self.cwd = cwd
+        self.where = where
+        self.copies = {}  # type: Dict[str, Tuple[str, int]]
+
+    def run(self, args: List[str], timeout: float = DEBUGFS_TIMEOUT_SEC, fsize: Optional[int] = None,
+            out_cap: int = DEBUGFS_OUTPUT_MAX_BYTES) -> Tuple[bytes, str, int]:
+        """stdout, stderr and exit status of `grub-fstest DEVICE ARGS`."""
+        argv = [self.tool, self.device] + args
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=self.cwd, env=DEBUGFS_ENV, preexec_fn=_child_setup(fsize))
+        except OSError as e:
+            raise BootFilesError(ImageToolCode.TOOL_MISSING, "cannot run %s: %s" % (self.tool, e.strerror)) from None
+        try:
+            out, err = _communicate(proc, time.monotonic() + timeout, out_cap)
+        except subprocess.TimeoutExpired:
+            raise _bad_image("%s: grub-fstest %s took more than %.0f s" % (self.where, args[0], timeout)) from None
+        except _TooMuchOutput:
+            raise _bad_image("%s: grub-fstest %s printed more than %d bytes" % (self.where, args[0], out_cap)) \
+                from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode < 0:
+            raise _bad_image("%s: grub-fstest %s was killed by signal %d%s"
+                             % (self.where, args[0], -proc.returncode,
+                                " (a file over %d MiB)" % (GRUB_FILE_MAX_BYTES >> 20)
+                                if -proc.returncode == signal.SIGXFSZ else ""))
+        return out, err.decode("utf-8", "replace"), proc.returncode
+
+    def _error(self, err: str, what: str) -> BootFilesError:
+        last = (err.strip().splitlines() or ["no message"])[-1]
+        return _bad_image("%s: GRUB cannot read %s: %s" % (self.where, what, last.replace("grub-fstest: ", "")))
+
+    def check_open(self) -> None:
+        _, err, rc = self.run(["ls", "(loop0)/"])
+        if rc != 0:
+            raise _bad_image("%s: GRUB cannot open the file system: %s"
+                             % (self.where, (err.strip().splitlines() or ["?"])[-1]))
+
+    def stat(self, path: str) -> Optional[_Stat]:
+        """A regular file (its copy made), a directory, or None if there is nothing at `path`."""
+        _check_path(path)
+        if path in self.copies:
+            return _Stat("regular", self.copies[path][1], None)
+        name = "grub-copy-%d" % len(self.copies)
+        copy = os.path.join(self.cwd, name)
+        _, err, rc = self.run(["cp", "(loop0)" + path, name], timeout=DUMP_TIMEOUT_SEC, fsize=GRUB_FILE_MAX_BYTES + 1)
+        if rc != 0:
+            if os.path.lexists(copy):
+                os.unlink(copy)
+            if "not found" in err:
+                return None
+            if "not a regular file" in err:
+                return _Stat("directory", 0, None)
+            raise self._error(err, path)
+        size = os.stat(copy).st_size
+        self.copies[path] = (name, size)
+        return _Stat("regular", size, None)
+
+    def read(self, path: str, size: int) -> bytes:
+        name, got = self.copies[path]
+        with open(os.path.join(self.cwd, name), "rb") as f:
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise self._error("", "%s (%d of %d bytes)" % (path, len(data), size))
+        return data
+
+    def listdir(self, path: str) -> Optional[List[Tuple[str, str, int]]]:
+        st = self.stat(path)
+        if st is None or st.type != "directory":
+            return None
+        out, err, rc = self.run(["ls", "(loop0)" + path])
+        if rc != 0:
+            raise self._error(err, path)
+        return [(n[:-1], "other", 0) if n.endswith("/") else (n, "regular", 0)
+                for n in out.decode("utf-8", "replace").split()]
+
+    def dump(self, path: str, out_name: str, size: int, timeout: float = DUMP_TIMEOUT_SEC) -> None:
+        _check_name(out_name)
+        name, got = self.copies[path]
+        if got != size:
+            raise self._error("", "%s (%d of %d bytes)" % (path, got, size))
+        os.replace(os.path.join(self.cwd, name), os.path.join(self.cwd, out_name))
+        self.copies[path] = (out_name, got)
+
+
+Reader = Union[ExtReader, GrubReader]  # stat, read, listdir, dump
+
+
 class _TooMuchOutput(Exception):
     pass
 
@@ -443,7 +563,7 @@ class Found(NamedTuple):
     bls_dir: Optional[str]  # BLS: the entries' folder
 
 
-def resolve(fs: ExtReader, path: str, what: str) -> Tuple[str, Optional[_Stat]]:
+def resolve(fs: Reader, path: str, what: str) -> Tuple[str, Optional[_Stat]]:
     """(path with symlinks followed, its stat or None if absent); loops and deep chains refused."""
     seen = []  # type: List[str]
     for _ in range(SYMLINK_MAX_DEPTH + 1):
@@ -464,7 +584,7 @@ def resolve(fs: ExtReader, path: str, what: str) -> Tuple[str, Optional[_Stat]]:
     raise _no_kernel("%s %s: more than %d levels of symlinks on %s" % (what, seen[0], SYMLINK_MAX_DEPTH, fs.where))
 
 
-def _read_text(fs: ExtReader, path: str, limit: int, what: str) -> Optional[str]:
+def _read_text(fs: Reader, path: str, limit: int, what: str) -> Optional[str]:
     """The file at `path` as text (symlinks followed), None if there is none; refused over `limit` bytes."""
     real, st = resolve(fs, path, what)
     if st is None:
@@ -486,7 +606,7 @@ def parse_grubenv(text: str) -> Dict[str, str]:
     return env
 
 
-def _bls_entry(fs: ExtReader, folder: str, default: Optional[str], variables: Dict[str, str]) -> Optional[BootEntry]:
+def _bls_entry(fs: Reader, folder: str, default: Optional[str], variables: Dict[str, str]) -> Optional[BootEntry]:
     """The default of the BLS entries in `folder`; None if it holds no *.conf file."""
     listing = fs.listdir(folder)
     names = sorted(n for n, kind, _ in listing or [] if n.lower().endswith(".conf") and kind != "other")
@@ -505,7 +625,7 @@ def _bls_entry(fs: ExtReader, folder: str, default: Optional[str], variables: Di
     return default_bls_entry(files, default=default, variables=variables)
 
 
-def find_entry(volumes: List[Volume], reader: Callable[[Volume], ExtReader]) -> Found:
+def find_entry(volumes: List[Volume], reader: Callable[[Volume], Reader]) -> Found:
     """The first default boot entry found on the readable volumes, in order; refusals say what was seen."""
     errors = []  # type: List[str]
     for vol in volumes:
@@ -549,7 +669,8 @@ def find_entry(volumes: List[Volume], reader: Callable[[Volume], ExtReader]) -> 
     if unreadable:
         v = unreadable[0]
         readable = [r.where for r in volumes if r.readable]
-        raise BootFilesError(ImageToolCode.UNSUPPORTED, "unsupported file system %s on %s: tenbox reads ext2/3/4%s"
+        raise BootFilesError(ImageToolCode.UNSUPPORTED,
+                             "unsupported file system %s on %s: tenbox reads ext2/3/4, xfs and btrfs%s"
                              % (v.fs, v.where, " (%s: no boot configuration)" % ", ".join(readable)
                                 if readable else ""))
     raise _no_kernel("no boot configuration found: none of %s, %s%s"
@@ -587,11 +708,11 @@ def kernel_volume(found: Found, volumes: List[Volume], path: str) -> Volume:
         return found.volume  # GRUB's root stays the config's file system when the search finds nothing
     if not chosen.readable:
         raise BootFilesError(ImageToolCode.UNSUPPORTED, "unsupported file system %s on %s (the kernel's): "
-                             "tenbox reads ext2/3/4" % (chosen.fs, chosen.where))
+                             "tenbox reads ext2/3/4, xfs and btrfs" % (chosen.fs, chosen.where))
     return chosen
 
 
-def locate(found: Found, volumes: List[Volume], reader: Callable[[Volume], ExtReader], path: str,
+def locate(found: Found, volumes: List[Volume], reader: Callable[[Volume], Reader], path: str,
            what: str) -> Tuple[Volume, str, int]:
     """(volume, path, size) of a regular file the entry names; absent ones refused naming the path."""
     vol = kernel_volume(found, volumes, path)
@@ -696,13 +817,26 @@ class _Session:
         self.image_fd = image_fd  # raw images: debugfs reads the image at the partition's offset
         self.work = work
         self.tool = tool
-        self.readers = {}  # type: Dict[Optional[int], ExtReader]
+        self.readers = {}  # type: Dict[Optional[int], Reader]
+        self.scratch = None  # type: Optional[str]
 
-    def reader(self, vol: Volume) -> ExtReader:
+    def close(self) -> None:
+        if self.scratch is not None:
+            _remove_tree(self.scratch)
+
+    def reader(self, vol: Volume) -> Reader:
         fs = self.readers.get(vol.number)
         if fs is None:
             where = "%s (%s)" % (vol.where, vol.fs)
-            if self.image_fd is not None:
+            if vol.fs in GRUB_FS:
+                # grub-fstest opens its image by its canonical path: the work folder inside tenboxd's
+                # store is not the worker user's to traverse, so GRUB's volumes go to a folder of its own.
+                if self.scratch is None:
+                    self.scratch = tempfile.mkdtemp(prefix="tenbox-boot-files-", dir=GRUB_SCRATCH_DIR)
+                name = os.path.join(self.scratch, "volume-%s.raw" % ("disk" if vol.number is None else vol.number))
+                export_volume(self.disk, vol, name)
+                fs = GrubReader(find_grub_fstest(), name, self.work, where)
+            elif self.image_fd is not None:
                 fs = ExtReader(self.tool, "/dev/fd/%d?offset=%d" % (self.image_fd, vol.start), self.work,
                                (self.image_fd,), where)
             else:
@@ -722,6 +856,14 @@ def _extract(disk: Disk, image_fd: Optional[int], work: str, tool: str) -> Dict[
         raise _bad_image("partition table refused: %s" % e) from None
     volumes = candidate_volumes(table, disk.size, read)
     session = _Session(disk, image_fd, work, tool)
+    try:
+        return _extract_with(session, table, volumes)
+    finally:
+        session.close()
+
+
+def _extract_with(session: "_Session", table: Table, volumes: List[Volume]) -> Dict[str, Any]:
+    work = session.work
     found = find_entry(volumes, session.reader)
     entry = found.entry
 

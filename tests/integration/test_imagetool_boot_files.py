@@ -54,10 +54,11 @@ class Link(str):
 
 @pytest.fixture(scope="module")
 def tools(guests):
-    missing = [t for t in ("sfdisk", "mkfs.ext4", "debugfs", "mkfs.vfat", "mkfs.xfs", "qemu-img")
+    missing = [t for t in ("sfdisk", "mkfs.ext4", "debugfs", "mkfs.vfat", "mkfs.xfs", "mkfs.btrfs", "grub-fstest",
+                           "qemu-img")
                if shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
     if missing:
-        pytest.fail("%s missing: make deps (fdisk, e2fsprogs, dosfstools, xfsprogs, qemu-utils)" % ", ".join(missing))
+        pytest.fail("%s missing: make deps (fdisk, e2fsprogs, dosfstools, xfsprogs, btrfs-progs, grub-common, qemu-utils)" % ", ".join(missing))
 
 
 def kernel(name: str) -> bytes:
@@ -508,21 +509,64 @@ def test_arm64_kernel_is_refused_naming_the_architecture(tools, tmp_path):
     refused(whole_disk_ext4(tmp_path, files), tmp_path / "out", "unsupported", "not an x86 bzImage", "arm64")
 
 
-def test_xfs_only_image_is_refused_naming_the_file_system(tools, tmp_path):
-    """RHEL's layout, minus its /boot: BIOS boot, ESP, and an xfs root made by mkfs.xfs (300 MiB at least)."""
+def xfs_proto(tree: Path, proto: Path) -> Path:
+    """mkfs.xfs's protofile (xfsprogs 6.1 has no -d FOLDER) for the regular files and folders of `tree`."""
+    lines = ["tenbox", "0 0", "d--755 0 0"]
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            if entry.is_symlink():
+                lines.append("%s l--777 0 0 %s" % (entry.name, os.readlink(str(entry))))
+            elif entry.is_dir():
+                lines.append("%s d--755 0 0" % entry.name)
+                walk(entry)
+                lines.append("$")
+            else:
+                lines.append("%s ---644 0 0 %s" % (entry.name, entry))
+    walk(tree)
+    lines.append("$")
+    proto.write_text("\n".join(lines) + "\n")
+    return proto
+
+
+@pytest.mark.parametrize("fs", ["xfs", "btrfs"])
+def test_xfs_and_btrfs_roots_are_read_through_grubs_own_drivers(tools, tmp_path, fs):
+    """RHEL's layout (xfs root) and Fedora's (btrfs), with /boot on the root: BIOS boot, ESP, the root
+    made by mkfs.xfs / mkfs.btrfs from a folder and copied into partition 3. grub-fstest reads grub.cfg
+    and follows /vmlinuz's symlink itself; the kernel and initrd come out byte for byte."""
     image = tmp_path / "disk.raw"
     parts = partition_disk(image, 340, "gpt", ["start=2048, size=2048, type=%s" % BIOS_BOOT,
                                                "start=4096, size=16384, type=%s" % EFI_SYSTEM,
                                                "start=20480, type=%s" % LINUX_FS])
     mkfs_vfat(image, parts[2])
-    xfs = tmp_path / "root.xfs"
-    with open(xfs, "wb") as f:
+    initrd = os.urandom(100 * 1024 + 5)
+    tree = make_tree(tmp_path / "tree", root_files(kernel("boot"), kernel("echo"), initrd,
+                                                  grub_cfg(ROOT_UUID, ROOT_UUID, kernel_path="/vmlinuz")))
+    part = tmp_path / ("root." + fs)
+    with open(part, "wb") as f:
         f.truncate(parts[3][1])
-    run("mkfs.xfs", "-q", str(xfs))
-    run("dd", "if=%s" % xfs, "of=%s" % image, "bs=1M", "seek=%d" % (parts[3][0] // MiB), "conv=sparse,notrunc",
+    if fs == "xfs":
+        run("mkfs.xfs", "-q", "-m", "uuid=" + ROOT_UUID, "-p", str(xfs_proto(tree, tmp_path / "proto")), str(part))
+    else:
+        run("mkfs.btrfs", "-q", "-U", ROOT_UUID, "--rootdir", str(tree), str(part))
+    run("dd", "if=%s" % part, "of=%s" % image, "bs=1M", "seek=%d" % (parts[3][0] // MiB), "conv=sparse,notrunc",
         "status=none")
-    refused(image, tmp_path / "out", "unsupported", "unsupported file system xfs on partition 3",
-            "tenbox reads ext2/3/4")
+    answer = extracted(image, tmp_path / "out")
+    assert answer["boot_partition"] == 3 and answer["fs_uuid"] == ROOT_UUID and answer["table"] == "gpt"
+    assert answer["kernel_path"] == "/vmlinuz" and answer["config"] == "/boot/grub/grub.cfg"
+    assert (tmp_path / "out" / "vmlinuz").read_bytes() == kernel("boot")
+    assert (tmp_path / "out" / "initrd.img").read_bytes() == initrd
+
+
+def test_an_lvm_root_is_refused_naming_it(tools, tmp_path):
+    """A Linux partition holding an LVM physical volume (its label at sector 1): not a file system tenbox reads."""
+    image = tmp_path / "disk.raw"
+    parts = partition_disk(image, 48, "gpt", ["start=2048, type=%s" % LINUX_FS])
+    with open(image, "r+b") as f:
+        f.seek(parts[1][0] + 512)
+        f.write(b"LABELONE" + bytes(16) + b"LVM2 001")
+    refused(image, tmp_path / "out", "unsupported", "unsupported file system LVM2_member on partition 1",
+            "tenbox reads ext2/3/4, xfs and btrfs")
 
 
 def test_partition_table_pointing_past_the_disk_is_refused(tools, tmp_path):
