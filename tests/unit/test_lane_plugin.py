@@ -166,12 +166,15 @@ def test_a_test_a_dead_lane_never_reached_keeps_both_its_runs(tester):
     ])
 
 
-def test_no_more_than_three_lanes_run_even_when_each_dies_at_once(tester):
-    result = _run_plan(tester, '[{"test_one": "die"}, {"test_two": "die"}, {"test_three": "die"}]')
+def test_no_more_than_four_lanes_run_even_when_each_dies_at_once(tester):
+    """test_one kills two lanes (its two runs), test_two the third, test_three the fourth: test_three
+    has a run left, but there is no fifth lane."""
+    result = _run_plan(tester, '[{"test_one": "die"}, {"test_one": "die"}, {"test_two": "die"}, '
+                               '{"test_three": "die"}, {}]')
     result.stdout.fnmatch_lines([
-        "*1 failed, 2 passed*",
+        "*2 failed, 1 passed*",
         _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two", "test_three"],
-               ["test_two", "test_three"]),
+               ["test_two", "test_three"], ["test_two", "test_three"]),
     ])
 
 
