@@ -32,6 +32,7 @@ every budget.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -104,6 +105,8 @@ class LaneRunner:
         self.reports: Optional[Dict[str, List[dict]]] = None
         self.failure = ""  # why the lane gave no report for a test
         self.first_failures: Dict[str, List[dict]] = {}  # reports of a failed first run, by test id
+        self.first_failure_lane: Dict[str, int] = {}  # the lane of that first run
+        self.last_lane: Dict[str, int] = {}  # the last lane a test started in
         self.out_dir: Optional[Path] = None
 
     @pytest.hookimpl(trylast=True)
@@ -140,7 +143,8 @@ class LaneRunner:
     def _reports_for(self, item: pytest.Item) -> list:
         hook = self.config.hook
         datas = self.reports.get(item.nodeid, []) if self.reports is not None else []
-        reports = [hook.pytest_report_from_serializable(config=self.config, data=d) for d in datas]
+        # A copy each: pytest's deserializer rewrites the dict it is given (its longrepr).
+        reports = [hook.pytest_report_from_serializable(config=self.config, data=copy.deepcopy(d)) for d in datas]
         whens = [r.when for r in reports]
         if "teardown" in whens or any(r.failed for r in reports):
             return reports
@@ -205,12 +209,15 @@ class LaneRunner:
             say("tenbox: nested lane done in %.0f s" % res.elapsed)
             again = []
             for it in items:
+                if self._started(it.nodeid):
+                    self.last_lane[it.nodeid] = attempt
                 if self._finished(it.nodeid) and not self._failed(it.nodeid):
                     continue
                 if self._started(it.nodeid):
                     runs[it.nodeid] = runs.get(it.nodeid, 0) + 1
                     if runs[it.nodeid] == 1 and self._failed(it.nodeid):
-                        self.first_failures[it.nodeid] = self.reports[it.nodeid]
+                        self.first_failures[it.nodeid] = copy.deepcopy(self.reports[it.nodeid])
+                        self.first_failure_lane[it.nodeid] = attempt
                 if runs.get(it.nodeid, 0) < TEST_RUNS:
                     again.append(it)
             unfinished = [it for it in items if not self._finished(it.nodeid)]
@@ -271,13 +278,17 @@ class LaneRunner:
         tr = terminalreporter
         tr.section("tests that failed in the nested lane and ran again in a fresh one")
         for nodeid, datas in self.first_failures.items():
-            second = "failed again" if self._failed(nodeid) else (
-                "passed" if self._finished(nodeid) else "did not finish")
-            tr.write_line("%s: %s on its second run; its first failure:" % (nodeid, second))
+            if self.last_lane.get(nodeid) == self.first_failure_lane.get(nodeid):
+                second = "had no second run (no lane was left)"
+            else:
+                second = "failed again" if self._failed(nodeid) else (
+                    "passed" if self._finished(nodeid) else "did not finish")
+            tr.write_line("%s: %s%s; its first failure:"
+                          % (nodeid, second, "" if "no second" in second else " on its second run"))
             for d in datas:
                 if d.get("outcome") != "failed":
                     continue
-                rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=d)
+                rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=copy.deepcopy(d))
                 for line in rep.longreprtext.splitlines()[-FIRST_FAILURE_LINES:]:
                     tr.write_line("    " + line)
 

@@ -377,3 +377,17 @@ def test_a_lane_vcpu_running_at_one_rip_for_a_minute_is_a_wedge_and_a_halted_one
     assert [stuck.check(1000.0 + i * 30) for i in range(2)] == ["", ""]
     assert stuck.check(1060.0) == (
         "its vCPU 0 has run at RIP ffffffff9b85a170 for 60 s without halting (the emulator wedged)")
+
+
+def test_a_test_failing_first_in_the_last_lane_is_reported_without_a_second_run(tester):
+    """CI15's case: test_three first runs, and fails, in the fourth lane. Its report is replayed and
+    then printed as its first failure (pytest rewrites a report dict it reads: the plugin reads
+    copies), and the summary says it had no second run."""
+    result = _run_plan(tester, '[{"test_one": "die"}, {"test_one": "die"}, {"test_two": "die"}, '
+                               '{"test_three": "fail"}]')
+    result.stdout.fnmatch_lines([
+        "test_r.py::test_three: had no second run (no lane was left); its first failure:",
+        "*lane-4 failure of test_r.py::test_three*",
+        "*2 failed, 1 passed*",
+    ])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
