@@ -4,7 +4,7 @@ Each disk is a sparse file of a few tens of MiB: sfdisk writes its GPT or
 MBR, mkfs.ext4 -d writes each ext4 file system straight into its partition
 (`-E offset=`), mkfs.vfat the ESP, mkfs.xfs an xfs one, qemu-img converts to
 qcow2. The kernels are the test guests' real bzImages; the grub.cfg files
-are hand-written after Debian's (tests/unit/test_bootcfg.py runs bootcfg on
+are hand-written after Debian's (tests/integration/test_bootcfg.py runs bootcfg on
 the ones Debian's own grub scripts write). The tool runs as tenboxd runs
 it, a child process answering one JSON object.
 

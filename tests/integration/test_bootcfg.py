@@ -472,7 +472,7 @@ def test_an_index_past_the_end_of_a_real_menu_is_refused(debian_boot):
 # -- grub.cfg: the language, on hand-written configs ---------------------------------------------------------------
 
 # After Ubuntu 22.04's grub.cfg (Ubuntu's grub2 is not on Debian's mirror): gfxmode sets vt_handoff.
-UBUNTU = (Path(__file__).parent / "data" / "bootcfg" / "ubuntu-jammy-grub.cfg").read_text()
+UBUNTU = (Path(__file__).parent / "data_bootcfg" / "ubuntu-jammy-grub.cfg").read_text()
 
 
 def test_ubuntu_vt_handoff_is_expanded_as_gfxmode_sets_it():
