@@ -285,6 +285,31 @@ def _child_setup(fsize: Optional[int]) -> Callable[[], None]:
     return setup
 
 
+def _run_reader(argv: List[str], what: str, where: str, cwd: str, pass_fds: Tuple[int, ...], timeout: float,
+                out_cap: int, fsize: Optional[int], too_big: str) -> Tuple[bytes, str, int]:
+    """stdout (at most out_cap bytes), stderr and exit status of a file system reader's run (debugfs,
+    grub-fstest): a clean environment, a deadline, RLIMIT_FSIZE `fsize` (`too_big` says what SIGXFSZ means)."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=DEBUGFS_ENV, pass_fds=pass_fds, preexec_fn=_child_setup(fsize))
+    except OSError as e:
+        raise BootFilesError(ImageToolCode.TOOL_MISSING, "cannot run %s: %s" % (argv[0], e.strerror)) from None
+    try:
+        out, err = _communicate(proc, time.monotonic() + timeout, out_cap)
+    except subprocess.TimeoutExpired:
+        raise _bad_image("%s: %s took more than %.0f s" % (where, what, timeout)) from None
+    except _TooMuchOutput:
+        raise _bad_image("%s: %s printed more than %d bytes" % (where, what, out_cap)) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode < 0:
+        raise _bad_image("%s: %s was killed by signal %d%s" % (
+            where, what, -proc.returncode, " (%s)" % too_big if -proc.returncode == signal.SIGXFSZ else ""))
+    return out, err.decode("utf-8", "replace"), proc.returncode
+
+
 class ExtReader:
     """One ext2/3/4 file system of the image, read by debugfs runs (each opens it read-only, bitmaps unread)."""
 
@@ -299,30 +324,10 @@ class ExtReader:
             fsize: Optional[int] = None) -> Tuple[bytes, str]:
         """stdout (at most out_cap bytes) and stderr of `debugfs -c -R REQUEST DEVICE`."""
         # -c: catastrophic mode, read-only, without reading the bitmaps (nothing here needs them).
-        argv = [self.tool, "-c", "-R", request, self.device]
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=self.cwd, env=DEBUGFS_ENV, pass_fds=self.pass_fds,
-                                    preexec_fn=_child_setup(fsize))
-        except OSError as e:
-            raise BootFilesError(ImageToolCode.TOOL_MISSING, "cannot run %s: %s" % (self.tool, e.strerror)) from None
-        try:
-            out, err = _communicate(proc, time.monotonic() + timeout, out_cap)
-        except subprocess.TimeoutExpired:
-            raise _bad_image("%s: debugfs %s took more than %.0f s" % (self.where, request.split()[0], timeout)) \
-                from None
-        except _TooMuchOutput:
-            raise _bad_image("%s: debugfs %s printed more than %d bytes" % (self.where, request.split()[0], out_cap)) \
-                from None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if proc.returncode < 0:
-            raise _bad_image("%s: debugfs %s was killed by signal %d%s"
-                             % (self.where, request.split()[0], -proc.returncode,
-                                " (it wrote past the file's size)" if -proc.returncode == signal.SIGXFSZ else ""))
-        return out, err.decode("utf-8", "replace")
+        out, err, _ = _run_reader([self.tool, "-c", "-R", request, self.device], "debugfs " + request.split()[0],
+                                  self.where, self.cwd, self.pass_fds, timeout, out_cap, fsize,
+                                  "it wrote past the file's size")
+        return out, err
 
     def _error(self, err: str, what: str) -> BootFilesError:
         return _bad_image("%s: debugfs cannot read %s: %s" % (self.where, what, _debugfs_error(err)))
@@ -413,29 +418,8 @@ class GrubReader:
     def run(self, args: List[str], timeout: float = DEBUGFS_TIMEOUT_SEC, fsize: Optional[int] = None,
             out_cap: int = DEBUGFS_OUTPUT_MAX_BYTES) -> Tuple[bytes, str, int]:
         """stdout, stderr and exit status of `grub-fstest DEVICE ARGS`."""
-        argv = [self.tool, self.device] + args
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=self.cwd, env=DEBUGFS_ENV, preexec_fn=_child_setup(fsize))
-        except OSError as e:
-            raise BootFilesError(ImageToolCode.TOOL_MISSING, "cannot run %s: %s" % (self.tool, e.strerror)) from None
-        try:
-            out, err = _communicate(proc, time.monotonic() + timeout, out_cap)
-        except subprocess.TimeoutExpired:
-            raise _bad_image("%s: grub-fstest %s took more than %.0f s" % (self.where, args[0], timeout)) from None
-        except _TooMuchOutput:
-            raise _bad_image("%s: grub-fstest %s printed more than %d bytes" % (self.where, args[0], out_cap)) \
-                from None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if proc.returncode < 0:
-            raise _bad_image("%s: grub-fstest %s was killed by signal %d%s"
-                             % (self.where, args[0], -proc.returncode,
-                                " (a file over %d MiB)" % (GRUB_FILE_MAX_BYTES >> 20)
-                                if -proc.returncode == signal.SIGXFSZ else ""))
-        return out, err.decode("utf-8", "replace"), proc.returncode
+        return _run_reader([self.tool, self.device] + args, "grub-fstest " + args[0], self.where, self.cwd, (),
+                           timeout, out_cap, fsize, "a file over %d MiB" % (GRUB_FILE_MAX_BYTES >> 20))
 
     def _error(self, err: str, what: str) -> BootFilesError:
         last = (err.strip().splitlines() or ["no message"])[-1]
