@@ -165,9 +165,13 @@ class DaemonProcess:
                 if sum(text in ln for ln in lines) >= count:
                     return time.monotonic() - started
             if state in ENDED or time.monotonic() - started > timeout:
-                raise AssertionError("%r (%d time(s)) not on %s's console: the VM is %s after %.0f s%s\n%s"
-                                     % (text, count, name, state, time.monotonic() - started,
-                                        self._why_ended(name) if state in ENDED else "", "\n".join(lines[-60:])))
+                # The reason comes again after the console: a summary that keeps only a failure's end
+                # (the lane's, lane_plugin.FIRST_FAILURE_LINES) still says how the VM ended.
+                why = "%r (%d time(s)) not on %s's console: the VM is %s after %.0f s" % (
+                    text, count, name, state, time.monotonic() - started)
+                last = " (last failure: %s)" % json.dumps(self.vm(name).get("last_failure")) if state in ENDED else ""
+                raise AssertionError("%s%s\n%s\n--- console ends; %s%s" % (
+                    why, self._why_ended(name) if state in ENDED else "", "\n".join(lines[-60:]), why, last))
             time.sleep(poll)
 
     def _why_ended(self, name: str) -> str:

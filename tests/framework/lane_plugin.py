@@ -14,12 +14,14 @@ lane sees the host's files read-only and has no network). A test names
 them with `@pytest.mark.hwvirt(prepare=("linux", "template"))`; a
 preparation that fails fails its tests with its one-line reason.
 
-A test runs at most twice, each time in a fresh lane: once more if it
-failed, or if the lane's own kernel died while it ran. A test the lane
-never reached has not run, and waits for the next lane, up to LANE_MAX
-lanes in all. The emulator's nested paging fails on its own now and then
-(docs/testing.md), so a test that passes on its second run passes, and the
-terminal summary prints its first run's failure.
+A test runs at most TEST_RUNS times, each time in a fresh lane: once more
+if it failed, or if the lane's own kernel died while it ran. A test the
+lane never reached has not run, and waits for the next lane, up to
+LANE_MAX lanes in all, and no new lane starts once the lanes have taken
+LANE_TOTAL_SEC. The emulator fails on its own now and then, under QEMU's
+own KVM guests as under tenbox's (docs/testing.md), so a test that passes
+on a later run passes, and the terminal summary prints how each earlier
+run of it ended.
 
 Per-test time: `@pytest.mark.hwvirt(budget=SECONDS)` (default
 BUDGET_SEC); the lane's deadline is the sum of its tests' budgets. A lane
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -53,11 +55,16 @@ MARK = "hwvirt"
 BUDGET_SEC = 240.0
 LANE_START_SEC = 180.0  # boot, interpreter start and collection inside the lane
 STALL_MARGIN_SEC = 60.0  # beyond a test's budget, with no report, before its lane is taken as hung
-TEST_RUNS = 2  # a test that failed, or whose lane died under it, runs once more in a fresh lane
-# Lanes in all: a lane that dies early leaves tests that never ran. Four since 2026-12-06, when a
-# clean-clone CI lost three lanes to the emulator (a wedge, a silent reset, then a triple fault in
-# the third lane's last test) and a fourth would have run that one test again.
-LANE_MAX = 4
+# Runs of a test that failed, or whose lane died under it, each in a fresh lane. Three since
+# 2026-12-06, when CI16 lost its only failure this way: the operator test failed at its first run
+# and its second run's lane died under it.
+TEST_RUNS = 3
+# Lanes in all: a lane that dies early leaves tests that never ran. CI15 lost three lanes in a row
+# to the emulator (a wedge, a silent reset, then a triple fault in the third lane's last test).
+LANE_MAX = 5
+# No new lane starts once the lanes have taken this long: the rest of .ci/run must still fit in
+# its 90 minutes (a lane of every test takes about 600 s; a lane of the ones that failed, less).
+LANE_TOTAL_SEC = 2100.0
 REPORTS = "reports.jsonl"
 FIRST_FAILURE_LINES = 40  # of a first failure in the lane, printed in the summary
 ENV_PASSED = ("TENBOX_TEST_", "PYTEST_ADDOPTS")
@@ -92,6 +99,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(LaneRunner(config), "tenbox-lane-runner")
 
 
+def _ordinal(n: int) -> str:
+    return {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth"}.get(n, "%dth" % n)
+
+
 def _mark(item: pytest.Item):
     return item.get_closest_marker(MARK)
 
@@ -103,10 +114,12 @@ class LaneRunner:
         self.config = config
         self.items: List[pytest.Item] = []
         self.reports: Optional[Dict[str, List[dict]]] = None
-        self.failure = ""  # why the lane gave no report for a test
-        self.first_failures: Dict[str, List[dict]] = {}  # reports of a failed first run, by test id
-        self.first_failure_lane: Dict[str, int] = {}  # the lane of that first run
-        self.last_lane: Dict[str, int] = {}  # the last lane a test started in
+        self.failure = ""  # why the last lane gave no report for a test it never reached
+        self.no_report: Dict[str, str] = {}  # by test id: why its last lane gave no full report
+        # By test id, each run that did not pass: (its lane, its reports, why its lane ended).
+        self.bad_runs: Dict[str, List[Tuple[int, List[dict], str]]] = {}
+        self.runs: Dict[str, int] = {}  # by test id, the runs it started
+        self.lanes_left_out = ""  # why no further lane ran, when tests had runs left
         self.out_dir: Optional[Path] = None
 
     @pytest.hookimpl(trylast=True)
@@ -148,7 +161,7 @@ class LaneRunner:
         whens = [r.when for r in reports]
         if "teardown" in whens or any(r.failed for r in reports):
             return reports
-        why = self.failure or "the lane gave no report for this test"
+        why = self.no_report.get(item.nodeid) or self.failure or "the lane gave no report for this test"
         from _pytest.reports import TestReport
 
         return reports + [TestReport(item.nodeid, item.location, {}, "failed", why,
@@ -182,9 +195,13 @@ class LaneRunner:
         except lane.LaneError as e:
             self.failure = "nested lane: %s" % e
             return
-        runs: Dict[str, int] = {}
         items = self.items
+        lanes_started = time.monotonic()
         for attempt in range(1, LANE_MAX + 1):
+            if attempt > 1 and time.monotonic() - lanes_started > LANE_TOTAL_SEC:
+                self.lanes_left_out = "the lanes had taken %.0f s" % (time.monotonic() - lanes_started)
+                say("tenbox: no further lane: %s (LANE_TOTAL_SEC %.0f)" % (self.lanes_left_out, LANE_TOTAL_SEC))
+                return
             self.out_dir = Path(tempfile.mkdtemp(prefix="tenbox-lane-"))
             os.chmod(str(self.out_dir), 0o755)
             budget = LANE_START_SEC + sum(float(_mark(it).kwargs.get("budget", BUDGET_SEC)) for it in items)
@@ -201,24 +218,23 @@ class LaneRunner:
                 return
             self.reports.update(self._read_reports())
             if res.rc is None:
-                self.failure = "nested lane: %s\n--- the lane's console (tail) ---\n%s" % (
-                    res.reason, lane.tail(res.console))
+                ended = "nested lane %d: %s" % (attempt, res.reason)
             else:
-                self.failure = ("the inner pytest exited %d without a report for this test\n"
-                                "--- the lane's console (tail) ---\n%s" % (res.rc, lane.tail(res.console)))
+                ended = "the inner pytest of lane %d exited %d without a report for this test" % (attempt, res.rc)
+            self.failure = "%s\n--- the lane's console (tail) ---\n%s" % (ended, lane.tail(res.console))
             say("tenbox: nested lane done in %.0f s" % res.elapsed)
             again = []
             for it in items:
-                if self._started(it.nodeid):
-                    self.last_lane[it.nodeid] = attempt
-                if self._finished(it.nodeid) and not self._failed(it.nodeid):
+                nodeid = it.nodeid
+                if not self._finished(nodeid):
+                    self.no_report[nodeid] = self.failure
+                if self._finished(nodeid) and not self._failed(nodeid):
                     continue
-                if self._started(it.nodeid):
-                    runs[it.nodeid] = runs.get(it.nodeid, 0) + 1
-                    if runs[it.nodeid] == 1 and self._failed(it.nodeid):
-                        self.first_failures[it.nodeid] = copy.deepcopy(self.reports[it.nodeid])
-                        self.first_failure_lane[it.nodeid] = attempt
-                if runs.get(it.nodeid, 0) < TEST_RUNS:
+                if self._started(nodeid):
+                    self.runs[nodeid] = self.runs.get(nodeid, 0) + 1
+                    self.bad_runs.setdefault(nodeid, []).append(
+                        (attempt, copy.deepcopy(self.reports[nodeid]), "" if self._finished(nodeid) else ended))
+                if self.runs.get(nodeid, 0) < TEST_RUNS:
                     again.append(it)
             unfinished = [it for it in items if not self._finished(it.nodeid)]
             failed = [it for it in items if self._finished(it.nodeid) and self._failed(it.nodeid)]
@@ -233,6 +249,7 @@ class LaneRunner:
             items = again
             if not items:
                 return
+        self.lanes_left_out = "all %d lanes had run" % LANE_MAX
 
     def _watchdog(self, items: List[pytest.Item]) -> Callable[[], Optional[str]]:
         """For lane.run: a reason once the inner pytest has written no report for longer than the running
@@ -271,26 +288,32 @@ class LaneRunner:
         return any(d.get("outcome") == "failed" for d in (self.reports or {}).get(nodeid, []))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        """Each test that failed in the first lane, with that failure's end, whatever its second
-        run gave: a test that only passes on its second run is news, not noise."""
-        if not self.first_failures:
+        """Each test that had a run in the lane that did not pass, with how each such run ended,
+        whatever its later runs gave: a test that only passes on a later run is news, not noise."""
+        if not self.bad_runs:
             return
         tr = terminalreporter
         tr.section("tests that failed in the nested lane and ran again in a fresh one")
-        for nodeid, datas in self.first_failures.items():
-            if self.last_lane.get(nodeid) == self.first_failure_lane.get(nodeid):
-                second = "had no second run (no lane was left)"
+        for nodeid, bad in self.bad_runs.items():
+            runs = self.runs.get(nodeid, 0)
+            if self._finished(nodeid) and not self._failed(nodeid):
+                verdict = "passed on its %s run" % _ordinal(runs + 1)
+            elif runs >= TEST_RUNS:
+                verdict = "did not pass in %d runs" % runs
             else:
-                second = "failed again" if self._failed(nodeid) else (
-                    "passed" if self._finished(nodeid) else "did not finish")
-            tr.write_line("%s: %s%s; its first failure:"
-                          % (nodeid, second, "" if "no second" in second else " on its second run"))
-            for d in datas:
-                if d.get("outcome") != "failed":
+                verdict = "had no further run (%s)" % (self.lanes_left_out or "no lane was left")
+            tr.write_line("%s: %s; how its earlier runs ended:" % (nodeid, verdict))
+            for number, (lane_no, datas, ended) in enumerate(bad, 1):
+                if ended:
+                    tr.write_line("  run %d (lane %d): its lane ended under it: %s" % (number, lane_no, ended))
                     continue
-                rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=copy.deepcopy(d))
-                for line in rep.longreprtext.splitlines()[-FIRST_FAILURE_LINES:]:
-                    tr.write_line("    " + line)
+                tr.write_line("  run %d (lane %d) failed:" % (number, lane_no))
+                for d in datas:
+                    if d.get("outcome") != "failed":
+                        continue
+                    rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=copy.deepcopy(d))
+                    for line in rep.longreprtext.splitlines()[-FIRST_FAILURE_LINES:]:
+                        tr.write_line("    " + line)
 
     def _write_script(self, items: List[pytest.Item]) -> Path:
         env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PASSED)}

@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+from tests.framework.lane_plugin import TEST_RUNS
+
 pytest_plugins = ["pytester"]
 
 CONFTEST = textwrap.dedent('''
@@ -143,38 +145,79 @@ def test_a_test_the_lane_died_in_runs_once_more_and_a_test_it_never_reached_wait
     ])
 
 
-def test_a_test_that_kills_its_lane_twice_fails_with_the_lanes_reason_and_the_others_still_run(tester):
-    result = _run_plan(tester, '[{"test_two": "die"}, {"test_two": "die"}]')
+def test_a_test_that_kills_its_lane_three_times_fails_with_the_lanes_reason_and_the_others_still_run(tester):
+    result = _run_plan(tester, '[{"test_two": "die"}, {"test_two": "die"}, {"test_two": "die"}]')
     result.stdout.fnmatch_lines([
-        "*kernel panic in the lane*",
+        "*nested lane 3: kernel panic in the lane*",
+        "test_r.py::test_two: did not pass in 3 runs; how its earlier runs ended:",
+        "  run 1 (lane 1): its lane ended under it: nested lane 1: kernel panic in the lane",
+        "  run 2 (lane 2): its lane ended under it: nested lane 2: kernel panic in the lane",
+        "  run 3 (lane 3): its lane ended under it: nested lane 3: kernel panic in the lane",
         "*1 failed, 2 passed*",
-        _calls(["test_one", "test_two", "test_three"], ["test_two", "test_three"], ["test_three"]),
+        _calls(["test_one", "test_two", "test_three"], ["test_two", "test_three"], ["test_two", "test_three"],
+               ["test_three"]),
     ])
 
 
-def test_a_test_a_dead_lane_never_reached_keeps_both_its_runs(tester):
+def test_a_test_whose_last_run_lost_its_lane_fails_with_that_lanes_reason_not_a_later_ones(tester):
+    """CI16's case: test_one failed, then lost its lanes; test_two waited for a later lane, which
+    ended well. test_one's failure names the lane that ended under it, not the later lane's exit."""
+    result = _run_plan(tester, '[{"test_one": "fail", "test_two": "fail"}, {"test_one": "die"}, '
+                               '{"test_one": "die"}]')
+    result.stdout.fnmatch_lines([
+        "*nested lane 3: kernel panic in the lane*",
+        "test_r.py::test_one: did not pass in 3 runs; how its earlier runs ended:",
+        "  run 1 (lane 1) failed:",
+        "*lane-1 failure of test_r.py::test_one*",
+        "  run 2 (lane 2): its lane ended under it: nested lane 2: kernel panic in the lane",
+        "test_r.py::test_two: passed on its second run; how its earlier runs ended:",
+        "*1 failed, 2 passed*",
+        _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two"], ["test_one", "test_two"],
+               ["test_two"]),
+    ])
+    result.stdout.no_fnmatch_line("*lane 4 exited 0 without a report*")
+
+
+def test_a_test_a_dead_lane_never_reached_keeps_all_its_runs(tester):
     """CI10's case: the first lane dies in test_one before test_three ran; test_three fails in
     the second lane on its first run, so a third lane runs it again, and it passes."""
     result = _run_plan(tester, '[{"test_one": "die"}, {"test_three": "fail"}]')
     result.stdout.fnmatch_lines([
         "*ended before 3 test(s) finished*3 of them in one more lane*",
         "*1 test(s) failed in the lane*1 of them in one more lane*",
-        "test_r.py::test_three: passed on its second run; its first failure:",
+        "test_r.py::test_one: passed on its second run; how its earlier runs ended:",
+        "  run 1 (lane 1): its lane ended under it: nested lane 1: kernel panic in the lane",
+        "test_r.py::test_three: passed on its second run; how its earlier runs ended:",
+        "  run 1 (lane 2) failed:",
         "*lane-2 failure of test_r.py::test_three*",
         "*3 passed*",
         _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two", "test_three"], ["test_three"]),
     ])
 
 
-def test_no_more_than_four_lanes_run_even_when_each_dies_at_once(tester):
-    """test_one kills two lanes (its two runs), test_two the third, test_three the fourth: test_three
-    has a run left, but there is no fifth lane."""
-    result = _run_plan(tester, '[{"test_one": "die"}, {"test_one": "die"}, {"test_two": "die"}, '
-                               '{"test_three": "die"}, {}]')
+def test_no_more_than_five_lanes_run_even_when_each_dies_at_once(tester):
+    """test_one kills three lanes (its three runs), test_two the fourth and fifth: test_two has a run
+    left and test_three has not run, but there is no sixth lane."""
+    result = _run_plan(tester, '[{"test_one": "die"}, {"test_one": "die"}, {"test_one": "die"}, '
+                               '{"test_two": "die"}, {"test_two": "die"}, {}]')
     result.stdout.fnmatch_lines([
-        "*2 failed, 1 passed*",
-        _calls(["test_one", "test_two", "test_three"], ["test_one", "test_two", "test_three"],
-               ["test_two", "test_three"], ["test_two", "test_three"]),
+        "test_r.py::test_two: had no further run (all 5 lanes had run); how its earlier runs ended:",
+        "*2 failed, 1 error*",  # test_three never started: an error at its setup
+        _calls(*[["test_one", "test_two", "test_three"]] * 3 + [["test_two", "test_three"]] * 2),
+    ])
+
+
+def test_no_new_lane_starts_once_the_lanes_have_taken_their_total_time(tester, monkeypatch):
+    """LANE_TOTAL_SEC keeps .ci/run within its time: past it, a failed test keeps its failure."""
+    from tests.framework import lane_plugin
+
+    monkeypatch.setattr(lane_plugin, "LANE_TOTAL_SEC", -1.0)  # pytester runs in this process
+    result = _run_plan(tester, '[{"test_two": "fail"}]')
+    result.stdout.fnmatch_lines([
+        "tenbox: no further lane: the lanes had taken 0 s (LANE_TOTAL_SEC -1)",
+        "test_r.py::test_two: had no further run (the lanes had taken 0 s); how its earlier runs ended:",
+        "*1 failed, 2 passed*",
+        _calls(["test_one", "test_two", "test_three"]),
     ])
 
 
@@ -204,9 +247,9 @@ RERUN_CONFTEST = textwrap.dedent('''
 ''') + FAKE_LANE_HOOKS
 
 
-def test_a_test_that_failed_in_the_lane_runs_once_more_in_a_fresh_one_and_the_summary_says_so(tester):
+def test_a_test_that_failed_in_the_lane_runs_again_in_a_fresh_one_and_the_summary_says_so(tester):
     """test_flaky fails in the first lane and passes in the second: it passes, and the summary
-    prints its first failure; test_broken fails in both and fails; test_fine runs once."""
+    prints its first failure; test_broken fails in all three of its lanes and fails; test_fine runs once."""
     tester.makeconftest(RERUN_CONFTEST)
     tester.makepyfile(test_f=textwrap.dedent('''
         import pytest
@@ -227,13 +270,16 @@ def test_a_test_that_failed_in_the_lane_runs_once_more_in_a_fresh_one_and_the_su
     result.stdout.fnmatch_lines([
         "*2 test(s) failed in the lane*2 of them in one more lane*",
         "*tests that failed in the nested lane and ran again in a fresh one*",
-        "test_f.py::test_flaky: passed on its second run; its first failure:",
+        "test_f.py::test_flaky: passed on its second run; how its earlier runs ended:",
+        "  run 1 (lane 1) failed:",
         "*first-lane failure of test_f.py::test_flaky*",
-        "test_f.py::test_broken: failed again on its second run; its first failure:",
+        "test_f.py::test_broken: did not pass in 3 runs; how its earlier runs ended:",
+        "  run 1 (lane 1) failed:",
         "*first-lane failure of test_f.py::test_broken*",
+        "  run 3 (lane 3) failed:",
         "*1 failed, 2 passed*",
         'LANE CALLS [["test_f.py::test_fine", "test_f.py::test_flaky", "test_f.py::test_broken"], '
-        '["test_f.py::test_flaky", "test_f.py::test_broken"]]',
+        '["test_f.py::test_flaky", "test_f.py::test_broken"], ["test_f.py::test_broken"]]',
     ])
 
 
@@ -333,7 +379,7 @@ def test_a_lane_with_no_report_for_longer_than_the_running_tests_budget_is_taken
         "*the lane stalled: no test report for 161 s*",
         "*1 failed*",
     ])
-    assert result.stdout.str().count("WATCHDOG") == 2  # a second lane for the test it stalled in
+    assert result.stdout.str().count("WATCHDOG") == TEST_RUNS  # a fresh lane for each run of the test it stalled in
 
 
 REGISTERS = ("CPU#0\nRAX=0 RBX=0\nRIP=ffffffff9b85a170 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=%s\n"
@@ -380,14 +426,15 @@ def test_a_lane_vcpu_running_at_one_rip_for_a_minute_is_a_wedge_and_a_halted_one
 
 
 def test_a_test_failing_first_in_the_last_lane_is_reported_without_a_second_run(tester):
-    """CI15's case: test_three first runs, and fails, in the fourth lane. Its report is replayed and
+    """CI15's case: test_three first runs, and fails, in the last lane. Its report is replayed and
     then printed as its first failure (pytest rewrites a report dict it reads: the plugin reads
-    copies), and the summary says it had no second run."""
-    result = _run_plan(tester, '[{"test_one": "die"}, {"test_one": "die"}, {"test_two": "die"}, '
-                               '{"test_three": "fail"}]')
+    copies), and the summary says it had no further run."""
+    result = _run_plan(tester, '[{"test_one": "die"}, {"test_one": "die"}, {"test_one": "die"}, '
+                               '{"test_two": "die"}, {"test_three": "fail"}]')
     result.stdout.fnmatch_lines([
-        "test_r.py::test_three: had no second run (no lane was left); its first failure:",
-        "*lane-4 failure of test_r.py::test_three*",
+        "test_r.py::test_three: had no further run (all 5 lanes had run); how its earlier runs ended:",
+        "  run 1 (lane 5) failed:",
+        "*lane-5 failure of test_r.py::test_three*",
         "*2 failed, 1 passed*",
     ])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
