@@ -62,7 +62,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
-from tenbox_vmm import passed_files
+from tenbox_vmm import kernel_kind, passed_files
 from tenbox_vmm.bootcfg import BootConfigError, BootEntry, default_bls_entry, default_grub_entry
 from tenbox_vmm.disk import Disk
 from tenbox_vmm.disk.partitions import (
@@ -140,12 +140,6 @@ GRUB_SCRATCH_DIR = "/var/tmp"  # where GRUB's volumes are exported (a private fo
 # grub-fstest tells a file's size only by reading it: each file is copied out once, at most this long.
 GRUB_FILE_MAX_BYTES = 2 << 30
 
-# x86 boot protocol: "HdrS" at 0x202 (Documentation/arch/x86/boot.rst). Other kernels' magics, to name them.
-BZIMAGE_MAGIC_OFFSET = 0x202
-BZIMAGE_MAGIC = b"HdrS"
-ARM64_MAGIC_OFFSET = 56  # Documentation/arch/arm64/booting.rst
-ARM64_MAGIC = b"ARM\x64"
-RISCV_MAGIC = b"RSC\x05"  # at 56 too (Documentation/arch/riscv/boot-image-header.rst)
 INITRD_ALIGN = 4  # GRUB pads each initrd to 4 bytes; Linux wants a plain cpio archive to start aligned
 
 PR_SET_PDEATHSIG = 1
@@ -745,25 +739,12 @@ def root_volume(cmdline: str, table: Table, volumes: List[Volume]) -> Optional[V
 # ---- extraction --------------------------------------------------------------------------------------------------
 
 def check_bzimage(path: str, name: str) -> None:
-    """Refuse a kernel that is not an x86 bzImage, naming what it looks like."""
-    with open(path, "rb") as f:
-        head = f.read(BZIMAGE_MAGIC_OFFSET + 4)
-    if head[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] == BZIMAGE_MAGIC:
+    """Refuse a kernel that is not an x86-64 bzImage, naming what it is (kernel_kind)."""
+    kind = kernel_kind.identify_file(path)
+    if kind == kernel_kind.KernelKind("x86_64", "bzImage"):
         return
-    magic = head[ARM64_MAGIC_OFFSET:ARM64_MAGIC_OFFSET + 4]
-    if magic == ARM64_MAGIC:
-        kind = "an arm64 Image"
-    elif magic == RISCV_MAGIC:
-        kind = "a RISC-V Image"
-    elif head[:4] == b"\x7fELF":
-        kind = "an ELF file: a vmlinux?"
-    elif head[:2] == b"\x1f\x8b":
-        kind = "gzip data: an arm64 vmlinuz is a gzip'd Image"
-    elif head[:2] == b"MZ":
-        kind = "an EFI program without x86 boot header: an arm64 or RISC-V EFI zboot kernel?"
-    else:
-        kind = "no 'HdrS' at 0x202"
-    raise BootFilesError(ImageToolCode.UNSUPPORTED, "not an x86 bzImage: %s (%s)" % (name, kind))
+    what = kind.describe() if kind.format else "no 'HdrS' at 0x202"
+    raise BootFilesError(ImageToolCode.UNSUPPORTED, "not an x86 bzImage: %s (%s)" % (name, what))
 
 
 def export_volume(disk: Disk, vol: Volume, path: str) -> None:

@@ -2,18 +2,20 @@
 # Fetch a Debian kernel for tenbox's Linux guest tests (or the nested lane's host).
 #
 #   get-kernel.sh [--out DIR] [--suite SUITE] [--flavour cloud|generic]
-#                 [--modules "MOD1 MOD2 ..."]
+#                 [--arch amd64|arm64] [--modules "MOD1 MOD2 ..."]
 #
-# Resolves the versioned package behind linux-image-cloud-amd64 (--flavour
-# cloud, the default: the guest kernel) or linux-image-amd64 (--flavour
+# Resolves the versioned package behind linux-image-cloud-ARCH (--flavour
+# cloud, the default: the guest kernel) or linux-image-ARCH (--flavour
 # generic: it ships kvm.ko and kvm-amd.ko, which the nested test lane's
 # outer host needs; see docs/testing.md), as apt's candidate, i.e. the
 # running system's suite with its security/updates pockets, or the version
 # from --suite (e.g. bookworm, bookworm-security, bookworm-backports);
 # downloads it with `apt-get download` (no root needed) and fills DIR
-# (default <repo>/.cache/linux) with:
+# (default <repo>/.cache/linux, or <repo>/.cache/linux-ARCH for another
+# architecture than amd64) with:
 #
-#   vmlinuz              the bzImage
+#   vmlinuz              the kernel as Debian ships it (amd64: a bzImage;
+#                        arm64: a gzip'd Image)
 #   version              the kernel release, e.g. 6.1.0-56-cloud-amd64
 #   modules/*.ko         --modules (default: virtio, virtio_ring,
 #                        virtio_mmio, virtio_blk, virtio_net, ext4) and
@@ -22,6 +24,11 @@
 #   modules/load-order   the .ko files in insmod order, dependencies first
 #   .stamp               what was resolved; a rerun that resolves to the same
 #                        package version does nothing
+#
+# --arch (default amd64) other than the host's own: apt's package lists for
+# that architecture, from the host's own sources, are kept apart in
+# <repo>/.cache/apt-ARCH (refreshed when a day old); the host's apt is left
+# as it is (no dpkg --add-architecture).
 #
 # Progress goes to stderr, one line per stage; errors are one line too.
 set -euo pipefail
@@ -34,7 +41,8 @@ CONFIG_SYMS="VIRTIO VIRTIO_MMIO VIRTIO_BLK VIRTIO_NET NET_FAILOVER FAILOVER EXT4
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-out="$repo/.cache/linux"
+out=""
+arch=amd64
 suite=""
 flavour=cloud
 
@@ -52,16 +60,22 @@ while [ $# -gt 0 ]; do
         --suite=*) suite=${1#--suite=}; shift ;;
         --flavour) [ $# -ge 2 ] || die "--flavour needs cloud or generic"; flavour=$2; shift 2 ;;
         --flavour=*) flavour=${1#--flavour=}; shift ;;
+        --arch) [ $# -ge 2 ] || die "--arch needs amd64 or arm64"; arch=$2; shift 2 ;;
+        --arch=*) arch=${1#--arch=}; shift ;;
         --modules) [ $# -ge 2 ] || die "--modules needs a list of module names"; MODULES=$2; shift 2 ;;
         --modules=*) MODULES=${1#--modules=}; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
-[ -n "$out" ] || die "--out must not be empty"
+case "$arch" in
+    amd64) out=${out:-$repo/.cache/linux} ;;
+    arm64) out=${out:-$repo/.cache/linux-$arch} ;;
+    *) die "--arch must be amd64 or arm64, not '$arch'" ;;
+esac
 case "$flavour" in
-    cloud) META=linux-image-cloud-amd64 ;;
-    generic) META=linux-image-amd64 ;;
+    cloud) META=linux-image-cloud-$arch ;;
+    generic) META=linux-image-$arch ;;
     *) die "--flavour must be cloud or generic, not '$flavour'" ;;
 esac
 case "$MODULES" in
@@ -70,23 +84,38 @@ case "$MODULES" in
     *) die "--modules must name at least one module" ;;
 esac
 
-for tool in apt-cache apt-get dpkg-deb /usr/bin/python3; do
+for tool in apt-cache apt-get dpkg dpkg-deb /usr/bin/python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found (this script needs a Debian system)"
 done
+
+# apt's options: none for the host's own architecture; for another, its own package lists.
+APT_OPTS=()
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+    aptdir="$repo/.cache/apt-$arch"
+    mkdir -p "$aptdir/lists/partial" "$aptdir/cache/archives/partial"
+    [ -f "$aptdir/status" ] || : >"$aptdir/status"
+    APT_OPTS=(-o "APT::Architecture=$arch" -o "APT::Architectures=$arch" -o "Dir::State::Lists=$aptdir/lists"
+              -o "Dir::State::status=$aptdir/status" -o "Dir::Cache=$aptdir/cache" -o "Debug::NoLocking=1")
+    if [ -z "$(find "$aptdir/lists" -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -n 1)" ]; then
+        say "refreshing apt's $arch package lists in $aptdir"
+        apt-get "${APT_OPTS[@]}" -q update >"$aptdir/update.log" 2>&1 \
+            || die "apt-get update for $arch failed: $(grep -E '^(E|W):' "$aptdir/update.log" | head -n 1)"
+    fi
+fi
 
 # --- 1. resolve ----------------------------------------------------------
 if [ -n "$suite" ]; then
     say "resolving $META in suite $suite"
-    meta_info=$(apt-cache show "$META/$suite" 2>/dev/null || true)
+    meta_info=$(apt-cache "${APT_OPTS[@]}" show "$META/$suite" 2>/dev/null || true)
     [ -n "$meta_info" ] \
         || die "$META not found for suite '$suite' in apt's package lists (is the suite in sources.list? run 'apt-get update' and retry)"
 else
     say "resolving $META (apt's candidate)"
-    cand=$(LC_ALL=C apt-cache policy "$META" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
+    cand=$(LC_ALL=C apt-cache "${APT_OPTS[@]}" policy "$META" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
     if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then
         die "$META not found in apt's package lists; run 'apt-get update' (as root) and retry"
     fi
-    meta_info=$(apt-cache show "$META=$cand" 2>/dev/null) \
+    meta_info=$(apt-cache "${APT_OPTS[@]}" show "$META=$cand" 2>/dev/null) \
         || die "apt-cache show $META=$cand failed; run 'apt-get update' (as root) and retry"
 fi
 # First stanza's Depends: the versioned image, e.g. linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2).
@@ -124,7 +153,7 @@ trap 'rm -rf "$tmp"' EXIT
 # apt-get download as root hands the transfer to the _apt user: let it write here.
 chmod 755 "$tmp"
 say "downloading $pkg=$ver"
-if ! (cd "$tmp" && apt-get download -q "$pkg=$ver" >"$tmp/apt.log" 2>&1); then
+if ! (cd "$tmp" && apt-get "${APT_OPTS[@]}" download -q "$pkg=$ver" >"$tmp/apt.log" 2>&1); then
     die "apt-get download $pkg=$ver failed: $(grep -E '^(E|W):' "$tmp/apt.log" | head -n 1) (run 'apt-get update' and retry)"
 fi
 deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n 1)

@@ -81,6 +81,19 @@ def build() -> Artifacts:
     return _cache["linux"]  # type: ignore[return-value]
 
 
+def foreign_kernel(arch: str = "arm64") -> Path:
+    """Debian's cloud kernel for another architecture than the host's (get-kernel.sh --arch, cached
+    in .cache/linux-ARCH): what an operator might hand the worker by mistake."""
+    key = "linux-" + arch
+    if key not in _cache:
+        r = run_tool([SCRIPTS / "get-kernel.sh", "--arch", arch], SCRIPT_TIMEOUT_SEC, cwd=REPO)
+        if r.returncode != 0:
+            raise ProcessFailure("get-kernel.sh --arch %s failed (exit %d):\n%s%s"
+                                 % (arch, r.returncode, r.stdout, r.stderr))
+        _cache[key] = CACHE / key / "vmlinuz"
+    return _cache[key]  # type: ignore[return-value]
+
+
 # --- what the guest prints ------------------------------------------------------------------
 
 def command_output(text: str, command: str) -> List[str]:

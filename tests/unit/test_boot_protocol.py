@@ -70,7 +70,7 @@ def test_relocatable_kernel_reserves_room_to_decompress_at_pref_address(tmp_path
     (dict(boot_flag=0x1234), "bad boot_flag"),
     (dict(version=0x0205), "boot protocol 2.05"),
     (dict(loadflags=0), "zImage"),
-    (dict(xloadflags=0), "no 64-bit entry"),
+    (dict(xloadflags=0), r"a 32-bit x86 \(i386\) bzImage; this host.s worker boots x86-64 \(amd64\) kernels"),
 ])
 def test_bad_setup_headers_are_refused(tmp_path, kwargs, message):
     with pytest.raises(boot.KernelError, match=message):
@@ -113,9 +113,15 @@ def test_elf_virtual_entry_is_translated_to_physical(tmp_path):
     assert img.entry == 0x100200
 
 
-def test_elf_for_another_machine_is_refused(tmp_path):
-    with pytest.raises(boot.KernelError, match="not x86-64"):
-        boot.load_kernel(write(tmp_path, make_elf(machine=183)), 256 * MIB)
+@pytest.mark.parametrize("machine, what", [
+    (183, r"an arm64 \(aarch64\) ELF vmlinux"),
+    (243, r"a RISC-V \(riscv64\) ELF vmlinux"),
+    (8, "an ELF vmlinux for an architecture tenbox does not know"),  # MIPS
+])
+def test_elf_for_another_machine_is_refused_naming_both_architectures(tmp_path, machine, what):
+    with pytest.raises(boot.KernelError, match=r"^kernel \S+ is %s; this host's worker boots x86-64 \(amd64\) "
+                                               r"kernels$" % what):
+        boot.load_kernel(write(tmp_path, make_elf(machine=machine)), 256 * MIB)
 
 
 def test_elf_entry_outside_segments_is_refused(tmp_path):

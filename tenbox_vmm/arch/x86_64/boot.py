@@ -14,7 +14,7 @@ import stat as stat_mod
 import struct
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from tenbox_vmm import passed_files
+from tenbox_vmm import kernel_kind, passed_files
 from tenbox_vmm.arch.x86_64 import layout as L
 
 PAGE = 0x1000
@@ -123,6 +123,10 @@ def read_file(path: str, what: str, limit: int = KERNEL_FILE_MAX) -> bytes:
 def load_kernel(path: str, ram_end_below_4g: int) -> KernelImage:
     """Parse and validate a bzImage or ELF vmlinux for a guest with the given low RAM."""
     data = read_file(path, "kernel")
+    kind = kernel_kind.identify(data[:kernel_kind.PEEK_BYTES])
+    if kind.format and kind.arch != "x86_64":
+        raise KernelError("kernel %s is %s; this host's worker boots %s kernels"
+                          % (path, kind.describe(), kernel_kind.ARCH_NAMES["x86_64"]))
     if len(data) >= HDR_MAGIC + 4 and data[HDR_MAGIC : HDR_MAGIC + 4] == b"HdrS":
         image = _parse_bzimage(path, data)
     elif data[:4] == ELF_MAGIC:
