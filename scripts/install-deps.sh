@@ -8,8 +8,8 @@ PACKAGES="
 make gcc binutils libc6-dev linux-libc-dev
 python3 python3-cffi python3-zmq python3-msgpack python3-psutil python3-click
 python3-tenacity python3-sdnotify python3-apt python3-websockets python3-zstandard python3-seccomp
-python3-pytest python3-hypothesis python3-trustme python3-prometheus-client zsh
-acpica-tools qemu-system-x86 qemu-utils openssh-client libslirp0 libslirp-dev libcap2-bin iproute2
+python3-pytest python3-hypothesis python3-trustme python3-prometheus-client zsh python3-libfdt device-tree-compiler
+acpica-tools qemu-system-x86 qemu-system-arm qemu-utils openssh-client libslirp0 libslirp-dev libcap2-bin iproute2
 busybox-static cpio gzip xz-utils zstd util-linux procps file
 debootstrap e2fsprogs fdisk
 xorriso

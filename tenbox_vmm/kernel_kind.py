@@ -1,4 +1,4 @@
-"""What a kernel file is, and for which architecture, from its first bytes (worker, image tool).
+"""Kernel files: what one is and for which architecture, from its first bytes, and reading one (worker, image tool).
 
 A worker boots kernels of its own host's architecture only. An operator who
 gives the x86-64 worker an arm64 `Image` (or the reverse, on an arm64 host)
@@ -18,15 +18,20 @@ or a guest that never prints. The formats, and where each says what it is:
 
 from __future__ import annotations
 
+import os
+import stat as stat_mod
 import struct
 import zlib
 from typing import NamedTuple
+
+from tenbox_vmm import passed_files
 
 HOST_ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 # What an operator calls each: Debian's name first, the kernel's (uname -m) second.
 ARCH_NAMES = {"x86_64": "x86-64 (amd64)", "aarch64": "arm64 (aarch64)", "riscv64": "RISC-V (riscv64)",
               "i386": "32-bit x86 (i386)", "arm": "32-bit ARM (armhf)"}
 
+KERNEL_FILE_MAX = 512 << 20  # no Linux kernel image comes close
 PEEK_BYTES = 4096  # read (and, for a gzip'd kernel, inflated) to tell what a file is
 
 BZIMAGE_MAGIC_OFFSET = 0x202
@@ -45,6 +50,10 @@ PE_MACHINES = {0x8664: "x86_64", 0xAA64: "aarch64", 0x5064: "riscv64", 0x14C: "i
 ZBOOT_MAGIC_OFFSET = 4
 ZBOOT_MAGIC = b"zimg"
 GZIPPED = ", gzip'd"
+
+
+class KernelError(Exception):
+    """The kernel or initrd cannot be booted; the message says why."""
 
 
 class KernelKind(NamedTuple):
@@ -127,3 +136,22 @@ def _inflate_head(data: bytes) -> bytes:
         return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, PEEK_BYTES)
     except zlib.error:
         return b""
+
+
+def read_file(path: str, what: str, limit: int = KERNEL_FILE_MAX) -> bytes:
+    """The whole file, or a KernelError naming the problem and the path."""
+    try:
+        st = passed_files.stat(path)  # a sandboxed worker's kernel and initrd are passed to it
+    except FileNotFoundError:
+        raise KernelError("%s %s does not exist" % (what, path)) from None
+    except OSError as e:
+        raise KernelError("cannot read %s %s: %s" % (what, path, e.strerror)) from None
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise KernelError("%s %s is not a regular file" % (what, path))
+    if st.st_size > limit:
+        raise KernelError("%s %s is too large (%d MiB)" % (what, path, st.st_size >> 20))
+    try:
+        with os.fdopen(passed_files.open_fd(path, os.O_RDONLY), "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise KernelError("cannot read %s %s: %s" % (what, path, e.strerror)) from None

@@ -94,6 +94,31 @@ def foreign_kernel(arch: str = "arm64") -> Path:
     return _cache[key]  # type: ignore[return-value]
 
 
+def foreign_busybox(arch: str = "arm64") -> Path:
+    """Debian's busybox-static for `arch` (its /bin/busybox), from the package lists get-kernel.sh --arch
+    keeps in .cache/apt-ARCH, cached in .cache/linux-ARCH/busybox."""
+    foreign_kernel(arch)  # the package lists
+    out = CACHE / ("linux-" + arch) / "busybox"
+    if out.exists():
+        return out
+    aptdir = CACHE / ("apt-" + arch)
+    opts = ["-o", "APT::Architecture=" + arch, "-o", "APT::Architectures=" + arch,
+            "-o", "Dir::State::Lists=%s/lists" % aptdir, "-o", "Dir::State::status=%s/status" % aptdir,
+            "-o", "Dir::Cache=%s/cache" % aptdir, "-o", "Debug::NoLocking=1"]
+    with tempfile.TemporaryDirectory(prefix="tenbox-busybox-") as tmp:
+        os.chmod(tmp, 0o755)  # apt-get download as root hands the transfer to the _apt user
+        r = run_tool(["apt-get"] + opts + ["download", "-q", "busybox-static"], SCRIPT_TIMEOUT_SEC, cwd=tmp)
+        debs = sorted(Path(tmp).glob("busybox-static_*.deb"))
+        if r.returncode != 0 or not debs:
+            raise ProcessFailure("apt-get download busybox-static (%s) failed:\n%s%s" % (arch, r.stdout, r.stderr))
+        r = run_tool(["dpkg-deb", "-x", str(debs[0]), tmp + "/root"], SCRIPT_TIMEOUT_SEC)
+        if r.returncode != 0:
+            raise ProcessFailure("dpkg-deb -x %s failed:\n%s" % (debs[0].name, r.stderr))
+        shutil.copy(tmp + "/root/bin/busybox", str(out) + ".new")
+        os.replace(str(out) + ".new", str(out))
+    return out
+
+
 # --- what the guest prints ------------------------------------------------------------------
 
 def command_output(text: str, command: str) -> List[str]:

@@ -9,17 +9,15 @@ the kernel gets a boot_params page built here (Documentation/arch/x86/boot.rst).
 
 from __future__ import annotations
 
-import os
-import stat as stat_mod
 import struct
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from tenbox_vmm import kernel_kind, passed_files
+from tenbox_vmm import kernel_kind
+from tenbox_vmm.kernel_kind import KernelError, read_file  # noqa: F401 (the machine's names for them)
 from tenbox_vmm.arch.x86_64 import layout as L
 
 PAGE = 0x1000
 MIN_PROTOCOL = 0x0206
-KERNEL_FILE_MAX = 512 << 20  # no Linux kernel image comes close
 
 # boot_params offsets
 BP_ACPI_RSDP_ADDR = 0x070
@@ -66,10 +64,6 @@ EM_X86_64 = 62
 PT_LOAD = 1
 
 
-class KernelError(Exception):
-    """The kernel or initrd cannot be booted; the message says why."""
-
-
 class KernelImage(NamedTuple):
     """A validated kernel, ready to be copied into guest RAM."""
 
@@ -99,25 +93,6 @@ def _u32(b: bytes, off: int) -> int:
 
 def _u64(b: bytes, off: int) -> int:
     return struct.unpack_from("<Q", b, off)[0]
-
-
-def read_file(path: str, what: str, limit: int = KERNEL_FILE_MAX) -> bytes:
-    """The whole file, or a KernelError naming the problem and the path."""
-    try:
-        st = passed_files.stat(path)  # a sandboxed worker's kernel and initrd are passed to it
-    except FileNotFoundError:
-        raise KernelError("%s %s does not exist" % (what, path)) from None
-    except OSError as e:
-        raise KernelError("cannot read %s %s: %s" % (what, path, e.strerror)) from None
-    if not stat_mod.S_ISREG(st.st_mode):
-        raise KernelError("%s %s is not a regular file" % (what, path))
-    if st.st_size > limit:
-        raise KernelError("%s %s is too large (%d MiB)" % (what, path, st.st_size >> 20))
-    try:
-        with os.fdopen(passed_files.open_fd(path, os.O_RDONLY), "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise KernelError("cannot read %s %s: %s" % (what, path, e.strerror)) from None
 
 
 def load_kernel(path: str, ram_end_below_4g: int) -> KernelImage:
