@@ -252,6 +252,29 @@ struct kvm_coalesced_mmio_ring {
     struct kvm_coalesced_mmio coalesced_mmio[0];
 };
 
+struct kvm_vcpu_init {
+    uint32_t target;
+    uint32_t features[7];
+};
+
+struct kvm_create_device {
+    uint32_t type;
+    uint32_t fd;
+    uint32_t flags;
+};
+
+struct kvm_device_attr {
+    uint32_t flags;
+    uint32_t group;
+    uint64_t attr;
+    uint64_t addr;
+};
+
+struct kvm_one_reg {
+    uint64_t id;
+    uint64_t addr;
+};
+
 struct kvm_run {
     uint8_t request_interrupt_window;
     uint8_t immediate_exit;

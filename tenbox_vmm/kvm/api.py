@@ -64,7 +64,8 @@ class Kvm:
             version = _ioctl(self.fd, c.KVM_GET_API_VERSION, _ZERO, "KVM_GET_API_VERSION")
             if version != KVM_API_VERSION:
                 raise KvmUnavailable("%s speaks KVM API %d, tenbox needs %d" % (path, version, KVM_API_VERSION))
-            missing = [name for cap, name in c.REQUIRED_CAPS.items() if not self.check_extension(cap)]
+            required = c.REQUIRED_CAPS_AARCH64 if os.uname().machine == "aarch64" else c.REQUIRED_CAPS
+            missing = [name for cap, name in required.items() if not self.check_extension(cap)]
             if missing:
                 raise KvmUnavailable("%s lacks: %s" % (path, ", ".join(missing)))
             self.vcpu_mmap_size = _ioctl(self.fd, c.KVM_GET_VCPU_MMAP_SIZE, _ZERO, "KVM_GET_VCPU_MMAP_SIZE")
@@ -113,6 +114,14 @@ def _get_struct(fd: int, ctype: str, request: int, what: str, init=None) -> byte
     buf = ffi.new(ctype, init)
     _ioctl(fd, request, buf, what)
     return bytes(ffi.buffer(buf))
+
+
+def set_device_attr(fd: int, group: int, attr: int, value: Optional[int] = None) -> None:
+    """KVM_SET_DEVICE_ATTR on an in-kernel device's fd; `value` is passed as a u64 (None: no value)."""
+    data = ffi.new("uint64_t *", value or 0)
+    addr = int(ffi.cast("uintptr_t", data)) if value is not None else 0
+    arg = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": addr})
+    _ioctl(fd, c.KVM_SET_DEVICE_ATTR, arg, "KVM_SET_DEVICE_ATTR")
 
 
 def _struct_from(ctype: str, data: bytes):
@@ -272,6 +281,25 @@ class Vm:
         clock.flags = 0  # the realtime and host_tsc fields are of the host that took it
         _ioctl(self.fd, c.KVM_SET_CLOCK, clock, "KVM_SET_CLOCK")
 
+    # arm64 ----------------------------------------------------------
+
+    def arm_preferred_target(self) -> int:
+        """KVM_ARM_PREFERRED_TARGET: the CPU model KVM emulates best on this host."""
+        init = ffi.new("struct kvm_vcpu_init *")
+        _ioctl(self.fd, c.KVM_ARM_PREFERRED_TARGET, init, "KVM_ARM_PREFERRED_TARGET")
+        return init.target
+
+    def create_device(self, dev_type: int) -> int:
+        """KVM_CREATE_DEVICE: an in-kernel device's fd (the caller closes it)."""
+        dev = ffi.new("struct kvm_create_device *", {"type": dev_type})
+        _ioctl(self.fd, c.KVM_CREATE_DEVICE, dev, "KVM_CREATE_DEVICE")
+        return dev.fd
+
+    def create_device_test(self, dev_type: int) -> None:
+        """KVM_CREATE_DEVICE with KVM_CREATE_DEVICE_TEST: OSError if KVM cannot make that type."""
+        dev = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": 1})
+        _ioctl(self.fd, c.KVM_CREATE_DEVICE, dev, "KVM_CREATE_DEVICE")
+
     def create_vcpu(self, index: int) -> "Vcpu":
         fd = _ioctl_int(self.fd, c.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         return Vcpu(self, fd, index)
@@ -311,6 +339,25 @@ class Vcpu:
         return True
 
     # Register state ----------------------------------------------------
+
+    def arm_init(self, target: int, features: Iterable[int]) -> None:
+        """KVM_ARM_VCPU_INIT with the feature bits `features` (constants ARM_VCPU_*)."""
+        init = ffi.new("struct kvm_vcpu_init *", {"target": target})
+        for bit in features:
+            init.features[bit // 32] |= 1 << (bit % 32)
+        _ioctl(self.fd, c.KVM_ARM_VCPU_INIT, init, "KVM_ARM_VCPU_INIT")
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        """KVM_SET_ONE_REG of a 64-bit register."""
+        data = ffi.new("uint64_t *", value)
+        reg = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": int(ffi.cast("uintptr_t", data))})
+        _ioctl(self.fd, c.KVM_SET_ONE_REG, reg, "KVM_SET_ONE_REG")
+
+    def get_one_reg(self, reg_id: int) -> int:
+        data = ffi.new("uint64_t *")
+        reg = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": int(ffi.cast("uintptr_t", data))})
+        _ioctl(self.fd, c.KVM_GET_ONE_REG, reg, "KVM_GET_ONE_REG")
+        return data[0]
 
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")

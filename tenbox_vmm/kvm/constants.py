@@ -107,6 +107,9 @@ CAP_TSC_DEADLINE_TIMER = 72
 CAP_IMMEDIATE_EXIT = 136
 CAP_COALESCED_PIO = 162
 
+CAP_DEVICE_CTRL = 89
+CAP_ARM_PSCI_0_2 = 102
+
 REQUIRED_CAPS = {
     CAP_IRQCHIP: "in-kernel irqchip",
     CAP_USER_MEMORY: "user memory regions",
@@ -116,6 +119,42 @@ REQUIRED_CAPS = {
     CAP_IOEVENTFD: "ioeventfd",
     CAP_IMMEDIATE_EXIT: "immediate_exit",
 }
+# An arm64 host's KVM: the GIC is a device (KVM_CREATE_DEVICE), PSCI is KVM's.
+REQUIRED_CAPS_AARCH64 = {
+    CAP_USER_MEMORY: "user memory regions",
+    CAP_IRQFD: "irqfd",
+    CAP_IOEVENTFD: "ioeventfd",
+    CAP_IMMEDIATE_EXIT: "immediate_exit",
+    CAP_DEVICE_CTRL: "in-kernel devices (the vGIC)",
+    CAP_ARM_PSCI_0_2: "PSCI 0.2",
+}
+
+# arm64 (Documentation/virt/kvm/api.rst; arch/arm64/include/uapi/asm/kvm.h)
+KVM_ARM_VCPU_INIT = _iow(0xAE, "struct kvm_vcpu_init")
+KVM_ARM_PREFERRED_TARGET = _ior(0xAF, "struct kvm_vcpu_init")
+KVM_GET_ONE_REG = _iow(0xAB, "struct kvm_one_reg")
+KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
+KVM_CREATE_DEVICE = _iowr(0xE0, "struct kvm_create_device")
+KVM_SET_DEVICE_ATTR = _iow(0xE1, "struct kvm_device_attr")
+KVM_HAS_DEVICE_ATTR = _iow(0xE3, "struct kvm_device_attr")
+ARM_VCPU_POWER_OFF = 0  # kvm_vcpu_init.features bits
+ARM_VCPU_PSCI_0_2 = 2
+DEV_TYPE_ARM_VGIC_V2 = 5
+DEV_TYPE_ARM_VGIC_V3 = 7
+DEV_ARM_VGIC_GRP_ADDR = 0
+DEV_ARM_VGIC_GRP_NR_IRQS = 3
+DEV_ARM_VGIC_GRP_CTRL = 4
+DEV_ARM_VGIC_CTRL_INIT = 0
+VGIC_V2_ADDR_TYPE_DIST = 0
+VGIC_V2_ADDR_TYPE_CPU = 1
+VGIC_V3_ADDR_TYPE_DIST = 2
+VGIC_V3_ADDR_TYPE_REDIST = 3
+REG_ARM64 = 0x6000000000000000
+REG_SIZE_U64 = 0x0030000000000000
+REG_ARM_CORE = 0x0010 << 16
+SYSTEM_EVENT_SHUTDOWN = 1  # kvm_run.system_event.type
+SYSTEM_EVENT_RESET = 2
+SYSTEM_EVENT_CRASH = 3
 
 # kvm_run.exit_reason
 EXIT_UNKNOWN = 0

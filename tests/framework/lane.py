@@ -223,8 +223,11 @@ class LaneResult(NamedTuple):
 def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[Path] = None,
         echo: Optional[Callable[[str], None]] = None, cwd: Path = REPO, cpus: int = CPUS,
         memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,),
-        watchdog: Optional[Callable[[], Optional[str]]] = None) -> LaneResult:
+        watchdog: Optional[Callable[[], Optional[str]]] = None, arch: str = "x86_64", gic: str = "3") -> LaneResult:
     """Boot the lane, run `command` in it, power it off; never longer than deadline_sec.
+
+    `arch` "aarch64" boots the arm64 lane instead (lane_arm64.py, with GIC version `gic`):
+    an emulated EL2 host with a Debian arm64 userland, this checkout mounted at its path.
 
     The console goes to console_log (all of it) and, line by line, to echo.
     `watchdog`, asked every WATCH_SEC, says why the lane is to be taken as
@@ -236,8 +239,19 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
         if real == d or real.startswith(d + "/"):
             raise LaneError("the checkout is under %s, which the lane mounts afresh: "
                             "run the tests from a checkout elsewhere" % d)
-    build()
-    argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary)
+    if arch == "aarch64":
+        from tests.framework import lane_arm64
+
+        try:
+            lane_arm64.build()
+            argv = lane_arm64.qemu_argv("panic=-1 quiet lane.cwd=%s lane.run=%s lane.repo=%s" % (
+                _encode(str(cwd)), _encode(command), _encode(str(REPO))), out_dir, cpus, memory_mb, gic)
+        except lane_arm64.LaneArm64Error as e:
+            raise LaneError(str(e)) from None
+        argv += ["-monitor", "unix:%s,server=on,wait=off" % (out_dir / MONITOR)]
+    else:
+        build()
+        argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary)
     started = time.monotonic()
     log = open(str(console_log), "w", encoding="utf-8", errors="replace") if console_log else None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -268,7 +282,7 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
     timed_out = False
     stalled = ""
     ends = started + deadline_sec
-    stuck = _WedgeCheck(out_dir, cpus)
+    stuck = _WedgeCheck(out_dir, cpus) if arch == "x86_64" else None  # it reads x86 registers and LAPICs
     try:
         while True:
             try:
@@ -279,7 +293,8 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
             if time.monotonic() >= ends:
                 timed_out = True
             else:
-                stalled = stuck.check(time.monotonic()) or (watchdog() if watchdog is not None else "") or ""
+                stalled = ((stuck.check(time.monotonic()) if stuck else "")
+                           or (watchdog() if watchdog is not None else "") or "")
             if timed_out or stalled:
                 _record_hang(out_dir)
                 break
@@ -413,6 +428,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, help="the folder shared as /lane-out (default: a new temporary folder)")
     p.add_argument("--shell", action="store_true", help="an interactive shell in the lane (leave it to power off)")
     p.add_argument("--qemu", type=shlex.split, default=[qemu.QEMU], help=argparse.SUPPRESS)
+    p.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64",
+                   help="aarch64: the arm64 lane (emulated EL2, a Debian arm64 userland)")
+    p.add_argument("--gic", choices=("3", "2"), default="3", help="the arm64 lane's GIC version")
     p.add_argument("--single-thread", action="store_true",
                    help="emulate every lane vCPU on one host thread (TCG without MTTCG)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
@@ -433,7 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shell_cmd = " ".join(shlex.quote(a) for a in command)
         res = run("export PYTHONPATH=%s; %s" % (shlex.quote(str(REPO)), shell_cmd), out, args.deadline,
                   console_log=out / "console.log", echo=print, cpus=args.cpus, memory_mb=args.memory,
-                  accel=accel, binary=args.qemu)
+                  accel=accel, binary=args.qemu, arch=args.arch, gic=args.gic)
     except LaneError as e:
         print("lane: %s" % e, file=sys.stderr)
         return EXIT_LANE_FAILED

@@ -45,6 +45,11 @@ STRUCTS = {
     "kvm_coalesced_mmio_zone": ["addr", "size", "pio"],
     "kvm_coalesced_mmio": ["phys_addr", "len", "pio", "data"],
     "kvm_coalesced_mmio_ring": ["first", "last", "coalesced_mmio"],
+    # Generic, used by the arm64 worker (kvm_vcpu_init is arm64's own header's: the arm64 lane's
+    # probe, tests/integration/test_aarch64_lane.py, checks it and its ioctls by using them).
+    "kvm_create_device": ["type", "fd", "flags"],
+    "kvm_device_attr": ["flags", "group", "attr", "addr"],
+    "kvm_one_reg": ["id", "addr"],
     "kvm_run": ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "cr8", "apic_base",
                 "io", "mmio", "internal", "system_event", "kvm_valid_regs", "kvm_dirty_regs", "s"],
 }
@@ -65,6 +70,7 @@ IOCTLS = [
     "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_GET_PIT2", "KVM_SET_PIT2",
     "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
     "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS",
+    "KVM_CREATE_DEVICE", "KVM_SET_DEVICE_ATTR", "KVM_HAS_DEVICE_ATTR", "KVM_GET_ONE_REG", "KVM_SET_ONE_REG",
 ]
 
 
