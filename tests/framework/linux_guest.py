@@ -119,6 +119,26 @@ def foreign_busybox(arch: str = "arm64") -> Path:
     return out
 
 
+def arm64_initramfs(out: Path, init: str) -> Path:
+    """An arm64 initramfs at `out`: Debian's arm64 busybox, `init` (a busybox sh script) as /init, and
+    the arm64 cloud kernel's virtio modules in /modules (their load order in /modules/load-order)."""
+    kernel = foreign_kernel("arm64")
+    with tempfile.TemporaryDirectory(prefix="tenbox-arm64-initramfs-") as tmp:
+        root = Path(tmp) / "root"
+        for d in ("bin", "proc", "sys", "dev", "modules"):
+            (root / d).mkdir(parents=True)
+        shutil.copy(str(foreign_busybox("arm64")), str(root / "bin" / "busybox"))
+        (root / "init").write_text(init)
+        os.chmod(str(root / "init"), 0o755)
+        for ko in (kernel.parent / "modules").iterdir():
+            shutil.copy(str(ko), str(root / "modules" / ko.name))
+        r = run_tool(["/usr/bin/python3", SCRIPTS / "mkcpio.py", "--root", root, "--dev", "/dev/console:c:5:1",
+                      "-o", out], SCRIPT_TIMEOUT_SEC)
+        if r.returncode != 0:
+            raise ProcessFailure("mkcpio.py failed:\n%s" % r.stderr)
+    return out
+
+
 # --- what the guest prints ------------------------------------------------------------------
 
 def command_output(text: str, command: str) -> List[str]:

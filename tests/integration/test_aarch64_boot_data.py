@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from tests.framework import linux_guest
-from tests.framework.repo import REPO
 from tenbox_vmm.arch.aarch64 import fdt, image
 from tenbox_vmm.arch.aarch64 import layout as L
 from tenbox_vmm.kernel_kind import KernelError
@@ -52,18 +51,9 @@ def arm64(tmp_path_factory):
     if not shutil.which(QEMU_AARCH64):
         pytest.fail("%s not found: install qemu-system-arm (make deps)" % QEMU_AARCH64)
     kernel = linux_guest.foreign_kernel("arm64")
-    root = tmp_path_factory.mktemp("arm64-initramfs") / "root"
-    for d in ("bin", "proc", "sys", "dev", "modules"):
-        (root / d).mkdir(parents=True)
-    shutil.copy(str(linux_guest.foreign_busybox("arm64")), str(root / "bin" / "busybox"))
-    (root / "init").write_text(INIT)
-    os.chmod(str(root / "init"), 0o755)
-    for ko in (kernel.parent / "modules").iterdir():
-        shutil.copy(str(ko), str(root / "modules" / ko.name))
-    initrd = root.parent / "initrd.cpio"
-    subprocess.run(["/usr/bin/python3", str(REPO / "scripts" / "x86_64" / "mkcpio.py"), "--root", str(root),
-                    "--dev", "/dev/console:c:5:1", "-o", str(initrd)], check=True)
-    disk = root.parent / "disk.raw"
+    d = tmp_path_factory.mktemp("arm64")
+    initrd = linux_guest.arm64_initramfs(d / "initrd.cpio", INIT)
+    disk = d / "disk.raw"
     disk.write_bytes(DISK_MARKER + bytes(1 << 20))
     return kernel, initrd, disk
 

@@ -46,3 +46,38 @@ def test_a_gic_the_host_lacks_is_refused_with_one_line_naming_what_it_has(tmp_pa
     assert rc == 3, lane.tail(console)
     assert said["error"] == ("this host's KVM cannot make a GICv3 (KVM_CREATE_DEVICE: No such device); "
                              "it has: GICv2")
+
+
+BOOT_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys
+echo "ARM64-GUEST: up"
+echo "ARM64-GUEST: nproc=$(nproc)"
+echo "ARM64-GUEST: gic=$(cat /proc/device-tree/intc@8000000/compatible)"
+echo "ARM64-GUEST: console=$(cat /proc/consoles | cut -d' ' -f1)"
+poweroff -f
+"""
+
+
+@pytest.mark.parametrize("gic, cpus", [("3", 1), ("3", 2), ("2", 2)])
+def test_debians_arm64_kernel_boots_on_tenboxs_board_and_powers_off(tmp_path, gic, cpus):
+    """Debian's arm64 cloud kernel under tenbox's own KVM code (board.py): its console on tenbox's 16550
+    over MMIO, every vCPU up through KVM's PSCI, the vGIC of the host's kind, a PSCI power-off."""
+    from tests.framework import linux_guest
+
+    out = tmp_path / "lane"
+    out.mkdir()
+    linux_guest.arm64_initramfs(out / "initrd.cpio", BOOT_INIT)
+    kernel = linux_guest.foreign_kernel("arm64")
+    command = ("python3 -m tests.framework.arm64_probe --boot --gic auto --cpus %d --kernel %s "
+               "--initrd /lane-out/initrd.cpio --deadline 400" % (cpus, kernel))
+    res = lane.run(command, out, LANE_DEADLINE_SEC, console_log=out / "console.log", arch="aarch64", gic=gic,
+                   memory_mb=LANE_MEMORY_MB)
+    assert res.rc is not None, "the arm64 lane failed: %s\n%s" % (res.reason, lane.tail(res.console))
+    console = res.console
+    said = dict(re.findall(r"^ARM64-GUEST: (\w+)=(.*)$", console, re.M))
+    assert "PROBE: ended poweroff" in console and res.rc == 0, lane.tail(console, 120)
+    assert "PROBE: gic v%s" % gic in console
+    assert said["nproc"] == str(cpus)
+    assert said["gic"].rstrip("\0") == ("arm,gic-v3" if gic == "3" else "arm,cortex-a15-gic")
+    assert said["console"] == "ttyS0"
