@@ -54,7 +54,8 @@ class Arm64Board:
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         self.ram_bytes = config.memory_mb * L.MIB
-        self.ram = mmap.mmap(-1, self.ram_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.ram = mmap.mmap(-1, self.ram_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
         self.vm.map_memory(0, L.RAM_START, self.ram, 0, self.ram_bytes)
         self.gic = ""  # the version, once the vGIC exists
         self.bus = MmioBus()

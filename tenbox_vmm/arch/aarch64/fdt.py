@@ -196,5 +196,5 @@ def _cells(sw, name: str, *cells: int) -> None:
 
 def _reg(sw, *ranges: Tuple[int, int]) -> None:
     """`reg` of (address, size) pairs, two cells each (the root's #address-cells and #size-cells)."""
-    _cells(sw, "reg", *[c for addr, size in ranges for c in (addr >> 32, addr & 0xFFFFFFFF,
-                                                               size >> 32, size & 0xFFFFFFFF)])
+    cells = [c for addr, size in ranges for c in (addr >> 32, addr & 0xFFFFFFFF, size >> 32, size & 0xFFFFFFFF)]
+    _cells(sw, "reg", *cells)
