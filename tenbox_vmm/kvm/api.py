@@ -297,7 +297,7 @@ class Vm:
 
     def create_device_test(self, dev_type: int) -> None:
         """KVM_CREATE_DEVICE with KVM_CREATE_DEVICE_TEST: OSError if KVM cannot make that type."""
-        dev = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": 1})
+        dev = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": c.CREATE_DEVICE_TEST})
         _ioctl(self.fd, c.KVM_CREATE_DEVICE, dev, "KVM_CREATE_DEVICE")
 
     def create_vcpu(self, index: int) -> "Vcpu":

@@ -137,6 +137,7 @@ KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
 KVM_CREATE_DEVICE = _iowr(0xE0, "struct kvm_create_device")
 KVM_SET_DEVICE_ATTR = _iow(0xE1, "struct kvm_device_attr")
 KVM_HAS_DEVICE_ATTR = _iow(0xE3, "struct kvm_device_attr")
+CREATE_DEVICE_TEST = 1  # kvm_create_device.flags: ask whether the type exists, make nothing
 ARM_VCPU_POWER_OFF = 0  # kvm_vcpu_init.features bits
 ARM_VCPU_PSCI_0_2 = 2
 DEV_TYPE_ARM_VGIC_V2 = 5

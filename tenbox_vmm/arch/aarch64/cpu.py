@@ -30,7 +30,6 @@ PSTATE_BOOT = PSTATE_DAIF | PSTATE_EL1H
 # SPIs in use: the UART's, the RTC's and virtio 16..16+VIRTIO_MAX_DEVICES.
 GIC_NR_IRQS = 32 + 64
 GIC_VERSIONS = {"v3": kc.DEV_TYPE_ARM_VGIC_V3, "v2": kc.DEV_TYPE_ARM_VGIC_V2}
-CREATE_DEVICE_TEST = 1  # KVM_CREATE_DEVICE_TEST: ask whether the type exists, make nothing
 
 
 class GicError(Exception):
