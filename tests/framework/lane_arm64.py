@@ -100,8 +100,7 @@ def _build_userland() -> None:
         return
     debs = {}
     for deb in debs_dir.glob("*.deb"):
-        name, version = deb.name.split("_")[:2]
-        debs.setdefault(name, []).append(deb)
+        debs.setdefault(deb.name.split("_")[0], []).append(deb)
     new = Path(tempfile.mkdtemp(prefix="root.", dir=str(LANE_DIR)))
     for item in wanted:
         name = item.split("=")[0]

@@ -107,7 +107,7 @@ class Arm64Board:
             t.start()
             self._threads.append(t)
         self._ended.wait(timeout)
-        for vcpu, t in zip(self.vcpus, self._threads):
+        for vcpu in self.vcpus:
             vcpu.run.immediate_exit = 1
         for t in self._threads:
             while t.is_alive():
