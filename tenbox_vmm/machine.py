@@ -38,12 +38,12 @@ import time
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from tenbox_vmm import eventfd
-from tenbox_vmm.arch.x86_64 import acpi, board, boot
-from tenbox_vmm.arch.x86_64 import layout as L
-from tenbox_vmm.devices.virtio.mmio import MmioHost, VirtioMmio
+from tenbox_vmm.arch import Board, BoardError, host_board
 from tenbox_vmm.arch.x86_64.vcpu_loop import ExitOutcome, run_vcpu
+from tenbox_vmm.devices.virtio.mmio import MmioHost, VirtioMmio
 from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.guest_log import Budget, GuestLog
+from tenbox_vmm.kernel_kind import KernelError, read_file
 from tenbox_vmm.kvm import constants as kc
 from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
 from tenbox_vmm.kvm.coalesced import CoalescedRing
@@ -66,10 +66,15 @@ RING_DRAIN_SEC = 0.02
 # guest that alternates printk and tty output does not pay that per line.
 COALESCE_REARM_SEC = 0.25
 
-DEFAULT_CMDLINE = (
-    "console=ttyS0 reboot=k panic=1 pci=off nomodeset "
-    "tsc=reliable no_timer_check io_delay=none random.trust_cpu=on"
-)
+def default_cmdline() -> str:
+    """The kernel command line a VM gets unless told otherwise: its board's."""
+    try:
+        return host_board().default_cmdline
+    except BoardError:
+        return ""
+
+
+DEFAULT_CMDLINE = default_cmdline()
 
 
 class MachineError(Exception):
@@ -213,6 +218,12 @@ class Machine:
     ) -> None:
         self._on_state = on_state
         self._snapshot = None
+        try:
+            self.board: Board = host_board()
+        except BoardError as e:
+            raise MachineError(str(e)) from None
+        if config.restore and not self.board.snapshots:
+            raise MachineError("--restore: snapshots are not available on %s hosts yet" % self.board.arch)
         if config.restore:
             kvm, self._snapshot, config = self._open_snapshot(config, kvm)
         self.config = config
@@ -223,29 +234,27 @@ class Machine:
         except MachineError:
             self._close_snapshot()
             raise
-        self.memory = GuestMemory(config.memory_mb * MIB,
-                                  self._snapshot.map_ram() if self._snapshot is not None else None)
+        size = config.memory_mb * MIB
+        self.memory = GuestMemory(size, self._snapshot.map_ram() if self._snapshot is not None else None,
+                                  self.board.ram_regions(size))
         try:
-            self.kernel: Optional[boot.KernelImage] = None
+            self.kernel = None  # the board's loaded kernel
             self.cmdline = b""
-            if config.kernel:
-                self.kernel = boot.load_kernel(config.kernel, self.memory.ram_end_below_4g())
-                self.cmdline = boot.check_cmdline(self.kernel, config.cmdline)
             self.initrd = None
-            if config.initrd and self.kernel is not None:
-                self.initrd = boot.read_file(config.initrd, "initrd", INITRD_MAX_BYTES)
-                boot.place_initrd(self.kernel, len(self.initrd), self.memory.ram_end_below_4g())
+            if config.initrd and config.kernel:
+                self.initrd = read_file(config.initrd, "initrd", INITRD_MAX_BYTES)
+            if config.kernel:
+                self.kernel, self.cmdline = self.board.load_kernel(
+                    config.kernel, self.memory, config.cmdline, len(self.initrd) if self.initrd is not None else None)
             self.kvm = kvm or Kvm()
             check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
+            self.board.prepare(self.kvm, config.cpus)
             disks = self._open_disks(config.disks)
             self.nic = self._make_nic(config.net) if config.net else None
-        except (boot.KernelError, KvmUnavailable, MachineError) as e:
+        except (KernelError, BoardError, KvmUnavailable, MachineError) as e:
             self.memory.close()
             self._close_snapshot()
             raise MachineError(str(e)) from None
-        self._supported_cpuid = self.kvm.supported_cpuid()
-        self._supported_msrs = self.kvm.msr_index_list()
-        self._tsc_deadline = bool(self.kvm.check_extension(kc.CAP_TSC_DEADLINE_TIMER))
         self._ring_page = self.kvm.coalesced_ring_page()
         self._ring: Optional[CoalescedRing] = None
         self._coalescing = False
@@ -255,19 +264,15 @@ class Machine:
         self.pio = PioBus()
         self.mmio = MmioBus()
         self._vm: Optional[Vm] = None
-        self.devices = board.build_legacy_devices(
+        self.devices = self.board.build_devices(
             self.pio,
+            self.mmio,
             self._irq_line,
             console_output,
             on_poweroff=lambda: self._end(ExitCode.POWEROFF, "guest powered off"),
             on_reset=lambda: self._end(ExitCode.POWEROFF, "guest reset", reset=True),
             on_serial_tx_interrupts=self._serial_tx_interrupts,
         )
-        self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device(),
-                                                    *acpi.vmgenid_devices(L.VMGENID_ADDR, L.GED_GSI)]
-        # This process's VM generation ID: written at every boot, and over a restored snapshot's
-        # (then GED_GSI tells the guest), so that every restore and clone runs as a new generation.
-        self.generation_id = os.urandom(L.VMGENID_SIZE)
         self.virtio: List[VirtioMmio] = []
         for disk, spec in zip(disks, config.disks):
             from tenbox_vmm.devices.virtio.blk import VirtioBlk
@@ -441,15 +446,13 @@ class Machine:
             raise MachineError(str(e)) from None
 
     def add_virtio(self, device) -> VirtioMmio:
-        """Put a virtio device on the next virtio-mmio slot, with its DSDT entry."""
+        """Put a virtio device on the next virtio-mmio slot; the board describes it to the guest."""
         index = len(self.virtio)
-        if index >= L.VIRTIO_MAX_DEVICES:
-            raise MachineError("at most %d virtio devices" % L.VIRTIO_MAX_DEVICES)
-        base = L.VIRTIO_MMIO_BASE + index * L.VIRTIO_MMIO_STRIDE
-        gsi = L.VIRTIO_GSI_BASE + index
+        if index >= self.board.max_virtio():
+            raise MachineError("at most %d virtio devices" % self.board.max_virtio())
+        base, size, gsi = self.board.virtio_slot(index)
         transport = VirtioMmio(device, self.memory, _SlotHost(self, base, gsi))
-        self.mmio.register(base, L.VIRTIO_MMIO_SIZE, transport)
-        self.acpi_devices.append(acpi.virtio_mmio_device(index, base, L.VIRTIO_MMIO_SIZE, gsi))
+        self.mmio.register(base, size, transport)
         self.virtio.append(transport)
         return transport
 
@@ -479,8 +482,11 @@ class Machine:
         self._end(ExitCode.POWEROFF, "reset by the host", reset=True, by_host=True)
 
     def power_button(self) -> None:
-        """Press the ACPI power button; a guest that handles it powers off."""
-        self.devices.pm.press_power_button()
+        """Press the power button; a guest that handles it powers off (MachineError if the board has none)."""
+        try:
+            self.board.power_button(self.devices)
+        except BoardError as e:
+            raise MachineError(str(e)) from None
 
     def console_input(self, data: bytes) -> int:
         return self.devices.serial.receive(data)
@@ -507,7 +513,7 @@ class Machine:
     def _irq_line(self, irq: int, level: int) -> None:
         vm = self._vm
         if vm is not None and vm.fd >= 0:
-            vm.irq_line(irq, level)
+            self.board.irq_line(vm, irq, level)
 
     def _end(self, code: ExitCode, reason: str, reset: bool = False, by_host: bool = False) -> None:
         """Record what ends this boot (the first report wins, and none after a stop) and kick every vCPU."""
@@ -566,7 +572,7 @@ class Machine:
             if on == self._coalescing or vm.fd < 0:
                 return
             try:
-                vm.coalesce_pio(board.COM1_PORT, 1, on)
+                self.board.coalesce_console(vm, on)
             except OSError as e:
                 log.debug("%s: coalescing COM1 writes %s: %s", self.config.vm_id, "on" if on else "off", e)
                 return
@@ -611,7 +617,7 @@ class Machine:
                     if self._stop is None:  # else the loop's first step ends the machine
                         self._halting = False
                         self._event_ready.clear()
-        except MachineError as e:
+        except (MachineError, BoardError) as e:
             log.error("%s: %s", self.config.vm_id, e)
             self._teardown()
             self._finish(ExitCode.USAGE, str(e))
@@ -626,7 +632,7 @@ class Machine:
         if snapshot is None and self.kernel is None:
             raise MachineError("the guest reset, and there is no kernel to boot: the VM was restored "
                                "from a snapshot without --kernel")
-        vm = board.create_vm(self.kvm, self.memory)
+        vm = self.board.create_vm(self.kvm, self.memory)
         self._vm = vm
         vcpus = []
         if snapshot is not None:
@@ -640,16 +646,13 @@ class Machine:
             self._new_generation()
         else:
             try:
-                info = board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus,
-                                        self.acpi_devices)
-            except boot.KernelError as e:
+                info = self.board.load_guest(self.memory, self.kernel, self.initrd, self.cmdline, self.config.cpus)
+            except KernelError as e:
                 raise MachineError(str(e)) from None
-            self.memory.write(L.VMGENID_ADDR, self.generation_id)
             for i in range(self.config.cpus):
-                vcpu = vm.create_vcpu(i)
-                vcpus.append(vcpu)
-                board.setup_vcpu(vcpu, self.config.cpus, self._supported_cpuid, self._supported_msrs, info,
-                                 self._tsc_deadline)
+                vcpus.append(vm.create_vcpu(i))
+            self._vcpus = vcpus
+            self.board.setup_vcpus(vm, vcpus, info)
         self._vcpus = vcpus
         if self._ring_page:
             start = self._ring_page * mmap.PAGESIZE
@@ -688,15 +691,15 @@ class Machine:
             if kind == kc.SYSTEM_EVENT_RESET:
                 self._end(ExitCode.POWEROFF, "guest reset", reset=True)
             elif kind == kc.SYSTEM_EVENT_CRASH:
-                log.error("%s: guest crashed; %s", self.config.vm_id, board.describe_vcpu(vcpu))
+                log.error("%s: guest crashed; %s", self.config.vm_id, self.board.describe_vcpu(vcpu))
                 self._end(ExitCode.GUEST_CRASH, "guest crashed")
             else:
                 self._end(ExitCode.POWEROFF, "guest powered off")
             return
-        state = board.describe_vcpu(vcpu)
+        state = self.board.describe_vcpu(vcpu)
         if outcome.kind == "shutdown":
             log.error("%s: guest triple fault; %s", self.config.vm_id, state)
-            self._end(ExitCode.TRIPLE_FAULT, "guest triple fault at rip %s" % _rip(state))
+            self._end(ExitCode.TRIPLE_FAULT, "guest triple fault at rip %s" % self.board.fault_address(state))
             return
         log.error("%s: %s: %s; %s", self.config.vm_id, outcome.kind.replace("_", " "), outcome.detail, state)
         self._end(ExitCode.KVM_ERROR, "%s: %s" % (outcome.kind.replace("_", " "), outcome.detail))
@@ -762,6 +765,8 @@ class Machine:
         from tenbox_vmm.snapshot.machine_state import capture, check_kvm
 
         path, dir_fd = req.path, req.dir_fd
+        if not self.board.snapshots:
+            raise MachineError("snapshots are not available on %s hosts yet" % self.board.arch)
         vm = self._vm
         if vm is None:
             raise MachineError("the guest is not running")
@@ -781,8 +786,8 @@ class Machine:
                 t.pause()
             try:
                 try:
-                    state = capture(vm, self._vcpus, self._supported_msrs, self.devices.by_name(), self.virtio)
-                    size = write_snapshot(path, cpu_model.describe(self._supported_cpuid), self.config.cpus, state,
+                    state = capture(vm, self._vcpus, self.board.supported_msrs, self.devices.by_name(), self.virtio)
+                    size = write_snapshot(path, cpu_model.describe(self.board.supported_cpuid), self.config.cpus, state,
                                           self.memory.host_buffer, dir_fd=dir_fd, publish=req.publish)
                 except (SnapshotError, OSError) as e:
                     raise MachineError(str(e)) from None
@@ -842,15 +847,8 @@ class Machine:
             dev.swap_backend(new).freeze()  # read-only from here: clones may open it beside us
 
     def _new_generation(self) -> None:
-        """A restored guest is a new generation: its ID changes and the Generic Event Device's edge says so.
-
-        The guest's vmgenid driver reads the new ID and reseeds the kernel's RNG (docs/daemon.md,
-        "Snapshots"). A snapshot of a tenbox without VGEN has nothing at VMGENID_ADDR (reserved)
-        and its guest never unmasked the line: the write and the edge change nothing there.
-        """
-        self.memory.write(L.VMGENID_ADDR, self.generation_id)
-        self._irq_line(L.GED_GSI, 1)
-        self._irq_line(L.GED_GSI, 0)
+        """A restored guest is a new generation (the board's vmgenid: x86_64/board.py)."""
+        self.board.new_generation(self.memory, self._vm)
 
     def _load_snapshot(self, vm: Vm, vcpus: List[Vcpu], state: dict) -> None:
         """Put a checked snapshot's state into the new VM and the devices, before any vCPU runs."""
@@ -888,6 +886,7 @@ class Machine:
         vm, self._vm = self._vm, None
         for v in self._vcpus:
             v.close()
+        self.board.end_boot()
         if vm is not None:
             vm.close()
 
@@ -911,9 +910,3 @@ class Machine:
         self.memory.close()
         self.kvm.close()
 
-
-def _rip(state: str) -> str:
-    for part in state.split():
-        if part.startswith("rip="):
-            return part[4:]
-    return "?"

@@ -1,7 +1,9 @@
 """Guest RAM and guest-physical address translation (worker).
 
-RAM is one anonymous mapping. Below 4 GiB it stops at the 32-bit MMIO hole
-(MMIO_HOLE_START..4 GiB); the rest of RAM continues at 4 GiB. Every access
+RAM is one anonymous mapping, laid out in guest-physical regions by the
+architecture: on x86-64 (`ram_regions`, the default) it stops below 4 GiB
+at the 32-bit MMIO hole (MMIO_HOLE_START..4 GiB) and the rest continues at
+4 GiB; arm64 puts it in one piece above its devices. Every access
 from devices goes through `GuestMemory.view`, which checks the whole range
 against one region and hands out a memoryview into the mapping: data paths
 (virtqueues, disk and network I/O) read and write guest memory in place.
@@ -47,12 +49,18 @@ def ram_regions(size: int) -> List[Region]:
 class GuestMemory:
     """The guest's RAM: an anonymous mapping and its guest-physical layout."""
 
-    def __init__(self, size: int, mapping: Optional[mmap.mmap] = None) -> None:
-        """`size` bytes of zeroed RAM, or `mapping` (a snapshot's RAM, mapped MAP_PRIVATE from its file)."""
+    def __init__(self, size: int, mapping: Optional[mmap.mmap] = None,
+                 regions: Optional[List[Region]] = None) -> None:
+        """`size` bytes of zeroed RAM, or `mapping` (a snapshot's RAM, mapped MAP_PRIVATE from its file).
+
+        `regions`: where the RAM appears to the guest; x86-64's `ram_regions(size)` if not given.
+        """
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError("guest memory size must be a positive multiple of the page size")
         self.size = size
-        self.regions = ram_regions(size)
+        self.regions = ram_regions(size) if regions is None else regions
+        if sum(r.size for r in self.regions) != size:
+            raise ValueError("RAM regions of %d bytes for %d bytes of RAM" % (sum(r.size for r in self.regions), size))
         self.file_backed = mapping is not None
         if mapping is not None:
             if len(mapping) != size:

@@ -252,7 +252,14 @@ class Vm:
     def coalesce_pio(self, port: int, length: int, on: bool) -> None:
         """Let KVM queue the guest's writes to ports port..port+length-1 in the coalesced ring
         instead of exiting (on), or stop doing so (off)."""
-        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": port, "size": length, "pio": 1})
+        self._coalesce(port, length, on, pio=1)
+
+    def coalesce_mmio(self, addr: int, length: int, on: bool) -> None:
+        """The same for guest-physical addresses addr..addr+length-1."""
+        self._coalesce(addr, length, on, pio=0)
+
+    def _coalesce(self, addr: int, length: int, on: bool, pio: int) -> None:
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": length, "pio": pio})
         request = c.KVM_REGISTER_COALESCED_MMIO if on else c.KVM_UNREGISTER_COALESCED_MMIO
         _ioctl(self.fd, request, zone, "KVM_REGISTER_COALESCED_MMIO" if on else "KVM_UNREGISTER_COALESCED_MMIO")
 

@@ -1,142 +1,169 @@
-"""An arm64 machine booted to its console: RAM, vCPUs, the vGIC, the UART, the kernel and its device tree (worker).
+"""The arm64 board behind machine.py: RAM, vCPUs, the vGIC, the UART and RTC, the kernel and its device tree (worker).
 
-The arm64 counterpart of what machine.py and arch/x86_64 do for x86-64,
-as far as issue 17 has come: `Arm64Board` builds the VM (guest RAM at
-layout.RAM_START, the vCPUs and the vGIC of cpu.py, the Image and initrd
-where image.plan() puts them, fdt.py's tree), serves the console UART (the
-16550 model x86 uses on port I/O, here on MMIO with reg-shift 0, its
-interrupt an SPI through KVM_IRQ_LINE) and runs one thread per vCPU until
-the guest's PSCI SYSTEM_OFF, SYSTEM_RESET or a crash. Secondary vCPUs wait
-in KVM for PSCI CPU_ON: KVM runs the guest's PSCI itself.
+`VirtBoard` answers arch/__init__.py's interface for an arm64 host, on
+the addresses of layout.py (QEMU virt's):
 
-Not here yet (machine.py's controller does it for x86-64, and is where
-this goes next): reboot in the same process, a host stop, virtio devices
-and the PL031 the tree can describe, snapshots.
+  * guest RAM in one piece at layout.RAM_START;
+  * the kernel's `Image` where image.plan() puts it, the initrd after it,
+    and fdt.py's device tree at the start of RAM, x0 pointing at it;
+  * the console UART, the 16550 model x86 uses on port I/O, here on MMIO
+    (reg-shift 0), and a PL031 clock; their interrupts and the virtio-mmio
+    slots' are SPIs of KVM's vGIC, driven by KVM_IRQ_LINE and irqfds;
+  * vCPUs with PSCI 0.2 (KVM runs the guest's PSCI: secondary vCPUs wait
+    in KVM for CPU_ON; SYSTEM_OFF and SYSTEM_RESET come to the vCPU
+    thread as system events, which machine.py turns into a power-off or
+    a reboot in the same process);
+  * the vGIC the host has, GICv3 first: `prepare` asks KVM once
+    (KVM_CREATE_DEVICE_TEST on a scratch VM) and refuses a host with none.
+
+Not yet (issue 17): a power button (no `vm shutdown`; stop works) and
+snapshots.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import signal
-import threading
-from typing import Callable, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
+from tenbox_vmm.arch import Board, BoardError
 from tenbox_vmm.arch.aarch64 import cpu, fdt, image
 from tenbox_vmm.arch.aarch64 import layout as L
-from tenbox_vmm.devices.bus import MmioBus
+from tenbox_vmm.devices.pl031 import Pl031
 from tenbox_vmm.devices.serial import Serial16550
 from tenbox_vmm.kernel_kind import KernelError, read_file
-from tenbox_vmm.kvm import constants as kc
-from tenbox_vmm.kvm.api import Kvm, Vcpu
+from tenbox_vmm.kvm.api import Kvm, Vcpu, Vm
+from tenbox_vmm.memory import GuestMemory, Region
 
-INITRD_MAX_BYTES = 2 << 30
 ARM_IRQ_TYPE_SPI = 1  # KVM_IRQ_LINE's irq field: type << 24 | vcpu << 16 | number
 GIC_SPI_BASE = 32  # SPI n is the GIC's interrupt 32 + n
-KICK_SIGNAL = signal.SIGUSR1
-EVENTS = {kc.SYSTEM_EVENT_SHUTDOWN: "poweroff", kc.SYSTEM_EVENT_RESET: "reset", kc.SYSTEM_EVENT_CRASH: "crash"}
 
 
-class BoardConfig(NamedTuple):
-    kernel: str
-    initrd: Optional[str] = None
-    cmdline: str = "console=ttyS0 panic=-1"
-    cpus: int = 1
-    memory_mb: int = 256
-    gic: str = "auto"  # "v3", "v2", or the best the host has
+class VirtDevices(NamedTuple):
+    serial: Serial16550
+    rtc: Pl031
+
+    def all(self):
+        return tuple(self)
+
+    def by_name(self) -> dict:
+        return self._asdict()
 
 
-class Arm64Board:
-    """One boot of an arm64 guest; `run()` returns how it ended ("poweroff", "reset", "crash")."""
+class VirtBoard(Board):
+    arch = "aarch64"
+    default_cmdline = "console=ttyS0 panic=1 random.trust_cpu=on"
+    snapshots = False
+    power_button_help = "nothing yet: an arm64 VM has no power button (issue 17); stop it, or power it off inside"
 
-    def __init__(self, config: BoardConfig, output: Callable[[bytes], None]) -> None:
-        self.config = config
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        self.ram_bytes = config.memory_mb * L.MIB
-        self.ram = mmap.mmap(-1, self.ram_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
-        self.vm.map_memory(0, L.RAM_START, self.ram, 0, self.ram_bytes)
-        self.gic = ""  # the version, once the vGIC exists
-        self.bus = MmioBus()
-        self.serial = Serial16550(self._uart_irq, output)
-        self.bus.register(L.UART, L.UART_SIZE, self.serial)
-        self.vcpus: List[Vcpu] = []
-        self._ended = threading.Event()
-        self._how = ""
-        self._threads: List[threading.Thread] = []
+    def __init__(self) -> None:
+        self.gic = ""  # "v3" or "v2", once prepare() has asked the host
+        self.target = -1
+        self.virtio_slots: List[int] = []
+        self._gic_fd = -1
 
-    def _uart_irq(self, level: int) -> None:
-        if self.gic:  # the line stays low until the vGIC exists
-            self.vm.irq_line((ARM_IRQ_TYPE_SPI << 24) | (GIC_SPI_BASE + L.UART_SPI), level)
+    def ram_regions(self, size: int) -> list:
+        return [Region(L.RAM_START, size, 0)]
 
-    def build(self) -> None:
-        """Load the kernel, initrd and tree; make the vCPUs and the vGIC (KernelError, GicError, FdtError)."""
-        c = self.config
-        img = image.parse_image(c.kernel, read_file(c.kernel, "kernel"))
-        initrd = read_file(c.initrd, "initrd", INITRD_MAX_BYTES) if c.initrd else b""
-        plan = image.plan(img, self.ram_bytes, len(initrd))
-        self._put(plan.kernel, img.data)
-        if initrd:
-            self._put(plan.initrd, initrd)
-        target = self.vm.arm_preferred_target()
-        self.vcpus = [self.vm.create_vcpu(i) for i in range(c.cpus)]
-        for vcpu in self.vcpus:
-            cpu.init_vcpu(vcpu, target)
-        gics = cpu.supported_gics(self.vm)
-        gic = c.gic if c.gic != "auto" else (gics[0] if gics else "v3")
-        cpu.create_gic(self.vm, gic, c.cpus)
-        self.gic = gic
-        blob = fdt.build(fdt.FdtConfig(cpus=c.cpus, ram_bytes=self.ram_bytes, cmdline=c.cmdline, gic=gic,
-                                       initrd=(plan.initrd, plan.initrd_end) if initrd else None,
-                                       uart="ns16550a", rtc=False, rng_seed=os.urandom(fdt.RNG_SEED_BYTES)))
-        self._put(plan.fdt, blob)
-        cpu.set_boot_regs(self.vcpus[0], plan.kernel, plan.fdt)
-
-    def _put(self, gpa: int, data: bytes) -> None:
-        offset = gpa - L.RAM_START
-        if offset < 0 or offset + len(data) > self.ram_bytes:
-            raise KernelError("%d bytes at %#x do not fit in the guest's RAM" % (len(data), gpa))
-        self.ram[offset:offset + len(data)] = data
-
-    def run(self, timeout: Optional[float] = None) -> str:
-        """Run every vCPU until the guest powers off, resets or crashes; "" if `timeout` passed first."""
-        signal.signal(KICK_SIGNAL, lambda signo, frame: None)  # only to break KVM_RUN with EINTR
-        for vcpu in self.vcpus:
-            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,), name="vcpu%d" % vcpu.index, daemon=True)
-            t.start()
-            self._threads.append(t)
-        self._ended.wait(timeout)
-        for vcpu in self.vcpus:
-            vcpu.run.immediate_exit = 1
-        for t in self._threads:
-            while t.is_alive():
-                signal.pthread_kill(t.ident, KICK_SIGNAL)
-                t.join(0.05)
-        return self._how
-
-    def _end(self, how: str) -> None:
-        if not self._ended.is_set():
-            self._how = how
-            self._ended.set()
-
-    def _vcpu_loop(self, vcpu: Vcpu) -> None:
-        run = vcpu.run
+    def prepare(self, kvm: Kvm, cpus: int) -> None:
+        vm = kvm.create_vm()
         try:
-            while not self._ended.is_set():
-                if not vcpu.run_once():
-                    continue
-                reason = run.exit_reason
-                if reason == kc.EXIT_MMIO:
-                    m = run.mmio
-                    if m.is_write:
-                        self.bus.write(m.phys_addr, m.len, int.from_bytes(bytes(m.data[0:m.len]), "little"))
-                    else:
-                        value = self.bus.read(m.phys_addr, m.len)
-                        m.data[0:m.len] = list(value.to_bytes(m.len, "little"))
-                elif reason == kc.EXIT_SYSTEM_EVENT:
-                    self._end(EVENTS.get(run.system_event.type, "crash"))
-                else:
-                    self._end("crash: KVM exit %s" % kc.EXIT_NAMES.get(reason, reason))
+            gics = cpu.supported_gics(vm)
+            self.target = vm.arm_preferred_target()
         except OSError as e:
-            self._end("crash: %s" % e)
+            raise BoardError("this host's KVM cannot make an arm64 vCPU: %s" % e) from None
+        finally:
+            vm.close()
+        if not gics:
+            raise BoardError("this host's KVM has no virtual GIC (neither GICv3 nor GICv2): "
+                             "it cannot give an arm64 guest interrupts")
+        self.gic = gics[0]
+        most = L.GICV3_MAX_VCPUS if self.gic == "v3" else L.GICV2_MAX_VCPUS
+        if cpus > most:
+            raise BoardError("--cpus %d: this host's GIC%s serves at most %d vCPUs" % (cpus, self.gic, most))
+
+    def load_kernel(self, path: str, memory: GuestMemory, cmdline: str, initrd_size: Optional[int]):
+        img = image.parse_image(path, read_file(path, "kernel"))
+        image.plan(img, memory.size, initrd_size or 0)  # fits, with the initrd: else KernelError now
+        line = cmdline.encode()
+        if len(line) > fdt.CMDLINE_MAX or b"\0" in line:
+            raise KernelError("the kernel command line is %d bytes; an arm64 kernel takes at most %d, "
+                              "and no NUL" % (len(line), fdt.CMDLINE_MAX))
+        return img, line
+
+    def build_devices(self, pio, mmio, irq, console_output, on_poweroff, on_reset, on_serial_tx_interrupts):
+        # PSCI's SYSTEM_OFF and SYSTEM_RESET reach machine.py as KVM system events: no device reports them.
+        devs = VirtDevices(
+            serial=Serial16550(lambda level: irq(L.UART_SPI, level), console_output, on_serial_tx_interrupts),
+            rtc=Pl031(lambda level: irq(L.RTC_SPI, level)),
+        )
+        mmio.register(L.UART, L.UART_SIZE, devs.serial)
+        mmio.register(L.RTC, L.RTC_SIZE, devs.rtc)
+        return devs
+
+    def virtio_slot(self, index: int) -> Tuple[int, int, int]:
+        base, spi = L.virtio_slot(index)
+        self.virtio_slots.append(index)
+        return base, L.VIRTIO_MMIO_SIZE, spi  # an irqfd's GSI is the SPI's number (KVM's default routing)
+
+    def max_virtio(self) -> int:
+        return L.VIRTIO_MAX_DEVICES
+
+    def create_vm(self, kvm: Kvm, memory: GuestMemory) -> Vm:
+        vm = kvm.create_vm()
+        try:
+            for slot, (gpa, size, offset) in enumerate(memory.slots()):
+                vm.map_memory(slot, gpa, memory.host_buffer, offset, size)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def load_guest(self, memory: GuestMemory, kernel: image.ArmImage, initrd: Optional[bytes], cmdline: bytes,
+                   cpus: int) -> image.BootPlan:
+        plan = image.plan(kernel, memory.size, len(initrd or b""))
+        memory.write(plan.kernel, kernel.data)
+        if initrd:
+            memory.write(plan.initrd, initrd)
+        try:
+            blob = fdt.build(fdt.FdtConfig(
+                cpus=cpus, ram_bytes=memory.size, cmdline=cmdline.decode(), gic=self.gic,
+                initrd=(plan.initrd, plan.initrd_end) if initrd else None, virtio_slots=tuple(self.virtio_slots),
+                uart="ns16550a", rtc=True, rng_seed=os.urandom(fdt.RNG_SEED_BYTES)))
+        except fdt.FdtError as e:
+            raise BoardError(str(e)) from None
+        memory.write(plan.fdt, blob)
+        return plan
+
+    def setup_vcpus(self, vm: Vm, vcpus: List[Vcpu], info: image.BootPlan) -> None:
+        for vcpu in vcpus:
+            cpu.init_vcpu(vcpu, self.target)
+        try:
+            self._gic_fd = cpu.create_gic(vm, self.gic, len(vcpus))
+        except cpu.GicError as e:
+            raise BoardError(str(e)) from None
+        cpu.set_boot_regs(vcpus[0], info.kernel, info.fdt)
+
+    def end_boot(self) -> None:
+        fd, self._gic_fd = self._gic_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def irq_line(self, vm: Vm, irq: int, level: int) -> None:
+        if self._gic_fd >= 0:  # no line before the vGIC exists (a device reset between boots)
+            vm.irq_line((ARM_IRQ_TYPE_SPI << 24) | (GIC_SPI_BASE + irq), level)
+
+    def coalesce_console(self, vm: Vm, on: bool) -> None:
+        vm.coalesce_mmio(L.UART, 1, on)  # the transmit register, reg-shift 0
+
+    def power_button(self, devices: VirtDevices) -> None:
+        raise BoardError("an arm64 VM has no power button yet: stop it, or power it off from inside")
+
+    def describe_vcpu(self, vcpu: Vcpu) -> str:
+        try:
+            pc = vcpu.get_one_reg(cpu.REG_PC)
+            pstate = vcpu.get_one_reg(cpu.REG_PSTATE)
+            sp = vcpu.get_one_reg(cpu.REG_SP)
+            x = [vcpu.get_one_reg(cpu.reg_x(n)) for n in range(4)]
+        except OSError as e:
+            return "vcpu%d: registers unavailable (%s)" % (vcpu.index, e)
+        return "vcpu%d: pc=%#x pstate=%#x sp=%#x x0=%#x x1=%#x x2=%#x x3=%#x" % (vcpu.index, pc, pstate, sp, *x)

@@ -1,10 +1,15 @@
-"""The x86-64 board: legacy devices on their ports, guest RAM contents at boot, vCPU setup (worker)."""
+"""The x86-64 board: legacy devices on their ports, guest RAM contents at boot, vCPU setup (worker).
+
+`PcBoard` is what machine.py runs on an x86-64 host (the interface is arch/__init__.py's).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, NamedTuple, Optional, Sequence
+import os
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
+from tenbox_vmm.arch import Board
 from tenbox_vmm.arch.x86_64 import acpi, boot, cpu
 from tenbox_vmm.arch.x86_64 import layout as L
 from tenbox_vmm.devices.acpi_pm import PM1A_EVT_BLK, PM_BLOCK_LEN, RESET_PORT, SCI_IRQ, AcpiPm, ResetControl
@@ -13,8 +18,9 @@ from tenbox_vmm.devices.debug_port import DebugPort
 from tenbox_vmm.devices.i8042 import I8042
 from tenbox_vmm.devices.rtc import CmosRtc
 from tenbox_vmm.devices.serial import Serial16550
+from tenbox_vmm.kvm import constants as kc
 from tenbox_vmm.kvm.api import Kvm, Vcpu, Vm
-from tenbox_vmm.memory import GuestMemory
+from tenbox_vmm.memory import GuestMemory, ram_regions
 
 log = logging.getLogger("tenbox.board")
 
@@ -169,3 +175,87 @@ def describe_vcpu(vcpu: Vcpu) -> str:
         )
     )
 
+
+
+class PcBoard(Board):
+    """The x86-64 board behind machine.py (arch/__init__.py's interface)."""
+
+    arch = "x86_64"
+    default_cmdline = (
+        "console=ttyS0 reboot=k panic=1 pci=off nomodeset "
+        "tsc=reliable no_timer_check io_delay=none random.trust_cpu=on"
+    )
+    snapshots = True
+    power_button_help = "ACPI: the guest's button driver (Linux: CONFIG_ACPI_BUTTON) and a power key handler"
+
+    def __init__(self) -> None:
+        self.acpi_devices: List[acpi.AcpiDevice] = [acpi.com1_device(),
+                                                    *acpi.vmgenid_devices(L.VMGENID_ADDR, L.GED_GSI)]
+        # This process's VM generation ID: written at every boot, and over a restored snapshot's
+        # (then GED_GSI tells the guest), so that every restore and clone runs as a new generation.
+        self.generation_id = os.urandom(L.VMGENID_SIZE)
+        self.supported_cpuid: Sequence[dict] = ()
+        self.supported_msrs: Sequence[int] = ()
+        self.tsc_deadline = False
+
+    def ram_regions(self, size: int) -> list:
+        return ram_regions(size)
+
+    def prepare(self, kvm: Kvm, cpus: int) -> None:
+        self.supported_cpuid = kvm.supported_cpuid()
+        self.supported_msrs = kvm.msr_index_list()
+        self.tsc_deadline = bool(kvm.check_extension(kc.CAP_TSC_DEADLINE_TIMER))
+
+    def load_kernel(self, path: str, memory: GuestMemory, cmdline: str, initrd_size: Optional[int]):
+        kernel = boot.load_kernel(path, memory.ram_end_below_4g())
+        line = boot.check_cmdline(kernel, cmdline)
+        if initrd_size is not None:
+            boot.place_initrd(kernel, initrd_size, memory.ram_end_below_4g())
+        return kernel, line
+
+    def build_devices(self, pio, mmio, irq, console_output, on_poweroff, on_reset, on_serial_tx_interrupts):
+        return build_legacy_devices(pio, irq, console_output, on_poweroff, on_reset, on_serial_tx_interrupts)
+
+    def virtio_slot(self, index: int):
+        base = L.VIRTIO_MMIO_BASE + index * L.VIRTIO_MMIO_STRIDE
+        gsi = L.VIRTIO_GSI_BASE + index
+        self.acpi_devices.append(acpi.virtio_mmio_device(index, base, L.VIRTIO_MMIO_SIZE, gsi))
+        return base, L.VIRTIO_MMIO_SIZE, gsi
+
+    def max_virtio(self) -> int:
+        return L.VIRTIO_MAX_DEVICES
+
+    def create_vm(self, kvm: Kvm, memory: GuestMemory) -> Vm:
+        return create_vm(kvm, memory)
+
+    def load_guest(self, memory, kernel, initrd, cmdline, cpus) -> BootInfo:
+        info = load_guest(memory, kernel, initrd, cmdline, cpus, self.acpi_devices)
+        memory.write(L.VMGENID_ADDR, self.generation_id)
+        return info
+
+    def setup_vcpus(self, vm: Vm, vcpus: List[Vcpu], info: BootInfo) -> None:
+        for vcpu in vcpus:
+            setup_vcpu(vcpu, len(vcpus), self.supported_cpuid, self.supported_msrs, info, self.tsc_deadline)
+
+    def irq_line(self, vm: Vm, irq: int, level: int) -> None:
+        vm.irq_line(irq, level)
+
+    def coalesce_console(self, vm: Vm, on: bool) -> None:
+        vm.coalesce_pio(COM1_PORT, 1, on)
+
+    def power_button(self, devices: LegacyDevices) -> None:
+        devices.pm.press_power_button()
+
+    def new_generation(self, memory: GuestMemory, vm: Vm) -> None:
+        """A restored guest is a new generation: its ID changes and the Generic Event Device's edge says so.
+
+        The guest's vmgenid driver reads the new ID and reseeds the kernel's RNG (docs/daemon.md,
+        "Snapshots"). A snapshot of a tenbox without VGEN has nothing at VMGENID_ADDR (reserved)
+        and its guest never unmasked the line: the write and the edge change nothing there.
+        """
+        memory.write(L.VMGENID_ADDR, self.generation_id)
+        vm.irq_line(L.GED_GSI, 1)
+        vm.irq_line(L.GED_GSI, 0)
+
+    def describe_vcpu(self, vcpu: Vcpu) -> str:
+        return describe_vcpu(vcpu)
