@@ -48,12 +48,30 @@ class FdtConfig(NamedTuple):
     rng_seed: bytes = b""  # RNG_SEED_BYTES for chosen/rng-seed, and kaslr-seed from its first 8
 
 
+# pylibfdt's FdtSw grows its buffer as nodes and properties are added, but not for
+# fdt_finish: a tree that ends near the buffer's end fails there with FDT_ERR_NOSPACE
+# (python3-libfdt 1.6.1, at 2 vCPUs and 2 virtio slots from its 1 KiB start). So the
+# tree is written into a buffer made large enough first, and again into a larger one
+# if finishing still runs out.
+FDT_START_BYTES = 64 * 1024
+
+
 def build(config: FdtConfig) -> bytes:
     """The device tree blob for `config`, at most layout.FDT_MAX_BYTES."""
     import libfdt  # python3-libfdt: only an arm64 worker needs it
 
     _check(config)
-    sw = libfdt.FdtSw()
+    size = FDT_START_BYTES
+    while True:
+        try:
+            return _build(libfdt.FdtSw(size), config)
+        except libfdt.FdtException as e:
+            if e.err != -libfdt.NOSPACE or size >= L.FDT_MAX_BYTES:
+                raise FdtError("the device tree cannot be written: %s" % e) from None
+            size *= 4
+
+
+def _build(sw, config: FdtConfig) -> bytes:
     sw.finish_reservemap()
     with sw.add_node(""):
         sw.property_string("model", "tenbox arm64 virtual machine")
