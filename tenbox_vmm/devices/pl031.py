@@ -104,11 +104,8 @@ class Pl031:
         if not self.mask or self.raw:
             return
         delay = (self.match - self.counter()) & MASK32
-        if delay == 0:
-            self.raw = 1
-            return
-        if delay > 1 << 31:
-            return  # behind the counter: it would take 68 years to wrap round to it
+        if delay == 0 or delay > 1 << 31:
+            return  # the match is the counter's tick into MR: not now, nor 68 years on after a wrap
         t = threading.Timer(delay - (self._clock() + self.offset) % 1.0, self._fire)
         t.daemon = True
         t.start()
