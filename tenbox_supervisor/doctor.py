@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 from typing import Any, Dict, List
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
+KVM_CREATE_VM = 0xAE01
+KVM_CREATE_DEVICE = 0xC00CAEE0  # _IOWR(KVMIO, 0xe0, struct kvm_create_device): type, fd, flags (u32 each)
+KVM_CREATE_DEVICE_TEST = 1
+ARM_VGICS = (("GICv3", 7), ("GICv2", 5))  # KVM_DEV_TYPE_ARM_VGIC_V3, _V2
 
 
 def _check(check_id: str, ok: bool, message: str, required: bool = True) -> Dict[str, Any]:
@@ -57,4 +62,32 @@ def run_checks(kvm_path: str = "/dev/kvm") -> Dict[str, Any]:
                 os.close(fd)
         checks.append(_check("dev_kvm_access", access_ok, access_msg))
         checks.append(_check("kvm_api", api_ok, api_msg))
+        if api_ok and machine in ("aarch64", "arm64"):
+            checks.append(_gic_check(kvm_path))
     return {"supported": all(c["ok"] for c in checks if c["required"]), "checks": checks}
+
+
+def _gic_check(kvm_path: str) -> Dict[str, Any]:
+    """arm64: which virtual GIC KVM can give a VM (an arm64 guest has no interrupts without one)."""
+    have: List[str] = []
+    try:
+        kvm = os.open(kvm_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+        finally:
+            os.close(kvm)
+    except OSError as e:
+        return _check("arm_vgic", False, "cannot make a VM to ask for a virtual GIC: %s" % e.strerror)
+    try:
+        for name, dev_type in ARM_VGICS:
+            try:
+                fcntl.ioctl(vm, KVM_CREATE_DEVICE, bytearray(struct.pack("<III", dev_type, 0, KVM_CREATE_DEVICE_TEST)))
+            except OSError:
+                continue
+            have.append(name)
+    finally:
+        os.close(vm)
+    if not have:
+        return _check("arm_vgic", False, "KVM offers no virtual GIC (neither GICv3 nor GICv2): "
+                      "arm64 guests cannot get interrupts on this host")
+    return _check("arm_vgic", True, "virtual GIC: %s (VMs use %s)" % (", ".join(have), have[0]))

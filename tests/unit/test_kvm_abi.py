@@ -114,3 +114,15 @@ def test_field_offsets_match_the_kernel(kernel_abi):
 def test_ioctl_numbers_match_the_kernel(kernel_abi):
     for name in IOCTLS:
         assert getattr(c, name) == kernel_abi[("ioctl", name)], name
+
+
+def test_doctors_own_kvm_numbers_match_the_workers():
+    """tenboxd may not import the worker's KVM layer (ARCHITECTURE.md), so doctor.py spells the few
+    numbers it needs itself; they must be the worker's, which the headers check above."""
+    from tenbox_supervisor import doctor
+    from tenbox_vmm.kvm import constants as kc
+
+    assert doctor.KVM_CREATE_VM == kc.KVM_CREATE_VM
+    assert doctor.KVM_CREATE_DEVICE == kc.KVM_CREATE_DEVICE
+    assert doctor.KVM_CREATE_DEVICE_TEST == kc.CREATE_DEVICE_TEST
+    assert dict(doctor.ARM_VGICS) == {"GICv3": kc.DEV_TYPE_ARM_VGIC_V3, "GICv2": kc.DEV_TYPE_ARM_VGIC_V2}
