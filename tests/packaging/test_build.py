@@ -16,7 +16,7 @@ from tests.packaging.build import REPO
 TIMEOUT_SEC = 300
 # Every distribution in the seed has these (docs/packaging.md, "Dependencies").
 EXPECTED_DEPENDS = {
-    "ca-certificates", "libslirp0", "python3-apt", "python3-cffi-backend", "python3-click",
+    "ca-certificates", "libslirp0", "python3-apt", "python3-cffi-backend", "python3-click", "python3-libfdt",
     "python3-msgpack", "python3-psutil", "python3-sdnotify", "python3-seccomp", "python3-tenacity",
     "python3-websockets", "python3-zmq", "python3:any",
 }
