@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one tenbox VM on /dev/kvm.",
         epilog="example: %s --kernel vmlinuz --initrd initrd.img --memory 512 --cpus 2" % PROG,
     )
-    p.add_argument("--kernel", metavar="PATH", help="bzImage or ELF vmlinux (needed unless --restore)")
+    p.add_argument("--kernel", metavar="PATH", help="the guest kernel: x86-64 bzImage or ELF vmlinux, arm64 Image (needed unless --restore)")
     p.add_argument("--initrd", metavar="PATH", help="initial ramdisk")
     p.add_argument("--cmdline", metavar="STR", default=DEFAULT_CMDLINE, help="kernel command line (default: %(default)s)")
     p.add_argument("--memory", type=int, metavar="MB",
@@ -336,8 +336,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     done_r, done_w = os.pipe()
     machine.add_done_callback(lambda: os.write(done_w, b"x"))
     host_stop.attach(machine)
-    # SIGPWR ("power failure") presses the ACPI power button: the guest shuts down.
-    signal.signal(signal.SIGPWR, lambda signum, frame: machine.power_button())
+    # SIGPWR ("power failure") presses the power button: the guest shuts down.
+    def press_power_button(signum, frame) -> None:
+        try:
+            machine.power_button()
+        except MachineError as e:
+            logging.getLogger("tenbox.runtime").warning("SIGPWR: %s", e)
+
+    signal.signal(signal.SIGPWR, press_power_button)
     if args.snapshot_out:
         def snapshot_done(result) -> None:
             sys.stderr.write("%s: %s%s\n" % (PROG, "error: " if result.error else "", result.message))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import mmap
 import struct
-import sys
 
 from tenbox_vmm.arch.aarch64 import cpu
 from tenbox_vmm.arch.aarch64 import layout as L
@@ -36,36 +35,11 @@ PROGRAM = (
 RAM_BYTES = 4 * L.MIB
 
 
-def boot(args) -> int:
-    """--boot: a whole kernel through tenbox_vmm.arch.aarch64.board; the console to stdout."""
-    from tenbox_vmm.arch.aarch64.board import Arm64Board, BoardConfig
-
-    def output(data: bytes) -> None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-
-    board = Arm64Board(BoardConfig(kernel=args.kernel, initrd=args.initrd, cmdline=args.append, cpus=args.cpus,
-                                   memory_mb=args.memory, gic=args.gic), output)
-    board.build()
-    print("PROBE: gic %s" % board.gic, flush=True)
-    how = board.run(timeout=args.deadline)
-    print("\nPROBE: ended %s" % (how or "by the deadline"), flush=True)
-    return 0 if how == "poweroff" else 1
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--gic", choices=sorted(cpu.GIC_VERSIONS) + ["auto"], required=True)
+    p.add_argument("--gic", choices=sorted(cpu.GIC_VERSIONS), required=True)
     p.add_argument("--cpus", type=int, default=1)
-    p.add_argument("--boot", action="store_true", help="boot --kernel (and --initrd) on the arm64 board")
-    p.add_argument("--kernel")
-    p.add_argument("--initrd")
-    p.add_argument("--append", default="console=ttyS0 panic=-1")
-    p.add_argument("--memory", type=int, default=256)
-    p.add_argument("--deadline", type=float, default=300.0)
     args = p.parse_args()
-    if args.boot:
-        return boot(args)
     kvm = Kvm()
     vm = kvm.create_vm()
     target = vm.arm_preferred_target()

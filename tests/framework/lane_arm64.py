@@ -70,6 +70,10 @@ def _run(argv: Sequence[str], what: str, cwd: Path = REPO) -> str:
     return r.stdout
 
 
+# What _build_userland adds to the unpacked packages; a change here rebuilds the cached root.
+ROOT_LAYOUT = "layout 2: /mnt (the worker sandbox's staging root), the tenbox-vm user"
+
+
 def build() -> None:
     """The lane's kernel, initramfs and userland (each cached)."""
     if shutil.which(QEMU_AARCH64) is None:
@@ -95,7 +99,7 @@ def _build_userland() -> None:
                 "apt-get install -s (arm64)")
     wanted = sorted(line.split()[1] + "=" + line.split()[2].strip("(") for line in plan.splitlines()
                     if line.startswith("Inst "))
-    stamp = hashlib.sha256("\n".join(wanted).encode()).hexdigest()
+    stamp = hashlib.sha256("\n".join([ROOT_LAYOUT] + wanted).encode()).hexdigest()
     if (ROOT / ".stamp").exists() and (ROOT / ".stamp").read_text() == stamp:
         return
     debs = {}
@@ -111,10 +115,12 @@ def _build_userland() -> None:
     os.chmod(str(new), 0o755)
     (new / "bin").mkdir(exist_ok=True)
     os.symlink("busybox", str(new / "bin" / "sh"))
-    for d in ("etc", "root", "tmp", "proc", "sys", "dev", "run"):
+    for d in ("etc", "root", "tmp", "proc", "sys", "dev", "run", "mnt"):
         (new / d).mkdir(exist_ok=True)
-    (new / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/sh\n")
-    (new / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    # The worker's user as the package makes it (debian/postinst: a system user and group).
+    (new / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/sh\n"
+                                        "tenbox-vm:x:998:998::/nonexistent:/usr/sbin/nologin\n")
+    (new / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\ntenbox-vm:x:998:\n")
     (new / ".stamp").write_text(stamp)
     if ROOT.exists():
         old = LANE_DIR / "root.old"

@@ -119,17 +119,21 @@ def foreign_busybox(arch: str = "arm64") -> Path:
     return out
 
 
-def arm64_initramfs(out: Path, init: str) -> Path:
-    """An arm64 initramfs at `out`: Debian's arm64 busybox, `init` (a busybox sh script) as /init, and
-    the arm64 cloud kernel's virtio modules in /modules (their load order in /modules/load-order)."""
+def arm64_initramfs(out: Path, init: str, files: Optional[Dict[str, str]] = None) -> Path:
+    """An arm64 initramfs at `out`: Debian's arm64 busybox, `init` (a busybox sh script) as /init,
+    the arm64 cloud kernel's virtio modules in /modules (their load order in /modules/load-order),
+    and `files` (path in the guest → text; executable)."""
     kernel = foreign_kernel("arm64")
     with tempfile.TemporaryDirectory(prefix="tenbox-arm64-initramfs-") as tmp:
         root = Path(tmp) / "root"
         for d in ("bin", "proc", "sys", "dev", "modules"):
             (root / d).mkdir(parents=True)
         shutil.copy(str(foreign_busybox("arm64")), str(root / "bin" / "busybox"))
-        (root / "init").write_text(init)
-        os.chmod(str(root / "init"), 0o755)
+        for name, text in {"init": init, **(files or {})}.items():
+            path = root / name.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            os.chmod(str(path), 0o755)
         for ko in (kernel.parent / "modules").iterdir():
             shutil.copy(str(ko), str(root / "modules" / ko.name))
         r = run_tool(["/usr/bin/python3", SCRIPTS / "mkcpio.py", "--root", root, "--dev", "/dev/console:c:5:1",
