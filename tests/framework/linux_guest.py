@@ -81,12 +81,16 @@ def build() -> Artifacts:
     return _cache["linux"]  # type: ignore[return-value]
 
 
-def foreign_kernel(arch: str = "arm64") -> Path:
+def foreign_kernel(arch: str = "arm64", flavour: str = "cloud", modules: str = "") -> Path:
     """Debian's cloud kernel for another architecture than the host's (get-kernel.sh --arch, cached
-    in .cache/linux-ARCH): what an operator might hand the worker by mistake."""
-    key = "linux-" + arch
+    in .cache/linux-ARCH): what an operator might hand the worker by mistake. `flavour` "generic":
+    Debian's generic kernel with `modules` (and their dependencies), in .cache/linux-ARCH-generic."""
+    key = "linux-" + arch + ("" if flavour == "cloud" else "-" + flavour)
     if key not in _cache:
-        r = run_tool([SCRIPTS / "get-kernel.sh", "--arch", arch], SCRIPT_TIMEOUT_SEC, cwd=REPO)
+        argv = [SCRIPTS / "get-kernel.sh", "--arch", arch]
+        if flavour != "cloud":
+            argv += ["--flavour", flavour, "--out", CACHE / key, "--modules", modules]
+        r = run_tool(argv, SCRIPT_TIMEOUT_SEC, cwd=REPO)
         if r.returncode != 0:
             raise ProcessFailure("get-kernel.sh --arch %s failed (exit %d):\n%s%s"
                                  % (arch, r.returncode, r.stdout, r.stderr))
@@ -119,11 +123,12 @@ def foreign_busybox(arch: str = "arm64") -> Path:
     return out
 
 
-def arm64_initramfs(out: Path, init: str, files: Optional[Dict[str, str]] = None) -> Path:
+def arm64_initramfs(out: Path, init: str, files: Optional[Dict[str, str]] = None,
+                    kernel: Optional[Path] = None) -> Path:
     """An arm64 initramfs at `out`: Debian's arm64 busybox, `init` (a busybox sh script) as /init,
-    the arm64 cloud kernel's virtio modules in /modules (their load order in /modules/load-order),
-    and `files` (path in the guest → text; executable)."""
-    kernel = foreign_kernel("arm64")
+    `kernel`'s modules (default: the arm64 cloud kernel's virtio modules) in /modules (their load
+    order in /modules/load-order), and `files` (path in the guest → text; executable)."""
+    kernel = kernel or foreign_kernel("arm64")
     with tempfile.TemporaryDirectory(prefix="tenbox-arm64-initramfs-") as tmp:
         root = Path(tmp) / "root"
         for d in ("bin", "proc", "sys", "dev", "modules"):

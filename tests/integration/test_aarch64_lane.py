@@ -161,3 +161,40 @@ def test_tenbox_vm_runtime_runs_debians_arm64_kernel_with_disk_net_and_reboot(tm
         overlay = out / ("overlay-%d.qcow2" % n)
         assert _read_ext4(overlay, "boots").strip() == "2" and _read_ext4(overlay, "fetched.txt") == token
     assert hashlib.sha256((out / "base.raw").read_bytes()).hexdigest() == base  # the base layer took no write
+
+
+BUTTON_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules/load-order); do insmod /modules/$m; done
+input=$(ls -d /sys/bus/platform/devices/gpio-keys/input/input*)
+echo "ARM64-VM: keys=$(cat $input/name)"
+event=$(ls $input | grep ^event)
+echo "ARM64-VM: ready"
+echo "ARM64-VM: event=$(dd if=/dev/input/$event bs=24 count=1 2>/dev/null | od -An -tx1 -j16 -N6 | tr -d ' ')"
+poweroff -f
+"""
+
+
+def test_the_power_button_reaches_debians_generic_arm64_kernel(tmp_path):
+    """The host's power button (SIGPWR here; `vm shutdown` through tenboxd calls the same) on the arm64 board:
+    Debian's generic arm64 kernel binds gpio-keys to tenbox's PL061 from the device tree and delivers
+    KEY_POWER (type 1, code 116, pressed) on its input device; the init then powers off: exit 0."""
+    from tests.framework import linux_guest
+
+    out = tmp_path / "lane"
+    out.mkdir()
+    kernel = linux_guest.foreign_kernel("arm64", "generic", "gpio_keys evdev")
+    linux_guest.arm64_initramfs(out / "initrd.cpio", BUTTON_INIT, kernel=kernel)
+    command = (
+        "python3 -m tenbox_vmm --kernel %s --initrd /lane-out/initrd.cpio --memory 256 --console stdio "
+        "--cmdline 'console=ttyS0 panic=1 quiet' > /tmp/vm.out 2>&1 & pid=$!; "
+        "for i in $(seq 300); do grep -q 'ARM64-VM: ready' /tmp/vm.out && break; sleep 1; done; sleep 1; "
+        "kill -PWR $pid; wait $pid; echo VMRUN: exit $?; cat /tmp/vm.out" % kernel)
+    res = lane.run(command, out, LANE_DEADLINE_SEC, console_log=out / "console.log", arch="aarch64", gic="3",
+                   memory_mb=LANE_MEMORY_MB)
+    assert res.rc is not None, "the arm64 lane failed: %s\n%s" % (res.reason, lane.tail(res.console))
+    said = dict(re.findall(r"^ARM64-VM: (\w+)=(.*)$", res.console, re.M))
+    assert said.get("keys") == "gpio-keys", lane.tail(res.console, 80)
+    assert said["event"] == "0100" "7400" "0100", lane.tail(res.console, 80)  # EV_KEY, KEY_POWER, 1 (pressed)
+    assert "VMRUN: exit 0" in res.console, lane.tail(res.console, 80)

@@ -7,7 +7,7 @@ the addresses of layout.py (QEMU virt's):
   * the kernel's `Image` where image.plan() puts it, the initrd after it,
     and fdt.py's device tree at the start of RAM, x0 pointing at it;
   * the console UART, the 16550 model x86 uses on port I/O, here on MMIO
-    (reg-shift 0), and a PL031 clock; their interrupts and the virtio-mmio
+    (reg-shift 0), a PL031 clock and a PL061 GPIO with the power button; their interrupts and the virtio-mmio
     slots' are SPIs of KVM's vGIC, driven by KVM_IRQ_LINE and irqfds;
   * vCPUs with PSCI 0.2 (KVM runs the guest's PSCI: secondary vCPUs wait
     in KVM for CPU_ON; SYSTEM_OFF and SYSTEM_RESET come to the vCPU
@@ -16,8 +16,8 @@ the addresses of layout.py (QEMU virt's):
   * the vGIC the host has, GICv3 first: `prepare` asks KVM once
     (KVM_CREATE_DEVICE_TEST on a scratch VM) and refuses a host with none.
 
-Not yet (issue 17): a power button (no `vm shutdown`; stop works) and
-snapshots.
+The power button is QEMU virt's: gpio-keys (KEY_POWER) on line 3 of a
+PL061, pressed for 100 ms. Not yet (issue 17): snapshots.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tenbox_vmm.arch import Board, BoardError
 from tenbox_vmm.arch.aarch64 import cpu, fdt, image
 from tenbox_vmm.arch.aarch64 import layout as L
 from tenbox_vmm.devices.pl031 import Pl031
+from tenbox_vmm.devices.pl061 import Pl061
 from tenbox_vmm.devices.serial import Serial16550
 from tenbox_vmm.kernel_kind import KernelError, read_file
 from tenbox_vmm.kvm.api import Kvm, Vcpu, Vm
@@ -41,6 +42,7 @@ GIC_SPI_BASE = 32  # SPI n is the GIC's interrupt 32 + n
 class VirtDevices(NamedTuple):
     serial: Serial16550
     rtc: Pl031
+    gpio: Pl061  # line layout.POWER_GPIO is the power button
 
     def all(self):
         return tuple(self)
@@ -53,7 +55,8 @@ class VirtBoard(Board):
     arch = "aarch64"
     default_cmdline = "console=ttyS0 panic=1 random.trust_cpu=on"
     snapshots = False
-    power_button_help = "nothing yet: an arm64 VM has no power button (issue 17); stop it, or power it off inside"
+    power_button_help = ("gpio-keys on a PL061 (Linux: CONFIG_KEYBOARD_GPIO, a module in Debian's generic arm64 "
+                         "kernel, not in its cloud kernel) and a power key handler (systemd-logind)")
 
     def __init__(self) -> None:
         self.gic = ""  # "v3" or "v2", once prepare() has asked the host
@@ -95,9 +98,11 @@ class VirtBoard(Board):
         devs = VirtDevices(
             serial=Serial16550(lambda level: irq(L.UART_SPI, level), console_output, on_serial_tx_interrupts),
             rtc=Pl031(lambda level: irq(L.RTC_SPI, level)),
+            gpio=Pl061(lambda level: irq(L.GPIO_SPI, level)),
         )
         mmio.register(L.UART, L.UART_SIZE, devs.serial)
         mmio.register(L.RTC, L.RTC_SIZE, devs.rtc)
+        mmio.register(L.GPIO, L.GPIO_SIZE, devs.gpio)
         return devs
 
     def virtio_slot(self, index: int) -> Tuple[int, int, int]:
@@ -156,7 +161,7 @@ class VirtBoard(Board):
         vm.coalesce_mmio(L.UART, 1, on)  # the transmit register, reg-shift 0
 
     def power_button(self, devices: VirtDevices) -> None:
-        raise BoardError("an arm64 VM has no power button yet: stop it, or power it off from inside")
+        devices.gpio.pulse(L.POWER_GPIO)
 
     def describe_vcpu(self, vcpu: Vcpu) -> str:
         try:

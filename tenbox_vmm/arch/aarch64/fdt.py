@@ -24,6 +24,8 @@ from tenbox_vmm.arch.aarch64 import layout as L
 
 GIC_PHANDLE = 1
 CLOCK_PHANDLE = 2
+GPIO_PHANDLE = 3
+KEY_POWER = 116  # linux/input-event-codes.h
 UART_CLOCK_HZ = 1843200  # the 16550's classic crystal: a divisor of 1 is 115200 baud
 APB_CLOCK_HZ = 24000000
 CMDLINE_MAX = 2047  # arm64's COMMAND_LINE_SIZE is 2048, with its NUL
@@ -46,6 +48,7 @@ class FdtConfig(NamedTuple):
     uart: str = "ns16550a"  # one of UARTS
     rtc: bool = True
     rng_seed: bytes = b""  # RNG_SEED_BYTES for chosen/rng-seed, and kaslr-seed from its first 8
+    power_button: bool = True  # a PL061 GPIO controller with a gpio-keys KEY_POWER on one of its lines
 
 
 # pylibfdt's FdtSw grows its buffer as nodes and properties are added, but not for
@@ -103,6 +106,8 @@ def _build(sw, config: FdtConfig) -> bytes:
                 _cells(sw, "interrupts", L.IRQ_TYPE_SPI, L.RTC_SPI, L.IRQ_LEVEL_HIGH)
                 sw.property_u32("clocks", CLOCK_PHANDLE)
                 sw.property_string("clock-names", "apb_pclk")
+        if config.power_button:
+            _power_button(sw)
         for slot in sorted(config.virtio_slots):
             addr, spi = L.virtio_slot(slot)
             with sw.add_node("virtio_mmio@%x" % addr):
@@ -116,6 +121,29 @@ def _build(sw, config: FdtConfig) -> bytes:
     if len(blob) > L.FDT_MAX_BYTES:  # a command line and 123 vCPUs come nowhere near
         raise FdtError("the device tree is %d bytes, more than the 2 MiB arm64 allows" % len(blob))
     return blob
+
+
+def _power_button(sw) -> None:
+    """The power button as on QEMU's virt board: gpio-keys (KEY_POWER) on line POWER_GPIO of a PL061.
+
+    Linux binds gpio-keys by this node (CONFIG_KEYBOARD_GPIO; a module in Debian's generic arm64
+    kernel, which udev loads by its modalias) and systemd-logind powers off on the key.
+    """
+    with sw.add_node("pl061@%x" % L.GPIO):
+        _strings(sw, "compatible", "arm,pl061", "arm,primecell")
+        _reg(sw, (L.GPIO, L.GPIO_SIZE))
+        _cells(sw, "interrupts", L.IRQ_TYPE_SPI, L.GPIO_SPI, L.IRQ_LEVEL_HIGH)
+        sw.property("gpio-controller", b"")
+        sw.property_u32("#gpio-cells", 2)
+        sw.property_u32("clocks", CLOCK_PHANDLE)
+        sw.property_string("clock-names", "apb_pclk")
+        sw.property_u32("phandle", GPIO_PHANDLE)
+    with sw.add_node("gpio-keys"):
+        sw.property_string("compatible", "gpio-keys")
+        with sw.add_node("poweroff"):
+            sw.property_string("label", "GPIO Key Poweroff")
+            sw.property_u32("linux,code", KEY_POWER)
+            _cells(sw, "gpios", GPIO_PHANDLE, L.POWER_GPIO, 0)  # active high
 
 
 def uart_path(uart: str) -> str:

@@ -9,6 +9,7 @@ oracle for that tree (tests/integration/test_aarch64_fdt.py):
     0x080a_0000  GICv3 redistributors, 128 KiB per vCPU
     0x0900_0000  UART (4 KiB): an ns16550a for tenbox's worker, QEMU's PL011 for the oracle
     0x0901_0000  PL031 real-time clock (4 KiB)
+    0x0903_0000  PL061 GPIO (4 KiB): line 3 is the power button (gpio-keys)
     0x0a00_0000  virtio-mmio slots, 0x200 apart
     0x4000_0000  RAM: the device tree in its first 2 MiB, the kernel at the next
                  2 MiB boundary (plus its text_offset), the initrd after it
@@ -38,6 +39,11 @@ UART_SPI = 1
 RTC = 0x09010000
 RTC_SIZE = 0x1000
 RTC_SPI = 2
+
+GPIO = 0x09030000  # a PL061: the power button's line
+GPIO_SIZE = 0x1000
+GPIO_SPI = 7
+POWER_GPIO = 3
 
 VIRTIO_MMIO_BASE = 0x0A000000
 VIRTIO_MMIO_STRIDE = 0x200
