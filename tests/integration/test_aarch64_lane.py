@@ -198,3 +198,25 @@ def test_the_power_button_reaches_debians_generic_arm64_kernel(tmp_path):
     assert said.get("keys") == "gpio-keys", lane.tail(res.console, 80)
     assert said["event"] == "0100" "7400" "0100", lane.tail(res.console, 80)  # EV_KEY, KEY_POWER, 1 (pressed)
     assert "VMRUN: exit 0" in res.console, lane.tail(res.console, 80)
+
+
+def test_tenboxd_starts_an_arm64_vm_and_shuts_it_down_with_the_power_button(tmp_path):
+    """tenboxd on the emulated arm64 host (a real daemon on private paths, tenboxctl as the operator's CLI):
+    vm create and start give a running arm64 VM (2 vCPUs) whose console tenboxd keeps; `vm shutdown`
+    presses its power button and the guest powers off by itself (graceful, no failure recorded)."""
+    from tests.framework import linux_guest
+
+    out = tmp_path / "lane"
+    out.mkdir()
+    kernel = linux_guest.foreign_kernel("arm64", "generic", "gpio_keys evdev")
+    linux_guest.arm64_initramfs(out / "initrd.cpio", BUTTON_INIT, kernel=kernel)
+    command = "python3 -m tests.framework.arm64_daemon --kernel %s --initrd /lane-out/initrd.cpio --cpus 2" % kernel
+    res = lane.run(command, out, LANE_DEADLINE_SEC, console_log=out / "console.log", arch="aarch64", gic="3",
+                   memory_mb=LANE_MEMORY_MB)
+    assert res.rc is not None, "the arm64 lane failed: %s\n%s" % (res.reason, lane.tail(res.console))
+    said = dict(re.findall(r"^DAEMON: (\w+) ?(.*)$", res.console, re.M))
+    assert res.rc == 0 and said.get("state") == "stopped failure=null", lane.tail(res.console, 80)
+    assert said["create"].startswith("rc=0") and said["start"].startswith("rc=0"), lane.tail(res.console, 80)
+    assert said["shutdown"] == "rc=0 graceful=True"
+    console = re.findall(r"^DAEMON: console (.*)$", res.console, re.M)
+    assert "ARM64-VM: keys=gpio-keys" in console and "ARM64-VM: event=010074000100" in console
