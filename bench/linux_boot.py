@@ -20,6 +20,14 @@ prints the table here. Timings there are a proxy (every exit crosses
 emulated AMD-V): read the ratios, not the seconds.
 
     python3 -m bench.linux_boot [--runs 3] [--no-image]
+    python3 -m bench.linux_boot --arch aarch64 [--runs 3]
+
+`--arch aarch64` (issue 17): Debian's arm64 cloud kernel and a busybox
+initramfs under tenbox's arm64 worker and under `qemu-system-aarch64 -M
+virt -accel kvm -cpu host`, in the same arm64 KVM host (on an x86 host,
+the emulated one of tests/framework/lane_arm64.py). Both get the same
+command line without `console=`: each kernel takes its console from its
+device tree's stdout-path (tenbox's ns16550a, QEMU's PL011). No image row.
 """
 
 from __future__ import annotations
@@ -93,6 +101,81 @@ def image_case(make: Make, manifest: dict, image_dir: Path, work: Path):
     return run
 
 
+ARM64_INIT = """#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+echo "%s$(/bin/busybox cut -d' ' -f1 /proc/uptime)"
+/bin/busybox poweroff -f
+""" % linux_guest.MARKER
+ARM64_CMDLINE = "panic=-1"
+
+
+def arm64_tenbox_argv(kernel: str, initrd: str, cmdline: str, memory_mb: int) -> List[str]:
+    return boot_argv(kernel, initrd, cmdline, memory_mb=memory_mb)
+
+
+def arm64_qemu_argv(kernel: str, initrd: str, cmdline: str, memory_mb: int) -> List[str]:
+    return ["qemu-system-aarch64", "-M", "virt,gic-version=host", "-accel", "kvm", "-cpu", "host", "-smp", "1",
+            "-m", str(memory_mb), "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
+            "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
+
+
+def arm64_case(make: Make, kernel: str, initrd: str, quiet: bool):
+    """Start -> first kernel line -> /init; memory outside guest RAM at /init (arm64)."""
+    cmdline = ARM64_CMDLINE + (" quiet" if quiet else "")
+
+    def run() -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        with ConsoleProcess(make(kernel, initrd, cmdline, MEM_MB), stdin=subprocess.DEVNULL) as p:
+            if not quiet:
+                out["first_line_s"] = p.seconds_to(FIRST_LINE, BOOT_TIMEOUT_SEC)
+            out["init_quiet_s" if quiet else "init_s"] = p.seconds_to(linux_guest.MARKER, BOOT_TIMEOUT_SEC)
+            if not quiet:
+                _, other = smaps_rss_split(p.proc.pid, MEM_MB << 20)
+                out["overhead_rss_mib"] = other / (1 << 20)
+            if p.wait_exit(BOOT_TIMEOUT_SEC) != 0:
+                p.fail("exit %s" % p.proc.returncode)
+        return out
+    return run
+
+
+def measure_arm64(runs: int, kernel: str, initrd: str) -> Dict[str, Dict[str, List[float]]]:
+    vmms = {"tenbox": arm64_tenbox_argv, "qemu": arm64_qemu_argv}
+    results: Dict[str, Dict[str, List[float]]] = {name: {} for name in vmms}
+    for quiet in (False, True):
+        part = interleave(runs, {name: arm64_case(make, kernel, initrd, quiet) for name, make in vmms.items()})
+        for name, metrics in part.items():
+            for k, v in metrics.items():
+                results[name].setdefault(k, []).extend(v)
+    return results
+
+
+def main_arm64(args) -> int:
+    """--arch aarch64: measure here on an arm64 host, else in the emulated one."""
+    if os.uname().machine == "aarch64":
+        results = measure_arm64(args.runs, args.kernel, args.initrd)
+        where = "On this arm64 host, 1 vCPU."
+    else:
+        out = Path(tempfile.mkdtemp(prefix="tenbox-bench-arm64-"))
+        os.chmod(str(out), 0o755)
+        kernel = linux_guest.foreign_kernel("arm64")
+        linux_guest.arm64_initramfs(out / "initrd.cpio", ARM64_INIT)
+        cmd = "%s -m bench.linux_boot --arch aarch64 --runs %d --kernel %s --initrd /lane-out/initrd.cpio " \
+              "--json /lane-out/results.json" % (PYTHON, args.runs, kernel)
+        print("linux_boot: running in the emulated arm64 host (console: %s)" % (out / "console.log"), file=sys.stderr)
+        res = lane.run(cmd, out, 7200.0, console_log=out / "console.log", arch="aarch64", gic="3", memory_mb=2048)
+        if res.rc != 0:
+            print("linux_boot: the arm64 lane run failed: %s\n%s" % (res.reason or "exit %s" % res.rc,
+                                                                     lane.tail(res.console)), file=sys.stderr)
+            return 1
+        results = json.loads((out / "results.json").read_text())
+        where = ("In the emulated arm64 host (QEMU TCG at EL2, GICv3; ratios, not absolute times), 1 vCPU; "
+                 "QEMU is `-M virt -accel kvm`.")
+    if args.json:
+        args.json.write_text(json.dumps(results))
+    print(report(results, where, "QEMU virt"))
+    return 0
+
+
 ROWS = [
     ("first_line_s", "start -> first kernel line, s"),
     ("init_s", "start -> /init (verbose console), s"),
@@ -121,14 +204,14 @@ def measure(runs: int, with_image: bool) -> Dict[str, Dict[str, List[float]]]:
     return results
 
 
-def report(results: Dict[str, Dict[str, List[float]]], where: str) -> str:
+def report(results: Dict[str, Dict[str, List[float]]], where: str, reference: str = "QEMU microvm") -> str:
     rows = []
     for key, label in ROWS:
         t, q = results["tenbox"].get(key), results["qemu"].get(key)
         if not t or not q:
             continue
         rows.append((label, "%.2f" % median(t), "%.2f" % median(q), "%.2f" % (median(t) / median(q)), str(len(t))))
-    return "%s\n\n%s" % (where, table(rows, ("metric (median)", "tenbox", "QEMU microvm", "ratio", "runs")))
+    return "%s\n\n%s" % (where, table(rows, ("metric (median)", "tenbox", reference, "ratio", "runs")))
 
 
 def main() -> int:
@@ -136,7 +219,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-image", action="store_true", help="skip the Debian image's login prompt")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64",
+                    help="aarch64: the arm64 worker against QEMU virt (see above)")
+    ap.add_argument("--kernel", help=argparse.SUPPRESS)  # --arch aarch64 on an arm64 host: what to boot
+    ap.add_argument("--initrd", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.arch == "aarch64":
+        return main_arm64(args)
     if lane.needs_lane() or not (linux_guest.KERNEL_DIR / "vmlinuz").exists():
         linux_guest.build()  # on the build host: the lane has no network
     if lane.needs_lane():

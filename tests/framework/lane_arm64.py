@@ -43,7 +43,9 @@ APT_TIMEOUT_SEC = 900
 # What the userland holds: python3, tenbox's dependencies and the tools its tests use.
 PACKAGES = ("busybox-static python3 python3-cffi python3-zmq python3-msgpack python3-psutil python3-click "
             "python3-tenacity python3-sdnotify python3-websockets python3-zstandard python3-seccomp "
-            "python3-pytest python3-libfdt libslirp0 qemu-utils e2fsprogs").split()
+            "python3-pytest python3-libfdt libslirp0 qemu-utils e2fsprogs "
+            # The reference VMM of bench/linux_boot.py --arch aarch64 (QEMU virt with KVM).
+            "qemu-system-arm").split()
 GICS = ("3", "2")
 
 
