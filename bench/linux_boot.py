@@ -71,6 +71,11 @@ def initramfs_case(make: Make, quiet: bool):
     """Start -> first kernel line -> /init; memory outside guest RAM at /init."""
     kernel, initrd = str(linux_guest.KERNEL_DIR / "vmlinuz"), str(linux_guest.KERNEL_DIR / "initramfs.cpio.gz")
     cmdline = linux_guest.BASE_CMDLINE + (" quiet" if quiet else "") + " tenbox.run=sleep%201"
+    return boot_case(make, kernel, initrd, cmdline, quiet)
+
+
+def boot_case(make: Make, kernel: str, initrd: str, cmdline: str, quiet: bool):
+    """One boot of `kernel` to the initramfs marker and the guest's poweroff, as initramfs_case measures it."""
 
     def run() -> Dict[str, float]:
         out: Dict[str, float] = {}
@@ -119,30 +124,12 @@ def arm64_qemu_argv(kernel: str, initrd: str, cmdline: str, memory_mb: int) -> L
             "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
 
 
-def arm64_case(make: Make, kernel: str, initrd: str, quiet: bool):
-    """Start -> first kernel line -> /init; memory outside guest RAM at /init (arm64)."""
-    cmdline = ARM64_CMDLINE + (" quiet" if quiet else "")
-
-    def run() -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        with ConsoleProcess(make(kernel, initrd, cmdline, MEM_MB), stdin=subprocess.DEVNULL) as p:
-            if not quiet:
-                out["first_line_s"] = p.seconds_to(FIRST_LINE, BOOT_TIMEOUT_SEC)
-            out["init_quiet_s" if quiet else "init_s"] = p.seconds_to(linux_guest.MARKER, BOOT_TIMEOUT_SEC)
-            if not quiet:
-                _, other = smaps_rss_split(p.proc.pid, MEM_MB << 20)
-                out["overhead_rss_mib"] = other / (1 << 20)
-            if p.wait_exit(BOOT_TIMEOUT_SEC) != 0:
-                p.fail("exit %s" % p.proc.returncode)
-        return out
-    return run
-
-
 def measure_arm64(runs: int, kernel: str, initrd: str) -> Dict[str, Dict[str, List[float]]]:
     vmms = {"tenbox": arm64_tenbox_argv, "qemu": arm64_qemu_argv}
     results: Dict[str, Dict[str, List[float]]] = {name: {} for name in vmms}
     for quiet in (False, True):
-        part = interleave(runs, {name: arm64_case(make, kernel, initrd, quiet) for name, make in vmms.items()})
+        cmdline = ARM64_CMDLINE + (" quiet" if quiet else "")
+        part = interleave(runs, {name: boot_case(make, kernel, initrd, cmdline, quiet) for name, make in vmms.items()})
         for name, metrics in part.items():
             for k, v in metrics.items():
                 results[name].setdefault(k, []).extend(v)
