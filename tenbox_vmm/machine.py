@@ -557,7 +557,7 @@ class Machine:
             self._coalesce_console(True)
 
     def _coalesce_console(self, on: bool) -> None:
-        """Let KVM queue the guest's COM1 THR writes in the coalesced ring (on), or exit for each.
+        """Let KVM queue the guest's console THR writes (COM1, the arm64 UART) in the coalesced ring (on), or exit for each.
 
         A verbose Linux boot writes its log a byte at a time, each byte a read
         of LSR and a write of THR: two exits. While the guest polls the
@@ -574,7 +574,7 @@ class Machine:
             try:
                 self.board.coalesce_console(vm, on)
             except OSError as e:
-                log.debug("%s: coalescing COM1 writes %s: %s", self.config.vm_id, "on" if on else "off", e)
+                log.debug("%s: coalescing the console's writes %s: %s", self.config.vm_id, "on" if on else "off", e)
                 return
             self._coalescing = on
 
