@@ -64,6 +64,8 @@ def run_checks(kvm_path: str = "/dev/kvm") -> Dict[str, Any]:
         checks.append(_check("kvm_api", api_ok, api_msg))
         if api_ok and machine in ("aarch64", "arm64"):
             checks.append(_gic_check(kvm_path))
+    if machine in ("aarch64", "arm64"):
+        checks.append(_fdt_check())
     return {"supported": all(c["ok"] for c in checks if c["required"]), "checks": checks}
 
 
@@ -91,3 +93,13 @@ def _gic_check(kvm_path: str) -> Dict[str, Any]:
         return _check("arm_vgic", False, "KVM offers no virtual GIC (neither GICv3 nor GICv2): "
                       "arm64 guests cannot get interrupts on this host")
     return _check("arm_vgic", True, "virtual GIC: %s (VMs use %s)" % (", ".join(have), have[0]))
+
+
+def _fdt_check() -> Dict[str, Any]:
+    """arm64: the worker writes each guest's device tree with dtc's libfdt (python3-libfdt, a Recommends)."""
+    try:
+        import libfdt  # noqa: F401
+    except ImportError:
+        return _check("arm_fdt", False, "python3-libfdt is missing: arm64 VMs cannot start "
+                      "(apt install python3-libfdt; on Debian 11, pip install pylibfdt)")
+    return _check("arm_fdt", True, "dtc's libfdt for the guests' device trees (python3-libfdt)")

@@ -68,6 +68,11 @@ class VirtBoard(Board):
         return [Region(L.RAM_START, size, 0)]
 
     def prepare(self, kvm: Kvm, cpus: int) -> None:
+        try:
+            import libfdt  # noqa: F401  (fdt.py imports it where it writes the tree)
+        except ImportError:
+            raise BoardError("an arm64 VM's device tree is written with dtc's libfdt, which this host lacks: "
+                             "install python3-libfdt (on Debian 11: pip install pylibfdt)") from None
         vm = kvm.create_vm()
         try:
             gics = cpu.supported_gics(vm)
