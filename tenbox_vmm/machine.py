@@ -634,12 +634,12 @@ class Machine:
                                "from a snapshot without --kernel")
         vm = self.board.create_vm(self.kvm, self.memory)
         self._vm = vm
-        vcpus = []
+        vcpus: List[Vcpu] = []
+        self._vcpus = vcpus  # filled in place: a failure halfway still closes those made
         if snapshot is not None:
             try:
                 for i in range(self.config.cpus):
                     vcpus.append(vm.create_vcpu(i))
-                self._vcpus = vcpus
                 self._load_snapshot(vm, vcpus, snapshot.state)
             finally:
                 snapshot.close()  # the RAM mapping stays; the file is no longer needed
@@ -651,9 +651,7 @@ class Machine:
                 raise MachineError(str(e)) from None
             for i in range(self.config.cpus):
                 vcpus.append(vm.create_vcpu(i))
-            self._vcpus = vcpus
             self.board.setup_vcpus(vm, vcpus, info)
-        self._vcpus = vcpus
         if self._ring_page:
             start = self._ring_page * mmap.PAGESIZE
             page = memoryview(vcpus[0].run_mem)[start : start + mmap.PAGESIZE]

@@ -21,10 +21,12 @@ import threading
 import time
 from typing import Callable, Optional
 
+from tenbox_vmm.devices import primecell
+
 DR, MR, LR, CR, IMSC, RIS, MIS, ICR = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x14, 0x18, 0x1C
-ID_BASE = 0xFE0
+ID_BASE = primecell.ID_BASE
 # PeriphID0..3 then PCellID0..3: part 0x031, designer 0x41 (ARM), revision 0, and the PrimeCell marker.
-ID_BYTES = (0x31, 0x10, 0x04, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
+ID_BYTES = primecell.id_bytes(0x00041031)
 MASK32 = 0xFFFFFFFF
 
 
@@ -61,8 +63,9 @@ class Pl031:
         return int(self._clock() + self.offset) & MASK32
 
     def read(self, offset: int, size: int) -> int:
-        if ID_BASE <= offset < ID_BASE + 4 * len(ID_BYTES) and offset % 4 == 0:
-            return ID_BYTES[(offset - ID_BASE) // 4]
+        if offset >= ID_BASE:
+            ident = primecell.id_register(offset, ID_BYTES)
+            return 0 if ident is None else ident
         with self._lock:
             if offset == DR:
                 return self.counter()

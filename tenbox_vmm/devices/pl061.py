@@ -18,10 +18,12 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
+from tenbox_vmm.devices import primecell
+
 DATA_END = 0x400
 DIR, IS, IBE, IEV, IE, RIS, MIS, IC, AFSEL = 0x400, 0x404, 0x408, 0x40C, 0x410, 0x414, 0x418, 0x41C, 0x420
-ID_BASE = 0xFE0
-ID_BYTES = (0x61, 0x10, 0x04, 0x00, 0x0D, 0xF0, 0x05, 0xB1)  # peripheral 0x00041061, then the PrimeCell marker
+ID_BASE = primecell.ID_BASE
+ID_BYTES = primecell.id_bytes(0x00041061)
 PRESS_SEC = 0.1  # how long a pulse holds the line high (QEMU's gpio-key holds it 100 ms)
 
 
@@ -54,8 +56,9 @@ class Pl061:
         return (self.outputs & self.dir) | (self.inputs & ~self.dir & 0xFF)
 
     def read(self, offset: int, size: int) -> int:
-        if ID_BASE <= offset < ID_BASE + 4 * len(ID_BYTES) and offset % 4 == 0:
-            return ID_BYTES[(offset - ID_BASE) // 4]
+        if offset >= ID_BASE:
+            ident = primecell.id_register(offset, ID_BYTES)
+            return 0 if ident is None else ident
         with self._lock:
             if offset < DATA_END:
                 return self._levels() & (offset >> 2)

@@ -14,6 +14,8 @@ runs Debian's arm64 cloud kernel there with a disk, the NAT and a reboot.
 
 import hashlib
 import re
+import subprocess
+import time
 
 import pytest
 
@@ -86,8 +88,6 @@ VM_RUNS = {"3": (1, 2), "2": (1, 2)}  # per lane GIC: the vCPU counts of its run
 def _ext4_disk(out, runs):
     """base.raw, ext4 with base.txt, and one qcow2 overlay on it per run (backing named relative: the lane
     sees the folder as /lane-out)."""
-    import subprocess
-
     tree = out / "tree"
     tree.mkdir()
     (tree / "base.txt").write_text("base layer\n")
@@ -99,8 +99,6 @@ def _ext4_disk(out, runs):
 
 def _read_ext4(image, name) -> str:
     """A file of an ext4 qcow2 image, read by the host's qemu-img and debugfs (the oracle)."""
-    import subprocess
-
     raw = image.with_suffix(".check.raw")
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
     r = subprocess.run(["debugfs", "-R", "cat /%s" % name, str(raw)], capture_output=True, text=True, check=True)
@@ -116,8 +114,6 @@ def test_tenbox_vm_runtime_runs_debians_arm64_kernel_with_disk_net_and_reboot(tm
     the same process), then takes a DHCP lease from the NAT, fetches a file from a server in the
     outer machine (through a --guestfwd: the NAT keeps the host's loopback from guests) onto the disk,
     and powers off: exit 0. The host reads the overlay afterwards."""
-    import time
-
     from tests.framework import linux_guest
 
     out = tmp_path / "lane"
