@@ -11,7 +11,7 @@ python3-tenacity python3-sdnotify python3-apt python3-websockets python3-zstanda
 python3-pytest python3-hypothesis python3-trustme python3-prometheus-client zsh python3-libfdt device-tree-compiler
 acpica-tools qemu-system-x86 qemu-system-arm qemu-utils openssh-client libslirp0 libslirp-dev libcap2-bin iproute2
 busybox-static cpio gzip xz-utils zstd util-linux procps file
-debootstrap e2fsprogs fdisk
+debootstrap e2fsprogs fdisk qemu-user-static
 xorriso
 dosfstools xfsprogs btrfs-progs grub-common
 "
