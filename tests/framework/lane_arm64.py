@@ -10,14 +10,17 @@ file system cannot be the build host's, which is amd64. So:
   arm64 --flavour generic, with the 9p, virtio-pci and overlay modules;
 - its initramfs: Debian's arm64 busybox-static, those modules and lane-init
   (a busybox script: the same for both architectures);
-- the share "host": a Debian arm64 userland made of the .debs apt resolves
-  for python3 and tenbox's dependencies (apt's arm64 lists in
-  .cache/apt-arm64, an empty dpkg status), each unpacked with dpkg-deb -x:
-  no maintainer script runs and nothing is emulated to build it;
+- the share "host": Debian 12 arm64 as a host has it: debootstrap
+  --variant=minbase, then apt installs python3, tenbox's dependencies and
+  the tools the tests use (PACKAGES). The build host runs the arm64
+  programs through qemu-user with binfmt_misc (binfmt.py): every
+  maintainer script runs, dpkg's database is real, so tenbox's .deb can be
+  installed in the lane (tests/packaging/test_arm64_install.py). A cold
+  build takes about 5 minutes here;
 - the share "repo": this checkout, mounted at its own path (lane.repo=).
 
 All of it is cached in .cache/lane-arm64 and rebuilt when the package set
-or the package lists change.
+(as apt's arm64 lists in .cache/apt-arm64 resolve it) or the recipe changes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from tests.framework import linux_guest
+from tests.framework import binfmt, linux_guest
 from tests.framework.repo import CACHE, REPO
 
 QEMU_AARCH64 = "qemu-system-aarch64"
@@ -40,10 +43,12 @@ INITRAMFS = LANE_DIR / "initramfs.cpio.gz"
 ROOT = LANE_DIR / "root"
 MODULES = "virtio_pci 9p 9pnet_virtio overlay"
 APT_TIMEOUT_SEC = 900
-# What the userland holds: python3, tenbox's dependencies and the tools its tests use.
+# What the userland holds: python3, tenbox's dependencies and the tools its tests use. The .deb's
+# Depends are all here (the lane has no network: test_arm64_install installs it from a local repository).
 PACKAGES = ("busybox-static python3 python3-cffi python3-zmq python3-msgpack python3-psutil python3-click "
             "python3-tenacity python3-sdnotify python3-websockets python3-zstandard python3-seccomp "
             "python3-pytest python3-libfdt libslirp0 qemu-utils e2fsprogs "
+            "adduser ca-certificates python3-apt python3-cffi-backend "
             # The reference VMM of bench/linux_boot.py --arch aarch64 (QEMU virt with KVM).
             "qemu-system-arm").split()
 GICS = ("3", "2")
@@ -60,20 +65,49 @@ def _apt_opts() -> List[str]:
             "-o", "Dir::Cache=%s/cache" % aptdir, "-o", "Debug::NoLocking=1"]
 
 
-def _run(argv: Sequence[str], what: str, cwd: Path = REPO) -> str:
+def _run(argv: Sequence[str], what: str, cwd: Path = REPO, timeout: float = APT_TIMEOUT_SEC,
+         env: Optional[Dict[str, str]] = None) -> str:
     try:
         r = subprocess.run(list(argv), cwd=str(cwd), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=APT_TIMEOUT_SEC)
+                           timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise LaneArm64Error("%s did not finish within %d s" % (what, APT_TIMEOUT_SEC)) from None
+        raise LaneArm64Error("%s did not finish within %d s" % (what, timeout)) from None
     if r.returncode != 0:
         last = [ln for ln in (r.stderr or r.stdout).splitlines() if ln.strip()][-1:] or ["exit %d" % r.returncode]
         raise LaneArm64Error("%s failed: %s" % (what, last[0]))
     return r.stdout
 
 
-# What _build_userland adds to the unpacked packages; a change here rebuilds the cached root.
-ROOT_LAYOUT = "layout 2: /mnt (the worker sandbox's staging root), the tenbox-vm user"
+# How _build_userland makes the root; a change here rebuilds the cached root.
+ROOT_LAYOUT = "layout 3: debootstrap minbase + apt, sources emptied, the tenbox-vm user"
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+BUILD_TIMEOUT_SEC = 1800
+# The chroot's steps, in a private mount namespace (its mounts go with it). $1 is the root.
+APT_IN_ROOT = r"""
+set -eu
+root=$1; shift
+mount -t proc proc "$root/proc"
+mount --bind /dev "$root/dev"
+mount --bind "$DEBS" "$root/var/cache/apt/archives"
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"; chmod 755 "$root/usr/sbin/policy-rc.d"
+cat > "$root/etc/apt/sources.list" <<SOURCES
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
+deb $SECURITY_MIRROR $SUITE-security main
+SOURCES
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+chroot "$root" apt-get update -q
+chroot "$root" apt-get dist-upgrade -y -q
+chroot "$root" apt-get install -y -q --no-install-recommends "$@"
+# The worker's user, as install-deps.sh makes it on a development host (the package's postinst keeps it).
+chroot "$root" useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin tenbox-vm
+# The lane has no network: apt there sees only what a test adds (install-linux.sh's repository).
+echo "# the arm64 lane has no network; tests add their own sources" > "$root/etc/apt/sources.list"
+chroot "$root" apt-get clean
+rm -rf "$root"/var/lib/apt/lists/* "$root/usr/sbin/policy-rc.d"
+"""
 
 
 def build() -> None:
@@ -88,41 +122,37 @@ def build() -> None:
 
 
 def _build_userland() -> None:
-    """ROOT: every .deb apt resolves for PACKAGES, unpacked; rebuilt when that set changes."""
+    """ROOT: Debian bookworm arm64 as debootstrap and apt make it, with PACKAGES; rebuilt when they change.
+
+    The build host runs the arm64 programs (debootstrap's second stage, the
+    packages' maintainer scripts) through qemu-user (tests/framework/binfmt.py):
+    a dpkg-managed root, so the lane can install tenbox's .deb as a host would.
+    """
     debs_dir = LANE_DIR / "debs"
     debs_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(str(debs_dir), 0o755)
     (debs_dir / "partial").mkdir(exist_ok=True)
-    opts = _apt_opts() + ["-o", "Dir::Cache::archives=%s" % debs_dir]
-    # Resolved against an empty status (nothing installed): the whole closure, not what the host has.
-    _run(["apt-get"] + opts + ["install", "--download-only", "-y", "-q", "--no-install-recommends"] + PACKAGES,
-         "apt-get install --download-only (arm64)")
-    plan = _run(["apt-get"] + opts + ["install", "-s", "-q", "--no-install-recommends"] + PACKAGES,
+    # The package set, resolved against an empty status with apt's arm64 lists: it changes when Debian's does.
+    plan = _run(["apt-get"] + _apt_opts() + ["install", "-s", "-q", "--no-install-recommends"] + PACKAGES,
                 "apt-get install -s (arm64)")
     wanted = sorted(line.split()[1] + "=" + line.split()[2].strip("(") for line in plan.splitlines()
                     if line.startswith("Inst "))
-    stamp = hashlib.sha256("\n".join([ROOT_LAYOUT] + wanted).encode()).hexdigest()
+    stamp = hashlib.sha256("\n".join([ROOT_LAYOUT, APT_IN_ROOT] + wanted).encode()).hexdigest()
     if (ROOT / ".stamp").exists() and (ROOT / ".stamp").read_text() == stamp:
         return
-    debs = {}
-    for deb in debs_dir.glob("*.deb"):
-        debs.setdefault(deb.name.split("_")[0], []).append(deb)
+    try:
+        binfmt.ensure("arm64")
+    except binfmt.BinfmtError as e:
+        raise LaneArm64Error(str(e)) from None
+    for stale in LANE_DIR.glob("root.*"):
+        shutil.rmtree(str(stale), ignore_errors=True)
     new = Path(tempfile.mkdtemp(prefix="root.", dir=str(LANE_DIR)))
-    for item in wanted:
-        name = item.split("=")[0]
-        found = debs.get(name, [])
-        if not found:
-            raise LaneArm64Error("apt resolved %s but downloaded no .deb of it" % item)
-        _run(["dpkg-deb", "-x", str(max(found, key=lambda p: p.stat().st_mtime)), str(new)], "dpkg-deb -x " + name)
+    _run(["debootstrap", "--arch=arm64", "--variant=minbase", "--cache-dir=%s" % debs_dir, SUITE, str(new), MIRROR],
+         "debootstrap --arch=arm64 %s" % SUITE, timeout=BUILD_TIMEOUT_SEC)
+    env = dict(os.environ, DEBS=str(debs_dir), MIRROR=MIRROR, SECURITY_MIRROR=SECURITY_MIRROR, SUITE=SUITE)
+    _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", APT_IN_ROOT, "apt-in-root", str(new)]
+         + PACKAGES, "apt-get install in the arm64 root", timeout=BUILD_TIMEOUT_SEC, env=env)
     os.chmod(str(new), 0o755)
-    (new / "bin").mkdir(exist_ok=True)
-    os.symlink("busybox", str(new / "bin" / "sh"))
-    for d in ("etc", "root", "tmp", "proc", "sys", "dev", "run", "mnt"):
-        (new / d).mkdir(exist_ok=True)
-    # The worker's user as the package makes it (debian/postinst: a system user and group).
-    (new / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/sh\n"
-                                        "tenbox-vm:x:998:998::/nonexistent:/usr/sbin/nologin\n")
-    (new / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\ntenbox-vm:x:998:\n")
     (new / ".stamp").write_text(stamp)
     if ROOT.exists():
         old = LANE_DIR / "root.old"

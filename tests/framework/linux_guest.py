@@ -123,6 +123,22 @@ def foreign_busybox(arch: str = "arm64") -> Path:
     return out
 
 
+# An arm64 guest's init that waits for the power key (Debian's generic kernel, gpio_keys and evdev
+# loaded): prints its input device's name, `ARM64-VM: ready`, then the first event's type, code and
+# value, and powers off.
+ARM64_BUTTON_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules/load-order); do insmod /modules/$m; done
+input=$(ls -d /sys/bus/platform/devices/gpio-keys/input/input*)
+echo "ARM64-VM: keys=$(cat $input/name)"
+event=$(ls $input | grep ^event)
+echo "ARM64-VM: ready"
+echo "ARM64-VM: event=$(dd if=/dev/input/$event bs=24 count=1 2>/dev/null | od -An -tx1 -j16 -N6 | tr -d ' ')"
+poweroff -f
+"""
+
+
 def arm64_initramfs(out: Path, init: str, files: Optional[Dict[str, str]] = None,
                     kernel: Optional[Path] = None) -> Path:
     """An arm64 initramfs at `out`: Debian's arm64 busybox, `init` (a busybox sh script) as /init,

@@ -159,17 +159,6 @@ def test_tenbox_vm_runtime_runs_debians_arm64_kernel_with_disk_net_and_reboot(tm
     assert hashlib.sha256((out / "base.raw").read_bytes()).hexdigest() == base  # the base layer took no write
 
 
-BUTTON_INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /modules/load-order); do insmod /modules/$m; done
-input=$(ls -d /sys/bus/platform/devices/gpio-keys/input/input*)
-echo "ARM64-VM: keys=$(cat $input/name)"
-event=$(ls $input | grep ^event)
-echo "ARM64-VM: ready"
-echo "ARM64-VM: event=$(dd if=/dev/input/$event bs=24 count=1 2>/dev/null | od -An -tx1 -j16 -N6 | tr -d ' ')"
-poweroff -f
-"""
 
 
 def test_the_power_button_reaches_debians_generic_arm64_kernel(tmp_path):
@@ -181,7 +170,7 @@ def test_the_power_button_reaches_debians_generic_arm64_kernel(tmp_path):
     out = tmp_path / "lane"
     out.mkdir()
     kernel = linux_guest.foreign_kernel("arm64", "generic", "gpio_keys evdev")
-    linux_guest.arm64_initramfs(out / "initrd.cpio", BUTTON_INIT, kernel=kernel)
+    linux_guest.arm64_initramfs(out / "initrd.cpio", linux_guest.ARM64_BUTTON_INIT, kernel=kernel)
     command = (
         "python3 -m tenbox_vmm --kernel %s --initrd /lane-out/initrd.cpio --memory 256 --console stdio "
         "--cmdline 'console=ttyS0 panic=1 quiet' > /tmp/vm.out 2>&1 & pid=$!; "
@@ -203,23 +192,4 @@ def test_the_power_button_reaches_debians_generic_arm64_kernel(tmp_path):
     assert "NOFDT: exit 2" in res.console  # ExitCode.USAGE
 
 
-def test_tenboxd_starts_an_arm64_vm_and_shuts_it_down_with_the_power_button(tmp_path):
-    """tenboxd on the emulated arm64 host (a real daemon on private paths, tenboxctl as the operator's CLI):
-    vm create and start give a running arm64 VM (2 vCPUs) whose console tenboxd keeps; `vm shutdown`
-    presses its power button and the guest powers off by itself (graceful, no failure recorded)."""
-    from tests.framework import linux_guest
-
-    out = tmp_path / "lane"
-    out.mkdir()
-    kernel = linux_guest.foreign_kernel("arm64", "generic", "gpio_keys evdev")
-    linux_guest.arm64_initramfs(out / "initrd.cpio", BUTTON_INIT, kernel=kernel)
-    command = "python3 -m tests.framework.arm64_daemon --kernel %s --initrd /lane-out/initrd.cpio --cpus 2" % kernel
-    res = lane.run(command, out, LANE_DEADLINE_SEC, console_log=out / "console.log", arch="aarch64", gic="3",
-                   memory_mb=LANE_MEMORY_MB)
-    assert res.rc is not None, "the arm64 lane failed: %s\n%s" % (res.reason, lane.tail(res.console))
-    said = dict(re.findall(r"^DAEMON: (\w+) ?(.*)$", res.console, re.M))
-    assert res.rc == 0 and said.get("state") == "stopped failure=null", lane.tail(res.console, 80)
-    assert said["create"].startswith("rc=0") and said["start"].startswith("rc=0"), lane.tail(res.console, 80)
-    assert said["shutdown"] == "rc=0 graceful=True"
-    console = re.findall(r"^DAEMON: console (.*)$", res.console, re.M)
-    assert "ARM64-VM: keys=gpio-keys" in console and "ARM64-VM: event=010074000100" in console
+# tenboxd on arm64, installed from the .deb: tests/packaging/test_arm64_install.py.
