@@ -1,7 +1,7 @@
 """`tenbox image ...`: the image store through tenboxd, and local disk images (CLI).
 
 `ls`, `inspect`, `import` and `rm` ask tenboxd; `build` runs
-scripts/x86_64/make-rootfs-debian.sh here (as root), then imports what it
+scripts/make-rootfs-debian.sh here (as root), then imports what it
 built; `create` and `info` work on image files directly, as the invoking user.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -29,7 +28,8 @@ IMPORT_TIMEOUT_SEC = 6 * 3600  # copying and hashing many GiB on a slow disk
 PROGRESS_POLL_SEC = 1.0
 BUILD_CACHE = "/var/cache/tenbox/images"
 SCRIPTS_ENV = "TENBOX_SCRIPTS_DIR"
-# Where the rootfs scripts are: $TENBOX_SCRIPTS_DIR, the source tree, the package.
+# Where the rootfs scripts are: $TENBOX_SCRIPTS_DIR, the source tree, the package. One script
+# builds for every architecture (--arch), so the folders are not per architecture.
 SCRIPT_DIRS = (Path(__file__).resolve().parents[1] / "scripts", Path("/usr/lib/tenbox/scripts"))
 
 
@@ -320,16 +320,15 @@ def image_rm(app: App, name: str, as_json: bool):
 
 
 def find_script(name: str) -> str:
-    """A rootfs script for this machine's architecture: $TENBOX_SCRIPTS_DIR, the source tree, the package."""
-    arch = platform.machine()
+    """A rootfs script: in $TENBOX_SCRIPTS_DIR, the source tree or the package, the first that has it."""
     dirs = [Path(os.environ[SCRIPTS_ENV])] if os.environ.get(SCRIPTS_ENV) else []
     dirs += list(SCRIPT_DIRS)
     for d in dirs:
-        path = d / arch / name
+        path = d / name
         if path.is_file():
             return str(path)
-    raise CliError("no %s for %s in %s (set $%s to the folder of the scripts)"
-                   % (name, arch, ", ".join(str(d / arch) for d in dirs), SCRIPTS_ENV))
+    raise CliError("no %s in %s (set $%s to the folder of the scripts)"
+                   % (name, ", ".join(str(d) for d in dirs), SCRIPTS_ENV))
 
 
 @image_group.command("build")
@@ -353,7 +352,7 @@ def find_script(name: str) -> str:
 @handle_errors
 def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key, mirror, out, refresh, no_import, layout,
                 as_json):
-    """Build an image with scripts/x86_64/make-rootfs-debian.sh, then import it into tenboxd's store.
+    """Build an image with scripts/make-rootfs-debian.sh, then import it into tenboxd's store.
 
     Needs root (debootstrap, chroot). The build runs in this process's
     terminal, one progress line per stage; it is cached in --out, so building

@@ -1,4 +1,4 @@
-"""Images for tests: the Debian template the image tests boot, built by scripts/x86_64/make-rootfs-debian.sh, and small fake images (tests; root).
+"""Images for tests: the Debian template the image tests boot, built by scripts/make-rootfs-debian.sh, and small fake images (tests; root).
 
 The template is cached by the script's own stamp: a few minutes on a clean
 clone, under a second after. The nested lane's runner builds it on the build
@@ -22,7 +22,7 @@ from tests.framework.disk_tools import sha256_file
 from tests.framework.process import run_tool
 from tests.framework.repo import CACHE, REPO
 
-ROOTFS_SCRIPT = REPO / "scripts" / "x86_64" / "make-rootfs-debian.sh"
+ROOTFS_SCRIPT = REPO / "scripts" / "make-rootfs-debian.sh"
 TEMPLATE_NAME = "test-bookworm"
 TEMPLATE_DIR = CACHE / "images" / TEMPLATE_NAME
 # make-rootfs-debian.sh --layout cloud: a disk shaped like Debian's genericcloud image (issue 18).
