@@ -59,7 +59,8 @@ def test_control_fields_say_one_architecture_independent_package(debs):
     assert _field(deb, "Architecture") == "all"
     assert _field(deb, "Section") == "admin"
     assert _names(_field(deb, "Pre-Depends")) == {"adduser"}
-    assert _names(_field(deb, "Suggests")) == {"debootstrap", "dosfstools", "fdisk", "qemu-utils", "python3-zstandard"}
+    assert _names(_field(deb, "Suggests")) == {"debootstrap", "dosfstools", "fdisk", "qemu-utils", "python3-zstandard",
+                                               "qemu-user-static"}
     assert _names(_field(deb, "Recommends")) == {"e2fsprogs", "grub-common", "python3-libfdt", "xorriso"}
     depends = _names(_field(deb, "Depends"))
     assert depends == EXPECTED_DEPENDS
