@@ -1,7 +1,7 @@
 """`tenbox image ...`: the image store through tenboxd, and local disk images (CLI).
 
 `ls`, `inspect`, `import` and `rm` ask tenboxd; `build` runs
-scripts/x86_64/make-rootfs-debian.sh here (as root), then imports what it
+scripts/make-rootfs-debian.sh here (as root), then imports what it
 built; `create` and `info` work on image files directly, as the invoking user.
 """
 
@@ -29,8 +29,12 @@ IMPORT_TIMEOUT_SEC = 6 * 3600  # copying and hashing many GiB on a slow disk
 PROGRESS_POLL_SEC = 1.0
 BUILD_CACHE = "/var/cache/tenbox/images"
 SCRIPTS_ENV = "TENBOX_SCRIPTS_DIR"
-# Where the rootfs scripts are: $TENBOX_SCRIPTS_DIR, the source tree, the package.
+# Where the rootfs scripts are: $TENBOX_SCRIPTS_DIR, the source tree, the package. One script
+# builds for every architecture (--arch), so the folders are not per architecture.
 SCRIPT_DIRS = (Path(__file__).resolve().parents[1] / "scripts", Path("/usr/lib/tenbox/scripts"))
+# The architectures `image build` makes images for: Debian's name -> the kernel's (uname -m,
+# a manifest's "arch", what tenboxd on such a host keeps).
+BUILD_ARCHES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 @click.group("image")
@@ -320,16 +324,35 @@ def image_rm(app: App, name: str, as_json: bool):
 
 
 def find_script(name: str) -> str:
-    """A rootfs script for this machine's architecture: $TENBOX_SCRIPTS_DIR, the source tree, the package."""
-    arch = platform.machine()
+    """A rootfs script: in $TENBOX_SCRIPTS_DIR, the source tree or the package, the first that has it."""
     dirs = [Path(os.environ[SCRIPTS_ENV])] if os.environ.get(SCRIPTS_ENV) else []
     dirs += list(SCRIPT_DIRS)
     for d in dirs:
-        path = d / arch / name
+        path = d / name
         if path.is_file():
             return str(path)
-    raise CliError("no %s for %s in %s (set $%s to the folder of the scripts)"
-                   % (name, arch, ", ".join(str(d / arch) for d in dirs), SCRIPTS_ENV))
+    raise CliError("no %s in %s (set $%s to the folder of the scripts)"
+                   % (name, ", ".join(str(d) for d in dirs), SCRIPTS_ENV))
+
+
+def build_arch(arch: Optional[str], no_import: bool, host: str) -> str:
+    """`image build --arch` on a `host` (uname -m), checked: Debian's name (default the host's), or a one-line CliError (usage)."""
+    if arch is None:
+        for debian, machine in BUILD_ARCHES.items():
+            if machine == host:
+                return debian
+        raise CliError("this host is %s: tenbox builds images for %s; choose one with --arch"
+                       % (host, " or ".join(BUILD_ARCHES)), ExitCode.USAGE)
+    if arch not in BUILD_ARCHES:
+        raise CliError("--arch %r is not an architecture tenbox builds images for: %s"
+                       % (arch, " or ".join(BUILD_ARCHES)), ExitCode.USAGE)
+    if BUILD_ARCHES[arch] != host and not no_import:
+        # tenboxd's store takes only images of its own host's architecture: say so before a
+        # build of minutes, not after it.
+        raise CliError("tenboxd on this %s host keeps only %s images: build the %s image with --no-import, "
+                       "then import its folder on an %s host (tenbox image import DIR)"
+                       % (host, host, arch, BUILD_ARCHES[arch]), ExitCode.USAGE)
+    return arch
 
 
 @image_group.command("build")
@@ -344,16 +367,20 @@ def find_script(name: str) -> str:
 @click.option("--out", type=click.Path(file_okay=False), help="Build folder, kept as a cache (default %s/NAME)." % BUILD_CACHE)
 @click.option("--refresh", is_flag=True, help="Build again even if the build folder is up to date (new Debian updates).")
 @click.option("--no-import", "no_import", is_flag=True, help="Only build; import later with tenbox image import DIR.")
-@click.option("--layout", type=click.Choice(["cloud", "plain"]), default="cloud", show_default=True,
+@click.option("--layout", type=click.Choice(["cloud", "plain"]),
               help="cloud: a GPT disk like Debian's genericcloud image, with grub.cfg and cloud-init (each VM is "
               "provisioned by vm create --ssh-key/--user/--user-data); plain: ext4 on the whole disk, no "
-              "cloud-init (--ssh-key and --hostname fixed at build time).")
+              "cloud-init (--ssh-key and --hostname fixed at build time). Default: cloud for amd64, plain for "
+              "arm64 (cloud is amd64 only for now).")
+@click.option("--arch", metavar="amd64|arm64",
+              help="The image's architecture, Debian's name (default: this host's). Another host's needs "
+              "qemu-user-static registered with binfmt_misc, and --no-import: tenboxd keeps only its own host's.")
 @json_option
 @pass_app
 @handle_errors
 def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key, mirror, out, refresh, no_import, layout,
-                as_json):
-    """Build an image with scripts/x86_64/make-rootfs-debian.sh, then import it into tenboxd's store.
+                arch, as_json):
+    """Build an image with scripts/make-rootfs-debian.sh, then import it into tenboxd's store.
 
     Needs root (debootstrap, chroot). The build runs in this process's
     terminal, one progress line per stage; it is cached in --out, so building
@@ -364,9 +391,16 @@ def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key
     Example:
       sudo tenbox image build debian
       sudo tenbox image build debian --suite bookworm --name deb12 --packages openssh-server,curl --ssh-key ~/.ssh/id_ed25519.pub
+      sudo tenbox image build debian --arch arm64 --no-import --out /srv/images/deb12-arm64   # on an amd64 host
     """
     name = name or "%s-%s" % (distro, suite)
     _check_name(name)
+    arch = build_arch(arch, no_import, platform.machine())
+    if layout is None:
+        layout = "cloud" if arch == "amd64" else "plain"
+    elif layout == "cloud" and arch != "amd64":
+        raise CliError("--layout cloud is amd64 only for now (build %s images with --layout plain)" % arch,
+                       ExitCode.USAGE)
     if os.geteuid() != 0:
         raise CliError("image build needs root: debootstrap and chroot do (run it with sudo)", ExitCode.PERMISSION)
     script = find_script("make-rootfs-%s.sh" % distro)
@@ -380,7 +414,8 @@ def image_build(app: App, distro, suite, name, packages, size, hostname, ssh_key
             raise CliError("an image named %r exists; remove it (tenbox image rm %s) or choose another --name (%s)"
                            % (name, name, ErrorCode.IMAGE_EXISTS.value), error_code=ErrorCode.IMAGE_EXISTS)
     out = os.path.abspath(out) if out else os.path.join(BUILD_CACHE, name)
-    argv = [script, "--suite", suite, "--name", name, "--size", size, "--hostname", hostname, "--out", out]
+    argv = [script, "--arch", arch, "--suite", suite, "--name", name, "--size", size, "--hostname", hostname,
+            "--out", out]
     if layout != "plain":
         argv += ["--layout", layout]
     for p in packages:

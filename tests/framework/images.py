@@ -1,4 +1,4 @@
-"""Images for tests: the Debian template the image tests boot, built by scripts/x86_64/make-rootfs-debian.sh, and small fake images (tests; root).
+"""Images for tests: the Debian template the image tests boot, built by scripts/make-rootfs-debian.sh, and small fake images (tests; root).
 
 The template is cached by the script's own stamp: a few minutes on a clean
 clone, under a second after. The nested lane's runner builds it on the build
@@ -22,13 +22,17 @@ from tests.framework.disk_tools import sha256_file
 from tests.framework.process import run_tool
 from tests.framework.repo import CACHE, REPO
 
-ROOTFS_SCRIPT = REPO / "scripts" / "x86_64" / "make-rootfs-debian.sh"
+ROOTFS_SCRIPT = REPO / "scripts" / "make-rootfs-debian.sh"
 TEMPLATE_NAME = "test-bookworm"
 TEMPLATE_DIR = CACHE / "images" / TEMPLATE_NAME
 # make-rootfs-debian.sh --layout cloud: a disk shaped like Debian's genericcloud image (issue 18).
 CLOUD_NAME = "test-bookworm-cloud"
 CLOUD_DIR = CACHE / "images" / CLOUD_NAME
-# A cold build downloads ~50 MB of packages: about a minute on the development machines.
+# make-rootfs-debian.sh --arch arm64 on this amd64 host, through qemu-user (issue 17).
+ARM64_NAME = "test-arm64-bookworm"
+ARM64_DIR = CACHE / "images" / ARM64_NAME
+# A cold build downloads ~50 MB of packages: about a minute on the development machines (an arm64
+# one through qemu-user: several).
 BUILD_TIMEOUT_SEC = 1800
 
 
@@ -68,6 +72,30 @@ def build_cloud_image() -> Path:
     print("make-rootfs-debian.sh --layout cloud: %.1f s (%s)"
           % (time.monotonic() - started, "cached" if "up to date" in r.stderr else "built"))
     return CLOUD_DIR
+
+
+def build_arm64_template() -> Path:
+    """The bookworm arm64 template, built on this host through qemu-user (or found up to date)."""
+    from tests.framework import binfmt
+
+    if os.geteuid() != 0:
+        pytest.fail("building the template needs root (debootstrap, chroot)")
+    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs"):
+        if shutil.which(tool) is None:
+            pytest.fail("%s is not installed (make deps)" % tool)
+    try:
+        binfmt.ensure("arm64")
+    except binfmt.BinfmtError as e:
+        pytest.fail(str(e))
+    started = time.monotonic()
+    r = run_tool([ROOTFS_SCRIPT, "--arch", "arm64", "--suite", "bookworm", "--name", ARM64_NAME, "--out", ARM64_DIR],
+                 BUILD_TIMEOUT_SEC, cwd=REPO)
+    if r.returncode != 0:
+        pytest.fail("make-rootfs-debian.sh --arch arm64 failed (exit %d):\n%s%s"
+                    % (r.returncode, r.stdout, r.stderr[-6000:]))
+    print("make-rootfs-debian.sh --arch arm64: %.1f s (%s)"
+          % (time.monotonic() - started, "cached" if "up to date" in r.stderr else "built"))
+    return ARM64_DIR
 
 
 def write_manifest(folder: Path, **over) -> dict:

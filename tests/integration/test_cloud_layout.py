@@ -1,6 +1,6 @@
 """make-rootfs-debian.sh --layout cloud: a disk shaped like Debian's genericcloud image, read back with real tools (tests; root).
 
-A bookworm disk is built once with scripts/x86_64/make-rootfs-debian.sh
+A bookworm disk is built once with scripts/make-rootfs-debian.sh
 --layout cloud into <repo>/.cache/images/test-bookworm-cloud (cached between
 runs by the script's own stamp and lock, as tests/framework/images.py does
 for the plain template: a few minutes on a clean clone, under a second

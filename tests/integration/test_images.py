@@ -1,7 +1,7 @@
 """Guest images: make-rootfs-debian.sh, tenboxd's image store and `tenbox image`, VMs made from an image.
 
 A small Debian bookworm template is built once with
-scripts/x86_64/make-rootfs-debian.sh into <repo>/.cache/images/test-bookworm
+scripts/make-rootfs-debian.sh into <repo>/.cache/images/test-bookworm
 (cached between runs by the script's own stamp: a few minutes on a clean
 clone, under a second after) and imported into real daemons. The bad-input
 tests use small fake images made here, so they do not wait for the build.

@@ -59,7 +59,8 @@ def test_control_fields_say_one_architecture_independent_package(debs):
     assert _field(deb, "Architecture") == "all"
     assert _field(deb, "Section") == "admin"
     assert _names(_field(deb, "Pre-Depends")) == {"adduser"}
-    assert _names(_field(deb, "Suggests")) == {"debootstrap", "dosfstools", "fdisk", "qemu-utils", "python3-zstandard"}
+    assert _names(_field(deb, "Suggests")) == {"debootstrap", "dosfstools", "fdisk", "qemu-utils", "python3-zstandard",
+                                               "qemu-user-static"}
     assert _names(_field(deb, "Recommends")) == {"e2fsprogs", "grub-common", "python3-libfdt", "xorriso"}
     depends = _names(_field(deb, "Depends"))
     assert depends == EXPECTED_DEPENDS
@@ -79,7 +80,9 @@ def test_commands_run_debians_python3_and_the_preparsed_ffi_is_shipped(unpacked)
     assert not (unpacked / "usr" / "local").exists()
     assert not (unpacked / "etc").exists(), "tenboxd.env is the installer's (and the operator's), not a conffile"
     assert (unpacked / "usr" / "lib" / "tenbox" / "update-notify").stat().st_mode & 0o111
-    assert (unpacked / "usr" / "lib" / "tenbox" / "scripts" / "x86_64" / "make-rootfs-debian.sh").stat().st_mode & 0o111
+    # One script for every architecture (--arch): not in a folder of one.
+    assert (unpacked / "usr" / "lib" / "tenbox" / "scripts" / "make-rootfs-debian.sh").stat().st_mode & 0o111
+    assert not (unpacked / "usr" / "lib" / "tenbox" / "scripts" / "x86_64").exists()
     for page in ("tenboxd", "tenbox", "tenboxctl", "tenbox-vm-runtime"):
         assert (unpacked / "usr" / "share" / "man" / "man1" / (page + ".1.gz")).exists(), page
 

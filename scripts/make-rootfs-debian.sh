@@ -1,15 +1,16 @@
 #!/bin/bash
 # Build a Debian root file system template for tenbox VMs (root).
 #
-#   make-rootfs-debian.sh [--suite SUITE] [--name NAME] [--out DIR] [--size SIZE]
+#   make-rootfs-debian.sh [--arch amd64|arm64] [--suite SUITE] [--name NAME] [--out DIR] [--size SIZE]
 #                         [--packages P1,P2,...] [--hostname NAME] [--ssh-key FILE|KEY]
 #                         [--mirror URL] [--security-mirror URL|none] [--cache-dir DIR]
 #                         [--layout plain|cloud] [--refresh] [--check]
 #
-# debootstraps SUITE (default bookworm, --variant=minbase) from Debian's
+# debootstraps SUITE (default bookworm, --variant=minbase) for ARCH (Debian's
+# name, default this host's: dpkg --print-architecture) from Debian's
 # mirror, installs what a VM needs (systemd, udev, systemd-networkd and
 # systemd-resolved, e2fsprogs, iproute2, Debian's cloud kernel
-# linux-image-cloud-amd64 with an initramfs-tools initramfs that carries the
+# linux-image-cloud-ARCH with an initramfs-tools initramfs that carries the
 # virtio modules), the security updates, and the --packages; configures it
 # for a tenbox VM:
 #
@@ -29,7 +30,8 @@
 # /var/cache/tenbox/images/NAME, NAME default debian-SUITE) with:
 #
 #   rootfs.qcow2     the root file system template (virtual size --size, default 2G)
-#   vmlinuz          the kernel, extracted from the template
+#   vmlinuz          the kernel, extracted from the template (an x86 bzImage,
+#                    or an arm64 Image as Debian installs it)
 #   initrd.img       its initramfs (root=/dev/vda on virtio-blk, MMIO or PCI)
 #   packages.txt     every installed package and version
 #   manifest.json    name, version, arch, the files above with their sizes
@@ -53,32 +55,43 @@
 # Cached and idempotent: a rerun with the same inputs (this script, suite,
 # mirrors, packages, size, hostname, key, name, layout) finds DIR/.stamp and does
 # nothing; --refresh builds again anyway (to pick up new Debian updates).
-# Downloaded .debs are kept in --cache-dir (default DIR/../.debs/SUITE-amd64)
+# Downloaded .debs are kept in --cache-dir (default DIR/../.debs/SUITE-ARCH)
 # for later builds. The build happens in a temporary folder beside DIR,
 # which replaces DIR only once everything is written: an interrupted or
 # failed build leaves DIR as it was. --check prints whether DIR is up to date
 # (exit 0) or not (exit 1) and builds nothing.
 #
+# --arch arm64 on an amd64 host (or the reverse) runs the chroot's programs
+# through qemu-user: qemu-user-static must be registered with binfmt_misc
+# with the F flag (Debian's package does that where systemd boots the
+# host); the script checks, and does not register it itself (that is the
+# host kernel's global state). --layout cloud is amd64 only for now.
+#
 # Progress goes to stderr, one line per stage; errors are one line too.
-# Exit status: 0 built or up to date, 1 a stage failed, 2 usage, 3 not root
-# or a tool is missing, 4 not enough free disk space (checked before the
-# build, and again before the image is made).
+# Exit status: 0 built or up to date, 1 a stage failed, 2 usage, 3 not root,
+# a tool is missing or qemu-user is not registered for a foreign --arch,
+# 4 not enough free disk space (checked before the build, and again before
+# the image is made).
+#
+# Test hook: $TENBOX_BINFMT_DIR replaces /proc/sys/fs/binfmt_misc for the
+# qemu-user check (the tests point it at a folder without the entry).
 set -euo pipefail
 
 PROG=make-rootfs-debian.sh
 # Bump when the recipe changes in a way the script's own digest does not show.
 RECIPE=1
-ARCH=amd64
-KERNEL_PACKAGE=linux-image-cloud-amd64
-# What every template gets on top of minbase.
+# What every template gets on top of minbase (and Debian's cloud kernel for
+# the architecture, linux-image-cloud-ARCH, below).
 # (systemd-resolved is a package of its own from bookworm on; before, systemd has it.)
-BASE_PACKAGES="systemd-sysv udev dbus e2fsprogs iproute2 initramfs-tools zstd $KERNEL_PACKAGE"
+BASE_PACKAGES="systemd-sysv udev dbus e2fsprogs iproute2 initramfs-tools zstd"
 # Modules the initramfs carries and loads: virtio transports (MMIO for tenbox
 # and QEMU microvm, PCI for other VMMs), the disk and network cards, and the
-# root file system (built into Debian's cloud kernel; listed in case not).
+# root file system (built into Debian's cloud kernels; listed in case not).
+# The same for both architectures: Debian's arm64 cloud kernel (6.1) has
+# the virtio ones as modules too, and initramfs-tools' manual_add_modules
+# skips one that is built in, so a built-in module never fails the hook.
 INITRAMFS_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net ext4"
-# tenbox-vm-runtime's default command line (tenbox_vmm/machine.py); the manifest adds the root.
-CMDLINE_BASE="console=ttyS0 reboot=k panic=1 pci=off nomodeset tsc=reliable no_timer_check io_delay=none random.trust_cpu=on"
+BINFMT_DIR=${TENBOX_BINFMT_DIR:-/proc/sys/fs/binfmt_misc}
 ROOT_DEVICE=/dev/vda
 # --layout cloud: what Debian's genericcloud image has on top (debian-cloud-images'
 # package lists): cloud-init, sshd for the keys it installs, sudo for its default
@@ -106,6 +119,7 @@ CLOUD_GRUB_CMDLINE="console=tty0 console=ttyS0,115200 earlyprintk=ttyS0,115200 c
 MIN_FREE_MB=2048
 STAGES=7
 
+arch=""
 suite=bookworm
 name=""
 out=""
@@ -134,6 +148,8 @@ need_arg() { [ "$2" -ge 2 ] || die_usage "$1 needs a value (see --help)"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
+        --arch) need_arg "$1" $#; arch=$2; shift 2 ;;
+        --arch=*) arch=${1#*=}; shift ;;
         --suite) need_arg "$1" $#; suite=$2; shift 2 ;;
         --suite=*) suite=${1#*=}; shift ;;
         --name) need_arg "$1" $#; name=$2; shift 2 ;;
@@ -164,6 +180,29 @@ while [ $# -gt 0 ]; do
 done
 
 # --- inputs ----------------------------------------------------------------
+host_arch=$(dpkg --print-architecture 2>/dev/null) || host_arch=""
+if [ -z "$host_arch" ]; then
+    case "$(uname -m)" in x86_64) host_arch=amd64 ;; aarch64) host_arch=arm64 ;; esac
+fi
+[ -n "$arch" ] || arch=$host_arch
+# Per architecture: the kernel's name for it (uname -m: the manifest's "arch",
+# qemu-user's), and tenbox-vm-runtime's default command line for its board
+# (tenbox_vmm/machine.py for x86-64; tenbox_vmm/arch/aarch64/board.py's
+# VirtBoard for arm64, whose console is a 16550 on MMIO: ttyS0 too), to which
+# the manifest adds the root.
+case "$arch" in
+    amd64)
+        MACHINE=x86_64
+        CMDLINE_BASE="console=ttyS0 reboot=k panic=1 pci=off nomodeset tsc=reliable no_timer_check io_delay=none random.trust_cpu=on"
+        ;;
+    arm64)
+        MACHINE=aarch64
+        CMDLINE_BASE="console=ttyS0 panic=1 random.trust_cpu=on"
+        ;;
+    *) die_usage "--arch '${arch:-$(uname -m)}' is not an architecture tenbox builds images for: amd64 or arm64" ;;
+esac
+ARCH=$arch
+KERNEL_PACKAGE=linux-image-cloud-$ARCH
 printf '%s' "$suite" | grep -Eq '^[a-z][a-z0-9-]{1,30}$' || die_usage "--suite '$suite' is not a Debian suite name (e.g. bookworm)"
 [ -n "$name" ] || name="debian-$suite"
 printf '%s' "$name" | grep -Eq '^[A-Za-z0-9-]{1,64}$' || die_usage "--name '$name' must match [A-Za-z0-9-]{1,64}"
@@ -173,7 +212,11 @@ case "$mirror" in http://*|https://*) ;; *) die_usage "--mirror must be an http:
 case "$security_mirror" in http://*|https://*|none) ;; *) die_usage "--security-mirror must be a URL or 'none'" ;; esac
 case "$layout" in
     plain) ;;
-    cloud) STAGES=8 ;;
+    cloud)
+        STAGES=8
+        # Debian's arm64 genericcloud disk is laid out otherwise (no BIOS boot partition, GRUB for EFI only).
+        [ "$ARCH" = amd64 ] || die_usage "--layout cloud is amd64 only for now (build arm64 images with --layout plain)"
+        ;;
     *) die_usage "--layout '$layout' is neither plain (a bare ext4 root) nor cloud (a GPT disk like Debian's genericcloud)" ;;
 esac
 case "$size" in
@@ -256,7 +299,7 @@ EOF
 }
 
 if [ "$refresh" -eq 0 ] && up_to_date; then
-    say "up to date: $out ($name, suite $suite); nothing to do (--refresh builds again)"
+    say "up to date: $out ($name, suite $suite, $ARCH); nothing to do (--refresh builds again)"
     exit 0
 fi
 if [ "$check_only" -eq 1 ]; then
@@ -269,6 +312,13 @@ fi
 for tool in debootstrap mkfs.ext4 qemu-img unshare chroot sha256sum flock /usr/bin/python3; do
     command -v "$tool" >/dev/null 2>&1 || die_env "$tool not found (apt-get install debootstrap e2fsprogs qemu-utils util-linux)"
 done
+if [ "$ARCH" != "$host_arch" ]; then
+    # debootstrap's second stage and every chroot step run ARCH's programs here.
+    qemu_entry=$BINFMT_DIR/qemu-$MACHINE
+    { [ -f "$qemu_entry" ] && [ "$(head -n 1 "$qemu_entry")" = enabled ] \
+        && grep -Eq '^flags: *[A-Z]*F' "$qemu_entry"; } \
+        || die_env "building an $ARCH image on this ${host_arch:-$(uname -m)} host needs qemu-user-static registered with binfmt_misc with the F flag ($qemu_entry is missing, disabled or without F): apt-get install qemu-user-static binfmt-support, or systemctl restart systemd-binfmt"
+fi
 if [ "$layout" = cloud ]; then
     for tool in sfdisk mkfs.vfat; do
         command -v "$tool" >/dev/null 2>&1 || die_env "$tool not found (apt-get install fdisk dosfstools)"
@@ -311,16 +361,18 @@ fail() {
 started=$(date +%s)
 
 # --- 1. debootstrap --------------------------------------------------------
-stage "debootstrap $suite (minbase) from $mirror"
+via=""
+[ "$ARCH" = "$host_arch" ] || via=", through qemu-user"
+stage "debootstrap $suite $ARCH (minbase) from $mirror$via"
 # In its own mount namespace: the mounts debootstrap makes in the target vanish with it, whatever happens.
 unshare --mount --propagation private \
     debootstrap --variant=minbase --arch="$ARCH" --cache-dir="$cache_dir" "$suite" "$root" "$mirror" >>"$log" 2>&1 \
-    || fail "debootstrap $suite from $mirror failed (see above; is the suite name right and the mirror reachable?)"
+    || fail "debootstrap $suite $ARCH from $mirror failed (see above; is the suite name right and the mirror reachable?)"
 
 # --- 2. packages -----------------------------------------------------------
 layout_packages=""
 [ "$layout" = plain ] || layout_packages=$CLOUD_PACKAGES
-stage "packages: $BASE_PACKAGES systemd-resolved${layout_packages:+ $layout_packages}${extra:+ + $extra}"
+stage "packages: $BASE_PACKAGES $KERNEL_PACKAGE systemd-resolved${layout_packages:+ $layout_packages}${extra:+ + $extra}"
 {
     echo "deb $mirror $suite main"
     case "$suite" in
@@ -367,7 +419,7 @@ unshare --mount --propagation private sh -euc '
     resolved=""
     if chroot "$root" apt-cache show systemd-resolved >/dev/null 2>&1; then resolved=systemd-resolved; fi
     chroot "$root" apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confold $resolved "$@"
-' sh "$root" "$cache_dir/apt" $BASE_PACKAGES $layout_packages $extra >>"$log" 2>&1 \
+' sh "$root" "$cache_dir/apt" $BASE_PACKAGES "$KERNEL_PACKAGE" $layout_packages $extra >>"$log" 2>&1 \
     || fail "installing the packages failed (see above; a name in --packages that $suite does not have?)"
 
 # --- 3. configure ----------------------------------------------------------
@@ -616,9 +668,9 @@ rm -f "$raw"
 # --- 7/8. manifest ---------------------------------------------------------
 stage "manifest and sha256"
 /usr/bin/python3 - "$work/out" "$name" "$suite" "$debian_version" "$release" "$CMDLINE_BASE root=$ROOT_DEVICE rw" \
-    "$size_bytes" "$extra" "$stamp_want" "$image_file" "$layout" <<'EOF' >>"$log" 2>&1 || fail "writing the manifest failed"
+    "$size_bytes" "$extra" "$stamp_want" "$image_file" "$layout" "$MACHINE" <<'EOF' >>"$log" 2>&1 || fail "writing the manifest failed"
 import hashlib, json, os, sys, time
-d, name, suite, debver, release, cmdline, size, extra, stamp, image, layout = sys.argv[1:]
+d, name, suite, debver, release, cmdline, size, extra, stamp, image, layout, arch = sys.argv[1:]
 files = {}
 for fn in sorted(os.listdir(d)):
     h = hashlib.sha256()
@@ -631,7 +683,7 @@ manifest = {
     "manifest_version": 1,
     "name": name,
     "version": "%s-%s" % (debver, time.strftime("%Y%m%d", now)),
-    "arch": "x86_64",
+    "arch": arch,
     "os": {"id": "debian", "suite": suite, "version": debver},
     "kernel": "vmlinuz",
     "kernel_release": release,
