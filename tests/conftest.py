@@ -15,6 +15,34 @@ from tests.framework.repo import REPO
 # Tests marked hwvirt run in the nested lane where the CPU lacks vmx/svm.
 pytest_plugins = ["tests.framework.lane_plugin"]
 
+# The arm64 tests (the emulated arm64 host, the arm64 template) run last, while their caches are
+# built in the background from the start of the session (tests/framework/arm64_prepare.py).
+ARM64_MODULES = ("test_aarch64_", "test_image_arm64", "test_arm64_")
+_arm64_builder = None
+
+
+def _is_arm64(item) -> bool:
+    return os.path.basename(str(item.fspath)).startswith(ARM64_MODULES)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    items[:] = [i for i in items if not _is_arm64(i)] + [i for i in items if _is_arm64(i)]
+
+
+def pytest_collection_finish(session):
+    global _arm64_builder
+    from tests.framework import arm64_prepare
+
+    if any(_is_arm64(i) for i in session.items) and not session.config.option.collectonly:
+        _arm64_builder = arm64_prepare.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _arm64_builder is not None and _arm64_builder.poll() is None:
+        os.killpg(_arm64_builder.pid, 15)
+        _arm64_builder.wait(timeout=60)
+
 
 @pytest.fixture(scope="session")
 def guests():

@@ -94,6 +94,9 @@ if [ "$arch" != "$(dpkg --print-architecture)" ]; then
     aptdir="$repo/.cache/apt-$arch"
     mkdir -p "$aptdir/lists/partial" "$aptdir/cache/archives/partial"
     [ -f "$aptdir/status" ] || : >"$aptdir/status"
+    # One refresh at a time: the test session builds arm64 caches in the background (arm64_prepare.py).
+    exec 8>"$aptdir/.lock"
+    flock 8
     APT_OPTS=(-o "APT::Architecture=$arch" -o "APT::Architectures=$arch" -o "Dir::State::Lists=$aptdir/lists"
               -o "Dir::State::status=$aptdir/status" -o "Dir::Cache=$aptdir/cache" -o "Debug::NoLocking=1")
     if [ -z "$(find "$aptdir/lists" -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -n 1)" ]; then

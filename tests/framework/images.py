@@ -76,7 +76,9 @@ def build_cloud_image() -> Path:
 
 def build_arm64_template() -> Path:
     """The bookworm arm64 template, built on this host through qemu-user (or found up to date)."""
-    from tests.framework import binfmt
+    from tests.framework import arm64_prepare, binfmt
+
+    arm64_prepare.wait()
 
     if os.geteuid() != 0:
         pytest.fail("building the template needs root (debootstrap, chroot)")

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tests.framework import binfmt, linux_guest
+from tests.framework import arm64_prepare, binfmt, linux_guest
 from tests.framework.repo import CACHE, REPO
 
 QEMU_AARCH64 = "qemu-system-aarch64"
@@ -112,6 +112,7 @@ rm -rf "$root"/var/lib/apt/lists/* "$root/usr/sbin/policy-rc.d"
 
 def build() -> None:
     """The lane's kernel, initramfs and userland (each cached)."""
+    arm64_prepare.wait()
     if shutil.which(QEMU_AARCH64) is None:
         raise LaneArm64Error("%s not found: the arm64 lane needs Debian's qemu-system-arm (make deps)" % QEMU_AARCH64)
     get_kernel = str(linux_guest.SCRIPTS / "get-kernel.sh")
