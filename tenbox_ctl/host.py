@@ -85,7 +85,7 @@ def host_update_log(app: App, lines: int, as_json: bool):
 def host_shutdown_vms(app: App, timeout: int, as_json: bool):
     """Power off every running VM at once, as the host shuts down (root only).
 
-    Each guest gets the ACPI power button, then a hard stop after the
+    Each guest gets its power button, then a hard stop after the
     timeout; they end stopped with the reason host_shutdown, and restarts
     wait until tenboxd starts again. tenbox-guests.service runs this when
     the system shuts down; a package upgrade restarts tenboxd only and

@@ -401,7 +401,7 @@ _simple("stop", Method.VM_STOP, """Stop a VM now (hard stop: like pulling the pl
     Example:
       tenbox vm stop web
     """, timeout_option=True)
-_simple("shutdown", Method.VM_SHUTDOWN, """Ask the guest to power off (ACPI power button); hard stop after the timeout.
+_simple("shutdown", Method.VM_SHUTDOWN, """Ask the guest to power off (its power button); hard stop after the timeout.
 
     \b
     Example:

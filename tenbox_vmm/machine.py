@@ -281,6 +281,8 @@ class Machine:
             self.add_virtio(VirtioBlk(disk, spec.serial, runner_for(disk)))
         if self.nic is not None:
             self.add_virtio(self.nic.device)
+        for device in self.board.builtin_virtio(self.devices):
+            self.add_virtio(device)
         if self._snapshot is not None:
             self._check_snapshot_devices(self._snapshot.state)
 

@@ -64,6 +64,10 @@ class Board:
         """The board's own devices on its buses; the result has .serial, .all() and .by_name()."""
         raise NotImplementedError
 
+    def builtin_virtio(self, devices) -> list:
+        """The board's own virtio devices, put on the slots after the VM's disks and NIC."""
+        return []
+
     def virtio_slot(self, index: int) -> Tuple[int, int, int]:
         """(address, size, GSI) of virtio-mmio slot `index`; the board describes it to the guest."""
         raise NotImplementedError

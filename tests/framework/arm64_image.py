@@ -6,9 +6,9 @@ DIR is the build folder make-rootfs-debian.sh --arch arm64 filled on the
 build host (tests/framework/images.py): the lane has no network, so the
 script finds it up to date and `image build` only imports it, as on an
 arm64 host whose build cache is warm. A real tenboxd on private paths
-(DaemonProcess, as tests/framework/arm64_daemon.py) then creates and
-starts a VM of the image; its console must reach systemd's login prompt on
-ttyS0. Each step prints one `IMAGE:` line; the outer test
+(DaemonProcess) then creates and starts a VM of the image; its console
+must reach systemd's login prompt on ttyS0, and `vm shutdown` must end it
+gracefully (the power button). Each step prints one `IMAGE:` line; the outer test
 (tests/integration/test_aarch64_image_lane.py) reads them.
 """
 
@@ -26,6 +26,7 @@ from tests.framework.daemon import DaemonProcess
 BUILD_SEC = 300  # the script's up-to-date check and an import of ~180 MB, all emulated
 BOOT_SEC = 1200  # systemd under the emulated host's KVM: every exit of the guest crosses emulated EL2
 LOGIN = "tenbox login:"
+SHUTDOWN_SEC = 300  # systemd stopping its units, emulated as the boot was
 
 
 def main() -> int:
@@ -63,8 +64,15 @@ def main() -> int:
         finally:
             for line in d.console("deb")[-40:]:
                 print("IMAGE: console " + line, flush=True)
-        r = d.ctl("vm", "stop", "deb", timeout=120)
-        print("IMAGE: stop rc=%d" % r.returncode, flush=True)
+        # The power button: Debian's cloud kernel has no gpio-keys, so it is tenbox's virtio-input key
+        # (virtio_input loaded by udev) that systemd-logind hears; the guest powers off by itself.
+        started = time.monotonic()
+        r = d.ctl("vm", "shutdown", "deb", "--timeout", str(SHUTDOWN_SEC), "--json", timeout=SHUTDOWN_SEC + 60)
+        graceful = json.loads(r.stdout)["graceful"] if r.returncode == 0 else r.stderr.decode().strip()
+        print("IMAGE: shutdown rc=%d graceful=%s %.0fs" % (r.returncode, graceful, time.monotonic() - started),
+              flush=True)
+        v = d.wait_state("deb", "stopped", 60)
+        print("IMAGE: state %s failure=%s" % (v["state"], json.dumps(v["last_failure"])), flush=True)
     finally:
         d.cleanup()
     return 0

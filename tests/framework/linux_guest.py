@@ -84,11 +84,17 @@ def build() -> Artifacts:
 def foreign_kernel(arch: str = "arm64", flavour: str = "cloud", modules: str = "") -> Path:
     """Debian's cloud kernel for another architecture than the host's (get-kernel.sh --arch, cached
     in .cache/linux-ARCH): what an operator might hand the worker by mistake. `flavour` "generic":
-    Debian's generic kernel with `modules` (and their dependencies), in .cache/linux-ARCH-generic."""
-    key = "linux-" + arch + ("" if flavour == "cloud" else "-" + flavour)
+    Debian's generic kernel with `modules` (and their dependencies), in .cache/linux-ARCH-generic;
+    "cloud" with `modules`: the cloud kernel with those instead of the virtio set, in a folder of its own."""
+    if flavour == "cloud" and not modules:
+        key = "linux-" + arch
+    elif flavour == "generic":
+        key = "linux-%s-generic" % arch
+    else:  # the cloud kernel with other modules than the default set: a folder of its own
+        key = "linux-%s-%s-%s" % (arch, flavour, "-".join(modules.split()))
     if key not in _cache:
         argv = [SCRIPTS / "get-kernel.sh", "--arch", arch]
-        if flavour != "cloud":
+        if key != "linux-" + arch:
             argv += ["--flavour", flavour, "--out", CACHE / key, "--modules", modules]
         r = run_tool(argv, SCRIPT_TIMEOUT_SEC, cwd=REPO)
         if r.returncode != 0:
@@ -123,14 +129,18 @@ def foreign_busybox(arch: str = "arm64") -> Path:
     return out
 
 
-# An arm64 guest's init that waits for the power key (Debian's generic kernel, gpio_keys and evdev
-# loaded): prints its input device's name, `ARM64-VM: ready`, then the first event's type, code and
+# An arm64 guest's init that waits for the power key (Debian's generic kernel with gpio_keys and evdev
+# loaded: the PL061's gpio-keys; its cloud kernel with virtio_input and evdev: tenbox's virtio-input
+# key): prints its input device's name, `ARM64-VM: ready`, then the first event's type, code and
 # value, and powers off.
 ARM64_BUTTON_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /modules/load-order); do insmod /modules/$m; done
-input=$(ls -d /sys/bus/platform/devices/gpio-keys/input/input*)
+input=""
+for i in /sys/class/input/input*; do
+    case "$(cat $i/name)" in gpio-keys|"tenbox power button") input=$i ;; esac
+done
 echo "ARM64-VM: keys=$(cat $input/name)"
 event=$(ls $input | grep ^event)
 echo "ARM64-VM: ready"

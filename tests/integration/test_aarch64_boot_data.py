@@ -142,7 +142,7 @@ def _with(data: bytearray, offset: int, value: int) -> bytes:
     (dict(cpus=9, gic="v2"), "9 vCPUs: a GICv2 machine has 1 to 8"),
     (dict(cpus=124), "124 vCPUs: a GICv3 machine has 1 to 123"),
     (dict(cmdline="x" * 2048), "longer than 2047 bytes"),
-    (dict(virtio_slots=[8]), "virtio slots are 0 to 7"),
+    (dict(virtio_slots=[9]), "virtio slots are 0 to 8"),  # 8: disks and NIC, then the power key
     (dict(gic="v4"), "unknown GIC version"),
     (dict(rng_seed=b"short"), "RNG seed is 5 bytes"),
 ])

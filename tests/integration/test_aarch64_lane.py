@@ -163,29 +163,38 @@ def test_tenbox_vm_runtime_runs_debians_arm64_kernel_with_disk_net_and_reboot(tm
 
 
 
-def test_the_power_button_reaches_debians_generic_arm64_kernel(tmp_path):
-    """The host's power button (SIGPWR here; `vm shutdown` through tenboxd calls the same) on the arm64 board:
-    Debian's generic arm64 kernel binds gpio-keys to tenbox's PL061 from the device tree and delivers
-    KEY_POWER (type 1, code 116, pressed) on its input device; the init then powers off: exit 0."""
+def test_the_power_button_reaches_debians_generic_and_cloud_arm64_kernels(tmp_path):
+    """The host's power button (SIGPWR here; `vm shutdown` through tenboxd calls the same) on the arm64 board,
+    one press on the key the guest's kernel runs: Debian's generic arm64 kernel binds gpio-keys to tenbox's
+    PL061 from the device tree; its cloud kernel has no gpio-keys but virtio_input, which binds tenbox's
+    virtio-input power key. Each delivers KEY_POWER (type 1, code 116, pressed) first on that input
+    device, the init then powers off: exit 0."""
     from tests.framework import linux_guest
 
     out = tmp_path / "lane"
     out.mkdir()
-    kernel = linux_guest.foreign_kernel("arm64", "generic", "gpio_keys evdev")
-    linux_guest.arm64_initramfs(out / "initrd.cpio", linux_guest.ARM64_BUTTON_INIT, kernel=kernel)
-    command = (
-        "python3 -m tenbox_vmm --kernel %s --initrd /lane-out/initrd.cpio --memory 256 --console stdio "
-        "--cmdline 'console=ttyS0 panic=1 quiet' > /tmp/vm.out 2>&1 & pid=$!; "
-        "for i in $(seq 300); do grep -q 'ARM64-VM: ready' /tmp/vm.out && break; sleep 1; done; sleep 1; "
-        "kill -PWR $pid; wait $pid; echo VMRUN: exit $?; cat /tmp/vm.out; "
-        "python3 -m tests.framework.arm64_nofdt --kernel %s --initrd /lane-out/initrd.cpio 2>&1" % (kernel, kernel))
+    kernels = {"generic": linux_guest.foreign_kernel("arm64", "generic", "gpio_keys evdev"),
+               "cloud": linux_guest.foreign_kernel("arm64", "cloud", "virtio_mmio virtio_input evdev")}
+    runs = []
+    for flavour, kernel in kernels.items():
+        linux_guest.arm64_initramfs(out / ("initrd-%s.cpio" % flavour), linux_guest.ARM64_BUTTON_INIT, kernel=kernel)
+        runs.append(
+            "echo VMRUN: start {f}; "
+            "python3 -m tenbox_vmm --kernel {k} --initrd /lane-out/initrd-{f}.cpio --memory 256 --console stdio "
+            "--cmdline 'console=ttyS0 panic=1 quiet' > /tmp/vm-{f}.out 2>&1 & pid=$!; "
+            "for i in $(seq 300); do grep -q 'ARM64-VM: ready' /tmp/vm-{f}.out && break; sleep 1; done; sleep 1; "
+            "kill -PWR $pid; wait $pid; echo VMRUN: exit {f} $?; cat /tmp/vm-{f}.out; ".format(f=flavour, k=kernel))
+    command = "".join(runs) + ("python3 -m tests.framework.arm64_nofdt --kernel %s --initrd /lane-out/initrd-generic.cpio "
+                               "2>&1" % kernels["generic"])
     res = lane.run(command, out, LANE_DEADLINE_SEC, console_log=out / "console.log", arch="aarch64", gic="3",
                    memory_mb=LANE_MEMORY_MB)
     assert res.rc is not None, "the arm64 lane failed: %s\n%s" % (res.reason, lane.tail(res.console))
-    said = dict(re.findall(r"^ARM64-VM: (\w+)=(.*)$", res.console, re.M))
-    assert said.get("keys") == "gpio-keys", lane.tail(res.console, 80)
-    assert said["event"] == "0100" "7400" "0100", lane.tail(res.console, 80)  # EV_KEY, KEY_POWER, 1 (pressed)
-    assert "VMRUN: exit 0" in res.console, lane.tail(res.console, 80)
+    for flavour, keys in (("generic", "gpio-keys"), ("cloud", "tenbox power button")):
+        part = res.console.split("VMRUN: start %s" % flavour, 1)[-1].split("VMRUN: start", 1)[0]
+        said = dict(re.findall(r"^ARM64-VM: (\w+)=(.*)$", part, re.M))
+        assert said.get("keys") == keys, lane.tail(res.console, 80)
+        assert said["event"] == "0100" "7400" "0100", lane.tail(res.console, 80)  # EV_KEY, KEY_POWER, 1 (pressed)
+        assert "VMRUN: exit %s 0" % flavour in part, lane.tail(res.console, 80)
     # Without python3-libfdt (a Recommends: Debian 11 has none), doctor and the worker say so in one line.
     assert ("NOFDT: doctor False python3-libfdt is missing: arm64 VMs cannot start (apt install python3-libfdt; "
             "on Debian 11, pip install pylibfdt)") in res.console, lane.tail(res.console, 80)

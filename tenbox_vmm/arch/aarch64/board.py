@@ -31,6 +31,7 @@ from tenbox_vmm.arch.aarch64 import layout as L
 from tenbox_vmm.devices.pl031 import Pl031
 from tenbox_vmm.devices.pl061 import Pl061
 from tenbox_vmm.devices.serial import Serial16550
+from tenbox_vmm.devices.virtio.input import VirtioPowerKey
 from tenbox_vmm.kernel_kind import KernelError, read_file
 from tenbox_vmm.kvm.api import Kvm, Vcpu, Vm
 from tenbox_vmm.memory import GuestMemory, Region
@@ -42,13 +43,15 @@ GIC_SPI_BASE = 32  # SPI n is the GIC's interrupt 32 + n
 class VirtDevices(NamedTuple):
     serial: Serial16550
     rtc: Pl031
-    gpio: Pl061  # line layout.POWER_GPIO is the power button
+    gpio: Pl061  # line layout.POWER_GPIO is the power button (gpio-keys)
+    power_key: VirtioPowerKey  # the power button for kernels without gpio-keys (a virtio-mmio slot)
 
     def all(self):
-        return tuple(self)
+        """The devices machine.py resets at a reboot: the power key is a virtio device, reset by its transport."""
+        return (self.serial, self.rtc, self.gpio)
 
     def by_name(self) -> dict:
-        return self._asdict()
+        return {"serial": self.serial, "rtc": self.rtc, "gpio": self.gpio}
 
 
 class VirtBoard(Board):
@@ -104,11 +107,15 @@ class VirtBoard(Board):
             serial=Serial16550(lambda level: irq(L.UART_SPI, level), console_output, on_serial_tx_interrupts),
             rtc=Pl031(lambda level: irq(L.RTC_SPI, level)),
             gpio=Pl061(lambda level: irq(L.GPIO_SPI, level)),
+            power_key=VirtioPowerKey(),
         )
         mmio.register(L.UART, L.UART_SIZE, devs.serial)
         mmio.register(L.RTC, L.RTC_SIZE, devs.rtc)
         mmio.register(L.GPIO, L.GPIO_SIZE, devs.gpio)
         return devs
+
+    def builtin_virtio(self, devices: VirtDevices) -> list:
+        return [devices.power_key]
 
     def virtio_slot(self, index: int) -> Tuple[int, int, int]:
         base, spi = L.virtio_slot(index)
@@ -166,7 +173,12 @@ class VirtBoard(Board):
         vm.coalesce_mmio(L.UART, 1, on)  # the transmit register, reg-shift 0
 
     def power_button(self, devices: VirtDevices) -> None:
-        devices.gpio.pulse(L.POWER_GPIO)
+        # One press, on the key the guest's kernel runs: virtio-input once its driver is up (Debian's
+        # cloud kernel has it, not gpio-keys), else the PL061 line (gpio-keys: Debian's generic kernel).
+        if devices.power_key.listening():
+            devices.power_key.press()
+        else:
+            devices.gpio.pulse(L.POWER_GPIO)
 
     def describe_vcpu(self, vcpu: Vcpu) -> str:
         try:

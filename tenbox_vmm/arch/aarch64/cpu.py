@@ -27,7 +27,7 @@ PSTATE_EL1H = 0x5
 PSTATE_DAIF = 0x3C0  # D, A, I and F masked
 PSTATE_BOOT = PSTATE_DAIF | PSTATE_EL1H
 # The vGIC's interrupt count: the 32 private ones and the SPIs, a multiple of 32 (KVM's rule).
-# SPIs in use: the UART's, the RTC's and virtio 16..16+VIRTIO_MAX_DEVICES.
+# SPIs in use: the UART's, the RTC's, the GPIO's and virtio 16..16+VIRTIO_MAX_DEVICES.
 GIC_NR_IRQS = 32 + 64
 GIC_VERSIONS = {"v3": kc.DEV_TYPE_ARM_VGIC_V3, "v2": kc.DEV_TYPE_ARM_VGIC_V2}
 

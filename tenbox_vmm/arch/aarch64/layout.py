@@ -10,7 +10,8 @@ oracle for that tree (tests/integration/test_aarch64_fdt.py):
     0x0900_0000  UART (4 KiB): an ns16550a for tenbox's worker, QEMU's PL011 for the oracle
     0x0901_0000  PL031 real-time clock (4 KiB)
     0x0903_0000  PL061 GPIO (4 KiB): line 3 is the power button (gpio-keys)
-    0x0a00_0000  virtio-mmio slots, 0x200 apart
+    0x0a00_0000  virtio-mmio slots, 0x200 apart: the VM's disks and NIC, then the
+                 board's virtio-input power key
     0x4000_0000  RAM: the device tree in its first 2 MiB, the kernel at the next
                  2 MiB boundary (plus its text_offset), the initrd after it
 
@@ -49,7 +50,8 @@ VIRTIO_MMIO_BASE = 0x0A000000
 VIRTIO_MMIO_STRIDE = 0x200
 VIRTIO_MMIO_SIZE = 0x200
 VIRTIO_SPI_BASE = 16
-VIRTIO_MAX_DEVICES = Limits.VIRTIO_SLOTS
+# The VM's disks and NIC (Limits.VIRTIO_SLOTS, as on x86), plus one for the board's power key.
+VIRTIO_MAX_DEVICES = Limits.VIRTIO_SLOTS + 1
 
 RAM_START = 0x40000000
 FDT_ADDR = RAM_START

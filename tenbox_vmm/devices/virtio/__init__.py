@@ -1,4 +1,4 @@
-"""virtio devices (worker): split virtqueues, the virtio-mmio transport, blk and net.
+"""virtio devices (worker): split virtqueues, the virtio-mmio transport, blk, net and a power key (input).
 
 The device models and the virtqueue know nothing of the transport: the same
 classes serve virtio-mmio inside a tenbox VM and, later, vhost-user.
@@ -20,6 +20,7 @@ F_VERSION_1 = 1 << 32
 # Device ids
 ID_NET = 1
 ID_BLOCK = 2
+ID_INPUT = 18
 
 # Interrupt status bits
 INT_VRING = 1
