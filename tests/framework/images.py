@@ -36,21 +36,26 @@ ARM64_DIR = CACHE / "images" / ARM64_NAME
 BUILD_TIMEOUT_SEC = 1800
 
 
+def _build(what: str, options: Tuple[str, ...], name: str, out: Path, tools: Tuple[str, ...], hint: str) -> Path:
+    """Run make-rootfs-debian.sh OPTIONS --suite bookworm --name NAME --out OUT (or find OUT up to date)."""
+    if os.geteuid() != 0:
+        pytest.fail("building %s needs root (debootstrap, chroot)" % what)
+    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs") + tools:
+        if shutil.which(tool) is None:
+            pytest.fail("%s is not installed (make deps%s)" % (tool, hint))
+    started = time.monotonic()
+    script = " ".join(("make-rootfs-debian.sh",) + options)
+    r = run_tool([ROOTFS_SCRIPT, *options, "--suite", "bookworm", "--name", name, "--out", out], BUILD_TIMEOUT_SEC,
+                 cwd=REPO)
+    if r.returncode != 0:
+        pytest.fail("%s failed (exit %d):\n%s%s" % (script, r.returncode, r.stdout, r.stderr[-6000:]))
+    print("%s: %.1f s (%s)" % (script, time.monotonic() - started, "cached" if "up to date" in r.stderr else "built"))
+    return out
+
+
 def build_template() -> Path:
     """The bookworm template, built by make-rootfs-debian.sh (or found up to date in its cache)."""
-    if os.geteuid() != 0:
-        pytest.fail("building the template needs root (debootstrap, chroot)")
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs"):
-        if shutil.which(tool) is None:
-            pytest.fail("%s is not installed (make deps)" % tool)
-    started = time.monotonic()
-    r = run_tool([ROOTFS_SCRIPT, "--suite", "bookworm", "--name", TEMPLATE_NAME, "--out", TEMPLATE_DIR],
-                 BUILD_TIMEOUT_SEC, cwd=REPO)
-    if r.returncode != 0:
-        pytest.fail("make-rootfs-debian.sh failed (exit %d):\n%s%s" % (r.returncode, r.stdout, r.stderr[-6000:]))
-    print("make-rootfs-debian.sh: %.1f s (%s)" % (time.monotonic() - started,
-                                                  "cached" if "up to date" in r.stderr else "built"))
-    return TEMPLATE_DIR
+    return _build("the template", (), TEMPLATE_NAME, TEMPLATE_DIR, (), "")
 
 
 MiB = 1 << 20
@@ -58,20 +63,8 @@ MiB = 1 << 20
 
 def build_cloud_image() -> Path:
     """The bookworm cloud-layout disk, built by make-rootfs-debian.sh --layout cloud (or found up to date)."""
-    if os.geteuid() != 0:
-        pytest.fail("building the image needs root (debootstrap, chroot)")
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs", "sfdisk", "mkfs.vfat", "blkid"):
-        if shutil.which(tool) is None:
-            pytest.fail("%s is not installed (make deps; the cloud layout needs fdisk and dosfstools)" % tool)
-    started = time.monotonic()
-    r = run_tool([ROOTFS_SCRIPT, "--layout", "cloud", "--suite", "bookworm", "--name", CLOUD_NAME, "--out", CLOUD_DIR],
-                 BUILD_TIMEOUT_SEC, cwd=REPO)
-    if r.returncode != 0:
-        pytest.fail("make-rootfs-debian.sh --layout cloud failed (exit %d):\n%s%s"
-                    % (r.returncode, r.stdout, r.stderr[-6000:]))
-    print("make-rootfs-debian.sh --layout cloud: %.1f s (%s)"
-          % (time.monotonic() - started, "cached" if "up to date" in r.stderr else "built"))
-    return CLOUD_DIR
+    return _build("the image", ("--layout", "cloud"), CLOUD_NAME, CLOUD_DIR, ("sfdisk", "mkfs.vfat", "blkid"),
+                  "; the cloud layout needs fdisk and dosfstools")
 
 
 def build_arm64_template() -> Path:
@@ -79,25 +72,13 @@ def build_arm64_template() -> Path:
     from tests.framework import arm64_prepare, binfmt
 
     arm64_prepare.wait()
-
     if os.geteuid() != 0:
-        pytest.fail("building the template needs root (debootstrap, chroot)")
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-img", "debugfs"):
-        if shutil.which(tool) is None:
-            pytest.fail("%s is not installed (make deps)" % tool)
+        pytest.fail("building the template needs root (debootstrap, chroot, binfmt_misc)")
     try:
         binfmt.ensure("arm64")
     except binfmt.BinfmtError as e:
         pytest.fail(str(e))
-    started = time.monotonic()
-    r = run_tool([ROOTFS_SCRIPT, "--arch", "arm64", "--suite", "bookworm", "--name", ARM64_NAME, "--out", ARM64_DIR],
-                 BUILD_TIMEOUT_SEC, cwd=REPO)
-    if r.returncode != 0:
-        pytest.fail("make-rootfs-debian.sh --arch arm64 failed (exit %d):\n%s%s"
-                    % (r.returncode, r.stdout, r.stderr[-6000:]))
-    print("make-rootfs-debian.sh --arch arm64: %.1f s (%s)"
-          % (time.monotonic() - started, "cached" if "up to date" in r.stderr else "built"))
-    return ARM64_DIR
+    return _build("the template", ("--arch", "arm64"), ARM64_NAME, ARM64_DIR, (), "")
 
 
 def write_manifest(folder: Path, **over) -> dict:
