@@ -25,7 +25,7 @@
 #   .stamp               what was resolved; a rerun that resolves to the same
 #                        package version does nothing
 #
-# --arch (default amd64) other than the host's own: apt's package lists for
+# --arch (default: the host's) other than the host's own: apt's package lists for
 # that architecture, from the host's own sources, are kept apart in
 # <repo>/.cache/apt-ARCH (refreshed when a day old); the host's apt is left
 # as it is (no dpkg --add-architecture).
@@ -42,7 +42,7 @@ CONFIG_SYMS="VIRTIO VIRTIO_MMIO VIRTIO_BLK VIRTIO_NET NET_FAILOVER FAILOVER EXT4
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out=""
-arch=amd64
+arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 suite=""
 flavour=cloud
 
