@@ -1,6 +1,7 @@
 """Inside the arm64 lane: tenbox installed from its .deb as an operator installs it, then an arm64 VM through tenboxd (tests; in the arm64 lane, root).
 
     python3 -m tests.framework.arm64_daemon --repo DIR --keyring FILE --installer FILE --kernel K --initrd I
+                                            --image-dir DIR --image-name NAME
 
 The lane's root is a dpkg-managed Debian 12 arm64 (lane_arm64.py) with no
 network. This script, as root on the emulated arm64 KVM host:
@@ -13,8 +14,14 @@ network. This script, as root on the emulated arm64 KVM host:
    file, INVOCATION_ID so it takes the system paths);
 4. as alice, through the group socket: `tenbox vm create` (2 vCPUs), `vm
    start`, waits for the guest's `ARM64-VM: ready`, `vm shutdown` (the power
-   button), and reads the console back;
-5. stops tenboxd with SIGTERM.
+   button: gpio-keys in Debian's generic kernel), and reads the console back;
+5. as root, `tenbox image build debian --arch arm64` on the arm64 template
+   the build host made (tests/framework/images.py; the lane has no network,
+   so the script finds it up to date and the CLI imports it); as alice, a
+   VM of it boots Debian to `tenbox login:` on ttyS0 and `vm shutdown` ends
+   it gracefully (Debian's cloud kernel hears tenbox's virtio-input key,
+   systemd-logind powers off);
+6. stops tenboxd with SIGTERM.
 
 Each step prints one `DAEMON: <step> <facts>` line; the outer test
 (tests/packaging/test_arm64_install.py) reads them.
@@ -45,6 +52,10 @@ DAEMON_UP_TIMEOUT_SEC = 240
 CTL_TIMEOUT_SEC = 240
 READY_TIMEOUT_SEC = 300
 STOP_TIMEOUT_SEC = 60
+IMPORT_TIMEOUT_SEC = 300  # the script's up-to-date check and an import of ~180 MB, all emulated
+LOGIN_TIMEOUT_SEC = 1200  # systemd under the emulated host's KVM: every exit crosses emulated EL2
+SHUTDOWN_TIMEOUT_SEC = 300  # systemd stopping its units, emulated as the boot was
+LOGIN = "tenbox login:"
 
 
 def say(step: str, facts: str = "") -> None:
@@ -123,28 +134,70 @@ def run_vm(kernel: str, initrd: str) -> None:
     r = ctl("vm", "shutdown", "a64", "--json")
     graceful = json.loads(r.stdout)["graceful"] if r.returncode == 0 else last_line(r)
     say("shutdown", "rc=%d graceful=%s" % (r.returncode, graceful))
-    deadline = time.monotonic() + STOP_TIMEOUT_SEC
-    v = {}
-    while time.monotonic() < deadline:
-        v = json.loads(ctl("vm", "show", "a64", "--json").stdout or "{}")
-        if v.get("state") == "stopped":
-            break
-        time.sleep(1)
+    v = wait_stopped("a64")
     say("state", "%s failure=%s" % (v.get("state"), json.dumps(v.get("last_failure"))))
     for line in ctl("vm", "logs", "a64").stdout.splitlines():
         if line.startswith("ARM64-VM:"):
             say("console", line)
 
 
+def wait_stopped(vm: str) -> dict:
+    deadline = time.monotonic() + STOP_TIMEOUT_SEC
+    v: dict = {}
+    while time.monotonic() < deadline:
+        v = json.loads(ctl("vm", "show", vm, "--json").stdout or "{}")
+        if v.get("state") == "stopped":
+            break
+        time.sleep(1)
+    return v
+
+
+def run_image(image_dir: str, name: str) -> None:
+    started = time.monotonic()
+    r = run(["tenbox", "image", "build", "debian", "--arch", "arm64", "--layout", "plain", "--name", name,
+             "--out", image_dir], timeout=IMPORT_TIMEOUT_SEC)
+    say("image_build", "rc=%d up_to_date=%s %.0fs %s" % (r.returncode, "up to date" in r.stderr,
+                                                          time.monotonic() - started, last_line(r)))
+    for img in json.loads(ctl("image", "ls", "--json").stdout or "[]"):
+        say("image_ls", "%s arch=%s release=%s" % (img["name"], img["arch"], img["kernel_release"]))
+    for line in ctl("image", "inspect", name).stdout.splitlines():
+        if line.split(":", 1)[0] in ("arch", "kernel"):
+            say("image_inspect", " ".join(line.split()))
+    cmdline = json.loads((Path(image_dir) / "manifest.json").read_text())["cmdline"]
+    # quiet: every console byte is an exit of the nested guest.
+    r = ctl("vm", "create", "deb", "--image", name, "--memory", "512", "--cpus", "1", "--cmdline", cmdline + " quiet")
+    say("image_create", "rc=%d %s" % (r.returncode, last_line(r)))
+    started = time.monotonic()
+    r = ctl("vm", "start", "deb")
+    say("image_start", "rc=%d %s" % (r.returncode, last_line(r)))
+    logs = ""
+    while time.monotonic() < started + LOGIN_TIMEOUT_SEC:
+        logs = ctl("vm", "logs", "deb", "-n", "400").stdout
+        if LOGIN in logs:
+            say("image_login", "after %.0fs" % (time.monotonic() - started))
+            break
+        time.sleep(5)
+    for line in logs.splitlines()[-40:]:
+        say("image_console", line)
+    started = time.monotonic()
+    r = ctl("vm", "shutdown", "deb", "--timeout", str(SHUTDOWN_TIMEOUT_SEC), "--json",
+            timeout=SHUTDOWN_TIMEOUT_SEC + 60)
+    graceful = json.loads(r.stdout)["graceful"] if r.returncode == 0 else last_line(r)
+    say("image_shutdown", "rc=%d graceful=%s %.0fs" % (r.returncode, graceful, time.monotonic() - started))
+    v = wait_stopped("deb")
+    say("image_state", "%s failure=%s" % (v.get("state"), json.dumps(v.get("last_failure"))))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    for opt in ("--repo", "--keyring", "--installer", "--kernel", "--initrd"):
+    for opt in ("--repo", "--keyring", "--installer", "--kernel", "--initrd", "--image-dir", "--image-name"):
         p.add_argument(opt, required=True)
     args = p.parse_args()
     install(args.repo, args.keyring, args.installer)
     daemon = start_daemon()
     try:
         run_vm(args.kernel, args.initrd)
+        run_image(args.image_dir, args.image_name)
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
