@@ -26,6 +26,7 @@ from tests.packaging.chroots import Chroot
 
 SOCKET = "/run/tenbox/tenbox.sock"
 DAEMON_START_TIMEOUT_SEC = 30
+UPDATE_LOG_WAIT_SEC = 120  # the updater's last log line, after apt-get returns
 
 # systemctl for this test: `restart tenboxd` stops the running daemon and starts
 # the installed (new) one, as systemd would; it logs when it sent the SIGTERM.
@@ -202,5 +203,11 @@ class TestHostUpdate:
         c = host.chroot
         assert c.run("dpkg-query -W -f '${Version}' tenbox").stdout == host.debs.v2
         assert c.run("dpkg --audit").stdout.strip() == ""
-        log = c.path("/var/lib/tenbox/logs/update.log").read_text()
+        # The new daemon can say hello before apt-get has returned (the postinst restarts it mid-install):
+        # the update's last line follows, in its own time.
+        log_file = c.path("/var/lib/tenbox/logs/update.log")
+        deadline = time.monotonic() + UPDATE_LOG_WAIT_SEC
+        while "apt-get install exited" not in log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = log_file.read_text()
         assert "apt-get install exited 0" in log and "tenbox" in log
