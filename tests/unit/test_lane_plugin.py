@@ -212,12 +212,29 @@ def test_no_new_lane_starts_once_the_lanes_have_taken_their_total_time(tester, m
     from tests.framework import lane_plugin
 
     monkeypatch.setattr(lane_plugin, "LANE_TOTAL_SEC", -1.0)  # pytester runs in this process
+    monkeypatch.setattr(lane_plugin, "LANE_HARD_SEC", -1.0)
     result = _run_plan(tester, '[{"test_two": "fail"}]')
     result.stdout.fnmatch_lines([
-        "tenbox: no further lane: the lanes had taken 0 s (LANE_TOTAL_SEC -1)",
+        "tenbox: no further lane: the lanes had taken 0 s (LANE_TOTAL_SEC -1; for at most 3 tests, LANE_HARD_SEC -1)",
         "test_r.py::test_two: had no further run (the lanes had taken 0 s); how its earlier runs ended:",
         "*1 failed, 2 passed*",
         _calls(["test_one", "test_two", "test_three"]),
+    ])
+
+
+def test_past_the_total_time_a_lane_still_runs_a_few_tests_again_until_the_hard_limit(tester, monkeypatch):
+    """Past LANE_TOTAL_SEC, a lane of at most RETRY_TESTS_MAX tests still starts (before LANE_HARD_SEC):
+    a quick test that failed once runs again; a lane of more tests does not start."""
+    from tests.framework import lane_plugin
+
+    monkeypatch.setattr(lane_plugin, "LANE_TOTAL_SEC", -1.0)
+    monkeypatch.setattr(lane_plugin, "RETRY_TESTS_MAX", 1)
+    result = _run_plan(tester, '[{"test_two": "fail"}, {}]')
+    result.stdout.fnmatch_lines(["*3 passed*", _calls(["test_one", "test_two", "test_three"], ["test_two"])])
+    result = _run_plan(tester, '[{"test_one": "fail", "test_two": "fail"}, {}]')
+    result.stdout.fnmatch_lines([
+        "tenbox: no further lane: the lanes had taken 0 s (LANE_TOTAL_SEC -1; for at most 1 tests, LANE_HARD_SEC 2700)",
+        "*2 failed, 1 passed*",
     ])
 
 
