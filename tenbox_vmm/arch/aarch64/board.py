@@ -47,10 +47,10 @@ class VirtDevices(NamedTuple):
     power_key: VirtioPowerKey  # the power button for kernels without gpio-keys (a virtio-mmio slot)
 
     def all(self):
-        """The devices machine.py resets at a reboot: the power key is a virtio device, reset by its transport."""
-        return (self.serial, self.rtc, self.gpio)
+        return tuple(self.by_name().values())
 
     def by_name(self) -> dict:
+        """The devices machine.py resets at a reboot: the power key is a virtio device, reset by its transport."""
         return {"serial": self.serial, "rtc": self.rtc, "gpio": self.gpio}
 
 
