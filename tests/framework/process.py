@@ -133,17 +133,19 @@ class ConsoleProcess:
 
     def __init__(self, argv: Sequence[Union[str, Path]], deadline: Optional[float] = None,
                  env: Optional[Dict[str, str]] = None, cwd: Union[str, Path] = REPO,
-                 stdin: Union[int, IO, None] = subprocess.PIPE) -> None:
+                 stdin: Union[int, IO, None] = subprocess.PIPE, merge_stderr: bool = False) -> None:
         self.argv = [str(a) for a in argv]
         self.started = time.monotonic()
         self.deadline = None if deadline is None else self.started + deadline
         self.ended: Optional[float] = None  # when wait_exit saw the exit
         self.rusage = None  # the child's resource.struct_rusage, from wait_exit
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                                      env=repo_env() if env is None else env, cwd=str(cwd), start_new_session=True)
         self._out = _Stream(self.proc.stdout, self._cond, "console")
-        self._err = _Stream(self.proc.stderr, self._cond, "stderr")
+        # merge_stderr: one pipe, so what the child wrote to either comes in the order it wrote it.
+        self._err = self._out if merge_stderr else _Stream(self.proc.stderr, self._cond, "stderr")
 
     # --- what it printed ---------------------------------------------------------------
 
