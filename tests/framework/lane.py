@@ -58,7 +58,8 @@ MODULES = "virtio_pci 9p 9pnet_virtio overlay kvm_amd"
 # Two vCPUs, one per core (MTTCG gives each a host thread). One vCPU was tried on 2026-12-06
 # against the stack guard panics of two (docs/testing.md, "What the lane's failures were"): it
 # wedged in 3 of 4 lanes, where two vCPUs wedge less often; _WedgeCheck finds a wedge in
-# about a minute either way.
+# about a minute either way. The run itself is on the last one alone (lane-init's lane.cpu=),
+# the other takes the device interrupts.
 CPUS = 2
 MEMORY_MB = 4096  # half of it is the overlay's tmpfs
 WATCH_SEC = 5.0  # how often run() asks its watchdog and looks at the lane's interrupts
@@ -171,13 +172,17 @@ def build_e2e_image() -> Path:
 
 
 def qemu_argv(command: str, out_dir: Path, cwd: Path = REPO, cpus: int = CPUS,
-              memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,)) -> List[str]:
+              memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,),
+              pin: bool = True) -> List[str]:
     """QEMU's command line for a lane that runs `command` (a shell command line) in `cwd`.
 
     `accel` may be "tcg,thread=single": one host thread for all the lane's
     vCPUs instead of one each (MTTCG), to tell emulation races from guest bugs.
+    `pin`: the command runs on the lane's last CPU alone (lane-init's lane.cpu=, which says why).
     """
     append = "console=ttyS0 panic=-1 quiet lane.cwd=%s lane.run=%s" % (_encode(str(cwd)), _encode(command))
+    if pin and cpus > 1:
+        append += " lane.cpu=%d" % (cpus - 1)
     if len(append) > 2000:  # COMMAND_LINE_SIZE is 2048 on x86
         raise LaneError("the lane's command is too long for the kernel command line; put it in a script")
     shares = [
@@ -223,7 +228,8 @@ class LaneResult(NamedTuple):
 def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[Path] = None,
         echo: Optional[Callable[[str], None]] = None, cwd: Path = REPO, cpus: int = CPUS,
         memory_mb: int = MEMORY_MB, accel: str = "tcg", binary: Sequence[str] = (qemu.QEMU,),
-        watchdog: Optional[Callable[[], Optional[str]]] = None, arch: str = "x86_64", gic: str = "3") -> LaneResult:
+        watchdog: Optional[Callable[[], Optional[str]]] = None, arch: str = "x86_64", gic: str = "3",
+        pin: bool = True) -> LaneResult:
     """Boot the lane, run `command` in it, power it off; never longer than deadline_sec.
 
     `arch` "aarch64" boots the arm64 lane instead (lane_arm64.py, with GIC version `gic`):
@@ -232,7 +238,8 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
     The console goes to console_log (all of it) and, line by line, to echo.
     `watchdog`, asked every WATCH_SEC, says why the lane is to be taken as
     hung (a reason) or nothing: the lane is killed at once, its vCPUs'
-    registers kept, rather than at the deadline.
+    registers kept, rather than at the deadline. `pin` (x86 lanes): the
+    command on one CPU, see qemu_argv.
     """
     real = os.path.realpath(str(cwd))
     for d in LANE_OWN_DIRS:
@@ -251,7 +258,7 @@ def run(command: str, out_dir: Path, deadline_sec: float, console_log: Optional[
         argv += ["-monitor", "unix:%s,server=on,wait=off" % (out_dir / MONITOR)]
     else:
         build()
-        argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary)
+        argv = qemu_argv(command, out_dir, cwd, cpus, memory_mb, accel, binary, pin)
     started = time.monotonic()
     log = open(str(console_log), "w", encoding="utf-8", errors="replace") if console_log else None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -433,6 +440,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--gic", choices=("3", "2"), default="3", help="the arm64 lane's GIC version")
     p.add_argument("--single-thread", action="store_true",
                    help="emulate every lane vCPU on one host thread (TCG without MTTCG)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="x86: let the command run on every lane CPU (by default it runs on the last alone)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = p.parse_args(argv)
     command = list(args.command)
@@ -446,12 +455,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.shell:
             build()
-            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel, binary=args.qemu)
+            argv_ = qemu_argv("exec /bin/sh -i", out, cpus=args.cpus, memory_mb=args.memory, accel=accel,
+                              binary=args.qemu, pin=args.pin)
             return subprocess.call(argv_)
         shell_cmd = " ".join(shlex.quote(a) for a in command)
         res = run("export PYTHONPATH=%s; %s" % (shlex.quote(str(REPO)), shell_cmd), out, args.deadline,
                   console_log=out / "console.log", echo=print, cpus=args.cpus, memory_mb=args.memory,
-                  accel=accel, binary=args.qemu, arch=args.arch, gic=args.gic)
+                  accel=accel, binary=args.qemu, arch=args.arch, gic=args.gic, pin=args.pin)
     except LaneError as e:
         print("lane: %s" % e, file=sys.stderr)
         return EXIT_LANE_FAILED
