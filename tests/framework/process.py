@@ -129,6 +129,9 @@ class ConsoleProcess:
 
     `deadline`: seconds from the start that every wait is bounded by (None:
     each wait's own timeout, DEFAULT_WAIT_SEC when it gives none).
+    `merge_stderr`: stderr goes into the console's pipe, so the two keep the
+    order the child wrote them in; `errors` and `wait_for_stderr` then read
+    that one stream.
     """
 
     def __init__(self, argv: Sequence[Union[str, Path]], deadline: Optional[float] = None,
