@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Pattern, Union
 
 import psutil
 
@@ -29,6 +30,12 @@ CALL_SEC = 120.0
 STATE_POLL_SEC = 0.1
 CONSOLE_LINES = 10000  # tenboxd's LOG_LINES_MAX: all of a test guest's console
 ENDED = ("stopped", "crashed")
+
+
+def login_prompt(host: str) -> "Pattern[str]":
+    """getty's "HOST login: " on a console, also when the kernel or cloud-init wrote up to three
+    lines into it ("beta [  131.38] cloud-init[330]: ...\nlogin: ", seen in a lane)."""
+    return re.compile(r"\b%s (?:login:|[^\n]*\n(?:[^\n]*\n){0,2}login:)" % re.escape(host))
 
 
 def control_request(sock: Union[str, Path], type_: str, timeout: float = CALL_SEC, **payload) -> dict:
@@ -151,24 +158,30 @@ class DaemonProcess:
         """The VM's console log (vm.logs), up to CONSOLE_LINES lines."""
         return self.call("vm.logs", vm_id=name, lines=CONSOLE_LINES)["payload"]["lines"]
 
-    def wait_console(self, name: str, text: str, timeout: float = 30.0, count: int = 1,
+    def wait_console(self, name: str, text: Union[str, "Pattern[str]"], timeout: float = 30.0, count: int = 1,
                      poll: float = STATE_POLL_SEC) -> float:
-        """Seconds until `text` is in `count` lines of the VM's console log; fails at once if the VM has ended."""
+        """Seconds until `text` is in `count` lines of the VM's console log (a pattern: `count` matches
+        in the whole log); fails at once if the VM has ended."""
+        def seen(lines: List[str]) -> int:
+            if isinstance(text, str):
+                return sum(text in ln for ln in lines)
+            return len(text.findall("\n".join(lines)))
+
         started = time.monotonic()
         while True:
             lines = self.console(name)
-            if sum(text in ln for ln in lines) >= count:
+            if seen(lines) >= count:
                 return time.monotonic() - started
             state = self.vm(name)["state"]
             if state in ENDED:
                 lines = self.console(name)  # the worker wrote its last lines before it ended
-                if sum(text in ln for ln in lines) >= count:
+                if seen(lines) >= count:
                     return time.monotonic() - started
             if state in ENDED or time.monotonic() - started > timeout:
                 # The reason comes again after the console: a summary that keeps only a failure's end
                 # (the lane's, lane_plugin.FIRST_FAILURE_LINES) still says how the VM ended.
                 why = "%r (%d time(s)) not on %s's console: the VM is %s after %.0f s" % (
-                    text, count, name, state, time.monotonic() - started)
+                    getattr(text, "pattern", text), count, name, state, time.monotonic() - started)
                 last = " (last failure: %s)" % json.dumps(self.vm(name).get("last_failure")) if state in ENDED else ""
                 raise AssertionError("%s%s\n%s\n--- console ends; %s%s" % (
                     why, self._why_ended(name) if state in ENDED else "", "\n".join(lines[-60:]), why, last))

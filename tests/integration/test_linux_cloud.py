@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.framework import lane
-from tests.framework.daemon import DaemonProcess, ok
+from tests.framework.daemon import DaemonProcess, login_prompt, ok
 from tests.framework.images import CLOUD_DIR
 
 pytestmark = [pytest.mark.usefixtures("kvm")]
@@ -64,7 +64,7 @@ def test_a_cloud_image_imported_gives_each_vm_its_own_user_host_and_identity_and
         seen = {}
         for name in ("alpha", "beta"):
             ok(d.ctl("vm", "start", name))
-            d.wait_console(name, "%s login:" % name, timeout=LOGIN_DEADLINE_SEC, poll=1.0)
+            d.wait_console(name, login_prompt(name), timeout=LOGIN_DEADLINE_SEC, poll=1.0)
             # cloud-init's last stage (runcmd) may still run when sshd answers: wait for it first.
             answer = vm_ssh(d, name, own_key, "sudo -n cloud-init status --wait >/dev/null; "
                             "hostname; id -un; sudo -n true && echo sudo-ok; "
@@ -80,7 +80,7 @@ def test_a_cloud_image_imported_gives_each_vm_its_own_user_host_and_identity_and
         # Once per instance: after a reboot the runcmd has not run again. (The guest reboots itself: a
         # reset could lose its last writes; the connection may drop before ssh reports anything.)
         d.ctl("vm", "ssh", "alpha", "-i", str(own_key), "--timeout", "0", "--", "sudo systemctl reboot", timeout=120)
-        d.wait_console("alpha", "alpha login:", timeout=LOGIN_DEADLINE_SEC, poll=1.0, count=2)
+        d.wait_console("alpha", login_prompt("alpha"), timeout=LOGIN_DEADLINE_SEC, poll=1.0, count=2)
         log = vm_ssh(d, "alpha", own_key, "cat /var/lib/tenbox-first-boot.log").split("\n")
         assert len([ln for ln in log if ln.startswith("ran ")]) == 1, log
     finally:
