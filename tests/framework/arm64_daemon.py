@@ -38,6 +38,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.framework.process import login_prompt
 from tests.packaging.aptrepo import SUITE, AptRepository
 from tests.packaging.chroots import STANDIN, STANDIN_LOG
 
@@ -55,7 +56,7 @@ STOP_TIMEOUT_SEC = 60
 IMPORT_TIMEOUT_SEC = 300  # the script's up-to-date check and an import of ~180 MB, all emulated
 LOGIN_TIMEOUT_SEC = 1200  # systemd under the emulated host's KVM: every exit crosses emulated EL2
 SHUTDOWN_TIMEOUT_SEC = 300  # systemd stopping its units, emulated as the boot was
-LOGIN = "tenbox login:"
+LOGIN = login_prompt("tenbox")
 
 
 def say(step: str, facts: str = "") -> None:
@@ -173,7 +174,7 @@ def run_image(image_dir: str, name: str) -> None:
     logs = ""
     while time.monotonic() < started + LOGIN_TIMEOUT_SEC:
         logs = ctl("vm", "logs", "deb", "-n", "400").stdout
-        if LOGIN in logs:
+        if LOGIN.search(logs):
             say("image_login", "after %.0fs" % (time.monotonic() - started))
             break
         time.sleep(5)

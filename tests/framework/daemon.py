@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -31,11 +30,6 @@ STATE_POLL_SEC = 0.1
 CONSOLE_LINES = 10000  # tenboxd's LOG_LINES_MAX: all of a test guest's console
 ENDED = ("stopped", "crashed")
 
-
-def login_prompt(host: str) -> "Pattern[str]":
-    """getty's "HOST login: " on a console, also when the kernel or cloud-init wrote up to three
-    lines into it ("beta [  131.38] cloud-init[330]: ...\nlogin: ", seen in a lane)."""
-    return re.compile(r"\b%s (?:login:|[^\n]*\n(?:[^\n]*\n){0,2}login:)" % re.escape(host))
 
 
 def control_request(sock: Union[str, Path], type_: str, timeout: float = CALL_SEC, **payload) -> dict:

@@ -63,6 +63,12 @@ def _compile(pattern: Pattern) -> "re.Pattern[str]":
     return re.compile(pattern, re.M) if isinstance(pattern, str) else pattern
 
 
+def login_prompt(host: str) -> "re.Pattern[str]":
+    """getty's "HOST login: " on a console, also when the kernel or cloud-init wrote up to three
+    lines into it: "beta [  131.38] cloud-init[330]: ..." then "login: " (seen in CI lanes)."""
+    return re.compile(r"\b%s (?:login:|[^\n]*\n(?:[^\n]*\n){0,2}login:)" % re.escape(host))
+
+
 def _exit_code(status: int) -> int:
     """subprocess's convention: the exit status, or minus the signal that ended the process."""
     if os.WIFSIGNALED(status):

@@ -31,7 +31,7 @@ from tests.framework import qemu
 from tests.framework.disk_tools import sha256_file
 from tests.framework.images import CLOUD_NAME, ROOTFS_SCRIPT, build_cloud_image
 from tests.framework.linux_guest import TCG_CPU
-from tests.framework.process import ConsoleProcess, run_tool
+from tests.framework.process import ConsoleProcess, login_prompt, run_tool
 from tests.framework.repo import PYTHON, REPO, repo_env
 
 # cloud-init (Python) under TCG: the login prompt after ~65 s on the development machines.
@@ -278,7 +278,7 @@ def test_the_disk_boots_under_qemu_tcg_and_cloud_init_names_it_from_the_nocloud_
     before = sha256_file(image / "disk.qcow2")
     seed = ["-drive", "file=%s,if=none,format=raw,readonly=on,id=seed" % iso, "-device", "virtio-blk-pci,drive=seed"]
     with ConsoleProcess(boot_argv(image, disk, tmp_path / "overlay.qcow2", seed), BOOT_DEADLINE_SEC) as vm:
-        vm.wait_for(r"cloudtest login:")
+        vm.wait_for(login_prompt("cloudtest"))
         elapsed = vm.elapsed()
         vm.wait_for(r"Cloud-init v\. \S+ finished at .*$", timeout=120)
         text = vm.output
@@ -294,7 +294,7 @@ def test_without_a_seed_cloud_init_probes_no_metadata_service(image, disk, tmp_p
     """No seed: cloud-init looks for NoCloud's seed only, then goes on with the None data source
     (no metadata service is asked, nothing waits for one); the login prompt shows the build's host name."""
     with ConsoleProcess(boot_argv(image, disk, tmp_path / "overlay.qcow2", []), BOOT_DEADLINE_SEC) as vm:
-        vm.wait_for(r"tenbox login:")
+        vm.wait_for(login_prompt("tenbox"))
         elapsed = vm.elapsed()
         vm.wait_for(r"Cloud-init v\. \S+ finished at .*$", timeout=120)
         text = vm.output

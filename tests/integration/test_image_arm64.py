@@ -31,7 +31,7 @@ import pytest
 from tests.framework.daemon import ok
 from tests.framework.disk_tools import sha256_file
 from tests.framework.images import ARM64_NAME, ROOTFS_SCRIPT, build_arm64_template
-from tests.framework.process import ConsoleProcess, run_tool
+from tests.framework.process import ConsoleProcess, login_prompt, run_tool
 from tests.framework.repo import repo_env
 
 MiB = 1 << 20
@@ -206,7 +206,7 @@ def test_the_arm64_template_boots_to_a_login_prompt_under_qemu_virt(arm64_templa
             "-append", cmdline, "-global", "virtio-mmio.force-legacy=false",
             "-drive", "if=none,id=d0,format=qcow2,file=%s" % overlay, "-device", "virtio-blk-device,drive=d0"]
     with ConsoleProcess(argv, BOOT_DEADLINE_SEC) as vm:
-        vm.wait_for("tenbox login:")
+        vm.wait_for(login_prompt("tenbox"))
         elapsed = vm.elapsed()
         text = vm.output
     print("arm64 template under QEMU virt (TCG): login prompt after %.1f s" % elapsed)

@@ -35,13 +35,13 @@ from tests.framework.daemon import ok
 from tests.framework.disk_tools import sha256_file
 from tests.framework.images import ROOTFS_SCRIPT, TEMPLATE_NAME, build_template, fake_image, root_sources, write_manifest
 from tests.framework.linux_guest import TCG_CPU
-from tests.framework.process import ConsoleProcess, run_tool
+from tests.framework.process import ConsoleProcess, login_prompt, run_tool
 from tests.framework.repo import PYTHON, REPO, repo_env
 from tests.framework.vhost_user import Backend
 
 # systemd under TCG reaches the login prompt in ~25 s on the development machines.
 BOOT_DEADLINE = float(os.environ.get("TENBOX_TEST_IMAGE_BOOT_DEADLINE", "240"))
-LOGIN = r"tenbox login:"
+LOGIN = login_prompt("tenbox")
 MiB = 1 << 20
 
 _timings: Dict[str, float] = {}
@@ -561,7 +561,7 @@ def test_a_vm_from_the_image_boots_to_a_login_prompt_under_tenbox(vm_on_template
     deadline = time.monotonic() + BOOT_DEADLINE
     while time.monotonic() < deadline:
         lines = daemon.call("vm.logs", vm_id="boot", lines=200)["payload"]["lines"]
-        if any(LOGIN in ln for ln in lines):
+        if LOGIN.search("\n".join(lines)):
             break
         time.sleep(1)
     else:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.framework import lane
-from tests.framework.daemon import DaemonProcess, login_prompt, ok
+from tests.framework.daemon import DaemonProcess, ok
+from tests.framework.process import login_prompt
 from tests.framework.images import CLOUD_DIR
 
 pytestmark = [pytest.mark.usefixtures("kvm")]

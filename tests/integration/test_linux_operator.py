@@ -29,11 +29,12 @@ import pytest
 from tests.framework import lane
 from tests.framework.daemon import DaemonProcess, ok
 from tests.framework.ports import free_port
+from tests.framework.process import login_prompt
 
 pytestmark = [pytest.mark.usefixtures("kvm")]
 
 IMAGE = "e2e"
-LOGIN = "tenbox login:"
+LOGIN = login_prompt("tenbox")
 # systemd to the login prompt in the lane takes ~60-120 s (docs/testing.md: timings there are a proxy).
 BOOT_DEADLINE_SEC = float(os.environ.get("TENBOX_TEST_IMAGE_BOOT_DEADLINE", "420"))
 SSH_DEADLINE_SEC = 180.0
@@ -42,8 +43,8 @@ EXT4_VALID_FS = 0x1  # s_state: unmounted cleanly
 EXT4_INCOMPAT_RECOVER = 0x4  # the journal needs recovery: set while mounted read-write
 
 
-def wait_console(daemon, name: str, text: str, count: int = 1) -> float:
-    """Seconds until `text` appears `count` times in the VM's console log (polled every second: the lane is slow)."""
+def wait_console(daemon, name: str, text, count: int = 1) -> float:
+    """Seconds until `text` (a string or a pattern) appears `count` times in the VM's console log (polled every second: the lane is slow)."""
     return daemon.wait_console(name, text, timeout=BOOT_DEADLINE_SEC, count=count, poll=CONSOLE_POLL_SEC)
 
 

@@ -1,6 +1,6 @@
-"""login_prompt (tests/framework/daemon.py): getty's prompt on a console that others write to as well."""
+"""login_prompt (tests/framework/process.py): getty's prompt on a console that others write to as well."""
 
-from tests.framework.daemon import login_prompt
+from tests.framework.process import login_prompt
 
 ISSUE = "Debian GNU/Linux 12 %s ttyS0\n\n"
 # beta's console in a CI lane (2026-12-07): cloud-init's lines came between the host name and "login:".
