@@ -31,7 +31,6 @@ CONSOLE_LINES = 10000  # tenboxd's LOG_LINES_MAX: all of a test guest's console
 ENDED = ("stopped", "crashed")
 
 
-
 def control_request(sock: Union[str, Path], type_: str, timeout: float = CALL_SEC, **payload) -> dict:
     """One request on a tenboxd control socket (JSON lines); the whole reply."""
     s = socket.socket(socket.AF_UNIX)

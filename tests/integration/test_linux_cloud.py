@@ -23,8 +23,8 @@ import pytest
 
 from tests.framework import lane
 from tests.framework.daemon import DaemonProcess, ok
-from tests.framework.process import login_prompt
 from tests.framework.images import CLOUD_DIR
+from tests.framework.process import login_prompt
 
 pytestmark = [pytest.mark.usefixtures("kvm")]
 

@@ -44,7 +44,8 @@ EXT4_INCOMPAT_RECOVER = 0x4  # the journal needs recovery: set while mounted rea
 
 
 def wait_console(daemon, name: str, text, count: int = 1) -> float:
-    """Seconds until `text` (a string or a pattern) appears `count` times in the VM's console log (polled every second: the lane is slow)."""
+    """Seconds until `text` (a string or a pattern) appears `count` times in the VM's console log
+    (polled every second: the lane is slow)."""
     return daemon.wait_console(name, text, timeout=BOOT_DEADLINE_SEC, count=count, poll=CONSOLE_POLL_SEC)
 
 

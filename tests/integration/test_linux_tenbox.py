@@ -128,7 +128,7 @@ def test_a_guest_flooding_its_console_stays_stoppable(linux: Artifacts) -> None:
     """`yes` on the console, forever: the worker keeps up, and SIGTERM stops it with exit code 3
     within seconds."""
     # Every byte is an exit of the emulated AMD-V: with the lane's run on one CPU, the boot and 2000
-    # lines took 46-51 s here and over 60 s in a CI run (26-43 s before the pinning).
+    # lines took 46-54 s here and 60-67 s in two CI runs (26-43 s before the pinning).
     with start_tenbox(linux, BASE_CMDLINE + " tenbox.run=yes%20tenbox-console-flood", cpus=2,
                       deadline=BOOT_DEADLINE + FLOOD_SEC) as vm:
         vm.wait_for(r"^tenbox-console-flood$", count=FLOOD_LINES)
