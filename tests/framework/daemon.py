@@ -16,11 +16,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Pattern, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import psutil
 
-from tests.framework.process import ConsoleProcess
+from tests.framework.process import ConsoleProcess, Pattern
 from tests.framework.repo import PYTHON, REPO, repo_env
 
 START_SEC = 20.0
@@ -151,7 +151,7 @@ class DaemonProcess:
         """The VM's console log (vm.logs), up to CONSOLE_LINES lines."""
         return self.call("vm.logs", vm_id=name, lines=CONSOLE_LINES)["payload"]["lines"]
 
-    def wait_console(self, name: str, text: Union[str, "Pattern[str]"], timeout: float = 30.0, count: int = 1,
+    def wait_console(self, name: str, text: Pattern, timeout: float = 30.0, count: int = 1,
                      poll: float = STATE_POLL_SEC) -> float:
         """Seconds until `text` is in `count` lines of the VM's console log (a pattern: `count` matches
         in the whole log); fails at once if the VM has ended."""

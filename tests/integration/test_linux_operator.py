@@ -29,7 +29,7 @@ import pytest
 from tests.framework import lane
 from tests.framework.daemon import DaemonProcess, ok
 from tests.framework.ports import free_port
-from tests.framework.process import login_prompt
+from tests.framework.process import Pattern, login_prompt
 
 pytestmark = [pytest.mark.usefixtures("kvm")]
 
@@ -43,7 +43,7 @@ EXT4_VALID_FS = 0x1  # s_state: unmounted cleanly
 EXT4_INCOMPAT_RECOVER = 0x4  # the journal needs recovery: set while mounted read-write
 
 
-def wait_console(daemon, name: str, text, count: int = 1) -> float:
+def wait_console(daemon, name: str, text: Pattern, count: int = 1) -> float:
     """Seconds until `text` (a string or a pattern) appears `count` times in the VM's console log
     (polled every second: the lane is slow)."""
     return daemon.wait_console(name, text, timeout=BOOT_DEADLINE_SEC, count=count, poll=CONSOLE_POLL_SEC)
