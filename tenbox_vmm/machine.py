@@ -191,6 +191,46 @@ def check_limits(memory_mb: int, cpus: int, max_vcpus: Optional[int] = None) -> 
         raise MachineError("--cpus %d is out of range: 1..%d" % (cpus, limit))
 
 
+WARM_UP_RAM_BYTES = 2 * MIB
+
+
+def warm_up() -> bool:
+    """Build a KVM VM as a start or a restore builds one, never run it, and drop it: whether that worked.
+
+    For a standby (standby.py), before it forks workers: the first VM a
+    process makes pays for what Python builds on first use (cffi's struct
+    types of each ioctl, the state records' paths): 1-3 ms of a restore
+    here. Paid once in the standby, each forked worker finds it done.
+    Nothing stays open; a host without KVM just skips it (the VM that
+    needs KVM reports it).
+    """
+    from tenbox_vmm.snapshot import SnapshotError, cpu_model
+
+    kvm = vm = vcpu = memory = None
+    try:
+        kvm = Kvm()
+        board = host_board()
+        board.prepare(kvm, 1)
+        kvm.coalesced_ring_page()
+        memory = GuestMemory(WARM_UP_RAM_BYTES, None, board.ram_regions(WARM_UP_RAM_BYTES))
+        vm = board.create_vm(kvm, memory)
+        vcpu = vm.create_vcpu(0)
+        if board.snapshots:
+            from tenbox_vmm.snapshot.machine_state import capture, check_kvm, restore_kvm
+
+            check_kvm(kvm)
+            cpu_model.describe(kvm.supported_cpuid())
+            restore_kvm(vm, [vcpu], capture(vm, [vcpu], board.supported_msrs, {}, []))
+        return True
+    except (KvmUnavailable, BoardError, SnapshotError, OSError, ValueError) as e:
+        log.debug("warm-up skipped: %s", e)
+        return False
+    finally:
+        for thing in (vcpu, vm, memory, kvm):
+            if thing is not None:
+                thing.close()
+
+
 def install_kick_handler() -> None:
     """vCPU threads are interrupted out of KVM_RUN with KICK_SIGNAL; it needs a handler.
 

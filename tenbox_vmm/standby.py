@@ -52,7 +52,8 @@ PRELOAD = (
 
 
 def preload() -> None:
-    """Import what a worker will need, and load libslirp (a failure is kept and reported by the VM that needs it)."""
+    """Import what a worker will need, load libslirp (a failure is kept and reported by the VM that needs it),
+    and build and drop a VM once (machine.warm_up)."""
     for name in PRELOAD:
         importlib.import_module(name)
     try:
@@ -65,6 +66,9 @@ def preload() -> None:
         open_library()
     except SlirpUnavailable:
         pass
+    from tenbox_vmm.machine import warm_up
+
+    warm_up()
 
 
 def receive(sock: socket.socket) -> Tuple[bytes, List[int]]:

@@ -160,3 +160,13 @@ def test_no_standby_with_zero_and_a_bad_count_is_refused_in_one_line(tmp_path):
         assert "Traceback" not in bad.proc.errors
     finally:
         bad.cleanup()
+
+
+def test_a_ready_standby_has_built_and_dropped_a_vm_and_holds_nothing_of_it(daemon):
+    """machine.warm_up ran before READY (the restore's first-use costs, paid once) and closed all it opened."""
+    pid = wait_ready(daemon)["pids"][0]
+    held = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%d/fd" % pid)]
+    assert not [h for h in held if h == "/dev/kvm" or "kvm" in h], held
+    maps = open("/proc/%d/maps" % pid).read()
+    assert "kvm-vcpu" not in maps, "the warm-up's vCPU mapping is still there"
+    assert len(psutil.Process(pid).threads()) == 1, "a standby forks: it must stay single-threaded"
