@@ -30,6 +30,7 @@ DUMP_SIGNAL = signal.SIGUSR2
 SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
 # Test hook: a smaller runtime.log rotation size (tenboxd drops TENBOX_TEST_* under systemd).
 RUNTIME_LOG_MAX_ENV = "TENBOX_TEST_RUNTIME_LOG_MAX_BYTES"
+LINK_HOLD_SEC = 1.0  # the worker link starts once the guest runs, or after this
 
 
 class _Parser(argparse.ArgumentParser):
@@ -330,8 +331,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MachineError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return ExitCode.USAGE
-    if link is not None:
-        link.start(machine)
 
     done_r, done_w = os.pipe()
     machine.add_done_callback(lambda: os.write(done_w, b"x"))
@@ -361,6 +360,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
     input_fd = None if mode == "none" else 0
     machine.start()
+    if link is not None:
+        # The guest first: the link thread's set-up (ZeroMQ's context and sockets) holds the GIL
+        # about 1.5 ms, which a restore would wait for. What it reports meanwhile waits queued.
+        machine.wait_running(LINK_HOLD_SEC)
+        link.start(machine)
     sandbox.probe_forbidden_call_if_asked(lambda: machine.state == VmState.RUNNING)
     if mode == "tty":
         with TerminalMode(0):

@@ -335,6 +335,7 @@ class Machine:
         self._threads: List[threading.Thread] = []
         self._controller: Optional[threading.Thread] = None
         self._done = threading.Event()
+        self._settled = threading.Event()  # the first boot runs, or the machine has ended
         self._done_callbacks: List[Callable[[], None]] = []
         # A guest that resets itself in a loop decides how often the state changes: each
         # change is a line in tenboxd's log, a write of runtime.json and an event to every
@@ -537,7 +538,16 @@ class Machine:
         return self.devices.serial.rx_space()
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
-        self._done_callbacks.append(callback)
+        """Call `callback()` once the machine has ended, on the thread that ends it; at once if it has."""
+        with self._lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(callback)
+                return
+        callback()
+
+    def wait_running(self, timeout: float) -> bool:
+        """Wait until the guest first runs or the machine ends (True), or `timeout` seconds (False)."""
+        return self._settled.wait(timeout)
 
     def wait(self, timeout: Optional[float] = None) -> Optional[ExitCode]:
         self._done.wait(timeout)
@@ -551,6 +561,8 @@ class Machine:
     def _set_state(self, state: VmState, reason: str) -> None:
         self.state = state
         self._on_state(state, reason)
+        if state == VmState.RUNNING:
+            self._settled.set()
 
     def _irq_line(self, irq: int, level: int) -> None:
         vm = self._vm
@@ -940,9 +952,12 @@ class Machine:
         self.exit_reason = reason
         state = VmState.STOPPED if code in (ExitCode.POWEROFF, ExitCode.STOPPED) else VmState.CRASHED
         self._set_state(state, reason)
-        self._done.set()
+        with self._lock:  # a callback added from here on is called at once (add_done_callback)
+            self._done.set()
+            callbacks = list(self._done_callbacks)
+        self._settled.set()
         self._refuse_snapshots("the VM has stopped")  # every request is answered, once
-        for cb in self._done_callbacks:
+        for cb in callbacks:
             cb()
 
     def close(self) -> None:

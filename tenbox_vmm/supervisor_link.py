@@ -43,9 +43,10 @@ zmq = None  # pyzmq, imported by the link thread when it starts (see SupervisorL
 EXIT_LINGER_MS = 1000  # how long the EXIT message may take to leave
 OUTBOX_MAX = 4096  # queued events while the supervisor is away
 PENDING_INPUT_MAX = 1 << 20  # console input waiting for the guest to read it
-# ZeroMQ reports a connect before the connection takes messages (IMMEDIATE drops what is sent
-# too early), so a HELLO sent at once may not go: it is tried again every 5 ms for a second.
-# After that, tenboxd's WHO in answer to our next heartbeat asks for it (a second later).
+# ZeroMQ reports a connect before the connection takes messages (IMMEDIATE refuses what is sent
+# too early). So for a second after the start and after each connect, the link waits for the
+# socket to take messages (POLLOUT) and sends HELLO then, trying again every 5 ms. After that,
+# tenboxd's WHO in answer to our next heartbeat asks for it (a second later).
 HELLO_RETRY_MS = 5
 HELLO_RETRY_SEC = 1.0
 
@@ -162,9 +163,10 @@ class SupervisorLink:
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         last_heard = time.monotonic()
-        next_beat = 0.0
+        next_beat = time.monotonic() + HEARTBEAT_INTERVAL_SEC  # HELLO first: a heartbeat before it only draws a WHO
         present = False
-        hello_until = 0.0  # after a connect: HELLO again until it goes (see HELLO_RETRY_SEC)
+        hello_until = time.monotonic() + HELLO_RETRY_SEC  # HELLO until it goes (see HELLO_RETRY_SEC)
+        polled = zmq.POLLIN
         try:
             while True:
                 now = time.monotonic()
@@ -179,6 +181,10 @@ class SupervisorLink:
                     timeout_ms = min(timeout_ms, 20)
                 if now < hello_until:
                     timeout_ms = min(timeout_ms, HELLO_RETRY_MS)
+                wanted = zmq.POLLIN | (zmq.POLLOUT if hello_until and not self._introduced else 0)
+                if wanted != polled:
+                    poller.modify(sock, wanted)
+                    polled = wanted
                 events = dict(poller.poll(timeout_ms))
                 if monitor in events:
                     try:
@@ -197,7 +203,7 @@ class SupervisorLink:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
-                if sock in events:
+                if events.get(sock, 0) & zmq.POLLIN:
                     while True:
                         try:
                             frame = sock.recv(zmq.NOBLOCK)
@@ -213,9 +219,11 @@ class SupervisorLink:
                 self._flush(sock)
                 if self._pending_input:
                     self._pending_input = self._pending_input[self.machine.console_input(self._pending_input):]
-                if self._exit is not None:
+                # A guest that ended before the link was up: its story waits for the HELLO (within
+                # HELLO_RETRY_SEC), and is tried once more without it.
+                if self._exit is not None and (self._introduced or not hello_until):
                     if not self._introduced:
-                        self._introduce(sock)  # a guest that ended before the link was up: tell its story
+                        self._introduce(sock)
                     self._flush(sock)
                     code, reason = self._exit
                     self._send(sock, WorkerExit(code, reason))
