@@ -19,7 +19,9 @@ times each:
     `-incoming "exec:cat FILE"` (it runs the guest when the load ends).
 
   * through tenboxd (a standby ready, as by default): a clone of one from a
-    snapshot of the same guest, request -> the clone's first count line,
+    snapshot of the same guest (the source stopped once snapshotted: a
+    spinning count guest would take one of the host's cores from every
+    case), request -> the clone's first count line,
     interleaved with the two restores above; and, for both tenbox ways, the
     worker's own "guest runs N ms after the worker's main()" line;
   * 10 clones at once (`vm.clone --count 10`) of the `idle` guest (it halts;
@@ -180,8 +182,8 @@ def restore_case(argv: List[str], tenbox: bool):
 
 
 class DaemonSource:
-    """A tenboxd with a test guest (64 MiB, a qcow2 overlay of a template) running, snapshotted once it printed
-    `ready`: the count guest at `count: 5` (it spins between its lines), or the idle guest, which halts."""
+    """A tenboxd with a test guest (64 MiB, a qcow2 overlay of a template) snapshotted once it printed `ready`, and
+    stopped: the count guest at `count: 5` (it spins between its lines), or the idle guest, which halts."""
 
     def __init__(self, folder: Path, guest: str = "count", cmdline: Optional[str] = CMDLINE,
                  ready: str = "count: 5") -> None:
@@ -195,6 +197,7 @@ class DaemonSource:
         self.d.call("vm.start", vm_id=self.id)
         self.d.wait_console(self.id, ready)
         self.d.call("vm.snapshot", vm_id=self.id, name="warm")
+        self.d.call("vm.stop", vm_id=self.id)  # its clones need only the snapshot
         self.serial = 0
 
     def clone(self, count: int) -> Dict[str, object]:
