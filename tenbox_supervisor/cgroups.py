@@ -51,6 +51,13 @@ class WorkerCgroup:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:
                 f.write("%d\n" % pid)
 
+    def join_files(self) -> List[str]:
+        """Per folder, the file a process joins it by, writing "0" itself (tenbox_vmm/standby.py): cgroup
+        v1's `tasks` (one thread, the writer: moved without the lock a move by pid takes), else
+        `cgroup.procs`."""
+        return [os.path.join(d, "tasks") if os.path.exists(os.path.join(d, "tasks")) else os.path.join(d, "cgroup.procs")
+                for d in self.dirs]
+
     def remove(self) -> None:
         """rmdir each folder once its processes are gone; OSError is logged, not raised."""
         for d in self.dirs:

@@ -24,8 +24,8 @@ import psutil
 from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, WorkerCgroup
 from tenbox_supervisor.imagetool_child import run_imagetool
 from tenbox_supervisor.standby import (ForkedWorker, Standby, StandbyPool, StandbyRefused, become_subreaper,
-                                       move_to_scope)
-from tenbox_vmm.protocol.standby import GO, OrderError, encode_order
+                                       move_to_scope, send_go)
+from tenbox_vmm.protocol.standby import OrderError, encode_order
 from tenbox_supervisor.worker_files import WorkerFile, close_all, open_all
 from tenbox_vmm.protocol import Limits
 from tenbox_vmm.protocol.sandbox import PassedFile
@@ -203,9 +203,7 @@ class SystemHost:
                 move_to_scope(scope_name, limits, worker.pid)
             elif self.cgroups is not None and limits is not None:
                 cgroup = self.cgroups.create(scope_name, limits)
-                if cgroup is not None:
-                    cgroup.add(worker.pid)
-            go.sendall(GO)
+            send_go(go, cgroup.join_files() if cgroup is not None else ())  # the worker joins its cgroup itself
         except (OSError, StandbyRefused, subprocess.SubprocessError) as e:
             why = getattr(e, "strerror", None) or getattr(e, "stderr", None) or e
             worker.kill()

@@ -36,12 +36,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from tenbox_supervisor.cgroups import ResourceLimits, pid_paths
-from tenbox_vmm.protocol.standby import FORKED_MAX_BYTES, READY, OrderError, parse_forked
+from tenbox_vmm.protocol.standby import (FORKED_MAX_BYTES, GO, GO_MAX_FDS, GO_REPLY_MAX_BYTES, JOINED, READY,
+                                         OrderError, parse_forked)
 
 log = logging.getLogger("tenboxd.standby")
 
 RETRY_SEC = 30.0  # after a standby ended
 FORK_REPLY_SEC = 5.0  # a standby's reply to an order: a fork, milliseconds
+GO_REPLY_SEC = 5.0  # a forked worker's answer to a GO with cgroup files: a write to each
 SCOPE_SEC = 5.0  # systemd's move of a forked worker into its new scope
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -152,6 +154,28 @@ class Standby:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+
+def send_go(go: socket.socket, join: Sequence[str] = ()) -> None:
+    """Let a forked worker go. With `join` (cgroup files, cgroups.WorkerCgroup.join_files), the worker joins
+    them itself before it runs anything, and says so: StandbyRefused or OSError if it has not."""
+    if len(join) > GO_MAX_FDS:
+        raise StandbyRefused("%d cgroup files are more than a GO passes" % len(join))
+    fds: List[int] = []
+    try:
+        for path in join:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        go.sendmsg([GO], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if not fds:
+        return
+    if not select.select([go], [], [], GO_REPLY_SEC)[0]:
+        raise StandbyRefused("its worker did not answer GO within %.0f s" % GO_REPLY_SEC)
+    reply = go.recv(GO_REPLY_MAX_BYTES, socket.MSG_DONTWAIT)
+    if reply != JOINED:
+        raise StandbyRefused("its worker %s" % (reply[1:].decode("utf-8", "replace") or "ended before it joined its cgroup"))
 
 
 def move_to_scope(unit: str, limits: Optional[ResourceLimits], pid: int) -> None:

@@ -36,8 +36,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from tenbox_vmm import passed_files
 from tenbox_vmm.protocol import ExitCode
-from tenbox_vmm.protocol.standby import (GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, OrderError, encode_forked,
-                                         parse_order)
+from tenbox_vmm.protocol.standby import (GO, GO_MAX_FDS, GO_REPLY_MAX_BYTES, JOIN_FAILED, JOINED, ORDER_MAX_BYTES,
+                                         ORDER_MAX_FDS, READY, OrderError, encode_forked, parse_order)
 
 GO_WAIT_SEC = 60.0  # a forked worker that tenboxd never lets go ends having run nothing
 
@@ -154,10 +154,9 @@ def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, ar
     go = socket.socket(fileno=go_fd)
     go.settimeout(GO_WAIT_SEC)
     try:
-        let_go = go.recv(1) == GO
-    except OSError:
-        let_go = False
-    go.close()
+        let_go = _await_go(go)
+    finally:
+        go.close()
     if not let_go:
         os.close(log_fd)
         return 0  # tenboxd could not place it: it runs nothing
@@ -168,6 +167,41 @@ def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, ar
     os.dup2(log_fd, 2)
     os.close(log_fd)
     return main(argv)  # the standby's objects stay frozen: a collection here never writes their pages
+
+
+def _await_go(go: socket.socket) -> bool:
+    """Whether tenboxd lets this worker go. A GO that passes cgroup files is answered once the worker
+    has joined them itself (False if it could not: it runs nothing).
+
+    The worker is one thread here, so each write of "0" moves the whole process: by cgroup v1's
+    `tasks` the kernel then skips the lock a move of a process by its pid takes (an RCU grace
+    period, 5-25 ms per move on the development host; tenboxd's own write paid it).
+    """
+    space = socket.CMSG_SPACE(GO_MAX_FDS * array.array("i").itemsize)
+    try:
+        data, ancdata, flags, _ = go.recvmsg(len(GO), space, socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return False
+    fds = passed_files.received_fds(ancdata)
+    if data != GO or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        _close(fds)
+        return False
+    if not fds:
+        return True
+    why = None
+    for fd in fds:
+        try:
+            if why is None:
+                os.write(fd, b"0")
+        except OSError as e:
+            why = "cannot join its cgroup: %s" % (e.strerror or e)
+        finally:
+            os.close(fd)
+    try:
+        go.sendall(JOINED if why is None else (JOIN_FAILED + why.encode())[:GO_REPLY_MAX_BYTES])
+    except OSError:
+        return False
+    return why is None
 
 
 def _refuse(why: object) -> int:

@@ -11,7 +11,9 @@ For each order the standby forks the VM's worker and replies with its pid
 (encode_forked): a worker already re-parented to tenboxd, which holds it
 until tenboxd has put it where its limits apply and sent GO on the GO
 socket. A GO socket that ends without GO ends the worker, having run
-nothing. tenbox_vmm/standby.py serves orders, tenbox_supervisor/standby.py
+nothing. A GO may pass cgroup files (GO_MAX_FDS at most): the worker, still
+one thread, joins each by writing "0" to it, and answers JOINED, or
+JOIN_FAILED and why, and then ends having run nothing. tenbox_vmm/standby.py serves orders, tenbox_supervisor/standby.py
 sends them.
 """
 
@@ -22,6 +24,10 @@ from typing import List, Sequence, Tuple
 
 READY = b"R"
 GO = b"G"
+JOINED = b"J"
+JOIN_FAILED = b"F"  # then one line: why
+GO_MAX_FDS = 8  # cgroup files: one per hierarchy the worker joins (v2: one; v1: memory and pids)
+GO_REPLY_MAX_BYTES = 512
 FORKED = b"P"  # then the worker's pid in decimal
 FORKED_MAX_BYTES = 16
 ORDER_MAX_BYTES = 1 << 20

@@ -5,6 +5,8 @@ a worker per order and replies with its pid. The worker runs nothing until
 GO comes on its GO socket, then runs the VM its order names, with the
 order's runtime log as stdout and stderr and the passed descriptors as its
 --fd files; a GO socket that ends without GO ends it having run nothing. A
+GO that passes cgroup files is answered once the worker has joined them
+itself, or with why not (and it runs nothing). A
 closed socket ends the standby with 0; a bad order ends it with one line
 and exit 2, having run nothing.
 """
@@ -18,6 +20,8 @@ import subprocess
 import psutil
 import pytest
 
+from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, pid_paths
+from tenbox_supervisor.standby import StandbyRefused, send_go
 from tenbox_vmm.protocol.standby import GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, parse_forked
 from tests.framework.guests import guest_path
 from tests.framework.process import gone
@@ -95,6 +99,40 @@ def test_a_worker_whose_go_socket_ends_without_go_runs_nothing(tmp_path):
     log = tmp_path / "runtime.log"
     pid, go = sb.fork(["--kernel", guest_path("poweroff"), "--memory", "32"], log)
     go.close()
+    assert gone(pid, EXIT_SEC)
+    assert log.read_text() == ""
+    assert sb.finish() == (0, "", "")
+
+
+def test_a_go_with_cgroup_files_is_answered_once_the_worker_is_in_its_cgroups(tmp_path):
+    cgroup = Cgroups().create("tenbox-test-join-%d" % os.getpid(), ResourceLimits(256 << 20, 64))
+    assert cgroup is not None, "this host gives root no cgroup to make (cgroups.py)"
+    sb = Standby()
+    assert sb.ready() == READY
+    log = tmp_path / "runtime.log"
+    try:
+        pid, go = sb.fork(["--kernel", guest_path("poweroff"), "--memory", "32", "--console", "stdio"], log)
+        with go:
+            before = set(pid_paths(pid).values())
+            send_go(go, cgroup.join_files())
+            joined = pid_paths(pid)
+        for d in cgroup.dirs:
+            assert any(d.endswith(path) for path in joined.values()), (d, joined)
+        assert not any(d.endswith(path) for d in cgroup.dirs for path in before)
+        assert gone(pid, EXIT_SEC)
+        assert "TENBOX-GUEST poweroff PASS" in log.read_text()
+    finally:
+        cgroup.remove()
+    assert sb.finish() == (0, "", "")
+
+
+def test_a_worker_that_cannot_join_its_cgroup_says_why_and_runs_nothing(tmp_path):
+    sb = Standby()
+    assert sb.ready() == READY
+    log = tmp_path / "runtime.log"
+    pid, go = sb.fork(["--kernel", guest_path("poweroff"), "--memory", "32"], log)
+    with go, pytest.raises(StandbyRefused, match="cannot join its cgroup: No space left on device"):
+        send_go(go, ["/dev/full"])  # every write fails (ENOSPC)
     assert gone(pid, EXIT_SEC)
     assert log.read_text() == ""
     assert sb.finish() == (0, "", "")
