@@ -55,8 +55,8 @@ class WorkerCgroup:
         """Per folder, the file a process joins it by, writing "0" itself (tenbox_vmm/standby.py): cgroup
         v1's `tasks` (one thread, the writer: moved without the lock a move by pid takes), else
         `cgroup.procs`."""
-        return [os.path.join(d, "tasks") if os.path.exists(os.path.join(d, "tasks")) else os.path.join(d, "cgroup.procs")
-                for d in self.dirs]
+        tasks = [os.path.join(d, "tasks") for d in self.dirs]
+        return [t if os.path.exists(t) else os.path.join(d, "cgroup.procs") for t, d in zip(tasks, self.dirs)]
 
     def remove(self) -> None:
         """rmdir each folder once its processes are gone; OSError is logged, not raised."""

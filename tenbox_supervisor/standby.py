@@ -175,7 +175,8 @@ def send_go(go: socket.socket, join: Sequence[str] = ()) -> None:
         raise StandbyRefused("its worker did not answer GO within %.0f s" % GO_REPLY_SEC)
     reply = go.recv(GO_REPLY_MAX_BYTES, socket.MSG_DONTWAIT)
     if reply != JOINED:
-        raise StandbyRefused("its worker %s" % (reply[1:].decode("utf-8", "replace") or "ended before it joined its cgroup"))
+        why = reply[1:].decode("utf-8", "replace") or "ended before it joined its cgroup"
+        raise StandbyRefused("its worker %s" % why)
 
 
 def move_to_scope(unit: str, limits: Optional[ResourceLimits], pid: int) -> None:

@@ -13,8 +13,9 @@ until tenboxd has put it where its limits apply and sent GO on the GO
 socket. A GO socket that ends without GO ends the worker, having run
 nothing. A GO may pass cgroup files (GO_MAX_FDS at most): the worker, still
 one thread, joins each by writing "0" to it, and answers JOINED, or
-JOIN_FAILED and why, and then ends having run nothing. tenbox_vmm/standby.py serves orders, tenbox_supervisor/standby.py
-sends them.
+JOIN_FAILED and why, and then ends having run nothing.
+tenbox_vmm/standby.py serves orders, tenbox_supervisor/standby.py sends
+them.
 """
 
 from __future__ import annotations
