@@ -219,7 +219,7 @@ def warm_up() -> bool:
             from tenbox_vmm.snapshot.machine_state import capture, check_kvm, restore_kvm
 
             check_kvm(kvm)
-            cpu_model.describe(kvm.supported_cpuid())
+            cpu_model.describe(board.supported_cpuid)  # prepare() read it
             restore_kvm(vm, [vcpu], capture(vm, [vcpu], board.supported_msrs, {}, []))
         return True
     except (KvmUnavailable, BoardError, SnapshotError, OSError, ValueError) as e:

@@ -190,13 +190,12 @@ def _await_go(go: socket.socket) -> bool:
         return True
     why = None
     for fd in fds:
-        try:
-            if why is None:
+        if why is None:
+            try:
                 os.write(fd, b"0")
-        except OSError as e:
-            why = "cannot join its cgroup: %s" % (e.strerror or e)
-        finally:
-            os.close(fd)
+            except OSError as e:
+                why = "cannot join its cgroup: %s" % (e.strerror or e)
+        os.close(fd)
     try:
         go.sendall(JOINED if why is None else (JOIN_FAILED + why.encode())[:GO_REPLY_MAX_BYTES])
     except OSError:
