@@ -79,7 +79,10 @@ def system_info(app: App, as_json: bool):
 def _standby(s: dict) -> str:
     if not s.get("wanted"):
         return "off (TENBOX_STANDBY_WORKERS=0)"
-    return "%d of %d workers ready to take a VM's start" % (s.get("ready", 0), s["wanted"])
+    text = "%d of %d workers ready to take a VM's start" % (s.get("ready", 0), s["wanted"])
+    if s.get("spares"):
+        text += ", %d spare(s) sandboxed ahead" % len(s["spares"])
+    return text
 
 
 @click.command("version")

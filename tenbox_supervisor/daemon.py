@@ -129,7 +129,7 @@ class Daemon:
             store = Store(self.config.vms_dir, log_gid)
             self.link = LinkServer(self.config.worker_endpoint, lambda vm_id, msg: workers.on_link_message(vm_id, msg),
                                    **worker_link_access())
-            host = self.host = SystemHost(self.config.standby_workers)
+            host = self.host = SystemHost(self.config.standby_workers, self.config.worker_endpoint)
             workers = self.workers = WorkerManager(self.config, store, host, self.link.send)
             events = EventLog(host.time)
             workers.add_listener(events.on_state_change)  # before restore(): crashes found at start are events too

@@ -111,7 +111,7 @@ class Host(Protocol):
 class SystemHost:
     """The real host: Popen, kill, pidfd, psutil, the system clocks; `standby_workers` started ahead of need."""
 
-    def __init__(self, standby_workers: int = 0) -> None:
+    def __init__(self, standby_workers: int = 0, link_endpoint: Optional[str] = None) -> None:
         self.use_scopes = (
             os.geteuid() == 0 and os.path.isdir("/run/systemd/system") and shutil.which("systemd-run") is not None
             and os.environ.get("TENBOX_NO_SCOPES") != "1"
@@ -121,6 +121,7 @@ class SystemHost:
         self.cgroups = Cgroups() if os.geteuid() == 0 and not self.use_scopes else None
         if self.cgroups is not None:
             log.info("worker limits: %s", self.cgroups.describe())
+        self.link_endpoint = link_endpoint  # the standbys' spares are sandboxed for workers on this link
         self.standby = StandbyPool(standby_workers, self._start_standby, self.monotonic) if standby_workers else None
         if self.standby is not None:
             try:
@@ -225,7 +226,8 @@ class SystemHost:
         """A new standby (zygote), tenboxd's child; OSError if it cannot start."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            p = subprocess.Popen(list(RUNTIME_ARGV) + [STANDBY_ARG], stdin=theirs, stdout=subprocess.DEVNULL,
+            link = ["--link", self.link_endpoint] if self.link_endpoint else []
+            p = subprocess.Popen(list(RUNTIME_ARGV) + [STANDBY_ARG] + link, stdin=theirs, stdout=subprocess.DEVNULL,
                                  env=self.worker_env(), close_fds=True, start_new_session=True)
         except BaseException:
             ours.close()

@@ -17,6 +17,12 @@ message carries, or a worker that cannot be placed: the worker starts
 cold, as without standbys. A standby that ended is logged and replaced no
 sooner than RETRY_SEC later, so a broken installation does not fork in a
 loop.
+
+Each standby is started with the worker link's endpoint and keeps a spare:
+a worker forked and sandboxed before any order, so that the sandbox is not
+on a start's path. The spare is tenboxd's child from its fork; the standby
+names it (SPARE) and tenboxd kills and reaps the spares of a standby that
+ended or was let go: nothing else would.
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from tenbox_supervisor.cgroups import ResourceLimits, pid_paths
-from tenbox_vmm.protocol.standby import (FORKED_MAX_BYTES, GO, GO_MAX_FDS, GO_REPLY_MAX_BYTES, JOINED, READY,
-                                         OrderError, parse_forked)
+from tenbox_vmm.protocol.standby import (FORKED_MAX_BYTES, GO, GO_MAX_FDS, GO_REPLY_MAX_BYTES, JOINED, READY, SPARE,
+                                         OrderError, parse_forked, parse_spare)
 
 log = logging.getLogger("tenboxd.standby")
 
@@ -94,11 +100,12 @@ class ForkedWorker:
 
 @dataclass
 class Standby:
-    """One zygote: tenboxd's child, and tenboxd's end of its socket."""
+    """One zygote: tenboxd's child, tenboxd's end of its socket, and the pids of its spares (tenboxd's children)."""
 
     popen: subprocess.Popen
     sock: socket.socket
     ready: bool = False
+    spares: Set[int] = field(default_factory=set)
 
     @property
     def pid(self) -> int:
@@ -109,12 +116,24 @@ class Standby:
 
     def is_ready(self) -> bool:
         """Whether it has said READY and still runs (never blocks)."""
-        if not self.ready and self.alive():
+        if self.alive():
             try:
-                self.ready = self.sock.recv(1, socket.MSG_DONTWAIT) == READY
-            except OSError:  # BlockingIOError: still importing
+                while True:
+                    self._note(self.sock.recv(FORKED_MAX_BYTES, socket.MSG_DONTWAIT))
+            except (OSError, OrderError):  # BlockingIOError: nothing more said (still importing, if not READY)
                 pass
+        self._reap_spares(kill=False)
         return self.ready and self.alive()
+
+    def _note(self, message: bytes) -> bool:
+        """Take in READY or SPARE: True if it was one of them; OrderError if a SPARE is malformed."""
+        if message == READY:
+            self.ready = True
+            return True
+        if message.startswith(SPARE):
+            self.spares.add(parse_spare(message))
+            return True
+        return False
 
     def fork(self, payload: bytes, fds: Sequence[int], log_fd: int) -> Tuple[ForkedWorker, socket.socket]:
         """A worker forked for the encoded order (encode_order), with the runtime log and the files' descriptors
@@ -124,12 +143,18 @@ class Standby:
             passed = array.array("i", [log_fd, theirs.fileno()] + list(fds))
             self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
             theirs.close()
-            if not select.select([self.sock], [], [], FORK_REPLY_SEC)[0]:
-                raise StandbyRefused("no answer within %.0f s" % FORK_REPLY_SEC)
-            reply = self.sock.recv(FORKED_MAX_BYTES, socket.MSG_DONTWAIT)
-            if not reply:
-                raise StandbyRefused("it closed its socket (exit status %s)" % self.popen.poll())
+            deadline = time.monotonic() + FORK_REPLY_SEC
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    raise StandbyRefused("no answer within %.0f s" % FORK_REPLY_SEC)
+                reply = self.sock.recv(FORKED_MAX_BYTES, socket.MSG_DONTWAIT)
+                if not reply:
+                    raise StandbyRefused("it closed its socket (exit status %s)" % self.popen.poll())
+                if not self._note(reply):
+                    break
             worker = ForkedWorker(parse_forked(reply))
+            self.spares.discard(worker.pid)  # a spare that took the order: the VM's worker now
         except BaseException as e:
             theirs.close()
             go.close()  # a forked worker sees it end and runs nothing
@@ -147,13 +172,28 @@ class Standby:
         return worker, go
 
     def dismiss(self) -> None:
-        """Let it go: it exits when its socket ends; killed if it has not within a second."""
+        """Let it go: it exits when its socket ends; killed if it has not within a second. Its spares are ended."""
         self.sock.close()
         try:
             self.popen.wait(1.0)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+        self._reap_spares(kill=True)
+
+    def _reap_spares(self, kill: bool) -> None:
+        """Reap the spares that ended (a spare that could not enter its sandbox ends); with `kill`, end them all
+        first (they hold no VM)."""
+        for pid in list(self.spares):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:  # it runs (a child of ours: its pid stays its own)
+                    if not kill:
+                        continue
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            except ChildProcessError:  # not tenboxd's child: a SPARE that named another process
+                pass
+            self.spares.discard(pid)
 
 
 def send_go(go: socket.socket, join: Sequence[str] = ()) -> None:
@@ -217,7 +257,7 @@ class StandbyPool:
         """For system.info: how many are wanted, how many wait ready, and their pids."""
         self._drop_ended()
         return {"wanted": self.count, "ready": sum(1 for s in self._waiting if s.is_ready()),
-                "pids": [s.pid for s in self._waiting]}
+                "pids": [s.pid for s in self._waiting], "spares": sorted(p for s in self._waiting for p in s.spares)}
 
     def fill(self) -> None:
         """Start standbys up to the count (not while a failed one's RETRY_SEC runs)."""
@@ -262,7 +302,7 @@ class StandbyPool:
     def _drop_ended(self) -> None:
         for s in [s for s in self._waiting if not s.alive()]:
             self._waiting.remove(s)
-            s.sock.close()
+            s.dismiss()  # its socket closed, its spares ended
             log.warning("standby worker pid %d ended on its own (exit %s); the next in %.0f s at the earliest",
                         s.pid, s.popen.returncode, RETRY_SEC)
             self._retry_at = self._monotonic() + RETRY_SEC

@@ -49,5 +49,5 @@ class SystemMethods:
             "vm_summary": telemetry.vm_summary(self.vms.all(), len(self.vms.broken())),
             "resources": telemetry.host_resources(self.config.data_dir),
             "doctor": doctor.run_checks(),
-            "standby_workers": self.standby() if self.standby else {"wanted": 0, "ready": 0, "pids": []},
+            "standby_workers": self.standby() if self.standby else {"wanted": 0, "ready": 0, "pids": [], "spares": []},
         }

@@ -158,6 +158,25 @@ def _console_log(args) -> Optional[str]:
     return os.path.join(args.vm_dir, "logs", "console.log") if args.vm_dir else None
 
 
+def _before_sandbox() -> None:
+    """What every worker does before its sandbox, whatever its machine."""
+    # SIGUSR2 writes every thread's Python stack to stderr (the runtime log under tenboxd):
+    # where each vCPU thread is, for a VM that hangs, without stopping it. Before the
+    # sandbox: registering sets up a signal stack (sigaltstack), which its filter forbids.
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
+
+
+def _enter_ahead(link: Optional[str]) -> str:
+    """A standby's spare, before its order: the steps before the sandbox that need no machine, and the
+    sandbox for workers on `link`; SandboxError if it cannot be entered."""
+    from tenbox_vmm import passed_files, sandbox
+    from tenbox_vmm.kvm.api import KVM_PATH
+
+    _before_sandbox()
+    passed_files.open_named([KVM_PATH], os.O_RDWR)  # what _open_before_sandbox opens for any order
+    return sandbox.enter_ahead(link)
+
+
 def _open_before_sandbox(args, disks) -> None:
     """Open what the sandbox will hide: /dev/kvm always; a standalone root run's files too.
 
@@ -218,12 +237,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.monotonic()
     args = build_parser().parse_args(argv)
     if args.standby:
-        if (sys.argv[1:] if argv is None else argv) != ["--standby"]:
-            sys.stderr.write("%s: error: --standby takes no other option; its order brings them\n" % PROG)
+        given = sys.argv[1:] if argv is None else argv
+        if given not in (["--standby"], ["--standby", "--link", args.link], ["--standby", "--link=%s" % args.link]):
+            sys.stderr.write("%s: error: --standby takes no other option than --link; its order brings them\n"
+                             % PROG)
             return ExitCode.USAGE
         from tenbox_vmm import standby
 
-        return standby.serve(main)  # the order's command line: an ExitCode as any worker's
+        # The order's command line: an ExitCode as any worker's. With --link, a spare sandboxed ahead.
+        return standby.serve(main, link=args.link, enter_ahead=_enter_ahead if args.link else None)
     if not args.kernel and not args.restore:
         sys.stderr.write("%s: error: --kernel is required (or --restore FILE) (see --help)\n" % PROG)
         return ExitCode.USAGE
@@ -255,11 +277,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("%s: error: --console tty needs a terminal on stdin\n" % PROG)
         return ExitCode.USAGE
 
-    # SIGUSR2 writes every thread's Python stack to stderr (the runtime log under tenboxd):
-    # where each vCPU thread is, for a VM that hangs, without stopping it. Before the
-    # sandbox: registering sets up a signal stack (sigaltstack), which its filter forbids.
-    faulthandler.register(DUMP_SIGNAL, all_threads=True)
-    _open_before_sandbox(args, disks)
+    ahead = sandbox.entered_ahead()  # a standby's spare: what comes before the sandbox is done
+    if not ahead:
+        _before_sandbox()
+        _open_before_sandbox(args, disks)
     snapshot_dir = link_snapshot_dir = None
     try:  # the folders, held open: the sandbox hides their paths
         if args.snapshot_out:
@@ -281,7 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             plan_memory = max(memory_mb, sizes[0] >> 20)
             plan_cpus = max(cpus, min(sizes[1], Limits.CPUS_MAX))
     try:
-        summary = sandbox.enter(sandbox.Plan(plan_memory, plan_cpus, args.link, rename_dir_fd=snapshot_dir))
+        plan = sandbox.Plan(plan_memory, plan_cpus, args.link, rename_dir_fd=snapshot_dir)
+        summary = sandbox.narrow(plan) if ahead else sandbox.enter(plan)
     except sandbox.SandboxError as e:
         sys.stderr.write("%s: error: cannot enter the worker sandbox: %s\n" % (PROG, e))
         return ExitCode.SANDBOX

@@ -19,9 +19,21 @@ its VM's cgroup or scope by then), and runs `main()` on the order's
 command line, exactly as a worker started cold, sandbox and all. The
 workers share the standby's pages until they write them.
 
-A standby whose socket ends (tenboxd stopped, or closed it) exits 0. A bad
-order ends it with one line and exit 2 (tenboxd never sends one). Nothing
-of a VM stays in a standby after its fork.
+With `--link ENDPOINT`, the standby keeps a spare: a worker forked ahead
+of its order, which enters its sandbox at once (`sandbox.enter_ahead`: the
+jail with that link's folder, the worker user, the seccomp filter) and
+waits for an order on a socket pair of its own. An order for that link is
+passed on to the spare, whose pid is the reply; its `main()` then only
+lowers its memory rlimit to the machine's (`sandbox.narrow`), and the
+sandbox and the fork leave a restore's path. The standby forks the next
+spare once it has replied. Orders a spare cannot run (another link,
+--snapshot-out) and orders that come before the spare is ready (within
+SPARE_WAIT_SEC) fork a worker as above. A spare that cannot enter its
+sandbox says why in one line and ends; the standby makes no other.
+
+A standby whose socket ends (tenboxd stopped, or closed it) exits 0, and
+its spare with it. A bad order ends it with one line and exit 2 (tenboxd
+never sends one). Nothing of a VM stays in a standby after its fork.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import array
 import gc
 import importlib
 import os
+import select
 import socket
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -37,9 +50,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from tenbox_vmm import passed_files
 from tenbox_vmm.protocol import ExitCode
 from tenbox_vmm.protocol.standby import (GO, GO_MAX_FDS, GO_REPLY_MAX_BYTES, JOIN_FAILED, JOINED, ORDER_MAX_BYTES,
-                                         ORDER_MAX_FDS, READY, OrderError, encode_forked, parse_order)
+                                         ORDER_MAX_FDS, READY, OrderError, encode_forked, encode_spare, order_link,
+                                         parse_order)
 
 GO_WAIT_SEC = 60.0  # a forked worker that tenboxd never lets go ends having run nothing
+# How long an order waits for a spare still entering its sandbox (a few milliseconds of work) before
+# the standby forks a worker for it instead.
+SPARE_WAIT_SEC = 0.05
 
 # What a worker imports between main() and its guest's first instruction (python3 -X importtime).
 PRELOAD = (
@@ -83,14 +100,69 @@ def receive(sock: socket.socket) -> Tuple[bytes, List[int]]:
     return data, fds
 
 
-def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0) -> int:
-    """Serve orders on `sock_fd` (stdin) until it ends: 0. In each forked worker, that VM's main()'s exit status."""
+class _Spare:
+    """A worker forked ahead of its order (tenboxd's child), and the standby's end of its socket."""
+
+    def __init__(self, pid: int, sock: socket.socket, link: Optional[str]) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.link = link
+        self.ready = False
+
+    def take(self, argv: Sequence[str], data: bytes, fds: Sequence[int]) -> Optional[bool]:
+        """Pass the order (`argv` parsed from `data`) on if it fits this spare: True if passed, False if not
+        (the spare stays for the next), None if the spare has ended (it said why)."""
+        link, fits = order_link(argv)
+        if not fits or link != self.link:
+            return False
+        if not self.ready:
+            if not select.select([self.sock], [], [], SPARE_WAIT_SEC)[0]:
+                return False  # still entering its sandbox: this order forks, the next finds it
+            try:
+                said = self.sock.recv(len(READY))
+            except OSError:
+                said = b""
+            if said != READY:
+                return None
+            self.ready = True
+        try:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        except OSError:
+            return None
+        return True
+
+
+def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0, link: Optional[str] = None,
+          enter_ahead: Optional[Callable[[Optional[str]], str]] = None) -> int:
+    """Serve orders on `sock_fd` (stdin) until it ends: 0. In each forked worker, that VM's main()'s exit status.
+
+    With `enter_ahead` (the worker's steps before and into its sandbox, for `link`), keep a spare.
+    """
     sock = socket.socket(fileno=sock_fd)
     preload()
     gc.collect()
     gc.freeze()  # the workers' collections leave the shared objects' pages unwritten
-    sock.sendall(READY)
+    spare: Optional[_Spare] = None
+    said_ready = False
     while True:
+        # The next spare, unless an order already waits (a burst of starts): that order is served
+        # first, by a fork, rather than after the spare's fork.
+        if enter_ahead is not None and spare is None and not (said_ready and _waiting(sock)):
+            try:
+                pid, theirs = _fork_spare(link)
+            except OSError as e:
+                sys.stderr.write("tenbox-vm-runtime: warning: standby: cannot fork a spare worker: %s\n"
+                                 % (e.strerror or e))
+                enter_ahead = None
+            else:
+                if pid == 0:  # this process is the spare now
+                    sock.detach()  # fd 0, replaced by /dev/null
+                    return _run_spare(main, enter_ahead, link, theirs)
+                spare = _Spare(pid, theirs, link)
+                sock.sendall(encode_spare(pid))
+        if not said_ready:
+            sock.sendall(READY)
+            said_ready = True
         try:
             data, fds = receive(sock)
         except ConnectionResetError:
@@ -104,6 +176,16 @@ def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0) -> int:
         except OrderError as e:
             _close(fds)
             return _refuse(e)
+        taken = spare.take(argv, data, fds) if spare is not None else False
+        if taken is None:  # the spare ended, having said why: the next would fail the same way
+            spare.sock.close()
+            spare, enter_ahead = None, None
+        elif taken:
+            spare.sock.close()
+            _close(fds)
+            sock.sendall(encode_forked(spare.pid))
+            spare = None
+            continue
         try:
             worker = _fork()
         except OSError as e:
@@ -111,9 +193,61 @@ def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0) -> int:
             return _refuse("cannot fork a worker: %s" % (e.strerror or e))
         if worker == 0:  # this process is the VM's worker now
             sock.detach()  # fd 0, replaced by /dev/null below
+            if spare is not None:
+                spare.sock.close()
             return _run(main, log_fd, go_fd, argv)
         _close(fds)
         sock.sendall(encode_forked(worker))
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """Whether the socket has something to read now (an order, or its end)."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _fork_spare(link: Optional[str]) -> Tuple[int, socket.socket]:
+    """Fork a spare (as _fork): its pid and the standby's end of its socket in the standby, 0 and the
+    spare's end in the spare; OSError if it could not be forked."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = _fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        ours.close()
+        return 0, theirs
+    theirs.close()
+    return pid, ours
+
+
+def _run_spare(main: Callable[[Optional[List[str]]], int], enter_ahead: Callable[[Optional[str]], str],
+               link: Optional[str], sock: socket.socket) -> int:
+    """The spare: its own session, its sandbox entered, then its order awaited and run as a forked worker's.
+    An end of the standby's socket before the order ends it having run nothing."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)  # the worker's stdin is empty, as a cold worker's
+    os.close(null)
+    from tenbox_vmm.sandbox import SandboxError
+
+    try:
+        enter_ahead(link)
+    except SandboxError as e:
+        sys.stderr.write("tenbox-vm-runtime: error: standby: a spare worker cannot enter its sandbox: %s\n" % e)
+        return ExitCode.SANDBOX
+    try:
+        sock.sendall(READY)
+        data, fds = receive(sock)
+        if not data:
+            return 0  # its standby ended
+        log_fd, go_fd, argv = parse_order(data, fds)
+    except (OSError, OrderError):
+        return 0  # the standby checked the order: only an ended standby gets here
+    finally:
+        sock.close()
+    return _run(main, log_fd, go_fd, argv, spare=True)
 
 
 def _fork() -> int:
@@ -148,9 +282,12 @@ def _fork() -> int:
     return int(got)
 
 
-def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, argv: List[str]) -> int:
-    """The forked worker: its own session, GO awaited, the log as stdout and stderr, then main()."""
-    os.setsid()
+def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, argv: List[str],
+         spare: bool = False) -> int:
+    """The forked worker: its own session, GO awaited, the log as stdout and stderr, then main().
+    A spare has its session and its stdin already, and is in its sandbox."""
+    if not spare:
+        os.setsid()
     go = socket.socket(fileno=go_fd)
     go.settimeout(GO_WAIT_SEC)
     try:
@@ -160,9 +297,10 @@ def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, ar
     if not let_go:
         os.close(log_fd)
         return 0  # tenboxd could not place it: it runs nothing
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # the worker's stdin is empty, as a cold worker's
-    os.close(null)
+    if not spare:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the worker's stdin is empty, as a cold worker's
+        os.close(null)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)

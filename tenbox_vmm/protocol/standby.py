@@ -21,7 +21,7 @@ them.
 from __future__ import annotations
 
 import json
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 READY = b"R"
 GO = b"G"
@@ -30,7 +30,8 @@ JOIN_FAILED = b"F"  # then one line: why
 GO_MAX_FDS = 8  # cgroup files: one per hierarchy the worker joins (v2: one; v1: memory and pids)
 GO_REPLY_MAX_BYTES = 512
 FORKED = b"P"  # then the worker's pid in decimal
-FORKED_MAX_BYTES = 16
+SPARE = b"S"  # then a spare's pid in decimal: a worker sandboxed ahead of its order
+FORKED_MAX_BYTES = 16  # FORKED's, SPARE's and READY
 ORDER_MAX_BYTES = 1 << 20
 # Descriptors in one order: the runtime log, the GO socket and the VM's files. Linux passes at
 # most 253 (SCM_MAX_FD) in one message; tenboxd starts a VM with more files cold.
@@ -78,9 +79,37 @@ def encode_forked(pid: int) -> bytes:
     return FORKED + b"%d" % pid
 
 
+def encode_spare(pid: int) -> bytes:
+    return SPARE + b"%d" % pid
+
+
 def parse_forked(data: bytes) -> int:
     """The worker's pid of a standby's reply; OrderError if the reply is not one."""
-    digits = data[len(FORKED):]
-    if not data.startswith(FORKED) or not digits.isdigit() or len(data) > FORKED_MAX_BYTES or int(digits) < 2:
-        raise OrderError("the standby's reply is not a worker's pid: %r" % data[:FORKED_MAX_BYTES])
+    return _parse_pid(FORKED, data, "reply is not a worker's pid")
+
+
+def parse_spare(data: bytes) -> int:
+    """The spare's pid of a standby's SPARE message; OrderError if it is not one."""
+    return _parse_pid(SPARE, data, "message is not a spare's pid")
+
+
+def _parse_pid(kind: bytes, data: bytes, what: str) -> int:
+    digits = data[len(kind):]
+    if not data.startswith(kind) or not digits.isdigit() or len(data) > FORKED_MAX_BYTES or int(digits) < 2:
+        raise OrderError("the standby's %s: %r" % (what, data[:FORKED_MAX_BYTES]))
     return int(digits)
+
+
+def order_link(argv: Sequence[str]) -> Tuple[Optional[str], bool]:
+    """The worker link an order's command line names (None for none), and whether a spare sandboxed ahead
+    for that link can run it: not with --snapshot-out (its renames need a filter of its own), nor with an
+    option spelled otherwise than tenboxd spells them."""
+    link, fits = None, True
+    for i, arg in enumerate(argv):
+        if arg == "--link" and i + 1 < len(argv):
+            link = argv[i + 1]
+        elif arg.startswith("--link="):
+            link = arg[len("--link="):]
+        elif arg.startswith("--snapshot-out") or (arg.startswith("--li") and arg != "--link"):
+            fits = False
+    return link, fits

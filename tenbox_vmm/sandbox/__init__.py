@@ -2,7 +2,8 @@
 
     sandbox.enter(Plan(memory_mb, cpus, link_endpoint))
 
-in this order: rlimits; then, as root, its own mount and IPC namespaces
+(or enter_ahead(link_endpoint) before the machine is known, and
+narrow(Plan(...)) once it is: a standby's spare worker) in this order: rlimits; then, as root, its own mount and IPC namespaces
 with a root that holds only the system, its code and the link's folder
 (jail.py), and the worker user with no capabilities (privileges.py); for
 any user, NoNewPrivileges and not dumpable; last the seccomp filter
@@ -23,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from tenbox_vmm.protocol.sandbox import FALLBACK_NOTE, WorkerUser, worker_user
 from tenbox_vmm.sandbox import jail, privileges, resources, seccomp_filter
@@ -49,14 +50,51 @@ class Plan(NamedTuple):
     rename_dir_fd: Optional[int] = None
 
 
+_ahead: Optional[Tuple[Optional[str], str]] = None  # a spare's: the link it was sandboxed for, and the summary
+
+
 def enter(plan: Plan) -> str:
     """Enter the sandbox; a one-line summary of what it is. SandboxError if any step fails."""
+    return _enter(plan, resources.worker_rlimits(plan.memory_mb, plan.cpus))
+
+
+def enter_ahead(link_endpoint: Optional[str]) -> str:
+    """Enter the sandbox before the machine is known (a standby's spare worker, tenbox_vmm/standby.py), for
+    workers on that link: all of it but the memory rlimit, which narrow() sets once the order names the machine.
+    A one-line summary; SandboxError if any step fails."""
+    global _ahead
+    summary = _enter(Plan(0, 0, link_endpoint), resources.worker_rlimits(None, 0))
+    _ahead = (link_endpoint, summary)
+    return summary
+
+
+def entered_ahead() -> bool:
+    return _ahead is not None
+
+
+def narrow(plan: Plan) -> str:
+    """Make the sandbox entered ahead this machine's (its memory rlimit); SandboxError if the plan needs
+    another sandbox than the one entered. A one-line summary."""
+    assert _ahead is not None, "narrow() is for a worker that entered its sandbox ahead"
+    link, summary = _ahead
+    if plan.rename_dir_fd is not None:
+        raise SandboxError("a worker sandboxed ahead of its order cannot rename files (--snapshot-out)")
+    if jail.link_folder(plan.link_endpoint) != jail.link_folder(link):
+        raise SandboxError("the worker was sandboxed ahead for the link %s, not %s" % (link, plan.link_endpoint))
+    try:
+        resources.apply(resources.worker_rlimits(plan.memory_mb, plan.cpus))
+    except resources.LimitError as e:
+        raise SandboxError(str(e)) from None
+    return summary + ", ahead of its order"
+
+
+def _enter(plan: Plan, rlimits: Dict[int, int]) -> str:
     if threading.active_count() != 1:
         raise SandboxError("the worker has %d threads before its sandbox: it must have one"
                            % threading.active_count())
     root = os.geteuid() == 0
     try:
-        resources.apply(resources.worker_rlimits(plan.memory_mb, plan.cpus))
+        resources.apply(rlimits)
         if root:
             who = worker_user()
             if who.fallback:

@@ -11,7 +11,7 @@ together), and no core files (a core of a worker is its guest's memory).
 from __future__ import annotations
 
 import resource
-from typing import Dict
+from typing import Dict, Optional
 
 from tenbox_vmm.protocol.limits import Limits
 from tenbox_vmm.protocol.sandbox import worker_data_max
@@ -21,12 +21,16 @@ class LimitError(Exception):
     """An rlimit could not be set; the message names it."""
 
 
-def worker_rlimits(memory_mb: int, cpus: int) -> Dict[int, int]:
-    return {
-        resource.RLIMIT_DATA: worker_data_max(memory_mb, cpus),
+def worker_rlimits(memory_mb: Optional[int], cpus: int) -> Dict[int, int]:
+    """The rlimits of a worker of that size; with `memory_mb` None, all but RLIMIT_DATA (a spare's: its
+    machine is not known yet)."""
+    limits = {
         resource.RLIMIT_NPROC: Limits.WORKER_USER_TASKS_MAX,
         resource.RLIMIT_CORE: 0,
     }
+    if memory_mb is not None:
+        limits[resource.RLIMIT_DATA] = worker_data_max(memory_mb, cpus)
+    return limits
 
 
 def apply(limits: Dict[int, int]) -> None:

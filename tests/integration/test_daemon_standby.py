@@ -61,15 +61,17 @@ def shared_kib(pid: int) -> int:
 
 def test_a_start_forks_its_worker_from_the_ready_standby_which_runs_the_vm_as_a_cold_worker_would(daemon):
     ready = wait_ready(daemon)
-    assert ready["wanted"] == 1 and len(ready["pids"]) == 1
-    standby = ready["pids"][0]
-    assert [p.pid for p in standby_children(daemon)] == [standby]
-    assert "1 of 1 workers ready" in ok(daemon.ctl("system", "info"))
+    assert ready["wanted"] == 1 and len(ready["pids"]) == 1 and len(ready["spares"]) == 1
+    standby, spare = ready["pids"][0], ready["spares"][0]
+    assert sorted(p.pid for p in standby_children(daemon)) == sorted([standby, spare]), "the spare: ours too"
+    assert "1 of 1 workers ready to take a VM's start, 1 spare(s) sandboxed ahead" in ok(
+        daemon.ctl("system", "info"))
 
     create(daemon, "warm")
     ok(daemon.ctl("vm", "start", "warm"))
     worker = daemon.vm("warm")["pid"]
-    assert worker != standby and "--standby" in psutil.Process(worker).cmdline(), "forked by the standby"
+    assert worker == spare and "--standby" in psutil.Process(worker).cmdline(), "the standby's spare took it"
+    assert spare not in wait_ready(daemon)["spares"], "tenboxd no longer counts it a spare"
     assert psutil.Process(worker).ppid() == daemon.proc.proc.pid, "re-parented to tenboxd, the subreaper"
     assert os.getsid(worker) == worker
     daemon.wait_console("warm", "idle: ready")
@@ -83,14 +85,15 @@ def test_a_start_forks_its_worker_from_the_ready_standby_which_runs_the_vm_as_a_
     # The interpreter and tenbox's modules are the standby's pages, mapped by both.
     assert shared_kib(worker) > 8 * 1024, shared_kib(worker)
 
-    # The same standby serves the next start.
-    assert wait_ready(daemon)["pids"] == [standby]
+    # The same standby serves the next start, with its next spare.
+    again = wait_ready(daemon)
+    assert again["pids"] == [standby] and len(again["spares"]) == 1
 
     # The exit status reaches tenboxd as a child's: a guest poweroff is a stop, not a crash...
     create(daemon, "off", guest="poweroff")
     ok(daemon.ctl("vm", "start", "off"))
     off_pid = daemon.vm("off")["pid"]
-    assert off_pid not in (standby, worker)
+    assert off_pid == again["spares"][0]
     off = daemon.wait_state("off", "stopped", 30)
     assert off.get("last_failure") is None, off
     assert gone(off_pid) and not psutil.pid_exists(off_pid), "reaped by tenboxd"
@@ -119,20 +122,24 @@ def test_standbys_end_with_tenboxd_stopped_or_killed_and_vms_run_on(tmp_path):
     d = DaemonProcess(tmp_path / "d")
     try:
         d.start()
-        spare = wait_ready(d)["pids"][0]
+        standby = wait_ready(d)["pids"][0]
         create(d, "keep")
         ok(d.ctl("vm", "start", "keep"))
         worker = d.vm("keep")["pid"]
-        assert worker != spare and "--standby" in psutil.Process(worker).cmdline()
+        assert worker != standby and "--standby" in psutil.Process(worker).cmdline()
+        spares = wait_ready(d)["spares"]
+        assert len(spares) == 1
         assert d.stop() == 0
-        assert gone(spare), "a stopped tenboxd's standby does not stay"
+        assert gone(standby), "a stopped tenboxd's standby does not stay"
+        assert gone(spares[0]), "nor its spare"
         assert psutil.pid_exists(worker) and not gone(worker, 0.5), "the VM it took runs on"
 
         d.start()
         assert d.wait_state("keep", "running", 15)["pid"] == worker, "adopted by the next tenboxd"
-        spare = wait_ready(d)["pids"][0]
+        ready = wait_ready(d)
         d.kill9()
-        assert gone(spare), "a killed tenboxd's standby sees its socket end and exits"
+        assert gone(ready["pids"][0]), "a killed tenboxd's standby sees its socket end and exits"
+        assert gone(ready["spares"][0]), "and its spare with it"
         assert psutil.pid_exists(worker) and not gone(worker, 0.5)
     finally:
         d.cleanup()
@@ -142,7 +149,7 @@ def test_no_standby_with_zero_and_a_bad_count_is_refused_in_one_line(tmp_path):
     d = DaemonProcess(tmp_path / "off", extra_env={"TENBOX_STANDBY_WORKERS": "0"})
     try:
         d.start()
-        assert standby_info(d) == {"wanted": 0, "ready": 0, "pids": []}
+        assert standby_info(d) == {"wanted": 0, "ready": 0, "pids": [], "spares": []}
         assert "off (TENBOX_STANDBY_WORKERS=0)" in ok(d.ctl("system", "info"))
         create(d, "plain")
         ok(d.ctl("vm", "start", "plain"))

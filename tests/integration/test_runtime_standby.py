@@ -9,20 +9,35 @@ GO that passes cgroup files is answered once the worker has joined them
 itself, or with why not (and it runs nothing). A
 closed socket ends the standby with 0; a bad order ends it with one line
 and exit 2, having run nothing.
+
+With --link, the standby keeps a spare: a worker forked and sandboxed
+before its order (the worker user, its own mount namespace, the seccomp
+filter), named to tenboxd (SPARE) before READY. An order for that link
+goes to the spare, which joins its cgroup as the worker user with the
+files GO passes, takes its memory rlimit from the order and runs the VM;
+the standby then names the next spare. An order for another link forks a
+worker as before and leaves the spare waiting.
 """
 
 import array
 import json
 import os
+import resource
 import socket
+import signal
 import subprocess
+import time
 
 import psutil
 import pytest
+import zmq
 
 from tenbox_supervisor.cgroups import Cgroups, ResourceLimits, pid_paths
 from tenbox_supervisor.standby import StandbyRefused, send_go
-from tenbox_vmm.protocol.standby import GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, parse_forked
+from tenbox_vmm.protocol import ExitCode
+from tenbox_vmm.protocol.link import Hello, StateReport, WorkerExit, decode
+from tenbox_vmm.protocol.sandbox import worker_data_max, worker_user
+from tenbox_vmm.protocol.standby import GO, ORDER_MAX_BYTES, ORDER_MAX_FDS, READY, parse_forked, parse_spare
 from tests.framework.guests import guest_path
 from tests.framework.process import gone
 from tests.framework.repo import repo_env
@@ -183,8 +198,133 @@ def test_an_order_with_more_descriptors_than_a_standby_takes_is_refused():
         ORDER_MAX_BYTES, ORDER_MAX_FDS)
 
 
-def test_standby_takes_no_other_option():
-    r = subprocess.run(runtime_argv("--standby", "--kernel", "/k"), capture_output=True, env=repo_env(),
-                       stdin=subprocess.DEVNULL, timeout=EXIT_SEC)
+def test_standby_takes_no_other_option_than_link():
+    r = subprocess.run(runtime_argv("--standby", "--link", "ipc:///l", "--kernel", "/k"), capture_output=True,
+                       env=repo_env(), stdin=subprocess.DEVNULL, timeout=EXIT_SEC)
     assert r.returncode == 2
-    assert r.stderr.decode() == "tenbox-vm-runtime: error: --standby takes no other option; its order brings them\n"
+    assert r.stderr.decode() == ("tenbox-vm-runtime: error: --standby takes no other option than --link; "
+                                 "its order brings them\n")
+
+
+class Router:
+    """tenboxd's end of the worker link: a ZeroMQ ROUTER the worker user may connect to."""
+
+    def __init__(self, folder) -> None:
+        folder.mkdir()
+        self.endpoint = "ipc://%s/link.sock" % folder
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, int(EXIT_SEC * 1000))
+        self.sock.bind(self.endpoint)
+        os.chmod(str(folder / "link.sock"), 0o666)
+
+    def until_exit(self) -> list:
+        got = []
+        while not got or not isinstance(got[-1], WorkerExit):
+            got.append(decode(self.sock.recv_multipart()[1]))
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def proc_status(pid: int) -> dict:
+    return dict(line.rstrip("\n").split(":\t", 1) for line in open("/proc/%d/status" % pid) if ":\t" in line)
+
+
+def data_limit(pid: int) -> int:
+    """The hard RLIMIT_DATA of `pid` (/proc: prlimit on a worker is refused), RLIM_INFINITY for none."""
+    for line in open("/proc/%d/limits" % pid):
+        if line.startswith("Max data size"):
+            hard = line.split()[4]
+            return resource.RLIM_INFINITY if hard == "unlimited" else int(hard)
+    raise AssertionError("no data size in /proc/%d/limits" % pid)
+
+
+def test_with_link_a_spare_sandboxed_ahead_takes_the_order_joins_its_cgroup_and_runs_the_vm(tmp_path):
+    router = Router(tmp_path / "link")
+    cgroup = Cgroups().create("tenbox-test-spare-%d" % os.getpid(), ResourceLimits(256 << 20, 64))
+    assert cgroup is not None, "this host gives root no cgroup to make (cgroups.py)"
+    sb = Standby("--link", router.endpoint)
+    new_spare = None
+    try:
+        spare = parse_spare(sb.ready())
+        assert sb.ready() == READY, "the spare is named before READY"
+        assert gone(spare, 0.5) is False and os.getsid(spare) == spare
+        until = time_limit()
+        while proc_status(spare)["Seccomp"] != "2":  # it enters its sandbox on its own, after its fork
+            assert next(until), "the spare did not enter its sandbox"
+        status = proc_status(spare)
+        assert int(status["Uid"].split()[1]) == worker_user().uid and status["NoNewPrivs"] == "1"
+        assert os.readlink("/proc/%d/ns/mnt" % spare) != os.readlink("/proc/self/ns/mnt")
+        assert "/dev/kvm" in [os.readlink("/proc/%d/fd/%s" % (spare, fd)) for fd in os.listdir("/proc/%d/fd" % spare)]
+        assert data_limit(spare) == resource.RLIM_INFINITY, "its memory limit waits for the order"
+
+        log = tmp_path / "runtime.log"
+        kernel_fd = os.open(guest_path("idle"), os.O_RDONLY)
+        pid, go = sb.fork(["--kernel", "/nonexistent/idle.bzImage", "--memory", "48", "--link", router.endpoint,
+                           "--vm-id", "spare"], log, {"/nonexistent/idle.bzImage": kernel_fd})
+        os.close(kernel_fd)
+        assert pid == spare, "the order went to the spare"
+        new_spare = parse_spare(sb.ready())
+        assert new_spare not in (spare, sb.proc.pid), "the standby names the next spare"
+        with go:
+            send_go(go, cgroup.join_files())  # joined as the worker user, by the files root opened
+        joined = pid_paths(pid)
+        for d in cgroup.dirs:
+            assert any(d.endswith(path) for path in joined.values()), (d, joined)
+        first = decode(router.sock.recv_multipart()[1])
+        assert isinstance(first, Hello) and first.vm_id == "spare", first
+        while True:
+            msg = decode(router.sock.recv_multipart()[1])
+            if isinstance(msg, StateReport) and msg.state.value == "running":
+                break
+        assert data_limit(pid) == worker_data_max(48, 1), "narrowed to the order's machine"
+        assert os.readlink("/proc/%d/fd/2" % pid) == str(log) and os.readlink("/proc/%d/fd/0" % pid) == "/dev/null"
+        os.kill(pid, signal.SIGTERM)
+        got = router.until_exit()
+        assert got[-1].code == ExitCode.STOPPED, (got[-1], log.read_text())
+        assert gone(pid, EXIT_SEC)
+        assert "Traceback" not in log.read_text() and "error" not in log.read_text(), log.read_text()
+    finally:
+        rc, out, err = sb.finish()
+        router.close()
+        if not gone(spare, 0.5):  # a failed assertion left it running
+            os.kill(spare, signal.SIGKILL)
+            gone(spare, EXIT_SEC)
+        cgroup.remove()
+    assert (rc, out, err) == (0, "", "")
+    assert new_spare is not None and gone(new_spare, EXIT_SEC), "a spare ends with its standby"
+
+
+def test_an_order_for_another_link_forks_a_worker_and_the_spare_waits_for_the_next(tmp_path):
+    router = Router(tmp_path / "link")
+    sb = Standby("--link", router.endpoint)
+    try:
+        spare = parse_spare(sb.ready())
+        assert sb.ready() == READY
+        log = tmp_path / "runtime.log"
+        pid, go = sb.fork(["--kernel", guest_path("poweroff"), "--memory", "32", "--console", "stdio"], log)
+        assert pid != spare
+        go.sendall(GO)
+        go.close()
+        assert gone(pid, EXIT_SEC)
+        assert "TENBOX-GUEST poweroff PASS" in log.read_text()
+        assert not gone(spare, 0.2), "the spare waits on"
+        sb.ours.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            sb.ours.recv(16)  # no new spare named: the one there is stays
+    finally:
+        rc, out, err = sb.finish()
+        router.close()
+    assert (rc, out, err) == (0, "", "")
+    assert gone(spare, EXIT_SEC)
+
+
+def time_limit(sec: float = EXIT_SEC):
+    deadline = time.monotonic() + sec
+    while True:
+        time.sleep(0.01)
+        yield time.monotonic() < deadline

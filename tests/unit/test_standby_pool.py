@@ -3,14 +3,18 @@ standby's part.
 
 The processes are small Python scripts, not tenbox workers: they say READY
 when told to (or never), and exit when their socket ends, as a standby does.
-A clock the test moves decides RETRY_SEC.
+A clock the test moves decides RETRY_SEC. Spares a standby names (SPARE) are
+`sleep` processes: the test's children, as a real spare is tenboxd's.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from tenbox_supervisor.standby import RETRY_SEC, Standby, StandbyPool, StandbyRefused
@@ -74,7 +78,7 @@ def test_take_gives_only_a_ready_standby_which_stays_the_pools_and_ready_ones_ta
     assert pool.take() is None, "none has said READY: the start goes cold"
     assert ready(pool.started[1]) == b"R"
     assert pool.take() is pool.started[1] and pool.take() is pool.started[1]
-    assert pool.describe() == {"wanted": 2, "ready": 1, "pids": [sb.pid for sb in pool.started]}
+    assert pool.describe() == {"wanted": 2, "ready": 1, "pids": [sb.pid for sb in pool.started], "spares": []}
     assert ready(pool.started[0]) == b"R"
     assert {pool.take().pid for _ in range(2)} == {sb.pid for sb in pool.started}
     assert len(pool.started) == 2, "a standby serves many starts: none is started for a take"
@@ -144,3 +148,87 @@ def test_a_fork_answer_that_is_no_child_of_ours_is_refused_and_its_go_socket_clo
     finally:
         log.close()
         sb.dismiss()
+
+
+# Sends each of argv[1:] as a message (SPARE, READY, ...), then waits for its socket to end.
+SAYS = """
+import socket, sys
+s = socket.socket(fileno=0)
+for m in sys.argv[1:]:
+    s.send(m.encode())
+s.recv(16)
+"""
+
+
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "60"])
+
+
+def saying(*messages: str, spares=()) -> Standby:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p = subprocess.Popen([sys.executable, "-c", SAYS] + list(messages), stdin=theirs)
+    theirs.close()
+    return Standby(popen=p, sock=ours, spares=set(spares))
+
+
+def until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within %.0f s" % timeout
+        time.sleep(0.01)
+
+
+def test_the_spares_a_standby_names_are_reaped_once_ended_and_killed_when_it_is_let_go():
+    ended, kept = sleeper(), sleeper()
+    sb = saying("S%d" % ended.pid, "S%d" % kept.pid, "R")
+    try:
+        until(sb.is_ready)
+        assert sb.spares == {ended.pid, kept.pid}
+        os.kill(ended.pid, signal.SIGTERM)
+        until(lambda: sb.is_ready() and sb.spares == {kept.pid})
+        assert not psutil.pid_exists(ended.pid), "reaped: no zombie stays"
+        sb.dismiss()
+        assert sb.spares == set() and not psutil.pid_exists(kept.pid), "a let-go standby's spare is ended and reaped"
+    finally:
+        for p in (ended, kept):
+            if psutil.pid_exists(p.pid):
+                p.kill()
+                p.wait()
+
+
+def test_a_fork_reply_may_come_after_a_spare_is_named_and_a_spare_that_took_the_order_is_a_worker_then(tmp_path):
+    took, new = sleeper(), sleeper()
+    sb = saying("S%d" % new.pid, "P%d" % took.pid, spares=[took.pid])
+    sb.ready = True
+    log = open(str(tmp_path / "runtime.log"), "ab")
+    try:
+        worker, go = sb.fork(b"{}", [], log.fileno())
+        go.close()
+        assert worker.pid == took.pid and sb.spares == {new.pid}
+        sb.dismiss()
+        assert psutil.pid_exists(took.pid) and not psutil.pid_exists(new.pid), "the worker runs on; the spare ended"
+    finally:
+        log.close()
+        for p in (took, new):
+            if psutil.pid_exists(p.pid):
+                p.kill()
+                p.wait()
+
+
+def test_a_spare_named_that_is_not_a_child_of_ours_is_never_killed():
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE)
+    grandchild = int(parent.stdout.readline())  # a process of ours, but not our child
+    other = sleeper()
+    sb = saying("S%d" % grandchild, "S%d" % other.pid, "R")
+    try:
+        until(sb.is_ready)
+        sb.dismiss()
+        assert psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE, "not killed"
+        assert sb.spares == set() and not psutil.pid_exists(other.pid)
+    finally:
+        for p in (parent, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if psutil.pid_exists(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
