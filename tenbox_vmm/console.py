@@ -10,9 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import selectors
-import termios
 import threading
-import tty
 from typing import Callable, List, Optional
 
 from tenbox_vmm import passed_files
@@ -153,6 +151,9 @@ class TerminalMode:
         self._saved: Optional[list] = None
 
     def __enter__(self) -> "TerminalMode":
+        import termios  # here: termios and tty cost a boot without a terminal 0.5 ms to import
+        import tty
+
         self._saved = termios.tcgetattr(self.fd)
         atexit.register(self.restore)
         tty.setraw(self.fd)
@@ -160,6 +161,8 @@ class TerminalMode:
 
     def restore(self) -> None:
         if self._saved is not None:
+            import termios  # imported by __enter__ already
+
             try:
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             except termios.error:

@@ -35,7 +35,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, TYPE_CHECKING, Tuple
 
 from tenbox_vmm import eventfd
 from tenbox_vmm.arch import Board, BoardError, host_board
@@ -50,7 +50,9 @@ from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
 from tenbox_vmm.protocol import ExitCode, Limits, VmState
 from tenbox_vmm.protocol.disk_arg import DiskArg
-from tenbox_vmm.protocol.link import NetStatus, WorkerStats
+
+if TYPE_CHECKING:  # the link's types: imported where the link asks, not before the guest runs
+    from tenbox_vmm.protocol.link import NetStatus, WorkerStats
 
 log = logging.getLogger("tenbox.machine")
 
@@ -468,6 +470,7 @@ class Machine:
     def stats(self) -> WorkerStats:
         """The devices' counters and the guest RAM touched, for tenboxd's vm.stats (link thread)."""
         from tenbox_vmm.devices.virtio.blk import VirtioBlk
+        from tenbox_vmm.protocol.link import WorkerStats
 
         disks = tuple(t.device.counters() for t in self.virtio if isinstance(t.device, VirtioBlk))
         return WorkerStats(guest_ram_bytes=self.memory.size, guest_ram_touched_bytes=self.memory.touched_bytes(),

@@ -15,7 +15,6 @@ import array
 import errno
 import fcntl
 import os
-import socket
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tenbox_vmm.protocol.sandbox import PassedFile
@@ -103,6 +102,8 @@ def open_named(paths: Iterable[str], flags: int) -> None:
 
 def received_fds(ancdata: Sequence[Tuple[int, int, bytes]]) -> List[int]:
     """The descriptors a message passed (SCM_RIGHTS), from recvmsg's ancillary data; the caller owns them."""
+    import socket  # here: a boot never receives descriptors, and the module costs 1-2 ms to import
+
     fds: List[int] = []
     for level, kind, blob in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -57,3 +57,40 @@ def test_a_worker_start_imports_none_of_the_costly_modules():
     r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == []
+
+
+# What a bare boot (no link, no network, no terminal) imports before its guest runs must not pull
+# these in either: each cost a boot 0.5-2 ms (docs/performance.md, Boot), and only the link, the NIC,
+# the standby, a terminal console or the image tools need them.
+BARE_BOOT = ("tenbox_vmm.__main__", "tenbox_vmm.machine", "tenbox_vmm.sandbox", "tenbox_vmm.console",
+             "tenbox_vmm.logfiles", "tenbox_vmm.passed_files")
+NOT_AT_BARE_BOOT = ("shutil", "socket", "termios", "tty", "tenbox_vmm.protocol.link")
+
+
+def test_a_bare_boot_and_its_command_line_import_none_of_the_modules_only_other_paths_need():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor m in %r: __import__(m)\nsys.modules['tenbox_vmm.__main__'].build_parser()"
+            ".parse_args(['--kernel', 'k'])\nprint(' '.join(m for m in %r if m in sys.modules))"
+            % (BARE_BOOT, NOT_AT_BARE_BOOT))
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == []
+
+
+def test_the_runtime_help_wraps_at_the_terminal_width_it_is_told():
+    import os
+    import subprocess
+    import sys
+
+    def help_lines(columns: str):
+        r = subprocess.run([sys.executable, "-m", "tenbox_vmm", "--help"], cwd=str(REPO), capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, COLUMNS=columns))
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    narrow, wide = help_lines("50"), help_lines("200")
+    # argparse does not break a usage token such as [--console {auto,tty,stdio,none}]
+    assert [line for line in narrow if len(line) > 50 and not line.strip().startswith("[")] == []
+    assert max(len(line) for line in wide) > 100 and len(wide) < len(narrow)
