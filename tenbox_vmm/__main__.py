@@ -408,6 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # about 1.5 ms, which a restore would wait for. What it reports meanwhile waits queued.
         machine.wait_running(LINK_HOLD_SEC)
         link.start(machine)
+    output.start()  # its flusher of partial lines: a thread, started after the guest as the link is
     sandbox.probe_forbidden_call_if_asked(lambda: machine.state == VmState.RUNNING)
     if mode == "tty":
         with TerminalMode(0):

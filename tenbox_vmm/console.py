@@ -37,6 +37,10 @@ class ConsoleOutput:
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._flusher, name="console-flush", daemon=True)
+
+    def start(self) -> None:
+        """Start flushing partial lines after FLUSH_SEC; until then a partial line waits for its end.
+        A worker calls it once its guest runs: the thread's start cost a restore 0.4-1 ms before it."""
         self._thread.start()
 
     def __call__(self, data: bytes) -> None:
