@@ -70,7 +70,7 @@ PRELOAD = (
 
 def preload() -> None:
     """Import what a worker will need, load libslirp (a failure is kept and reported by the VM that needs it),
-    and build and drop a VM once (machine.warm_up)."""
+    and build and drop a VM and a network card once (machine.warm_up, usernet.warm_up)."""
     for name in PRELOAD:
         importlib.import_module(name)
     try:
@@ -83,9 +83,11 @@ def preload() -> None:
         open_library()
     except SlirpUnavailable:
         pass
+    from tenbox_vmm import usernet
     from tenbox_vmm.machine import warm_up
 
     warm_up()
+    usernet.warm_up()
 
 
 def receive(sock: socket.socket) -> Tuple[bytes, List[int]]:

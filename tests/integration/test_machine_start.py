@@ -2,7 +2,8 @@
 
 - `machine.warm_up()` (a standby's, before it forks workers) builds a VM and
   a vCPU, loads a saved state into it, and leaves no descriptor, mapping or
-  thread behind.
+  thread behind; `usernet.warm_up()` builds and drops a network card (real
+  libslirp) the same way.
 - `wait_running` returns once the guest runs, or once the machine has ended;
   a done callback added after the end is called at once. The worker starts
   its link after the guest runs, and a guest that ended first must still be
@@ -17,6 +18,7 @@ import threading
 import pytest
 import zmq
 
+from tenbox_vmm import usernet
 from tenbox_vmm.machine import Machine, MachineConfig, install_kick_handler, warm_up
 from tenbox_vmm.protocol import VmState
 from tenbox_vmm.protocol.link import Hello, StateReport, WorkerExit, decode
@@ -37,6 +39,13 @@ def test_warm_up_builds_a_vm_and_leaves_nothing_behind():
     assert fds() == before
     assert threading.active_count() == threads
     assert "kvm-vcpu" not in open("/proc/self/maps").read()
+
+
+def test_a_network_card_warm_up_builds_one_and_leaves_nothing_behind():
+    before, threads = fds(), threading.active_count()
+    assert usernet.warm_up() is True, "libslirp is a test dependency: the card must build"
+    assert fds() == before
+    assert threading.active_count() == threads
 
 
 def machine(guest: str, states: list) -> Machine:
