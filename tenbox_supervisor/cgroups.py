@@ -193,6 +193,25 @@ class Cgroups:
                 dirs.append(os.path.join(mount, p.lstrip("/")))
         return WorkerCgroup(tuple(dirs)) if dirs else None
 
+    def sweep(self, prefix: str) -> int:
+        """Remove the cgroups named `prefix`... under tenboxd's own that no process is in (left by workers that
+        ended while no tenboxd ran); one with a process in it stays (rmdir refuses). How many went."""
+        bases = [os.path.join(mount, path.lstrip("/")) for mount, path in
+                 ([self.layout.unified] if self.layout.unified else []) + sorted(self.layout.v1.values())]
+        removed = 0
+        for base in bases:
+            try:
+                names = [n for n in os.listdir(base) if n.startswith(prefix)]
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    os.rmdir(os.path.join(base, name))
+                    removed += 1
+                except OSError:
+                    pass  # EBUSY: a worker runs in it (one taken back), or another tenboxd's just made
+        return removed
+
     def describe(self) -> str:
         if self._v2_base() is not None:
             return "cgroup v2 under %s" % self._v2_base()

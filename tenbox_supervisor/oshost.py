@@ -89,6 +89,9 @@ class Host(Protocol):
     def adopt(self, pid: int, create_time: float, vm_id: str) -> Optional[Proc]:
         """A Proc for a live worker of `vm_id` we did not start, or None."""
 
+    def clear_leftovers(self, vm_id: str) -> None:
+        """Remove what workers of `vm_id` that ended while no tenboxd ran left behind (their cgroups)."""
+
     def alive(self, proc: Proc) -> bool:
         ...
 
@@ -260,6 +263,13 @@ class SystemHost:
             return None
         cgroup = self.cgroups.of_pid(pid, CGROUP_PREFIX) if self.cgroups else None
         return Proc(pid=pid, create_time=create_time, cgroup=cgroup)
+
+    def clear_leftovers(self, vm_id: str) -> None:
+        if self.cgroups is None:
+            return  # scopes: systemd removes a scope whose processes are gone
+        removed = self.cgroups.sweep("%s%s-" % (CGROUP_PREFIX, vm_id))
+        if removed:
+            log.info("vm %s: removed %d cgroup(s) a worker left while tenboxd was not running", vm_id, removed)
 
     def alive(self, proc: Proc) -> bool:
         if proc.popen is not None:

@@ -200,6 +200,7 @@ class WorkerManager:
         for vm_id, spec in specs.items():
             vm = self._new_vm(spec)
             self._vms[vm_id] = vm
+            self.host.clear_leftovers(vm_id)  # a live worker's cgroup stays: it is not empty
             saved = self.store.load_runtime(vm_id)
             try:
                 saved_state = VmState(saved.get("state", "stopped"))

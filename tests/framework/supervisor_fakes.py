@@ -41,6 +41,7 @@ class FakeHost:
         self._statuses: Dict[int, Optional[int]] = {}
         self._watchers: Dict[int, Callable[[], None]] = {}
         self._next_pid = 4001
+        self.cleared: List[str] = []  # clear_leftovers calls, by VM id
 
     # The Host seam
 
@@ -64,6 +65,9 @@ class FakeHost:
         if known is None or abs(known - create_time) > 0.01:
             return None
         return Proc(pid=pid, create_time=create_time)
+
+    def clear_leftovers(self, vm_id) -> None:
+        self.cleared.append(vm_id)
 
     def alive(self, proc) -> bool:
         return proc.pid not in self._statuses

@@ -18,6 +18,8 @@ from typing import Dict, List, Tuple
 import psutil
 import pytest
 
+from tenbox_supervisor.cgroups import Cgroups
+from tenbox_supervisor.oshost import CGROUP_PREFIX
 from tests.framework.daemon import STATE_POLL_SEC, ok
 from tests.framework.guests import guest_path
 
@@ -121,13 +123,17 @@ def test_a_host_boot_starts_autostart_and_always_vms_a_tenboxd_restart_adopts(da
     for name in ("always", "plain"):
         ok(daemon.ctl("vm", "start", name))
     pids = [daemon.vm(n)["pid"] for n in ("always", "plain")]
+    left = Cgroups().of_pid(pids[1], CGROUP_PREFIX)
+    assert left is not None, "the worker runs in a cgroup tenboxd made (no systemd here)"
     simulate_host_boot(daemon, pids)
+    assert all(os.path.isdir(d) for d in left.dirs), "a worker killed while no tenboxd ran leaves its cgroups"
     daemon.start()
     for name in ("auto", "always"):
         daemon.wait_state(name, "running", 30)
         daemon.wait_console(name, "idle: ready")
     plain = daemon.vm("plain")
     assert plain["state"] == "crashed" and plain["last_failure"]["code"] == "worker_lost"
+    assert not any(os.path.exists(d) for d in left.dirs), "the next tenboxd removed them: %s" % (left.dirs,)
     assert daemon.vm("always")["restart_status"] is None  # a boot start, not a restart
     # A tenboxd restart in the same boot: the workers are taken back, nothing else starts.
     ok(daemon.ctl("vm", "stop", "auto"))
@@ -135,6 +141,7 @@ def test_a_host_boot_starts_autostart_and_always_vms_a_tenboxd_restart_adopts(da
     daemon.kill9()
     daemon.start()
     assert daemon.wait_state("always", "running", 15)["pid"] == running
+    assert Cgroups().of_pid(running, CGROUP_PREFIX) is not None, "a worker taken back keeps its cgroups"
     assert daemon.vm("auto")["state"] == "stopped" and daemon.vm("plain")["state"] == "crashed"
 
 

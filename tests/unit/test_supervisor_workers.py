@@ -280,6 +280,17 @@ def test_a_worker_gone_while_tenboxd_was_away_is_a_crash_with_worker_lost(rig, t
     vm2 = again.workers.get(vm.id)
     assert vm2.state == S.CRASHED and vm2.last_failure["code"] == FailureCode.WORKER_LOST.value
     assert [(old, new) for _, old, new, _ in again.events] == [(S.RUNNING, S.CRASHED)]
+    assert again.host.cleared == [vm.id], "what the lost worker left (its cgroups) is cleared"
+
+
+def test_a_restart_clears_every_vms_leftovers_also_where_a_worker_is_taken_back(rig, tmp_path):
+    running, stopped = rig.create("up"), rig.create("down")
+    pid = rig.start_running(running)
+    rig.host.adoptable[(pid, running.id)] = CREATE_TIME
+    again = restart(rig, tmp_path)
+    again.workers.restore()
+    assert sorted(again.host.cleared) == sorted([running.id, stopped.id])  # a live worker's cgroup is not empty
+    assert again.workers.get(running.id).pid == pid
 
 
 def test_a_hello_from_a_worker_the_host_does_not_vouch_for_is_ignored(rig):
