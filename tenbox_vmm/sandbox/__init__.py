@@ -2,8 +2,9 @@
 
     sandbox.enter(Plan(memory_mb, cpus, link_endpoint))
 
-(or enter_ahead(link_endpoint) before the machine is known, and
-narrow(Plan(...)) once it is: a standby's spare worker) in this order: rlimits; then, as root, its own mount and IPC namespaces
+(or, for a standby's spare worker, enter_ahead(link_endpoint) before the
+machine is known and narrow(Plan(...)) once it is) in this order:
+rlimits; then, as root, its own mount and IPC namespaces
 with a root that holds only the system, its code and the link's folder
 (jail.py), and the worker user with no capabilities (privileges.py); for
 any user, NoNewPrivileges and not dumpable; last the seccomp filter
