@@ -151,7 +151,7 @@ def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0, link: Op
         # first, by a fork, rather than after the spare's fork.
         if enter_ahead is not None and spare is None and not (said_ready and _waiting(sock)):
             try:
-                pid, theirs = _fork_spare(link)
+                pid, theirs = _fork_spare()
             except OSError as e:
                 sys.stderr.write("tenbox-vm-runtime: warning: standby: cannot fork a spare worker: %s\n"
                                  % (e.strerror or e))
@@ -207,7 +207,7 @@ def _waiting(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
-def _fork_spare(link: Optional[str]) -> Tuple[int, socket.socket]:
+def _fork_spare() -> Tuple[int, socket.socket]:
     """Fork a spare (as _fork): its pid and the standby's end of its socket in the standby, 0 and the
     spare's end in the spare; OSError if it could not be forked."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -229,9 +229,7 @@ def _run_spare(main: Callable[[Optional[List[str]]], int], enter_ahead: Callable
     """The spare: its own session, its sandbox entered, then its order awaited and run as a forked worker's.
     An end of the standby's socket before the order ends it having run nothing."""
     os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)  # the worker's stdin is empty, as a cold worker's
-    os.close(null)
+    _empty_stdin()  # before its sandbox: /dev/null is opened by path
     from tenbox_vmm.sandbox import SandboxError
 
     try:
@@ -300,13 +298,18 @@ def _run(main: Callable[[Optional[List[str]]], int], log_fd: int, go_fd: int, ar
         os.close(log_fd)
         return 0  # tenboxd could not place it: it runs nothing
     if not spare:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)  # the worker's stdin is empty, as a cold worker's
-        os.close(null)
+        _empty_stdin()
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
     return main(argv)  # the standby's objects stay frozen: a collection here never writes their pages
+
+
+def _empty_stdin() -> None:
+    """The worker's stdin is empty, as a cold worker's (/dev/null)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
 
 
 def _await_go(go: socket.socket) -> bool:
