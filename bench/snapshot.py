@@ -30,7 +30,11 @@ times each:
     its own dirtied guest pages (the private dirty pages of its snapshot
     mapping);
   * snapshot time and size of bigger guests (--sizes, default 256 and 2048
-    MiB), tenbox against QEMU as above, fewer runs.
+    MiB), tenbox against QEMU as above, fewer runs: their RAM as booted
+    (untouched, as the 64 MiB guest's) and in use (`count.fill`: the guest
+    writes all of its RAM from 16 MiB up before it counts, as a system
+    that has run a while has, and none of it is a zero page a migration
+    skips); for RAM in use also the three restores above.
 
 Prints medians and tenbox/QEMU ratios as markdown tables. Root: tenbox's
 worker writes the snapshot as its sandbox user.
@@ -117,11 +121,16 @@ def _file_figures(path: Path) -> Dict[str, float]:
     return {"file_mib": st.st_size / (1 << 20), "file_alloc_mib": st.st_blocks * 512 / (1 << 20)}
 
 
-def tenbox_snapshot(folder: Path, memory_mb: int = MEM_MB) -> Dict[str, float]:
+def in_use(memory_mb: int) -> str:
+    """The count guest's command line with all of its RAM written first (what fits above 16 MiB)."""
+    return "%s count.fill=%d" % (CMDLINE, memory_mb)
+
+
+def tenbox_snapshot(folder: Path, memory_mb: int = MEM_MB, cmdline: str = CMDLINE) -> Dict[str, float]:
     snap = folder / "tenbox.snap"
     if snap.exists():
         snap.unlink()
-    argv = boot_argv(guest_path("count"), cmdline=CMDLINE, memory_mb=memory_mb) + ["--snapshot-out", str(snap)]
+    argv = boot_argv(guest_path("count"), cmdline=cmdline, memory_mb=memory_mb) + ["--snapshot-out", str(snap)]
     with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
         p.wait_for(r"^count: 5$", WAIT_SEC)
         p.signal(SNAPSHOT_SIGNAL)
@@ -131,19 +140,19 @@ def tenbox_snapshot(folder: Path, memory_mb: int = MEM_MB) -> Dict[str, float]:
     return dict(_file_figures(snap), paused_ms=paused, save_ms=paused)  # tenbox saves with the guest stopped
 
 
-def qemu_machine(folder: Path, monitor: Path, memory_mb: int = MEM_MB) -> List[str]:
-    argv = qemu.microvm(guest_path("count"), append=CMDLINE, memory_mb=memory_mb)
+def qemu_machine(folder: Path, monitor: Path, memory_mb: int = MEM_MB, cmdline: str = CMDLINE) -> List[str]:
+    argv = qemu.microvm(guest_path("count"), append=cmdline, memory_mb=memory_mb)
     argv[argv.index("-monitor") + 1] = "unix:%s,server=on,wait=off" % monitor
     return argv
 
 
-def qemu_snapshot(folder: Path, memory_mb: int = MEM_MB) -> Dict[str, float]:
+def qemu_snapshot(folder: Path, memory_mb: int = MEM_MB, cmdline: str = CMDLINE) -> Dict[str, float]:
     snap = folder / "qemu.snap"
     mon = folder / "monitor.sock"
     for f in (snap, mon):
         if f.exists():
             f.unlink()
-    with ConsoleProcess(qemu_machine(folder, mon, memory_mb), stdin=subprocess.DEVNULL) as p:
+    with ConsoleProcess(qemu_machine(folder, mon, memory_mb, cmdline), stdin=subprocess.DEVNULL) as p:
         p.wait_for(r"^count: 5$", WAIT_SEC)
         m = Monitor(mon)
         try:
@@ -186,13 +195,13 @@ class DaemonSource:
     stopped: the count guest at `count: 5` (it spins between its lines), or the idle guest, which halts."""
 
     def __init__(self, folder: Path, guest: str = "count", cmdline: Optional[str] = CMDLINE,
-                 ready: str = "count: 5") -> None:
+                 ready: str = "count: 5", memory_mb: int = MEM_MB) -> None:
         self.d = Daemon(standby_workers=1)
         template = folder / ("template-%s.qcow2" % guest)
         qemu_img("create", "-f", "qcow2", str(template), "16M")
         extra = {"cmdline": cmdline} if cmdline else {}
-        vm = self.d.call("vm.create", name="src", kernel=guest_path(guest), memory_mb=MEM_MB, template=str(template),
-                         **extra)
+        vm = self.d.call("vm.create", name="src", kernel=guest_path(guest), memory_mb=memory_mb,
+                         template=str(template), **extra)
         self.id = vm["id"]
         self.d.call("vm.start", vm_id=self.id)
         self.d.wait_console(self.id, ready)
@@ -276,6 +285,31 @@ def _pss_kib(pid: int, ram_file: str):
     return pss, dirtied
 
 
+def restores_in_use(folder: Path, memory_mb: int, runs: int) -> Dict[str, Dict[str, List[float]]]:
+    """Snapshot and restore of the count guest with its RAM in use (`in_use`): the same cases as the 64 MiB
+    guest's, the files left by the last snapshot of each side restored."""
+    cmdline = in_use(memory_mb)
+    out = interleave(runs, {
+        "tenbox": lambda: tenbox_snapshot(folder, memory_mb, cmdline),
+        "qemu": lambda: qemu_snapshot(folder, memory_mb, cmdline),
+    })
+    source = DaemonSource(folder, cmdline=cmdline, memory_mb=memory_mb)
+    try:
+        restored = interleave(runs, {
+            "tenbox": restore_case(runtime_argv("--restore", str(folder / "tenbox.snap"), "--console", "stdio"),
+                                   True),
+            "daemon": source.restore_case(),
+            "qemu": restore_case(qemu_machine(folder, folder / "restore-monitor.sock", memory_mb, cmdline)
+                                 + ["-incoming", "exec:cat %s" % (folder / "qemu.snap")], False),
+        })
+    finally:
+        source.close()
+    out["daemon"] = {}
+    for name in out:
+        out[name].update(restored[name])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -314,12 +348,13 @@ def main() -> int:
             clones = idle.clones(args.clone_runs)
         finally:
             idle.close()
-        by_size = {}
+        by_size, used = {}, {}
         for mb in sizes:
             by_size[mb] = interleave(args.size_runs, {
                 "tenbox": lambda mb=mb: tenbox_snapshot(folder, mb),
                 "qemu": lambda mb=mb: qemu_snapshot(folder, mb),
             })
+            used[mb] = restores_in_use(folder, mb, args.size_runs)
     for name in results:
         results[name].update(restored[name])
 
@@ -351,8 +386,25 @@ def main() -> int:
             t, q = median(res["tenbox"][metric]), median(res["qemu"][metric])
             srows.append(("%d MiB guest: %s" % (mb, metric), "%.1f %s" % (t, unit), "%.1f %s" % (q, unit),
                           ratio(t, q)))
-    print("snapshot of bigger guests: %d runs each, interleaved; medians" % args.size_runs)
+    print("snapshot of bigger guests, RAM as booted: %d runs each, interleaved; medians" % args.size_runs)
     print(table(srows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
+    print()
+    urows = []
+    for mb, res in used.items():
+        for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
+            t, q = median(res["tenbox"][metric]), median(res["qemu"][metric])
+            urows.append(("%d MiB guest: %s" % (mb, metric), "%.1f %s" % (t, unit), "%.1f %s" % (q, unit),
+                          ratio(t, q)))
+        q = median(res["qemu"]["restore_first_line_ms"])
+        for who, label in (("tenbox", "bare runtime, process start"), ("daemon", "through tenboxd, clone request")):
+            t = median(res[who]["restore_first_line_ms"])
+            urows.append(("%d MiB guest: %s -> restored guest's first line" % (mb, label), "%.1f ms" % t,
+                          "%.1f ms" % q, ratio(t, q)))
+        for who, label in (("tenbox", "bare runtime"), ("daemon", "through tenboxd")):
+            urows.append(("%d MiB guest: %s: worker main() -> restored guest runs" % (mb, label),
+                          "%.1f ms" % median(res[who]["main_to_running_ms"]), "-", "-"))
+    print("bigger guests with their RAM in use (count.fill): %d runs each, interleaved; medians" % args.size_runs)
+    print(table(urows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
     return 0
 
 

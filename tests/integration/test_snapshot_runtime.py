@@ -80,14 +80,19 @@ def test_a_snapshot_restored_twice_continues_from_the_same_count_both_times(spaw
     assert outputs[0].split("\n")[0] == outputs[1].split("\n")[0]
 
 
+def ram_offset(snap) -> int:
+    """Where guest RAM starts in a snapshot file (its JSON header's ram_offset)."""
+    with open(str(snap), "rb") as f:
+        head = f.read(20)
+        return json.loads(f.read(struct.unpack_from("<I", head, 12)[0]))["ram_offset"]
+
+
 def generation_id(snap) -> bytes:
     """The VM generation ID in a snapshot file's RAM (tenbox_vmm/arch/x86_64/layout.py VMGENID_ADDR)."""
     from tenbox_vmm.arch.x86_64 import layout as L
 
-    data = snap.read_bytes()
-    header = json.loads(data[20:20 + struct.unpack_from("<I", data, 12)[0]])
-    at = header["ram_offset"] + L.VMGENID_ADDR
-    return data[at:at + L.VMGENID_SIZE]
+    at = ram_offset(snap) + L.VMGENID_ADDR
+    return snap.read_bytes()[at:at + L.VMGENID_SIZE]
 
 
 def test_every_restore_is_a_new_vm_generation(spawn, counted_snapshot, snap_dir):
@@ -108,6 +113,43 @@ def test_every_restore_is_a_new_vm_generation(spawn, counted_snapshot, snap_dir)
         seen.append(generation_id(again))
     assert len(set(seen)) == 3, "the boot and each restore have their own generation ID: %s" % [
         s.hex() for s in seen]
+
+
+FILL_BASE = 16 << 20  # where count.fill starts writing (tests/guests/src/count.c)
+
+
+def test_ram_in_use_comes_back_whole_after_a_restore_and_after_a_snapshot_of_the_restored_guest(spawn, snap_dir):
+    """count.fill writes 40 MiB of RAM, each word its own address, and count.verify reads it back before each
+    line. A restored worker maps the file's RAM copy-on-write: its snapshot must write out the pages it never
+    touched as well as those it did. A word changed in the file is what the guest reports."""
+    cmdline = "console=ttyS0 count.ms=50 count.fill=40 count.verify=1"
+    first, second, bad = snap_dir / "used.snap", snap_dir / "again.snap", snap_dir / "bad.snap"
+    p = spawn(boot_argv(guest_path("count"), cmdline=cmdline, memory_mb=64) + ["--snapshot-out", str(first)])
+    p.wait_for(r"^count: filled 40 MiB$", timeout=WAIT_SEC)
+    p.wait_for(r"^count: 3$", timeout=WAIT_SEC)
+    p.signal(SNAPSHOT_SIGNAL)
+    p.wait_for_stderr(r"snapshot \S+ written", timeout=WAIT_SEC)
+    assert p.stop(10) == 3
+    r = restore(spawn, first, "--snapshot-out", str(second))
+    n = int(r.wait_for(r"^count: (\d+)$", timeout=WAIT_SEC).group(1))
+    r.signal(SNAPSHOT_SIGNAL)
+    r.wait_for_stderr(r"snapshot \S+ written", timeout=WAIT_SEC)
+    r.wait_for(r"^count: %d$" % (n + 2), timeout=WAIT_SEC)
+    assert r.stop(10) == 3
+    for snap in (first, second):
+        r = restore(spawn, snap)
+        n = int(r.wait_for(r"^count: (\d+)$", timeout=WAIT_SEC).group(1))
+        r.wait_for(r"^count: %d$" % (n + 2), timeout=WAIT_SEC)  # three lines, each after a check of all 40 MiB
+        assert r.stop(10) == 3
+        assert "RAM changed" not in r.output, (snap.name, r.output)
+    shutil.copyfile(str(second), str(bad))
+    word = FILL_BASE + (20 << 20) + 8
+    with open(str(bad), "r+b") as f:
+        f.seek(ram_offset(bad) + word)
+        f.write(b"\xff")
+    r = restore(spawn, bad)
+    assert int(r.wait_for(r"^count: RAM changed at 0x([0-9a-f]+)$", timeout=WAIT_SEC).group(1), 16) == word
+    r.wait_exit(WAIT_SEC)
 
 
 def test_a_live_virtio_blk_disk_works_after_a_restore(spawn, snap_dir, tmp_path):
