@@ -60,8 +60,13 @@ INITRD_MAX_BYTES = 2 << 30
 KICK_SIGNAL = signal.SIGUSR1
 VCPU_JOIN_SEC = 5.0
 # Console bytes KVM queued without an exit (see _coalesce_console) reach the
-# console at the guest's next exit, or after this long if it only halts.
+# console at the guest's next exit, or from the controller: this often while
+# the console is quiet, and every RING_FOLLOW_SEC while it is being written
+# and for RING_DRAIN_SEC after. A line's last byte has no exit after it when
+# the guest goes on computing (a restored count guest's first line waited
+# 10 ms for it, measured); a guest that halts is woken by a timer.
 RING_DRAIN_SEC = 0.02
+RING_FOLLOW_SEC = 0.002
 # Turning coalescing on or off costs KVM an SRCU grace period (4 ms measured on
 # the development machines). The transmit interrupt turns it off at once;
 # it comes back on only once the interrupt has stayed off this long, so a
@@ -332,6 +337,8 @@ class Machine:
         self._event: Optional[_Event] = None  # what the guest (or a vCPU failure) reported first
         self._stop: Optional[_Event] = None  # the host's stop: never cleared, never overridden
         self._event_ready = threading.Event()
+        self._wake = threading.Event()  # the controller's: set after _event_ready, and as the console starts
+        self._console_played_at = 0.0  # monotonic time the ring last played a console write
         self._halting = False
         self._vcpus: List[Vcpu] = []
         self._threads: List[threading.Thread] = []
@@ -522,6 +529,7 @@ class Machine:
             self._halting = True
         self._kick_all()
         self._event_ready.set()
+        self._wake.set()
 
     def reboot(self) -> None:
         """Reset the guest as the reset button would."""
@@ -581,6 +589,7 @@ class Machine:
             self._halting = True
         self._kick_all()
         self._event_ready.set()
+        self._wake.set()
 
     def _kick_all(self) -> None:
         for vcpu, thread in zip(self._vcpus, self._threads):
@@ -612,6 +621,17 @@ class Machine:
         if (not self._coalescing and not self.devices.serial.tx_interrupts
                 and time.monotonic() - self._tx_interrupts_off_at >= COALESCE_REARM_SEC):
             self._coalesce_console(True)
+
+    def _played(self, write: Callable[[int, int, int], None]) -> Callable[[int, int, int], None]:
+        """`write` for the ring's console writes, noting them: the controller follows a console being written."""
+        def played(addr: int, length: int, value: int) -> None:
+            now = time.monotonic()
+            if now - self._console_played_at >= RING_DRAIN_SEC:
+                self._wake.set()  # the controller may be in a quiet console's longer wait
+            self._console_played_at = now
+            write(addr, length, value)
+
+        return played
 
     def _coalesce_console(self, on: bool) -> None:
         """Let KVM queue the guest's console THR writes (COM1, the arm64 UART) in the coalesced ring (on), or exit for each.
@@ -652,7 +672,12 @@ class Machine:
                     self._finish(stop.code, stop.reason)
                     return
                 self._boot()
-                while not self._event_ready.wait(RING_DRAIN_SEC):
+                while not self._event_ready.is_set():
+                    following = time.monotonic() - self._console_played_at < RING_DRAIN_SEC
+                    self._wake.wait(RING_FOLLOW_SEC if following else RING_DRAIN_SEC)
+                    self._wake.clear()  # _event_ready is set before _wake: checked again below
+                    if self._event_ready.is_set():
+                        break
                     self._service_ring()
                     self._service_snapshots()
                 self._teardown()
@@ -712,7 +737,7 @@ class Machine:
         if self._ring_page:
             start = self._ring_page * mmap.PAGESIZE
             page = memoryview(vcpus[0].run_mem)[start : start + mmap.PAGESIZE]
-            self._ring = CoalescedRing(page, self.pio.write, self.mmio.write)
+            self._ring = CoalescedRing(page, self._played(self.pio.write), self._played(self.mmio.write))
             self._coalescing = False
             self._tx_interrupts_off_at = 0.0
             self._coalesce_console(not self.devices.serial.tx_interrupts)
