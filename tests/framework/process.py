@@ -236,6 +236,13 @@ class ConsoleProcess:
         with self._cond:
             return self._out.arrival(m.end()) - self.started
 
+    def seconds_to_stderr(self, pattern: Pattern, timeout: Optional[float] = None) -> float:
+        """Seconds from the start to the stderr read that completed pattern's first match."""
+        __tracebackhide__ = True
+        m = self.wait_for_stderr(pattern, timeout)
+        with self._cond:
+            return self._err.arrival(m.end()) - self.started
+
     def _reap(self, until: float) -> bool:
         """Wait (polling) until the process exits or `until` passes; True once it has exited."""
         while self.proc.returncode is None:
