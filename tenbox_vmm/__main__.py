@@ -190,11 +190,11 @@ def _before_sandbox() -> None:
 def _enter_ahead(link: Optional[str]) -> str:
     """A standby's spare, before its order: the steps before the sandbox that need no machine, and the
     sandbox for workers on `link`; SandboxError if it cannot be entered."""
-    from tenbox_vmm import passed_files, sandbox
-    from tenbox_vmm.kvm.api import KVM_PATH
+    from tenbox_vmm import sandbox
+    from tenbox_vmm.kvm.api import open_ahead
 
     _before_sandbox()
-    passed_files.open_named([KVM_PATH], os.O_RDWR)  # what _open_before_sandbox opens for any order
+    open_ahead()  # /dev/kvm, which _open_before_sandbox opens for any order, and what KVM supports
     return sandbox.enter_ahead(link)
 
 

@@ -45,7 +45,7 @@ from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.guest_log import Budget, GuestLog
 from tenbox_vmm.kernel_kind import KernelError, read_file
 from tenbox_vmm.kvm import constants as kc
-from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm
+from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm, system_handle
 from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
 from tenbox_vmm.protocol import ExitCode, Limits, VmState
@@ -293,7 +293,7 @@ class Machine:
             if config.kernel:
                 self.kernel, self.cmdline = self.board.load_kernel(
                     config.kernel, self.memory, config.cmdline, len(self.initrd) if self.initrd is not None else None)
-            self.kvm = kvm or Kvm()
+            self.kvm = kvm or system_handle()
             check_limits(config.memory_mb, config.cpus, self.kvm.max_vcpus())
             self.board.prepare(self.kvm, config.cpus)
             disks = self._open_disks(config.disks)
@@ -399,7 +399,7 @@ class Machine:
 
         assert config.restore is not None
         try:
-            kvm = kvm or Kvm()
+            kvm = kvm or system_handle()
             check_kvm(kvm)
             fd = passed_files.open_fd(config.restore, os.O_RDONLY)
         except (KvmUnavailable, SnapshotError) as e:

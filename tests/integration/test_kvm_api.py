@@ -106,3 +106,54 @@ def test_vcpu_registers_round_trip(machine):
     back = vcpu.get_regs()
     assert (back.rax, back.r15) == (0x1122334455667788, 7)
     assert vcpu.get_mp_state() == c.MP_STATE_RUNNABLE
+
+
+def test_what_kvm_supports_is_read_once_per_handle_and_handed_out_as_copies():
+    kvm = Kvm()
+    try:
+        cpuid, msrs = kvm.supported_cpuid(), kvm.msr_index_list()
+        assert len(cpuid) > 10 and any(e["function"] == 0 for e in cpuid) and len(msrs) > 10
+        cpuid[0]["eax"] ^= 0xFFFF
+        cpuid.pop()
+        msrs.clear()
+        assert kvm.supported_cpuid() == Kvm().supported_cpuid()  # the caller's changes are its own
+        assert kvm.msr_index_list() == Kvm().msr_index_list()
+        kvm.close()
+        assert kvm.supported_cpuid()[0]["function"] == 0  # read once: the handle is no longer asked
+    finally:
+        kvm.close()
+
+
+def test_a_spares_handle_opened_ahead_goes_to_its_machine_once(monkeypatch):
+    from tenbox_vmm import passed_files
+    from tenbox_vmm.kvm import api
+
+    monkeypatch.setattr(api, "_ahead", None)
+    api.open_ahead()
+    ahead = api._ahead
+    assert ahead is not None and ahead._cpuid is not None and ahead._msrs is not None  # read before the order
+    try:
+        assert api.system_handle() is ahead
+        other = api.system_handle()  # the next machine of this process opens its own
+        assert other is not ahead and other.fd != ahead.fd
+        other.close()
+    finally:
+        ahead.close()
+    assert not passed_files.passed(api.KVM_PATH)
+
+
+def test_a_spare_that_cannot_read_kvm_ahead_opens_it_as_any_worker_does(monkeypatch):
+    """Kvm() failing ahead (here: made to) leaves /dev/kvm a passed file, for the order's machine to open
+    and report on."""
+    from tenbox_vmm import passed_files
+    from tenbox_vmm.kvm import api
+
+    def refused(path=api.KVM_PATH):
+        raise api.KvmUnavailable("refused for the test")
+
+    monkeypatch.setattr(api, "_ahead", None)
+    monkeypatch.setattr(api, "Kvm", refused)
+    api.open_ahead()
+    assert api._ahead is None
+    assert passed_files.passed(api.KVM_PATH)
+    os.close(passed_files.open_fd(api.KVM_PATH, os.O_RDWR))
