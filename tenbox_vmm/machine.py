@@ -60,11 +60,13 @@ INITRD_MAX_BYTES = 2 << 30
 KICK_SIGNAL = signal.SIGUSR1
 VCPU_JOIN_SEC = 5.0
 # Console bytes KVM queued without an exit (see _coalesce_console) reach the
-# console at the guest's next exit, or from the controller: this often while
-# the console is quiet, and every RING_FOLLOW_SEC while it is being written
-# and for RING_DRAIN_SEC after. A line's last byte has no exit after it when
-# the guest goes on computing (a restored count guest's first line waited
-# 10 ms for it, measured); a guest that halts is woken by a timer.
+# console at the guest's next exit, or from the controller: this often, and
+# every RING_FOLLOW_SEC for the first RING_DRAIN_SEC of output after a quiet
+# console, until none has come for two of those. A line's last byte has no
+# exit after it when the guest goes on computing (a restored count guest's
+# first line waited 10 ms for it, measured); a long burst (a verbose boot)
+# drains itself at each exit, and is not worth a controller's wake-up every
+# 2 ms (costly in the nested lane, where Python runs emulated).
 RING_DRAIN_SEC = 0.02
 RING_FOLLOW_SEC = 0.002
 # Turning coalescing on or off costs KVM an SRCU grace period (4 ms measured on
@@ -339,6 +341,7 @@ class Machine:
         self._event_ready = threading.Event()
         self._wake = threading.Event()  # the controller's: set after _event_ready, and as the console starts
         self._console_played_at = 0.0  # monotonic time the ring last played a console write
+        self._console_burst_at = 0.0  # ... and the first it played after a quiet console
         self._halting = False
         self._vcpus: List[Vcpu] = []
         self._threads: List[threading.Thread] = []
@@ -623,10 +626,11 @@ class Machine:
             self._coalesce_console(True)
 
     def _played(self, write: Callable[[int, int, int], None]) -> Callable[[int, int, int], None]:
-        """`write` for the ring's console writes, noting them: the controller follows a console being written."""
+        """`write` for the ring's console writes, noting them: the controller follows the start of a burst."""
         def played(addr: int, length: int, value: int) -> None:
             now = time.monotonic()
             if now - self._console_played_at >= RING_DRAIN_SEC:
+                self._console_burst_at = now
                 self._wake.set()  # the controller may be in a quiet console's longer wait
             self._console_played_at = now
             write(addr, length, value)
@@ -673,7 +677,9 @@ class Machine:
                     return
                 self._boot()
                 while not self._event_ready.is_set():
-                    following = time.monotonic() - self._console_played_at < RING_DRAIN_SEC
+                    now = time.monotonic()
+                    following = (now - self._console_burst_at < RING_DRAIN_SEC
+                                 and now - self._console_played_at < 2 * RING_FOLLOW_SEC)
                     self._wake.wait(RING_FOLLOW_SEC if following else RING_DRAIN_SEC)
                     self._wake.clear()  # _event_ready is set before _wake: checked again below
                     if self._event_ready.is_set():
