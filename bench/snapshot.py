@@ -362,15 +362,32 @@ def restores_in_use(folder: Path, memory_mb: int, runs: int) -> Dict[str, Dict[s
     return out
 
 
-def _restore_rows(prefix: str, res: Dict[str, Dict[str, List[float]]], ratio) -> list:
-    """Each tenbox way's restore against QEMU's, to the guest running and to its first line."""
+def _ratio(t: float, q: float) -> str:
+    return "%.2f" % (t / q) if q else "-"
+
+
+def _save_rows(prefix: str, res: Dict[str, Dict[str, List[float]]]) -> list:
+    """tenbox's save against QEMU's: the pause, the time, the file."""
+    rows = []
+    for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
+        t, q = median(res["tenbox"][metric]), median(res["qemu"][metric])
+        rows.append(("%s%s" % (prefix, metric), "%.1f %s" % (t, unit), "%.1f %s" % (q, unit), _ratio(t, q)))
+    return rows
+
+
+def _restore_rows(prefix: str, res: Dict[str, Dict[str, List[float]]]) -> list:
+    """Each tenbox way's restore against QEMU's, to the guest running and to its first line; the workers'
+    own main() -> running."""
     rows = []
     for metric, what in (("restore_running_ms", "restored guest runs"),
                          ("restore_first_line_ms", "restored guest's first line")):
         q = median(res["qemu"][metric])
         for who, label in (("tenbox", "bare runtime, process start"), ("daemon", "through tenboxd, clone request")):
             t = median(res[who][metric])
-            rows.append(("%s%s -> %s" % (prefix, label, what), "%.1f ms" % t, "%.1f ms" % q, ratio(t, q)))
+            rows.append(("%s%s -> %s" % (prefix, label, what), "%.1f ms" % t, "%.1f ms" % q, _ratio(t, q)))
+    for who, label in (("tenbox", "bare runtime"), ("daemon", "through tenboxd")):
+        rows.append(("%s%s: worker main() -> restored guest runs" % (prefix, label),
+                     "%.1f ms" % median(res[who]["main_to_running_ms"]), "-", "-"))
     return rows
 
 
@@ -422,17 +439,7 @@ def main() -> int:
     for name in results:
         results[name].update(restored[name])
 
-    def ratio(t: float, q: float) -> str:
-        return "%.2f" % (t / q) if q else "-"
-
-    rows = []
-    for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
-        t, q = median(results["tenbox"][metric]), median(results["qemu"][metric])
-        rows.append((metric, "%.1f %s" % (t, unit), "%.1f %s" % (q, unit), ratio(t, q)))
-    rows += _restore_rows("", restored, ratio)
-    for who, label in (("tenbox", "bare runtime"), ("daemon", "through tenboxd")):
-        rows.append(("%s: worker main() -> restored guest runs" % label,
-                     "%.1f ms" % median(restored[who]["main_to_running_ms"]), "-", "-"))
+    rows = _save_rows("", results) + _restore_rows("", restored)
     print("snapshot benchmark: %d runs each, interleaved; medians; count guest, %d MiB of RAM" % (args.runs, MEM_MB))
     print(table(rows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
     print()
@@ -441,25 +448,12 @@ def main() -> int:
     crow = [(k, "%.1f" % median(v), "%.1f" % max(v)) for k, v in clones.items()]
     print(table(crow, ("metric", "median", "max")))
     print()
-    srows = []
-    for mb, res in by_size.items():
-        for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
-            t, q = median(res["tenbox"][metric]), median(res["qemu"][metric])
-            srows.append(("%d MiB guest: %s" % (mb, metric), "%.1f %s" % (t, unit), "%.1f %s" % (q, unit),
-                          ratio(t, q)))
+    srows = [row for mb, res in by_size.items() for row in _save_rows("%d MiB guest: " % mb, res)]
     print("snapshot of bigger guests, RAM as booted: %d runs each, interleaved; medians" % args.size_runs)
     print(table(srows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
     print()
-    urows = []
-    for mb, res in used.items():
-        for metric, unit in (("paused_ms", "ms"), ("save_ms", "ms"), ("file_mib", "MiB"), ("file_alloc_mib", "MiB")):
-            t, q = median(res["tenbox"][metric]), median(res["qemu"][metric])
-            urows.append(("%d MiB guest: %s" % (mb, metric), "%.1f %s" % (t, unit), "%.1f %s" % (q, unit),
-                          ratio(t, q)))
-        urows += _restore_rows("%d MiB guest: " % mb, res, ratio)
-        for who, label in (("tenbox", "bare runtime"), ("daemon", "through tenboxd")):
-            urows.append(("%d MiB guest: %s: worker main() -> restored guest runs" % (mb, label),
-                          "%.1f ms" % median(res[who]["main_to_running_ms"]), "-", "-"))
+    urows = [row for mb, res in used.items()
+             for row in _save_rows("%d MiB guest: " % mb, res) + _restore_rows("%d MiB guest: " % mb, res)]
     print("bigger guests with their RAM in use (count.fill): %d runs each, interleaved; medians" % args.size_runs)
     print(table(urows, ("metric", "tenbox", "QEMU microvm (KVM)", "tenbox/QEMU")))
     return 0
