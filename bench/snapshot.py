@@ -189,6 +189,7 @@ def restore_case(argv: List[str], monitor: Optional[Path] = None):
     def run() -> Dict[str, float]:
         if monitor is not None and monitor.exists():
             monitor.unlink()  # connected to only once this QEMU has made it
+        out = {}
         with ConsoleProcess(argv, stdin=subprocess.DEVNULL) as p:
             if monitor is not None:
                 m = Monitor(monitor, retry_sec=0.0005)
@@ -200,13 +201,12 @@ def restore_case(argv: List[str], monitor: Optional[Path] = None):
                     m.close()
             else:
                 running = p.seconds_to_stderr(RESTORED, WAIT_SEC)
+                out["main_to_running_ms"] = float(p.wait_for_stderr(RESTORED, WAIT_SEC).group(1))
             first = p.seconds_to(COUNT, WAIT_SEC)
             n = int(p.wait_for(COUNT, WAIT_SEC).group(1))
             if n <= 5:
                 p.fail("restored at count %d: the guest was snapshotted at 5" % n)
-            out = {"restore_first_line_ms": first * 1000, "restore_running_ms": running * 1000}
-            if monitor is None:
-                out["main_to_running_ms"] = float(p.wait_for_stderr(RESTORED, WAIT_SEC).group(1))
+            out.update(restore_first_line_ms=first * 1000, restore_running_ms=running * 1000)
             p.kill()
         return out
     return run

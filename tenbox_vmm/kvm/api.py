@@ -182,16 +182,14 @@ def open_ahead() -> None:
     opened as a passed file instead (passed_files.open_named), whose error the machine reports.
     """
     global _ahead
+    kvm = None
     try:
         kvm = Kvm()
-    except (KvmUnavailable, OSError):
-        passed_files.open_named([KVM_PATH], os.O_RDWR)
-        return
-    try:
         kvm.supported_cpuid()
         kvm.msr_index_list()
-    except OSError:
-        kvm.close()
+    except (KvmUnavailable, OSError):
+        if kvm is not None:
+            kvm.close()
         passed_files.open_named([KVM_PATH], os.O_RDWR)
         return
     _ahead = kvm
