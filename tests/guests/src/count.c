@@ -7,8 +7,8 @@
  * number: the snapshot tests read the continuation on the console.
  * With count.to=N it stops after N, reports PASS and powers off.
  * With count.fill=MIB it first writes that much RAM from 16 MiB up (at
- * CPL3, native speed on kvm_pvm), a word of its own address in each 8
- * bytes: a snapshot then holds memory in use, as a booted system's does,
+ * CPL3, native speed on kvm_pvm), each 8 bytes their own address XOR a
+ * constant: a snapshot then holds memory in use, as a booted system's does,
  * and none of it is a zero page a migration could skip. It prints
  * "count: filled <MiB> MiB" (what fitted in RAM) before the first count.
  * With count.verify=1 it reads that RAM back before each line, and at the
