@@ -31,7 +31,10 @@ times each:
     the count guest spins between its lines, and ten of them would measure
     the cores): request -> all running, and each clone's PSS, whole and less
     its own dirtied guest pages (the private dirty pages of its snapshot
-    mapping);
+    mapping); then 10 more with the host's KSM turned on until it has made
+    three full scans (as root, where the kernel has KSM; put back as it
+    was after): the same PSS once KSM merged the pages the workers copied
+    from their standby (the standby offers those, never guest RAM);
   * snapshot time and size of bigger guests (--sizes, default 256 and 2048
     MiB), tenbox against QEMU as above, fewer runs: their RAM as booted
     (untouched, as the 64 MiB guest's) and in use (`count.fill`: the guest
@@ -78,6 +81,7 @@ CMDLINE = "console=ttyS0 count.ms=2"
 COUNT = r"^count: (\d+)$"
 SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
 WAIT_SEC = 60.0
+KSM = Path("/sys/kernel/mm/ksm")
 MONITOR_SEC = 30.0
 
 
@@ -297,6 +301,42 @@ class DaemonSource:
             self.drop(reply)
         return figures
 
+    def clones_with_ksm(self) -> Optional[Dict[str, List[float]]]:
+        """Ten clones' PSS once the host's KSM has merged what it can (None without KSM, or not as root).
+
+        KSM is host-wide: it is turned on for this, at its own default pace unless the operator set one,
+        and put back as it was (with its merges undone if it was off). The standby's pages are offered to
+        it (tenbox_vmm/standby.py), the guests' RAM is not.
+        """
+        try:
+            was = (KSM / "run").read_text().strip()
+            (KSM / "run").write_text(was)
+        except OSError:
+            return None
+        reply = self.clone(CLONES)
+        try:
+            scans = int((KSM / "full_scans").read_text())
+            t0 = time.monotonic()
+            (KSM / "run").write_text("1")
+            # Merging takes two passes over a page (KSM's unstable tree, then its stable one); three full
+            # scans after the clones started cover that.
+            while int((KSM / "full_scans").read_text()) < scans + 3:
+                if time.monotonic() - t0 > WAIT_SEC * 4:
+                    raise RuntimeError("KSM made no 3 full scans in %.0f s" % (WAIT_SEC * 4))
+                time.sleep(0.1)
+            figures: Dict[str, List[float]] = {"pss_mib": [], "pss_above_dirtied_mib": [],
+                                               "seconds_to_3_full_scans": [time.monotonic() - t0]}
+            for vm in reply["vms"]:  # type: ignore[attr-defined]
+                pss, dirtied = _pss_kib(vm["pid"], "warm.snap")
+                figures["pss_mib"].append(pss / 1024)
+                figures["pss_above_dirtied_mib"].append((pss - dirtied) / 1024)
+        finally:
+            if was != "1":
+                (KSM / "run").write_text("2")  # unmerge what it merged, then as it was
+                (KSM / "run").write_text(was)
+            self.drop(reply)
+        return figures
+
     def close(self) -> None:
         self.d.close()
 
@@ -427,6 +467,7 @@ def main() -> int:
         idle = DaemonSource(folder, "idle", None, "idle: ready")  # clones that halt, as idle machines do
         try:
             clones = idle.clones(args.clone_runs)
+            ksm = idle.clones_with_ksm()
         finally:
             idle.close()
         by_size, used = {}, {}
@@ -447,6 +488,12 @@ def main() -> int:
           % (CLONES, args.clone_runs))
     crow = [(k, "%.1f" % median(v), "%.1f" % max(v)) for k, v in clones.items()]
     print(table(crow, ("metric", "median", "max")))
+    print()
+    if ksm is None:
+        print("(the host's KSM: not in this kernel, or not writable: no figure with it)")
+    else:
+        print("the same, %d clones once more, with the host's KSM on (as it was after): medians (max)" % CLONES)
+        print(table([(k, "%.1f" % median(v), "%.1f" % max(v)) for k, v in ksm.items()], ("metric", "median", "max")))
     print()
     srows = [row for mb, res in by_size.items() for row in _save_rows("%d MiB guest: " % mb, res)]
     print("snapshot of bigger guests, RAM as booted: %d runs each, interleaved; medians" % args.size_runs)

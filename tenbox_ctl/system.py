@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import click
 
 from tenbox_ctl import output
@@ -71,6 +73,7 @@ def system_info(app: App, as_json: bool):
         ("disk", "%d GiB free of %d GiB" % (res.get("disk_available_bytes", 0) >> 30, res.get("disk_total_bytes", 0) >> 30)),
         ("KVM", "supported" if info.get("doctor", {}).get("supported") else "NOT supported (tenbox doctor)"),
         ("standby", _standby(info.get("standby_workers") or {})),
+        ("KSM", _ksm(info.get("ksm"))),
     ]
     for k, v in rows:
         click.echo("%-9s %s" % (k + ":", v))
@@ -83,6 +86,14 @@ def _standby(s: dict) -> str:
     if s.get("spares"):
         text += ", %d spare(s) sandboxed ahead" % len(s["spares"])
     return text
+
+
+def _ksm(k: Optional[dict]) -> str:
+    if not k:
+        return "not in this kernel"
+    if k.get("run") != 1:
+        return "off (the workers offer it their interpreter's pages: docs/daemon.md, Standby workers)"
+    return "running, %d MiB saved by its merges on this host" % (k.get("saved_bytes", 0) >> 20)
 
 
 @click.command("version")

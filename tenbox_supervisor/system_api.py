@@ -50,4 +50,5 @@ class SystemMethods:
             "resources": telemetry.host_resources(self.config.data_dir),
             "doctor": doctor.run_checks(),
             "standby_workers": self.standby() if self.standby else {"wanted": 0, "ready": 0, "pids": [], "spares": []},
+            "ksm": telemetry.ksm_state(),
         }

@@ -34,6 +34,20 @@ def host_resources(data_dir: str) -> Dict[str, Any]:
     }
 
 
+def ksm_state(sysfs: str = "/sys/kernel/mm/ksm") -> Optional[Dict[str, int]]:
+    """The host's KSM, which merges the standby workers' identical pages when the operator runs it
+    (docs/daemon.md): {"run": 0, 1 or 2, "saved_bytes": what its merges save host-wide}, or None without KSM
+    in the kernel."""
+    try:
+        with open(os.path.join(sysfs, "run")) as f:
+            run = int(f.read())
+        with open(os.path.join(sysfs, "pages_sharing")) as f:
+            sharing = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return {"run": run, "saved_bytes": sharing * os.sysconf("SC_PAGE_SIZE")}
+
+
 _procs: Dict[int, psutil.Process] = {}
 
 

@@ -52,6 +52,7 @@ from tenbox_vmm.protocol import ExitCode
 from tenbox_vmm.protocol.standby import (GO, GO_MAX_FDS, GO_REPLY_MAX_BYTES, JOIN_FAILED, JOINED, ORDER_MAX_BYTES,
                                          ORDER_MAX_FDS, READY, OrderError, encode_forked, encode_spare, order_link,
                                          parse_order)
+from tenbox_vmm.sandbox import libc
 
 GO_WAIT_SEC = 60.0  # a forked worker that tenboxd never lets go ends having run nothing
 # How long an order waits for a spare still entering its sandbox (a few milliseconds of work) before
@@ -88,6 +89,27 @@ def preload() -> None:
 
     warm_up()
     usernet.warm_up()
+
+
+def offer_to_ksm(maps: str = "/proc/self/maps") -> int:
+    """Mark this process's private writable mappings mergeable (madvise MADV_MERGEABLE); the KiB marked.
+
+    A worker inherits the marks on the standby's mappings, not on its own later ones: the pages its
+    interpreter copies from the standby's as it runs (reference counts, code objects' counters) are
+    offered to KSM, its guest's RAM and buffers are not. Nothing happens unless the host runs KSM
+    (/sys/kernel/mm/ksm/run, the operator's choice; docs/daemon.md). A kernel without KSM refuses each
+    mapping, which is not an error.
+    """
+    with open(maps) as f:
+        ranges = [[int(x, 16) for x in line.split(None, 1)[0].split("-")] for line in f if " rw-p " in line]
+    marked = 0
+    for lo, hi in ranges:
+        try:
+            libc.madvise(lo, hi - lo, libc.MADV_MERGEABLE)
+        except OSError:
+            continue
+        marked += (hi - lo) // 1024
+    return marked
 
 
 def receive(sock: socket.socket) -> Tuple[bytes, List[int]]:
@@ -144,6 +166,7 @@ def serve(main: Callable[[Optional[List[str]]], int], sock_fd: int = 0, link: Op
     preload()
     gc.collect()
     gc.freeze()  # the workers' collections leave the shared objects' pages unwritten
+    offer_to_ksm()
     spare: Optional[_Spare] = None
     said_ready = False
     while True:

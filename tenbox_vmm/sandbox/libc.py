@@ -1,7 +1,7 @@
 """The few libc and system calls the sandbox needs that Python's os module lacks (worker, root until it drops).
 
-ctypes on libc, with errno: unshare, mount, umount2, pivot_root, prctl and
-capset. Each raises OSError with errno and the call's name on failure.
+ctypes on libc, with errno: unshare, mount, umount2, pivot_root, prctl,
+capset and madvise (for a standby's pages, tenbox_vmm/standby.py). Each raises OSError with errno and the call's name on failure.
 Python 3.12 has os.unshare; the oldest interpreter tenbox supports (3.8)
 does not, so all of them come from here.
 """
@@ -31,6 +31,8 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
+MADV_MERGEABLE = 12
+
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # pivot_root has no libc wrapper: its number by architecture (asm/unistd_64.h, asm-generic/unistd.h).
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -43,6 +45,7 @@ _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 _libc.syscall.restype = ctypes.c_long
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class _CapHeader(ctypes.Structure):
@@ -86,6 +89,10 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     rc = _libc.prctl(option, arg2, arg3, arg4, arg5)
     _check(rc, "prctl(%d)" % option)
     return rc
+
+
+def madvise(start: int, length: int, advice: int) -> None:
+    _check(_libc.madvise(start, length, advice), "madvise")
 
 
 def clear_capabilities() -> None:

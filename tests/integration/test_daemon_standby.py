@@ -66,6 +66,9 @@ def test_a_start_forks_its_worker_from_the_ready_standby_which_runs_the_vm_as_a_
     assert sorted(p.pid for p in standby_children(daemon)) == sorted([standby, spare]), "the spare: ours too"
     assert "1 of 1 workers ready to take a VM's start, 1 spare(s) sandboxed ahead" in ok(
         daemon.ctl("system", "info"))
+    # The host's KSM, which would merge the pages workers copy from their standby, as the kernel says.
+    assert json.loads(ok(daemon.ctl("system", "info", "--json")))["ksm"]["run"] == int(
+        open("/sys/kernel/mm/ksm/run").read())
 
     create(daemon, "warm")
     ok(daemon.ctl("vm", "start", "warm"))

@@ -119,6 +119,49 @@ def test_a_worker_whose_go_socket_ends_without_go_runs_nothing(tmp_path):
     assert sb.finish() == (0, "", "")
 
 
+def test_a_workers_copies_of_the_standbys_pages_are_offered_to_ksm_and_its_guest_ram_is_not(tmp_path):
+    sb = Standby()
+    assert sb.ready() == READY
+    standby = vm_flags(sb.proc.pid)  # as it said READY: it waits for an order, allocating nothing
+    log = tmp_path / "runtime.log"
+    pid, go = sb.fork(["--kernel", guest_path("idle"), "--memory", "48", "--console", "stdio"], log)
+    try:
+        go.sendall(GO)
+        go.close()
+        until = time_limit()
+        while "idle: ready" not in log.read_text():
+            assert next(until), log.read_text()
+        worker = vm_flags(pid)
+        ram = [flags for perm, size, _, flags in worker if perm == "rw-p" and size >= 48 << 10]
+        assert ram, "no mapping of the guest's 48 MiB: %s" % worker
+        assert not any("mg" in flags for flags in ram), "the guest's RAM is never KSM's"
+        heap = next(flags for _, _, name, flags in worker if name == "[heap]")
+        if os.path.isdir("/sys/kernel/mm/ksm"):
+            unmarked = [size for perm, size, _, flags in standby if perm == "rw-p" and "mg" not in flags]
+            # At most one is not: the buffer its next order is read into, while it waits.
+            assert len(unmarked) <= 1 and all(0 < size - (ORDER_MAX_BYTES >> 10) <= 8 for size in unmarked), standby
+            assert "mg" in heap, "the heap it shares with the standby"
+        else:  # the kernel refuses each madvise; the standby starts all the same
+            assert not any("mg" in flags for _, _, _, flags in standby + worker)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        assert gone(pid, EXIT_SEC)
+    assert sb.finish() == (0, "", "")
+
+
+def vm_flags(pid: int) -> list:
+    """(permissions, size in KiB, name, VmFlags) of each mapping in /proc/PID/smaps, in address order."""
+    out = []
+    for line in open("/proc/%d/smaps" % pid):
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            mapping = [fields[1], (hi - lo) >> 10, fields[5] if len(fields) > 5 else ""]
+        elif fields[0] == "VmFlags:":
+            out.append(tuple(mapping + [fields[1:]]))
+    return out
+
+
 def test_a_go_with_cgroup_files_is_answered_once_the_worker_is_in_its_cgroups(tmp_path):
     cgroup = Cgroups().create("tenbox-test-join-%d" % os.getpid(), ResourceLimits(256 << 20, 64))
     assert cgroup is not None, "this host gives root no cgroup to make (cgroups.py)"
