@@ -20,6 +20,8 @@ from typing import Dict, Iterable, List, Optional, Union
 
 import psutil
 
+from tenbox_supervisor.cgroups import Cgroups
+from tenbox_supervisor.oshost import CGROUP_PREFIX
 from tests.framework.process import ConsoleProcess, Pattern
 from tests.framework.repo import PYTHON, REPO, repo_env
 
@@ -218,22 +220,31 @@ class DaemonProcess:
         return self.proc.wait_exit(STOP_SEC)
 
     def cleanup(self) -> None:
-        """Stop every worker this daemon's data dir knows about, then the daemon."""
+        """Stop every worker this daemon's data dir knows about, then the daemon, and remove the workers'
+        cgroups (a worker killed after its tenboxd leaves its cgroup for the next tenboxd of this data
+        dir to sweep, and there is none)."""
         for p in self.history:
             p.close()
+        killed = []
         for pidfile in self.data_dir.glob("vms/*/runtime.json"):
             try:
                 pid = json.loads(pidfile.read_text()).get("pid")
                 if pid:
-                    os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError):
+                    killed.append(psutil.Process(pid))
+                    killed[-1].kill()
+            except (OSError, ValueError, psutil.Error):
                 pass  # gone already, or a file cut short by a kill
         # Workers started by this daemon carry its data dir in their argv.
         for p in psutil.process_iter(["pid", "cmdline"]):
             if str(self.data_dir) in " ".join(p.info["cmdline"] or []):
                 try:
                     p.kill()
+                    killed.append(p)
                 except psutil.NoSuchProcess:
                     pass
+        psutil.wait_procs(killed, timeout=10)
+        cgroups = Cgroups()
+        for vm_dir in self.data_dir.glob("vms/*"):
+            cgroups.sweep("%s%s-" % (CGROUP_PREFIX, vm_dir.name))
         shutil.rmtree(str(self.run_dir), ignore_errors=True)
         shutil.rmtree(str(self.sock_dir), ignore_errors=True)
