@@ -242,9 +242,23 @@ class DaemonProcess:
                     killed.append(p)
                 except psutil.NoSuchProcess:
                     pass
-        psutil.wait_procs(killed, timeout=10)
+        _until_dead(killed, 10.0)
         cgroups = Cgroups()
         for vm_dir in self.data_dir.glob("vms/*"):
             cgroups.sweep("%s%s-" % (CGROUP_PREFIX, vm_dir.name))
         shutil.rmtree(str(self.run_dir), ignore_errors=True)
         shutil.rmtree(str(self.sock_dir), ignore_errors=True)
+
+
+def _until_dead(procs: List[psutil.Process], timeout: float) -> None:
+    """Wait until `procs` have ended (zombies count: their cgroups can go) without reaping any: one may be a
+    test's own child, whose ConsoleProcess reaps it."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while time.monotonic() < deadline:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
