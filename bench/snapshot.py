@@ -32,7 +32,7 @@ times each:
     the cores): request -> all running, and each clone's PSS, whole and less
     its own dirtied guest pages (the private dirty pages of its snapshot
     mapping); then 10 more with the host's KSM turned on until it has made
-    three full scans (as root, where the kernel has KSM; put back as it
+    three full scans or for 120 s (as root, where the kernel has KSM; put back as it
     was after): the same PSS once KSM merged the pages the workers copied
     from their standby (the standby offers those, never guest RAM);
   * snapshot time and size of bigger guests (--sizes, default 256 and 2048
@@ -82,6 +82,7 @@ COUNT = r"^count: (\d+)$"
 SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
 WAIT_SEC = 60.0
 KSM = Path("/sys/kernel/mm/ksm")
+KSM_WAIT_SEC = 120.0
 MONITOR_SEC = 30.0
 
 
@@ -319,13 +320,14 @@ class DaemonSource:
             t0 = time.monotonic()
             (KSM / "run").write_text("1")
             # Merging takes two passes over a page (KSM's unstable tree, then its stable one); three full
-            # scans after the clones started cover that.
-            while int((KSM / "full_scans").read_text()) < scans + 3:
-                if time.monotonic() - t0 > WAIT_SEC * 4:
-                    raise RuntimeError("KSM made no 3 full scans in %.0f s" % (WAIT_SEC * 4))
+            # scans after the clones started cover that. KSM scans every process that offers it pages
+            # (QEMU offers its guests' RAM), so on a busy host the wait ends at KSM_WAIT_SEC instead.
+            while int((KSM / "full_scans").read_text()) < scans + 3 and time.monotonic() - t0 < KSM_WAIT_SEC:
                 time.sleep(0.1)
             figures: Dict[str, List[float]] = {"pss_mib": [], "pss_above_dirtied_mib": [],
-                                               "seconds_to_3_full_scans": [time.monotonic() - t0]}
+                                               "seconds_with_ksm_on": [time.monotonic() - t0],
+                                               "ksm_full_scans_meanwhile": [int((KSM / "full_scans").read_text())
+                                                                            - scans]}
             for vm in reply["vms"]:  # type: ignore[attr-defined]
                 pss, dirtied = _pss_kib(vm["pid"], "warm.snap")
                 figures["pss_mib"].append(pss / 1024)
