@@ -45,7 +45,7 @@ from tenbox_vmm.devices.bus import MmioBus, PioBus
 from tenbox_vmm.guest_log import Budget, GuestLog
 from tenbox_vmm.kernel_kind import KernelError, read_file
 from tenbox_vmm.kvm import constants as kc
-from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm, system_handle
+from tenbox_vmm.kvm.api import Kvm, KvmUnavailable, Vcpu, Vm, bitmap_runs, system_handle
 from tenbox_vmm.kvm.coalesced import CoalescedRing
 from tenbox_vmm.memory import MIB, GuestMemory
 from tenbox_vmm.protocol import ExitCode, Limits, VmState
@@ -59,6 +59,10 @@ log = logging.getLogger("tenbox.machine")
 INITRD_MAX_BYTES = 2 << 30
 KICK_SIGNAL = signal.SIGUSR1
 VCPU_JOIN_SEC = 5.0
+# A snapshot's pre-copy (Machine._save_live): passes over RAM while the guest runs, at most this many,
+# and the guest paused once a pass leaves at most this much written for the last.
+PRECOPY_PASSES = 5
+PRECOPY_FINAL_BYTES = 2 * MIB
 # Console bytes KVM queued without an exit (see _coalesce_console) reach the
 # console at the guest's next exit, or from the controller: this often, and
 # every RING_FOLLOW_SEC for the first RING_DRAIN_SEC of output after a quiet
@@ -845,12 +849,11 @@ class Machine:
             req.done(result)
 
     def _take_snapshot(self, req: SnapshotRequest) -> SnapshotDone:
-        """Pause, save the machine and its RAM to `req.path`, move the disks to their overlays, resume."""
-        from tenbox_vmm.snapshot import SnapshotError, cpu_model
-        from tenbox_vmm.snapshot.fileformat import write_snapshot
-        from tenbox_vmm.snapshot.machine_state import capture, check_kvm
+        """Save the machine and its RAM to `req.path`, move the disks to their overlays; the vCPUs
+        stand still only for the last pass (see _save_live)."""
+        from tenbox_vmm.snapshot import SnapshotError
+        from tenbox_vmm.snapshot.machine_state import check_kvm
 
-        path, dir_fd = req.path, req.dir_fd
         if not self.board.snapshots:
             raise MachineError("snapshots are not available on %s hosts yet" % self.board.arch)
         vm = self._vm
@@ -864,30 +867,91 @@ class Machine:
         except SnapshotError as e:
             raise MachineError(str(e)) from None
         started = time.monotonic()
-        self._pause_vcpus()
+        for t in self.virtio:
+            t.pause()  # no device writes guest RAM until the end: KVM's dirty log sees every other write
         try:
-            if self._ring is not None:
-                self._ring.drain()  # console bytes KVM queued belong before the snapshot
-            for t in self.virtio:
-                t.pause()
-            try:
-                try:
-                    state = capture(vm, self._vcpus, self.board.supported_msrs, self.devices.by_name(), self.virtio)
-                    size = write_snapshot(path, cpu_model.describe(self.board.supported_cpuid), self.config.cpus, state,
-                                          self.memory.host_buffer, dir_fd=dir_fd, publish=req.publish)
-                except (SnapshotError, OSError) as e:
-                    raise MachineError(str(e)) from None
-                self._switch_disks(blk, dir_fd, req.overlays)  # the guest's next write goes to the overlay
-            finally:
-                for t in self.virtio:
-                    t.resume()
+            size, paused_ms, passes = self._save_live(vm, req, blk)
         finally:
-            self._resume_vcpus()
-        paused_ms = (time.monotonic() - started) * 1000
-        log.info("%s: snapshot %s written (%d MiB file), guest paused %.0f ms", self.config.vm_id, path,
-                 size >> 20, paused_ms)
-        return SnapshotDone("snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms" % (
-            path, self.memory.size >> 20, self.config.cpus, paused_ms), False, path, size, paused_ms)
+            for t in self.virtio:
+                t.resume()
+        took_ms = (time.monotonic() - started) * 1000
+        log.info("%s: snapshot %s written (%d MiB file)", self.config.vm_id, req.path, size >> 20)
+        return SnapshotDone("snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms (saved in %.0f ms; "
+                            "passes over RAM: %s MiB)" % (req.path, self.memory.size >> 20, self.config.cpus, paused_ms,
+                                                          took_ms, ", ".join("%.1f" % (n / MIB) for n in passes)),
+                            False, req.path, size, paused_ms)
+
+    def _save_live(self, vm: Vm, req: SnapshotRequest, blk: list) -> Tuple[int, float, List[int]]:
+        """Write RAM while the vCPUs run, then the pages they wrote meanwhile, pass after pass; pause
+        them for the last pass, the machine state and the disks' move. (file size, ms paused, bytes of each pass)
+
+        Pre-copy, as a live migration does: KVM logs the pages the guest writes. The devices are
+        paused by the caller, so nothing else writes guest RAM. The passes stop once one finds at most
+        PRECOPY_FINAL_BYTES written, finds nearly as many as the one before (a guest that writes
+        faster than the file takes it), or after PRECOPY_PASSES.
+        """
+        from tenbox_vmm.snapshot import SnapshotError, cpu_model
+        from tenbox_vmm.snapshot.fileformat import SnapshotWriter, live_ram_offset, pack_state
+        from tenbox_vmm.snapshot.machine_state import capture
+
+        ram = memoryview(self.memory.host_buffer).cast("B")
+        slots = self.memory.slots()
+
+        def dirtied() -> List[Tuple[int, int]]:
+            """(offset, bytes) of the RAM written since the last call."""
+            runs = []
+            for slot, (_, _, offset) in enumerate(slots):
+                runs += [(offset + first * mmap.PAGESIZE, n * mmap.PAGESIZE)
+                         for first, n in bitmap_runs(vm.dirty_pages(slot))]
+            return runs
+
+        try:
+            out = SnapshotWriter(req.path, len(ram), live_ram_offset(self.config.cpus), req.dir_fd, req.publish)
+        except SnapshotError as e:
+            raise MachineError(str(e)) from None
+        try:
+            try:
+                vm.log_dirty_pages(True)
+                out.write_ram(ram)  # the first pass: all of it, its zeros left as holes
+                passes = [len(ram)]
+                pending = dirtied()
+                while len(passes) < PRECOPY_PASSES:
+                    total = sum(n for _, n in pending)
+                    if total <= PRECOPY_FINAL_BYTES:
+                        break
+                    for offset, n in pending:
+                        out.write_ram(ram, offset, offset + n, holes=False)
+                    passes.append(total)
+                    pending = dirtied()
+                    if sum(n for _, n in pending) * 4 > total * 3:  # not a quarter fewer: it will not converge
+                        break
+                out.sync()  # the passes' pages reach the disk while the guest runs: the last sync is short
+                paused = time.monotonic()
+                self._pause_vcpus()
+                try:
+                    if self._ring is not None:
+                        self._ring.drain()  # console bytes KVM queued belong before the snapshot
+                    pending += dirtied()
+                    for offset, n in pending:
+                        out.write_ram(ram, offset, offset + n, holes=False)
+                    passes.append(sum(n for _, n in pending))
+                    state = capture(vm, self._vcpus, self.board.supported_msrs, self.devices.by_name(), self.virtio)
+                    size = out.finish(cpu_model.describe(self.board.supported_cpuid), self.config.cpus,
+                                      pack_state(state))
+                    self._switch_disks(blk, req.dir_fd, req.overlays)  # the guest's next write goes to the overlay
+                finally:
+                    self._resume_vcpus()
+                return size, (time.monotonic() - paused) * 1000, passes
+            except (SnapshotError, OSError) as e:
+                raise MachineError(str(e)) from None
+            finally:
+                try:
+                    vm.log_dirty_pages(False)
+                except OSError as e:
+                    log.warning("%s: KVM's dirty log stays on: %s", self.config.vm_id, e.strerror)
+        except BaseException:
+            out.abort()
+            raise
 
     def _blk_devices(self) -> list:
         from tenbox_vmm.devices.virtio.blk import VirtioBlk

@@ -43,6 +43,30 @@ def _ioctl_int(fd: int, request: int, value: int, what: str) -> int:
     return _ioctl(fd, request, ffi.cast("unsigned long", value), what)
 
 
+def bitmap_runs(bitmap: bytes) -> List[Tuple[int, int]]:
+    """(first page, pages) of each run of set bits in a dirty-log bitmap (little-endian 64-bit words)."""
+    runs: List[Tuple[int, int]] = []
+    start = -1
+    for i, word in enumerate(memoryview(bitmap).cast("Q")):
+        if word == 0 or word == 0xFFFFFFFFFFFFFFFF:  # whole words end or extend a run at once
+            if word == 0 and start >= 0:
+                runs.append((start, i * 64 - start))
+                start = -1
+            elif word and start < 0:
+                start = i * 64
+            continue
+        for bit in range(64):
+            if word >> bit & 1:
+                if start < 0:
+                    start = i * 64 + bit
+            elif start >= 0:
+                runs.append((start, i * 64 + bit - start))
+                start = -1
+    if start >= 0:
+        runs.append((start, len(bitmap) * 8 - start))
+    return runs
+
+
 class Kvm:
     """The /dev/kvm system handle."""
 
@@ -209,6 +233,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self._mapped = []  # cffi buffer handles keeping guest RAM exported
+        self._slots: Dict[int, Tuple[int, int, int]] = {}  # slot -> (guest address, size, host address)
 
     def map_memory(self, slot: int, guest_phys_addr: int, buffer, offset: int, size: int) -> None:
         """Back guest-physical [gpa, gpa+size) with `buffer[offset:offset+size]`."""
@@ -218,6 +243,21 @@ class Vm:
         self._mapped.append(handle)
         host = int(ffi.cast("uintptr_t", handle)) + offset
         self.set_user_memory_region(slot, guest_phys_addr, size, host)
+        self._slots[slot] = (guest_phys_addr, size, host)
+
+    def log_dirty_pages(self, on: bool) -> None:
+        """Have KVM log the pages the guest writes in every slot map_memory made (or stop logging)."""
+        for slot, (gpa, size, host) in sorted(self._slots.items()):
+            self.set_user_memory_region(slot, gpa, size, host, c.KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+
+    def dirty_pages(self, slot: int) -> bytes:
+        """The slot's pages written since logging began or the last call, as a bitmap (bit i: page i of
+        the slot, little-endian 64-bit words); KVM clears it and watches those pages again."""
+        pages = self._slots[slot][1] // mmap.PAGESIZE
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+        arg = ffi.new("uint64_t[2]", [slot, int(ffi.cast("uintptr_t", bitmap))])
+        _ioctl(self.fd, c.KVM_GET_DIRTY_LOG, arg, "KVM_GET_DIRTY_LOG")
+        return bytes(ffi.buffer(bitmap))
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0) -> None:
         region = ffi.new(

@@ -44,6 +44,8 @@ KVM_GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
 # VM
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
+KVM_GET_DIRTY_LOG = _iow(0x42, "uint64_t[2]")  # struct kvm_dirty_log: u32 slot, u32 pad, u64 bitmap address
+KVM_MEM_LOG_DIRTY_PAGES = 1  # kvm_userspace_memory_region.flags
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
 KVM_CREATE_IRQCHIP = _io(0x60)

@@ -88,68 +88,128 @@ def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, A
     is made new (O_EXCL) and written in place, synced, and left for tenboxd to move into
     place: the folder it is written in is a staging folder no reader takes a snapshot from.
     """
+    state_bytes = pack_state(state)
+    ram = memoryview(ram).cast("B")
+    header_probe = _header(cpu, cpus, len(ram), 0, state_bytes, 0)
+    room = PREFIX.size + len(header_probe) + 64 + len(state_bytes)  # 64: the offsets' digits may grow
+    out = SnapshotWriter(path, len(ram), _align(room), dir_fd, publish)
+    try:
+        out.write_ram(ram)
+        return out.finish(cpu, cpus, state_bytes)
+    except BaseException:
+        out.abort()
+        raise
+
+
+def live_ram_offset(cpus: int) -> int:
+    """Where a snapshot written before its machine state is known puts RAM: room for the header and
+    any state of `cpus` vCPUs (~10 KiB each, the devices a few KiB), with margin."""
+    return _align(PREFIX.size + HEADER_MAX_BYTES + (256 << 10) + cpus * (64 << 10))
+
+
+class SnapshotWriter:
+    """A snapshot file being written: RAM first (a live save writes it while the guest runs, then
+    again the pages it wrote since), the header and the machine state last (`finish`).
+
+    The file is made under a temporary name (or, with `publish` False, new in a staging folder),
+    and only `finish` gives it its name: see write_snapshot. `abort` removes it.
+    """
+
+    def __init__(self, path: str, ram_bytes: int, ram_offset: int, dir_fd: Optional[int] = None,
+                 publish: bool = True) -> None:
+        self.path = path
+        self.ram_bytes = ram_bytes
+        self.ram_offset = ram_offset
+        self.publish = publish
+        self.folder = os.path.dirname(os.path.abspath(path))
+        self.name = os.path.basename(path)
+        self.tmp = ".%s.tmp-%d" % (self.name, os.getpid()) if publish else self.name
+        self._own_dfd = dir_fd is None
+        if dir_fd is None:
+            try:
+                dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise SnapshotError("cannot write a snapshot in %s: %s" % (self.folder, e.strerror)) from None
+        self.dfd = dir_fd
+        self._named = False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if publish else os.O_EXCL | os.O_NOFOLLOW)
+        try:
+            self.fd = os.open(self.tmp, flags, 0o600, dir_fd=self.dfd)
+        except OSError as e:
+            self._close_dfd()
+            raise SnapshotError("cannot write a snapshot in %s: %s" % (self.folder, e.strerror)) from None
+
+    def write_ram(self, ram: memoryview, start: int = 0, end: Optional[int] = None, holes: bool = True) -> None:
+        """Write ram[start:end] at its place in the file. With `holes`, chunks of zeros are left
+        unwritten (the file reads zeros there): only for a first pass over the file's RAM."""
+        end = len(ram) if end is None else end
+        try:
+            for at in range(start, end, RAM_CHUNK):
+                # A copy, then bytes' memcmp: comparing the memoryview itself goes byte by byte
+                # in Python's unpacking (0.9 s against 13 ms for 256 MiB, measured).
+                chunk = bytes(ram[at : min(at + RAM_CHUNK, end)])
+                if not holes or chunk != _ZERO_CHUNK[: len(chunk)]:
+                    _pwrite_all(self.fd, memoryview(chunk), self.ram_offset + at)
+        except OSError as e:
+            raise SnapshotError("cannot write snapshot %s: %s" % (self.path, e.strerror)) from None
+
+    def sync(self) -> None:
+        """fdatasync what was written so far (finish syncs again, whatever came after)."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise SnapshotError("cannot write snapshot %s: %s" % (self.path, e.strerror)) from None
+
+    def finish(self, cpu: Dict[str, Any], cpus: int, state_bytes: bytes) -> int:
+        """Write the header and the state, sync, and give the file its name; its size."""
+        header_probe = _header(cpu, cpus, self.ram_bytes, 0, state_bytes, 0)
+        state_offset = PREFIX.size + len(header_probe) + 64  # room for the offsets' digits to grow
+        if state_offset + len(state_bytes) > self.ram_offset:
+            raise SnapshotError("machine state of %d bytes does not fit the %d reserved before RAM"
+                                % (len(state_bytes), self.ram_offset - state_offset))
+        header = _header(cpu, cpus, self.ram_bytes, state_offset, state_bytes, self.ram_offset)
+        if PREFIX.size + len(header) > state_offset:
+            raise SnapshotError("snapshot header does not fit")  # cannot happen: 64 bytes of slack
+        prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header))
+        try:
+            os.pwrite(self.fd, (prefix + header).ljust(state_offset, b" ") + state_bytes, 0)
+            os.ftruncate(self.fd, self.ram_offset + self.ram_bytes)  # the holes at the end count too
+            os.fdatasync(self.fd)  # data and the size it needs to be read back
+            os.close(self.fd)
+            self.fd = -1
+            if self.publish:
+                os.rename(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+            self._named = True
+        except OSError as e:
+            raise SnapshotError("cannot write snapshot %s: %s" % (self.path, e.strerror)) from None
+        try:
+            os.fdatasync(self.dfd)  # the rename is durable once the folder is synced
+        except OSError:
+            pass  # some file systems cannot sync a folder; the file itself is synced
+        self._close_dfd()
+        return self.ram_offset + self.ram_bytes
+
+    def abort(self) -> None:
+        """Close and remove the unfinished file (after finish: nothing)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self._named and self.dfd >= 0:
+            _unlink_quietly(self.tmp, self.dfd)
+        self._close_dfd()
+
+    def _close_dfd(self) -> None:
+        if self._own_dfd and self.dfd >= 0:
+            os.close(self.dfd)
+        self.dfd = -1
+
+
+def pack_state(state: Dict[str, Any]) -> bytes:
+    """The machine state as the file holds it; SnapshotError if it is over STATE_MAX_BYTES."""
     state_bytes = msgpack.packb(state, use_bin_type=True)
     if len(state_bytes) > STATE_MAX_BYTES:
         raise SnapshotError("machine state of %d bytes is over %d" % (len(state_bytes), STATE_MAX_BYTES))
-    ram = memoryview(ram).cast("B")
-    header_probe = _header(cpu, cpus, len(ram), 0, state_bytes, 0)
-    state_offset = PREFIX.size + len(header_probe) + 64  # room for the offsets' digits to grow
-    ram_offset = _align(state_offset + len(state_bytes))
-    header = _header(cpu, cpus, len(ram), state_offset, state_bytes, ram_offset)
-    if PREFIX.size + len(header) > state_offset:
-        raise SnapshotError("snapshot header does not fit")  # cannot happen: 64 bytes of slack
-    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header))
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    if dir_fd is None:
-        try:
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SnapshotError("cannot write a snapshot in %s: %s" % (folder, e.strerror)) from None
-    else:
-        dfd = dir_fd
-    try:
-        return _write_in(dfd, folder, name, prefix, header, state_offset, state_bytes, ram, ram_offset, publish)
-    finally:
-        if dir_fd is None:
-            os.close(dfd)
-
-
-def _write_in(dfd: int, folder: str, name: str, prefix: bytes, header: bytes, state_offset: int,
-              state_bytes: bytes, ram: memoryview, ram_offset: int, publish: bool = True) -> int:
-    path = os.path.join(folder, name)
-    tmp = ".%s.tmp-%d" % (name, os.getpid()) if publish else name
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if publish else os.O_EXCL | os.O_NOFOLLOW)
-    try:
-        fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
-    except OSError as e:
-        raise SnapshotError("cannot write a snapshot in %s: %s" % (folder, e.strerror)) from None
-    try:
-        try:
-            os.pwrite(fd, (prefix + header).ljust(state_offset, b" ") + state_bytes, 0)
-            for start in range(0, len(ram), RAM_CHUNK):
-                # A copy, then bytes' memcmp: comparing the memoryview itself goes byte by byte
-                # in Python's unpacking (0.9 s against 13 ms for 256 MiB, measured).
-                chunk = bytes(ram[start : start + RAM_CHUNK])
-                if chunk != _ZERO_CHUNK[: len(chunk)]:
-                    _pwrite_all(fd, memoryview(chunk), ram_offset + start)
-            os.ftruncate(fd, ram_offset + len(ram))  # the holes at the end count too
-            os.fdatasync(fd)  # data and the size it needs to be read back
-        finally:
-            os.close(fd)
-        if publish:
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except OSError as e:
-        _unlink_quietly(tmp, dfd)
-        raise SnapshotError("cannot write snapshot %s: %s" % (path, e.strerror)) from None
-    except BaseException:
-        _unlink_quietly(tmp, dfd)
-        raise
-    try:
-        os.fdatasync(dfd)  # the rename is durable once the folder is synced
-    except OSError:
-        pass  # some file systems cannot sync a folder; the file itself is synced
-    return ram_offset + len(ram)
+    return state_bytes
 
 
 def _header(cpu: Dict[str, Any], cpus: int, ram_bytes: int, state_offset: int, state: bytes,

@@ -84,6 +84,7 @@ class VirtioMmio:
         self.queues = [Virtqueue(mem, i, device.queue_size) for i in range(device.num_queues)]
         device.config_changed = self.config_changed
         self._io: Optional[IoThread] = None
+        self._held = False  # pause() until resume(): a driver's DRIVER_OK meanwhile starts no I/O thread
         self._irq_fd: Optional[int] = None
         self._kick_fds: List[Optional[int]] = []
         self._own_kicks: List[int] = []
@@ -129,16 +130,21 @@ class VirtioMmio:
     # Snapshots ----------------------------------------------------------------------------
 
     def pause(self) -> None:
-        """Stop the I/O thread between two batches (the vCPUs are paused): the queues hold still."""
+        """Stop the I/O thread between two batches, and start none until resume(): the device writes no
+        guest memory and its queues hold still, even while the vCPUs run on (a snapshot's pre-copy)."""
         with self._lock:
             io, self._io = self._io, None
+            self._held = True
         if io is not None:
             io.stop()
 
     def resume(self) -> None:
         """Start the I/O thread again after pause(), with the same kicks and interrupt."""
-        if self.status & STATUS_DRIVER_OK and not self.status & STATUS_DEVICE_NEEDS_RESET and self._kick_fds:
-            self._start_io()
+        with self._lock:
+            self._held = False
+            if (self._io is None and self.status & STATUS_DRIVER_OK and not self.status & STATUS_DEVICE_NEEDS_RESET
+                    and self._kick_fds):
+                self._start_io()
 
     def save_state(self) -> dict:
         """The transport's registers and every queue (snapshot/records.py VIRTIO); call paused."""
@@ -240,9 +246,12 @@ class VirtioMmio:
             kicks.append(fd)
         self._kick_fds = kicks
         self.device.activate(features, self.queues)
-        self._start_io()
+        with self._lock:
+            if not self._held:  # else resume() starts it
+                self._start_io()
 
     def _start_io(self) -> None:
+        """Under self._lock: pause() either finds the thread or keeps it from starting."""
         self._io = IoThread("virtio-%s" % self.device.name, self.device, self.queues, self._kick_fds,
                             self.signal_used, self.needs_reset)
         self._io.start()

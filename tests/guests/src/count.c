@@ -14,11 +14,17 @@
  * With count.verify=1 it reads that RAM back before each line, and at the
  * first word that is not what it wrote prints "count: RAM changed at <addr>"
  * and fails: a restore that lost or moved a page of RAM in use shows.
+ * With count.churn=1 it also rewrites one MiB of it after each check, the
+ * next MiB each line, round the filled RAM: line n writes MiB n mod the
+ * MiBs filled, each word XORed with n as well. The guest writes its RAM
+ * while a live snapshot copies it, and a page saved before its last write
+ * shows as changed after the restore.
  *
  * Command line: count.to=N       last number (default 0: count until stopped)
  *               count.ms=MS      delay between lines (default 100)
  *               count.fill=MIB   RAM to write first (default 0)
  *               count.verify=1   check that RAM before each line (default 0)
+ *               count.churn=1    rewrite a MiB of it after each line (default 0)
  */
 #include "bootparams.h"
 #include "cpu.h"
@@ -31,12 +37,15 @@ const char guest_name[] = "count";
 #define FILL_BASE (16ULL << 20)
 #define MAPPED_TOP (3ULL << 30) /* head.S maps 4 GiB; its top GiB is the MMIO hole */
 
-#define FILL_WORD(p) ((u64)(p) ^ 0x5a5a5a5a5a5a5a5aULL)
+#define FILL_WORD(p, gen) ((u64)(p) ^ 0x5a5a5a5a5a5a5a5aULL ^ ((gen) * 0x9e3779b97f4a7c15ULL))
+#define CHURN_BYTES (1ULL << 20)
 
 struct fill_job {
 	u64 start;
 	u64 end;
-	u64 bad; /* verify_loop: the first word that differs, or 0 */
+	u64 gen;  /* fill_loop: what the words are XORed with */
+	u64 done; /* verify_loop: the lines churned so far (0 without count.churn) */
+	u64 bad;  /* verify_loop: the first word that differs, or 0 */
 };
 
 static u64 fill_loop(u64 arg)
@@ -44,17 +53,25 @@ static u64 fill_loop(u64 arg)
 	struct fill_job *j = (struct fill_job *)arg;
 
 	for (volatile u64 *p = (u64 *)j->start; p < (u64 *)j->end; p++)
-		*p = FILL_WORD(p);
+		*p = FILL_WORD(p, j->gen);
 	return 0;
+}
+
+/* The line that last rewrote MiB k of the filled RAM, `done` lines churned: 0 for the first fill. */
+static u64 churned_by(u64 k, u64 done, u64 chunks)
+{
+	return done < k ? 0 : done - (done - k) % chunks;
 }
 
 static u64 verify_loop(u64 arg)
 {
 	struct fill_job *j = (struct fill_job *)arg;
+	u64 chunks = (j->end - j->start) / CHURN_BYTES;
 
 	j->bad = 0;
 	for (volatile u64 *p = (u64 *)j->start; p < (u64 *)j->end; p++) {
-		if (*p != FILL_WORD(p)) {
+		u64 gen = j->done ? churned_by(((u64)p - j->start) / CHURN_BYTES, j->done, chunks) : 0;
+		if (*p != FILL_WORD(p, gen)) {
 			j->bad = (u64)p;
 			break;
 		}
@@ -79,7 +96,8 @@ void guest_main(void)
 	u64 ms = cmdline_get_u64("count.ms", 100, NULL);
 	u64 fill_mib = cmdline_get_u64("count.fill", 0, NULL);
 	bool verify = cmdline_get_u64("count.verify", 0, NULL) != 0;
-	struct fill_job j = { FILL_BASE, FILL_BASE, 0 };
+	bool churn = cmdline_get_u64("count.churn", 0, NULL) != 0;
+	struct fill_job j = { FILL_BASE, FILL_BASE, 0, 0, 0 };
 
 	t_start();
 	t_info("count.tsc_hz", "%lu%s", tsc_hz(), tsc_hz_known() ? "" : " (ceiling)");
@@ -98,6 +116,13 @@ void guest_main(void)
 				t_fail("RAM changed at 0x%lx", j.bad);
 				t_finish();
 			}
+		}
+		if (churn && j.end - j.start >= CHURN_BYTES) {
+			u64 chunks = (j.end - j.start) / CHURN_BYTES;
+			struct fill_job c = { j.start + (n % chunks) * CHURN_BYTES, 0, n, 0, 0 };
+			c.end = c.start + CHURN_BYTES;
+			run_user(fill_loop, (u64)&c);
+			j.done = n;
 		}
 		printf("count: %lu\n", n);
 		udelay(ms * 1000);
