@@ -12,6 +12,8 @@ Layout (little-endian):
     ..      guest RAM at a page-aligned offset, to the end of the file: mapped MAP_PRIVATE
             on restore, so pages are read only when the guest touches them
 
+RAM is written first (a live save writes it while the guest runs, then the
+pages it wrote meanwhile: SnapshotWriter), the header and the state last.
 A file is written under a temporary name in the destination's folder,
 synced and then renamed, and the folder synced: a snapshot killed half-way
 leaves a temporary file, never a file under the name asked for. The reader
