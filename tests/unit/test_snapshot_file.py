@@ -295,3 +295,36 @@ def test_a_snapshot_is_written_through_a_folder_descriptor_and_a_missing_folder_
     read_snapshot(str(tmp_path / "vm.snap"), HOST_CPU).close()
     with pytest.raises(SnapshotError, match="cannot write a snapshot in /nonexistent: No such file"):
         write_snapshot("/nonexistent/vm.snap", HOST_CPU, 1, machine_state(), ram_with_data())
+
+
+def test_a_live_writer_takes_ram_first_and_later_passes_overwrite_pages_even_with_zeros(tmp_path):
+    """SnapshotWriter as a live save uses it: all of RAM while it still changes, then the changed pages
+    (one of them now zeros, which must not stay as the first pass wrote it), the state last."""
+    path = str(tmp_path / "live.snap")
+    ram = ram_with_data()
+    out = fileformat.SnapshotWriter(path, len(ram), fileformat.live_ram_offset(1))
+    out.write_ram(memoryview(ram))
+    assert os.listdir(str(tmp_path)) == [".live.snap.tmp-%d" % os.getpid()], "no file under its name yet"
+    ram[0:5] = bytes(5)  # the guest wrote these pages after the first pass
+    ram[2 * MIB : 2 * MIB + 3] = b"new"
+    for offset in (0, 2 * MIB):
+        out.write_ram(memoryview(ram), offset, offset + 4096, holes=False)
+    out.sync()
+    size = out.finish(HOST_CPU, 1, fileformat.pack_state(machine_state()))
+    assert size == os.path.getsize(path) == fileformat.live_ram_offset(1) + len(ram)
+    s = read_snapshot(path, HOST_CPU)
+    try:
+        assert bytes(s.map_ram()) == bytes(ram)
+    finally:
+        s.close()
+    assert os.listdir(str(tmp_path)) == ["live.snap"]
+
+
+def test_a_live_writer_aborted_or_with_a_state_too_big_for_its_room_leaves_nothing(tmp_path):
+    path = str(tmp_path / "live.snap")
+    out = fileformat.SnapshotWriter(path, 4 * MIB, 8192)
+    out.write_ram(memoryview(ram_with_data()))
+    with pytest.raises(SnapshotError, match=r"machine state of \d+ bytes does not fit the \d+ reserved"):
+        out.finish(HOST_CPU, 1, fileformat.pack_state(machine_state(cpus=4)))
+    out.abort()
+    assert os.listdir(str(tmp_path)) == []
