@@ -127,3 +127,17 @@ def test_doctors_own_kvm_numbers_match_the_workers():
     assert doctor.KVM_CREATE_DEVICE == kc.KVM_CREATE_DEVICE
     assert doctor.KVM_CREATE_DEVICE_TEST == kc.CREATE_DEVICE_TEST
     assert dict(doctor.ARM_VGICS) == {"GICv3": kc.DEV_TYPE_ARM_VGIC_V3, "GICv2": kc.DEV_TYPE_ARM_VGIC_V2}
+
+
+def test_a_dirty_log_bitmap_becomes_runs_of_pages():
+    from tenbox_vmm.kvm.api import bitmap_runs
+
+    def bitmap(pages, words=3):
+        return sum(1 << p for p in pages).to_bytes(8 * words, "little")
+
+    assert bitmap_runs(bitmap([])) == []
+    assert bitmap_runs(bitmap([0])) == [(0, 1)]
+    assert bitmap_runs(bitmap(range(3, 70))) == [(3, 67)], "across a word"
+    assert bitmap_runs(bitmap(list(range(64, 128)) + [130, 191])) == [(64, 64), (130, 1), (191, 1)]
+    assert bitmap_runs(bitmap(range(192))) == [(0, 192)], "to the end"
+    assert bitmap_runs(bitmap([5, 7, 8, 63, 64])) == [(5, 1), (7, 2), (63, 2)]
