@@ -149,7 +149,6 @@ def tenbox_snapshot(folder: Path, memory_mb: int = MEM_MB, cmdline: str = CMDLIN
         p.signal(SNAPSHOT_SIGNAL)
         m = p.wait_for_stderr(r"snapshot \S+ written: .* guest paused (\d+) ms \(saved in (\d+) ms.*", WAIT_SEC)
         p.stop(10)
-    print("   ", m.group(0)[-90:]) if os.environ.get("PSAVE") else None
     return dict(_file_figures(snap), paused_ms=float(m.group(1)), save_ms=float(m.group(2)))
 
 
