@@ -11,7 +11,7 @@ from tenbox_ctl import complete, output
 from tenbox_ctl.app import App, handle_errors, json_option, pass_app
 from tenbox_supervisor.protocol import ExitCode, Method
 
-# A snapshot writes guest RAM with the guest paused, then tenboxd moves files; a clone makes
+# A snapshot writes guest RAM (live, then the last pages paused), then tenboxd moves files; a clone makes
 # overlays and starts workers. tenboxd bounds each; the CLI waits a little longer.
 SNAPSHOT_TIMEOUT_SEC = 600.0
 CLONE_TIMEOUT_SEC = 600.0
