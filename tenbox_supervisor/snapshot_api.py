@@ -4,8 +4,8 @@ A snapshot is the machine (the worker's `snapshot` command: vCPUs, devices,
 RAM) and a disk layer, taken together: the worker writes RAM to its staging
 folder while the guest runs, then, with the guest paused for the last
 pages, the machine state, and moves each of the VM's own qcow2 disks onto a
-new overlay that tenboxd made on it, then the guest runs on. The image the disk had becomes the snapshot's read-only layer. A
-restore or a clone gives each layered disk a new overlay on the layer and
+new overlay that tenboxd made on it, then the guest runs on. The image the
+disk had becomes the snapshot's read-only layer. A restore or a clone gives each layered disk a new overlay on the layer and
 starts a worker with `--restore` (RAM mapped MAP_PRIVATE from the snapshot
 file, shared by every clone until written). Files and their order:
 snapshots.py. The records and the folder layout: docs/daemon.md, Snapshots.

@@ -92,8 +92,7 @@ def write_snapshot(path: str, cpu: Dict[str, Any], cpus: int, state: Dict[str, A
     """
     state_bytes = pack_state(state)
     ram = memoryview(ram).cast("B")
-    header_probe = _header(cpu, cpus, len(ram), 0, state_bytes, 0)
-    room = PREFIX.size + len(header_probe) + 64 + len(state_bytes)  # 64: the offsets' digits may grow
+    room = _state_offset(cpu, cpus, len(ram), state_bytes) + len(state_bytes)
     out = SnapshotWriter(path, len(ram), _align(room), dir_fd, publish)
     try:
         out.write_ram(ram)
@@ -164,8 +163,7 @@ class SnapshotWriter:
 
     def finish(self, cpu: Dict[str, Any], cpus: int, state_bytes: bytes) -> int:
         """Write the header and the state, sync, and give the file its name; its size."""
-        header_probe = _header(cpu, cpus, self.ram_bytes, 0, state_bytes, 0)
-        state_offset = PREFIX.size + len(header_probe) + 64  # room for the offsets' digits to grow
+        state_offset = _state_offset(cpu, cpus, self.ram_bytes, state_bytes)
         if state_offset + len(state_bytes) > self.ram_offset:
             raise SnapshotError("machine state of %d bytes does not fit the %d reserved before RAM"
                                 % (len(state_bytes), self.ram_offset - state_offset))
@@ -212,6 +210,11 @@ def pack_state(state: Dict[str, Any]) -> bytes:
     if len(state_bytes) > STATE_MAX_BYTES:
         raise SnapshotError("machine state of %d bytes is over %d" % (len(state_bytes), STATE_MAX_BYTES))
     return state_bytes
+
+
+def _state_offset(cpu: Dict[str, Any], cpus: int, ram_bytes: int, state: bytes) -> int:
+    """Where the state goes: after the prefix and the header, with room for the offsets' digits to grow."""
+    return PREFIX.size + len(_header(cpu, cpus, ram_bytes, 0, state, 0)) + 64
 
 
 def _header(cpu: Dict[str, Any], cpus: int, ram_bytes: int, state_offset: int, state: bytes,
