@@ -288,8 +288,9 @@ class Machine:
             self._close_snapshot()
             raise
         size = config.memory_mb * MIB
-        self.memory = GuestMemory(size, self._snapshot.map_ram() if self._snapshot is not None else None,
-                                  self.board.ram_regions(size))
+        snap = self._snapshot
+        self.memory = GuestMemory(size, snap.map_ram() if snap is not None else None, self.board.ram_regions(size),
+                                  snap.ram_file() if snap is not None else None)
         try:
             self.kernel = None  # the board's loaded kernel
             self.cmdline = b""
@@ -891,7 +892,7 @@ class Machine:
         faster than the file takes it), or after PRECOPY_PASSES.
         """
         from tenbox_vmm.snapshot import SnapshotError, cpu_model
-        from tenbox_vmm.snapshot.fileformat import SnapshotWriter, live_ram_offset, pack_state
+        from tenbox_vmm.snapshot.fileformat import RAM_CHUNK, SnapshotWriter, live_ram_offset, pack_state
         from tenbox_vmm.snapshot.machine_state import capture
 
         ram = memoryview(self.memory.host_buffer).cast("B")
@@ -912,8 +913,10 @@ class Machine:
         try:
             try:
                 vm.log_dirty_pages(True)
-                out.write_ram(ram)  # the first pass: all of it, its zeros left as holes
-                passes = [len(ram)]
+                # The first pass: all of it, its zeros left as holes; what was never written is not even read.
+                data = self.memory.data_chunks(RAM_CHUNK)
+                out.write_ram(ram, data=data)
+                passes = [len(ram) if data is None else min(len(ram), data.count(1) * RAM_CHUNK)]
                 pending = dirtied()
                 while len(passes) < PRECOPY_PASSES:
                     total = sum(n for _, n in pending)

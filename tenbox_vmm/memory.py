@@ -12,7 +12,9 @@ against one region and hands out a memoryview into the mapping: data paths
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
+import os
 import struct
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -25,6 +27,26 @@ CLEAR_CHUNK = 2 * MIB
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+# /proc/self/pagemap (Documentation/admin-guide/mm/pagemap.rst): 8 bytes a page, whose top byte holds
+# bit 63 "present", 62 "swapped" and 61 "file page or shared anonymous". A page of a private mapping
+# with neither of the first two has never been written (or was given back): it reads as zeros.
+PAGEMAP = "/proc/self/pagemap"
+_PM_PRESENT, _PM_SWAPPED, _PM_FILE = 0x80, 0x40, 0x20
+_PM_READ_PAGES = 1 << 15  # pagemap entries read at once: 256 KiB of them for 128 MiB of RAM
+# Top byte -> 1 where the page may hold the process's own data: for anonymous RAM any page behind it
+# or swapped out; for RAM mapped from a file, those that are not the file's (the file is asked itself).
+_ANON_DATA = bytes(1 if b & (_PM_PRESENT | _PM_SWAPPED) else 0 for b in range(256))
+_COPIED_DATA = bytes(1 if b & (_PM_PRESENT | _PM_SWAPPED) and not b & _PM_FILE else 0 for b in range(256))
+_pagemap_fd: Optional[int] = None
+
+
+def keep_pagemap(fd: int) -> None:
+    """Use `fd`, /proc/self/pagemap opened ahead, for every later `data_chunks`: the sandbox opens it before
+    the worker stops being dumpable (its /proc entries then belong to root). Without it each call opens
+    the file."""
+    global _pagemap_fd
+    _pagemap_fd = fd
 
 
 class GuestMemoryError(Exception):
@@ -50,11 +72,14 @@ class GuestMemory:
     """The guest's RAM: an anonymous mapping and its guest-physical layout."""
 
     def __init__(self, size: int, mapping: Optional[mmap.mmap] = None,
-                 regions: Optional[List[Region]] = None) -> None:
+                 regions: Optional[List[Region]] = None, backing: Optional[Tuple[int, int]] = None) -> None:
         """`size` bytes of zeroed RAM, or `mapping` (a snapshot's RAM, mapped MAP_PRIVATE from its file).
 
         `regions`: where the RAM appears to the guest; x86-64's `ram_regions(size)` if not given.
+        `backing`: with `mapping`, (a descriptor of its file, where RAM starts in it), which the memory
+        now owns (`data_chunks` asks the file where its data is).
         """
+        self._backing = backing
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError("guest memory size must be a positive multiple of the page size")
         self.size = size
@@ -94,6 +119,68 @@ class GuestMemory:
         except (OSError, ValueError, IndexError):
             pass
         return 0
+
+    def data_chunks(self, chunk: int) -> Optional[bytearray]:
+        """One byte per `chunk` bytes of RAM (a multiple of the page size): 0 where every page surely reads
+        as zeros, 1 where the guest may have left data. None if the kernel does not say (no pagemap).
+
+        Surely zeros: a page never written (no page behind it and none swapped out, by pagemap), or,
+        for RAM mapped from a snapshot, a page still the file's where the file has a hole. What the
+        guest writes after the call is not in it: a live snapshot has KVM log writes first.
+        """
+        if chunk <= 0 or chunk % mmap.PAGESIZE:
+            raise ValueError("chunks must be whole pages")
+        if self.file_backed and self._backing is None:
+            return None  # the file's data cannot be told from its holes
+        per = chunk // mmap.PAGESIZE
+        pages = self.size // mmap.PAGESIZE
+        out = bytearray(-(-pages // per))
+        table = _COPIED_DATA if self.file_backed else _ANON_DATA
+        step = max(per, _PM_READ_PAGES // per * per)
+        first = self.host_address // mmap.PAGESIZE
+        fd = _pagemap_fd
+        try:
+            if fd is None:
+                fd = os.open(PAGEMAP, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for p in range(0, pages, step):
+                    n = min(step, pages - p)
+                    entries = os.pread(fd, 8 * n, 8 * (first + p))
+                    if len(entries) != 8 * n:
+                        return None
+                    flags = entries[7::8].translate(table)
+                    at = flags.find(1)
+                    while at >= 0:  # from one chunk with data to the next
+                        out[(p + at) // per] = 1
+                        at = flags.find(1, (at // per + 1) * per)
+            finally:
+                if fd is not _pagemap_fd:
+                    os.close(fd)
+            if self._backing is not None and not self._file_data(out, chunk):
+                return None
+        except OSError:
+            return None
+        return out
+
+    def _file_data(self, out: bytearray, chunk: int) -> bool:
+        """Mark in `out` the chunks where the backing file has data (SEEK_DATA); False if it cannot say."""
+        assert self._backing is not None
+        fd, base = self._backing
+        pos, end = base, base + self.size
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    return True
+                return False
+            if data >= end:
+                return True
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            lo, hi = (data - base) // chunk, (hole - 1 - base) // chunk + 1
+            out[lo:hi] = b"\x01" * (hi - lo)
+            pos = hole
+        return True
 
     @property
     def host_buffer(self) -> mmap.mmap:
@@ -178,6 +265,9 @@ class GuestMemory:
 
     def close(self) -> None:
         """Unmap guest RAM; if views are still out (a device kept one), the last of them unmaps it."""
+        if self._backing is not None:
+            os.close(self._backing[0])
+            self._backing = None
         try:
             self._view.release()
             self._map.close()

@@ -33,6 +33,8 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 MADV_MERGEABLE = 12
 
+CAP_SYS_ADMIN = 21
+
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # pivot_root has no libc wrapper: its number by architecture (asm/unistd_64.h, asm-generic/unistd.h).
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -54,6 +56,13 @@ class _CapHeader(ctypes.Structure):
 
 class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+# Version 3's two 32-bit halves. Made here, with the functions' pointers below, when a standby imports
+# this: its spares then share them instead of each making its own after the fork.
+_CapSets = _CapData * 2
+_libc.capget.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
+_libc.capset.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
 
 
 def _check(rc: int, what: str) -> None:
@@ -98,8 +107,28 @@ def madvise(start: int, length: int, advice: int) -> None:
 def clear_capabilities() -> None:
     """Empty this thread's effective, permitted and inheritable capability sets (capset(2))."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()  # version 3: two 32-bit halves, all zero
+    data = _CapSets()  # version 3: two 32-bit halves, all zero
     _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def open_without_capability(path: str, flags: int, cap: int) -> int:
+    """os.open with capability `cap` out of this thread's effective set for the call, then back: for files
+    whose kernel reads the opener's capabilities when opened (pagemap shows page frame numbers only to
+    CAP_SYS_ADMIN). The caller must be single-threaded or alone in holding `cap`'s meaning."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    saved = _CapSets()
+    _check(_libc.capget(ctypes.byref(header), saved), "capget")
+    word, bit = divmod(cap, 32)
+    if not saved[word].effective & (1 << bit):
+        return os.open(path, flags)
+    lowered = _CapSets()
+    ctypes.memmove(lowered, saved, ctypes.sizeof(saved))
+    lowered[word].effective &= ~(1 << bit)
+    _check(_libc.capset(ctypes.byref(header), lowered), "capset")
+    try:
+        return os.open(path, flags)
+    finally:
+        _check(_libc.capset(ctypes.byref(header), saved), "capset")
 
 
 def kernel_log_size() -> int:

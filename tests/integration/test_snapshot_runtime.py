@@ -165,7 +165,7 @@ def test_a_guest_writing_its_ram_throughout_a_live_snapshot_comes_back_as_it_was
     m = p.wait_for_stderr(r"snapshot \S+ written: .* guest paused (\d+) ms \(saved in (\d+) ms; "
                           r"passes over RAM: ([\d., ]+) MiB\)", timeout=WAIT_SEC)
     passes = [float(x) for x in m.group(3).split(", ")]
-    assert len(passes) >= 2 and passes[0] == 64.0, m.group(0)
+    assert len(passes) >= 2 and 40.0 <= passes[0] <= 64.0, m.group(0)  # at least the filled RAM, read once
     assert sum(passes[1:]) > 0, "the guest wrote RAM during the first pass, and the next passes took it"
     assert p.stop(10) == 3
     assert "RAM changed" not in p.output
@@ -185,6 +185,37 @@ def test_a_guest_writing_its_ram_throughout_a_live_snapshot_comes_back_as_it_was
     r = restore(spawn, stale)
     assert int(r.wait_for(r"^count: RAM changed at 0x([0-9a-f]+)$", timeout=WAIT_SEC).group(1), 16) == word
     r.wait_exit(WAIT_SEC)
+
+
+def test_ram_the_guest_never_wrote_is_not_read_and_comes_back_as_zeros(spawn, snap_dir):
+    """A snapshot's first pass reads only the MiB the kernel says may hold data (GuestMemory.data_chunks):
+    pages behind them in the worker, or, for a restored guest, its own copies and the snapshot file's data.
+    count.fill=40 leaves 40 MiB written and most of the rest never touched; count.verify checks the 40
+    against their addresses after every restore, so a chunk with data taken for an empty one shows. Run in
+    the worker's sandbox, where /proc/self/pagemap is root's once it is not dumpable: it is opened before."""
+    cmdline = "console=ttyS0 count.ms=50 count.fill=40 count.verify=1"
+    first, second = snap_dir / "fresh.snap", snap_dir / "restored.snap"
+    written = re.compile(r"snapshot \S+ written: 1024 MiB .*passes over RAM: ([\d.]+)")
+    p = spawn(boot_argv(guest_path("count"), cmdline=cmdline, memory_mb=1024) + ["--snapshot-out", str(first)])
+    p.wait_for(r"^count: 3$", timeout=WAIT_SEC)
+    p.signal(SNAPSHOT_SIGNAL)
+    read = float(p.wait_for_stderr(written, timeout=WAIT_SEC).group(1))
+    assert p.stop(10) == 3
+    assert 40 <= read <= 64, "the first pass read %.1f MiB of a guest that wrote 40-odd" % read
+    r = restore(spawn, first, "--snapshot-out", str(second))
+    n = int(r.wait_for(r"^count: (\d+)$", timeout=WAIT_SEC).group(1))
+    r.signal(SNAPSHOT_SIGNAL)
+    read = float(r.wait_for_stderr(written, timeout=WAIT_SEC).group(1))
+    r.wait_for(r"^count: %d$" % (n + 2), timeout=WAIT_SEC)
+    assert r.stop(10) == 3
+    assert 40 <= read <= 64, "the restored guest's first pass read %.1f MiB" % read
+    for snap in (first, second):
+        assert os.stat(str(snap)).st_blocks * 512 < 80 << 20, "%s: the file is not sparse" % snap.name
+        r = restore(spawn, snap)
+        n = int(r.wait_for(r"^count: (\d+)$", timeout=WAIT_SEC).group(1))
+        r.wait_for(r"^count: %d$" % (n + 2), timeout=WAIT_SEC)
+        assert r.stop(10) == 3
+        assert "RAM changed" not in r.output, (snap.name, r.output)
 
 
 def test_a_live_virtio_blk_disk_works_after_a_restore(spawn, snap_dir, tmp_path):

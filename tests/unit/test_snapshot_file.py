@@ -328,3 +328,22 @@ def test_a_live_writer_aborted_or_with_a_state_too_big_for_its_room_leaves_nothi
         out.finish(HOST_CPU, 1, fileformat.pack_state(machine_state(cpus=4)))
     out.abort()
     assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_first_pass_with_a_data_map_reads_only_the_chunks_it_marks(tmp_path):
+    """write_ram(data=...) as a live save's first pass uses it (GuestMemory.data_chunks): a chunk marked 0
+    is not read at all, so its bytes here, which a real map would have marked, do not reach the file."""
+    path = str(tmp_path / "mapped.snap")
+    ram = ram_with_data()
+    ram[1 * MIB] = 0xCD  # chunk 1: data the map below says is not there
+    out = fileformat.SnapshotWriter(path, len(ram), fileformat.live_ram_offset(1))
+    out.write_ram(memoryview(ram), data=bytes([1, 0, 0, 1]))
+    size = out.finish(HOST_CPU, 1, fileformat.pack_state(machine_state()))
+    s = read_snapshot(path, HOST_CPU)
+    try:
+        back = bytes(s.map_ram())
+    finally:
+        s.close()
+    assert back[:5] == b"hello" and back[3 * MIB + 17] == 0xAB
+    assert back[1 * MIB] == 0, "a chunk marked empty was read"
+    assert os.stat(path).st_blocks * 512 < size - 2 * MIB  # chunks 1 and 2 are holes
