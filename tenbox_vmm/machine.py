@@ -869,7 +869,7 @@ class Machine:
             raise MachineError(str(e)) from None
         started = time.monotonic()
         for t in self.virtio:
-            t.pause()  # no device writes guest RAM until the end: KVM's dirty log sees every other write
+            t.pause()  # no chain under way when _save_live starts marking what the devices write
         try:
             size, paused_ms, passes = self._save_live(vm, req, blk)
         finally:
@@ -883,27 +883,32 @@ class Machine:
                             False, req.path, size, paused_ms)
 
     def _save_live(self, vm: Vm, req: SnapshotRequest, blk: list) -> Tuple[int, float, List[int]]:
-        """Write RAM while the vCPUs run, then the pages they wrote meanwhile, pass after pass; pause
-        them for the last pass, the machine state and the disks' move. (file size, ms paused, bytes of each pass)
+        """Write RAM while the vCPUs and the devices run, then the pages they wrote meanwhile, pass after
+        pass; stop the devices and pause the vCPUs for the last pass, the machine state and the disks' move.
+        (file size, ms paused, bytes of each pass)
 
-        Pre-copy, as a live migration does: KVM logs the pages the guest writes. The devices are
-        paused by the caller, so nothing else writes guest RAM. The passes stop once one finds at most
-        PRECOPY_FINAL_BYTES written, finds nearly as many as the one before (a guest that writes
-        faster than the file takes it), or after PRECOPY_PASSES.
+        Pre-copy, as a live migration does: KVM logs the pages the guest writes, and the virtqueues mark
+        the buffers the devices fill (queue.WriteLog; the caller has stopped the devices, so none is
+        under way unmarked). The passes stop once one finds at most PRECOPY_FINAL_BYTES written, finds
+        nearly as many as the one before (a guest that writes faster than the file takes it), or after
+        PRECOPY_PASSES. The last pass adds every live queue's used ring, the devices' own bookkeeping.
         """
+        from tenbox_vmm.devices.virtio.queue import WriteLog, byte_runs
         from tenbox_vmm.snapshot import SnapshotError, cpu_model
         from tenbox_vmm.snapshot.fileformat import RAM_CHUNK, SnapshotWriter, live_ram_offset, pack_state
         from tenbox_vmm.snapshot.machine_state import capture
 
         ram = memoryview(self.memory.host_buffer).cast("B")
         slots = self.memory.slots()
+        wlog = WriteLog(self.memory)
+        page = mmap.PAGESIZE
 
         def dirtied() -> List[Tuple[int, int]]:
-            """(offset, bytes) of the RAM written since the last call."""
+            """(offset, bytes) of the RAM written since the last call, by the vCPUs or the devices."""
             runs = []
             for slot, (_, _, offset) in enumerate(slots):
-                runs += [(offset + first * mmap.PAGESIZE, n * mmap.PAGESIZE)
-                         for first, n in bitmap_runs(vm.dirty_pages(slot))]
+                runs += [(offset + first * page, n * page) for first, n in bitmap_runs(vm.dirty_pages(slot))]
+            runs += [(first * page, n * page) for first, n in byte_runs(wlog.take())]
             return runs
 
         try:
@@ -913,6 +918,9 @@ class Machine:
         try:
             try:
                 vm.log_dirty_pages(True)
+                for t in self.virtio:
+                    t.track_writes(wlog)
+                    t.resume()
                 # The first pass: all of it, its zeros left as holes; what was never written is not even read.
                 data = self.memory.data_chunks(RAM_CHUNK)
                 out.write_ram(ram, data=data)
@@ -929,12 +937,16 @@ class Machine:
                     if sum(n for _, n in pending) * 4 > total * 3:  # not a quarter fewer: it will not converge
                         break
                 out.sync()  # the passes' pages reach the disk while the guest runs: the last sync is short
+                for t in self.virtio:
+                    t.pause()  # between two batches: every chain taken is back in its used ring
                 paused = time.monotonic()
                 self._pause_vcpus()
                 try:
                     if self._ring is not None:
                         self._ring.drain()  # console bytes KVM queued belong before the snapshot
                     pending += dirtied()
+                    for t in self.virtio:
+                        pending += [(self.memory.offset(gpa, n), n) for gpa, n in t.used_rings()]
                     for offset, n in pending:
                         out.write_ram(ram, offset, offset + n, holes=False)
                     passes.append(sum(n for _, n in pending))
@@ -948,6 +960,9 @@ class Machine:
             except (SnapshotError, OSError) as e:
                 raise MachineError(str(e)) from None
             finally:
+                for t in self.virtio:
+                    t.pause()  # already, unless a pass failed; the caller resumes them
+                    t.track_writes(None)
                 try:
                     vm.log_dirty_pages(False)
                 except OSError as e:

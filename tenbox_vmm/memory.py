@@ -201,6 +201,18 @@ class GuestMemory:
                 return r.offset + (gpa - r.gpa)
         raise GuestMemoryError("guest range %#x+%#x is outside RAM" % (gpa, length))
 
+    def offset(self, gpa: int, length: int) -> int:
+        """Where guest RAM [gpa, gpa+length) lies in the host mapping; GuestMemoryError if it is not RAM."""
+        return self._offset(gpa, length)
+
+    def offset_of(self, view: memoryview) -> int:
+        """Where a non-empty view that view() or views() handed out starts in the host mapping."""
+        anchor = ctypes.c_char.from_buffer(view)
+        try:
+            return ctypes.addressof(anchor) - self.host_address
+        finally:
+            del anchor  # the mapping must not stay exported
+
     def contains(self, gpa: int, length: int) -> bool:
         try:
             self._offset(gpa, length)

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import struct
+import time
 
 import pytest
 
@@ -242,6 +243,51 @@ def test_a_live_virtio_blk_disk_works_after_a_restore(spawn, snap_dir, tmp_path)
     r.send("quit\n")
     assert r.wait_exit(WAIT_SEC) == 0, r.errors
     assert "TENBOX-GUEST blk PASS" in r.output
+
+
+# Two rounds of the guest's 16 MiB, 4 KiB at a time with 100 us between requests: about a second a round
+# here, so the snapshot (some 30 ms) falls inside one, long after that round marked its sectors unread.
+READCHECK = ("console=ttyS0 blk.test=none blk.bench=readcheck blk.bench.mb=32 blk.bench.bs=4 blk.bench.depth=1 "
+             "blk.bench.gap_us=100 blk.bench.stall=40")
+
+
+def numbered_disk(path, mib):
+    """A raw image whose sector n starts with the u64 n (the blk guest's blk.bench=readcheck)."""
+    sector = bytes(504)
+    with open(str(path), "wb") as f:
+        for n in range(mib << 11):
+            f.write(struct.pack("<Q", n) + sector)
+    os.chmod(str(path), 0o666)  # the worker's user reads it when run as root
+
+
+def test_what_the_device_writes_into_ram_during_a_live_snapshot_is_in_it(spawn, snap_dir, tmp_path):
+    """The devices run while RAM is copied: the virtqueues mark the buffers they fill (queue.WriteLog), and
+    the passes take those pages as they take the vCPUs' (KVM's dirty log). The blk guest reads its 16 MiB
+    disk into RAM round after round, marking each sector's place unread first, and checks every sector only
+    once the round is read: a restored guest checks what the device wrote before the pause, so a page the
+    device filled after the pass that copied it would show as an unread or wrong sector."""
+    disk = tmp_path / "numbered.img"
+    numbered_disk(disk, 16)
+    disk_arg = "%s,format=raw,ro" % disk
+    snap = snap_dir / "reads.snap"
+    p = spawn(boot_argv(guest_path("blk"), cmdline=READCHECK, memory_mb=64, disks=[disk_arg])
+              + ["--snapshot-out", str(snap)], merge_stderr=True)
+    p.wait_for(r"^blk: start$", timeout=WAIT_SEC)
+    time.sleep(0.3)  # into the first round
+    p.signal(SNAPSHOT_SIGNAL)
+    m = p.wait_for(r"snapshot \S+ written: .*passes over RAM: ([\d., ]+) MiB\)", timeout=WAIT_SEC)
+    passes = [float(x) for x in m.group(1).split(", ")]
+    assert "blk: done" not in p.output[:m.start()], "the snapshot came after the reads"
+    assert sum(passes[1:]) > 0, "the device read into RAM during the first pass: %s" % m.group(0)
+    p.wait_for(r"^TENBOX-GUEST blk (PASS|FAIL)", timeout=WAIT_SEC * 2)
+    assert "ok - every sector read carries its own number" in p.output, p.output[-2000:]
+    p.wait_exit(WAIT_SEC)
+    for _ in range(2):
+        r = restore(spawn, snap, "--disk", disk_arg)
+        r.wait_for(r"^TENBOX-GUEST blk (PASS|FAIL)", timeout=WAIT_SEC * 2)
+        assert "ok - every sector read carries its own number" in r.output, r.output[-2000:]
+        assert "ok - every read completed with OK" in r.output
+        r.wait_exit(WAIT_SEC)
 
 
 def one_line_refusal(p):

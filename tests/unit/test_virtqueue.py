@@ -4,7 +4,8 @@ import struct
 
 import pytest
 
-from tenbox_vmm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue, VirtqueueError
+from tenbox_vmm.devices.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue, VirtqueueError,
+                                            WriteLog, byte_runs)
 from tenbox_vmm.memory import MIB
 from tests.virtio_driver import HEAP, queue_pair
 
@@ -217,3 +218,51 @@ def test_known_inner_entries_with_a_first_entry_linking_elsewhere_take_the_gener
     blk_table(drv, bufs, first_next=2)  # header -> second buffer -> status: the first buffer is skipped
     chain = q.pop()
     assert [len(v) for v in chain.readable] == [16] and [len(v) for v in chain.writable] == [512, 1]
+
+
+# Marking what devices write during a live snapshot (queue.WriteLog) -----------------------------
+
+
+def test_while_tracked_a_chain_pushed_back_marks_the_pages_of_its_writable_buffers_only(mem):
+    drv, q = make(mem)
+    wlog = WriteLog(mem)
+    q.track_writes(wlog)
+    head, writable = drv.offer([b"x" * 5000], [9000, 1])  # the readable buffer spans two pages, not marked
+    chain = q.pop()
+    assert byte_runs(wlog.take()) == [], "popping marks nothing: the device has not written yet"
+    q.push(chain.head, 9001)
+    (a0, n0), (a1, _) = writable
+    pages = set()
+    for runs in byte_runs(wlog.take()):
+        pages.update(range(runs[0], runs[0] + runs[1]))
+    assert pages == set(range(a0 // 4096, (a0 + n0 - 1) // 4096 + 1)) | {a1 // 4096}
+    assert byte_runs(wlog.take()) == [], "a take leaves a clean slate"
+    assert drv.take_used() == [(head, 9001)]
+
+
+def test_marks_follow_the_chain_through_an_indirect_table_and_stop_when_tracking_does(mem):
+    drv, q = make(mem)
+    wlog = WriteLog(mem)
+    q.track_writes(wlog)
+    _, writable = drv.offer_indirect([b"req"], [4096 * 3])
+    q.push(q.pop().head, 1)
+    addr, n = writable[0]
+    assert byte_runs(wlog.take()) == [(addr // 4096, (addr + n - 1) // 4096 - addr // 4096 + 1)]
+    q.track_writes(None)
+    assert "pop" not in vars(q) and "push" not in vars(q), "untracked, the class's own methods run"
+    drv.offer([], [100])
+    q.push(q.pop().head, 100)
+    assert byte_runs(wlog.take()) == []
+
+
+def test_the_used_ring_is_where_the_device_writes_in_the_rings(mem):
+    drv, q = make(mem)
+    assert q.used_ring() == (q.used_addr, 6 + 8 * q.size)
+    q.reset()
+    assert q.used_ring() is None
+
+
+def test_byte_runs():
+    assert byte_runs(bytearray(b"\0\1\1\0\0\1")) == [(1, 2), (5, 1)]
+    assert byte_runs(bytearray(b"\1\1")) == [(0, 2)]
+    assert byte_runs(bytearray(4)) == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from tenbox_vmm import eventfd
 from tenbox_vmm.devices.virtio import (
@@ -145,6 +145,15 @@ class VirtioMmio:
             if (self._io is None and self.status & STATUS_DRIVER_OK and not self.status & STATUS_DEVICE_NEEDS_RESET
                     and self._kick_fds):
                 self._start_io()
+
+    def track_writes(self, wlog) -> None:
+        """Mark in `wlog` (a queue.WriteLog, or None to stop) what the device writes into guest RAM; paused."""
+        for q in self.queues:
+            q.track_writes(wlog)
+
+    def used_rings(self) -> List[Tuple[int, int]]:
+        """(guest address, length) of each live queue's used ring."""
+        return [r for r in (q.used_ring() for q in self.queues) if r is not None]
 
     def save_state(self) -> dict:
         """The transport's registers and every queue (snapshot/records.py VIRTIO); call paused."""

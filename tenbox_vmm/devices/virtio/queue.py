@@ -20,8 +20,10 @@ little-endian order on every host tenbox runs on (x86-64, arm64).
 
 from __future__ import annotations
 
+import mmap
 import operator
 import struct
+import threading
 from typing import Dict, List, Optional, Tuple
 
 from tenbox_vmm.memory import GuestMemory, GuestMemoryError
@@ -70,6 +72,53 @@ class Chain:
             if len(out) == n:
                 return bytes(out)
         raise VirtqueueError("chain %d has %d readable bytes, needs %d" % (self.head, len(out), n))
+
+
+class WriteLog:
+    """The guest pages devices wrote while a live snapshot copies RAM (Machine._save_live): a byte a page,
+    marked when a chain goes back to the driver, after the device's last write into it; taken pass by pass.
+
+    KVM's dirty log sees what vCPUs write, not what the worker writes into guest RAM itself. A pass that
+    takes the marks copies those pages after the take: a chain returned before it was written before it,
+    and one returned after it is marked for the next pass. The used rings are not marked here: the last
+    pass, with the devices stopped, copies each live queue's whole (`Virtqueue.used_ring`).
+    """
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self._mem = mem
+        self._pages = -(-mem.size // mmap.PAGESIZE)
+        self._lock = threading.Lock()
+        self._marks = bytearray(self._pages)
+
+    def mark(self, views: List[memoryview]) -> None:
+        offset_of = self._mem.offset_of
+        with self._lock:
+            marks = self._marks
+            for v in views:
+                n = len(v)
+                if n:
+                    off = offset_of(v)
+                    first, end = off // mmap.PAGESIZE, (off + n - 1) // mmap.PAGESIZE + 1
+                    marks[first:end] = b"\x01" * (end - first)
+
+    def take(self) -> bytearray:
+        """The marks since the last take (a byte a page of the host mapping), and a clean slate."""
+        with self._lock:
+            marks, self._marks = self._marks, bytearray(self._pages)
+        return marks
+
+
+def byte_runs(marks: bytearray) -> List[Tuple[int, int]]:
+    """(first index, count) of each run of non-zero bytes in `marks`."""
+    runs = []
+    at = marks.find(1)
+    while at >= 0:
+        end = marks.find(0, at)
+        if end < 0:
+            end = len(marks)
+        runs.append((at, end - at))
+        at = marks.find(1, end)
+    return runs
 
 
 def _need_event(event: int, new: int, old: int) -> bool:
@@ -164,6 +213,38 @@ class Virtqueue:
         self.used_idx = self._used16[1]
         self._signalled = self.used_idx
         self.ready = True
+
+    def used_ring(self) -> Optional[Tuple[int, int]]:
+        """(guest address, length) of the used ring, everything the device writes in the rings; None if not live."""
+        return (self.used_addr, 6 + 8 * self.size) if self.ready else None
+
+    def track_writes(self, wlog: Optional[WriteLog]) -> None:
+        """From now on mark in `wlog` the writable buffers of each chain pushed back; None: stop marking.
+
+        Call with the device stopped (no chain popped and not pushed): what was popped before is not known.
+        While marking, pop and push are this queue's own wrappers; otherwise the class's, with nothing added.
+        """
+        for name in ("pop", "push"):
+            self.__dict__.pop(name, None)
+        if wlog is None:
+            return
+        popped: Dict[int, List[memoryview]] = {}  # head -> its writable views: at most one per head
+        pop, push = self.pop, self.push
+
+        def tracked_pop() -> Optional[Chain]:
+            chain = pop()
+            if chain is not None and chain.writable:
+                popped[chain.head] = chain.writable
+            return chain
+
+        def tracked_push(head: int, written: int) -> None:
+            views = popped.pop(head, None)
+            if views is not None:
+                wlog.mark(views)
+            push(head, written)
+
+        self.pop = tracked_pop  # type: ignore[assignment]
+        self.push = tracked_push  # type: ignore[assignment]
 
     # Device side -----------------------------------------------------------------
 

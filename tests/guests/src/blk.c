@@ -20,7 +20,7 @@
  *   or a queue address change while DRIVER_OK; reports whether the device
  *   set DEVICE_NEEDS_RESET, failed the request or stopped completing, then
  *   resets the device and checks it works again.
- * bench (blk.bench=seqread|seqwrite|randread|stamp):
+ * bench (blk.bench=seqread|seqwrite|randread|stamp|readcheck):
  *   the submission/completion loop at CPL3, polling the used ring; prints
  *   "blk: start" and "blk: done bytes=<n> ops=<n> tsc=<ticks>".
  *   stamp: sequential writes from sector 0 that never wrap, each sector
@@ -40,7 +40,10 @@
  *   blk.discard=L:C        DISCARD; expect.discard_zeroes=1 checks zeros after it
  *   expect.ro=0|1          the device must (not) offer VIRTIO_BLK_F_RO
  *   blk.hostile=MODE       loop, oob, huge or move
- *   blk.bench=KIND         seqread, seqwrite (overwrites the disk!), randread or stamp (overwrites it too)
+ *   blk.bench=KIND         seqread, seqwrite (overwrites the disk!), randread, stamp (overwrites it too) or
+ *                          readcheck (the disk read whole into RAM, round after round, each sector checked:
+ *                          sector n must start with the u64 n; blk.bench.mb in all, bs 64 KiB, depth 8)
+ *   blk.bench.gap_us=N     readcheck: wait N us after a completion before the next request (default 0)
  *   blk.bench.mb=N         sequential: MiB to move (default 64)
  *   blk.bench.ops=N        random: requests (default 20000)
  *   blk.bench.bs=N         request size in KiB (default 1024 sequential, 4 random)
@@ -878,11 +881,150 @@ static void stamp_check(struct bench *b)
 		sc.got_op);
 }
 
+/*
+ * readcheck: the disk read whole into RAM, round after round. Sector n of the
+ * disk must start with n (a u64; the test writes the image so). Each round
+ * marks every sector's place in the buffer as unread (all ones: a guest
+ * write), reads the disk into it, `depth` requests of `bs` in flight, each
+ * into the buffer at its own disk position, and only then checks every sector
+ * of the buffer. A snapshot taken mid-round must hold what the device wrote
+ * into guest RAM, not only what the guest did: a restored guest checks
+ * sectors the device filled before the pause.
+ */
+struct readcheck {
+	struct virtq *q;
+	u32 bs, depth, size_max;
+	u64 sectors; /* per round: the buffer's */
+	u64 rounds;
+	u8 *data;
+	struct blk_req *reqs;
+	u64 stall_ticks;
+	u64 gap_ticks; /* between a completion and the next request: a slower stream, rounds longer than a save */
+	/* results */
+	u64 round, requests, errors, bad, first_bad, got;
+	bool stalled;
+};
+
+static void readcheck_submit(struct readcheck *rc, u32 slot, u64 sector)
+{
+	struct blk_req *r = &rc->reqs[slot];
+	struct vbuf v[MAX_SEGS + 2];
+	u32 n = 0;
+	u64 data = (u64)rc->data + sector * SECTOR;
+
+	r->hdr.type = VIRTIO_BLK_T_IN;
+	r->hdr.reserved = 0;
+	r->hdr.sector = sector;
+	r->status = 0xFF;
+	v[n++] = (struct vbuf){ (u64)&r->hdr, sizeof(r->hdr), false };
+	for (u32 off = 0; off < rc->bs && n < MAX_SEGS + 1;) {
+		u32 c = rc->bs - off;
+		if (rc->size_max && c > rc->size_max)
+			c = rc->size_max;
+		v[n++] = (struct vbuf){ data + off, c, true };
+		off += c;
+	}
+	v[n++] = (struct vbuf){ (u64)&r->status, 1, true };
+	virtq_add(rc->q, v, n, r);
+}
+
+static u64 readcheck_job(u64 arg)
+{
+	struct readcheck *rc = (struct readcheck *)arg;
+	u64 spr = rc->bs / SECTOR, per_round = rc->sectors / spr;
+
+	for (rc->round = 0; rc->round < rc->rounds; rc->round++) {
+		for (u64 i = 0; i < rc->sectors; i++)
+			*(volatile u64 *)(rc->data + i * SECTOR) = ~0ul;
+		u64 next = 0, done = 0, last = rdtsc();
+		u32 slot = 0;
+		for (; slot < rc->depth && next < per_round; slot++, next++)
+			readcheck_submit(rc, slot, next * spr);
+		virtq_kick(rc->q);
+		while (done < per_round) {
+			struct blk_req *r;
+			bool any = false;
+			while ((r = virtq_get(rc->q, NULL))) {
+				any = true;
+				done++;
+				rc->requests++;
+				if (r->status != VIRTIO_BLK_S_OK)
+					rc->errors++;
+				if (next < per_round) {
+					for (u64 t = rdtsc(); rdtsc() - t < rc->gap_ticks;)
+						cpu_relax();
+					readcheck_submit(rc, (u32)(r - rc->reqs), next++ * spr);
+				}
+			}
+			if (any) {
+				virtq_kick(rc->q);
+				last = rdtsc();
+			} else if (rdtsc() - last > rc->stall_ticks) {
+				rc->stalled = true;
+				return 0;
+			} else {
+				cpu_relax();
+			}
+		}
+		for (u64 i = 0; i < rc->sectors; i++) {
+			u64 got = *(volatile u64 *)(rc->data + i * SECTOR);
+			if (got != i && !rc->bad++) {
+				rc->first_bad = i;
+				rc->got = got;
+			}
+		}
+	}
+	return 0;
+}
+
+static void readcheck(u64 bs, u64 depth, u64 stall_s)
+{
+	static struct readcheck rc;
+	u64 mb = cmdline_get_u64("blk.bench.mb", 64, NULL);
+	u64 room = (virtio_mem_left() - MIB) / SECTOR;
+
+	rc.sectors = cfg.capacity < room ? cfg.capacity : room;
+	rc.sectors -= rc.sectors % (bs / SECTOR);
+	if (!t_check(rc.sectors >= bs / SECTOR, "a round of reads fits RAM and the disk", "%lu sectors", rc.sectors))
+		return;
+	rc.q = &vq;
+	rc.bs = (u32)bs;
+	rc.depth = (u32)depth;
+	rc.size_max = cfg.size_max;
+	rc.rounds = (mb * MIB + rc.sectors * SECTOR - 1) / (rc.sectors * SECTOR);
+	rc.data = virtio_alloc(rc.sectors * SECTOR, 4096, false);
+	rc.reqs = virtio_alloc(depth * sizeof(struct blk_req), 64, true);
+	rc.stall_ticks = tsc_hz() * stall_s;
+	rc.gap_ticks = tsc_hz() / 1000000 * cmdline_get_u64("blk.bench.gap_us", 0, NULL);
+	virtq_irq_disable(&vq);
+	t_info("blk.readcheck", "%lu rounds of %lu sectors, bs=%lu depth=%lu gap=%lu ticks", rc.rounds, rc.sectors, bs,
+	       depth, rc.gap_ticks);
+	printf("blk: start\n");
+	run_user(readcheck_job, (u64)&rc);
+	printf("blk: done rounds=%lu requests=%lu\n", rc.round, rc.requests);
+	t_check(!rc.stalled, "the device kept completing requests", "no completion for %lu s in round %lu", stall_s,
+		rc.round);
+	t_check(rc.errors == 0, "every read completed with OK", "%lu errors", rc.errors);
+	t_check(rc.bad == 0, "every sector read carries its own number", "%lu bad, the first at sector %lu: %lx", rc.bad,
+		rc.first_bad, rc.got);
+}
+
 static void bench(const char *kind_name)
 {
 	static struct bench b;
 	u32 kind;
 
+	if (!strcmp(kind_name, "readcheck")) {
+		u64 bs = cmdline_get_u64("blk.bench.bs", 64, NULL) * KIB;
+		u64 depth = cmdline_get_u64("blk.bench.depth", 8, NULL);
+		u32 per_req = 2 + (u32)(cfg.size_max ? (bs + cfg.size_max - 1) / cfg.size_max : 1);
+		if (!t_check(bs >= SECTOR && bs % SECTOR == 0 && per_req <= MAX_SEGS + 2 && depth >= 1 &&
+			     depth * (vq.indirect ? 1 : per_req) <= vq.size, "the readcheck requests fit the queue",
+			     "bs %lu depth %lu", bs, depth))
+			return;
+		readcheck(bs, depth, cmdline_get_u64("blk.bench.stall", BENCH_STALL_S, NULL));
+		return;
+	}
 	if (!strcmp(kind_name, "seqread"))
 		kind = BENCH_SEQREAD;
 	else if (!strcmp(kind_name, "seqwrite"))
