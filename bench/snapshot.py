@@ -84,6 +84,23 @@ SNAPSHOT_SIGNAL = signal.SIGRTMIN + 1
 WAIT_SEC = 60.0
 KSM = Path("/sys/kernel/mm/ksm")
 KSM_WAIT_SEC = 120.0
+# Written while the KSM row has KSM on: what to put back. A run killed meanwhile (SIGKILL, `timeout`)
+# cannot; the next run does, first thing (put_ksm_back).
+KSM_WAS = Path("/run/tenbox-bench-ksm-was")
+
+
+def put_ksm_back() -> None:
+    """Undo what a killed run's KSM row left: KSM back as it was before that run, its merges undone."""
+    try:
+        was = KSM_WAS.read_text().strip()
+    except OSError:
+        return
+    if was in ("0", "1", "2"):
+        if was != "1":
+            (KSM / "run").write_text("2")
+        (KSM / "run").write_text(was)
+        print("bench.snapshot: KSM was left on by a run that was killed; put back to %s" % was, file=sys.stderr)
+    KSM_WAS.unlink()
 MONITOR_SEC = 30.0
 
 
@@ -318,6 +335,7 @@ class DaemonSource:
         try:
             scans = int((KSM / "full_scans").read_text())
             t0 = time.monotonic()
+            KSM_WAS.write_text(was)
             (KSM / "run").write_text("1")
             # Merging takes two passes over a page (KSM's unstable tree, then its stable one); three full
             # scans after the clones started cover that. KSM scans every process that offers it pages
@@ -336,6 +354,10 @@ class DaemonSource:
             if was != "1":
                 (KSM / "run").write_text("2")  # unmerge what it merged, then as it was
                 (KSM / "run").write_text(was)
+            try:
+                KSM_WAS.unlink()
+            except OSError:
+                pass
             self.drop(reply)
         return figures
 
@@ -440,6 +462,7 @@ def main() -> int:
     ap.add_argument("--size-runs", type=int, default=3)
     ap.add_argument("--clone-runs", type=int, default=5)
     args = ap.parse_args()
+    put_ksm_back()
     if os.geteuid() != 0:
         print("bench.snapshot: run it as root (the worker writes its snapshot as its sandbox user)", file=sys.stderr)
         return 2
