@@ -7,6 +7,7 @@ bound, or a bound that refuses what the device really holds, fails here.
 
 import os
 import struct
+import time
 
 import pytest
 
@@ -157,3 +158,35 @@ def test_a_virtio_record_for_another_device_or_a_bigger_queue_is_refused(blk_rig
     big = dict(state, queues=[dict(state["queues"][0], size=1024)])
     with pytest.raises(SnapshotError, match=r"virtio0.queue0.size = 1024 \(at most 256\)"):
         t.check_state("virtio0", big)
+
+
+def test_pause_waits_for_a_slow_batch_to_end_however_long_it_takes(blk_rig, monkeypatch):
+    """A snapshot pauses the devices before the last pass: a request still reading into guest RAM then would
+    be missed, and a resume beside a thread still running would start a second one. pause() waits for the
+    batch itself, not a timeout (here the I/O thread's usual wait is made shorter than the slow read)."""
+    import threading
+
+    from tenbox_vmm.devices.virtio import iothread
+
+    monkeypatch.setattr(iothread.IoThread.stop, "__defaults__", (0.05,))
+    mem, disk, t = blk_rig
+    t = t()
+    d = Driver(t, mem)
+    d.setup(size=8)
+    reading, done = threading.Event(), threading.Event()
+    readv = disk.readv
+
+    def slow_readv(offset, bufs):
+        reading.set()
+        time.sleep(0.5)
+        readv(offset, bufs)
+        done.set()
+
+    disk.readv = slow_readv
+    d.ring.offer([struct.pack("<IIQ", vblk.T_IN, 0, 0)], [512, 1])
+    d.kick()
+    assert reading.wait(5)
+    t.pause()
+    assert done.is_set(), "pause() returned while the device was still reading into guest RAM"
+    t.resume()
+    assert d.wait_used()[0][1] == 513

@@ -71,7 +71,8 @@ class IoThread:
         if q.needs_interrupt():
             self.signal_used(q.index)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: Optional[float] = 5.0) -> None:
+        """End the thread after its current batch; wait for it up to `timeout` seconds (None: until it ends)."""
         self._stop = True
         eventfd.signal(self._wake)
         if self._thread.is_alive() and self._thread is not threading.current_thread():

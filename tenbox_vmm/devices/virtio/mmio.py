@@ -136,7 +136,9 @@ class VirtioMmio:
             io, self._io = self._io, None
             self._held = True
         if io is not None:
-            io.stop()
+            # However long its batch takes (a slow disk): a snapshot must not go on while it writes
+            # guest RAM, nor resume() start a second thread beside it.
+            io.stop(timeout=None)
 
     def resume(self) -> None:
         """Start the I/O thread again after pause(), with the same kicks and interrupt."""
