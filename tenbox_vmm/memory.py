@@ -138,10 +138,9 @@ class GuestMemory:
         table = _COPIED_DATA if self.file_backed else _ANON_DATA
         step = max(per, _PM_READ_PAGES // per * per)
         first = self.host_address // mmap.PAGESIZE
-        fd = _pagemap_fd
+        own = _pagemap_fd is None
         try:
-            if fd is None:
-                fd = os.open(PAGEMAP, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(PAGEMAP, os.O_RDONLY | os.O_CLOEXEC) if own else _pagemap_fd
             try:
                 for p in range(0, pages, step):
                     n = min(step, pages - p)
@@ -154,7 +153,7 @@ class GuestMemory:
                         out[(p + at) // per] = 1
                         at = flags.find(1, (at // per + 1) * per)
             finally:
-                if fd is not _pagemap_fd:
+                if own:
                     os.close(fd)
             if self._backing is not None and not self._file_data(out, chunk):
                 return None
