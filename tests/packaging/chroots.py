@@ -68,6 +68,15 @@ def _run_host(argv: Sequence[str], timeout: float = MOUNT_TIMEOUT_SEC, check: bo
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=check)
 
 
+def _unmount_and_remove(path: Path) -> None:
+    """Unmount whatever is mounted under `path` (deepest first), then remove it, never crossing into a mount."""
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
+    for t in sorted(targets, key=len, reverse=True):
+        _run_host(["umount", "-l", t], check=False)
+    _run_host(["rm", "-rf", "--one-file-system", str(path)], timeout=300, check=False)
+
+
 def base_dir(suite: str, arch: str = "amd64") -> Path:
     return CACHE / ("%s-%s" % (suite, arch))
 
@@ -81,7 +90,10 @@ def ensure_base(suite: str, arch: str = "amd64") -> Path:
     partial = base.with_name(base.name + ".partial")
     for d in (partial, base):
         if d.exists():
-            _run_host(["rm", "-rf", "--one-file-system", str(d)], timeout=300)
+            # A debootstrap killed in its second stage leaves its /proc mounted there.
+            _unmount_and_remove(d)
+            if d.exists():
+                raise ChrootError("cannot remove %s (something is still mounted in it?)" % d)
     CACHE.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["debootstrap", "--variant=minbase", "--arch=" + arch, suite, str(partial), MIRROR],
                        capture_output=True, text=True, timeout=DEBOOTSTRAP_TIMEOUT_SEC)
@@ -193,11 +205,7 @@ class Chroot:
     @staticmethod
     def _cleanup_stale(work: Path) -> None:
         """Unmount what a killed earlier run with the same pid left behind."""
-        with open("/proc/self/mounts") as f:
-            targets = [line.split()[1] for line in f if line.split()[1].startswith(str(work) + "/")]
-        for t in sorted(targets, key=len, reverse=True):
-            _run_host(["umount", "-l", t], check=False)
-        _run_host(["rm", "-rf", "--one-file-system", str(work)], timeout=300, check=False)
+        _unmount_and_remove(work)
 
     # Running things inside ----------------------------------------------------
 
