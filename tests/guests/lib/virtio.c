@@ -618,7 +618,9 @@ const char *virtq_init(struct virtio_dev *d, struct virtq *q, u16 index, u16 wan
 	q->desc = virtio_alloc(16ul * size, PAGE, true);
 	q->avail = virtio_alloc(6 + 2ul * size, PAGE, true);
 	q->used = virtio_alloc(6 + 8ul * size, PAGE, true);
-	q->tokens = virtio_alloc(8ul * size, 8, true);
+	/* A page of its own, as Linux's used ring has: nothing the driver writes shares it (tenbox's live
+	 * snapshots copy it in their last pass; KVM's dirty log never sees the device's writes). */
+	q->tokens = virtio_alloc(8ul * size, PAGE, true);
 	if (!q->desc || !q->avail || !q->used || !q->tokens)
 		return "out of guest memory for the rings";
 	q->used_event = (volatile u16 *)((u8 *)q->avail + 4 + 2ul * size);
