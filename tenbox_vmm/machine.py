@@ -868,13 +868,7 @@ class Machine:
         except SnapshotError as e:
             raise MachineError(str(e)) from None
         started = time.monotonic()
-        for t in self.virtio:
-            t.pause()  # no chain under way when _save_live starts marking what the devices write
-        try:
-            size, paused_ms, passes = self._save_live(vm, req, blk)
-        finally:
-            for t in self.virtio:
-                t.resume()
+        size, paused_ms, passes = self._save_live(vm, req, blk)
         took_ms = (time.monotonic() - started) * 1000
         log.info("%s: snapshot %s written (%d MiB file)", self.config.vm_id, req.path, size >> 20)
         return SnapshotDone("snapshot %s written: %d MiB of RAM, %d vCPUs, guest paused %.0f ms (saved in %.0f ms; "
@@ -888,8 +882,8 @@ class Machine:
         (file size, ms paused, bytes of each pass)
 
         Pre-copy, as a live migration does: KVM logs the pages the guest writes, and the virtqueues mark
-        the buffers the devices fill (queue.WriteLog; the caller has stopped the devices, so none is
-        under way unmarked). The passes stop once one finds at most PRECOPY_FINAL_BYTES written, finds
+        the buffers the devices fill (queue.WriteLog; the devices are stopped while the marking starts,
+        so none is under way unmarked). The passes stop once one finds at most PRECOPY_FINAL_BYTES written, finds
         nearly as many as the one before (a guest that writes faster than the file takes it), or after
         PRECOPY_PASSES. The last pass adds every live queue's used ring, the devices' own bookkeeping.
         """
@@ -917,9 +911,11 @@ class Machine:
             raise MachineError(str(e)) from None
         try:
             try:
+                for t in self.virtio:
+                    t.pause()  # between two batches: no chain under way when the marking starts
+                    t.track_writes(wlog)
                 vm.log_dirty_pages(True)
                 for t in self.virtio:
-                    t.track_writes(wlog)
                     t.resume()
                 # The first pass: all of it, its zeros left as holes; what was never written is not even read.
                 data = self.memory.data_chunks(RAM_CHUNK)
@@ -961,8 +957,9 @@ class Machine:
                 raise MachineError(str(e)) from None
             finally:
                 for t in self.virtio:
-                    t.pause()  # already, unless a pass failed; the caller resumes them
+                    t.pause()  # already, unless a pass failed
                     t.track_writes(None)
+                    t.resume()
                 try:
                     vm.log_dirty_pages(False)
                 except OSError as e:

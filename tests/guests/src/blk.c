@@ -893,7 +893,7 @@ static void stamp_check(struct bench *b)
  */
 struct readcheck {
 	struct virtq *q;
-	u32 bs, depth, size_max;
+	u32 bs, depth;
 	u64 sectors; /* per round: the buffer's */
 	u64 rounds;
 	u8 *data;
@@ -917,13 +917,7 @@ static void readcheck_submit(struct readcheck *rc, u32 slot, u64 sector)
 	r->hdr.sector = sector;
 	r->status = 0xFF;
 	v[n++] = (struct vbuf){ (u64)&r->hdr, sizeof(r->hdr), false };
-	for (u32 off = 0; off < rc->bs && n < MAX_SEGS + 1;) {
-		u32 c = rc->bs - off;
-		if (rc->size_max && c > rc->size_max)
-			c = rc->size_max;
-		v[n++] = (struct vbuf){ data + off, c, true };
-		off += c;
-	}
+	n += data_bufs(v + n, MAX_SEGS, data, rc->bs, 1, true); /* pieces of at most size_max */
 	v[n++] = (struct vbuf){ (u64)&r->status, 1, true };
 	virtq_add(rc->q, v, n, r);
 }
@@ -990,7 +984,6 @@ static void readcheck(u64 bs, u64 depth, u64 stall_s)
 	rc.q = &vq;
 	rc.bs = (u32)bs;
 	rc.depth = (u32)depth;
-	rc.size_max = cfg.size_max;
 	rc.rounds = (mb * MIB + rc.sectors * SECTOR - 1) / (rc.sectors * SECTOR);
 	rc.data = virtio_alloc(rc.sectors * SECTOR, 4096, false);
 	rc.reqs = virtio_alloc(depth * sizeof(struct blk_req), 64, true);
