@@ -57,6 +57,18 @@ HOST_ID_FILE = "device.id"
 TOKEN_MAX_BYTES = 4096
 
 
+def reconnect_wait(retry_state: tenacity.RetryCallState) -> float:
+    """The wait before reconnect attempt n+1: random in [b/2, b], b = 2**(n-1) s, b at most 60 s.
+
+    "Equal jitter": hosts that lost the cloud together still spread out, and
+    every wait is at least half its bound, so the waits grow for certain. Full
+    jitter (random in [0, b]) can draw a near-zero wait at any attempt, which
+    looks like a busy loop to the cloud and to an operator reading the log.
+    """
+    attempt = max(retry_state.attempt_number, 1)
+    bound = min(2.0 ** min(attempt - 1, 32), BACKOFF_MAX_SEC)
+    return secrets.SystemRandom().uniform(bound / 2, bound)
+
 
 class Methods(Protocol):
     """The method table (api.Api), which cloud requests go through like local ones."""
@@ -269,7 +281,7 @@ class CloudLink:
 
     async def _run(self) -> None:
         @tenacity.retry(
-            wait=tenacity.wait_random_exponential(multiplier=1, max=BACKOFF_MAX_SEC),
+            wait=reconnect_wait,
             stop=tenacity.stop_never,
             retry=tenacity.retry_if_exception_type(Exception),
             before_sleep=lambda rs: log.info("cloud link down (%s); retrying", rs.outcome.exception()),
