@@ -65,8 +65,9 @@ def _compile(pattern: Pattern) -> "re.Pattern[str]":
 
 def login_prompt(host: str) -> "re.Pattern[str]":
     """getty's "HOST login: " on a console, also when the kernel or cloud-init wrote up to three
-    lines into it: "beta [  131.38] cloud-init[330]: ..." then "login: " (seen in CI lanes)."""
-    return re.compile(r"\b%s (?:login:|[^\n]*\n(?:[^\n]*\n){0,2}login:)" % re.escape(host))
+    lines into it, seen in CI lanes: before the space ("tenbox[   63.89] SVM: ..." then " login: ")
+    or after it ("beta [  131.38] cloud-init[330]: ..." then "login: ")."""
+    return re.compile(r"\b%s(?=[ \[])(?: login:|[^\n]*\n(?:[^\n]*\n){0,2} ?login:)" % re.escape(host))
 
 
 def _exit_code(status: int) -> int:
