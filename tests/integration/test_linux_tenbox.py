@@ -64,6 +64,28 @@ def test_boots_to_the_marker_sees_all_vcpus_and_powers_off_with_exit_0(linux: Ar
     assert "TENBOX-INITRAMFS: warning" not in text, text
 
 
+def test_the_guest_is_offered_no_vmx_or_svm(linux: Artifacts) -> None:
+    """The host's CPU has SVM or VMX, and KVM would pass it on (nested virtualization); tenbox hides
+    both, so a guest reaches none of KVM's nested code. The flags line shows the rest as offered."""
+    host_flags = _flags(open("/proc/cpuinfo").read().splitlines())
+    assert host_flags & {"svm", "vmx"}, "this test needs a host with SVM or VMX: %s" % sorted(host_flags)
+    command = "grep -m1 flags /proc/cpuinfo"
+    with start_tenbox(linux, BASE_CMDLINE + " tenbox.run=" + command.replace(" ", "%20")) as vm:
+        vm.wait_for(r"^TENBOX-INITRAMFS: rc=0$")
+        rc = vm.wait_exit()
+        text = vm.output
+    assert rc == EXIT_POWEROFF, "exit %d\nconsole:\n%s" % (rc, text)
+    flags = _flags(command_output(text, command))
+    assert {"hypervisor", "lm", "sse2"} <= flags, text  # the guest's own flags line, read whole
+    assert not flags & {"svm", "vmx"}, sorted(flags)
+
+
+def _flags(lines) -> set:
+    found = [ln.split(":", 1)[1].split() for ln in lines if re.match(r"flags\s*:", ln)]
+    assert found, lines
+    return set(found[0])
+
+
 def test_reboot_boots_the_guest_again_in_the_same_process(linux: Artifacts) -> None:
     """tenbox.run=reboot: the guest restarts inside the same worker (the
     marker appears a second time); SIGTERM then stops it with exit code 3."""

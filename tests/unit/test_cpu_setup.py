@@ -9,8 +9,9 @@ from tenbox_vmm.memory import MIB, GuestMemory
 
 SUPPORTED = [
     dict(function=0, index=0, flags=0, eax=0x1C, ebx=0, ecx=0, edx=0),
-    dict(function=1, index=0, flags=0, eax=0xA10F11, ebx=0x01020800, ecx=0x1, edx=1 << 28),
+    dict(function=1, index=0, flags=0, eax=0xA10F11, ebx=0x01020800, ecx=0x1 | 1 << 5, edx=1 << 28),
     dict(function=0xB, index=0, flags=1, eax=0, ebx=0, ecx=0, edx=1),
+    dict(function=0x80000001, index=0, flags=0, eax=0, ebx=0, ecx=0x35FF, edx=0x2FD3FBFF),
     dict(function=0x80000008, index=0, flags=0, eax=0x3030, ebx=0, ecx=0x7001, edx=0),
     dict(function=0x40000000, index=0, flags=0, eax=0x40000001, ebx=0, ecx=0, edx=0),
 ]
@@ -85,3 +86,13 @@ def test_lapic_lint0_extint_lint1_nmi():
     regs = cpu.setup_lapic(bytearray(1024))
     assert struct.unpack_from("<I", regs, cpu.APIC_LVT_LINT0)[0] & 0x700 == 0x700
     assert struct.unpack_from("<I", regs, cpu.APIC_LVT_LINT1)[0] & 0x700 == 0x400
+
+
+def test_no_vcpu_is_offered_vmx_or_svm_and_nothing_else_changes():
+    assert leaf(SUPPORTED, 1)["ecx"] & cpu.CPUID_VMX and leaf(SUPPORTED, 0x80000001)["ecx"] & cpu.CPUID_SVM
+    for index, cpus in ((0, 1), (1, 2)):
+        ids = cpu.vcpu_cpuid(SUPPORTED, index, cpus)
+        assert not leaf(ids, 1)["ecx"] & cpu.CPUID_VMX
+        assert leaf(ids, 1)["ecx"] & 1  # SSE3, beside it, stays
+        ext = leaf(ids, 0x80000001)
+        assert ext["ecx"] == 0x35FF & ~cpu.CPUID_SVM and ext["edx"] == 0x2FD3FBFF

@@ -55,6 +55,12 @@ APIC_MODE_NMI = 0x400
 CPUID_HYPERVISOR = 1 << 31  # leaf 1 ECX
 CPUID_TSC_DEADLINE = 1 << 24  # leaf 1 ECX; KVM_GET_SUPPORTED_CPUID leaves it to KVM_CAP_TSC_DEADLINE_TIMER
 CPUID_HTT = 1 << 28  # leaf 1 EDX
+# Hardware virtualization, never offered: Intel's VMX (leaf 1 ECX) and AMD's SVM (leaf 0x80000001 ECX).
+# KVM's nested VMX/SVM code runs only for a guest whose CPUID has them, and it is host-kernel attack
+# surface an untrusted guest does not need (docs/security-guest-bounds.md).
+CPUID_VMX = 1 << 5
+CPUID_SVM = 1 << 2
+CPUID_EXT_FEATURES = 0x80000001
 CPUID_FLAG_SIGNIFICANT_INDEX = 1
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
@@ -179,8 +185,9 @@ def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int,
     """CPUID for vCPU `index` of `cpus`: one package, one core per vCPU, one thread per core.
 
     Starts from what KVM supports and fixes what identifies this vCPU (APIC
-    IDs, topology leaves on Intel and AMD), marks the hypervisor and keeps
-    KVM's paravirtual leaves so guests find kvm-clock. `tsc_deadline` (KVM's
+    IDs, topology leaves on Intel and AMD), marks the hypervisor, hides VMX
+    and SVM (no nested virtualization) and keeps KVM's paravirtual leaves so
+    guests find kvm-clock. `tsc_deadline` (KVM's
     KVM_CAP_TSC_DEADLINE_TIMER) offers the LAPIC's TSC-deadline timer mode,
     as QEMU and Firecracker do: Linux then arms its timer with one MSR write
     and skips calibrating the LAPIC timer against the PM timer.
@@ -205,6 +212,9 @@ def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int,
                 e["edx"] |= CPUID_HTT
             else:
                 e["edx"] &= ~CPUID_HTT
+            e["ecx"] &= ~CPUID_VMX
+        elif fn == CPUID_EXT_FEATURES:
+            e["ecx"] &= ~CPUID_SVM
         elif fn == 4 and e["eax"] & 0x1F:
             # Intel deterministic cache parameters: cores per package, and who
             # shares each cache (L1/L2 private to a core, L3 shared by all).
