@@ -187,10 +187,10 @@ def vcpu_cpuid(supported: Sequence[Dict[str, int]], index: int, cpus: int,
     Starts from what KVM supports and fixes what identifies this vCPU (APIC
     IDs, topology leaves on Intel and AMD), marks the hypervisor, hides VMX
     and SVM (no nested virtualization) and keeps KVM's paravirtual leaves so
-    guests find kvm-clock. `tsc_deadline` (KVM's
-    KVM_CAP_TSC_DEADLINE_TIMER) offers the LAPIC's TSC-deadline timer mode,
-    as QEMU and Firecracker do: Linux then arms its timer with one MSR write
-    and skips calibrating the LAPIC timer against the PM timer.
+    guests find kvm-clock. `tsc_deadline` (KVM's KVM_CAP_TSC_DEADLINE_TIMER)
+    offers the LAPIC's TSC-deadline timer mode, as QEMU and Firecracker do:
+    Linux then arms its timer with one MSR write and skips calibrating the
+    LAPIC timer against the PM timer.
     """
     apic_id = index
     core_bits = _bits_for(cpus)
