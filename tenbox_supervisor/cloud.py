@@ -40,6 +40,7 @@ from tenbox_supervisor.protocol import (
     ErrorCode,
     cloud_response,
 )
+from tenbox_supervisor.restart_policy import backoff_sec
 from tenbox_vmm.protocol import VmState
 
 log = logging.getLogger("tenboxd.cloud")
@@ -65,8 +66,7 @@ def reconnect_wait(retry_state: tenacity.RetryCallState) -> float:
     jitter (random in [0, b]) can draw a near-zero wait at any attempt, which
     looks like a busy loop to the cloud and to an operator reading the log.
     """
-    attempt = max(retry_state.attempt_number, 1)
-    bound = min(2.0 ** min(attempt - 1, 32), BACKOFF_MAX_SEC)
+    bound = backoff_sec(retry_state.attempt_number, BACKOFF_MAX_SEC)
     return secrets.SystemRandom().uniform(bound / 2, bound)
 
 

@@ -76,6 +76,7 @@ class RestartPolicy:
         return self.max_retries is None or attempt <= self.max_retries
 
 
-def backoff_sec(attempt: int) -> float:
-    """The delay before attempt number `attempt` (1, 2, ...): 1 s, 2 s, 4 s, ... at most BACKOFF_MAX_SEC."""
-    return min(BACKOFF_BASE_SEC * 2.0 ** min(max(attempt - 1, 0), 32), BACKOFF_MAX_SEC)
+def backoff_sec(attempt: int, cap: float = BACKOFF_MAX_SEC) -> float:
+    """The delay before attempt number `attempt` (1, 2, ...): 1 s, 2 s, 4 s, ... at most `cap`
+    (the cloud link's reconnects use it too, with their own cap)."""
+    return min(BACKOFF_BASE_SEC * 2.0 ** min(max(attempt - 1, 0), 32), cap)
